@@ -198,8 +198,9 @@ def chunk_boundaries(path: str, special_tokens: list[str], chunk_bytes: int) -> 
     """Byte offsets that cut a file into chunks of about `chunk_bytes`, each cut at the start of a
     special token, so no document (and no pre-token) is split between two workers.
 
-    A cut never lands just after another special token either: a run of specials such as
-    `<|endoftext|><|endoftext|>` may be one longer special token, and must stay in one chunk.
+    A cut is refused where an occurrence of a special token starts before it and reaches it
+    (overlapping it, or ending right there): in a run such as `<|endoftext|><|endoftext|>`,
+    which may be one longer special token, the cut could split what encode() would match.
     Without special tokens the file is one chunk.
     Example: a 10 MB file with a document break every few KB, chunk_bytes=4e6 ->
     [0, 4000231, 8000514, 10000000].
@@ -215,8 +216,10 @@ def chunk_boundaries(path: str, special_tokens: list[str], chunk_bytes: int) -> 
                 if not hits:
                     break
                 cut = min(hits)
-                if any(data[max(cut - len(s), 0):cut] == s for s in specials):
-                    pos = cut + 1  # just after another special: look for the next one
+                # An occurrence starting at cut - len(s) .. cut - 1 lies within this window.
+                if any(data.find(s, max(cut - len(s), 0), cut + len(s) - 1) >= 0
+                       for s in specials):
+                    pos = cut + 1  # inside or right after a run of specials: try the next one
                     continue
                 if cut > cuts[-1]:
                     cuts.append(cut)
@@ -521,7 +524,7 @@ class Tokenizer:
     def encode_fragment(self, fragment: str) -> list[int]:
         """Example: " time," -> pre-tokens [' time', ','] -> [id of ' time', id of ','].
 
-        Letters alone, after at most one space, are one pre-token (` ?\p{L}+`): such fragments,
+        Letters alone, after at most one space, are one pre-token (` ?\\p{L}+`): such fragments,
         the most common kind, skip the regex and its per-call cost.
         """
         if fragment.isalpha() or (fragment[:1] == " " and fragment[1:].isalpha()):
