@@ -681,8 +681,8 @@ def encode_file(tokenizer: Tokenizer, text_path: str, out_path: str, num_workers
     pool = None
     try:
         if num_workers == 1 or len(jobs) == 1:
-            results: Iterable = ((end - start, encode_chunk(tokenizer, *job))
-                                 for job in jobs for _, start, end, _ in [job])
+            results: Iterable = ((end - start, encode_chunk(tokenizer, path, start, end, dtype))
+                                 for path, start, end, dtype in jobs)
         else:
             pool = worker_pool(min(num_workers, len(jobs)), _init_encoder,
                                (tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens))
