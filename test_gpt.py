@@ -83,9 +83,9 @@ def train(request, tmp_path):
 # --- pre-tokenizer --------------------------------------------------------------------------------
 
 def test_fragments_hand_example():
-    """fragments() cuts only before a space that sits between two non-spaces."""
-    assert gpt.fragments("Hi  there, it's 42!") == ["Hi  there,", " it's", " 42!"]
-    assert gpt.fragments("a\n b c") == ["a\n b", " c"]
+    """fragments() cuts only before a space or newline that sits between two non-spaces."""
+    assert gpt.fragments("Hi  there, it's\n42!") == ["Hi  there,", " it's", "\n42!"]
+    assert gpt.fragments("a\n b c\n\nd") == ["a\n b", " c\n\nd"]
     assert gpt.fragments("") == [""]
 
 
@@ -105,6 +105,7 @@ TRICKY_TEXTS = [
     "Hi  there, it's 42!",
     "   leading spaces and trailing ones   ",
     "tabs\tand\t\tnew\nlines\n\n\n x\r\n y",
+    "one\ntwo\n\nthree \nfour\n five\n",
     "odd spaces:\x1c x \xa0y\u3000z \u3000 w\x1c\x1c q",
     "it's we'll they've I'd 'tis don't X'S",
     "digits 1 22 333 4444, 3.14 -7 x1y2",
@@ -305,11 +306,14 @@ def test_overlapping_special_tokens_longest_wins(specials, text, expected):
     assert tokenizer.encode(text) == [ids[piece] for piece in expected]
 
 
-@pytest.mark.parametrize("specials", [[EOT], [EOT, EOT * 2]], ids=["eot", "eot+double"])
+# "<| x y |>" holds spaces, so a stream must not cut inside it before it has fully arrived.
+@pytest.mark.parametrize("specials", [[EOT], [EOT, EOT * 2], [EOT, "<| x y |>"]],
+                         ids=["eot", "eot+double", "eot+spaced"])
 @pytest.mark.parametrize("text", [
     "a  b\n\n c'll 12 <|endoftext|>x  ",
     EOT + EOT + " " + EOT + "end",
     "Once upon a time,  there was\n\na cat.\x1c🙂 日本 it's",
+    "a<| x y |>b <| x y |> c<| x",
 ])
 def test_encode_iterable_equals_encode_on_any_split(specials, text):
     """Streaming pieces gives encode()'s ids, however the text is cut into pieces."""
@@ -468,6 +472,18 @@ def test_encode_file_equals_encode(tmp_path, tokenizer, corpus_path, num_workers
     assert np.fromfile(out, dtype=np.uint16).tolist() == expected
     assert num_tokens == len(expected) and out.stat().st_size == 2 * len(expected)
     assert os.listdir(tmp_path) == ["tokens.bin"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_encode_file_error_leaves_no_file(tmp_path, tokenizer, corpus_path, num_workers):
+    """A chunk that fails (not UTF-8) after others were written leaves no token file behind."""
+    with open(corpus_path, "rb") as f:
+        (tmp_path / "bad.txt").write_bytes(f.read() + b"\xff")  # only the last chunk is bad
+    assert len(gpt.plan_chunks(str(tmp_path / "bad.txt"), [EOT], num_workers)) > 1
+    with pytest.raises(ValueError, match="not UTF-8"):
+        gpt.encode_file(tokenizer, str(tmp_path / "bad.txt"), str(tmp_path / "tokens.bin"),
+                        num_workers)
+    assert os.listdir(tmp_path) == ["bad.txt"]
 
 
 # ==================================================================================================
