@@ -56,6 +56,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from itertools import chain, repeat
 
 import numpy as np
@@ -114,6 +115,20 @@ def _init_worker(initializer, initargs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if initializer is not None:
         initializer(*initargs)
+
+
+def map_jobs(func, jobs: list, num_workers: int, ordered: bool,
+             initializer=None, initargs=()) -> Iterator:
+    """func(job) for every job: in this process when one worker (or one job) suffices, else in a
+    pool, in job order if `ordered` or as they finish. The pool stops when iteration ends, is
+    abandoned or fails; wrap the call in contextlib.closing to stop it at a known moment."""
+    if num_workers == 1 or len(jobs) == 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(func, jobs)
+        return
+    with worker_pool(min(num_workers, len(jobs)), initializer, initargs) as pool:
+        yield from (pool.imap if ordered else pool.imap_unordered)(func, jobs)
 
 
 # ==================================================================================================
@@ -267,21 +282,34 @@ def count_pretokens(path: str, special_tokens: list[str], num_workers: int,
     jobs = [(p, a, b, special_tokens) for p, a, b in chunks]
     progress = Progress(f"pre-tokenize {path}", chunks[-1][2]) if verbose else None
     counts: Counter[str] = Counter()
-    if num_workers == 1 or len(jobs) == 1:
-        results: Iterable = map(_count_chunk, jobs)
-        pool = None
-    else:
-        pool = worker_pool(min(num_workers, len(jobs)))
-        results = pool.imap_unordered(_count_chunk, jobs)
-    try:
+    with closing(map_jobs(_count_chunk, jobs, num_workers, ordered=False)) as results:
         for nbytes, chunk_counts in results:
             counts.update(chunk_counts)
             if progress:
                 progress.advance(nbytes)
-    finally:
-        if pool:
-            pool.terminate()
     return counts
+
+
+def merge_pair(word, pair, new):
+    """Replace every non-overlapping occurrence of `pair`, left to right, by `new`.
+    Example: merge_pair((1, 2, 2, 2), (2, 2), 9) -> (1, 9, 2)."""
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return type(word)(out)
+
+
+def initial_vocab(special_tokens: list[str]) -> dict[int, bytes]:
+    """Ids 0-255 are the single bytes, then the special tokens in the order given."""
+    vocab = {i: bytes([i]) for i in range(256)}
+    for s in special_tokens:
+        vocab[len(vocab)] = s.encode("utf-8")
+    return vocab
 
 
 def train_bpe_naive(text: str, vocab_size: int, special_tokens: list[str]
@@ -297,9 +325,7 @@ def train_bpe_naive(text: str, vocab_size: int, special_tokens: list[str]
     # Each distinct pre-token, as a tuple of single-byte tokens, with how often it occurs.
     words = Counter(tuple(bytes([b]) for b in pre.encode("utf-8"))
                     for piece in pieces for pre in pretokenize(piece))
-    vocab = {i: bytes([i]) for i in range(256)}
-    for s in special_tokens:
-        vocab[len(vocab)] = s.encode("utf-8")
+    vocab = initial_vocab(special_tokens)
     merges = []
     while len(vocab) < vocab_size:
         pair_counts: Counter[tuple[bytes, bytes]] = Counter()
@@ -315,20 +341,6 @@ def train_bpe_naive(text: str, vocab_size: int, special_tokens: list[str]
         words = Counter({merge_pair(word, best, best[0] + best[1]): n
                          for word, n in words.items()})
     return vocab, merges
-
-
-def merge_pair(word, pair, new):
-    """Replace every non-overlapping occurrence of `pair`, left to right, by `new`.
-    Example: merge_pair((1, 2, 2, 2), (2, 2), 9) -> (1, 9, 2)."""
-    out, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
-            out.append(new)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return type(word)(out)
 
 
 class _GreatestFirst:
@@ -362,9 +374,7 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str],
     num_workers = num_workers or default_workers()
     counts = count_pretokens(input_path, special_tokens, num_workers, verbose)
 
-    vocab = {i: bytes([i]) for i in range(256)}
-    for s in special_tokens:
-        vocab[len(vocab)] = s.encode("utf-8")
+    vocab = initial_vocab(special_tokens)
     # words[i]: the i-th distinct pre-token as a list of token ids (its bytes, to start with).
     words = [list(pre.encode("utf-8")) for pre in counts]
     freqs = list(counts.values())
@@ -646,22 +656,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def encode_chunk(tokenizer: Tokenizer, path: str, start: int, end: int,
-                 dtype: np.dtype) -> np.ndarray:
-    return np.array(tokenizer.encode(read_text(path, start, end)), dtype=dtype)
+_worker_tokenizer: Tokenizer | None = None  # the tokenizer that _encode_chunk_in_worker uses
 
 
-_worker_tokenizer: Tokenizer | None = None  # each encoding worker builds its own copy
-
-
-def _init_encoder(vocab, merges, special_tokens) -> None:
+def _init_encoder(tokenizer: Tokenizer) -> None:
+    # Forked workers share the caller's tokenizer (cache included); spawned ones get a pickle.
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(vocab, merges, special_tokens)
+    _worker_tokenizer = tokenizer
 
 
 def _encode_chunk_in_worker(job: tuple[str, int, int, np.dtype]) -> tuple[int, np.ndarray]:
     path, start, end, dtype = job
-    return end - start, encode_chunk(_worker_tokenizer, path, start, end, dtype)
+    ids = _worker_tokenizer.encode(read_text(path, start, end))
+    return end - start, np.array(ids, dtype=dtype)
 
 
 def encode_file(tokenizer: Tokenizer, text_path: str, out_path: str, num_workers: int,
@@ -678,30 +685,23 @@ def encode_file(tokenizer: Tokenizer, text_path: str, out_path: str, num_workers
     jobs = [(path, start, end, dtype) for path, start, end in chunks]
     progress = Progress(f"encode {text_path}", chunks[-1][2]) if verbose else None
     tmp_path = f"{out_path}.partial"
-    pool = None
-    try:
-        if num_workers == 1 or len(jobs) == 1:
-            results: Iterable = ((end - start, encode_chunk(tokenizer, path, start, end, dtype))
-                                 for path, start, end, dtype in jobs)
-        else:
-            pool = worker_pool(min(num_workers, len(jobs)), _init_encoder,
-                               (tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens))
-            results = pool.imap(_encode_chunk_in_worker, jobs)  # in order, as they finish
-        num_tokens = 0
-        with open(tmp_path, "wb") as f:
-            for nbytes, ids in results:
-                ids.tofile(f)
-                num_tokens += len(ids)
-                if progress:
-                    progress.advance(nbytes)
-        os.replace(tmp_path, out_path)
-    finally:
-        # Remove an unfinished file first: stopping the workers takes a moment, and a second
-        # Ctrl-C in that moment must not leave the file behind.
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        if pool:
-            pool.terminate()
+    results = map_jobs(_encode_chunk_in_worker, jobs, num_workers, ordered=True,
+                       initializer=_init_encoder, initargs=(tokenizer,))
+    with closing(results):
+        try:
+            num_tokens = 0
+            with open(tmp_path, "wb") as f:
+                for nbytes, ids in results:
+                    ids.tofile(f)
+                    num_tokens += len(ids)
+                    if progress:
+                        progress.advance(nbytes)
+            os.replace(tmp_path, out_path)
+        finally:
+            # Remove an unfinished file before closing() stops the workers: that takes a moment,
+            # and a second Ctrl-C in that moment must not leave the file behind.
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
     return num_tokens
 
 
