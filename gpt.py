@@ -16,8 +16,8 @@ plain PyTorch tensors, in the order the data flows through it.
     §7 Sampling       greedy, temperature, top-k, top-p, with a KV cache
     §8 Command line   the three subcommands below and main()
 
-(§1, §2's token files and §8's `tokenize` are in place; the other sections arrive with the model,
-the training loop and the sampler.)
+(§1-§5, §6's checkpoints and §8's `tokenize` are in place; the training loop and the sampler
+arrive next.)
 
 The three commands, on the bundled TinyStories sample:
 
@@ -47,20 +47,27 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import math
 import mmap
 import multiprocessing
 import os
+import pickle
 import re
 import signal
 import sys
 import time
+import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import closing
+from dataclasses import dataclass
 from itertools import chain, repeat
 
 import numpy as np
 import regex
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 def log(message: str, end: str = "\n") -> None:
@@ -703,6 +710,621 @@ def encode_file(tokenizer: Tokenizer, text_path: str, out_path: str, num_workers
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
     return num_tokens
+
+
+def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: str | torch.device,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample `batch_size` random windows of a token array: inputs and next-token targets.
+
+    Every start s in [0, len(data) - context_length - 1] is equally likely, so each window has
+    context_length + 1 tokens: x = data[s : s+T], y = data[s+1 : s+T+1].
+    Example: data = [5, 6, 7, 8], T = 2, s = 1  ->  x = [6, 7], y = [7, 8].
+    `data` may be a np.memmap: fancy indexing reads only the pages the windows touch.
+    """
+    num_starts = len(data) - context_length
+    if num_starts < 1:
+        raise ValueError(f"the data has {len(data):,} tokens, too few for one window of "
+                         f"context_length {context_length} plus its next-token target")
+    starts = torch.randint(0, num_starts, (batch_size,), generator=generator).numpy()
+    windows = data[starts[:, None] + np.arange(context_length + 1)]  # (B, T+1)
+    windows = torch.from_numpy(windows.astype(np.int64))
+    x, y = windows[:, :-1], windows[:, 1:]  # (B, T) each
+    if torch.device(device).type == "cuda":
+        # Page-locked memory lets the copy to the GPU run while the GPU is still busy.
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.to(device), y.to(device)
+
+
+# ==================================================================================================
+# §3 Model: a pre-norm transformer language model
+#
+# Token ids -> embeddings -> num_layers x [x + attention(norm(x)); x + feed-forward(norm(x))]
+# -> final norm -> logits over the vocabulary. This is the GPT-2 layout (Radford et al. 2019) with
+# the modern parts of LLaMA: RMSNorm (Zhang & Sennrich 2019), rotary position embeddings (Su et
+# al. 2021) and a SwiGLU feed-forward (Shazeer 2020). Each part below is a few lines on tensors.
+# ==================================================================================================
+
+FFN_KINDS = ("swiglu", "geglu", "silu", "gelu")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture. Saved in every checkpoint, so sampling needs no architecture flags."""
+
+    vocab_size: int        # V: token ids are 0 .. V-1 (the tokenizer's vocabulary size)
+    context_length: int    # T: the longest sequence the model reads at once
+    d_model: int           # C: width of the residual stream
+    num_layers: int        # transformer blocks stacked on each other
+    num_heads: int         # H: attention heads; each is D = C / H wide
+    d_ff: int              # hidden width of a gated feed-forward (non-gated kinds get 1.5x)
+    rope_theta: float = 10000.0  # RoPE base: pair i turns by position * theta^(-2i/D)
+    norm_eps: float = 1e-5       # added to the mean square in RMSNorm, so 0 never divides
+    tie_embeddings: bool = False  # share one matrix between token embeddings and output logits
+    use_norm: bool = True        # ablation: False removes every RMSNorm
+    norm_position: str = "pre"   # "pre": x + f(norm(x)) (modern); "post": norm(x + f(x)) (2017)
+    position_encoding: str = "rope"  # "rope", or "nope": no position information at all
+    ffn_kind: str = "swiglu"     # swiglu | geglu (gated) | silu | gelu (plain two-layer MLP)
+
+    def __post_init__(self):
+        sizes = {name: getattr(self, name) for name in
+                 ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")}
+        for name, value in sizes.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads "
+                             f"{self.num_heads}")
+        if self.position_encoding == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE rotates pairs of dimensions, so the head width d_model / "
+                             f"num_heads = {self.d_model} / {self.num_heads} = {self.head_dim} "
+                             f"must be even")
+        if not (self.rope_theta > 0 and self.norm_eps > 0):
+            raise ValueError(f"rope_theta ({self.rope_theta}) and norm_eps ({self.norm_eps}) "
+                             f"must be positive")
+        choices = {"norm_position": ("pre", "post"), "position_encoding": ("rope", "nope"),
+                   "ffn_kind": FFN_KINDS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        # A gated feed-forward has three C x d_ff matrices, a plain one two: 1.5x the hidden
+        # width gives both the same parameter count (exactly when d_ff is even).
+        return self.d_ff if self.ffn_kind in ("swiglu", "geglu") else 3 * self.d_ff // 2
+
+
+class Linear(nn.Module):
+    """y = x W^T, without bias (modern LMs drop it: it costs memory and buys nothing)."""
+
+    def __init__(self, d_in: int, d_out: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype))
+        # std = sqrt(2 / (fan_in + fan_out)) (Glorot & Bengio 2010) keeps activations and
+        # gradients at the same scale through the layer; the cut at 3 std stops rare outliers.
+        std = math.sqrt(2 / (d_in + d_out))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+
+
+class Embedding(nn.Module):
+    """A lookup table: token id i -> row i of a (num_embeddings, embedding_dim) matrix."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(
+            torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        # weight[token_ids], written as index_select: its backward sums the gradient rows with
+        # index_add, several times faster on a CPU than the scatter behind plain indexing.
+        rows = self.weight.index_select(0, token_ids.reshape(-1))  # (B*T, C)
+        return rows.view(*token_ids.shape, -1)                      # (B, T, C)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm's forward and its backward, derived by hand.
+
+    With r = 1 / sqrt(mean(x^2) + eps), xhat = x * r and y = xhat * g, for an upstream gradient
+    dy and u = dy * g:
+        dL/dg = sum over positions of dy * xhat
+        dL/dx = r * (u - xhat * mean(u * xhat))       (the second term is the path through r)
+    Autograd would keep and walk every intermediate of the forward; this needs about half the
+    passes over memory, which makes the model's dozen norms noticeably cheaper.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+        # In float32 even under bf16 autocast: a mean of squares loses too much in 8 mantissa bits.
+        x32 = x.float()
+        r = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, gain, r)
+        return (x32 * r).mul_(gain).to(x.dtype)  # (..., C), cast back to x's dtype
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, gain, r = ctx.saved_tensors
+        xhat = x.float() * r              # recomputed: cheaper than keeping it from the forward
+        dy = dy.float()
+        dgain = (dy * xhat).flatten(0, -2).sum(0)  # (C,)
+        u = dy * gain
+        dx = (u - xhat.mul_((u * xhat).mean(-1, keepdim=True))).mul_(r)
+        return dx.to(x.dtype), dgain, None
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned gain per channel.
+
+    rmsnorm(x) = x / sqrt(mean(x^2) + eps) * g. Unlike LayerNorm it neither subtracts the mean
+    nor adds a bias: cheaper, and as good.
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RMSNormFunction.apply(x, self.weight, self.eps)  # (..., C) -> (..., C)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE): encode a token's position by rotating its query and key.
+
+    Dimensions are taken in adjacent pairs (0,1), (2,3), ...; pair i at position p turns by the
+    angle p * theta^(-2i/D). A rotation keeps lengths, and the dot product of a query rotated by
+    angle a and a key rotated by angle b depends only on a - b: attention scores see relative
+    positions, not absolute ones. The cos and sin tables are computed once, for every position.
+    """
+
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device).float() / d_k)  # (D/2,)
+        angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
+        # Each angle twice, once per member of its pair: (max_seq_len, D), the layout of x.
+        angles = angles.repeat_interleave(2, dim=-1)
+        # Buffers follow the model to its device but are no parameters and are not saved:
+        # they are a function of the config.
+        self.register_buffer("cos", angles.cos(), persistent=False)  # (max_seq_len, D)
+        self.register_buffer("sin", angles.sin(), persistent=False)  # (max_seq_len, D)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # A pair (x1, x2) turned by angle a is (x1 cos a - x2 sin a, x1 sin a + x2 cos a):
+        # x * cos + swapped * sin, with swapped = (-x2, x1) for every pair.
+        cos = self.cos[positions].to(x.dtype)  # (T, D); x's dtype, so bf16 stays bf16
+        sin = self.sin[positions].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]                         # (..., T, D/2)
+        swapped = torch.stack((-x2, x1), dim=-1).flatten(-2)        # (..., T, D)
+        return x * cos + swapped * sin
+
+
+def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """softmax(x)_i = exp(x_i - max(x)) / sum_j exp(x_j - max(x)).
+
+    Subtracting the max changes nothing mathematically and keeps exp() from overflowing:
+    the largest term becomes exp(0) = 1. A row of all -inf (nothing to attend to) gives NaN.
+    """
+    exp = torch.exp(x - x.amax(dim=dim, keepdim=True))
+    return exp / exp.sum(dim=dim, keepdim=True)
+
+
+def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
+                                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The readable attention: softmax(Q K^T / sqrt(D)) V, where `mask` is True where a query
+    may attend to a key. The model's fast path, F.scaled_dot_product_attention, computes the
+    same thing without ever storing the (T, T) score matrix; a test checks that they agree.
+    """
+    # Dividing by sqrt(D) keeps scores near unit variance, so softmax does not saturate.
+    # (.., T, D) @ (.., D, S) -> (.., T, S)
+    scores = Q @ K.transpose(-2, -1) / math.sqrt(Q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: no weight at all
+    return softmax(scores, dim=-1) @ V  # (.., T, S) @ (.., S, D) -> (.., T, D)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Causal self-attention: each position gathers information from itself and earlier ones.
+
+    H heads attend independently, each in its own D-wide slice of the C-wide vectors, so one head
+    can follow syntax while another follows a character's name.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, rope: RotaryEmbedding | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = Linear(d_model, d_model)
+        self.k_proj = Linear(d_model, d_model)
+        self.v_proj = Linear(d_model, d_model)
+        self.output_proj = Linear(d_model, d_model)
+        self.rope = rope
+        self.fast = True  # F.scaled_dot_product_attention; False: the readable version above
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        H, D = self.num_heads, C // self.num_heads
+        # One matmul for the three projections: one big product keeps the cores busier than
+        # three small ones. The weights stay three matrices, as in the state dict.
+        w_qkv = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        qkv = x @ w_qkv.T                                          # (B, T, C) -> (B, T, 3C)
+        qkv = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)     # (3, B, H, T, D)
+        if self.rope is not None:
+            if positions is None:
+                positions = torch.arange(T, device=x.device)
+            # Queries and keys rotate alike, so one call turns both; values carry content only.
+            q, k = self.rope(qkv[:2], positions)                  # each (B, H, T, D)
+            v = qkv[2]
+        else:
+            q, k, v = qkv
+        if self.fast:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+            y = scaled_dot_product_attention(q, k, v, mask=causal)            # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, H*D)
+        return self.output_proj(y)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """silu(x) = x * sigmoid(x): smooth, and unlike ReLU it lets a little negative signal through.
+
+    F.silu computes exactly this in one fused kernel, which saves a full activation's memory in
+    the backward pass; a test checks it against x * sigmoid(x).
+    """
+    return F.silu(x)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """gelu(x) = x * Phi(x), Phi the standard normal CDF (GPT-2's activation), fused like silu."""
+    return F.gelu(x)
+
+
+class SwiGLU(nn.Module):
+    """The gated feed-forward: w2(silu(w1 x) * w3 x).
+
+    w3 x is a learned gate that scales each hidden unit; with the gate, d_ff = 8/3 C matches the
+    parameters of a plain 4C-wide MLP and works better (Shazeer 2020).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation=silu):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff)
+        self.w2 = Linear(d_ff, d_model)
+        self.w3 = Linear(d_model, d_ff)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As in attention, one matmul for w1 and w3 together.
+        d_ff = self.w1.weight.shape[0]
+        gate, up = (x @ torch.cat((self.w1.weight, self.w3.weight)).T).split(d_ff, -1)  # (B,T,F)
+        return self.w2(self.activation(gate) * up)  # (B, T, F) -> (B, T, C)
+
+
+class MLP(nn.Module):
+    """The plain feed-forward of the ablations: w2(act(w1 x)), no gate."""
+
+    def __init__(self, d_model: int, d_hidden: int, activation=silu):
+        super().__init__()
+        self.w1 = Linear(d_model, d_hidden)
+        self.w2 = Linear(d_hidden, d_model)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.activation(self.w1(x)))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+
+
+def feed_forward(config: ModelConfig) -> nn.Module:
+    activation = gelu if config.ffn_kind in ("geglu", "gelu") else silu
+    if config.ffn_kind in ("swiglu", "geglu"):
+        return SwiGLU(config.d_model, config.ffn_hidden, activation)
+    return MLP(config.d_model, config.ffn_hidden, activation)
+
+
+def norm_layer(config: ModelConfig) -> nn.Module:
+    """RMSNorm, or a no-op for the no-normalisation ablation."""
+    return RMSNorm(config.d_model, config.norm_eps) if config.use_norm else nn.Identity()
+
+
+class TransformerBlock(nn.Module):
+    """Attention then feed-forward, each added to the residual stream x.
+
+    Pre-norm (GPT-2 onwards) normalises each sublayer's input and leaves the residual path
+    untouched, so gradients flow straight from the loss to every layer; post-norm (the original
+    2017 transformer) normalises after each addition and needs a careful warmup to train.
+    """
+
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding | None = None):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.ln1 = norm_layer(config)
+        self.attn = MultiHeadSelfAttention(config.d_model, config.num_heads, rope)
+        self.ln2 = norm_layer(config)
+        self.ffn = feed_forward(config)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.ln1(x), positions)  # (B, T, C)
+            return x + self.ffn(self.ln2(x))
+        x = self.ln1(x + self.attn(x, positions))
+        return self.ln2(x + self.ffn(x))
+
+
+class TransformerLM(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, V); position t sees tokens 0..t only."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.token_embeddings = Embedding(config.vocab_size, config.d_model)
+        # One RoPE table shared by every layer: it depends only on the config.
+        rope = (RotaryEmbedding(config.rope_theta, config.head_dim, config.context_length)
+                if config.position_encoding == "rope" else None)
+        self.layers = nn.ModuleList(TransformerBlock(config, rope)
+                                    for _ in range(config.num_layers))
+        self.ln_final = norm_layer(config)
+        self.lm_head = Linear(config.d_model, config.vocab_size)
+        if config.tie_embeddings:
+            # One matrix reads tokens in and scores them out. It keeps lm_head's small init:
+            # the embedding's std of 1 would start the logits sqrt(C) times too large.
+            self.token_embeddings.weight = self.lm_head.weight
+
+    def forward(self, token_ids: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
+        for layer in self.layers:
+            x = layer(x, positions)           # (B, T, C)
+        return self.lm_head(self.ln_final(x))  # (B, T, C) -> (B, T, V)
+
+
+# ==================================================================================================
+# §4 Loss and optimizer
+#
+# Cross-entropy scores the predicted next-token distribution against the token that came; AdamW
+# (Loshchilov & Hutter 2019) is Adam with weight decay applied to the weights directly, not
+# mixed into the gradient, so that it is not rescaled by Adam's per-parameter step sizes.
+# ==================================================================================================
+
+class _CrossEntropy(torch.autograd.Function):
+    """Forward and backward of the mean cross-entropy, written out by hand.
+
+    The gradient is simple enough to write directly: d loss / d logits = (softmax - onehot) / N.
+    Both passes walk the (N, V) logits in slices of about a million values. Whole-size
+    temporaries would cost more than the arithmetic: on a CPU every fresh 80 MB buffer is paged in
+    from the OS, while a 4 MB one is reused from cache. A GPU has no such cost, so it takes big
+    slices there and launches few kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        N, V = logits.shape
+        rows = max(1, (1 << 20 if logits.device.type == "cpu" else 1 << 28) // V)
+        lse = torch.empty(N, 1, device=logits.device)  # (N, 1)
+        for i in range(0, N, rows):
+            z = logits[i:i + rows]  # (rows, V)
+            # logsumexp(z) = m + log(sum_j exp(z_j - m)), m = max(z): exp never overflows
+            m = z.amax(dim=-1, keepdim=True)
+            lse[i:i + rows] = m + torch.exp(z - m).sum(dim=-1, keepdim=True).log()
+        # loss_i = -log softmax(z_i)[y_i] = logsumexp(z_i) - z_i[y_i]
+        target_logits = logits.gather(-1, targets[:, None])  # (N, 1)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows = rows
+        return (lse - target_logits).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        rows = ctx.rows
+        grad = torch.empty_like(logits)  # (N, V)
+        for i in range(0, len(logits), rows):
+            # softmax(z) = exp(z - logsumexp(z)), written straight into the gradient
+            torch.sub(logits[i:i + rows], lse[i:i + rows], out=grad[i:i + rows]).exp_()
+        grad[torch.arange(len(targets), device=grad.device), targets] -= 1
+        grad *= grad_loss / len(targets)
+        return grad, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean over all positions of -log p(target): logits (..., V), targets (...) of ids.
+
+    A model that guesses uniformly scores ln(V) (9.21 for V = 10,000); lower is better.
+    """
+    # In float32: bf16 logits would round the loss to 2-3 significant digits.
+    logits = logits.float().reshape(-1, logits.shape[-1])  # (N, V), N = all positions
+    return _CrossEntropy.apply(logits, targets.reshape(-1))
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay, vectorised over all parameters.
+
+    For each parameter p with gradient g, at step t (from 1), with learning rate lr:
+        p = p - lr * weight_decay * p            decay the weight, independent of g
+        m = beta1 * m + (1 - beta1) * g          running mean of gradients
+        v = beta2 * v + (1 - beta2) * g^2        running mean of squared gradients
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    The (1 - beta^t) factors undo the bias of m and v toward their zero start. The torch._foreach_*
+    calls apply each line to every parameter at once: a few kernel launches per step, not a few
+    per parameter.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01):
+        if not lr >= 0:
+            raise ValueError(f"learning rate must be >= 0, got {lr}")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps >= 0 or not weight_decay >= 0:
+            raise ValueError(f"eps ({eps}) and weight_decay ({weight_decay}) must be >= 0")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            for p in params:
+                if not self.state[p]:  # the first step: moments start at zero
+                    self.state[p].update(step=0, exp_avg=torch.zeros_like(p),
+                                         exp_avg_sq=torch.zeros_like(p))
+                self.state[p]["step"] += 1
+            states = [self.state[p] for p in params]
+            grads = [p.grad for p in params]
+            m = [s["exp_avg"] for s in states]
+            v = [s["exp_avg_sq"] for s in states]
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            torch._foreach_lerp_(m, grads, 1 - beta1)  # m + (1 - beta1) (g - m), the same as above
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+            # Parameters may differ in step count (one that had no gradient for a while),
+            # hence one bias correction per parameter. With c = sqrt(1 - beta2^t), the update
+            # m / (sqrt(v) / c + eps) equals c * m / (sqrt(v) + eps * c): one pass less.
+            steps = [s["step"] for s in states]
+            c = [math.sqrt(1 - beta2 ** t) for t in steps]
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, [eps * c_t for c_t in c])
+            step_sizes = [-lr * c_t / (1 - beta1 ** t) for c_t, t in zip(c, steps)]
+            torch._foreach_addcdiv_(params, m, denom, step_sizes)
+        return loss
+
+
+# ==================================================================================================
+# §5 Learning-rate schedule and gradient clipping
+#
+# Warm up linearly (large early steps from random weights are unstable), then decay along a
+# cosine (Loshchilov & Hutter 2017): fast progress at a high rate, then a slow settle. Clipping
+# the gradient's global norm caps the damage of a rare huge gradient.
+# ==================================================================================================
+
+def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
+                       cosine_cycle_iters: int) -> float:
+    """The learning rate at step `it`.
+
+    Example: max_lr 1, min_lr 0.1, warmup 10, cycle 110: it 0 -> 0, 5 -> 0.5, 10 -> 1,
+    60 -> 0.55 (halfway down the cosine), 110 -> 0.1, 200 -> 0.1.
+    """
+    if it < warmup_iters:
+        return max_lr * it / warmup_iters
+    if it > cosine_cycle_iters:
+        return min_lr
+    # lr = min + (max - min) * (1 + cos(pi * progress)) / 2, progress from 0 to 1
+    progress = (it - warmup_iters) / max(1, cosine_cycle_iters - warmup_iters)
+    return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale all gradients together so that their global L2 norm is at most max_norm.
+
+    Returns the norm before clipping (worth logging: spikes warn of instability). Scaling every
+    gradient by the same factor keeps the update's direction.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    # ||g|| = sqrt(sum over tensors of ||g_i||^2)
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    # min(1, max_norm / (norm + eps)), as a tensor: no sync with the GPU to decide whether to clip
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale)
+    return norm
+
+
+# ==================================================================================================
+# §6 Training: checkpoints and the training loop
+#
+# The loop samples a batch, computes the loss, backpropagates, clips and steps, with the learning
+# rate from §5. A checkpoint holds everything needed to continue exactly where a run stopped, and
+# to sample from the model without any other file.
+# ==================================================================================================
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain TransformerLM inside torch.compile's or DistributedDataParallel's wrapper."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)      # DistributedDataParallel
+
+
+def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
+                    out, **extra) -> None:
+    """Save model and optimizer state, the step count and anything in `extra` to `out`.
+
+    `out` is a path or a binary file object. A path is written atomically: to a temporary file in
+    the same directory, flushed to disk, then renamed over the old checkpoint, so a crash or kill
+    at any moment leaves either the old complete file or the new complete file.
+    """
+    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+             "iteration": iteration, **extra}
+    if not isinstance(out, (str, os.PathLike)):
+        torch.save(state, out)
+        return
+    tmp_path = f"{out}.tmp-{os.getpid()}"
+    try:
+        with open(tmp_path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, out)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def read_checkpoint(src) -> dict:
+    """Load a checkpoint's contents onto the CPU, refusing anything that is not plain data.
+
+    weights_only=True restricts unpickling to tensors and plain containers: a checkpoint from the
+    internet can then not run code on this machine.
+    """
+    name = src if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "checkpoint")
+    try:
+        checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{name}: no such checkpoint") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{name}: not a readable checkpoint ({first_line})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "iteration"} <= checkpoint.keys():
+        raise ValueError(f"{name}: not a gpt.py checkpoint (no model state or iteration)")
+    return checkpoint
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Copy `state` into `model`, or say exactly how the two architectures differ."""
+    expected = unwrap(model).state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{name} is for a different architecture: missing "
+                         f"{missing[:3] or 'nothing'}, unexpected {unexpected[:3] or 'nothing'}")
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise ValueError(f"{name} is for a different architecture: {key} has shape "
+                             f"{tuple(state[key].shape)} there, {tuple(tensor.shape)} here")
+    unwrap(model).load_state_dict(state)
+
+
+def load_checkpoint(src, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Restore model (and optimizer) state from `src`, a path or binary file object; returns the
+    iteration it was saved at."""
+    checkpoint = read_checkpoint(src)
+    name = src if isinstance(src, (str, os.PathLike)) else "the checkpoint"
+    load_model_state(model, checkpoint["model"], name)
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    return checkpoint["iteration"]
 
 
 # ==================================================================================================
