@@ -16,9 +16,6 @@ plain PyTorch tensors, in the order the data flows through it.
     §7 Sampling       greedy, temperature, top-k, top-p, with a KV cache
     §8 Command line   the three subcommands below and main()
 
-(§1-§5, §6's checkpoints and §8's `tokenize` are in place; the training loop and the sampler
-arrive next.)
-
 The three commands, on the bundled TinyStories sample:
 
     python gpt.py tokenize        # train BPE on data/tinystories_train.txt, write data/*.bin
@@ -45,29 +42,30 @@ Tensor shapes in comments use these letters:
 from __future__ import annotations
 
 import argparse
+import codecs
 import heapq
 import json
 import math
 import mmap
 import multiprocessing
 import os
-import pickle
 import re
 import signal
 import sys
 import time
-import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import closing
-from dataclasses import dataclass
+from contextlib import closing, nullcontext
+from dataclasses import asdict, dataclass, fields
 from itertools import chain, repeat
 
 import numpy as np
 import regex
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 
 def log(message: str, end: str = "\n") -> None:
@@ -712,20 +710,14 @@ def encode_file(tokenizer: Tokenizer, text_path: str, out_path: str, num_workers
     return num_tokens
 
 
-def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: str | torch.device,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample `batch_size` random windows of a token array: inputs and next-token targets.
+def batch_at(data: np.ndarray, starts: np.ndarray, context_length: int,
+             device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of `data` that begin at `starts`: inputs and next-token targets on `device`.
 
-    Every start s in [0, len(data) - context_length - 1] is equally likely, so each window has
-    context_length + 1 tokens: x = data[s : s+T], y = data[s+1 : s+T+1].
-    Example: data = [5, 6, 7, 8], T = 2, s = 1  ->  x = [6, 7], y = [7, 8].
+    Each window has context_length + 1 tokens: x = data[s : s+T], y = data[s+1 : s+T+1].
+    Example: data = [5, 6, 7, 8], T = 2, starts = [1]  ->  x = [[6, 7]], y = [[7, 8]].
     `data` may be a np.memmap: fancy indexing reads only the pages the windows touch.
     """
-    num_starts = len(data) - context_length
-    if num_starts < 1:
-        raise ValueError(f"the data has {len(data):,} tokens, too few for one window of "
-                         f"context_length {context_length} plus its next-token target")
-    starts = torch.randint(0, num_starts, (batch_size,), generator=generator).numpy()
     windows = data[starts[:, None] + np.arange(context_length + 1)]  # (B, T+1)
     windows = torch.from_numpy(windows.astype(np.int64))
     x, y = windows[:, :-1], windows[:, 1:]  # (B, T) each
@@ -734,6 +726,18 @@ def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: st
         return (x.pin_memory().to(device, non_blocking=True),
                 y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
+
+
+def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: str | torch.device,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` random windows of a token array, every start in
+    [0, len(data) - context_length - 1] equally likely; see batch_at."""
+    num_starts = len(data) - context_length
+    if num_starts < 1:
+        raise ValueError(f"the data has {len(data):,} tokens, too few for one window of "
+                         f"context_length {context_length} plus its next-token target")
+    starts = torch.randint(0, num_starts, (batch_size,), generator=generator).numpy()
+    return batch_at(data, starts, context_length, device)
 
 
 # ==================================================================================================
@@ -745,7 +749,9 @@ def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: st
 # al. 2021) and a SwiGLU feed-forward (Shazeer 2020). Each part below is a few lines on tensors.
 # ==================================================================================================
 
-FFN_KINDS = ("swiglu", "geglu", "silu", "gelu")
+# The allowed values of ModelConfig's switches.
+MODEL_CHOICES = {"norm_position": ("pre", "post"), "position_encoding": ("rope", "nope"),
+                 "ffn_kind": ("swiglu", "geglu", "silu", "gelu")}
 
 
 @dataclass
@@ -782,9 +788,7 @@ class ModelConfig:
         if not (self.rope_theta > 0 and self.norm_eps > 0):
             raise ValueError(f"rope_theta ({self.rope_theta}) and norm_eps ({self.norm_eps}) "
                              f"must be positive")
-        choices = {"norm_position": ("pre", "post"), "position_encoding": ("rope", "nope"),
-                   "ffn_kind": FFN_KINDS}
-        for name, allowed in choices.items():
+        for name, allowed in MODEL_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
@@ -844,8 +848,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-        # In float32 even under bf16 autocast: a mean of squares loses too much in 8 mantissa bits.
-        x32 = x.float()
+        # In float32 (or wider) even under bf16 autocast: a mean of squares loses too much in
+        # bf16's 8 mantissa bits.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         r = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)  # (..., 1)
         ctx.save_for_backward(x, gain, r)
         return (x32 * r).mul_(gain).to(x.dtype)  # (..., C), cast back to x's dtype
@@ -853,8 +858,8 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, gain, r = ctx.saved_tensors
-        xhat = x.float() * r              # recomputed: cheaper than keeping it from the forward
-        dy = dy.float()
+        xhat = x.to(r.dtype) * r          # recomputed: cheaper than keeping it from the forward
+        dy = dy.to(r.dtype)
         dgain = (dy * xhat).flatten(0, -2).sum(0)  # (C,)
         u = dy * gain
         dx = (u - xhat.mul_((u * xhat).mean(-1, keepdim=True))).mul_(r)
@@ -889,13 +894,23 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device).float() / d_k)  # (D/2,)
-        angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
-        # Each angle twice, once per member of its pair: (max_seq_len, D), the layout of x.
-        angles = angles.repeat_interleave(2, dim=-1)
         # Buffers follow the model to its device but are no parameters and are not saved:
         # they are a function of the config.
-        self.register_buffer("cos", angles.cos(), persistent=False)  # (max_seq_len, D)
-        self.register_buffer("sin", angles.sin(), persistent=False)  # (max_seq_len, D)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.cover(max_seq_len)
+
+    def cover(self, num_positions: int) -> None:
+        """Make the tables reach num_positions (generation can run past the context length)."""
+        if hasattr(self, "cos") and len(self.cos) >= num_positions:
+            return
+        if hasattr(self, "cos"):
+            num_positions = max(num_positions, 2 * len(self.cos))  # grow rarely
+        positions = torch.arange(num_positions, device=self.inv_freq.device).float()
+        angles = torch.outer(positions, self.inv_freq)  # (positions, D/2)
+        # Each angle twice, once per member of its pair: (positions, D), the layout of x.
+        angles = angles.repeat_interleave(2, dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)  # (positions, D)
+        self.register_buffer("sin", angles.sin(), persistent=False)  # (positions, D)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # A pair (x1, x2) turned by angle a is (x1 cos a - x2 sin a, x1 sin a + x2 cos a):
@@ -931,16 +946,58 @@ def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tens
     return softmax(scores, dim=-1) @ V  # (.., T, S) @ (.., S, D) -> (.., T, D)
 
 
+class KVCache:
+    """One layer's keys and values of the tokens seen so far, for generation (§7).
+
+    Holds at most `capacity` (the context length) positions, as a ring: token p goes to slot
+    p % capacity, overwriting the token that has just left the window. Attention sums over keys
+    in any order, so the ring never needs shifting.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.k = self.v = None  # (B, H, capacity, D) once the first tokens arrive
+        self.length = 0         # tokens seen so far
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' keys and values (B, H, n, D); return every cached one."""
+        if self.k is None:
+            B, H, _, D = k.shape
+            self.k = k.new_zeros(B, H, self.capacity, D)
+            self.v = v.new_zeros(B, H, self.capacity, D)
+        n = k.shape[2]
+        keep = min(n, self.capacity)  # of a long prompt, only the last window stays
+        slots = torch.arange(self.length + n - keep, self.length + n, device=k.device)
+        self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]
+        self.v[:, :, slots % self.capacity] = v[:, :, n - keep:]
+        self.length += n
+        filled = min(self.length, self.capacity)
+        return self.k[:, :, :filled], self.v[:, :, :filled]  # (B, H, S, D)
+
+
+def sliding_causal_mask(T: int, window: int, device=None) -> torch.Tensor:
+    """(T, T) booleans: query i may attend to key j when i - window < j <= i.
+
+    Example: T = 4, window = 2 -> rows [1 0 0 0], [1 1 0 0], [0 1 1 0], [0 0 1 1].
+    Training never needs the window (T <= window); generation past the context length does.
+    """
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
 class MultiHeadSelfAttention(nn.Module):
     """Causal self-attention: each position gathers information from itself and earlier ones.
 
     H heads attend independently, each in its own D-wide slice of the C-wide vectors, so one head
-    can follow syntax while another follows a character's name.
+    can follow syntax while another follows a character's name. Given a context_length, a
+    position sees at most that many tokens ending at itself: the span the model is trained on.
     """
 
-    def __init__(self, d_model: int, num_heads: int, rope: RotaryEmbedding | None = None):
+    def __init__(self, d_model: int, num_heads: int, rope: RotaryEmbedding | None = None,
+                 context_length: int | None = None):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.context_length = num_heads, context_length
         self.q_proj = Linear(d_model, d_model)
         self.k_proj = Linear(d_model, d_model)
         self.v_proj = Linear(d_model, d_model)
@@ -948,7 +1005,10 @@ class MultiHeadSelfAttention(nn.Module):
         self.rope = rope
         self.fast = True  # F.scaled_dot_product_attention; False: the readable version above
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, C) holds positions start_pos .. start_pos + T - 1. With a cache, either the
+        first call (the prompt) or one new token at a time."""
         B, T, C = x.shape
         H, D = self.num_heads, C // self.num_heads
         # One matmul for the three projections: one big product keeps the cores busier than
@@ -957,18 +1017,30 @@ class MultiHeadSelfAttention(nn.Module):
         qkv = x @ w_qkv.T                                          # (B, T, C) -> (B, T, 3C)
         qkv = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)     # (3, B, H, T, D)
         if self.rope is not None:
-            if positions is None:
-                positions = torch.arange(T, device=x.device)
+            positions = torch.arange(start_pos, start_pos + T, device=x.device)
             # Queries and keys rotate alike, so one call turns both; values carry content only.
             q, k = self.rope(qkv[:2], positions)                  # each (B, H, T, D)
             v = qkv[2]
         else:
             q, k, v = qkv
-        if self.fast:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        causal, mask = True, None  # plain causal attention among the T new positions
+        if cache is not None and cache.length > 0:
+            # One new token after the prompt: it may attend to every cached token and itself.
+            assert T == 1, "after the prompt, feed one token at a time"
+            k, v = cache.append(k, v)                             # (B, H, S, D), S <= window
+            causal = False
         else:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
-            y = scaled_dot_product_attention(q, k, v, mask=causal)            # (B, H, T, D)
+            if cache is not None:
+                cache.append(k, v)
+            if self.context_length and T > self.context_length:
+                causal, mask = False, sliding_causal_mask(T, self.context_length, x.device)
+        if self.fast:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        else:
+            if causal:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+            y = scaled_dot_product_attention(q, k, v, mask=mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, H*D)
         return self.output_proj(y)
 
@@ -1045,15 +1117,17 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
         self.ln1 = norm_layer(config)
-        self.attn = MultiHeadSelfAttention(config.d_model, config.num_heads, rope)
+        self.attn = MultiHeadSelfAttention(config.d_model, config.num_heads, rope,
+                                           config.context_length)
         self.ln2 = norm_layer(config)
         self.ffn = feed_forward(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.ln1(x), positions)  # (B, T, C)
+            x = x + self.attn(self.ln1(x), start_pos, cache)  # (B, T, C)
             return x + self.ffn(self.ln2(x))
-        x = self.ln1(x + self.attn(x, positions))
+        x = self.ln1(x + self.attn(x, start_pos, cache))
         return self.ln2(x + self.ffn(x))
 
 
@@ -1065,9 +1139,9 @@ class TransformerLM(nn.Module):
         self.config = config
         self.token_embeddings = Embedding(config.vocab_size, config.d_model)
         # One RoPE table shared by every layer: it depends only on the config.
-        rope = (RotaryEmbedding(config.rope_theta, config.head_dim, config.context_length)
-                if config.position_encoding == "rope" else None)
-        self.layers = nn.ModuleList(TransformerBlock(config, rope)
+        self.rope = (RotaryEmbedding(config.rope_theta, config.head_dim, config.context_length)
+                     if config.position_encoding == "rope" else None)
+        self.layers = nn.ModuleList(TransformerBlock(config, self.rope)
                                     for _ in range(config.num_layers))
         self.ln_final = norm_layer(config)
         self.lm_head = Linear(config.d_model, config.vocab_size)
@@ -1076,11 +1150,14 @@ class TransformerLM(nn.Module):
             # the embedding's std of 1 would start the logits sqrt(C) times too large.
             self.token_embeddings.weight = self.lm_head.weight
 
-    def forward(self, token_ids: torch.Tensor,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, start_pos: int = 0,
+                caches: list[KVCache] | None = None) -> torch.Tensor:
+        """token_ids (B, T) at positions start_pos.. (B, T, V); caches: one per layer (§7)."""
+        if self.rope is not None:
+            self.rope.cover(start_pos + token_ids.shape[1])
         x = self.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
-        for layer in self.layers:
-            x = layer(x, positions)           # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, start_pos, caches[i] if caches else None)  # (B, T, C)
         return self.lm_head(self.ln_final(x))  # (B, T, C) -> (B, T, V)
 
 
@@ -1293,8 +1370,10 @@ def read_checkpoint(src) -> dict:
         checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"{name}: no such checkpoint") from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # a damaged file fails in many ways: zip, pickle, I/O, indexing
+        # The first line of the message, without the terminal colour codes torch puts in.
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        first_line = message.splitlines()[0] if message else type(e).__name__
         raise ValueError(f"{name}: not a readable checkpoint ({first_line})") from None
     if not isinstance(checkpoint, dict) or not {"model", "iteration"} <= checkpoint.keys():
         raise ValueError(f"{name}: not a gpt.py checkpoint (no model state or iteration)")
@@ -1325,6 +1404,518 @@ def load_checkpoint(src, model: nn.Module, optimizer: torch.optim.Optimizer | No
     if optimizer is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     return checkpoint["iteration"]
+
+# Named configurations. `laptop` is the default: tuned to train in about 10 minutes on a 2-core
+# CPU. `base` is the standard 23M TinyStories model; small / medium / large follow GPT-2's ladder
+# (124M, 350M, 774M parameters at its 50k vocabulary). Each preset also names a batch size (in
+# sequences) and a peak learning rate that suit its width; every value has its own flag.
+PRESETS = {
+    "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
+                   tie_embeddings=False, batch_size=16, lr=3e-3),
+    "base": dict(context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344,
+                 batch_size=32, lr=1e-3),
+    "small": dict(context_length=1024, d_model=768, num_layers=12, num_heads=12, d_ff=3072,
+                  batch_size=16, lr=6e-4),
+    "medium": dict(context_length=1024, d_model=1024, num_layers=24, num_heads=16, d_ff=4096,
+                   batch_size=16, lr=3e-4),
+    "large": dict(context_length=1024, d_model=1280, num_layers=36, num_heads=20, d_ff=5120,
+                  batch_size=16, lr=2.5e-4),
+}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA, then Apple's MPS, then the CPU, unless `requested` names one."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {requested}: MPS is not available on this machine")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on x86 CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), which multiply bf16
+    matrices about twice as fast as float32 ones; elsewhere bf16 is emulated, and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, requested: str) -> torch.dtype | None:
+    """The dtype of mixed precision for --dtype, or None for plain float32."""
+    if requested == "float32":
+        return None
+    if requested == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "10m" or "1.5h"."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise ValueError(f"--max-time {text!r}: expected a duration like 90s, 10m or 2h") from None
+    if not seconds > 0:
+        raise ValueError(f"--max-time must be positive, got {text!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Example: 75 -> "1m15s", 3725 -> "1h02m"."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def open_tokens(path: str, vocab_size: int) -> np.memmap:
+    """Memory-map a token file written by `tokenize`, checking that it fits the tokenizer."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path} not found: run `python gpt.py tokenize` first")
+    dtype = token_dtype(vocab_size)
+    size = os.path.getsize(path)
+    if size == 0 or size % dtype.itemsize:
+        raise ValueError(f"{path} has {size:,} bytes, not a whole number of {dtype.name} tokens "
+                         f"(the type for a {vocab_size:,}-token vocabulary)")
+    data = np.memmap(path, dtype=dtype, mode="r")
+    # One pass in slices of 64M ids, so even a huge file never sits in memory whole.
+    largest = max(int(data[i:i + (1 << 26)].max()) for i in range(0, len(data), 1 << 26))
+    if largest >= vocab_size:
+        raise ValueError(f"{path} holds token id {largest:,}, but the tokenizer has only "
+                         f"{vocab_size:,} tokens: was it encoded with another tokenizer?")
+    return data
+
+
+def resolve_config(args: argparse.Namespace, vocab_size: int,
+                   saved: dict | None = None) -> ModelConfig:
+    """The preset (or a resumed checkpoint's config), with every flag the user gave on top."""
+    base = dict(saved) if saved else {k: v for k, v in PRESETS[args.preset].items()
+                                      if k in ModelConfig.__dataclass_fields__}
+    base["vocab_size"] = vocab_size
+    overrides = {name: getattr(args, name) for name in ModelConfig.__dataclass_fields__
+                 if getattr(args, name, None) is not None}
+    config = ModelConfig(**{**base, **overrides})
+    if saved:
+        changed = [f"{name} {saved[name]} -> {value}" for name, value in asdict(config).items()
+                   if saved.get(name) != value]
+        if changed:
+            raise ValueError(f"the checkpoint in {args.out_dir} has another configuration "
+                             f"({', '.join(changed)}); resume without those flags, or use "
+                             f"another --out-dir")
+    return config
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: np.ndarray, starts: np.ndarray, batch_size: int,
+             context_length: int, device: torch.device, amp: torch.dtype | None) -> float:
+    """The mean loss over a fixed set of windows, so that evaluations are comparable."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for i in range(0, len(starts), batch_size):
+        x, y = batch_at(data, starts[i:i + batch_size], context_length, device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(x)
+        total += cross_entropy(logits, y) * len(x)
+    model.train()
+    return total.item() / len(starts)
+
+
+def broadcast(value, world_size: int):
+    """Rank 0's `value` on every rank (a decision all ranks must share)."""
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank_mean(value: torch.Tensor, world_size: int) -> float:
+    """The mean of a scalar tensor over all ranks, as a Python float."""
+    if world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)  # a sum: gloo has no average
+        value /= world_size
+    return value.item()
+
+
+def train(args: argparse.Namespace) -> None:
+    """`python gpt.py train`: the training loop, its logs and its checkpoints."""
+    # -- Where to run: one process, or one of several started by torchrun.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = pick_device(args.device)
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        # NCCL moves gradients from GPU to GPU; gloo works between CPU processes.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    say = print if rank == 0 else (lambda *a, **k: None)  # only rank 0 talks and writes
+    if device.type == "cuda":
+        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, several times faster.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp = autocast_dtype(device, args.dtype)
+
+    # -- Check every input before any work: a mistake should cost seconds, not an hour.
+    for flag in ("batch_size", "grad_accum", "max_steps", "warmup_steps", "decay_steps",
+                 "eval_interval", "eval_batches", "log_interval"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "warmup_steps" else 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least "
+                             f"{0 if flag == 'warmup_steps' else 1}, got {value}")
+    if not args.grad_clip > 0:
+        raise ValueError(f"--grad-clip must be positive, got {args.grad_clip}")
+    max_time = parse_duration(args.max_time or ("10m" if args.max_steps is None else "1000h"))
+    tokenizer_dir = os.path.join(args.data_dir, "tokenizer")
+    if not os.path.isdir(tokenizer_dir):
+        raise ValueError(f"{tokenizer_dir} not found: run `python gpt.py tokenize` first")
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    vocab_size = max(tokenizer.vocab) + 1
+    train_data = open_tokens(os.path.join(args.data_dir, "train.bin"), vocab_size)
+    valid_data = open_tokens(os.path.join(args.data_dir, "valid.bin"), vocab_size)
+    latest_path = os.path.join(args.out_dir, "latest.pt")
+    best_path = os.path.join(args.out_dir, "best.pt")
+    checkpoint = None
+    if args.resume:
+        if not os.path.exists(latest_path):
+            raise ValueError(f"--resume: there is no {latest_path} to resume from")
+        checkpoint = read_checkpoint(latest_path)
+    config = resolve_config(args, vocab_size, checkpoint and checkpoint["config"])
+    preset = PRESETS[args.preset]
+    batch_size = args.batch_size or preset["batch_size"]
+    max_lr = args.lr or preset["lr"]
+    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
+    T = config.context_length
+    for name, data in (("train.bin", train_data), ("valid.bin", valid_data)):
+        if len(data) <= T:
+            raise ValueError(f"{name} has {len(data):,} tokens, too few for one window of "
+                             f"context_length {T}")
+    if rank == 0:
+        check_writable_dir(args.out_dir)
+
+    # -- The model, its optimizer and the random state: fresh, or as the checkpoint left them.
+    torch.manual_seed(args.seed)
+    model = TransformerLM(config).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    # Weight decay pulls the matrices toward zero; the norms' gains (1-D) are left alone.
+    optimizer = AdamW([{"params": [p for p in model.parameters() if p.ndim >= 2]},
+                       {"params": [p for p in model.parameters() if p.ndim < 2],
+                        "weight_decay": 0.0}],
+                      lr=max_lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    # Each rank draws its own batches from its own generator, saved in every checkpoint.
+    batch_rng = torch.Generator().manual_seed(args.seed + rank)
+    step, best_val_loss, total_steps = 0, math.inf, args.max_steps
+    if checkpoint:
+        load_model_state(model, checkpoint["model"], latest_path)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, best_val_loss = checkpoint["iteration"], checkpoint["best_val_loss"]
+        batch_rng.set_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
+        total_steps = args.max_steps or checkpoint["total_steps"]
+        say(f"resumed from {latest_path} at step {step}")
+
+    # torch.compile turns the model into a few generated kernels, fusing the many elementwise
+    # operations (norms, RoPE, SwiGLU) into single passes over memory, backward included.
+    # The first step pays for the compilation: typically half a minute to a minute.
+    compiled = torch.compile(model) if args.compile else model
+    fast_model = compiled
+    if world_size > 1:
+        # DDP averages the gradients of all ranks during backward, overlapping the
+        # communication with the computation of the remaining layers' gradients.
+        fast_model = DistributedDataParallel(
+            compiled, device_ids=[device.index] if device.type == "cuda" else None)
+
+    tokens_per_step = batch_size * args.grad_accum * T * world_size
+    # Evaluation windows evenly spread over the valid file: the same ones every time.
+    eval_starts = np.linspace(0, len(valid_data) - T - 1,
+                              min(args.eval_batches * batch_size, len(valid_data) - T))
+    eval_starts = eval_starts.astype(np.int64)
+    precision = "float32" if amp is None else f"{str(amp).replace('torch.', '')} autocast"
+    ranks = f" x {world_size} ranks" if world_size > 1 else ""
+    say(f"model: {config}")
+    say(f"parameters: {num_params:,} ({num_params / 1e6:.1f}M) | device {device}{ranks} | "
+        f"{precision}{' | compiled' if args.compile else ''}")
+    say(f"data: {len(train_data):,} train and {len(valid_data):,} valid tokens | "
+        f"{tokens_per_step:,} tokens per step ({batch_size} x {T} x {args.grad_accum} accum"
+        f"{ranks}) | lr {max_lr:g} -> {min_lr:g}, warmup {args.warmup_steps} steps")
+    metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+
+    def record(**fields) -> None:
+        if metrics:
+            metrics.write(json.dumps(fields) + "\n")
+            metrics.flush()
+
+    def save(path: str) -> None:
+        rng_states = [batch_rng.get_state()]
+        if world_size > 1:
+            rng_states = [None] * world_size
+            dist.all_gather_object(rng_states, batch_rng.get_state())
+        if rank == 0:
+            save_checkpoint(model, optimizer, step, path, config=asdict(config),
+                            args={k: v for k, v in vars(args).items()
+                                  if isinstance(v, (str, int, float, bool, type(None)))},
+                            tokenizer=dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
+                                           special_tokens=tokenizer.special_tokens),
+                            best_val_loss=best_val_loss, total_steps=total_steps,
+                            rng=rng_states)
+
+    def check_finite(loss: float, what: str) -> None:
+        if not math.isfinite(loss):
+            raise ValueError(f"the {what} became {loss} at step {step}: training diverged "
+                             f"(try a lower --lr); the last good checkpoint is kept in "
+                             f"{args.out_dir}")
+
+    # Ctrl-C asks the loop to stop after the current step and save; a second one quits at once.
+    # (Under torchrun every rank would decide alone and they would fall out of step.)
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(True)
+        log("\nCtrl-C: stopping after this step to save a checkpoint (again to quit now)")
+
+    if world_size == 1:
+        previous_handler = signal.signal(signal.SIGINT, request_stop)
+
+    # -- The loop: lr -> maybe evaluate and checkpoint -> micro-batches -> clip -> step -> log.
+    started = time.perf_counter()
+    train_seconds = []  # the duration of each training step
+    loss_sum = torch.zeros((), device=device)  # since the last log; summed on the device,
+    steps_since_log = 0                        # so the GPU never waits for the CPU to read it
+    try:
+        while True:
+            if total_steps is None and len(train_seconds) == 12:
+                # A time budget: time 10 steps (the first two compile and warm up), then fix the
+                # number of steps so that the cosine schedule ends as the time runs out.
+                # An evaluation batch costs about a third of a step: forward only.
+                per_step = sum(train_seconds[2:]) / 10
+                per_step *= 1 + args.eval_batches / (3 * args.eval_interval)
+                left = max_time - (time.perf_counter() - started)
+                total_steps = broadcast(step + max(1, int(left / per_step)), world_size)
+                say(f"time budget {format_duration(max_time)}: planned {total_steps} steps")
+            plan = total_steps or 10 ** 9  # still timing: the warmup does not need the plan
+            lr = lr_cosine_schedule(step, max_lr, min_lr, min(args.warmup_steps, plan),
+                                    args.decay_steps or plan)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            done = step == total_steps or time.perf_counter() - started > max_time
+            if step % args.eval_interval == 0 or done:
+                val_loss = evaluate(compiled, valid_data,
+                                    eval_starts, batch_size, T, device, amp)
+                check_finite(val_loss, "validation loss")
+                is_best = val_loss < best_val_loss
+                best_val_loss = min(best_val_loss, val_loss)
+                say(f"step {step:>6} | val loss {val_loss:.4f} | val ppl "
+                    f"{math.exp(val_loss):.2f}{' | best so far' if is_best else ''}")
+                record(step=step, val_loss=round(val_loss, 5), val_ppl=math.exp(val_loss))
+                if step > 0:
+                    save(latest_path)
+                    if is_best:
+                        save(best_path)
+            if done:
+                break
+            if stop_requested:
+                check_finite(rank_mean(loss_sum, world_size), "training loss")
+                save(latest_path)
+                raise KeyboardInterrupt(f"interrupted at step {step}: saved {latest_path}; "
+                                        f"continue with --resume")
+
+            step_started = time.perf_counter()
+            for micro in range(args.grad_accum):
+                x, y = get_batch(train_data, batch_size, T, device, batch_rng)  # (B, T) each
+                # DDP: exchange gradients only in the last micro-batch's backward.
+                last = micro == args.grad_accum - 1
+                with fast_model.no_sync() if world_size > 1 and not last else nullcontext():
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        logits = fast_model(x)  # (B, T, V)
+                    # Each micro-batch adds mean_loss / accum: the gradients sum to those of the
+                    # mean loss over the whole accum x B batch.
+                    loss = cross_entropy(logits, y) / args.grad_accum
+                    loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = clip_grad_norm(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_since_log += 1
+            train_seconds.append(time.perf_counter() - step_started)
+
+            if step % args.log_interval == 0 or step == total_steps:
+                train_loss = rank_mean(loss_sum, world_size) / steps_since_log
+                check_finite(train_loss, "training loss")
+                tokens_per_s = tokens_per_step * steps_since_log / sum(
+                    train_seconds[-steps_since_log:])
+                elapsed = time.perf_counter() - started
+                eta = elapsed / len(train_seconds) * (total_steps - step) if total_steps else 0
+                say(f"step {step:>6}/{total_steps or '?'} | loss {train_loss:.4f} | "
+                    f"lr {lr:.2e} | grad norm {grad_norm.item():.2f} | "
+                    f"{tokens_per_s:,.0f} tok/s | {format_duration(elapsed)} elapsed"
+                    f"{f', {format_duration(eta)} left' if total_steps else ''}")
+                record(step=step, train_loss=round(train_loss, 5), lr=lr,
+                       grad_norm=round(grad_norm.item(), 5), tokens_per_s=round(tokens_per_s),
+                       elapsed=round(elapsed, 2))
+                loss_sum.zero_()
+                steps_since_log = 0
+    finally:
+        if world_size == 1:
+            signal.signal(signal.SIGINT, previous_handler)
+        if metrics:
+            metrics.close()
+
+    if world_size > 1:
+        # Every rank applied the same averaged gradients, so all must hold the same weights.
+        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+        low, high = total.clone(), total.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        assert low == high, f"ranks disagree: weight sums from {low.item()} to {high.item()}"
+        say(f"all {world_size} ranks hold identical weights")
+        dist.destroy_process_group()
+    say(f"done: {step} steps in {format_duration(time.perf_counter() - started)}, best val loss "
+        f"{best_val_loss:.4f}; checkpoints in {args.out_dir} (latest.pt, best.pt)")
+
+
+# ==================================================================================================
+# §7 Sampling: from a prompt to a story, one token at a time
+#
+# The model gives a distribution over the next token; we pick one, append it and repeat. The
+# filters trade variety for quality: temperature flattens or sharpens the distribution, top-k
+# keeps the k likeliest tokens, top-p (nucleus sampling, Holtzman et al. 2020) the smallest set
+# that covers probability p. The KV cache makes each new token cost one position's work.
+# ==================================================================================================
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Apply, in this order, temperature, top-k and top-p to next-token logits (B, V).
+
+    Removed tokens get -inf, so softmax gives them probability 0. temperature must be > 0
+    (0, greedy decoding, is handled by the caller).
+    Example: probabilities [0.5, 0.3, 0.15, 0.05] with top_p 0.7 keep the first two: 0.5 alone
+    is short of 0.7, 0.5 + 0.3 reaches it.
+    """
+    logits = logits / temperature  # (B, V); < 1 sharpens, > 1 flattens
+    if top_k is not None and top_k < logits.shape[-1]:
+        top = logits.topk(top_k, dim=-1)  # exactly k survivors, even among equal logits
+        logits = torch.full_like(logits, -math.inf).scatter(-1, top.indices, top.values)
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already reach p; the first one always stays.
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, -math.inf)
+        logits = torch.empty_like(logits).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top-k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: int,
+                   temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, seed: int | None = None,
+                   use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Continue each row of `prompts` (B, T0); yield the next tokens (B,) step by step.
+
+    With use_cache, the prompt is run once and each step then feeds only the newest token,
+    whose query attends to the cached keys and values. Without, each step runs the model over
+    the whole sequence again: the readable reference, slow but obviously right. Both see the
+    same thing: each token attends to itself and the context_length - 1 tokens before it.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    tokens = prompts.to(device)  # (B, T)
+    caches = [KVCache(model.config.context_length) for _ in model.layers] if use_cache else None
+    logits = model(tokens, caches=caches)[:, -1]  # (B, V): the prompt, once
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            next_ids = logits.argmax(dim=-1)  # (B,) greedy: always the likeliest token
+        else:
+            probs = softmax(filter_logits(logits.float(), temperature, top_k, top_p), dim=-1)
+            next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+        yield next_ids
+        tokens = torch.cat((tokens, next_ids[:, None]), dim=1)  # (B, T+1)
+        if use_cache:
+            # Only the new token; start_pos gives it its absolute position for RoPE.
+            logits = model(next_ids[:, None], start_pos=tokens.shape[1] - 1, caches=caches)[:, -1]
+        else:
+            logits = model(tokens)[:, -1]
+
+
+def generate(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, seed: int | None = None,
+             use_cache: bool = True) -> Iterator[int]:
+    """Yield up to max_new_tokens token ids that continue prompt_ids, stopping after eos_id.
+
+    Filters run in this order: temperature (0 = greedy argmax), top-k, top-p; then one token
+    is drawn with a generator seeded by `seed` (None: a fresh random seed).
+    """
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    prompts = torch.tensor([prompt_ids])  # (1, T0)
+    for next_ids in generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p,
+                                   seed, use_cache):
+        token = int(next_ids[0])
+        yield token
+        if token == eos_id:
+            return
+
+
+def load_for_sampling(path: str, device: torch.device) -> tuple[TransformerLM, Tokenizer]:
+    """Rebuild the model and the tokenizer from a training checkpoint alone."""
+    checkpoint = read_checkpoint(path)
+    if not {"config", "tokenizer"} <= checkpoint.keys():
+        raise ValueError(f"{path}: no model config or tokenizer in it; was it written by "
+                         f"`python gpt.py train`?")
+    try:
+        config = ModelConfig(**checkpoint["config"])
+        tokenizer = Tokenizer(**checkpoint["tokenizer"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: incompatible checkpoint ({e})") from None
+    model = TransformerLM(config)
+    load_model_state(model, checkpoint["model"], path)
+    return model.to(device).eval(), tokenizer
+
+
+def newest_checkpoint(run_dir: str) -> str:
+    """The most recently written .pt file in run_dir."""
+    paths = [os.path.join(run_dir, n) for n in os.listdir(run_dir) if n.endswith(".pt")] \
+        if os.path.isdir(run_dir) else []
+    if not paths:
+        raise ValueError(f"no checkpoint in {run_dir}: train one with `python gpt.py train`, "
+                         f"or give --checkpoint PATH")
+    return max(paths, key=lambda p: (os.path.getmtime(p), p.endswith("latest.pt")))
 
 
 # ==================================================================================================
@@ -1384,6 +1975,74 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     print(f"done in {time.perf_counter() - started:.1f}s; tokenizer in {tokenizer_dir}")
 
 
+def cmd_sample(args: argparse.Namespace) -> None:
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    for flag in ("max_new_tokens", "num_samples"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, "
+                             f"got {getattr(args, flag)}")
+    path = args.checkpoint or newest_checkpoint(args.run_dir)
+    device = pick_device(args.device)
+    model, tokenizer = load_for_sampling(path, device)
+    eos_id = tokenizer.id_of.get(tokenizer.special_tokens[0].encode("utf-8")) \
+        if tokenizer.special_tokens else None
+    log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"device {device})")
+    prompts = [args.prompt] if args.prompt is not None else interactive_prompts()
+    for prompt in prompts:
+        # Stories follow an end-of-text token in training, so one before the prompt starts a
+        # fresh story.
+        prompt_ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty and the tokenizer has no end-of-text token "
+                             "to start from")
+        started, count = time.perf_counter(), 0
+        batch = torch.tensor([prompt_ids] * args.num_samples)  # (N, T0)
+        steps = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k,
+                               args.top_p, args.seed, use_cache=not args.no_kv_cache)
+        if args.num_samples == 1:
+            # Stream: bytes of one character may come in several tokens; the incremental
+            # decoder prints a character only once all its bytes are there.
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            sys.stdout.write(prompt)
+            for next_ids in steps:
+                count += 1
+                token = int(next_ids[0])
+                if token == eos_id:
+                    break
+                sys.stdout.write(decoder.decode(tokenizer.vocab[token]))
+                sys.stdout.flush()
+            sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+        else:
+            rows = [[] for _ in range(args.num_samples)]
+            for next_ids in steps:
+                count += args.num_samples
+                for row, token in zip(rows, next_ids.tolist()):
+                    if not row or row[-1] != eos_id:
+                        row.append(token)
+                if all(row[-1] == eos_id for row in rows):
+                    break
+            for i, row in enumerate(rows):
+                text = tokenizer.decode([t for t in row if t != eos_id])
+                print(f"--- sample {i + 1} ---\n{prompt}{text}")
+        seconds = time.perf_counter() - started
+        log(f"[{count} tokens in {seconds:.2f}s: {count / seconds:.1f} tokens/s"
+            f"{'' if args.no_kv_cache else ', KV cache'}]")
+
+
+def interactive_prompts() -> Iterator[str]:
+    """Prompts typed at the terminal, until an empty line or Ctrl-D."""
+    log("type a prompt and press Enter; an empty line or Ctrl-D quits")
+    while True:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            return
+        if not prompt:
+            return
+        yield prompt
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample.")
@@ -1411,6 +2070,103 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--workers", type=int, default=None,
                      help="worker processes (default: every available core)")
     tok.set_defaults(run=cmd_tokenize)
+
+    tr = commands.add_parser(
+        "train", help="train the model on the token files",
+        description="Train a transformer LM on DATA_DIR/train.bin, evaluating on valid.bin; "
+                    "checkpoints, metrics.jsonl and the tokenizer go to OUT_DIR. Under "
+                    "`torchrun --nproc_per_node=N` it trains on N processes (DDP).")
+    tr.add_argument("--preset", choices=list(PRESETS), default="laptop",
+                    help="model size and its batch size and learning rate (default: "
+                         "%(default)s, about 10 minutes on a 2-core CPU)")
+    tr.add_argument("--data-dir", default="data",
+                    help="where `tokenize` wrote train.bin, valid.bin and tokenizer/ "
+                         "(default: %(default)s)")
+    tr.add_argument("--out-dir", default="data/run",
+                    help="checkpoints latest.pt and best.pt, and metrics.jsonl "
+                         "(default: %(default)s)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue exactly from OUT_DIR/latest.pt")
+    tr.add_argument("--max-steps", type=int, help="optimizer steps to train for")
+    tr.add_argument("--max-time", metavar="DURATION",
+                    help="time budget such as 90s, 10m or 2h: the schedule is planned to end "
+                         "when it runs out (default: 10m unless --max-steps is given)")
+    tr.add_argument("--batch-size", type=int,
+                    help="sequences per micro-batch and rank (default: from the preset)")
+    tr.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step (default: %(default)s)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default: from the preset)")
+    tr.add_argument("--min-lr", type=float,
+                    help="learning rate at the end of the cosine (default: lr / 10)")
+    tr.add_argument("--warmup-steps", type=int, default=100,
+                    help="steps of linear warmup from 0 (default: %(default)s)")
+    tr.add_argument("--decay-steps", type=int,
+                    help="step at which the cosine reaches --min-lr (default: the last step)")
+    tr.add_argument("--weight-decay", type=float, default=0.1,
+                    help="AdamW's decoupled weight decay of the matrices (default: %(default)s)")
+    tr.add_argument("--beta1", type=float, default=0.9,
+                    help="AdamW's gradient averaging (default: %(default)s)")
+    tr.add_argument("--beta2", type=float, default=0.95,
+                    help="AdamW's squared-gradient averaging (default: %(default)s)")
+    tr.add_argument("--grad-clip", type=float, default=1.0,
+                    help="largest global gradient norm (default: %(default)s)")
+    tr.add_argument("--eval-interval", type=int, default=250,
+                    help="steps between evaluations and checkpoints (default: %(default)s)")
+    tr.add_argument("--eval-batches", type=int, default=20,
+                    help="validation batches per evaluation (default: %(default)s)")
+    tr.add_argument("--log-interval", type=int, default=25,
+                    help="steps between log lines (default: %(default)s)")
+    tr.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    tr.add_argument("--device", default="auto",
+                    help="cpu, cuda, cuda:1, mps, or auto: CUDA, then MPS, then CPU "
+                         "(default: %(default)s)")
+    tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="bfloat16 autocast or plain float32; auto: bf16 on GPUs and on CPUs "
+                         "with bf16 instructions (default: %(default)s)")
+    tr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="torch.compile the model: faster steps after a slow first one "
+                         "(default: off)")
+    model_flags = tr.add_argument_group(
+        "model", "each overrides the preset's value; see ModelConfig in gpt.py for their meaning")
+    for field in fields(ModelConfig):
+        if field.name == "vocab_size":
+            continue  # always the tokenizer's
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            model_flags.add_argument(flag, action=argparse.BooleanOptionalAction)
+        else:
+            model_flags.add_argument(flag, type={"int": int, "float": float}.get(field.type, str),
+                                     choices=MODEL_CHOICES.get(field.name))
+    tr.set_defaults(run=train)
+
+    sa = commands.add_parser(
+        "sample", help="generate text from a trained checkpoint",
+        description="Continue a prompt with a trained model; without --prompt, read prompts "
+                    "interactively. The story goes to stdout, figures to stderr.")
+    sa.add_argument("--prompt", help="text to continue (default: ask interactively)")
+    sa.add_argument("--checkpoint", metavar="PATH",
+                    help="checkpoint file (default: the newest in RUN_DIR)")
+    sa.add_argument("--run-dir", default="data/run",
+                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    sa.add_argument("--max-new-tokens", type=int, default=256,
+                    help="most tokens to generate per sample (default: %(default)s)")
+    sa.add_argument("--temperature", type=float, default=0.8,
+                    help="< 1 safer, > 1 wilder; 0 = always the likeliest token "
+                         "(default: %(default)s)")
+    sa.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only")
+    sa.add_argument("--top-p", type=float, default=0.95,
+                    help="sample among the fewest tokens that cover probability p; 1 = all "
+                         "(default: %(default)s)")
+    sa.add_argument("--num-samples", type=int, default=1,
+                    help="continuations of the prompt, generated as one batch "
+                         "(default: %(default)s)")
+    sa.add_argument("--seed", type=int,
+                    help="random seed: the same seed gives the same text (default: random)")
+    sa.add_argument("--device", default="auto",
+                    help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
+    sa.add_argument("--no-kv-cache", action="store_true",
+                    help="recompute the whole sequence for every token (slow reference)")
+    sa.set_defaults(run=cmd_sample)
     return parser
 
 
@@ -1421,8 +2177,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         log(f"gpt.py {args.command}: error: {e}")
         return 2
-    except KeyboardInterrupt:
-        log(f"\ngpt.py {args.command}: interrupted; files already complete are kept")
+    except KeyboardInterrupt as e:
+        log(f"\ngpt.py {args.command}: {e or 'interrupted; files already complete are kept'}")
         return 2
     return 0
 

@@ -1,13 +1,19 @@
 """Tests for gpt.py, section by section: python -m pytest -q test_gpt.py
 
 Each test checks one property, against a reference where one exists (the naive BPE trainer,
-GPT-2's published token ids), against examples worked out by hand, or as a round trip.
+GPT-2's published token ids, PyTorch's own modules, losses and optimizer), against examples
+worked out by hand, or as a property (a round trip, causality, RoPE's relative positions).
 Everything a test writes goes under pytest's tmp_path, never into the working directory.
 """
 
+import copy
+import dataclasses
+import io
 import json
+import math
 import os
 import random
+import re
 import subprocess
 import sys
 import warnings
@@ -15,6 +21,9 @@ from itertools import chain
 
 import numpy as np
 import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import gpt
 
@@ -484,6 +493,775 @@ def test_encode_file_error_leaves_no_file(tmp_path, tokenizer, corpus_path, num_
         gpt.encode_file(tokenizer, str(tmp_path / "bad.txt"), str(tmp_path / "tokens.bin"),
                         num_workers)
     assert os.listdir(tmp_path) == ["bad.txt"]
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+def test_get_batch_shapes_and_shifted_targets():
+    """x and y are (B, T) int64 on the device; each is a window of the data, y one token later."""
+    torch.manual_seed(0)
+    data = np.arange(1000, dtype=np.uint16)  # token i is i, so a window names its own start
+    x, y = gpt.get_batch(data, batch_size=8, context_length=16, device="cpu")
+    assert x.shape == y.shape == (8, 16)
+    assert x.dtype == y.dtype == torch.int64
+    assert x.device == y.device == torch.device("cpu")
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        start = row_x[0]
+        assert row_x == data[start:start + 16].tolist()
+        assert row_y == data[start + 1:start + 17].tolist()
+
+
+def test_get_batch_draws_every_valid_start_and_no_other():
+    """Over many draws, every start 0 .. N-T-1 occurs and none beyond (y must stay in the data)."""
+    num_tokens, context_length = 20, 5
+    x, _ = gpt.get_batch(np.arange(num_tokens), 3000, context_length, "cpu",
+                         generator=torch.Generator().manual_seed(0))
+    assert set(x[:, 0].tolist()) == set(range(num_tokens - context_length))
+
+
+def test_get_batch_from_uint16_memmap(tmp_path):
+    """Batches read from a memory-mapped uint16 token file hold the file's ids as int64."""
+    torch.manual_seed(0)
+    data = (65535 - np.arange(500)).astype(np.uint16)  # ids above 32,767: not read as int16
+    data.tofile(tmp_path / "tokens.bin")
+    tokens = np.memmap(tmp_path / "tokens.bin", dtype=np.uint16, mode="r")
+    x, y = gpt.get_batch(tokens, 4, 8, "cpu")
+    assert x.dtype == y.dtype == torch.int64
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        start = 65535 - row_x[0]
+        assert row_x == data[start:start + 8].tolist()
+        assert row_y == data[start + 1:start + 9].tolist()
+
+
+@pytest.mark.parametrize("num_tokens", [3, 10])
+def test_get_batch_too_short_data_raises(num_tokens):
+    """Data of at most context_length tokens has no window with a target: ValueError naming it."""
+    with pytest.raises(ValueError, match=rf"\b{num_tokens}\b"):
+        gpt.get_batch(np.arange(num_tokens), 2, 10, "cpu")
+
+
+def test_get_batch_seeded_generator_is_reproducible():
+    """The same seed draws the same batch; another seed draws another."""
+    data = np.arange(10_000)
+    draw = lambda seed: gpt.get_batch(data, 4, 8, "cpu", torch.Generator().manual_seed(seed))
+    (x1, y1), (x2, y2), (x3, _) = draw(7), draw(7), draw(8)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, x3)
+
+
+# ==================================================================================================
+# §3 Model
+# ==================================================================================================
+
+def tiny_config(**overrides) -> gpt.ModelConfig:
+    """A model small enough to train in a fraction of a second."""
+    sizes = dict(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=48)
+    return gpt.ModelConfig(**{**sizes, **overrides})
+
+
+def train_on_batch(model, optimizer, x, y, steps: int) -> list[float]:
+    """Take `steps` optimizer steps on one fixed batch; the losses before each step."""
+    losses = []
+    for _ in range(steps):
+        loss = gpt.cross_entropy(model(x), y)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def truncated_normal_std(std: float, cut: float = 3.0) -> float:
+    """The standard deviation of N(0, std^2) cut at +-cut std: a little below std."""
+    pdf = math.exp(-cut * cut / 2) / math.sqrt(2 * math.pi)
+    mass = math.erf(cut / math.sqrt(2))
+    return std * math.sqrt(1 - 2 * cut * pdf / mass)
+
+
+# --- Linear and Embedding -------------------------------------------------------------------------
+
+def test_linear_equals_matmul_and_f_linear():
+    """Linear(d_in, d_out) has a (d_out, d_in) weight and computes x @ W^T, as F.linear does."""
+    torch.manual_seed(0)
+    layer = gpt.Linear(6, 10)
+    assert layer.weight.shape == (10, 6)
+    x = torch.randn(2, 3, 6)
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+
+
+def test_linear_init_is_glorot_truncated_at_3_std():
+    """Weights have std sqrt(2 / (d_in + d_out)), cut at 3 std."""
+    torch.manual_seed(0)
+    d_in, d_out = 300, 700
+    weight = gpt.Linear(d_in, d_out).weight.detach()
+    std = math.sqrt(2 / (d_in + d_out))
+    assert weight.std().item() == pytest.approx(truncated_normal_std(std), rel=0.01)
+    assert weight.abs().max().item() <= 3 * std
+    assert weight.abs().max().item() > 2.9 * std  # cut at 3 std, not closer in
+
+
+def test_embedding_equals_f_embedding_with_gradients():
+    """Embedding looks up rows as F.embedding does, and sums the gradients of repeated ids."""
+    torch.manual_seed(0)
+    embedding = gpt.Embedding(10, 4)
+    ids = torch.tensor([[1, 2, 1, 7], [3, 1, 2, 1]])
+    reference = embedding.weight.detach().clone().requires_grad_()
+    out, expected = embedding(ids), F.embedding(ids, reference)
+    assert out.shape == (2, 4, 4)
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn(2, 4, 4)
+    out.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(embedding.weight.grad, reference.grad)
+
+
+def test_embedding_init_is_unit_normal_truncated_at_3():
+    """Embedding rows start as N(0, 1) cut at +-3."""
+    torch.manual_seed(0)
+    weight = gpt.Embedding(1000, 200).weight.detach()
+    assert weight.std().item() == pytest.approx(truncated_normal_std(1.0), rel=0.01)
+    assert 2.9 < weight.abs().max().item() <= 3.0
+
+
+# --- RMSNorm --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [1e-5, 0.1])
+def test_rmsnorm_equals_torch_rmsnorm(eps):
+    """RMSNorm's output and its gradients for input and gain equal torch.nn.RMSNorm's."""
+    torch.manual_seed(0)
+    norm, reference = gpt.RMSNorm(16, eps), torch.nn.RMSNorm(16, eps=eps)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+        reference.weight.copy_(norm.weight)
+    x = (0.3 * torch.randn(2, 5, 16)).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    out, expected = norm(x), reference(x_ref)
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn(2, 5, 16)
+    out.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(norm.weight.grad, reference.weight.grad)
+
+
+def test_rmsnorm_bf16_input_gives_bf16_close_to_float32():
+    """A bf16 input gives a bf16 output (and input gradient) close to the float32 result."""
+    torch.manual_seed(0)
+    norm = gpt.RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x = torch.randn(4, 64).bfloat16().requires_grad_()
+    x32 = x.detach().float().requires_grad_()
+    out, expected = norm(x), F.rms_norm(x32, (64,), norm.weight.detach(), eps=1e-5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
+    upstream = torch.randn(4, 64)
+    out.backward(upstream.bfloat16())
+    expected.backward(upstream.bfloat16().float())
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), x32.grad, atol=2e-2, rtol=2e-2)
+
+
+def test_rmsnorm_function_gradcheck():
+    """The hand-derived backward of _RMSNormFunction matches finite differences in float64."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    gain = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, g: gpt._RMSNormFunction.apply(x, g, 1e-5),
+                                    (x, gain))
+
+
+# --- rotary position embedding --------------------------------------------------------------------
+
+def rotate_pairs_by_hand(x: list[float], position: int, theta: float) -> list[float]:
+    """RoPE by its definition: pair (x[2i], x[2i+1]) turns by position * theta^(-2i/D)."""
+    out = []
+    for i in range(len(x) // 2):
+        angle = position * theta ** (-2 * i / len(x))
+        a, b = x[2 * i], x[2 * i + 1]
+        cos, sin = math.cos(angle), math.sin(angle)
+        out += [a * cos - b * sin, a * sin + b * cos]
+    return out
+
+
+def test_rope_rotates_adjacent_pairs():
+    """Dimensions (0,1), (2,3), ... turn as 2-D vectors, by the angles of a hand-written loop."""
+    torch.manual_seed(0)
+    rope = gpt.RotaryEmbedding(theta=100.0, d_k=6, max_seq_len=8)
+    x = torch.randn(2, 5, 6)  # (B, T, D)
+    positions = torch.tensor([0, 1, 2, 5, 7])
+    out = rope(x, positions)
+    for b in range(2):
+        for t, position in enumerate(positions.tolist()):
+            expected = rotate_pairs_by_hand(x[b, t].tolist(), position, 100.0)
+            torch.testing.assert_close(out[b, t], torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_keeps_norms_and_position_0_is_identity():
+    """A rotation keeps every vector's length; at position 0 nothing turns."""
+    torch.manual_seed(0)
+    rope = gpt.RotaryEmbedding(theta=10000.0, d_k=16, max_seq_len=32)
+    x = torch.randn(3, 2, 32, 16)  # (B, H, T, D)
+    out = rope(x, torch.arange(32))
+    torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(out[..., 0, :], x[..., 0, :], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("m, n, shift", [(3, 1, 10), (0, 0, 25), (2, 9, 40), (12, 4, 1)])
+def test_rope_scores_depend_on_relative_position_only(m, n, shift):
+    """q at position m and k at n score as q at m+s and k at n+s: only m - n counts."""
+    torch.manual_seed(0)
+    rope = gpt.RotaryEmbedding(theta=10000.0, d_k=16, max_seq_len=64)
+    q, k = torch.randn(1, 16), torch.randn(1, 16)
+    score = lambda i, j: (rope(q, torch.tensor([i])) @ rope(k, torch.tensor([j])).T).item()
+    assert score(m + shift, n + shift) == pytest.approx(score(m, n), abs=1e-4)
+    # ... and the offset does matter: another one gives another score.
+    assert abs(score(m + 1, n) - score(m, n)) > 1e-3
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shift", [0.0, 1000.0], ids=["plain", "shifted-by-1000"])
+@pytest.mark.parametrize("dim", [0, -1])
+def test_softmax_equals_torch_softmax(shift, dim):
+    """softmax equals torch.softmax, and stays finite for inputs around +1000."""
+    torch.manual_seed(0)
+    x = 5 * torch.randn(2, 3, 9) + shift  # exp(1000) overflows float32: the max must come off
+    out = gpt.softmax(x, dim)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.softmax(x, dim))
+
+
+@pytest.mark.parametrize("use_mask", [False, True], ids=["no-mask", "mask"])
+def test_attention_equals_torch_sdpa(use_mask):
+    """The readable attention equals F.scaled_dot_product_attention (mask True = may attend)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    mask = None
+    if use_mask:
+        mask = torch.rand(5, 7) < 0.5
+        mask[:, 0] = True  # every query attends to something
+    torch.testing.assert_close(gpt.scaled_dot_product_attention(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "nope"])
+def test_attention_fast_path_equals_readable_path(use_rope):
+    """Multi-head attention with F.scaled_dot_product_attention equals the masked softmax."""
+    torch.manual_seed(0)
+    rope = gpt.RotaryEmbedding(10000.0, 8, 16) if use_rope else None
+    attention = gpt.MultiHeadSelfAttention(32, 4, rope)
+    x = torch.randn(2, 11, 32)
+    fast = attention(x)
+    attention.fast = False
+    torch.testing.assert_close(attention(x), fast)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "readable"])
+def test_model_is_causal(fast):
+    """Changing token t leaves the logits before t unchanged and changes those from t on."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config())
+    for layer in model.layers:
+        layer.attn.fast = fast
+    tokens = torch.randint(0, 64, (2, 12))
+    changed = tokens.clone()
+    changed[:, 5] = (tokens[:, 5] + 1) % 64
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    torch.testing.assert_close(after[:, :5], before[:, :5], atol=1e-6, rtol=1e-6)
+    assert ((after[:, 5:] - before[:, 5:]).abs().amax(dim=-1) > 1e-4).all()
+
+
+# --- feed-forward ---------------------------------------------------------------------------------
+
+def test_silu_and_gelu_equal_their_definitions():
+    """silu(x) = x * sigmoid(x); gelu equals F.gelu (the exact, erf-based one)."""
+    x = torch.linspace(-8, 8, 101)
+    torch.testing.assert_close(gpt.silu(x), x * torch.sigmoid(x))
+    torch.testing.assert_close(gpt.gelu(x), 0.5 * x * (1 + torch.erf(x / math.sqrt(2))))
+    torch.testing.assert_close(gpt.gelu(x), F.gelu(x))
+
+
+@pytest.mark.parametrize("activation, reference", [(gpt.silu, F.silu), (gpt.gelu, F.gelu)],
+                         ids=["swiglu", "geglu"])
+def test_swiglu_equals_its_formula(activation, reference):
+    """SwiGLU(x) = w2(act(w1 x) * w3 x), written out with the module's own weights."""
+    torch.manual_seed(0)
+    ffn = gpt.SwiGLU(16, 40, activation)
+    x = torch.randn(2, 3, 16)
+    w1, w2, w3 = ffn.w1.weight, ffn.w2.weight, ffn.w3.weight
+    assert w1.shape == w3.shape == (40, 16) and w2.shape == (16, 40)
+    expected = F.linear(reference(F.linear(x, w1)) * F.linear(x, w3), w2)
+    torch.testing.assert_close(ffn(x), expected)
+
+
+FFN_FORMULAS = {
+    "swiglu": lambda x, f: f.w2(F.silu(f.w1(x)) * f.w3(x)),
+    "geglu": lambda x, f: f.w2(F.gelu(f.w1(x)) * f.w3(x)),
+    "silu": lambda x, f: f.w2(F.silu(f.w1(x))),
+    "gelu": lambda x, f: f.w2(F.gelu(f.w1(x))),
+}
+
+
+@pytest.mark.parametrize("ffn_kind", FFN_FORMULAS)
+def test_model_feed_forward_kinds_compute_their_formulas(ffn_kind):
+    """Each ffn_kind builds the feed-forward of its name: gated or plain, silu or gelu."""
+    torch.manual_seed(0)
+    ffn = gpt.TransformerLM(tiny_config(ffn_kind=ffn_kind)).layers[0].ffn
+    x = torch.randn(2, 3, 32)
+    torch.testing.assert_close(ffn(x), FFN_FORMULAS[ffn_kind](x, ffn))
+
+
+# --- the whole model ------------------------------------------------------------------------------
+
+def test_model_logits_shape_and_initial_loss():
+    """Logits are (B, T, V), and at initialisation the loss on random tokens is close to ln V."""
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=256, d_model=64)
+    model = gpt.TransformerLM(config)
+    tokens = torch.randint(0, 256, (8, 16))
+    with torch.no_grad():
+        logits = model(tokens)
+    assert logits.shape == (8, 16, 256)
+    loss = gpt.cross_entropy(logits[:, :-1], tokens[:, 1:]).item()
+    assert abs(loss - math.log(256)) < 0.5
+
+
+def test_model_state_dict_has_cs336_names():
+    """The state dict's keys are exactly CS336's names, so its reference weights load."""
+    model = gpt.TransformerLM(tiny_config(num_layers=2))
+    per_layer = ["attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
+                 "attn.output_proj.weight", "ln1.weight", "ffn.w1.weight", "ffn.w2.weight",
+                 "ffn.w3.weight", "ln2.weight"]
+    expected = {"token_embeddings.weight", "ln_final.weight", "lm_head.weight"}
+    expected |= {f"layers.{i}.{name}" for i in range(2) for name in per_layer}
+    assert set(model.state_dict()) == expected
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (dict(d_model=30, num_heads=4), ["30", "4"]),
+    (dict(d_model=24, num_heads=8), ["24", "8", "3"]),  # head width 3: RoPE needs pairs
+    (dict(vocab_size=0), ["vocab_size", "0"]),
+    (dict(context_length=-5), ["context_length", "-5"]),
+    (dict(d_model=0), ["d_model", "0"]),
+    (dict(num_layers=0), ["num_layers", "0"]),
+    (dict(num_heads=-1), ["num_heads", "-1"]),
+    (dict(d_ff=0), ["d_ff", "0"]),
+    (dict(ffn_kind="relu"), ["ffn_kind", "relu"]),
+    (dict(norm_position="middle"), ["norm_position", "middle"]),
+    (dict(position_encoding="alibi"), ["position_encoding", "alibi"]),
+], ids=["not-divisible", "odd-head-width", "vocab_size", "context_length", "d_model",
+        "num_layers", "num_heads", "d_ff", "ffn_kind", "norm_position", "position_encoding"])
+def test_model_config_rejects_bad_values(overrides, named):
+    """A bad architecture is a ValueError whose message names the bad values."""
+    with pytest.raises(ValueError) as error:
+        tiny_config(**overrides)
+    for text in named:
+        assert text in str(error.value)
+
+
+def test_model_config_odd_head_width_allowed_without_rope():
+    """An odd head width is fine when there is no RoPE to rotate pairs."""
+    config = tiny_config(d_model=24, num_heads=8, position_encoding="nope")
+    assert config.head_dim == 3
+    assert gpt.TransformerLM(config)(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 64)
+
+
+def expected_parameter_count(config: gpt.ModelConfig) -> int:
+    """The parameter count worked out from the config (RoPE's tables are no parameters)."""
+    V, C, d_ff = config.vocab_size, config.d_model, config.d_ff
+    gated = config.ffn_kind in ("swiglu", "geglu")
+    ffn = 3 * C * d_ff if gated else 2 * C * (3 * d_ff // 2)
+    per_layer = 4 * C * C + ffn + (2 * C if config.use_norm else 0)
+    return (V * C + config.num_layers * per_layer + (C if config.use_norm else 0)
+            + (0 if config.tie_embeddings else V * C))
+
+
+ABLATIONS = [dict(), dict(use_norm=False), dict(norm_position="post"),
+             dict(position_encoding="nope"), dict(ffn_kind="swiglu"), dict(ffn_kind="geglu"),
+             dict(ffn_kind="silu"), dict(ffn_kind="gelu"), dict(tie_embeddings=True)]
+
+
+@pytest.mark.parametrize("overrides", ABLATIONS,
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_ablations_build_count_and_train(overrides):
+    """Every ablation builds with the parameter count of its formula, and AdamW lowers its loss."""
+    torch.manual_seed(0)
+    config = tiny_config(**overrides)
+    model = gpt.TransformerLM(config)
+    assert sum(p.numel() for p in model.parameters()) == expected_parameter_count(config)
+    tokens = torch.randint(0, 64, (4, 17))
+    losses = train_on_batch(model, gpt.AdamW(model.parameters(), lr=3e-3), tokens[:, :-1],
+                            tokens[:, 1:], steps=8)
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_norm_position_pre_or_post(norm_position):
+    """Post-norm blocks end in a norm (output RMS 1 at init); pre-norm ones keep the residual."""
+    torch.manual_seed(0)
+    block = gpt.TransformerLM(tiny_config(norm_position=norm_position)).layers[0]
+    x = 5 * torch.randn(2, 6, 32)
+    with torch.no_grad():
+        rms = block(x).square().mean(-1).sqrt()
+    if norm_position == "post":
+        torch.testing.assert_close(rms, torch.ones(2, 6))
+    else:
+        assert (rms > 3).all()  # x, with RMS 5, passes through the residual path
+
+
+@pytest.mark.parametrize("position_encoding", ["rope", "nope"])
+def test_nope_model_sees_no_positions(position_encoding):
+    """Without RoPE, a one-layer model's last prediction ignores the order of the earlier tokens."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config(num_layers=1, position_encoding=position_encoding))
+    tokens = torch.randint(0, 64, (1, 10))
+    shuffled = torch.cat((tokens[:, :-1].flip(1), tokens[:, -1:]), dim=1)
+    with torch.no_grad():
+        last, last_shuffled = model(tokens)[0, -1], model(shuffled)[0, -1]
+    if position_encoding == "nope":
+        torch.testing.assert_close(last_shuffled, last)
+    else:
+        assert (last_shuffled - last).abs().max() > 1e-3
+
+
+def test_tiny_model_overfits_one_batch():
+    """A tiny model memorises one batch: the loss falls from about ln V to well below 1."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config())
+    tokens = torch.randint(0, 64, (4, 17))
+    losses = train_on_batch(model, gpt.AdamW(model.parameters(), lr=1e-2), tokens[:, :-1],
+                            tokens[:, 1:], steps=60)
+    assert losses[0] > 3.5 and max(losses[-5:]) < 0.5, (losses[0], losses[-5:])
+
+
+# ==================================================================================================
+# §4 Loss and AdamW
+# ==================================================================================================
+
+def check_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, atol=1e-6, rtol=1e-5,
+                        loss_atol=1e-6):
+    """cross_entropy's value and gradient equal F.cross_entropy's on the float32 logits."""
+    logits = logits.detach().requires_grad_()
+    reference = logits.detach().float().requires_grad_()
+    loss = gpt.cross_entropy(logits, targets)
+    expected = F.cross_entropy(reference.reshape(-1, reference.shape[-1]), targets.reshape(-1))
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, expected, atol=loss_atol, rtol=1e-6)
+    loss.backward()
+    expected.backward()
+    assert logits.grad.dtype == logits.dtype and torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(logits.grad.float(), reference.grad, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", [(6, 11), (2, 5, 11)], ids=["2d", "3d"])
+@pytest.mark.parametrize("shift", [0.0, 1000.0], ids=["plain", "shifted-by-1000"])
+def test_cross_entropy_equals_torch(shape, shift):
+    """cross_entropy equals F.cross_entropy for (N, V) and (B, T, V) logits, even around +1000."""
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(shape) + shift
+    # float32 numbers near 1000 are 6e-5 apart: the loss can only agree to about that much.
+    tolerances = dict(atol=1e-5, loss_atol=1e-4) if shift else {}
+    check_cross_entropy(logits, torch.randint(0, 11, shape[:-1]), **tolerances)
+
+
+def test_cross_entropy_bf16_logits():
+    """bf16 logits give the float32 loss of their values, and a bf16 gradient."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(4, 7, 50)).bfloat16()
+    check_cross_entropy(logits, torch.randint(0, 50, (4, 7)), atol=1e-4, rtol=1e-2)
+
+
+def test_cross_entropy_over_several_chunks():
+    """More rows than one chunk (20 rows of V = 50,000 on a CPU), the last one partial."""
+    torch.manual_seed(0)
+    logits = torch.randn(45, 50_000)
+    check_cross_entropy(logits, torch.randint(0, 50_000, (45,)))
+
+
+PARAM_SHAPES = [(5,), (3, 4), (2, 3, 4), ()]
+
+
+def run_adamw(optimizer_class, params, groups, steps: int, seed: int = 0):
+    """Run an optimizer on the given parameters with the same random gradients every time."""
+    optimizer = optimizer_class(groups(params))
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+    return optimizer
+
+
+ADAMW_GROUPS = {
+    "one-group": lambda ps: [dict(params=ps, lr=5e-3, betas=(0.9, 0.95), weight_decay=0.1)],
+    "two-groups": lambda ps: [dict(params=ps[:2], lr=3e-2, weight_decay=0.3),
+                              dict(params=ps[2:], lr=1e-3, betas=(0.8, 0.99), eps=1e-6,
+                                   weight_decay=0.0)],
+}
+
+
+@pytest.mark.parametrize("groups", ADAMW_GROUPS.values(), ids=ADAMW_GROUPS.keys())
+def test_adamw_equals_torch_adamw(groups):
+    """100 steps of AdamW (with weight decay, one or two parameter groups) equal torch's."""
+    torch.manual_seed(0)
+    start = [torch.randn(shape) for shape in PARAM_SHAPES]
+    ours = [nn.Parameter(p.clone()) for p in start]
+    theirs = [nn.Parameter(p.clone()) for p in start]
+    run_adamw(gpt.AdamW, ours, groups, steps=100)
+    run_adamw(torch.optim.AdamW, theirs, groups, steps=100)
+    for a, b, p in zip(ours, theirs, start):
+        assert not torch.allclose(a, p)  # the parameters did move
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_adamw_state_dict_round_trip():
+    """An AdamW restored from a state_dict continues exactly as the original."""
+    torch.manual_seed(0)
+    groups = ADAMW_GROUPS["two-groups"]
+    params = [nn.Parameter(torch.randn(shape)) for shape in PARAM_SHAPES]
+    original = run_adamw(gpt.AdamW, params, groups, steps=5)
+    saved = copy.deepcopy(original.state_dict())
+    copies = [nn.Parameter(p.detach().clone()) for p in params]
+    restored = gpt.AdamW(groups(copies))
+    restored.load_state_dict(saved)
+    for optimizer, ps in [(original, params), (restored, copies)]:
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+    for a, b in zip(params, copies):
+        assert torch.equal(a, b)
+
+
+def test_adamw_skips_parameters_without_gradient():
+    """A parameter whose grad is None is neither moved nor given optimizer state."""
+    torch.manual_seed(0)
+    used, unused = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    before = unused.detach().clone()
+    optimizer = gpt.AdamW([used, unused], lr=0.1, weight_decay=0.5)
+    for _ in range(3):
+        used.grad = torch.randn(3)
+        optimizer.step()
+    assert torch.equal(unused, before)
+    assert unused not in optimizer.state and optimizer.state[used]["step"] == 3
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(lr=-0.1), "-0.1"), (dict(lr=float("nan")), "nan"),
+    (dict(betas=(1.0, 0.999)), "1.0"), (dict(betas=(0.9, -0.5)), "-0.5"),
+], ids=["negative-lr", "nan-lr", "beta1-1", "negative-beta2"])
+def test_adamw_rejects_bad_hyperparameters(kwargs, named):
+    """A negative or NaN learning rate, or a beta outside [0, 1), is a ValueError naming it."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        gpt.AdamW([nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+# ==================================================================================================
+# §5 Schedule and clipping
+# ==================================================================================================
+
+# max_lr 1, min_lr 0.1, warmup 10, cycle 110: linear to 1 over 10 steps, then a cosine over 100
+# steps down to 0.1: lr = 0.1 + 0.9 * (1 + cos(pi * (it - 10) / 100)) / 2, then 0.1 for good.
+@pytest.mark.parametrize("it, expected", [
+    (0, 0.0), (5, 0.5), (9, 0.9), (10, 1.0),
+    (35, 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2),  # a quarter of the way: 0.868...
+    (60, 0.55),                                          # halfway
+    (85, 0.1 + 0.9 * (1 - math.cos(math.pi / 4)) / 2),  # three quarters: 0.231...
+    (110, 0.1), (111, 0.1), (200, 0.1),
+])
+def test_lr_cosine_schedule_hand_table(it, expected):
+    """Warmup, cosine decay and the floor at the values worked out by hand."""
+    assert gpt.lr_cosine_schedule(it, 1.0, 0.1, 10, 110) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clipped", "below-max"])
+def test_clip_grad_norm_equals_torch(max_norm):
+    """The returned norm and the clipped gradients equal clip_grad_norm_'s; grad None ignored."""
+    torch.manual_seed(0)
+    shapes = [(4, 3), (5,), (2, 2, 2), (3,)]
+    ours = [nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours[:-1], theirs[:-1]):  # the last parameter has no gradient
+        a.grad = torch.randn(a.shape)
+        b.grad = a.grad.clone()
+    grads_before = [p.grad.clone() for p in ours[:-1]]
+    norm = gpt.clip_grad_norm(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    torch.testing.assert_close(norm, expected)
+    assert (norm.item() > max_norm) == (max_norm == 0.5)  # each case tests what its id says
+    for a, b in zip(ours[:-1], theirs[:-1]):
+        torch.testing.assert_close(a.grad, b.grad)
+    if max_norm == 100.0:
+        assert all(torch.equal(p.grad, g) for p, g in zip(ours[:-1], grads_before))
+    else:
+        clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours[:-1]]))
+        assert clipped.item() == pytest.approx(max_norm, rel=1e-4)
+    assert ours[-1].grad is None
+
+
+# ==================================================================================================
+# §6 Checkpoints
+# ==================================================================================================
+
+def trained_model(config: gpt.ModelConfig, seed: int = 0, steps: int = 3):
+    """A model and its AdamW after a few steps on a fixed batch, and that batch."""
+    torch.manual_seed(seed)
+    model = gpt.TransformerLM(config)
+    optimizer = gpt.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, config.vocab_size, (2, config.context_length + 1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    train_on_batch(model, optimizer, x, y, steps)
+    return model, optimizer, (x, y)
+
+
+@pytest.mark.parametrize("to", ["path", "bytesio"])
+def test_checkpoint_round_trip_continues_identically(tmp_path, to):
+    """A restored model and optimizer train on exactly as the originals do."""
+    config = tiny_config(num_layers=1, tie_embeddings=True)
+    model, optimizer, (x, y) = trained_model(config)
+    target = str(tmp_path / "ckpt.pt") if to == "path" else io.BytesIO()
+    gpt.save_checkpoint(model, optimizer, 3, target, config=dataclasses.asdict(config))
+    if to == "bytesio":
+        target.seek(0)
+    torch.manual_seed(123)  # different initial weights, all to be overwritten
+    restored = gpt.TransformerLM(config)
+    restored_optimizer = gpt.AdamW(restored.parameters(), lr=1e-2)
+    assert gpt.load_checkpoint(target, restored, restored_optimizer) == 3
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        assert torch.equal(a, b), name
+    train_on_batch(model, optimizer, x, y, steps=3)
+    train_on_batch(restored, restored_optimizer, x, y, steps=3)
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_stores_extra_data(tmp_path):
+    """Keyword arguments of save_checkpoint come back from read_checkpoint."""
+    config = tiny_config(num_layers=1)
+    model, optimizer, _ = trained_model(config, steps=1)
+    path = str(tmp_path / "ckpt.pt")
+    gpt.save_checkpoint(model, optimizer, 7, path, config=dataclasses.asdict(config),
+                        note="hello", losses=[1.5, 2.5])
+    checkpoint = gpt.read_checkpoint(path)
+    assert checkpoint["iteration"] == 7
+    assert checkpoint["config"] == dataclasses.asdict(config)
+    assert (checkpoint["note"], checkpoint["losses"]) == ("hello", [1.5, 2.5])
+
+
+@pytest.mark.parametrize("overrides", [dict(d_model=64), dict(num_layers=2), dict(vocab_size=65)],
+                         ids=["wider", "deeper", "larger-vocab"])
+def test_checkpoint_for_another_architecture_is_refused(tmp_path, overrides):
+    """Loading into a model of another shape is a ValueError saying so."""
+    model, optimizer, _ = trained_model(tiny_config(num_layers=1), steps=1)
+    gpt.save_checkpoint(model, optimizer, 1, str(tmp_path / "ckpt.pt"))
+    other = gpt.TransformerLM(tiny_config(**{"num_layers": 1, **overrides}))
+    with pytest.raises(ValueError, match="different architecture"):
+        gpt.load_checkpoint(str(tmp_path / "ckpt.pt"), other)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory) -> dict[str, bytes]:
+    """The bytes of real checkpoints: a small one (under 64 KiB) and a larger one."""
+    checkpoints = {}
+    for size, d_model in [("small", 8), ("large", 32)]:
+        config = tiny_config(num_layers=1, d_model=d_model, num_heads=2)
+        model, optimizer, _ = trained_model(config, steps=1)
+        path = tmp_path_factory.mktemp("checkpoint") / "ckpt.pt"
+        gpt.save_checkpoint(model, optimizer, 1, str(path))
+        checkpoints[size] = path.read_bytes()
+    assert len(checkpoints["small"]) < 1 << 16 < len(checkpoints["large"])
+    return checkpoints
+
+
+@pytest.mark.parametrize("kind, arg", [
+    ("bytes", b""), ("bytes", b"this is not a checkpoint\n"),
+    ("random", 1), ("random", 100), ("random", 5000),
+    ("truncated", ("small", 100)), ("truncated", ("small", 0.5)), ("truncated", ("small", -1)),
+    ("truncated", ("large", 0.5)), ("truncated", ("large", -1)),
+], ids=["empty", "text", "random-1", "random-100", "random-5000", "small-first-100",
+        "small-half", "small-all-but-1", "large-half", "large-all-but-1"])
+def test_corrupt_checkpoint_is_one_line_value_error(tmp_path, checkpoint_bytes, kind, arg):
+    """Random bytes, text or a truncated checkpoint give a one-line ValueError naming the file."""
+    if kind == "bytes":
+        data = arg
+    elif kind == "random":
+        data = np.random.default_rng(arg).bytes(arg)
+    else:
+        size, cut = arg
+        whole = checkpoint_bytes[size]
+        data = whole[:int(cut * len(whole)) if isinstance(cut, float) else cut]
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(data)
+    model = gpt.TransformerLM(tiny_config(num_layers=1))
+    with pytest.raises(ValueError) as error:
+        gpt.load_checkpoint(str(path), model)
+    assert "\n" not in str(error.value)
+    assert str(path) in str(error.value)
+
+
+UNPICKLED = []
+
+
+def _record_unpickling():
+    """Called only if a pickle is allowed to run code while loading."""
+    UNPICKLED.append(True)
+
+
+class CodeOnLoad:
+    """An object whose unpickling calls a function: what a malicious checkpoint would do."""
+
+    def __reduce__(self):
+        return (_record_unpickling, ())
+
+
+def test_checkpoint_with_arbitrary_object_is_refused(tmp_path):
+    """A pickle of an arbitrary object is refused (weights_only=True), and runs no code."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {}, "iteration": 0, "payload": CodeOnLoad()}, path)
+    with pytest.raises(ValueError) as error:
+        gpt.read_checkpoint(str(path))
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    assert UNPICKLED == []
+
+
+def test_save_checkpoint_leaves_no_temporary_file(tmp_path):
+    """Saving twice to one path leaves exactly that file in the directory, the second version."""
+    model, optimizer, _ = trained_model(tiny_config(num_layers=1), steps=1)
+    gpt.save_checkpoint(model, optimizer, 1, str(tmp_path / "ckpt.pt"))
+    gpt.save_checkpoint(model, optimizer, 2, str(tmp_path / "ckpt.pt"))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert gpt.read_checkpoint(str(tmp_path / "ckpt.pt"))["iteration"] == 2
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """If writing fails half-way, the previous checkpoint is still there, whole, and loads."""
+    config = tiny_config(num_layers=1)
+    model, optimizer, (x, y) = trained_model(config, steps=1)
+    path = str(tmp_path / "ckpt.pt")
+    gpt.save_checkpoint(model, optimizer, 1, path)
+    saved = (tmp_path / "ckpt.pt").read_bytes()
+    saved_state = copy.deepcopy(model.state_dict())
+    train_on_batch(model, optimizer, x, y, steps=1)  # the model moves on
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        gpt.save_checkpoint(model, optimizer, 2, path)
+    monkeypatch.undo()
+
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert (tmp_path / "ckpt.pt").read_bytes() == saved
+    restored = gpt.TransformerLM(config)
+    assert gpt.load_checkpoint(path, restored) == 1
+    for name, tensor in saved_state.items():
+        assert torch.equal(restored.state_dict()[name], tensor), name
 
 
 # ==================================================================================================
