@@ -57,6 +57,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from itertools import chain, repeat
 
 import numpy as np
@@ -1566,7 +1567,7 @@ def train(args: argparse.Namespace) -> None:
             torch.cuda.set_device(device)
         # NCCL moves gradients from GPU to GPU; gloo works between CPU processes.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    say = print if rank == 0 else (lambda *a, **k: None)  # only rank 0 talks and writes
+    say = partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)  # rank 0 talks
     if device.type == "cuda":
         # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, several times faster.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1764,11 +1765,13 @@ def train(args: argparse.Namespace) -> None:
                 tokens_per_s = tokens_per_step * steps_since_log / sum(
                     train_seconds[-steps_since_log:])
                 elapsed = time.perf_counter() - started
-                eta = elapsed / len(train_seconds) * (total_steps - step) if total_steps else 0
+                # Time left: the mean step so far times the steps to go, within the budget.
+                mean_step = sum(train_seconds) / len(train_seconds)
+                left = min(mean_step * ((total_steps or step) - step), max_time - elapsed)
                 say(f"step {step:>6}/{total_steps or '?'} | loss {train_loss:.4f} | "
                     f"lr {lr:.2e} | grad norm {grad_norm.item():.2f} | "
                     f"{tokens_per_s:,.0f} tok/s | {format_duration(elapsed)} elapsed"
-                    f"{f', {format_duration(eta)} left' if total_steps else ''}")
+                    f"{f', {format_duration(left)} left' if total_steps else ''}")
                 record(step=step, train_loss=round(train_loss, 5), lr=lr,
                        grad_norm=round(grad_norm.item(), 5), tokens_per_s=round(tokens_per_s),
                        elapsed=round(elapsed, 2))
@@ -1892,6 +1895,22 @@ def generate(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int,
             return
 
 
+def decode_stream(tokens: Iterable[int], tokenizer: Tokenizer,
+                  eos_id: int | None = None) -> Iterator[str]:
+    """Text as tokens arrive, one piece per token, stopping at eos_id.
+
+    A character's bytes may be split over several tokens ("é" is the two bytes C3 A9); an
+    incremental decoder holds incomplete bytes back until the character is whole, so no piece
+    ever ends in half a character. A piece may be empty.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        if token == eos_id:
+            break
+        yield decoder.decode(tokenizer.vocab[token])
+    yield decoder.decode(b"", final=True)  # bytes left over become U+FFFD
+
+
 def load_for_sampling(path: str, device: torch.device) -> tuple[TransformerLM, Tokenizer]:
     """Rebuild the model and the tokenizer from a training checkpoint alone."""
     checkpoint = read_checkpoint(path)
@@ -2001,18 +2020,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
         steps = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k,
                                args.top_p, args.seed, use_cache=not args.no_kv_cache)
         if args.num_samples == 1:
-            # Stream: bytes of one character may come in several tokens; the incremental
-            # decoder prints a character only once all its bytes are there.
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            sampled = []
+
+            def tokens():
+                for next_ids in steps:
+                    sampled.append(int(next_ids[0]))
+                    yield sampled[-1]
+
             sys.stdout.write(prompt)
-            for next_ids in steps:
-                count += 1
-                token = int(next_ids[0])
-                if token == eos_id:
-                    break
-                sys.stdout.write(decoder.decode(tokenizer.vocab[token]))
+            for piece in decode_stream(tokens(), tokenizer, eos_id):
+                sys.stdout.write(piece)
                 sys.stdout.flush()
-            sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+            sys.stdout.write("\n")
+            count = len(sampled)
         else:
             rows = [[] for _ in range(args.num_samples)]
             for next_ids in steps:

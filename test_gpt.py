@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import warnings
@@ -1264,6 +1265,309 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         assert torch.equal(restored.state_dict()[name], tensor), name
 
 
+# --- the training loop ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory, corpus_path):
+    """Token files and a 300-token tokenizer from the test corpus, made once for the module."""
+    directory = tmp_path_factory.mktemp("tokens")
+    text = open(corpus_path, encoding="utf-8").read()
+    cut = len(text) * 4 // 5
+    train_text, valid_text = directory / "train.txt", directory / "valid.txt"
+    train_text.write_text(text[:cut], encoding="utf-8")
+    valid_text.write_text(text[cut:], encoding="utf-8")
+    assert gpt.main(["tokenize", "--train", str(train_text), "--valid", str(valid_text),
+                     "--vocab-size", "300", "--out-dir", str(directory), "--workers", "1"]) == 0
+    return str(directory)
+
+
+TINY_MODEL = ["--context-length", "16", "--d-model", "32", "--num-layers", "2", "--num-heads",
+              "4", "--d-ff", "64"]
+
+
+def train_args(token_dir: str, out_dir, *extra: str) -> list[str]:
+    """A few steps of a tiny model: seconds on any CPU."""
+    return ["train", "--data-dir", token_dir, "--out-dir", str(out_dir), "--batch-size", "4",
+            "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "1",
+            "--warmup-steps", "2", "--dtype", "float32", "--max-steps", "6", *TINY_MODEL,
+            *extra]
+
+
+def metrics(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir) -> dict[int, float]:
+    return {m["step"]: m["train_loss"] for m in metrics(out_dir) if "train_loss" in m}
+
+
+def final_weights(out_dir) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(out_dir, "latest.pt"), weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict, exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_train_command_end_to_end(tmp_path, token_dir, capsys):
+    """`train` logs every step, evaluates on schedule, and writes checkpoints and metrics."""
+    assert gpt.main(train_args(token_dir, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "parameters:" in out and "context_length=16" in out and "done: 6 steps" in out
+    assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in metrics(tmp_path) if "val_loss" in m] == [0, 3, 6]
+    assert all(math.isfinite(loss) for loss in train_losses(tmp_path).values())
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert checkpoint["iteration"] == 6 and checkpoint["config"]["d_model"] == 32
+    assert checkpoint["tokenizer"]["special_tokens"] == [EOT]
+    assert (tmp_path / "best.pt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "latest.pt", "metrics.jsonl"]
+
+
+def test_training_reduces_the_loss(tmp_path, token_dir):
+    """Forty steps at a high learning rate take the validation loss well below ln(V)."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "40", "--eval-interval",
+                               "40", "--lr", "1e-2")) == 0
+    val = [m["val_loss"] for m in metrics(tmp_path) if "val_loss" in m]
+    assert val[0] > math.log(300) - 0.5 and val[-1] < val[0] - 1.0
+
+
+def test_two_seeded_runs_are_identical(tmp_path, token_dir):
+    """The same seed gives bit-identical weights; another seed gives others."""
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert gpt.main(train_args(token_dir, tmp_path / name, "--seed", seed)) == 0
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+    assert not torch.equal(final_weights(tmp_path / "a")["lm_head.weight"],
+                           final_weights(tmp_path / "c")["lm_head.weight"])
+
+
+def test_resume_is_bit_identical(tmp_path, token_dir):
+    """N steps, then --resume for N more, equals 2N steps in one run, loss by loss, bit by bit."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert gpt.main(train_args(token_dir, straight, "--max-steps", "8",
+                               "--decay-steps", "8")) == 0
+    assert gpt.main(train_args(token_dir, split, "--max-steps", "4", "--decay-steps", "8")) == 0
+    assert gpt.main(train_args(token_dir, split, "--max-steps", "8", "--decay-steps", "8",
+                               "--resume")) == 0
+    assert train_losses(straight) == train_losses(split)
+    assert_same_weights(final_weights(straight), final_weights(split))
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, token_dir):
+    """2 micro-batches of 4 give the same update as one batch of 8 (the same 8 windows)."""
+    assert gpt.main(train_args(token_dir, tmp_path / "big", "--batch-size", "8",
+                               "--max-steps", "2")) == 0
+    assert gpt.main(train_args(token_dir, tmp_path / "accum", "--batch-size", "4",
+                               "--grad-accum", "2", "--max-steps", "2")) == 0
+    assert_same_weights(final_weights(tmp_path / "big"), final_weights(tmp_path / "accum"),
+                        exact=False)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, token_dir, monkeypatch,
+                                                        capsys):
+    """Ctrl-C finishes the step, saves, exits 2 with one line; --resume then matches a straight
+    run."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert gpt.main(train_args(token_dir, straight, "--decay-steps", "6")) == 0
+    get_batch, calls = gpt.get_batch, []
+
+    def interrupting_get_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C in step 4
+        return get_batch(*args, **kwargs)
+
+    monkeypatch.setattr(gpt, "get_batch", interrupting_get_batch)
+    capsys.readouterr()
+    assert gpt.main(train_args(token_dir, stopped, "--decay-steps", "6")) == 2
+    err = capsys.readouterr().err
+    assert "interrupted at step 4" in err and "--resume" in err and "Traceback" not in err
+    assert torch.load(stopped / "latest.pt", weights_only=True)["iteration"] == 4
+    monkeypatch.setattr(gpt, "get_batch", get_batch)
+    assert gpt.main(train_args(token_dir, stopped, "--decay-steps", "6", "--resume")) == 0
+    assert_same_weights(final_weights(straight), final_weights(stopped))
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, token_dir, monkeypatch,
+                                                              capsys):
+    """A NaN loss stops the run with one line and exit 2; the checkpoint before it stays."""
+    cross_entropy, calls = gpt.cross_entropy, []
+
+    def diverging_cross_entropy(logits, targets):
+        loss = cross_entropy(logits, targets)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) >= 5:  # training steps 5 and later
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(gpt, "cross_entropy", diverging_cross_entropy)
+    assert gpt.main(train_args(token_dir, tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nan" in err and "step 5" in err
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"] == 3
+    assert [m["step"] for m in metrics(tmp_path) if "train_loss" in m] == [1, 2, 3, 4]
+
+
+def test_time_budget_plans_the_schedule(tmp_path, token_dir, capsys):
+    """--max-time fixes the number of steps from the measured speed and ends on time."""
+    args = [a for a in train_args(token_dir, tmp_path) if a not in ("--max-steps", "6")]
+    assert gpt.main(args + ["--max-time", "4s", "--eval-interval", "50"]) == 0
+    out = capsys.readouterr().out
+    planned = int(re.search(r"planned (\d+) steps", out).group(1))
+    assert planned > 12 and f"done: {planned} steps" in out
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["total_steps"] == planned
+
+
+def test_torchrun_two_cpu_processes_train_and_agree(tmp_path, token_dir):
+    """Under torchrun, 2 gloo ranks train together and end with identical weights."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", os.path.join(HERE, "gpt.py"),
+               *train_args(token_dir, tmp_path, "--max-steps", "4")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "x 2 ranks" in result.stdout
+    assert "all 2 ranks hold identical weights" in result.stdout
+    assert result.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
+    assert len(torch.load(tmp_path / "latest.pt", weights_only=True)["rng"]) == 2
+
+# ==================================================================================================
+# §7 Sampling
+# ==================================================================================================
+
+def sampling_model(context_length: int = 8, seed: int = 0) -> gpt.TransformerLM:
+    torch.manual_seed(seed)
+    return gpt.TransformerLM(tiny_config(context_length=context_length)).eval()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_kv_cache_equals_recomputing_past_the_context_length(fast):
+    """Cached logits equal full recomputation within 1e-4, for 3x the context length."""
+    model = sampling_model(context_length=8)
+    for layer in model.layers:
+        layer.attn.fast = fast
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        full = model(tokens)  # (B, 24, V): every position sees its last 8 tokens
+        caches = [gpt.KVCache(8) for _ in model.layers]
+        prompt = model(tokens[:, :5], caches=caches)
+        steps = [model(tokens[:, t:t + 1], start_pos=t, caches=caches) for t in range(5, 24)]
+    cached = torch.cat([prompt, *steps], dim=1)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
+
+
+def test_sliding_window_is_the_context_length():
+    """Past the context length a token sees exactly the last context_length tokens."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config(context_length=8, num_layers=1))
+    tokens = torch.randint(0, model.config.vocab_size, (1, 20))
+    changed = tokens.clone()
+    changed[0, 3] = (changed[0, 3] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    # With one layer, position 10 sees tokens 3..10 and position 11 sees 4..11.
+    assert not torch.allclose(a[0, 10], b[0, 10])
+    torch.testing.assert_close(a[0, 11:], b[0, 11:])
+    mask = gpt.sliding_causal_mask(4, 2)
+    assert mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+
+
+def test_cached_and_uncached_generation_give_the_same_greedy_tokens():
+    """Greedy generation with and without the KV cache agrees, past the context length too."""
+    model = sampling_model(context_length=8)
+    prompts = torch.randint(0, model.config.vocab_size, (2, 5))
+    runs = [torch.stack(list(gpt.generate_batch(model, prompts, 20, temperature=0,
+                                                use_cache=use_cache)))
+            for use_cache in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_temperature_0_is_argmax():
+    """Temperature 0 picks the likeliest next token."""
+    model = sampling_model()
+    prompt = [3, 1, 4, 1, 5]
+    first = next(gpt.generate(model, prompt, 1, temperature=0))
+    with torch.no_grad():
+        assert first == int(model(torch.tensor([prompt]))[0, -1].argmax())
+
+
+def test_top_k_keeps_exactly_k_even_with_ties():
+    """top-k leaves exactly k finite logits, even where equal logits straddle the cut."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0, 0.0]])
+    kept = gpt.filter_logits(logits, 1.0, top_k=3)
+    assert torch.isfinite(kept).sum() == 3 and torch.isfinite(kept[0, 1])
+    torch.testing.assert_close(gpt.filter_logits(logits, 2.0, top_k=6), logits / 2)
+
+
+@pytest.mark.parametrize("top_p, expected", [
+    (0.7, [0, 1]),          # 0.5 is short of 0.7; 0.5 + 0.3 reaches it
+    (0.8, [0, 1]),          # 0.5 + 0.3 = 0.8 reaches 0.8 exactly
+    (0.81, [0, 1, 2]),
+    (0.5, [0]),             # the first token alone reaches 0.5
+    (0.01, [0]),            # always at least one token
+    (1.0, [0, 1, 2, 3]),
+])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+    """top-p keeps the likeliest tokens whose probabilities first reach p, at least one."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    order = torch.tensor([2, 0, 3, 1])  # shuffled, so that sorting matters
+    kept = gpt.filter_logits(probs[:, order].log(), 1.0, top_p=top_p)
+    assert sorted(order[torch.isfinite(kept[0])].tolist()) == expected
+
+
+def test_filters_apply_in_order_temperature_top_k_top_p():
+    """Temperature reshapes the distribution before top-p measures it."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    sharp = gpt.filter_logits(logits, 0.25, top_k=3, top_p=0.9)
+    flat = gpt.filter_logits(logits, 4.0, top_k=3, top_p=0.9)
+    assert torch.isfinite(sharp).sum() == 1 and torch.isfinite(flat).sum() == 3
+
+
+def test_seed_makes_sampling_reproducible():
+    """The same seed gives the same tokens; different seeds give different ones."""
+    model = sampling_model()
+    prompt = [1, 2, 3]
+    runs = {seed: list(gpt.generate(model, prompt, 30, temperature=1.5, seed=seed))
+            for seed in (0, 1)}
+    assert runs[0] == list(gpt.generate(model, prompt, 30, temperature=1.5, seed=0))
+    assert runs[0] != runs[1]
+
+
+def test_generation_stops_at_the_end_of_text_token():
+    """generate yields the end-of-text token last and stops there."""
+    model = sampling_model()
+    greedy = list(gpt.generate(model, [1, 2, 3], 12, temperature=0))
+    eos_id = greedy[3]
+    stopped = list(gpt.generate(model, [1, 2, 3], 12, temperature=0, eos_id=eos_id))
+    assert stopped == greedy[:greedy.index(eos_id) + 1]
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(temperature=-0.1), "-0.1"), (dict(top_k=0), "top-k"), (dict(top_p=0.0), "top-p"),
+    (dict(top_p=1.5), "1.5")])
+def test_bad_sampling_settings_raise(kwargs, named):
+    """A negative temperature, top-k < 1 or top-p outside (0, 1] is refused, naming the value."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        list(gpt.generate(sampling_model(), [1, 2], 3, **kwargs))
+
+
+def test_stream_never_splits_a_character():
+    """A character whose bytes come in separate tokens is printed whole, once complete."""
+    tokenizer = gpt.Tokenizer(dict(BYTES_VOCAB), [])
+    text = "né 🙂!"
+    pieces = list(gpt.decode_stream(list(text.encode("utf-8")), tokenizer))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "🙂" in pieces  # four byte-tokens, one piece
+    assert list(gpt.decode_stream([0x61, 0xE9, 0x62], tokenizer)) == ["a", "", "\ufffdb", ""]
+
 # ==================================================================================================
 # §8 Command line
 # ==================================================================================================
@@ -1335,3 +1639,132 @@ def test_tokenize_bad_input_is_one_line_and_exit_2(tmp_path, small_texts, capsys
     assert "Traceback" not in err
     for name in ["train.bin", "valid.bin", "train.bin.partial", "valid.bin.partial"]:
         assert not os.path.exists(os.path.join(options["--out-dir"], name))
+
+
+def one_error_line(capsys, command: str) -> str:
+    """The single stderr line of a failed command (and no traceback)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"gpt.py {command}: error:")
+    return lines[0]
+
+
+@pytest.fixture
+def bad_token_dirs(tmp_path, token_dir):
+    """Token directories that are wrong in one way each."""
+    import shutil
+    dirs = {}
+    for name in ("big-ids", "odd-bytes", "short", "no-valid"):
+        dirs[name] = tmp_path / name
+        shutil.copytree(token_dir, dirs[name])
+    (dirs["big-ids"] / "train.bin").write_bytes(np.array([5, 299, 300, 7], "<u2").tobytes())
+    (dirs["odd-bytes"] / "valid.bin").write_bytes(b"\x01\x00\x02")
+    (dirs["short"] / "valid.bin").write_bytes(np.arange(10, dtype="<u2").tobytes())
+    os.remove(dirs["no-valid"] / "valid.bin")
+    return dirs
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--data-dir", "{tmp}/nowhere"], "tokenize` first"),
+    (["--data-dir", "{tmp}/big-ids"], "token id 300"),
+    (["--data-dir", "{tmp}/odd-bytes"], "3 bytes"),
+    (["--data-dir", "{tmp}/short"], "context_length 16"),
+    (["--data-dir", "{tmp}/no-valid"], "valid.bin not found"),
+    (["--d-model", "30"], "d_model 30"),
+    (["--num-heads", "3"], "num_heads 3"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--max-steps", "-1"], "--max-steps"),
+    (["--max-time", "soon"], "soon"),
+    (["--grad-clip", "0"], "--grad-clip"),
+    (["--out-dir", "{tmp}/afile/run"], "{tmp}/afile/run"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
+     "cuda"),
+    (["--resume"], "no {tmp}/run/latest.pt"),
+], ids=["no-data", "ids-too-big", "odd-bytes", "too-short", "no-valid", "d-model", "heads",
+        "batch", "steps", "time", "clip", "unwritable", "device", "nothing-to-resume"])
+def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_dirs, capsys,
+                                                extra, named):
+    """A user mistake gives exit code 2 and one stderr line naming it, before any training."""
+    (tmp_path / "afile").write_bytes(b"a regular file")
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    args = train_args(token_dir, tmp_path / "run") + extra
+    capsys.readouterr()
+    assert gpt.main(args) == 2
+    assert named.format(tmp=tmp_path) in one_error_line(capsys, "train")
+    assert not os.path.exists(tmp_path / "run" / "latest.pt")
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path, token_dir, capsys):
+    """--resume with a different architecture names the difference and keeps the checkpoint."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
+    before = (tmp_path / "latest.pt").read_bytes()
+    capsys.readouterr()
+    assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--d-model", "64")) == 2
+    assert "d_model 32 -> 64" in one_error_line(capsys, "train")
+    assert (tmp_path / "latest.pt").read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, token_dir):
+    """A tiny model trained for a few steps: the checkpoint `sample` reads."""
+    run = tmp_path_factory.mktemp("run")
+    assert gpt.main(train_args(token_dir, run, "--max-steps", "30", "--lr", "1e-2",
+                               "--eval-interval", "30")) == 0
+    return run
+
+
+def test_sample_command_end_to_end(trained_run, capsys):
+    """`sample` continues the prompt on stdout, reports tokens/s on stderr, and a seed
+    makes it reproducible."""
+    args = ["sample", "--run-dir", str(trained_run), "--prompt", "Once upon a time",
+            "--max-new-tokens", "20", "--seed", "3"]
+    assert gpt.main(args) == 0
+    first = capsys.readouterr()
+    assert first.out.startswith("Once upon a time") and len(first.out) > len("Once upon a time")
+    assert "tokens/s" in first.err and "tokens/s" not in first.out
+    assert gpt.main(args) == 0
+    assert capsys.readouterr().out == first.out
+    assert gpt.main(args + ["--no-kv-cache"]) == 0  # the same tokens, the slow way
+    assert capsys.readouterr().out == first.out
+
+
+def test_sample_num_samples(trained_run, capsys):
+    """--num-samples N prints N continuations, generated as one batch."""
+    assert gpt.main(["sample", "--checkpoint", str(trained_run / "best.pt"), "--prompt", "The",
+                     "--max-new-tokens", "8", "--num-samples", "3", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("--- sample")] == [
+        "--- sample 1 ---", "--- sample 2 ---", "--- sample 3 ---"]
+
+
+def test_sample_interactive(trained_run, capsys, monkeypatch):
+    """Without --prompt, each line typed is a prompt, until an empty line."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tom\nThe dog\n\nnever read\n"))
+    assert gpt.main(["sample", "--run-dir", str(trained_run), "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "Tom" in out and "The dog" in out and "never read" not in out
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--run-dir", "{tmp}/empty"], "gpt.py train"),
+    (["--checkpoint", "{tmp}/corrupt.pt"], "{tmp}/corrupt.pt"),
+    (["--checkpoint", "{tmp}/missing.pt"], "{tmp}/missing.pt"),
+    (["--checkpoint", "{tmp}/bare.pt"], "no model config"),
+    (["--temperature", "-1"], "-1"),
+    (["--top-p", "0"], "top-p"),
+    (["--top-p", "1.5"], "1.5"),
+    (["--top-k", "0"], "top-k"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+], ids=["no-checkpoint", "corrupt", "missing", "bare", "temperature", "top-p-0", "top-p-big",
+        "top-k", "no-tokens"])
+def test_sample_bad_input_is_one_line_and_exit_2(tmp_path, trained_run, capsys, extra, named):
+    """A bad checkpoint or setting gives exit code 2 and one stderr line naming it."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    model = gpt.TransformerLM(tiny_config())
+    gpt.save_checkpoint(model, gpt.AdamW(model.parameters()), 0, str(tmp_path / "bare.pt"))
+    args = ["sample", "--run-dir", str(trained_run), "--prompt", "Hi"]
+    capsys.readouterr()
+    assert gpt.main(args + [e.format(tmp=tmp_path) for e in extra]) == 2
+    assert named.format(tmp=tmp_path) in one_error_line(capsys, "sample")
