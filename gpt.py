@@ -836,6 +836,18 @@ class Embedding(nn.Module):
         return rows.view(*token_ids.shape, -1)                      # (B, T, C)
 
 
+def rms_norm(x: torch.Tensor, gain: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """rmsnorm(x) = x / sqrt(mean(x^2) + eps) * g; returns it and r = 1 / sqrt(mean(x^2) + eps).
+
+    In float32 (or wider) even under bf16 autocast: a mean of squares loses too much in bf16's
+    8 mantissa bits. The result is cast back to x's dtype.
+    """
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+    r = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)  # (..., 1)
+    return (x32 * r).mul_(gain).to(x.dtype), r                  # (..., C), (..., 1)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm's forward and its backward, derived by hand.
 
@@ -849,12 +861,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-        # In float32 (or wider) even under bf16 autocast: a mean of squares loses too much in
-        # bf16's 8 mantissa bits.
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        r = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)  # (..., 1)
+        y, r = rms_norm(x, gain, eps)
         ctx.save_for_backward(x, gain, r)
-        return (x32 * r).mul_(gain).to(x.dtype)  # (..., C), cast back to x's dtype
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -880,6 +889,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            # Evaluation and generation: no backward, so skip the autograd.Function, whose
+            # bookkeeping is a large share of a one-token generation step.
+            return rms_norm(x, self.weight, self.eps)[0]
         return _RMSNormFunction.apply(x, self.weight, self.eps)  # (..., C) -> (..., C)
 
 
@@ -947,6 +960,19 @@ def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tens
     return softmax(scores, dim=-1) @ V  # (.., T, S) @ (.., S, D) -> (.., T, D)
 
 
+def project(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x @ [W1; W2; ...]^T: x times several weight matrices, the results side by side.
+
+    For many rows (training), one product with the stacked weights keeps the cores busier than
+    several small ones; for a few rows (generation, one token at a time), stacking the weights
+    would cost more than the products. Either way the weights stay separate matrices, as in the
+    state dict.
+    """
+    if x.numel() >= 64 * x.shape[-1]:
+        return x @ torch.cat(weights).T               # (..., C) @ (C, sum of d_out)
+    return torch.cat([x @ w.T for w in weights], dim=-1)
+
+
 class KVCache:
     """One layer's keys and values of the tokens seen so far, for generation (§7).
 
@@ -967,10 +993,14 @@ class KVCache:
             self.k = k.new_zeros(B, H, self.capacity, D)
             self.v = v.new_zeros(B, H, self.capacity, D)
         n = k.shape[2]
-        keep = min(n, self.capacity)  # of a long prompt, only the last window stays
-        slots = torch.arange(self.length + n - keep, self.length + n, device=k.device)
-        self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]
-        self.v[:, :, slots % self.capacity] = v[:, :, n - keep:]
+        if n == 1:  # the common case, one generated token: one slot
+            self.k[:, :, self.length % self.capacity] = k[:, :, 0]
+            self.v[:, :, self.length % self.capacity] = v[:, :, 0]
+        else:
+            keep = min(n, self.capacity)  # of a long prompt, only the last window stays
+            slots = torch.arange(self.length + n - keep, self.length + n, device=k.device)
+            self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]
+            self.v[:, :, slots % self.capacity] = v[:, :, n - keep:]
         self.length += n
         filled = min(self.length, self.capacity)
         return self.k[:, :, :filled], self.v[:, :, :filled]  # (B, H, S, D)
@@ -1012,10 +1042,8 @@ class MultiHeadSelfAttention(nn.Module):
         first call (the prompt) or one new token at a time."""
         B, T, C = x.shape
         H, D = self.num_heads, C // self.num_heads
-        # One matmul for the three projections: one big product keeps the cores busier than
-        # three small ones. The weights stay three matrices, as in the state dict.
-        w_qkv = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-        qkv = x @ w_qkv.T                                          # (B, T, C) -> (B, T, 3C)
+        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        qkv = project(x, weights)                                  # (B, T, C) -> (B, T, 3C)
         qkv = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)     # (3, B, H, T, D)
         if self.rope is not None:
             positions = torch.arange(start_pos, start_pos + T, device=x.device)
@@ -1075,9 +1103,8 @@ class SwiGLU(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As in attention, one matmul for w1 and w3 together.
         d_ff = self.w1.weight.shape[0]
-        gate, up = (x @ torch.cat((self.w1.weight, self.w3.weight)).T).split(d_ff, -1)  # (B,T,F)
+        gate, up = project(x, (self.w1.weight, self.w3.weight)).split(d_ff, -1)  # (B, T, F)
         return self.w2(self.activation(gate) * up)  # (B, T, F) -> (B, T, C)
 
 
@@ -1412,7 +1439,7 @@ def load_checkpoint(src, model: nn.Module, optimizer: torch.optim.Optimizer | No
 # sequences) and a peak learning rate that suit its width; every value has its own flag.
 PRESETS = {
     "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
-                   tie_embeddings=False, batch_size=16, lr=3e-3),
+                   batch_size=8, lr=3e-3),
     "base": dict(context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344,
                  batch_size=32, lr=1e-3),
     "small": dict(context_length=1024, d_model=768, num_layers=12, num_heads=12, d_ff=3072,
@@ -1819,13 +1846,32 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = 
         top = logits.topk(top_k, dim=-1)  # exactly k survivors, even among equal logits
         logits = torch.full_like(logits, -math.inf).scatter(-1, top.indices, top.values)
     if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        probs = softmax(sorted_logits, dim=-1)
+        probs = softmax(logits, dim=-1)
+        # Sorting all V probabilities is the slowest part of a generation step, but the nucleus
+        # is nearly always among the few likeliest tokens: take the top 64, and sort everything
+        # only when their mass falls short of p (any token beyond them is dropped either way).
+        top, order = probs.topk(min(64, probs.shape[-1]), dim=-1)  # (B, 64), descending
+        if (top.sum(dim=-1) < top_p).any():
+            top, order = probs.sort(dim=-1, descending=True)       # (B, V)
         # Drop a token when the tokens before it already reach p; the first one always stays.
-        mass_before = probs.cumsum(dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, -math.inf)
-        logits = torch.empty_like(logits).scatter(-1, order, sorted_logits)
+        mass_before = top.cumsum(dim=-1) - top
+        kept = logits.gather(-1, order).masked_fill(mass_before >= top_p, -math.inf)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, kept)
     return logits
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw one token per row of probs (B, V): (B,) ids.
+
+    Inverse-CDF sampling: draw u uniformly in [0, total), take the first token whose cumulative
+    probability exceeds u. The same distribution as torch.multinomial, without its per-token
+    random number for every one of the V tokens.
+    Example: probs [0.2, 0.5, 0.3], cumulative [0.2, 0.7, 1.0]; u = 0.45 picks token 1.
+    """
+    cumulative = probs.cumsum(dim=-1)  # (B, V)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cumulative[:, -1:]
+    ids = torch.searchsorted(cumulative, u, right=True)[:, 0]  # (B,)
+    return ids.clamp(max=probs.shape[-1] - 1)  # u below the total by rounding only
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -1860,19 +1906,21 @@ def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: 
     tokens = prompts.to(device)  # (B, T)
     caches = [KVCache(model.config.context_length) for _ in model.layers] if use_cache else None
     logits = model(tokens, caches=caches)[:, -1]  # (B, V): the prompt, once
+    length = tokens.shape[1]
     for _ in range(max_new_tokens):
         if temperature == 0:
             next_ids = logits.argmax(dim=-1)  # (B,) greedy: always the likeliest token
         else:
             probs = softmax(filter_logits(logits.float(), temperature, top_k, top_p), dim=-1)
-            next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+            next_ids = sample_from(probs, generator)  # (B,)
         yield next_ids
-        tokens = torch.cat((tokens, next_ids[:, None]), dim=1)  # (B, T+1)
         if use_cache:
             # Only the new token; start_pos gives it its absolute position for RoPE.
-            logits = model(next_ids[:, None], start_pos=tokens.shape[1] - 1, caches=caches)[:, -1]
+            logits = model(next_ids[:, None], start_pos=length, caches=caches)[:, -1]
         else:
+            tokens = torch.cat((tokens, next_ids[:, None]), dim=1)  # (B, T+1)
             logits = model(tokens)[:, -1]
+        length += 1
 
 
 def generate(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int,
