@@ -36,7 +36,8 @@ References:
 
 Tensor shapes in comments use these letters:
     B batch, T time (sequence position), C model width (d_model), H heads,
-    D head width (d_model / H), V vocabulary size.
+    D head width (d_model / H), F feed-forward hidden width, V vocabulary size,
+    S positions a query attends to (the keys and values).
 """
 
 from __future__ import annotations
@@ -70,8 +71,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 def log(message: str, end: str = "\n") -> None:
-    """Progress and summaries go to stderr, so stdout stays clean for what a command produces."""
+    """Progress meters, notes and errors go to stderr; stdout holds a command's results."""
     print(message, end=end, file=sys.stderr, flush=True)
+
+
+def check_writable_dir(directory: str) -> None:
+    """Fail now, not after an hour of work, if results cannot be written to `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".write-test-{os.getpid()}")
+    with open(probe, "wb"):
+        pass
+    os.remove(probe)
+
 
 
 class Progress:
@@ -902,7 +913,8 @@ class RotaryEmbedding(nn.Module):
     Dimensions are taken in adjacent pairs (0,1), (2,3), ...; pair i at position p turns by the
     angle p * theta^(-2i/D). A rotation keeps lengths, and the dot product of a query rotated by
     angle a and a key rotated by angle b depends only on a - b: attention scores see relative
-    positions, not absolute ones. The cos and sin tables are computed once, for every position.
+    positions, not absolute ones. The cos and sin tables are computed once for every position
+    (and extended if generation runs past them).
     """
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
@@ -1180,7 +1192,9 @@ class TransformerLM(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, start_pos: int = 0,
                 caches: list[KVCache] | None = None) -> torch.Tensor:
-        """token_ids (B, T) at positions start_pos.. (B, T, V); caches: one per layer (§7)."""
+        """token_ids (B, T) at positions start_pos, start_pos + 1, ... -> logits (B, T, V).
+
+        caches: one KVCache per layer, for generation (§7)."""
         if self.rope is not None:
             self.rope.cover(start_pos + token_ids.shape[1])
         x = self.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
@@ -1434,9 +1448,11 @@ def load_checkpoint(src, model: nn.Module, optimizer: torch.optim.Optimizer | No
     return checkpoint["iteration"]
 
 # Named configurations. `laptop` is the default: tuned to train in about 10 minutes on a 2-core
-# CPU. `base` is the standard 23M TinyStories model; small / medium / large follow GPT-2's ladder
-# (124M, 350M, 774M parameters at its 50k vocabulary). Each preset also names a batch size (in
-# sequences) and a peak learning rate that suit its width; every value has its own flag.
+# CPU. `base` is the standard 23M TinyStories model. small / medium / large take the widths and
+# depths of GPT-2's ladder; with a gated feed-forward of d_ff = 4C and an untied output layer they
+# have 191M, 506M and 1.07B parameters at GPT-2's 50,257-token vocabulary. Each preset also names
+# a batch size (in sequences) and a peak learning rate that suit its width; every value has its
+# own flag.
 PRESETS = {
     "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
                    batch_size=8, lr=3e-3),
@@ -1459,9 +1475,16 @@ def pick_device(requested: str = "auto") -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"--device {requested!r}: expected cpu, cuda, cuda:N, mps or "
+                         f"auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {requested}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {requested}: this machine has "
+                         f"{torch.cuda.device_count()} GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {requested}: MPS is not available on this machine")
     return device
@@ -1485,7 +1508,9 @@ def autocast_dtype(device: torch.device, requested: str) -> torch.dtype | None:
     if requested == "bfloat16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 needs no loss scaling; GPUs without native bf16 (before Ampere) stay in float32.
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else None
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return None
@@ -1535,6 +1560,9 @@ def resolve_config(args: argparse.Namespace, vocab_size: int,
     """The preset (or a resumed checkpoint's config), with every flag the user gave on top."""
     base = dict(saved) if saved else {k: v for k, v in PRESETS[args.preset].items()
                                       if k in ModelConfig.__dataclass_fields__}
+    if saved and saved["vocab_size"] != vocab_size:
+        raise ValueError(f"the checkpoint in {args.out_dir} is for a {saved['vocab_size']:,}-token "
+                         f"vocabulary, but {args.data_dir}/tokenizer has {vocab_size:,} tokens")
     base["vocab_size"] = vocab_size
     overrides = {name: getattr(args, name) for name in ModelConfig.__dataclass_fields__
                  if getattr(args, name, None) is not None}
@@ -1625,11 +1653,24 @@ def train(args: argparse.Namespace) -> None:
         if not os.path.exists(latest_path):
             raise ValueError(f"--resume: there is no {latest_path} to resume from")
         checkpoint = read_checkpoint(latest_path)
+        missing = {"config", "optimizer", "args", "best_val_loss", "total_steps", "rng"}
+        missing -= checkpoint.keys()
+        if missing:
+            raise ValueError(f"{latest_path} lacks {', '.join(sorted(missing))}: not written "
+                             f"by `python gpt.py train`, so it cannot be resumed")
+        # What the user does not give again is what the run was started with.
+        for name, value in checkpoint["args"].items():
+            if name in ("preset", "batch_size", "lr", "min_lr") and getattr(args, name) is None:
+                setattr(args, name, value)
+    args.preset = args.preset or "laptop"
     config = resolve_config(args, vocab_size, checkpoint and checkpoint["config"])
     preset = PRESETS[args.preset]
     batch_size = args.batch_size or preset["batch_size"]
-    max_lr = args.lr or preset["lr"]
+    max_lr = preset["lr"] if args.lr is None else args.lr
     min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
+    if not (max_lr > 0 and 0 <= min_lr <= max_lr):
+        raise ValueError(f"learning rates must satisfy 0 <= --min-lr <= --lr and --lr > 0, got "
+                         f"--lr {max_lr:g} and --min-lr {min_lr:g}")
     T = config.context_length
     for name, data in (("train.bin", train_data), ("valid.bin", valid_data)):
         if len(data) <= T:
@@ -1651,9 +1692,10 @@ def train(args: argparse.Namespace) -> None:
     batch_rng = torch.Generator().manual_seed(args.seed + rank)
     step, best_val_loss, total_steps = 0, math.inf, args.max_steps
     if checkpoint:
-        load_model_state(model, checkpoint["model"], latest_path)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, best_val_loss = checkpoint["iteration"], checkpoint["best_val_loss"]
+        # The optimizer's state includes its hyperparameters (betas, weight decay): a resumed
+        # run keeps those it started with.
+        step = load_checkpoint(latest_path, model, optimizer)
+        best_val_loss = checkpoint["best_val_loss"]
         batch_rng.set_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
         total_steps = args.max_steps or checkpoint["total_steps"]
         say(f"resumed from {latest_path} at step {step}")
@@ -1682,7 +1724,9 @@ def train(args: argparse.Namespace) -> None:
     say(f"data: {len(train_data):,} train and {len(valid_data):,} valid tokens | "
         f"{tokens_per_step:,} tokens per step ({batch_size} x {T} x {args.grad_accum} accum"
         f"{ranks}) | lr {max_lr:g} -> {min_lr:g}, warmup {args.warmup_steps} steps")
-    metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    # A resumed run appends to its metrics; a fresh one starts the file again.
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    metrics = open(metrics_path, "a" if checkpoint else "w") if rank == 0 else None
 
     def record(**fields) -> None:
         if metrics:
@@ -1734,7 +1778,7 @@ def train(args: argparse.Namespace) -> None:
                 # number of steps so that the cosine schedule ends as the time runs out.
                 # An evaluation batch costs about a third of a step: forward only.
                 per_step = sum(train_seconds[2:]) / 10
-                per_step *= 1 + args.eval_batches / (3 * args.eval_interval)
+                per_step *= 1 + args.eval_batches / (3 * args.eval_interval * args.grad_accum)
                 left = max_time - (time.perf_counter() - started)
                 total_steps = broadcast(step + max(1, int(left / per_step)), world_size)
                 say(f"time budget {format_duration(max_time)}: planned {total_steps} steps")
@@ -1744,10 +1788,13 @@ def train(args: argparse.Namespace) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            done = step == total_steps or time.perf_counter() - started > max_time
+            # Every rank must stop at the same step: rank 0's clock decides.
+            done = step >= (total_steps or math.inf) or time.perf_counter() - started > max_time
+            done = broadcast(done, world_size)
             if step % args.eval_interval == 0 or done:
                 val_loss = evaluate(compiled, valid_data,
                                     eval_starts, batch_size, T, device, amp)
+                val_loss = broadcast(val_loss, world_size)  # the same "best" on every rank
                 check_finite(val_loss, "validation loss")
                 is_best = val_loss < best_val_loss
                 best_val_loss = min(best_val_loss, val_loss)
@@ -1786,7 +1833,7 @@ def train(args: argparse.Namespace) -> None:
             steps_since_log += 1
             train_seconds.append(time.perf_counter() - step_started)
 
-            if step % args.log_interval == 0 or step == total_steps:
+            if step % args.log_interval == 0 or step >= (total_steps or math.inf):
                 train_loss = rank_mean(loss_sum, world_size) / steps_since_log
                 check_finite(train_loss, "training loss")
                 tokens_per_s = tokens_per_step * steps_since_log / sum(
@@ -1846,7 +1893,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = 
         top = logits.topk(top_k, dim=-1)  # exactly k survivors, even among equal logits
         logits = torch.full_like(logits, -math.inf).scatter(-1, top.indices, top.values)
     if top_p is not None and top_p < 1:
-        probs = softmax(logits, dim=-1)
+        probs = softmax(logits, dim=-1)  # (B, V)
         # Sorting all V probabilities is the slowest part of a generation step, but the nucleus
         # is nearly always among the few likeliest tokens: take the top 64, and sort everything
         # only when their mass falls short of p (any token beyond them is dropped either way).
@@ -1854,9 +1901,9 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = 
         if (top.sum(dim=-1) < top_p).any():
             top, order = probs.sort(dim=-1, descending=True)       # (B, V)
         # Drop a token when the tokens before it already reach p; the first one always stays.
-        mass_before = top.cumsum(dim=-1) - top
-        kept = logits.gather(-1, order).masked_fill(mass_before >= top_p, -math.inf)
-        logits = torch.full_like(logits, -math.inf).scatter(-1, order, kept)
+        mass_before = top.cumsum(dim=-1) - top  # (B, K), K = 64 or V
+        kept = logits.gather(-1, order).masked_fill(mass_before >= top_p, -math.inf)  # (B, K)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, kept)  # (B, V)
     return logits
 
 
@@ -1869,7 +1916,8 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     Example: probs [0.2, 0.5, 0.3], cumulative [0.2, 0.7, 1.0]; u = 0.45 picks token 1.
     """
     cumulative = probs.cumsum(dim=-1)  # (B, V)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cumulative[:, -1:]
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device)  # (B, 1)
+    u = u * cumulative[:, -1:]  # uniform in [0, total), total = 1 up to rounding
     ids = torch.searchsorted(cumulative, u, right=True)[:, 0]  # (B,)
     return ids.clamp(max=probs.shape[-1] - 1)  # u below the total by rounding only
 
@@ -1993,15 +2041,6 @@ def newest_checkpoint(run_dir: str) -> str:
 # value; main() prints that one line and exits with code 2.
 # ==================================================================================================
 
-def check_writable_dir(directory: str) -> None:
-    """Fail now, not after an hour of work, if results cannot be written to `directory`."""
-    os.makedirs(directory, exist_ok=True)
-    probe = os.path.join(directory, f".write-test-{os.getpid()}")
-    with open(probe, "wb"):
-        pass
-    os.remove(probe)
-
-
 def cmd_tokenize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     if args.workers is not None and args.workers < 1:
@@ -2040,6 +2079,19 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
                      key=len, reverse=True)[:5]
     print("longest tokens: " + ", ".join(repr(t.decode("utf-8", "replace")) for t in longest))
     print(f"done in {time.perf_counter() - started:.1f}s; tokenizer in {tokenizer_dir}")
+
+
+def interactive_prompts() -> Iterator[str]:
+    """Prompts typed at the terminal, until an empty line or Ctrl-D."""
+    log("type a prompt and press Enter; an empty line or Ctrl-D quits")
+    while True:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            return
+        if not prompt:
+            return
+        yield prompt
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -2098,19 +2150,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
             f"{'' if args.no_kv_cache else ', KV cache'}]")
 
 
-def interactive_prompts() -> Iterator[str]:
-    """Prompts typed at the terminal, until an empty line or Ctrl-D."""
-    log("type a prompt and press Enter; an empty line or Ctrl-D quits")
-    while True:
-        try:
-            prompt = input("> ")
-        except EOFError:
-            return
-        if not prompt:
-            return
-        yield prompt
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample.")
@@ -2144,9 +2183,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a transformer LM on DATA_DIR/train.bin, evaluating on valid.bin; "
                     "checkpoints, metrics.jsonl and the tokenizer go to OUT_DIR. Under "
                     "`torchrun --nproc_per_node=N` it trains on N processes (DDP).")
-    tr.add_argument("--preset", choices=list(PRESETS), default="laptop",
-                    help="model size and its batch size and learning rate (default: "
-                         "%(default)s, about 10 minutes on a 2-core CPU)")
+    tr.add_argument("--preset", choices=list(PRESETS),
+                    help="model size and its batch size and learning rate (default: laptop, "
+                         "about 10 minutes on a 2-core CPU; on --resume, the run's own)")
     tr.add_argument("--data-dir", default="data",
                     help="where `tokenize` wrote train.bin, valid.bin and tokenizer/ "
                          "(default: %(default)s)")
@@ -2246,7 +2285,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"gpt.py {args.command}: error: {e}")
         return 2
     except KeyboardInterrupt as e:
-        log(f"\ngpt.py {args.command}: {e or 'interrupted; files already complete are kept'}")
+        log(f"\ngpt.py {args.command}: {str(e) or 'interrupted; complete files are kept'}")
         return 2
     return 0
 
