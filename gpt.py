@@ -1865,6 +1865,10 @@ def train(args: argparse.Namespace) -> None:
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         assert low == high, f"ranks disagree: weight sums from {low.item()} to {high.item()}"
         say(f"all {world_size} ranks hold identical weights")
+        # Release DDP's hold on the process group before destroying it, and leave together:
+        # otherwise gloo can abort a rank whose peer has already gone.
+        del fast_model
+        dist.barrier()
         dist.destroy_process_group()
     say(f"done: {step} steps in {format_duration(time.perf_counter() - started)}, best val loss "
         f"{best_val_loss:.4f}; checkpoints in {args.out_dir} (latest.pt, best.pt)")
