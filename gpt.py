@@ -882,8 +882,8 @@ class _RMSNormFunction(torch.autograd.Function):
         xhat = x.to(r.dtype) * r          # recomputed: cheaper than keeping it from the forward
         dy = dy.to(r.dtype)
         dgain = (dy * xhat).flatten(0, -2).sum(0)  # (C,)
-        u = dy * gain
-        dx = (u - xhat.mul_((u * xhat).mean(-1, keepdim=True))).mul_(r)
+        u = dy * gain                                                         # (..., C)
+        dx = (u - xhat.mul_((u * xhat).mean(-1, keepdim=True))).mul_(r)       # (..., C)
         return dx.to(x.dtype), dgain, None
 
 
@@ -1077,6 +1077,7 @@ class MultiHeadSelfAttention(nn.Module):
             if self.context_length and T > self.context_length:
                 causal, mask = False, sliding_causal_mask(T, self.context_length, x.device)
         if self.fast:
+            # (B, H, T, D): the same as below, with flash-attention kernels
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         else:
             if causal:
@@ -1245,8 +1246,8 @@ class _CrossEntropy(torch.autograd.Function):
         for i in range(0, len(logits), rows):
             # softmax(z) = exp(z - logsumexp(z)), written straight into the gradient
             torch.sub(logits[i:i + rows], lse[i:i + rows], out=grad[i:i + rows]).exp_()
-        grad[torch.arange(len(targets), device=grad.device), targets] -= 1
-        grad *= grad_loss / len(targets)
+        grad[torch.arange(len(targets), device=grad.device), targets] -= 1  # - onehot(y)
+        grad *= grad_loss / len(targets)  # (N, V): the mean's 1/N, times the upstream gradient
         return grad, None
 
 
@@ -1963,7 +1964,8 @@ def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: 
         if temperature == 0:
             next_ids = logits.argmax(dim=-1)  # (B,) greedy: always the likeliest token
         else:
-            probs = softmax(filter_logits(logits.float(), temperature, top_k, top_p), dim=-1)
+            logits = filter_logits(logits.float(), temperature, top_k, top_p)  # (B, V)
+            probs = softmax(logits, dim=-1)                                     # (B, V)
             next_ids = sample_from(probs, generator)  # (B,)
         yield next_ids
         if use_cache:
