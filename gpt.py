@@ -1706,6 +1706,8 @@ def train(args: argparse.Namespace) -> None:
     # The first step pays for the compilation: typically half a minute to a minute.
     compiled = torch.compile(model) if args.compile else model
     fast_model = compiled
+    # The loss as well: its slices become a few generated kernels.
+    loss_fn = torch.compile(cross_entropy) if args.compile else cross_entropy
     if world_size > 1:
         # DDP averages the gradients of all ranks during backward, overlapping the
         # communication with the computation of the remaining layers' gradients.
@@ -1824,7 +1826,7 @@ def train(args: argparse.Namespace) -> None:
                         logits = fast_model(x)  # (B, T, V)
                     # Each micro-batch adds mean_loss / accum: the gradients sum to those of the
                     # mean loss over the whole accum x B batch.
-                    loss = cross_entropy(logits, y) / args.grad_accum
+                    loss = loss_fn(logits, y) / args.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
             grad_norm = clip_grad_norm(model.parameters(), args.grad_clip)
