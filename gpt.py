@@ -1868,8 +1868,7 @@ def train(args: argparse.Namespace) -> None:
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         assert low == high, f"ranks disagree: weight sums from {low.item()} to {high.item()}"
         say(f"all {world_size} ranks hold identical weights")
-        # Release DDP's hold on the process group before destroying it, and leave together:
-        # otherwise gloo can abort a rank whose peer has already gone.
+        # Leave together: release DDP's hold on the process group, wait for every rank, close.
         del fast_model
         dist.barrier()
         dist.destroy_process_group()
@@ -2299,4 +2298,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, interpreter shutdown can race with the distributed backend's
+        # background threads and abort a rank whose work is done and saved. Leave at once,
+        # without running those C++ destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)
