@@ -1081,7 +1081,7 @@ class MultiHeadSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         else:
             if causal:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+                mask = sliding_causal_mask(T, T, x.device)  # (T, T): a window as long as T
             y = scaled_dot_product_attention(q, k, v, mask=mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, H*D)
         return self.output_proj(y)
@@ -1438,15 +1438,20 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], name: str
     unwrap(model).load_state_dict(state)
 
 
-def load_checkpoint(src, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Restore model (and optimizer) state from `src`, a path or binary file object; returns the
-    iteration it was saved at."""
-    checkpoint = read_checkpoint(src)
-    name = src if isinstance(src, (str, os.PathLike)) else "the checkpoint"
+def restore_checkpoint(checkpoint: dict, model: nn.Module,
+                       optimizer: torch.optim.Optimizer | None, name: str) -> int:
+    """Copy a read checkpoint's model (and optimizer) state in; returns its iteration."""
     load_model_state(model, checkpoint["model"], name)
     if optimizer is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     return checkpoint["iteration"]
+
+
+def load_checkpoint(src, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Restore model (and optimizer) state from `src`, a path or binary file object; returns the
+    iteration it was saved at."""
+    name = src if isinstance(src, (str, os.PathLike)) else "the checkpoint"
+    return restore_checkpoint(read_checkpoint(src), model, optimizer, name)
 
 # Named configurations. `laptop` is the default: tuned to train in about 10 minutes on a 2-core
 # CPU. `base` is the standard 23M TinyStories model. small / medium / large take the widths and
@@ -1695,7 +1700,7 @@ def train(args: argparse.Namespace) -> None:
     if checkpoint:
         # The optimizer's state includes its hyperparameters (betas, weight decay): a resumed
         # run keeps those it started with.
-        step = load_checkpoint(latest_path, model, optimizer)
+        step = restore_checkpoint(checkpoint, model, optimizer, latest_path)
         best_val_loss = checkpoint["best_val_loss"]
         batch_rng.set_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
         total_steps = args.max_steps or checkpoint["total_steps"]
