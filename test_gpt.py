@@ -1597,6 +1597,15 @@ def test_stream_never_splits_a_character():
 # §8 Command line
 # ==================================================================================================
 
+def one_error_line(capsys, command: str) -> str:
+    """The single stderr line of a failed command (and no traceback)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"gpt.py {command}: error:")
+    return lines[0]
+
+
 @pytest.fixture
 def small_texts(tmp_path, corpus_path):
     """A train and a valid text of a few KB, from the TinyStories sample."""
@@ -1656,23 +1665,9 @@ def test_tokenize_bad_input_is_one_line_and_exit_2(tmp_path, small_texts, capsys
     options[flag] = value.format(tmp=tmp_path)
     capsys.readouterr()
     assert gpt.main(["tokenize", *chain.from_iterable(options.items())]) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("gpt.py tokenize: error:")
-    assert named.format(tmp=tmp_path) in lines[0]
-    assert "Traceback" not in err
+    assert named.format(tmp=tmp_path) in one_error_line(capsys, "tokenize")
     for name in ["train.bin", "valid.bin", "train.bin.partial", "valid.bin.partial"]:
         assert not os.path.exists(os.path.join(options["--out-dir"], name))
-
-
-def one_error_line(capsys, command: str) -> str:
-    """The single stderr line of a failed command (and no traceback)."""
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"gpt.py {command}: error:")
-    return lines[0]
 
 
 @pytest.fixture
