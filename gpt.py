@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import gc
 import heapq
 import json
 import math
@@ -52,14 +53,15 @@ import multiprocessing
 import os
 import re
 import signal
+import string
 import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from itertools import chain, repeat
+from itertools import chain, islice, repeat
 
 import numpy as np
 import regex
@@ -139,7 +141,7 @@ def map_jobs(func, jobs: list, num_workers: int, ordered: bool,
     """func(job) for every job: in this process when one worker (or one job) suffices, else in a
     pool, in job order if `ordered` or as they finish. The pool stops when iteration ends, is
     abandoned or fails; wrap the call in contextlib.closing to stop it at a known moment."""
-    if num_workers == 1 or len(jobs) == 1:
+    if num_workers == 1 or len(jobs) <= 1:
         if initializer is not None:
             initializer(*initargs)
         yield from map(func, jobs)
@@ -164,18 +166,25 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 PRETOKEN_RE = regex.compile(GPT2_PATTERN)
 
 
-# Before a space or a newline that stands between two non-space characters, GPT-2's pattern
-# always ends one pre-token and starts the next (" word", " 42", "\n", ...), whatever the text
-# around. Cutting text there into fragments ("Once", " upon", " a", " time,", "\nThe") is exact
-# and nearly twice as fast as running the full pattern, so encoding and counting work on
-# fragments and run the full pattern once per distinct fragment. (Stdlib `re` counts a few control
-# characters as whitespace that `regex` does not; that only removes cuts, so it stays exact.)
-FRAGMENT_CUT_RE = re.compile(r"(?=[ \n]\S)(?<=\S)")
+# Splitting text into words at spaces makes encoding fast: each word is pre-tokenized and merged
+# once, and every later occurrence is a dictionary lookup. The split is exact wherever the space
+# starts a pre-token of its own in GPT-2's pattern, which almost every space does: the exceptions
+# are spaces inside or at the end of a whitespace run ("a   b", "\n  x", a trailing "\t "), which
+# `\s+(?!\S)` joins with the whitespace before them. Text without such spaces (nearly all prose) is
+# split with str.split at C speed, over three times faster than any regex; text with them is cut
+# only before the spaces that follow a non-space, which always start a pre-token. (Stdlib `re`
+# counts a few control characters as whitespace that `regex` does not; that only finds more
+# unsafe spaces, so it stays exact.)
+UNSAFE_SPACE_RE = re.compile(r" (?!\S)(?<=\s.)")  # whitespace before, whitespace or the end after
+SAFE_SPACE_RE = re.compile(r"(?<=\S) ")          # a space after a non-space
 
 
-def fragments(text: str) -> list[str]:
-    """Example: fragments("Hi  there, it's\n42!") -> ['Hi  there,', " it's", '\n42!']"""
-    return FRAGMENT_CUT_RE.split(text)
+def split_words(text: str) -> list[str]:
+    """Cut text before the spaces that start a pre-token, dropping those spaces: every word but
+    the first stands for " " + word, and each pre-tokenizes on its own as within the whole text.
+    Example: split_words("Hi there,\nit's  42!") -> ['Hi', "there,\nit's", '', '42!'], which
+    stand for 'Hi', " there,\nit's", ' ', ' 42!'."""
+    return SAFE_SPACE_RE.split(text) if UNSAFE_SPACE_RE.search(text) else text.split(" ")
 
 
 def pretokenize(text: str) -> list[str]:
@@ -275,13 +284,16 @@ def count_pretokens_in_chunk(path: str, start: int, end: int,
     (they delimit documents and never take part in merges).
     Example: "the cat<|endoftext|>the" -> Counter({'the': 2, ' cat': 1})."""
     special_re = special_tokens_regex(special_tokens)
-    fragment_counts: Counter[str] = Counter()
+    first_words: Counter[str] = Counter()  # the first word of each document
+    words: Counter[str] = Counter()        # the others, each standing for " " + word
     for i, piece in enumerate(split_on_special_tokens(read_text(path, start, end), special_re)):
         if i % 2 == 0:
-            fragment_counts.update(fragments(piece))
+            piece_words = split_words(piece)
+            first_words[piece_words[0]] += 1
+            words.update(islice(piece_words, 1, None))
     counts: Counter[str] = Counter()
-    for fragment, n in fragment_counts.items():
-        for pretoken in pretokenize(fragment):
+    for text, n in chain(first_words.items(), ((" " + w, n) for w, n in words.items())):
+        for pretoken in pretokenize(text):
             counts[pretoken] += n
     return counts
 
@@ -470,7 +482,22 @@ def write_atomically(path: str, data: bytes) -> None:
 
 
 # The rank of a pair that is no merge: after every real rank.
-_NOT_A_MERGE = (float("inf"), -1)
+_NOT_A_MERGE = sys.maxsize
+
+
+@contextmanager
+def cycle_collector_paused():
+    """Pause Python's cycle collector for work that allocates many objects but no reference
+    cycles, like filling the encoder's cache: left on, it would now and then scan every object
+    in the process (torch's many included) for cycles there are none of, which cost a fifth of
+    a first encode() right after training a tokenizer. Reference counting still frees memory."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class _Cache(dict):
@@ -478,17 +505,18 @@ class _Cache(dict):
 
     Text repeats the same words endlessly, so almost every lookup is a hit and encoding runs at
     dictionary speed. The cache is cleared when it grows past `max_size` entries, which bounds
-    its memory on corpora with millions of distinct words.
+    its memory on corpora with millions of distinct words. Ids are stored as tuples: immutable,
+    and of no further concern to the cycle collector once it has seen they hold only ints.
     """
 
     def __init__(self, encode, max_size: int = 1 << 20):
         super().__init__()
         self.encode, self.max_size = encode, max_size
 
-    def __missing__(self, text: str) -> list[int]:
+    def __missing__(self, text: str) -> tuple[int, ...]:
         if len(self) >= self.max_size:
             self.clear()
-        ids = self[text] = self.encode(text)
+        ids = self[text] = tuple(self.encode(text))
         return ids
 
 
@@ -516,18 +544,24 @@ class Tokenizer:
         if missing:
             raise ValueError(f"the vocabulary lacks single-byte tokens such as {missing[0]!r}")
         self.byte_ids = [self.id_of[bytes([b])] for b in range(256)]
-        # (left id, right id) -> (rank, merged id); a lower rank was learned earlier.
-        self.merge_rank: dict[tuple[int, int], tuple[int, int]] = {}
+        # (left id, right id) -> rank, a lower rank learned earlier; merge rank r makes token
+        # merged_id[r].
+        self.merge_rank: dict[tuple[int, int], int] = {}
+        self.merged_id: list[int] = []
         for rank, (left, right) in enumerate(self.merges):
             if left not in self.id_of or right not in self.id_of or left + right not in self.id_of:
                 raise ValueError(f"merge {rank} ({left!r}, {right!r}) uses a token that is not "
                                  "in the vocabulary")
             pair = (self.id_of[left], self.id_of[right])
-            self.merge_rank.setdefault(pair, (rank, self.id_of[left + right]))
+            self.merge_rank.setdefault(pair, rank)
+            self.merged_id.append(self.id_of[left + right])
         self.special_ids = {s: self.id_of[s.encode("utf-8")] for s in self.special_tokens}
         self.special_re = special_tokens_regex(self.special_tokens)
-        # One cache for fragments and pre-tokens alike: most fragments are one pre-token.
-        self.cache = _Cache(self.encode_fragment)
+        # Two caches: text -> ids, for pre-tokens and the first word of a text; and word -> ids
+        # of " " + word, for the words that split_words cut before a space (nearly all), which
+        # saves building " " + word at every lookup.
+        self.cache = _Cache(self.encode_piece)
+        self.after_space = _Cache(self._encode_after_space)
 
     def encode_word(self, pretoken: str) -> list[int]:
         """Apply the merges to one pre-token, earliest-learned pair first, until none applies.
@@ -539,47 +573,76 @@ class Tokenizer:
         never outranks the pair's other occurrences.
         """
         ids = [self.byte_ids[b] for b in pretoken.encode("utf-8")]
-        while len(ids) > 1:
-            ranks = list(map(self.merge_rank.get, zip(ids, ids[1:]), repeat(_NOT_A_MERGE)))
+        rank = self.merge_rank.get
+        ranks = list(map(rank, zip(ids, ids[1:]), repeat(_NOT_A_MERGE)))  # ranks[i]: ids[i:i+2]
+        while ranks:
             best = min(ranks)
-            if best is _NOT_A_MERGE:
+            if best == _NOT_A_MERGE:
                 break
             i = ranks.index(best)
-            ids[i:i + 2] = [best[1]]
+            ids[i:i + 2] = [self.merged_id[best]]
+            # Only the pairs on either side of the new token change.
+            del ranks[i]
+            if i > 0:
+                ranks[i - 1] = rank((ids[i - 1], ids[i]), _NOT_A_MERGE)
+            if i < len(ranks):
+                ranks[i] = rank((ids[i], ids[i + 1]), _NOT_A_MERGE)
         return ids
 
-    def encode_fragment(self, fragment: str) -> list[int]:
-        """Example: " time," -> pre-tokens [' time', ','] -> [id of ' time', id of ','].
+    def encode_piece(self, text: str) -> list[int]:
+        """Encode text that holds no special token and pre-tokenizes on its own (a pre-token,
+        the first word of a text), through the cache of pre-tokens. Example: "Once," ->
+        pre-tokens ['Once', ','] -> [id of 'Once', id of ','].
 
-        Letters alone, after at most one space, are one pre-token (` ?\\p{L}+`): such fragments,
-        the most common kind, skip the regex and its per-call cost.
+        Letters alone, after at most one space, are one pre-token (` ?\\p{L}+`): such text
+        skips the regex and its per-call cost.
         """
-        if fragment.isalpha() or (fragment[:1] == " " and fragment[1:].isalpha()):
-            return self.encode_word(fragment)
-        pretokens = pretokenize(fragment)
+        if text.isalpha() or (text[:1] == " " and text[1:].isalpha()):
+            return self.encode_word(text)
+        pretokens = pretokenize(text)
         if len(pretokens) == 1:
-            return self.encode_word(fragment)
+            return self.encode_word(text)
         return list(chain.from_iterable(map(self.cache.__getitem__, pretokens)))
+
+    def _encode_after_space(self, word: str) -> tuple[int, ...]:
+        """The ids of " " + word. The commonest shapes of word take shortcuts that give what
+        GPT-2's pattern gives without running it: letters, maybe followed by ASCII punctuation
+        (" time," -> " time" + ","), and two parts joined by a newline before a non-space
+        ("time.\nThe" -> " time." + "\n" + "The"). Other words go through the pattern."""
+        letters = word.rstrip(string.punctuation)
+        if letters.isalpha():
+            # The letters are one pre-token and the punctuation another (or nothing); the main
+            # cache keeps " time" once for "time", "time," and "time!".
+            return self.cache[" " + letters] + self.cache[word[len(letters):]]
+        head, _, tail = word.partition("\n")
+        if tail and not tail[0].isspace():
+            # A newline before a non-space is a pre-token of its own, whatever precedes it.
+            return self.after_space[head] + self.cache["\n"] + self.cache[tail]
+        return tuple(chain.from_iterable(map(self.cache.__getitem__, pretokenize(" " + word))))
 
     def encode(self, text: str) -> list[int]:
         """Example (TinyStories tokenizer): "Once upon a time<|endoftext|>" ->
         [ids of 'Once', ' upon', ' a', ' time', '<|endoftext|>']."""
         ids: list[int] = []
-        lookup = self.cache.__getitem__
-        for i, piece in enumerate(split_on_special_tokens(text, self.special_re)):
-            if i % 2:
-                ids.append(self.special_ids[piece])
-            elif piece:
-                # The hot loop, all in C: split into fragments, look each up, extend the list.
-                ids.extend(chain.from_iterable(map(lookup, fragments(piece))))
+        with cycle_collector_paused():
+            for i, piece in enumerate(split_on_special_tokens(text, self.special_re)):
+                if i % 2:
+                    ids.append(self.special_ids[piece])
+                elif piece:
+                    words = split_words(piece)
+                    ids.extend(self.cache[words[0]])
+                    # The hot loop, all in C: look each word up, extend the list with its ids.
+                    ids.extend(chain.from_iterable(
+                        map(self.after_space.__getitem__, islice(words, 1, None))))
         return ids
 
     def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
         """Encode a stream of strings (say, the lines of a large file) lazily, giving exactly the
         ids that encode() gives for their concatenation, in memory that does not grow with it.
 
-        Pieces are joined in a buffer, and everything up to the buffer's last fragment cut (see
-        FRAGMENT_CUT_RE) is encoded, since what follows a cut cannot change what precedes it.
+        Pieces are joined in a buffer, and everything before the buffer's last space that
+        follows a non-space is encoded: such a space starts a pre-token (see split_words), so
+        what follows it cannot change what precedes it.
         """
         longest_special = max(map(len, self.special_tokens), default=0)
         buffer = ""
@@ -597,7 +660,7 @@ class Tokenizer:
         limit = len(buffer) - longest_special
         inside = ([(m.start(), m.end()) for m in self.special_re.finditer(buffer)]
                   if self.special_re else [])
-        cuts = [m.start() for m in FRAGMENT_CUT_RE.finditer(buffer, 0, max(limit, 0))]
+        cuts = [m.start() for m in SAFE_SPACE_RE.finditer(buffer, 0, max(limit, 0))]
         return next((cut for cut in reversed(cuts)
                      if not any(start < cut < end for start, end in inside)), 0)
 
@@ -688,37 +751,48 @@ def _encode_chunk_in_worker(job: tuple[str, int, int, np.dtype]) -> tuple[int, n
     return end - start, np.array(ids, dtype=dtype)
 
 
-def encode_file(tokenizer: Tokenizer, text_path: str, out_path: str, num_workers: int,
-                verbose: bool = False) -> int:
-    """Encode a text file into a token file; returns the number of tokens.
+def encode_files(tokenizer: Tokenizer, files: list[tuple[str, str]], num_workers: int,
+                 verbose: bool = False) -> Iterator[int]:
+    """Encode text files into token files, given as (text path, token path) pairs; yields each
+    file's number of tokens once it is written.
 
     Workers encode chunks of a few MB (cut at special tokens, so the result equals encoding the
-    whole text at once) and the main process appends them in order. Output goes to a temporary
-    file renamed into place at the end, so an error or Ctrl-C never leaves a half-written
-    file that looks complete.
+    whole text at once) and the main process appends them in order. One pool serves all the
+    files, so the next file finds the workers' caches filled. Output goes to a temporary file
+    renamed into place at the end, so an error or Ctrl-C never leaves a half-written file that
+    looks complete.
     """
-    chunks = plan_chunks(text_path, tokenizer.special_tokens, num_workers)
     dtype = token_dtype(max(tokenizer.vocab) + 1)
-    jobs = [(path, start, end, dtype) for path, start, end in chunks]
-    progress = Progress(f"encode {text_path}", chunks[-1][2]) if verbose else None
-    tmp_path = f"{out_path}.partial"
+    plans = [(text_path, out_path, plan_chunks(text_path, tokenizer.special_tokens, num_workers))
+             for text_path, out_path in files]
+    jobs = [(path, start, end, dtype) for _, _, chunks in plans for path, start, end in chunks]
     results = map_jobs(_encode_chunk_in_worker, jobs, num_workers, ordered=True,
                        initializer=_init_encoder, initargs=(tokenizer,))
     with closing(results):
-        try:
-            num_tokens = 0
-            with open(tmp_path, "wb") as f:
-                for nbytes, ids in results:
-                    ids.tofile(f)
-                    num_tokens += len(ids)
-                    if progress:
-                        progress.advance(nbytes)
-            os.replace(tmp_path, out_path)
-        finally:
-            # Remove an unfinished file before closing() stops the workers: that takes a moment,
-            # and a second Ctrl-C in that moment must not leave the file behind.
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
+        for text_path, out_path, chunks in plans:
+            progress = Progress(f"encode {text_path}", chunks[-1][2]) if verbose else None
+            tmp_path = f"{out_path}.partial"
+            try:
+                num_tokens = 0
+                with open(tmp_path, "wb") as f:
+                    for nbytes, ids in islice(results, len(chunks)):
+                        ids.tofile(f)
+                        num_tokens += len(ids)
+                        if progress:
+                            progress.advance(nbytes)
+                os.replace(tmp_path, out_path)
+            finally:
+                # Remove an unfinished file before closing() stops the workers: that takes a
+                # moment, and a second Ctrl-C in that moment must not leave the file behind.
+                if os.path.exists(tmp_path):
+                    os.remove(tmp_path)
+            yield num_tokens
+
+
+def encode_file(tokenizer: Tokenizer, text_path: str, out_path: str, num_workers: int,
+                verbose: bool = False) -> int:
+    """Encode one text file into a token file; returns the number of tokens."""
+    (num_tokens,) = encode_files(tokenizer, [(text_path, out_path)], num_workers, verbose)
     return num_tokens
 
 
@@ -2078,14 +2152,15 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
         tokenizer.save(tokenizer_dir)  # the token files' directory always holds their tokenizer
 
     dtype = token_dtype(max(tokenizer.vocab) + 1)
-    for split, path in splits.items():
-        encode_started = time.perf_counter()
-        out_path = os.path.join(args.out_dir, f"{split}.bin")
-        num_tokens = encode_file(tokenizer, path, out_path, workers, verbose=True)
-        seconds = time.perf_counter() - encode_started
-        print(f"{split}: {path} -> {out_path}: {num_tokens:,} tokens ({dtype.name}), "
-              f"{sizes[split] / max(num_tokens, 1):.2f} bytes/token, "
-              f"{sizes[split] / 1e6 / seconds:.1f} MB/s")
+    encode_started = time.perf_counter()
+    out_paths = {split: os.path.join(args.out_dir, f"{split}.bin") for split in splits}
+    files = [(splits[split], out_paths[split]) for split in splits]
+    for split, num_tokens in zip(splits, encode_files(tokenizer, files, workers, verbose=True)):
+        print(f"{split}: {splits[split]} -> {out_paths[split]}: {num_tokens:,} tokens "
+              f"({dtype.name}), {sizes[split] / max(num_tokens, 1):.2f} bytes/token")
+    seconds = time.perf_counter() - encode_started
+    print(f"encoded {sum(sizes.values()) / 1e6:,.1f} MB in {seconds:.2f}s with {workers} "
+          f"worker{'s' * (workers > 1)}: {sum(sizes.values()) / 1e6 / seconds:.1f} MB/s")
     longest = sorted((t for i, t in tokenizer.vocab.items()
                       if t.decode("utf-8", "replace") not in tokenizer.special_tokens),
                      key=len, reverse=True)[:5]

@@ -18,10 +18,11 @@ import signal
 import subprocess
 import sys
 import warnings
-from itertools import chain
+from itertools import chain, product
 
 import numpy as np
 import pytest
+import regex
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -92,11 +93,14 @@ def train(request, tmp_path):
 
 # --- pre-tokenizer --------------------------------------------------------------------------------
 
-def test_fragments_hand_example():
-    """fragments() cuts only before a space or newline that sits between two non-spaces."""
-    assert gpt.fragments("Hi  there, it's\n42!") == ["Hi  there,", " it's", "\n42!"]
-    assert gpt.fragments("a\n b c\n\nd") == ["a\n b", " c\n\nd"]
-    assert gpt.fragments("") == [""]
+def test_split_words_hand_examples():
+    """split_words() cuts at every space, unless one sits inside or at the end of a whitespace
+    run; then it cuts only at the spaces that follow a non-space."""
+    assert gpt.split_words("Hi there,\nit's  42!") == ["Hi", "there,\nit's", "", "42!"]
+    assert gpt.split_words(" a b ") == ["", "a", "b", ""]
+    assert gpt.split_words("a   b c") == ["a", "  b", "c"]     # a space between spaces
+    assert gpt.split_words("a\n  b c\t ") == ["a\n  b", "c\t "]  # after a newline; at the end
+    assert gpt.split_words("") == [""]
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -124,12 +128,35 @@ TRICKY_TEXTS = [
 ]
 
 
+def pretokenize_words(words: list[str]) -> list[str]:
+    """The pre-tokens of split_words' output, each word but the first after its space."""
+    return gpt.pretokenize(words[0]) + [p for w in words[1:] for p in gpt.pretokenize(" " + w)]
+
+
 @pytest.mark.parametrize("text", TRICKY_TEXTS)
-def test_fragments_keep_pretokens_whole(text):
-    """Pre-tokenizing fragment by fragment gives the pre-tokens of the whole text."""
-    assert list(chain.from_iterable(map(gpt.pretokenize, gpt.fragments(text)))) == \
-        gpt.pretokenize(text)
-    assert "".join(gpt.fragments(text)) == text
+def test_split_words_keep_pretokens_whole(text):
+    """Pre-tokenizing word by word gives the pre-tokens of the whole text."""
+    assert pretokenize_words(gpt.split_words(text)) == gpt.pretokenize(text)
+    assert " ".join(gpt.split_words(text)) == text
+
+
+def test_split_words_exact_on_every_short_string():
+    """Every string of up to 5 characters from letters, digits, punctuation, an apostrophe and
+    five kinds of whitespace (\x1c is whitespace to `re` but not to `regex`) pre-tokenizes word
+    by word exactly as whole; and always splitting at spaces would not."""
+    alphabet = ["a", "1", ".", "'", "s", " ", "\n", "\t", "\xa0", "\x1c"]
+    texts = ["".join(t) for n in range(6) for t in product(alphabet, repeat=n)]
+    assert all(pretokenize_words(gpt.split_words(t)) == gpt.pretokenize(t) for t in texts)
+    assert any(pretokenize_words(t.split(" ")) != gpt.pretokenize(t) for t in texts)
+
+
+def test_unsafe_space_regex_knows_all_of_regexs_whitespace():
+    """UNSAFE_SPACE_RE uses stdlib `re`, whose whitespace must include all of `regex`'s, or it
+    would miss spaces that GPT-2's pattern joins to a whitespace run."""
+    every_char = "".join(map(chr, range(sys.maxunicode + 1)))
+    whitespace = regex.findall(r"\s", every_char)
+    assert len(whitespace) >= 25
+    assert all(re.fullmatch(r"\s", c) for c in whitespace)
 
 
 @pytest.mark.parametrize("word, pair, expected", [
@@ -299,6 +326,38 @@ def test_encode_equals_replaying_merges(tokenizer, corpus_path):
     with open(corpus_path, encoding="utf-8") as f:
         text = f.read(3000).replace(EOT, "") + "".join(TRICKY_TEXTS)
     assert tokenizer.encode(text) == encode_by_replaying_merges(tokenizer, text)
+
+
+def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path):
+    """encode() (words from split_words, their shortcuts, two caches) gives the ids of merging
+    each pre-token of the whole text on its own, for every text of up to 4 pieces drawn from
+    words, punctuation, digits, a contraction, a non-ASCII letter and whitespace. The tokenizer
+    learns from random texts of these pieces, so that runs of whitespace are tokens too."""
+    pieces = ["the", "é", ",", '!"', "'s", "7", " ", "\n", "\t"]
+    rng = random.Random(0)
+    corpus = tmp_path / "pieces.txt"
+    corpus.write_text("".join(rng.choice(pieces) for _ in range(20_000)), encoding="utf-8")
+    vocab, merges = gpt.train_bpe(str(corpus), 400, [], num_workers=1)
+    # Merges that cross pre-token boundaries, ranked first (never learned, but possible in a
+    # vocabulary from elsewhere): a shortcut that encoded across a boundary would use them.
+    cross = [(b"e", b"7"), (b"e", b","), (b",", b"t"), (b"\n", b"t"), (b"\t", b" ")]
+    vocab.update({len(vocab) + i: left + right for i, (left, right) in enumerate(cross)})
+    merges = cross + merges
+    tokenizer = gpt.Tokenizer(vocab, merges)
+    assert {b"\n\t", b"\t\t", b" the"} <= set(tokenizer.vocab.values())
+    for n in range(5):
+        for text in map("".join, product(pieces, repeat=n)):
+            expected = [i for p in gpt.pretokenize(text) for i in tokenizer.encode_word(p)]
+            assert tokenizer.encode(text) == expected, repr(text)
+
+
+def test_isalpha_letters_are_regex_letters():
+    """The encoder's shortcuts take str.isalpha() characters for `\\p{L}` ones: Python's
+    Unicode tables must not count as letters what `regex`'s do not."""
+    every_char = "".join(map(chr, range(sys.maxunicode + 1)))
+    letters = set(regex.findall(r"\p{L}", every_char))
+    assert len(letters) > 100_000
+    assert all(c in letters for c in every_char if c.isalpha())
 
 
 @pytest.mark.parametrize("specials", [[EOT, EOT * 2], [EOT * 2, EOT]], ids=["short-first",
