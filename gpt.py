@@ -168,20 +168,22 @@ PRETOKEN_RE = regex.compile(GPT2_PATTERN)
 
 # Splitting text into words at spaces makes encoding fast: each word is pre-tokenized and merged
 # once, and every later occurrence is a dictionary lookup. The split is exact wherever the space
-# starts a pre-token of its own in GPT-2's pattern, which almost every space does: the exceptions
-# are spaces inside or at the end of a whitespace run ("a   b", "\n  x", a trailing "\t "), which
-# `\s+(?!\S)` joins with the whitespace before them. Text without such spaces (nearly all prose) is
-# split with str.split at C speed, over three times faster than any regex; text with them is cut
-# only before the spaces that follow a non-space, which always start a pre-token. (Stdlib `re`
-# counts a few control characters as whitespace that `regex` does not; that only finds more
-# unsafe spaces, so it stays exact.)
-UNSAFE_SPACE_RE = re.compile(r" (?!\S)(?<=\s.)")  # whitespace before, whitespace or the end after
+# starts a pre-token of its own in GPT-2's pattern, which almost every space does. The exceptions
+# have whitespace before them and whitespace or the end of the text after them ("a   b",
+# "\n  x", a final "\t "): `\s+(?!\S)` joins them to the whitespace before. Text without such
+# spaces (nearly all prose) is split with str.split, which with the search for such spaces runs
+# over twice as fast as splitting with the regex below; text with them is cut only before the
+# spaces that follow a non-space, which always start a pre-token. (Stdlib `re` counts a few control characters as whitespace that
+# `regex` does not: UNSAFE_SPACE_RE then finds more spaces and SAFE_SPACE_RE fewer, which only
+# removes cuts, so both stay exact.)
+UNSAFE_SPACE_RE = re.compile(r" (?!\S)(?<=\s )")  # whitespace before, whitespace or the end after
 SAFE_SPACE_RE = re.compile(r"(?<=\S) ")          # a space after a non-space
 
 
 def split_words(text: str) -> list[str]:
-    """Cut text before the spaces that start a pre-token, dropping those spaces: every word but
-    the first stands for " " + word, and each pre-tokenizes on its own as within the whole text.
+    """Cut text before spaces that start a pre-token (all of them, or those after a non-space),
+    dropping those spaces: every word but the first stands for " " + word, and each
+    pre-tokenizes on its own as within the whole text.
     Example: split_words("Hi there,\nit's  42!") -> ['Hi', "there,\nit's", '', '42!'], which
     stand for 'Hi', " there,\nit's", ' ', ' 42!'."""
     return SAFE_SPACE_RE.split(text) if UNSAFE_SPACE_RE.search(text) else text.split(" ")
@@ -505,8 +507,9 @@ class _Cache(dict):
 
     Text repeats the same words endlessly, so almost every lookup is a hit and encoding runs at
     dictionary speed. The cache is cleared when it grows past `max_size` entries, which bounds
-    its memory on corpora with millions of distinct words. Ids are stored as tuples: immutable,
-    and of no further concern to the cycle collector once it has seen they hold only ints.
+    its memory on corpora with millions of distinct words. Ids are stored as tuples, which the
+    cycle collector stops tracking once it has seen they hold only ints: a full cache of lists
+    would add a million objects to every later full collection (during training, say).
     """
 
     def __init__(self, encode, max_size: int = 1 << 20):
@@ -557,9 +560,10 @@ class Tokenizer:
             self.merged_id.append(self.id_of[left + right])
         self.special_ids = {s: self.id_of[s.encode("utf-8")] for s in self.special_tokens}
         self.special_re = special_tokens_regex(self.special_tokens)
-        # Two caches: text -> ids, for pre-tokens and the first word of a text; and word -> ids
-        # of " " + word, for the words that split_words cut before a space (nearly all), which
-        # saves building " " + word at every lookup.
+        # Two caches: text -> ids, for text that pre-tokenizes on its own (pre-tokens, the first
+        # word of a text, what follows a newline); and word -> ids of " " + word, for the words
+        # that split_words cut before a space (nearly all), which saves building " " + word at
+        # every lookup.
         self.cache = _Cache(self.encode_piece)
         self.after_space = _Cache(self._encode_after_space)
 
@@ -591,8 +595,8 @@ class Tokenizer:
 
     def encode_piece(self, text: str) -> list[int]:
         """Encode text that holds no special token and pre-tokenizes on its own (a pre-token,
-        the first word of a text), through the cache of pre-tokens. Example: "Once," ->
-        pre-tokens ['Once', ','] -> [id of 'Once', id of ','].
+        the first word of a text), through the cache. Example: "Once," -> pre-tokens
+        ['Once', ','] -> [id of 'Once', id of ','].
 
         Letters alone, after at most one space, are one pre-token (` ?\\p{L}+`): such text
         skips the regex and its per-call cost.
@@ -2155,9 +2159,10 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     encode_started = time.perf_counter()
     out_paths = {split: os.path.join(args.out_dir, f"{split}.bin") for split in splits}
     files = [(splits[split], out_paths[split]) for split in splits]
-    for split, num_tokens in zip(splits, encode_files(tokenizer, files, workers, verbose=True)):
-        print(f"{split}: {splits[split]} -> {out_paths[split]}: {num_tokens:,} tokens "
-              f"({dtype.name}), {sizes[split] / max(num_tokens, 1):.2f} bytes/token")
+    with closing(encode_files(tokenizer, files, workers, verbose=True)) as counts:
+        for split, num_tokens in zip(splits, counts):
+            print(f"{split}: {splits[split]} -> {out_paths[split]}: {num_tokens:,} tokens "
+                  f"({dtype.name}), {sizes[split] / max(num_tokens, 1):.2f} bytes/token")
     seconds = time.perf_counter() - encode_started
     print(f"encoded {sum(sizes.values()) / 1e6:,.1f} MB in {seconds:.2f}s with {workers} "
           f"worker{'s' * (workers > 1)}: {sum(sizes.values()) / 1e6 / seconds:.1f} MB/s")

@@ -8,6 +8,7 @@ Everything a test writes goes under pytest's tmp_path, never into the working di
 
 import copy
 import dataclasses
+import gc
 import io
 import json
 import math
@@ -18,7 +19,7 @@ import signal
 import subprocess
 import sys
 import warnings
-from itertools import chain, product
+from itertools import chain, pairwise, product
 
 import numpy as np
 import pytest
@@ -142,7 +143,7 @@ def test_split_words_keep_pretokens_whole(text):
 
 def test_split_words_exact_on_every_short_string():
     """Every string of up to 5 characters from letters, digits, punctuation, an apostrophe and
-    five kinds of whitespace (\x1c is whitespace to `re` but not to `regex`) pre-tokenizes word
+    five kinds of whitespace (\\x1c is whitespace to `re` but not to `regex`) pre-tokenizes word
     by word exactly as whole; and always splitting at spaces would not."""
     alphabet = ["a", "1", ".", "'", "s", " ", "\n", "\t", "\xa0", "\x1c"]
     texts = ["".join(t) for n in range(6) for t in product(alphabet, repeat=n)]
@@ -375,6 +376,14 @@ def test_overlapping_special_tokens_longest_wins(specials, text, expected):
     assert tokenizer.encode(text) == [ids[piece] for piece in expected]
 
 
+def merging_every_pair_tokenizer(text: str, special_tokens: list[str]) -> gpt.Tokenizer:
+    """A tokenizer with a merge for every pair of adjacent bytes in text, ranked at random."""
+    pairs = sorted({(bytes([a]), bytes([b])) for a, b in pairwise(text.encode("utf-8"))})
+    random.Random(0).shuffle(pairs)
+    vocab = {**BYTES_VOCAB, **{256 + i: left + right for i, (left, right) in enumerate(pairs)}}
+    return gpt.Tokenizer(vocab, pairs, special_tokens)
+
+
 # "<| x y |>" holds spaces, so a stream must not cut inside it before it has fully arrived.
 @pytest.mark.parametrize("specials", [[EOT], [EOT, EOT * 2], [EOT, "<| x y |>"]],
                          ids=["eot", "eot+double", "eot+spaced"])
@@ -383,14 +392,34 @@ def test_overlapping_special_tokens_longest_wins(specials, text, expected):
     EOT + EOT + " " + EOT + "end",
     "Once upon a time,  there was\n\na cat.\x1c🙂 日本 it's",
     "a<| x y |>b <| x y |> c<| x",
+    "\t  \tx y\n  z \u3000  \x1d!",
 ])
 def test_encode_iterable_equals_encode_on_any_split(specials, text):
-    """Streaming pieces gives encode()'s ids, however the text is cut into pieces."""
-    tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], specials)
+    """Streaming pieces gives encode()'s ids, however the text is cut into pieces. Every pair
+    of adjacent bytes is a merge, so that a cut in the wrong place would change the ids."""
+    tokenizer = merging_every_pair_tokenizer(text, specials)
     expected = tokenizer.encode(text)
     assert list(tokenizer.encode_iterable(list(text))) == expected  # one character at a time
     for i in range(len(text) + 1):
         assert list(tokenizer.encode_iterable([text[:i], text[i:]])) == expected, i
+
+
+def test_encode_pauses_the_cycle_collector_and_restores_it(tokenizer):
+    """The caches fill with the cycle collector off, and encode() leaves it as it found it."""
+    seen = []
+    encode_piece = tokenizer.cache.encode
+    tokenizer.cache.encode = lambda text: seen.append(gc.isenabled()) or encode_piece(text)
+    try:
+        assert gc.isenabled()
+        tokenizer.encode("never seen before: zqxj")
+        assert seen and not any(seen)
+        assert gc.isenabled()
+        gc.disable()
+        tokenizer.encode("zqxjj")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        tokenizer.cache.encode = encode_piece
 
 
 def test_encode_iterable_equals_encode_on_file_lines(tokenizer, corpus_path):
@@ -541,6 +570,22 @@ def test_encode_file_equals_encode(tmp_path, tokenizer, corpus_path, num_workers
     assert np.fromfile(out, dtype=np.uint16).tolist() == expected
     assert num_tokens == len(expected) and out.stat().st_size == 2 * len(expected)
     assert os.listdir(tmp_path) == ["tokens.bin"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_encode_files_in_one_pool_equal_encode(tmp_path, tokenizer, corpus_path, num_workers):
+    """Several files through one pool: each token file holds encode() of its own text."""
+    other = tmp_path / "other.txt"
+    other.write_text(EOT.join(TRICKY_TEXTS) * 20, encoding="utf-8")
+    files = [(corpus_path, str(tmp_path / "a.bin")), (str(other), str(tmp_path / "b.bin")),
+             (corpus_path, str(tmp_path / "c.bin"))]
+    counts = list(gpt.encode_files(tokenizer, files, num_workers))
+    for (text_path, out_path), num_tokens in zip(files, counts, strict=True):
+        with open(text_path, encoding="utf-8", newline="") as f:
+            expected = tokenizer.encode(f.read())
+        assert np.fromfile(out_path, dtype=np.uint16).tolist() == expected
+        assert num_tokens == len(expected)
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.bin", "c.bin", "other.txt"]
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
