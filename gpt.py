@@ -173,9 +173,9 @@ PRETOKEN_RE = regex.compile(GPT2_PATTERN)
 # "\n  x", a final "\t "): `\s+(?!\S)` joins them to the whitespace before. Text without such
 # spaces (nearly all prose) is split with str.split, which with the search for such spaces runs
 # over twice as fast as splitting with the regex below; text with them is cut only before the
-# spaces that follow a non-space, which always start a pre-token. (Stdlib `re` counts a few control characters as whitespace that
-# `regex` does not: UNSAFE_SPACE_RE then finds more spaces and SAFE_SPACE_RE fewer, which only
-# removes cuts, so both stay exact.)
+# spaces that follow a non-space, which always start a pre-token. (Stdlib `re` counts a few
+# control characters as whitespace that `regex` does not: UNSAFE_SPACE_RE then finds more spaces
+# and SAFE_SPACE_RE fewer, which only removes cuts, so both stay exact.)
 UNSAFE_SPACE_RE = re.compile(r" (?!\S)(?<=\s )")  # whitespace before, whitespace or the end after
 SAFE_SPACE_RE = re.compile(r"(?<=\S) ")          # a space after a non-space
 
