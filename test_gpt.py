@@ -49,6 +49,14 @@ def test_import_does_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("name", ["gpt.py", "test_gpt.py"])
+def test_lines_fit_in_100_characters(name):
+    """The style guide's line limit, so that both files read side by side."""
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        long_lines = [n for n, line in enumerate(f, 1) if len(line.rstrip("\n")) > 100]
+    assert long_lines == []
+
+
 def test_source_compiles_without_warnings():
     """gpt.py has no invalid escape sequences (a SyntaxWarning from Python 3.12, later an error)."""
     with open(os.path.join(HERE, "gpt.py"), encoding="utf-8") as f:
