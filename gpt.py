@@ -608,7 +608,7 @@ class Tokenizer:
             return self.encode_word(text)
         return list(chain.from_iterable(map(self.cache.__getitem__, pretokens)))
 
-    def _encode_after_space(self, word: str) -> tuple[int, ...]:
+    def _encode_after_space(self, word: str) -> Iterable[int]:
         """The ids of " " + word. The commonest shapes of word take shortcuts that give what
         GPT-2's pattern gives without running it: letters, maybe followed by ASCII punctuation
         (" time," -> " time" + ","), and two parts joined by a newline before a non-space
@@ -622,7 +622,7 @@ class Tokenizer:
         if tail and not tail[0].isspace():
             # A newline before a non-space is a pre-token of its own, whatever precedes it.
             return self.after_space[head] + self.cache["\n"] + self.cache[tail]
-        return tuple(chain.from_iterable(map(self.cache.__getitem__, pretokenize(" " + word))))
+        return self.encode_piece(" " + word)
 
     def encode(self, text: str) -> list[int]:
         """Example (TinyStories tokenizer): "Once upon a time<|endoftext|>" ->
