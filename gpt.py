@@ -793,13 +793,6 @@ def encode_files(tokenizer: Tokenizer, files: list[tuple[str, str]], num_workers
             yield num_tokens
 
 
-def encode_file(tokenizer: Tokenizer, text_path: str, out_path: str, num_workers: int,
-                verbose: bool = False) -> int:
-    """Encode one text file into a token file; returns the number of tokens."""
-    (num_tokens,) = encode_files(tokenizer, [(text_path, out_path)], num_workers, verbose)
-    return num_tokens
-
-
 def batch_at(data: np.ndarray, starts: np.ndarray, context_length: int,
              device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows of `data` that begin at `starts`: inputs and next-token targets on `device`.

@@ -572,7 +572,7 @@ def test_encode_file_equals_encode(tmp_path, tokenizer, corpus_path, num_workers
     """The token file holds encode(whole text) as raw uint16, whatever the number of workers."""
     assert len(gpt.plan_chunks(corpus_path, [EOT], num_workers)) > 1  # really cut in chunks
     out = tmp_path / "tokens.bin"
-    num_tokens = gpt.encode_file(tokenizer, corpus_path, str(out), num_workers)
+    (num_tokens,) = gpt.encode_files(tokenizer, [(corpus_path, str(out))], num_workers)
     with open(corpus_path, encoding="utf-8", newline="") as f:
         expected = tokenizer.encode(f.read())
     assert np.fromfile(out, dtype=np.uint16).tolist() == expected
@@ -602,9 +602,9 @@ def test_encode_file_error_leaves_no_file(tmp_path, tokenizer, corpus_path, num_
     with open(corpus_path, "rb") as f:
         (tmp_path / "bad.txt").write_bytes(f.read() + b"\xff")  # only the last chunk is bad
     assert len(gpt.plan_chunks(str(tmp_path / "bad.txt"), [EOT], num_workers)) > 1
+    files = [(str(tmp_path / "bad.txt"), str(tmp_path / "tokens.bin"))]
     with pytest.raises(ValueError, match="not UTF-8"):
-        gpt.encode_file(tokenizer, str(tmp_path / "bad.txt"), str(tmp_path / "tokens.bin"),
-                        num_workers)
+        list(gpt.encode_files(tokenizer, files, num_workers))
     assert os.listdir(tmp_path) == ["bad.txt"]
 
 
