@@ -32,7 +32,7 @@ import gpt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINYSTORIES = os.path.join(HERE, "data", "tinystories_train.txt")
-GPT2_DIR = os.path.join(HERE, "..", "shared", "data", "gpt2")
+GPT2_DIR = os.path.join(HERE, "data", "gpt2")  # OpenAI's GPT-2 tokenizer files (MIT licence)
 EOT = "<|endoftext|>"
 BYTES_VOCAB = {i: bytes([i]) for i in range(256)}  # a tokenizer with no merges at all
 
@@ -496,8 +496,6 @@ def test_saved_files_use_gpt2_spelling(tmp_path, tokenizer):
 @pytest.fixture(scope="module")
 def gpt2_tokenizer():
     """OpenAI's GPT-2 tokenizer files, with <|endoftext|> registered as special."""
-    if not os.path.isdir(GPT2_DIR):
-        pytest.skip(f"GPT-2 tokenizer files not found at {GPT2_DIR}")
     loaded = gpt.Tokenizer.load(GPT2_DIR)  # the directory has no special_tokens.json
     return gpt.Tokenizer(loaded.vocab, loaded.merges, [EOT])
 
