@@ -1594,15 +1594,15 @@ def autocast_dtype(device: torch.device, requested: str) -> torch.dtype | None:
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in "90", "90s", "10m" or "1.5h"."""
+    """Seconds in "90", "90s", "10m" or "1.5h". Example: "1.5h" -> 5400.0."""
     units = {"s": 1, "m": 60, "h": 3600}
     number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
     try:
         seconds = float(number) * units[unit]
     except ValueError:
-        raise ValueError(f"--max-time {text!r}: expected a duration like 90s, 10m or 2h") from None
-    if not seconds > 0:
-        raise ValueError(f"--max-time must be positive, got {text!r}")
+        raise ValueError(f"expected a duration like 90s, 10m or 2h, got {text!r}") from None
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"expected a positive, finite duration, got {text!r}")
     return seconds
 
 
@@ -1612,6 +1612,52 @@ def format_duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class TimeBudget:
+    """Plans the number of steps so that the cosine schedule ends as a time budget runs out.
+
+    The plan is made again at every step from the recent step times, so a run whose machine
+    slows down (or speeds up) halfway still ends its schedule at the deadline, not with the
+    learning rate at its peak or with minutes unused. The time of the last evaluation and of a
+    checkpoint is kept aside for the final ones, so the run as a whole ends within its budget.
+    """
+
+    WARMUP_STEPS = 2   # the first steps compile kernels and warm caches: not timed
+    TIMED_STEPS = 10   # steps timed before the first plan: enough to average out noise
+    RECENT_STEPS = 50  # the plan follows the mean of the last 50 steps: a slowdown shows soon
+
+    def __init__(self, seconds: float, used: float = 0.0):
+        self.seconds = seconds
+        self.started = time.perf_counter() - used  # a resumed run goes on with its own clock
+        self.step_seconds: list[float] = []
+        self.eval_seconds = 0.0  # the last evaluation's duration
+        self.save_seconds = 0.0  # the last checkpoint's duration
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def reserve(self) -> float:
+        """Seconds to keep for the final evaluation and checkpoints (latest.pt and best.pt);
+        until a checkpoint has been timed, assume it takes as long as an evaluation."""
+        return self.eval_seconds + 2 * (self.save_seconds or self.eval_seconds)
+
+    def plan(self, step: int, eval_interval: int) -> int | None:
+        """The step at which the schedule should end, or None while the steps are being timed.
+        Example: at step 100 with 60 s left, 0.5 s a step, and 2 s for an evaluation with its
+        checkpoints every 250 steps -> 100 + int((60 - 2) / (0.5 + 2 / 250)) = 214."""
+        timed = self.step_seconds[self.WARMUP_STEPS:]
+        if len(timed) < self.TIMED_STEPS:
+            return None
+        recent = timed[-self.RECENT_STEPS:]
+        # Each step also owes its share of the evaluation and checkpoints every eval_interval.
+        per_step = sum(recent) / len(recent) + self.reserve() / eval_interval
+        left = self.seconds - self.elapsed() - self.reserve()
+        return step + max(1, int(left / per_step))
+
+    def is_over(self) -> bool:
+        """True once only the time kept for the final evaluation and checkpoint is left."""
+        return self.elapsed() + self.reserve() >= self.seconds
 
 
 def open_tokens(path: str, vocab_size: int) -> np.memmap:
@@ -1687,8 +1733,130 @@ def rank_mean(value: torch.Tensor, world_size: int) -> float:
     return value.item()
 
 
+def check_run_dir(args: argparse.Namespace) -> None:
+    """A fresh run must not silently replace the checkpoints of an earlier one in OUT_DIR."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in OUT_DIR and --overwrite replaces it: "
+                         "give one or the other")
+    existing = [name for name in ("latest.pt", "best.pt")
+                if os.path.exists(os.path.join(args.out_dir, name))]
+    if existing and not (args.resume or args.overwrite):
+        raise ValueError(f"{args.out_dir} already holds a run ({' and '.join(existing)}): "
+                         f"continue it with --resume, train into another --out-dir, or replace "
+                         f"it with --overwrite")
+
+
+def plan_resume(args: argparse.Namespace, checkpoint: dict, path: str) -> tuple[int | None, float]:
+    """How a resumed run goes on: (the step its schedule ends at, if known yet; the seconds of its
+    time budget already used). Sets args.max_steps, args.max_time and args.decay_steps to match.
+
+    An interrupted run continues exactly where it stopped, within its own budget, unless a new
+    --max-steps or --max-time is given. A finished run is extended only when asked (--max-steps
+    beyond its last step, or a --max-time), and its cosine has ended: the extra steps train at
+    --min-lr. One longer run would differ, since its cosine would stretch over all the steps.
+    """
+    step, saved, total = checkpoint["iteration"], checkpoint["args"], checkpoint["total_steps"]
+    finished = checkpoint.get("finished", total is not None and step >= total)
+    new_budget = args.max_steps is not None or args.max_time is not None
+    if not finished:
+        if new_budget:
+            return args.max_steps, 0.0
+        args.max_steps, args.max_time = saved.get("max_steps"), saved.get("max_time")
+        if isinstance(args.max_time, str):  # written by an older gpt.py: "10m"
+            args.max_time = parse_duration(args.max_time)
+        return total, checkpoint.get("elapsed", 0.0)
+    if not new_budget:
+        raise ValueError(f"the run in {path} finished at step {step}; to train it further, "
+                         f"give --max-steps beyond {step} or a --max-time")
+    if args.max_steps is not None and args.max_steps <= step:
+        raise ValueError(f"--max-steps {args.max_steps}: the run in {path} already has {step} "
+                         f"steps")
+    if args.decay_steps is None:
+        args.decay_steps = step  # where the cosine ended: the extra steps run at --min-lr
+    return args.max_steps, 0.0
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, next_batch, grad_accum: int,
+               grad_clip: float, amp: torch.dtype | None = None,
+               loss_fn=cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: forward, loss and backward for each of `grad_accum` micro-batches
+    (drawn by next_batch()), then clip and update. Returns the mean loss, as a tensor on the
+    device (reading it would make the CPU wait for the GPU), and the gradient norm."""
+    loss_sum = 0.0
+    for micro in range(grad_accum):
+        x, y = next_batch()  # (B, T) each
+        # DistributedDataParallel: exchange gradients only in the last micro-batch's backward.
+        last = micro == grad_accum - 1
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+                logits = model(x)  # (B, T, V)
+            # Each micro-batch adds mean_loss / accum: the gradients sum to those of the mean
+            # loss over the whole accum x B batch.
+            loss = loss_fn(logits, y) / grad_accum
+            loss.backward()
+        loss_sum = loss_sum + loss.detach()
+    grad_norm = clip_grad_norm(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+@contextmanager
+def stop_requests(enabled: bool = True):
+    """Yield a list that becomes non-empty when Ctrl-C (SIGINT) or SIGTERM arrives: the loop then
+    stops after its current step and saves. SIGTERM is what `kill`, job schedulers and cloud
+    preemption send, so it gets the same care. A second signal quits at once."""
+    requested: list[str] = []
+
+    def request_stop(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signal.Signals(signum).name)
+        log(f"\n{requested[0]}: stopping after this step to save a checkpoint (again to quit "
+            f"now)")
+
+    # Under torchrun every rank would decide alone and they would fall out of step.
+    names = (signal.SIGINT, signal.SIGTERM) if enabled else ()
+    previous = {name: signal.signal(name, request_stop) for name in names}
+    try:
+        yield requested
+    finally:
+        for name, handler in previous.items():
+            signal.signal(name, handler)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on `device` (the machine's RAM for the CPU and MPS), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_batch_fits(rows: int, positions: int, vocab_size: int, device: torch.device,
+                     flag: str, bytes_per_logit: int = 4) -> None:
+    """Refuse a batch whose (rows, positions, V) logits alone exceed the device's memory (in
+    training, 4 bytes each at the least: bf16 logits and their bf16 gradient). Such a batch
+    would fail anyway, and on Linux often not with an error but with the kernel killing the
+    process (and maybe others) once the memory is touched. A batch that passes can still fail,
+    with the out-of-memory error train() reports."""
+    need, have = rows * positions * vocab_size * bytes_per_logit, device_memory(device)
+    if have is not None and need > have:
+        raise ValueError(f"{flag} {rows:,} cannot fit: its logits alone need "
+                         f"{need / 2**30:,.0f} GiB and {device} has {have / 2**30:,.0f} GiB; "
+                         f"try a smaller {flag}")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the ways PyTorch and numpy report that an allocation failed."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 def train(args: argparse.Namespace) -> None:
     """`python gpt.py train`: the training loop, its logs and its checkpoints."""
+    command_started = time.perf_counter()
     # -- Where to run: one process, or one of several started by torchrun.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -1707,15 +1875,7 @@ def train(args: argparse.Namespace) -> None:
     amp = autocast_dtype(device, args.dtype)
 
     # -- Check every input before any work: a mistake should cost seconds, not an hour.
-    for flag in ("batch_size", "grad_accum", "max_steps", "warmup_steps", "decay_steps",
-                 "eval_interval", "eval_batches", "log_interval"):
-        value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "warmup_steps" else 1):
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least "
-                             f"{0 if flag == 'warmup_steps' else 1}, got {value}")
-    if not args.grad_clip > 0:
-        raise ValueError(f"--grad-clip must be positive, got {args.grad_clip}")
-    max_time = parse_duration(args.max_time or ("10m" if args.max_steps is None else "1000h"))
+    check_run_dir(args)
     tokenizer_dir = os.path.join(args.data_dir, "tokenizer")
     if not os.path.isdir(tokenizer_dir):
         raise ValueError(f"{tokenizer_dir} not found: run `python gpt.py tokenize` first")
@@ -1725,7 +1885,7 @@ def train(args: argparse.Namespace) -> None:
     valid_data = open_tokens(os.path.join(args.data_dir, "valid.bin"), vocab_size)
     latest_path = os.path.join(args.out_dir, "latest.pt")
     best_path = os.path.join(args.out_dir, "best.pt")
-    checkpoint = None
+    checkpoint, total_steps, time_used = None, args.max_steps, 0.0
     if args.resume:
         if not os.path.exists(latest_path):
             raise ValueError(f"--resume: there is no {latest_path} to resume from")
@@ -1739,16 +1899,19 @@ def train(args: argparse.Namespace) -> None:
         for name, value in checkpoint["args"].items():
             if name in ("preset", "batch_size", "lr", "min_lr") and getattr(args, name) is None:
                 setattr(args, name, value)
+        total_steps, time_used = plan_resume(args, checkpoint, latest_path)
+    if args.max_steps is None and args.max_time is None:
+        args.max_time = 600.0  # the default budget: 10 minutes
     args.preset = args.preset or "laptop"
     config = resolve_config(args, vocab_size, checkpoint and checkpoint["config"])
     preset = PRESETS[args.preset]
     batch_size = args.batch_size or preset["batch_size"]
     max_lr = preset["lr"] if args.lr is None else args.lr
     min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
-    if not (max_lr > 0 and 0 <= min_lr <= max_lr):
-        raise ValueError(f"learning rates must satisfy 0 <= --min-lr <= --lr and --lr > 0, got "
-                         f"--lr {max_lr:g} and --min-lr {min_lr:g}")
+    if not min_lr <= max_lr:
+        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
     T = config.context_length
+    check_batch_fits(batch_size, T, vocab_size, device, "--batch-size")
     for name, data in (("train.bin", train_data), ("valid.bin", valid_data)):
         if len(data) <= T:
             raise ValueError(f"{name} has {len(data):,} tokens, too few for one window of "
@@ -1767,15 +1930,17 @@ def train(args: argparse.Namespace) -> None:
                       lr=max_lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     # Each rank draws its own batches from its own generator, saved in every checkpoint.
     batch_rng = torch.Generator().manual_seed(args.seed + rank)
-    step, best_val_loss, total_steps = 0, math.inf, args.max_steps
+    step, best_val_loss = 0, math.inf
     if checkpoint:
         # The optimizer's state includes its hyperparameters (betas, weight decay): a resumed
         # run keeps those it started with.
         step = restore_checkpoint(checkpoint, model, optimizer, latest_path)
         best_val_loss = checkpoint["best_val_loss"]
         batch_rng.set_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
-        total_steps = args.max_steps or checkpoint["total_steps"]
         say(f"resumed from {latest_path} at step {step}")
+        if args.decay_steps is not None and step >= args.decay_steps:
+            say(f"the cosine ended at step {args.decay_steps}: the steps from {step} on train "
+                f"at the minimum learning rate, {min_lr:g}")
 
     # torch.compile turns the model into a few generated kernels, fusing the many elementwise
     # operations (norms, RoPE, SwiGLU) into single passes over memory, backward included.
@@ -1803,16 +1968,27 @@ def train(args: argparse.Namespace) -> None:
     say(f"data: {len(train_data):,} train and {len(valid_data):,} valid tokens | "
         f"{tokens_per_step:,} tokens per step ({batch_size} x {T} x {args.grad_accum} accum"
         f"{ranks}) | lr {max_lr:g} -> {min_lr:g}, warmup {args.warmup_steps} steps")
-    # A resumed run appends to its metrics; a fresh one starts the file again.
+    # A resumed run appends to its metrics; a fresh one starts the file again, and with
+    # --overwrite the previous run's checkpoints go now, so `sample` cannot pick up one of them.
+    if rank == 0 and not checkpoint:
+        for name in ("latest.pt", "best.pt"):
+            if os.path.exists(os.path.join(args.out_dir, name)):
+                os.remove(os.path.join(args.out_dir, name))
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     metrics = open(metrics_path, "a" if checkpoint else "w") if rank == 0 else None
+    # The time budget counts from the start of the command (and, on resume, what the run used).
+    budget = TimeBudget(args.max_time or math.inf,
+                        time_used + time.perf_counter() - command_started)
+    planning = args.max_steps is None  # a time budget: the number of steps is planned
+    next_batch = partial(get_batch, train_data, batch_size, T, device, batch_rng)
 
     def record(**fields) -> None:
         if metrics:
             metrics.write(json.dumps(fields) + "\n")
             metrics.flush()
 
-    def save(path: str) -> None:
+    def save(path: str, finished: bool = False) -> None:
+        started = time.perf_counter()
         rng_states = [batch_rng.get_state()]
         if world_size > 1:
             rng_states = [None] * world_size
@@ -1824,7 +2000,8 @@ def train(args: argparse.Namespace) -> None:
                             tokenizer=dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
                                            special_tokens=tokenizer.special_tokens),
                             best_val_loss=best_val_loss, total_steps=total_steps,
-                            rng=rng_states)
+                            finished=finished, elapsed=budget.elapsed(), rng=rng_states)
+        budget.save_seconds = time.perf_counter() - started
 
     def check_finite(loss: float, what: str) -> None:
         if not math.isfinite(loss):
@@ -1832,107 +2009,92 @@ def train(args: argparse.Namespace) -> None:
                              f"(try a lower --lr); the last good checkpoint is kept in "
                              f"{args.out_dir}")
 
-    # Ctrl-C asks the loop to stop after the current step and save; a second one quits at once.
-    # (Under torchrun every rank would decide alone and they would fall out of step.)
-    stop_requested = []
-
-    def request_stop(signum, frame):
-        if stop_requested:
-            raise KeyboardInterrupt
-        stop_requested.append(True)
-        log("\nCtrl-C: stopping after this step to save a checkpoint (again to quit now)")
-
-    if world_size == 1:
-        previous_handler = signal.signal(signal.SIGINT, request_stop)
-
-    # -- The loop: lr -> maybe evaluate and checkpoint -> micro-batches -> clip -> step -> log.
-    started = time.perf_counter()
-    train_seconds = []  # the duration of each training step
+    # -- The loop: lr -> maybe evaluate and checkpoint -> train_step -> log.
     loss_sum = torch.zeros((), device=device)  # since the last log; summed on the device,
     steps_since_log = 0                        # so the GPU never waits for the CPU to read it
+    announced = False
     try:
-        while True:
-            if total_steps is None and len(train_seconds) == 12:
-                # A time budget: time 10 steps (the first two compile and warm up), then fix the
-                # number of steps so that the cosine schedule ends as the time runs out.
-                # An evaluation batch costs about a third of a step: forward only.
-                per_step = sum(train_seconds[2:]) / 10
-                per_step *= 1 + args.eval_batches / (3 * args.eval_interval * args.grad_accum)
-                left = max_time - (time.perf_counter() - started)
-                total_steps = broadcast(step + max(1, int(left / per_step)), world_size)
-                say(f"time budget {format_duration(max_time)}: planned {total_steps} steps")
-            plan = total_steps or 10 ** 9  # still timing: the warmup does not need the plan
-            lr = lr_cosine_schedule(step, max_lr, min_lr, min(args.warmup_steps, plan),
-                                    args.decay_steps or plan)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        with stop_requests(enabled=world_size == 1) as stop_requested:
+            while True:
+                plan = budget.plan(step, args.eval_interval) if planning else None
+                # Every rank must follow the same plan and stop at the same step: rank 0's
+                # clock decides.
+                done = step >= (plan or total_steps or math.inf) or budget.is_over()
+                done, plan = broadcast((done, plan), world_size)
+                if plan is not None:
+                    total_steps = plan
+                    if not announced:
+                        say(f"time budget {format_duration(budget.seconds)}: planned "
+                            f"{total_steps} steps (planned again as the run goes)")
+                        announced = True
+                if done:
+                    total_steps = step  # the schedule ends here, whatever the plan said
+                schedule_end = total_steps or 10 ** 9  # still timing: the warmup needs no plan
+                lr = lr_cosine_schedule(step, max_lr, min_lr,
+                                        min(args.warmup_steps, schedule_end),
+                                        args.decay_steps or schedule_end)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            # Every rank must stop at the same step: rank 0's clock decides.
-            done = step >= (total_steps or math.inf) or time.perf_counter() - started > max_time
-            done = broadcast(done, world_size)
-            if step % args.eval_interval == 0 or done:
-                val_loss = evaluate(compiled, valid_data,
-                                    eval_starts, batch_size, T, device, amp)
-                val_loss = broadcast(val_loss, world_size)  # the same "best" on every rank
-                check_finite(val_loss, "validation loss")
-                is_best = val_loss < best_val_loss
-                best_val_loss = min(best_val_loss, val_loss)
-                say(f"step {step:>6} | val loss {val_loss:.4f} | val ppl "
-                    f"{math.exp(val_loss):.2f}{' | best so far' if is_best else ''}")
-                record(step=step, val_loss=round(val_loss, 5), val_ppl=math.exp(val_loss))
-                if step > 0:
+                if step % args.eval_interval == 0 or done:
+                    eval_started = time.perf_counter()
+                    val_loss = evaluate(compiled, valid_data,
+                                        eval_starts, batch_size, T, device, amp)
+                    val_loss = broadcast(val_loss, world_size)  # the same "best" on every rank
+                    budget.eval_seconds = time.perf_counter() - eval_started
+                    check_finite(val_loss, "validation loss")
+                    is_best = val_loss < best_val_loss
+                    best_val_loss = min(best_val_loss, val_loss)
+                    say(f"step {step:>6} | val loss {val_loss:.4f} | val ppl "
+                        f"{math.exp(val_loss):.2f}{' | best so far' if is_best else ''}")
+                    record(step=step, val_loss=round(val_loss, 5), val_ppl=math.exp(val_loss),
+                           elapsed=round(budget.elapsed(), 2))
+                    if step > 0:
+                        save(latest_path, finished=done)
+                        if is_best:
+                            save(best_path, finished=done)
+                if done:
+                    break
+                if stop_requested:
+                    check_finite(rank_mean(loss_sum, world_size), "training loss")
                     save(latest_path)
-                    if is_best:
-                        save(best_path)
-            if done:
-                break
-            if stop_requested:
-                check_finite(rank_mean(loss_sum, world_size), "training loss")
-                save(latest_path)
-                raise KeyboardInterrupt(f"interrupted at step {step}: saved {latest_path}; "
-                                        f"continue with --resume")
+                    raise KeyboardInterrupt(f"{stop_requested[0]}: interrupted at step {step}: "
+                                            f"saved {latest_path}; continue with --resume")
 
-            step_started = time.perf_counter()
-            for micro in range(args.grad_accum):
-                x, y = get_batch(train_data, batch_size, T, device, batch_rng)  # (B, T) each
-                # DDP: exchange gradients only in the last micro-batch's backward.
-                last = micro == args.grad_accum - 1
-                with fast_model.no_sync() if world_size > 1 and not last else nullcontext():
-                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        logits = fast_model(x)  # (B, T, V)
-                    # Each micro-batch adds mean_loss / accum: the gradients sum to those of the
-                    # mean loss over the whole accum x B batch.
-                    loss = loss_fn(logits, y) / args.grad_accum
-                    loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = clip_grad_norm(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_since_log += 1
-            train_seconds.append(time.perf_counter() - step_started)
+                step_started = time.perf_counter()
+                loss, grad_norm = train_step(fast_model, optimizer, next_batch,
+                                             args.grad_accum, args.grad_clip, amp, loss_fn)
+                loss_sum += loss
+                step += 1
+                steps_since_log += 1
+                budget.step_seconds.append(time.perf_counter() - step_started)
 
-            if step % args.log_interval == 0 or step >= (total_steps or math.inf):
-                train_loss = rank_mean(loss_sum, world_size) / steps_since_log
-                check_finite(train_loss, "training loss")
-                tokens_per_s = tokens_per_step * steps_since_log / sum(
-                    train_seconds[-steps_since_log:])
-                elapsed = time.perf_counter() - started
-                # Time left: the mean step so far times the steps to go, within the budget.
-                mean_step = sum(train_seconds) / len(train_seconds)
-                left = min(mean_step * ((total_steps or step) - step), max_time - elapsed)
-                say(f"step {step:>6}/{total_steps or '?'} | loss {train_loss:.4f} | "
-                    f"lr {lr:.2e} | grad norm {grad_norm.item():.2f} | "
-                    f"{tokens_per_s:,.0f} tok/s | {format_duration(elapsed)} elapsed"
-                    f"{f', {format_duration(left)} left' if total_steps else ''}")
-                record(step=step, train_loss=round(train_loss, 5), lr=lr,
-                       grad_norm=round(grad_norm.item(), 5), tokens_per_s=round(tokens_per_s),
-                       elapsed=round(elapsed, 2))
-                loss_sum.zero_()
-                steps_since_log = 0
+                if step % args.log_interval == 0 or step == total_steps:
+                    train_loss = rank_mean(loss_sum, world_size) / steps_since_log
+                    check_finite(train_loss, "training loss")
+                    recent = budget.step_seconds[-steps_since_log:]
+                    tokens_per_s = tokens_per_step * steps_since_log / sum(recent)
+                    elapsed = budget.elapsed()
+                    # Time left: the mean step so far times the steps to go, within the budget.
+                    mean_step = sum(budget.step_seconds) / len(budget.step_seconds)
+                    left = min(mean_step * ((total_steps or step) - step),
+                               budget.seconds - elapsed)
+                    say(f"step {step:>6}/{total_steps or '?'} | loss {train_loss:.4f} | "
+                        f"lr {lr:.2e} | grad norm {grad_norm.item():.2f} | "
+                        f"{tokens_per_s:,.0f} tok/s | {format_duration(elapsed)} elapsed"
+                        f"{f', {format_duration(left)} left' if total_steps else ''}")
+                    record(step=step, train_loss=round(train_loss, 5), lr=lr,
+                           grad_norm=round(grad_norm.item(), 5),
+                           tokens_per_s=round(tokens_per_s), elapsed=round(elapsed, 2))
+                    loss_sum.zero_()
+                    steps_since_log = 0
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise ValueError(f"out of memory on {device} with --batch-size {batch_size} (and "
+                         f"context length {T}): try a smaller --batch-size, with --grad-accum "
+                         f"to keep the tokens per step") from None
     finally:
-        if world_size == 1:
-            signal.signal(signal.SIGINT, previous_handler)
         if metrics:
             metrics.close()
 
@@ -1948,7 +2110,7 @@ def train(args: argparse.Namespace) -> None:
         del fast_model
         dist.barrier()
         dist.destroy_process_group()
-    say(f"done: {step} steps in {format_duration(time.perf_counter() - started)}, best val loss "
+    say(f"done: {step} steps in {format_duration(budget.elapsed())}, best val loss "
         f"{best_val_loss:.4f}; checkpoints in {args.out_dir} (latest.pt, best.pt)")
 
 
@@ -2235,8 +2397,51 @@ def cmd_sample(args: argparse.Namespace) -> None:
             f"{'' if args.no_kv_cache else ', KV cache'}]")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (not the usage, then the error)
+    and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown flag is reported by the subcommand it was given to."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            getattr(parsed, "parser", self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
+def number(kind, low: float = -math.inf, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite int or float in [low, high] (or (low, high] if low_open).
+    Example: number(int, 1)("0") fails with "expected an integer >= 1, got '0'"."""
+    bounds = [f"{'>' if low_open else '>='} {low}"] if low > -math.inf else []
+    bounds += [f"<= {high}"] if high < math.inf else []
+    expected = " ".join(["an integer" if kind is int else "a number", " and ".join(bounds)])
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        finite = value is not None and (kind is int or math.isfinite(value))
+        if not (finite and value <= high and (value > low if low_open else value >= low)):
+            raise argparse.ArgumentTypeError(f"expected {expected.strip()}, got {text!r}")
+        return value
+
+    return parse
+
+
+def duration(text: str) -> float:
+    """An argparse type for --max-time: see parse_duration."""
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -2261,7 +2466,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "--vocab-size and --special-tokens are then ignored)")
     tok.add_argument("--workers", type=int, default=None,
                      help="worker processes (default: every available core)")
-    tok.set_defaults(run=cmd_tokenize)
+    tok.set_defaults(run=cmd_tokenize, parser=tok)
 
     tr = commands.add_parser(
         "train", help="train the model on the token files",
@@ -2278,37 +2483,45 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoints latest.pt and best.pt, and metrics.jsonl "
                          "(default: %(default)s)")
     tr.add_argument("--resume", action="store_true",
-                    help="continue exactly from OUT_DIR/latest.pt")
-    tr.add_argument("--max-steps", type=int, help="optimizer steps to train for")
-    tr.add_argument("--max-time", metavar="DURATION",
-                    help="time budget such as 90s, 10m or 2h: the schedule is planned to end "
-                         "when it runs out (default: 10m unless --max-steps is given)")
-    tr.add_argument("--batch-size", type=int,
+                    help="continue the run in OUT_DIR from its latest.pt: an interrupted run "
+                         "exactly where it stopped; a finished one for a new --max-steps or "
+                         "--max-time, at --min-lr")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start a fresh run in an OUT_DIR that holds one, deleting its "
+                         "checkpoints (without it, such an OUT_DIR is refused)")
+    tr.add_argument("--max-steps", type=number(int, 1), help="optimizer steps to train for")
+    tr.add_argument("--max-time", metavar="DURATION", type=duration,
+                    help="time budget such as 90s, 10m or 2h, counted from the start: the "
+                         "schedule is planned, and planned again as the run goes, to end when "
+                         "it runs out (default: 10m unless --max-steps is given)")
+    tr.add_argument("--batch-size", type=number(int, 1),
                     help="sequences per micro-batch and rank (default: from the preset)")
-    tr.add_argument("--grad-accum", type=int, default=1,
+    tr.add_argument("--grad-accum", type=number(int, 1), default=1,
                     help="micro-batches per optimizer step (default: %(default)s)")
-    tr.add_argument("--lr", type=float, help="peak learning rate (default: from the preset)")
-    tr.add_argument("--min-lr", type=float,
+    tr.add_argument("--lr", type=number(float, 0.0, low_open=True),
+                    help="peak learning rate (default: from the preset)")
+    tr.add_argument("--min-lr", type=number(float, 0.0),
                     help="learning rate at the end of the cosine (default: lr / 10)")
-    tr.add_argument("--warmup-steps", type=int, default=100,
+    tr.add_argument("--warmup-steps", type=number(int, 0), default=100,
                     help="steps of linear warmup from 0 (default: %(default)s)")
-    tr.add_argument("--decay-steps", type=int,
+    tr.add_argument("--decay-steps", type=number(int, 1),
                     help="step at which the cosine reaches --min-lr (default: the last step)")
-    tr.add_argument("--weight-decay", type=float, default=0.1,
+    tr.add_argument("--weight-decay", type=number(float, 0.0), default=0.1,
                     help="AdamW's decoupled weight decay of the matrices (default: %(default)s)")
-    tr.add_argument("--beta1", type=float, default=0.9,
+    tr.add_argument("--beta1", type=number(float, 0.0, 1.0), default=0.9,
                     help="AdamW's gradient averaging (default: %(default)s)")
-    tr.add_argument("--beta2", type=float, default=0.95,
+    tr.add_argument("--beta2", type=number(float, 0.0, 1.0), default=0.95,
                     help="AdamW's squared-gradient averaging (default: %(default)s)")
-    tr.add_argument("--grad-clip", type=float, default=1.0,
+    tr.add_argument("--grad-clip", type=number(float, 0.0, low_open=True), default=1.0,
                     help="largest global gradient norm (default: %(default)s)")
-    tr.add_argument("--eval-interval", type=int, default=250,
+    tr.add_argument("--eval-interval", type=number(int, 1), default=250,
                     help="steps between evaluations and checkpoints (default: %(default)s)")
-    tr.add_argument("--eval-batches", type=int, default=20,
+    tr.add_argument("--eval-batches", type=number(int, 1), default=20,
                     help="validation batches per evaluation (default: %(default)s)")
-    tr.add_argument("--log-interval", type=int, default=25,
+    tr.add_argument("--log-interval", type=number(int, 1), default=25,
                     help="steps between log lines (default: %(default)s)")
-    tr.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    tr.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0,
+                    help="random seed, 0 to 2**63 - 1 (default: %(default)s)")
     tr.add_argument("--device", default="auto",
                     help="cpu, cuda, cuda:1, mps, or auto: CUDA, then MPS, then CPU "
                          "(default: %(default)s)")
@@ -2327,9 +2540,10 @@ def build_parser() -> argparse.ArgumentParser:
         if field.type == "bool":
             model_flags.add_argument(flag, action=argparse.BooleanOptionalAction)
         else:
-            model_flags.add_argument(flag, type={"int": int, "float": float}.get(field.type, str),
+            kind = {"int": number(int, 1), "float": number(float, 0.0, low_open=True)}
+            model_flags.add_argument(flag, type=kind.get(field.type, str),
                                      choices=MODEL_CHOICES.get(field.name))
-    tr.set_defaults(run=train)
+    tr.set_defaults(run=train, parser=tr)
 
     sa = commands.add_parser(
         "sample", help="generate text from a trained checkpoint",
@@ -2358,25 +2572,47 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
     sa.add_argument("--no-kv-cache", action="store_true",
                     help="recompute the whole sequence for every token (slow reference)")
-    sa.set_defaults(run=cmd_sample)
+    sa.set_defaults(run=cmd_sample, parser=sa)
     return parser
+
+
+def raise_interrupt(signum, frame):
+    """SIGTERM (from `kill`, a job scheduler or a cloud preemption) stops a command the way
+    Ctrl-C does: unfinished files are removed and complete ones kept."""
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name}: interrupted; complete files are "
+                            f"kept")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = {name: signal.getsignal(name) for name in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        args.run(args)
-    except (ValueError, OSError) as e:
-        log(f"gpt.py {args.command}: error: {e}")
+        try:
+            args.run(args)
+        except (ValueError, OSError) as e:
+            log(f"gpt.py {args.command}: error: {e}")
+            return 2
+        except KeyboardInterrupt as e:
+            # Further signals are ignored while the work that is safe is reported.
+            for name in previous:
+                signal.signal(name, signal.SIG_IGN)
+            log(f"\ngpt.py {args.command}: {str(e) or 'interrupted; complete files are kept'}")
+            return 2
+    except KeyboardInterrupt:  # a second Ctrl-C while the first error was being reported
         return 2
-    except KeyboardInterrupt as e:
-        log(f"\ngpt.py {args.command}: {str(e) or 'interrupted; complete files are kept'}")
-        return 2
+    finally:
+        for name, handler in previous.items():
+            signal.signal(name, handler)
     return 0
 
 
 if __name__ == "__main__":
     exit_code = main()
+    # The command is over and its files are safe: a late Ctrl-C must not turn exit code 2 into a
+    # death by signal while the interpreter shuts down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, interpreter shutdown can race with the distributed backend's
         # background threads and abort a rank whose work is done and saved. Leave at once,

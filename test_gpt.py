@@ -1525,16 +1525,167 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, token_di
     assert [m["step"] for m in metrics(tmp_path) if "train_loss" in m] == [1, 2, 3, 4]
 
 
-def test_time_budget_plans_the_schedule(tmp_path, token_dir, capsys):
-    """--max-time fixes the number of steps from the measured speed and ends on time."""
+def test_time_budget_plan_hand_example(monkeypatch):
+    """The docstring's example: 60 s left at step 100, 0.5 s a step, 2 s of evaluation and
+    checkpoints every 250 steps -> the schedule ends at step 214."""
+    clock = [1000.0]
+    monkeypatch.setattr(gpt.time, "perf_counter", lambda: clock[0])
+    budget = gpt.TimeBudget(100.0)
+    budget.step_seconds = [9.0, 9.0] + [0.5] * 60  # the first two (compiling) are not counted
+    budget.eval_seconds, budget.save_seconds = 1.0, 0.5
+    clock[0] += 40.0
+    assert budget.plan(100, eval_interval=250) == 100 + int(58 / (0.5 + 2 / 250)) == 214
+    assert not budget.is_over()
+    clock[0] += 58.0
+    assert budget.is_over()  # only the 2 s for the final evaluation and checkpoints are left
+    assert gpt.TimeBudget(100.0).plan(5, 250) is None  # no step timed yet: no plan
+
+
+class FakeClock:
+    """time.perf_counter for gpt.py, moved on by the steps and evaluations it times."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_time_budget_is_planned_again_when_the_machine_slows_down(tmp_path, token_dir,
+                                                                  monkeypatch, capsys):
+    """A run whose steps slow from 0.1 s to 0.3 s halfway still ends its cosine at --min-lr,
+    and ends, final evaluation and checkpoint included, within its budget and near it."""
+    clock = FakeClock()
+    monkeypatch.setattr(gpt, "time", clock)
+    train_step, evaluate = gpt.train_step, gpt.evaluate
+
+    def slowing_step(*args, **kwargs):
+        clock.now += 0.1 if clock.now < 8 else 0.3
+        return train_step(*args, **kwargs)
+
+    def timed_evaluate(*args, **kwargs):
+        clock.now += 0.5
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(gpt, "train_step", slowing_step)
+    monkeypatch.setattr(gpt, "evaluate", timed_evaluate)
     args = [a for a in train_args(token_dir, tmp_path) if a not in ("--max-steps", "6")]
-    assert gpt.main(args + ["--max-time", "4s", "--eval-interval", "50"]) == 0
-    out = capsys.readouterr().out
-    planned = int(re.search(r"planned (\d+) steps", out).group(1))
-    done = int(re.search(r"done: (\d+) steps", out).group(1))
-    # The run ends at the planned step or, if the machine slowed down, when the time is up.
-    assert 12 < done <= planned
-    assert torch.load(tmp_path / "latest.pt", weights_only=True)["total_steps"] == planned
+    assert gpt.main(args + ["--max-time", "20s", "--eval-interval", "25", "--lr", "1e-3",
+                            "--min-lr", "1e-4", "--log-interval", "1"]) == 0
+    first_plan = int(re.search(r"planned (\d+) steps", capsys.readouterr().out).group(1))
+    logged = [m for m in metrics(tmp_path) if "lr" in m]
+    # The last step's rate is the cosine's value one step before its end: within 1% of min.
+    assert 1e-4 <= logged[-1]["lr"] < 1.01e-4
+    evaluations = [m for m in metrics(tmp_path) if "val_loss" in m]
+    assert 18.5 <= evaluations[-1]["elapsed"] <= 20  # 1.5 s kept for evaluation and saves
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert checkpoint["finished"] and checkpoint["total_steps"] == logged[-1]["step"]
+    # The plan made from the first, fast steps asked for many more steps than there was time for.
+    assert logged[-1]["step"] < first_plan - 10
+
+
+def test_fresh_run_into_a_run_directory_is_refused(tmp_path, token_dir, capsys):
+    """A new run never silently replaces an earlier run's checkpoints and metrics: it is refused
+    with one line naming --resume, --out-dir and --overwrite; --overwrite replaces them."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
+    before = {name: (tmp_path / name).read_bytes()
+              for name in ("latest.pt", "best.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert gpt.main(train_args(token_dir, tmp_path, "--lr", "5e-3")) == 2
+    line = one_error_line(capsys, "train")
+    assert all(flag in line for flag in ("--resume", "--out-dir", "--overwrite"))
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert gpt.main(train_args(token_dir, tmp_path, "--overwrite", "--max-steps", "2")) == 0
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"] == 2
+    assert max(train_losses(tmp_path)) == 2
+
+
+def test_resume_extends_a_finished_run_at_the_minimum_lr(tmp_path, token_dir, capsys):
+    """--resume with a larger --max-steps extends a finished run: its cosine has ended, so the
+    extra steps train at --min-lr, and the log says so."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "4", "--lr", "1e-3")) == 0
+    capsys.readouterr()
+    assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--max-steps", "7")) == 0
+    assert "train at the minimum learning rate, 0.0001" in capsys.readouterr().out
+    lrs = {m["step"]: m["lr"] for m in metrics(tmp_path) if "lr" in m}
+    assert sorted(lrs) == list(range(1, 8))
+    assert [lrs[s] for s in (5, 6, 7)] == [pytest.approx(1e-4)] * 3
+
+
+def test_resume_extends_a_finished_run_by_time(tmp_path, token_dir):
+    """--resume --max-time on a finished run trains on for that time (it did nothing before)."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
+    args = [a for a in train_args(token_dir, tmp_path, "--resume", "--max-time", "2s")
+            if a not in ("--max-steps", "6")]
+    assert gpt.main(args) == 0
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"] > 3
+
+
+@pytest.mark.parametrize("extra, named", [
+    ([], "finished at step 3"),
+    (["--max-steps", "3"], "already has 3 steps"),
+    (["--overwrite"], "--overwrite"),
+], ids=["no-budget", "no-more-steps", "overwrite"])
+def test_resume_of_a_finished_run_needs_a_new_budget(tmp_path, token_dir, capsys, extra, named):
+    """A finished run resumed without a budget beyond its end is refused in one line, intact."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
+    before = (tmp_path / "latest.pt").read_bytes()
+    args = [a for a in train_args(token_dir, tmp_path, "--resume") if a not in ("--max-steps",
+                                                                                 "6")]
+    capsys.readouterr()
+    assert gpt.main(args + extra) == 2
+    assert named in one_error_line(capsys, "train")
+    assert (tmp_path / "latest.pt").read_bytes() == before
+
+
+def start_training(token_dir, out_dir) -> subprocess.Popen:
+    """`gpt.py train` in its own process, for real signals; returns once it is past step 1."""
+    command = [sys.executable, os.path.join(HERE, "gpt.py"),
+               *train_args(token_dir, out_dir, "--max-steps", "100000", "--eval-interval",
+                           "100000")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if line.startswith("step      1/"):
+            return process
+    raise AssertionError(process.stderr.read())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_saves_and_exits_2(tmp_path, token_dir, signum):
+    """SIGTERM (kill, schedulers, preemption) is treated like Ctrl-C: the step finishes, latest.pt
+    is saved, the process exits 2 with one line, and --resume goes on from there."""
+    process = start_training(token_dir, tmp_path)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and f"{signal.Signals(signum).name}: interrupted" in lines[-1]
+    step = torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"]
+    assert f"at step {step}: saved" in lines[-1] and step >= 1
+
+
+def test_second_ctrl_c_while_reporting_still_exits_2(tmp_path, token_dir, monkeypatch, capsys):
+    """A second Ctrl-C that arrives while the first is being reported cannot make the process
+    die by the signal (exit -2): further signals are ignored until it exits with code 2."""
+    log = gpt.log
+
+    def log_and_interrupt(message, end="\n"):
+        if "interrupted" in message:
+            signal.raise_signal(signal.SIGINT)
+        log(message, end)
+
+    get_batch = gpt.get_batch
+
+    def interrupting_get_batch(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return get_batch(*args, **kwargs)
+
+    monkeypatch.setattr(gpt, "log", log_and_interrupt)
+    monkeypatch.setattr(gpt, "get_batch", interrupting_get_batch)
+    assert gpt.main(train_args(token_dir, tmp_path)) == 2
+    assert "interrupted at step 1" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after main
 
 
 def test_torchrun_two_cpu_processes_train_and_agree(tmp_path, token_dir):
@@ -1707,6 +1858,14 @@ def test_stream_never_splits_a_character():
 # §8 Command line
 # ==================================================================================================
 
+def exit_code(argv: list[str]) -> int:
+    """gpt.main's exit code, also for a mistake argparse catches (it exits, main returns)."""
+    try:
+        return gpt.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def one_error_line(capsys, command: str) -> str:
     """The single stderr line of a failed command (and no traceback)."""
     err = capsys.readouterr().err
@@ -1811,8 +1970,26 @@ def bad_token_dirs(tmp_path, token_dir):
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
      "cuda"),
     (["--resume"], "no {tmp}/run/latest.pt"),
+    (["--max-time", "inf"], "'inf'"),
+    (["--max-time", "1e400"], "'1e400'"),
+    (["--max-time", ""], "--max-time"),
+    (["--max-time", "0s"], "'0s'"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr"),
+    (["--beta2", "1.5"], "--beta2"),
+    (["--seed", str(10**23)], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--d-model", "1e3"], "--d-model"),
+    (["--rope-theta", "inf"], "--rope-theta"),
+    (["--batch-size", str(10**12)], "--batch-size"),
+    (["--preset", "huge"], "--preset"),
+    (["--no-such-flag"], "--no-such-flag"),
 ], ids=["no-data", "ids-too-big", "odd-bytes", "too-short", "no-valid", "d-model", "heads",
-        "batch", "steps", "time", "clip", "unwritable", "device", "nothing-to-resume"])
+        "batch", "steps", "time", "clip", "unwritable", "device", "nothing-to-resume",
+        "time-inf", "time-overflow", "time-empty", "time-zero", "lr-inf", "lr-nan",
+        "min-lr-above-lr", "beta2", "seed-too-big", "seed-negative", "d-model-float",
+        "rope-theta-inf", "out-of-memory", "unknown-preset", "unknown-flag"])
 def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_dirs, capsys,
                                                 extra, named):
     """A user mistake gives exit code 2 and one stderr line naming it, before any training."""
@@ -1820,7 +1997,7 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_d
     extra = [e.format(tmp=tmp_path) for e in extra]
     args = train_args(token_dir, tmp_path / "run") + extra
     capsys.readouterr()
-    assert gpt.main(args) == 2
+    assert exit_code(args) == 2
     assert named.format(tmp=tmp_path) in one_error_line(capsys, "train")
     assert not os.path.exists(tmp_path / "run" / "latest.pt")
 
