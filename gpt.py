@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import ctypes
 import gc
 import heapq
 import json
@@ -127,11 +128,24 @@ def worker_pool(num_workers: int, initializer=None, initargs=()):
     """
     method = "fork" if sys.platform == "linux" else None
     return multiprocessing.get_context(method).Pool(
-        num_workers, initializer=_init_worker, initargs=(initializer, initargs))
+        num_workers, initializer=_init_worker, initargs=(os.getpid(), initializer, initargs))
 
 
-def _init_worker(initializer, initargs) -> None:
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal Linux sends a process when its parent dies
+
+
+def _init_worker(parent_pid: int, initializer, initargs) -> None:
+    # Ctrl-C reaches every process of the terminal: the main process alone handles it and stops
+    # the workers. It stops them with SIGTERM, which must end a worker at once, not run a handler
+    # inherited from the main process (main() makes SIGTERM raise KeyboardInterrupt there).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform == "linux":
+        # A main process killed with kill -9 cannot stop its workers, which would run on and
+        # die later on a broken pipe, with a traceback: have the kernel kill them with it.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl: nobody will signal us
+            os._exit(1)
     if initializer is not None:
         initializer(*initargs)
 
@@ -2363,6 +2377,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `kill` (SIGTERM) stops a command as Ctrl-C does: cleanly, keeping only complete files.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
