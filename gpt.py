@@ -216,6 +216,17 @@ def special_tokens_regex(special_tokens: Iterable[str]) -> regex.Pattern | None:
     return regex.compile("(" + "|".join(map(regex.escape, ordered)) + ")") if ordered else None
 
 
+def check_special_tokens(special_tokens: list[str]) -> None:
+    """Refuse an empty special token, which would match between every two characters, and one
+    given twice, which would take two ids."""
+    for i, token in enumerate(special_tokens):
+        if not token:
+            raise ValueError("a special token is empty: it would match between every two "
+                             "characters")
+        if token in special_tokens[:i]:
+            raise ValueError(f"special token {token!r} is given twice")
+
+
 def split_on_special_tokens(text: str, special_re: regex.Pattern | None) -> list[str]:
     """Example: split("a<|endoftext|>b", ...) -> ['a', '<|endoftext|>', 'b']: the odd positions
     are special tokens, the even positions the (possibly empty) text between them."""
@@ -549,6 +560,7 @@ class Tokenizer:
         self.vocab = dict(vocab)
         self.merges = list(merges)
         self.special_tokens = list(special_tokens or [])
+        check_special_tokens(self.special_tokens)
         for s in self.special_tokens:
             if s.encode("utf-8") not in self.vocab.values():
                 self.vocab[max(self.vocab) + 1] = s.encode("utf-8")

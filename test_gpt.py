@@ -261,6 +261,19 @@ def test_special_tokens_are_never_merged(train):
     assert tokenizer.encode("a" + EOT + "b") == [ord("a"), 256, ord("b")]
 
 
+@pytest.mark.parametrize("specials, named", [
+    ([""], "empty"), ([EOT, "", "<|x|>"], "empty"),
+    ([EOT, "<|x|>", EOT], f"{EOT!r} is given twice"),
+], ids=["empty", "empty-among-others", "twice"])
+def test_empty_or_repeated_special_tokens_are_refused(specials, named):
+    """An empty special token (it would match between every two characters, so every other id
+    would be it) or one given twice (two ids) is refused, by the library as by the command."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        gpt.check_special_tokens(specials)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        gpt.Tokenizer(BYTES_VOCAB, [], specials)
+
+
 WORD_ALPHABET = "aabbcdeé日🙂01'"
 SEPARATORS = [" ", " ", " ", "  ", "   ", "\n", "\n\n", "\t", ", ", ". ", "!? ", " -- ", "\r\n"]
 
