@@ -46,6 +46,7 @@ import argparse
 import codecs
 import ctypes
 import gc
+import hashlib
 import heapq
 import json
 import math
@@ -704,10 +705,9 @@ class Tokenizer:
                              f"({len(self.vocab)} tokens)") from None
         return data.decode("utf-8", errors="replace")
 
-    def save(self, directory: str) -> None:
-        """Write vocab.json and merges.txt in GPT-2's format (bytes spelled printably), plus
-        special_tokens.json. Each file is replaced atomically."""
-        os.makedirs(directory, exist_ok=True)
+    def saved_files(self) -> dict[str, bytes]:
+        """The files save() writes, by name: vocab.json and merges.txt in GPT-2's format (bytes
+        spelled printably), and special_tokens.json. They are also what fingerprint() hashes."""
         spell = bytes_to_unicode()
         spelled = lambda token: "".join(spell[b] for b in token)
         # Written by hand rather than json.dump: if BPE built the same string twice, a dict would
@@ -717,10 +717,25 @@ class Tokenizer:
         vocab_json = "{\n" + ",\n".join(entries) + "\n}\n"
         merges_txt = "#version: 0.2\n" + "".join(f"{spelled(a)} {spelled(b)}\n"
                                                  for a, b in self.merges)
-        write_atomically(os.path.join(directory, "vocab.json"), vocab_json.encode("utf-8"))
-        write_atomically(os.path.join(directory, "merges.txt"), merges_txt.encode("utf-8"))
-        write_atomically(os.path.join(directory, "special_tokens.json"),
-                         json.dumps(self.special_tokens, ensure_ascii=False).encode("utf-8"))
+        return {"vocab.json": vocab_json.encode("utf-8"),
+                "merges.txt": merges_txt.encode("utf-8"),
+                "special_tokens.json": json.dumps(self.special_tokens,
+                                                  ensure_ascii=False).encode("utf-8")}
+
+    def fingerprint(self) -> str:
+        """The sha256 of saved_files(): token files record it to name the tokenizer that made
+        them. It hashes what save() would write, not the files on disk, so a tokenizer loaded
+        back (even from GPT-2's own files) has the fingerprint of the one that was saved."""
+        digest = hashlib.sha256()
+        for name, data in self.saved_files().items():
+            digest.update(f"{name} {len(data)}\n".encode("utf-8") + data)
+        return digest.hexdigest()
+
+    def save(self, directory: str) -> None:
+        """Write saved_files() into `directory`, each replaced atomically."""
+        os.makedirs(directory, exist_ok=True)
+        for name, data in self.saved_files().items():
+            write_atomically(os.path.join(directory, name), data)
 
     @classmethod
     def load(cls, directory: str) -> Tokenizer:

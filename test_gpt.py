@@ -9,6 +9,7 @@ Everything a test writes goes under pytest's tmp_path, never into the working di
 import copy
 import dataclasses
 import gc
+import hashlib
 import io
 import json
 import math
@@ -486,8 +487,28 @@ def test_save_load_round_trip(tmp_path, tokenizer, which):
     assert loaded.vocab == original.vocab
     assert loaded.merges == original.merges
     assert loaded.special_tokens == original.special_tokens
+    assert loaded.fingerprint() == original.fingerprint()
     text = "abc é! Once upon a time<|fin|>" + EOT + "".join(TRICKY_TEXTS)
     assert loaded.encode(text) == original.encode(text)
+
+
+def test_fingerprint_is_the_sha256_of_the_saved_files(tmp_path, tokenizer):
+    """fingerprint() hashes exactly the bytes save() writes, so any change to the vocabulary,
+    the merges or the special tokens changes it; a GPT-2 tokenizer loaded from OpenAI's files
+    keeps its fingerprint through save and load."""
+    tokenizer.save(str(tmp_path / "tok"))
+    digest = hashlib.sha256()
+    for name in ["vocab.json", "merges.txt", "special_tokens.json"]:
+        data = (tmp_path / "tok" / name).read_bytes()
+        digest.update(f"{name} {len(data)}\n".encode() + data)
+    assert tokenizer.fingerprint() == digest.hexdigest()
+    fewer_merges = gpt.Tokenizer(tokenizer.vocab, tokenizer.merges[:-1], [EOT])
+    more_specials = gpt.Tokenizer(tokenizer.vocab, tokenizer.merges, [EOT, "<|x|>"])
+    fingerprints = {t.fingerprint() for t in (tokenizer, fewer_merges, more_specials)}
+    assert len(fingerprints) == 3
+    gpt2 = gpt.Tokenizer.load(GPT2_DIR)
+    gpt2.save(str(tmp_path / "gpt2"))
+    assert gpt.Tokenizer.load(str(tmp_path / "gpt2")).fingerprint() == gpt2.fingerprint()
 
 
 def test_saved_files_use_gpt2_spelling(tmp_path, tokenizer):
