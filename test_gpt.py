@@ -640,6 +640,55 @@ def test_encode_file_error_leaves_no_file(tmp_path, tokenizer, corpus_path, num_
     assert os.listdir(tmp_path) == ["bad.txt"]
 
 
+@pytest.mark.parametrize("data", [
+    b"plain ASCII", "é日🙂 cut anywhere by the blocks".encode(), b"abc" * 10 + b"\xff" + b"x",
+    "aé".encode()[:-1], b"ok \xed\xa0\x80 surrogate", "日".encode()[:2] + b"x", b"\xc0\xaf",
+], ids=["ascii", "multibyte", "bad-byte", "cut-at-end", "surrogate", "cut-inside", "overlong"])
+@pytest.mark.parametrize("block_bytes", [1, 2, 3, 5, 1 << 16])
+def test_check_text_file_finds_the_first_bad_byte_anywhere(tmp_path, data, block_bytes):
+    """The streaming check in blocks accepts exactly what a one-shot strict decode accepts, and
+    names the same offset, wherever the blocks cut a character."""
+    path = tmp_path / "text.txt"
+    path.write_bytes(data)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        with pytest.raises(ValueError, match=f"{path} is not UTF-8 text .*offset {e.start}\\)"):
+            gpt.check_text_file(str(path), block_bytes)
+    else:
+        assert gpt.check_text_file(str(path), block_bytes) == len(data)
+
+
+def test_plan_chunks_of_a_byte_range_cover_it_exactly(tmp_path):
+    """A byte range is planned like a file of its own: chunks tile [start, end), cut only at
+    special tokens."""
+    text = documents_file(tmp_path / "docs.txt", num_docs=4000)
+    data = text.encode()
+    start, end = data.index(EOT.encode(), 1000), data.rindex(EOT.encode(), 0, len(data) - 1000)
+    chunks = gpt.plan_chunks((str(tmp_path / "docs.txt"), start, end), [EOT], num_workers=2)
+    assert len(chunks) > 2 and chunks[0][1] == start and chunks[-1][2] == end
+    assert all(a[2] == b[1] for a, b in pairwise(chunks))
+    assert all(data.startswith(EOT.encode(), cut) for _, cut, _ in chunks)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_encode_and_train_on_a_byte_range_equal_a_copy_of_it(tmp_path, corpus_path, tokenizer,
+                                                            num_workers):
+    """encode_files and train_bpe given (path, start, end) give what they give on a file that
+    holds only those bytes."""
+    data = open(corpus_path, "rb").read()
+    start, end = data.index(b"\n", 10_000) + 1, data.rindex(EOT.encode(), 0, 150_000)
+    (tmp_path / "part.txt").write_bytes(data[start:end])
+    source = (corpus_path, start, end)
+    files = [(source, str(tmp_path / "range.bin")), (str(tmp_path / "part.txt"),
+                                                     str(tmp_path / "copy.bin"))]
+    counts = list(gpt.encode_files(tokenizer, files, num_workers))
+    assert counts[0] == counts[1]
+    assert (tmp_path / "range.bin").read_bytes() == (tmp_path / "copy.bin").read_bytes()
+    assert (gpt.train_bpe(source, 300, [EOT], num_workers)
+            == gpt.train_bpe(str(tmp_path / "part.txt"), 300, [EOT], num_workers))
+
+
 # --- batches --------------------------------------------------------------------------------------
 
 def test_get_batch_shapes_and_shifted_targets():
