@@ -55,6 +55,7 @@ import mmap
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import string
 import sys
@@ -836,11 +837,52 @@ class Tokenizer:
 # in only the windows a batch reads, so a 10 GB corpus trains in the memory of a small one.
 # Format: raw little-endian unsigned integers, no header; uint16 while every id fits (vocabularies
 # up to 65,536 tokens), uint32 beyond. Documents follow each other, separated by <|endoftext|>.
+# Beside each token file, NAME.bin.json records the tokenizer that made it, so training refuses
+# token files and a tokenizer that do not belong together.
 # ==================================================================================================
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned type that holds every id: half the disk and page cache of uint32."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def write_token_info(path: str, fingerprint: str, dtype: np.dtype, num_tokens: int,
+                     source: TextSource) -> None:
+    """Write the sidecar of the token file `path`: which tokenizer (its fingerprint), type and
+    text made it.
+    Example: train.bin.json = {"tokenizer_sha256": "9f2c...", "dtype": "uint16",
+    "num_tokens": 1431520, "text": "/home/me/data/tinystories_train.txt",
+    "text_bytes": [0, 5956704]}."""
+    text_path, start, end = text_range(source)
+    info = {"tokenizer_sha256": fingerprint, "dtype": dtype.name, "num_tokens": num_tokens,
+            "text": os.path.abspath(text_path), "text_bytes": [start, end]}
+    write_atomically(path + ".json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
+
+
+def check_token_info(path: str, dtype: np.dtype, tokenizer: Tokenizer | None) -> None:
+    """Refuse a token file whose sidecar names another tokenizer (when `tokenizer` is given),
+    another type, or another length. A file without a sidecar, written by an older gpt.py, is
+    accepted with a note."""
+    info_path = path + ".json"
+    if not os.path.exists(info_path):
+        log(f"note: {path} has no {os.path.basename(info_path)} (an older gpt.py wrote it), so "
+            "which tokenizer made it cannot be checked")
+        return
+    again = "run `python gpt.py tokenize` again"
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        fingerprint, saved_dtype, num_tokens = (
+            info["tokenizer_sha256"], info["dtype"], int(info["num_tokens"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{info_path} is corrupt ({type(e).__name__}: {e}): {again}") from None
+    if tokenizer is not None and fingerprint != tokenizer.fingerprint():
+        raise ValueError(f"{path} was encoded by another tokenizer (sha256 {fingerprint[:12]}) "
+                         f"than this one ({tokenizer.fingerprint()[:12]}): {again}")
+    num_found = os.path.getsize(path) // dtype.itemsize
+    if (saved_dtype, num_tokens) != (dtype.name, num_found):
+        raise ValueError(f"{path} holds {num_found:,} {dtype.name} tokens, but {info_path} says "
+                         f"{num_tokens:,} {saved_dtype}: {again}")
 
 
 _worker_tokenizer: Tokenizer | None = None  # the tokenizer that _encode_chunk_in_worker uses
@@ -1718,8 +1760,9 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def open_tokens(path: str, vocab_size: int) -> np.memmap:
-    """Memory-map a token file written by `tokenize`, checking that it fits the tokenizer."""
+def open_tokens(path: str, vocab_size: int, tokenizer: Tokenizer | None = None) -> np.memmap:
+    """Memory-map a token file written by `tokenize`, checking that it fits the tokenizer: by its
+    sidecar (see check_token_info), and by its largest id."""
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: run `python gpt.py tokenize` first")
     dtype = token_dtype(vocab_size)
@@ -1727,6 +1770,7 @@ def open_tokens(path: str, vocab_size: int) -> np.memmap:
     if size == 0 or size % dtype.itemsize:
         raise ValueError(f"{path} has {size:,} bytes, not a whole number of {dtype.name} tokens "
                          f"(the type for a {vocab_size:,}-token vocabulary)")
+    check_token_info(path, dtype, tokenizer)
     data = np.memmap(path, dtype=dtype, mode="r")
     # One pass in slices of 64M ids, so even a huge file never sits in memory whole.
     largest = max(int(data[i:i + (1 << 26)].max()) for i in range(0, len(data), 1 << 26))
@@ -2228,41 +2272,187 @@ def newest_checkpoint(run_dir: str) -> str:
 # value; main() prints that one line and exits with code 2.
 # ==================================================================================================
 
+# The bundled TinyStories sample, which `tokenize` encodes when given no text of its own.
+BUNDLED_TRAIN, BUNDLED_VALID = "data/tinystories_train.txt", "data/tinystories_valid.txt"
+# The share of a --train text held out when no --valid is given: a tenth is the usual choice,
+# enough text for a steady validation loss while nine tenths are left to train on.
+DEFAULT_VALID_FRACTION = 0.1
+
+
+def hold_out(path: str, fraction: float, special_tokens: list[str]) -> tuple[int, str]:
+    """Where the last `fraction` of a file starts, moved to a document boundary (right after a
+    special token) or, in a file without one, to a line boundary: the last one before that
+    point, else the first after it. Returns the offset and the kind of boundary.
+    Example: fraction 0.1 of a 1,000-byte file whose documents end at 850 and 950 -> 850."""
+    size = os.path.getsize(path)
+    target = size - max(1, round(size * fraction))
+    kinds = [([s.encode("utf-8") for s in special_tokens], "after a special token"),
+             ([b"\n"], "after a line break")]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for marks, where in kinds:
+            before = [hit + len(m) for m in marks if (hit := data.rfind(m, 0, target)) >= 0]
+            after = [hit + len(m) for m in marks
+                     if 0 <= (hit := data.find(m, target)) < size - len(m)]
+            if before or after:
+                return (max(before) if before else min(after)), where
+    raise ValueError(f"{path} has no special token and no line break to cut a validation part "
+                     "at: give one with --valid")
+
+
+def tokenize_inputs(args: argparse.Namespace, special_tokens: list[str]) -> dict[str, TextSource]:
+    """The train and valid texts (files, or byte ranges of one), each file checked (it exists,
+    is not empty, is UTF-8 throughout) before anything is written. Given neither --train nor
+    --valid: the bundled pair. Given --train alone: its end is held out as validation data, so
+    that a model of the user's text is judged on text like it, not on TinyStories."""
+    holding_out = args.train is not None and args.valid is None
+    if args.valid_fraction is not None:
+        if not holding_out:
+            raise ValueError("--valid-fraction applies only to a --train text without --valid")
+        if not 0 < args.valid_fraction < 1:  # NaN fails this test too
+            raise ValueError(f"--valid-fraction must be between 0 and 1, got "
+                             f"{args.valid_fraction}")
+    train_path = BUNDLED_TRAIN if args.train is None else args.train
+    train_size = check_text_file(train_path)
+    if not holding_out:
+        valid_path = BUNDLED_VALID if args.valid is None else args.valid
+        check_text_file(valid_path)
+        return {"train": train_path, "valid": valid_path}
+    fraction = DEFAULT_VALID_FRACTION if args.valid_fraction is None else args.valid_fraction
+    cut, where = hold_out(train_path, fraction, special_tokens)
+    print(f"valid: held out the last {train_size - cut:,} bytes ({1 - cut / train_size:.1%}) "
+          f"of {train_path}, cut {where} at byte {cut:,}")
+    return {"train": (train_path, 0, cut), "valid": (train_path, cut, train_size)}
+
+
+# What a tokenize killed by kill -9 (or a crash, or a power cut) leaves in its output directory,
+# each name ending in the id of the process that wrote it: its staging directory, the temporary
+# files of an older gpt.py, and check_writable_dir's probe.
+LEFTOVER_RE = re.compile(r"(?:\.tokenize-|\.write-test-|(?:train|valid)\.bin(?:\.json)?\.tmp"
+                         r"|(?:vocab\.json|merges\.txt|special_tokens\.json)\.tmp)(\d{1,9})")
+
+
+def process_is_running(pid: int) -> bool:
+    """Whether a process exists: signal 0 asks without disturbing it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it runs, as another user
+    return True
+
+
+def remove_leftovers(out_dir: str) -> None:
+    """Remove what killed runs of `tokenize` left in out_dir and out_dir/tokenizer, unless the
+    process named in it still runs: that is a tokenize at work."""
+    if os.name != "posix":
+        return  # on Windows, os.kill(pid, 0) would not ask about a process but stop it
+    for directory in (out_dir, os.path.join(out_dir, "tokenizer")):
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            match = LEFTOVER_RE.fullmatch(name)
+            if match and not process_is_running(int(match[1])):
+                path = os.path.join(directory, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                log(f"removed {path}, left by a run that was killed")
+
+
+@contextmanager
+def staging_dir(out_dir: str) -> Iterator[str]:
+    """A new directory in out_dir, named after this process, for a run's outputs until
+    publish() moves them into place. It is removed when the block ends, so an error or Ctrl-C
+    leaves out_dir as it was; after a kill -9, the next run removes it."""
+    path = os.path.join(out_dir, f".tokenize-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)  # left by a dead process that had our id
+    os.makedirs(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(staging: str, out_dir: str, names: list[str]) -> None:
+    """Move staged files into out_dir, holding Ctrl-C and SIGTERM back until all have moved.
+    The tokenizer goes first and each token file before its sidecar, so that a crash in the
+    middle (kill -9, a power cut) leaves old token files whose sidecars name the old tokenizer,
+    or a new token file with its old sidecar: training refuses both rather than mix them."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    can_hold = hasattr(signal, "pthread_sigmask")  # not on Windows
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if can_hold else None
+    try:
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        if can_hold:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir: str,
+                  workers: int, save_tokenizer: bool) -> None:
+    """Write the tokenizer (if `save_tokenizer`), the token files and their sidecars into a
+    staging directory, then publish them together: a failure or Ctrl-C on the way leaves the
+    previous files in out_dir untouched, never a mix of old and new."""
+    dtype = token_dtype(max(tokenizer.vocab) + 1)
+    fingerprint = tokenizer.fingerprint()
+    with staging_dir(out_dir) as staging:
+        names = []  # of the files to publish, relative to staging and out_dir
+        files = [(source, os.path.join(staging, f"{split}.bin"))
+                 for split, source in sources.items()]
+        try:
+            if save_tokenizer:
+                tokenizer.save(os.path.join(staging, "tokenizer"))
+                names += [f"tokenizer/{name}"
+                          for name in sorted(os.listdir(os.path.join(staging, "tokenizer")))]
+            started = time.perf_counter()
+            with closing(encode_files(tokenizer, files, workers, verbose=True)) as counts:
+                for (split, source), (_, path), num_tokens in zip(sources.items(), files, counts):
+                    write_token_info(path, fingerprint, dtype, num_tokens, source)
+                    names += [f"{split}.bin", f"{split}.bin.json"]
+                    _, start, end = text_range(source)
+                    print(f"{split}: {text_name(source)} -> {os.path.join(out_dir, split)}.bin: "
+                          f"{num_tokens:,} tokens ({dtype.name}), "
+                          f"{(end - start) / max(num_tokens, 1):.2f} bytes/token")
+        except OSError as e:
+            raise OSError(f"{e}; the previous files in {out_dir} are kept") from None
+        os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
+        publish(staging, out_dir, names)
+    seconds = time.perf_counter() - started
+    total = sum(end - start for _, start, end in map(text_range, sources.values()))
+    print(f"encoded {total / 1e6:,.1f} MB in {seconds:.2f}s with {workers} "
+          f"worker{'s' * (workers > 1)}: {total / 1e6 / seconds:.1f} MB/s")
+
+
 def cmd_tokenize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
+    # -- Check every input before writing anything: a mistake leaves the previous files as they
+    # were, and costs seconds, not the minutes of training BPE first.
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     workers = args.workers or default_workers()
-    splits = {"train": args.train, "valid": args.valid}
-    sizes = {split: check_text_file(path) for split, path in splits.items()}
+    if args.tokenizer:
+        tokenizer = Tokenizer.load(args.tokenizer)
+        special_tokens = tokenizer.special_tokens
+    else:
+        special_tokens = args.special_tokens
+        check_special_tokens(special_tokens)
+        check_vocab_size(args.vocab_size, special_tokens)
+    sources = tokenize_inputs(args, special_tokens)
     check_writable_dir(args.out_dir)
+    remove_leftovers(args.out_dir)
     tokenizer_dir = os.path.join(args.out_dir, "tokenizer")
 
     if args.tokenizer:
-        tokenizer = Tokenizer.load(args.tokenizer)
         print(f"tokenizer: loaded from {args.tokenizer} ({len(tokenizer.vocab):,} tokens)")
     else:
-        check_vocab_size(args.vocab_size, args.special_tokens)
-        vocab, merges = train_bpe(args.train, args.vocab_size, args.special_tokens, workers,
+        _, start, end = text_range(sources["train"])
+        vocab, merges = train_bpe(sources["train"], args.vocab_size, special_tokens, workers,
                                   verbose=True)
-        tokenizer = Tokenizer(vocab, merges, args.special_tokens)
-        print(f"tokenizer: trained on {args.train} ({sizes['train'] / 1e6:,.1f} MB) in "
-              f"{time.perf_counter() - started:.1f}s: {len(vocab):,} tokens, {len(merges):,} "
-              "merges")
-    if os.path.abspath(args.tokenizer or "") != os.path.abspath(tokenizer_dir):
-        tokenizer.save(tokenizer_dir)  # the token files' directory always holds their tokenizer
-
-    dtype = token_dtype(max(tokenizer.vocab) + 1)
-    encode_started = time.perf_counter()
-    out_paths = {split: os.path.join(args.out_dir, f"{split}.bin") for split in splits}
-    files = [(splits[split], out_paths[split]) for split in splits]
-    with closing(encode_files(tokenizer, files, workers, verbose=True)) as counts:
-        for split, num_tokens in zip(splits, counts):
-            print(f"{split}: {splits[split]} -> {out_paths[split]}: {num_tokens:,} tokens "
-                  f"({dtype.name}), {sizes[split] / max(num_tokens, 1):.2f} bytes/token")
-    seconds = time.perf_counter() - encode_started
-    print(f"encoded {sum(sizes.values()) / 1e6:,.1f} MB in {seconds:.2f}s with {workers} "
-          f"worker{'s' * (workers > 1)}: {sum(sizes.values()) / 1e6 / seconds:.1f} MB/s")
+        tokenizer = Tokenizer(vocab, merges, special_tokens)
+        print(f"tokenizer: trained on {text_name(sources['train'])} ({(end - start) / 1e6:,.1f} "
+              f"MB) in {time.perf_counter() - started:.1f}s: {len(vocab):,} tokens, "
+              f"{len(merges):,} merges")
+    # The token files' directory always holds their tokenizer.
+    save_tokenizer = os.path.abspath(args.tokenizer or "") != os.path.abspath(tokenizer_dir)
+    write_outputs(tokenizer, sources, args.out_dir, workers, save_tokenizer)
     longest = sorted((t for i, t in tokenizer.vocab.items()
                       if t.decode("utf-8", "replace") not in tokenizer.special_tokens),
                      key=len, reverse=True)[:5]
@@ -2347,19 +2537,30 @@ def build_parser() -> argparse.ArgumentParser:
     tok = commands.add_parser(
         "tokenize", help="train a BPE tokenizer and encode a corpus into token files",
         description="Train byte-level BPE on the train text (or load a tokenizer), then encode "
-                    "the train and valid texts into OUT_DIR/train.bin and OUT_DIR/valid.bin.")
-    tok.add_argument("--train", default="data/tinystories_train.txt",
-                     help="UTF-8 text to train BPE on and to encode (default: %(default)s)")
-    tok.add_argument("--valid", default="data/tinystories_valid.txt",
-                     help="UTF-8 text to encode as validation data (default: %(default)s)")
+                    "the train and valid texts into OUT_DIR/train.bin and OUT_DIR/valid.bin. "
+                    "Every input is checked first, and OUT_DIR's files are replaced only once "
+                    "all the new ones are written.")
+    tok.add_argument("--train", metavar="PATH",
+                     help=f"UTF-8 text to train BPE on and to encode (default: {BUNDLED_TRAIN})")
+    tok.add_argument("--valid", metavar="PATH",
+                     help="UTF-8 text to encode as validation data (default: with --train, the "
+                          "end of that text, see --valid-fraction; without, "
+                          f"{BUNDLED_VALID})")
+    tok.add_argument("--valid-fraction", type=float, metavar="F",
+                     help="with --train and no --valid: the share of the train text held out "
+                          "for validation, taken from its end and cut after a special token "
+                          "(or else a line break); BPE never sees it (default: "
+                          f"{DEFAULT_VALID_FRACTION}, the usual tenth)")
     tok.add_argument("--vocab-size", type=int, default=10_000,
                      help="tokens in all: 256 bytes + special tokens + merges "
                           "(default: %(default)s)")
     tok.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"],
-                     help="strings that are always one token and delimit documents "
-                          "(default: %(default)s; give none for no special tokens)")
+                     help="strings that are always one token and delimit documents, each "
+                          "non-empty and given once (default: %(default)s; give none for no "
+                          "special tokens)")
     tok.add_argument("--out-dir", default="data",
-                     help="where tokenizer/, train.bin and valid.bin go (default: %(default)s)")
+                     help="where tokenizer/, train.bin and valid.bin go, each token file with "
+                          "a .json sidecar naming its tokenizer (default: %(default)s)")
     tok.add_argument("--tokenizer", metavar="DIR",
                      help="encode only, with the tokenizer saved in DIR (no BPE training; "
                           "--vocab-size and --special-tokens are then ignored)")
