@@ -44,7 +44,10 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import ctypes
+import errno
 import gc
+import hashlib
 import heapq
 import json
 import math
@@ -52,6 +55,7 @@ import mmap
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import string
 import sys
@@ -127,11 +131,24 @@ def worker_pool(num_workers: int, initializer=None, initargs=()):
     """
     method = "fork" if sys.platform == "linux" else None
     return multiprocessing.get_context(method).Pool(
-        num_workers, initializer=_init_worker, initargs=(initializer, initargs))
+        num_workers, initializer=_init_worker, initargs=(os.getpid(), initializer, initargs))
 
 
-def _init_worker(initializer, initargs) -> None:
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal Linux sends a process when its parent dies
+
+
+def _init_worker(parent_pid: int, initializer, initargs) -> None:
+    # Ctrl-C reaches every process of the terminal: the main process alone handles it and stops
+    # the workers. It stops them with SIGTERM, which must end a worker at once, not run a handler
+    # inherited from the main process (main() makes SIGTERM raise KeyboardInterrupt there).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform == "linux":
+        # A main process killed with kill -9 cannot stop its workers, which would run on and
+        # die later on a broken pipe, with a traceback: have the kernel kill them with it.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl: nobody will signal us
+            os._exit(1)
     if initializer is not None:
         initializer(*initargs)
 
@@ -202,6 +219,17 @@ def special_tokens_regex(special_tokens: Iterable[str]) -> regex.Pattern | None:
     return regex.compile("(" + "|".join(map(regex.escape, ordered)) + ")") if ordered else None
 
 
+def check_special_tokens(special_tokens: list[str]) -> None:
+    """Refuse an empty special token, which would match between every two characters, and one
+    given twice, which would take two ids."""
+    for i, token in enumerate(special_tokens):
+        if not token:
+            raise ValueError("a special token is empty: it would match between every two "
+                             "characters")
+        if token in special_tokens[:i]:
+            raise ValueError(f"special token {token!r} is given twice")
+
+
 def split_on_special_tokens(text: str, special_re: regex.Pattern | None) -> list[str]:
     """Example: split("a<|endoftext|>b", ...) -> ['a', '<|endoftext|>', 'b']: the odd positions
     are special tokens, the even positions the (possibly empty) text between them."""
@@ -213,6 +241,26 @@ def check_vocab_size(vocab_size: int, special_tokens: list[str]) -> None:
         raise ValueError(f"vocab size {vocab_size} is too small: it must hold the 256 bytes and "
                          f"{len(special_tokens)} special token(s), at least "
                          f"{256 + len(special_tokens)}")
+
+
+# Text to read is a whole file, or a byte range (path, start, end) of one: the train part of a
+# file whose end is held out for validation, say.
+TextSource = str | tuple[str, int, int]
+
+
+def text_range(source: TextSource) -> tuple[str, int, int]:
+    """Example: "stories.txt" -> ("stories.txt", 0, 5956704); a range is returned as it is."""
+    if isinstance(source, str):
+        return source, 0, os.path.getsize(source)
+    return source
+
+
+def text_name(source: TextSource) -> str:
+    """Example: ("stories.txt", 0, 900) -> "stories.txt[0:900]", "stories.txt" -> itself."""
+    if isinstance(source, str):
+        return source
+    path, start, end = source
+    return f"{path}[{start}:{end}]"
 
 
 def read_text(path: str, start: int = 0, end: int | None = None) -> str:
@@ -227,56 +275,72 @@ def read_text(path: str, start: int = 0, end: int | None = None) -> str:
                          ) from None
 
 
-def check_text_file(path: str) -> int:
-    """The size of a text file we are about to read, refusing a missing or empty one."""
+def check_text_file(path: str, block_bytes: int = 1 << 16) -> int:
+    """The size of a text file we are about to read, refusing a missing or empty file, or one
+    with a byte anywhere that is not UTF-8: better now than after an hour of work. Decoding in
+    blocks of 64 KB (which stay in the CPU's cache) checks over 2 GB/s in constant memory."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     size = os.path.getsize(path)
     if size == 0:
         raise ValueError(f"{path} is empty")
-    return size
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # of the block's first byte in the file
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(block_bytes)
+            carried = len(decoder.getstate()[0])  # the start of a character the last block cut
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset "
+                                 f"{offset - carried + e.start:,})") from None
+            if not block:
+                return size
+            offset += len(block)
 
 
-def chunk_boundaries(path: str, special_tokens: list[str], chunk_bytes: int) -> list[int]:
-    """Byte offsets that cut a file into chunks of about `chunk_bytes`, each cut at the start of a
-    special token, so no document (and no pre-token) is split between two workers.
+def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes: int
+                     ) -> list[int]:
+    """Byte offsets that cut a text into chunks of about `chunk_bytes`, each cut at the start of
+    a special token, so no document (and no pre-token) is split between two workers.
 
     A cut is refused where an occurrence of a special token starts before it and reaches it
     (overlapping it, or ending right there): in a run such as `<|endoftext|><|endoftext|>`,
     which may be one longer special token, the cut could split what encode() would match.
-    Without special tokens the file is one chunk.
+    Without special tokens the text is one chunk. Offsets are the file's, from start to end.
     Example: a 10 MB file with a document break every few KB, chunk_bytes=4e6 ->
     [0, 4000231, 8000514, 10000000].
     """
-    size = os.path.getsize(path)
+    path, start, end = text_range(source)
     specials = [s.encode("utf-8") for s in special_tokens]
-    cuts = [0]
-    if specials and size > chunk_bytes:
+    cuts = [start]
+    if specials and end - start > chunk_bytes:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            pos = chunk_bytes
-            while pos < size:
-                hits = [h for h in (data.find(s, pos) for s in specials) if h >= 0]
+            pos = start + chunk_bytes
+            while pos < end:
+                hits = [h for h in (data.find(s, pos, end) for s in specials) if h >= 0]
                 if not hits:
                     break
                 cut = min(hits)
                 # An occurrence starting at cut - len(s) .. cut - 1 lies within this window.
-                if any(data.find(s, max(cut - len(s), 0), cut + len(s) - 1) >= 0
+                if any(data.find(s, max(cut - len(s), start), min(cut + len(s) - 1, end)) >= 0
                        for s in specials):
                     pos = cut + 1  # inside or right after a run of specials: try the next one
                     continue
                 if cut > cuts[-1]:
                     cuts.append(cut)
                 pos = cut + chunk_bytes
-    return cuts + [size]
+    return cuts + [end]
 
 
-def plan_chunks(path: str, special_tokens: list[str], num_workers: int,
+def plan_chunks(source: TextSource, special_tokens: list[str], num_workers: int,
                 max_chunk_bytes: int = 4 << 20) -> list[tuple[str, int, int]]:
-    """(path, start, end) pieces for the workers: a few MB each, and at least four per worker
-    on a small file, so every core stays busy until the end."""
-    size = check_text_file(path)
-    chunk = max(min(max_chunk_bytes, size // (4 * num_workers)), 1 << 16)
-    cuts = chunk_boundaries(path, special_tokens, chunk)
+    """(path, start, end) pieces of a text for the workers: a few MB each, and at least four per
+    worker on a small text, so every core stays busy until the end."""
+    path, start, end = text_range(source)
+    chunk = max(min(max_chunk_bytes, (end - start) // (4 * num_workers)), 1 << 16)
+    cuts = chunk_boundaries((path, start, end), special_tokens, chunk)
     return [(path, a, b) for a, b in zip(cuts, cuts[1:])]
 
 
@@ -305,13 +369,15 @@ def _count_chunk(job: tuple[str, int, int, list[str]]) -> tuple[int, Counter[str
     return end - start, count_pretokens_in_chunk(path, start, end, special_tokens)
 
 
-def count_pretokens(path: str, special_tokens: list[str], num_workers: int,
+def count_pretokens(source: TextSource, special_tokens: list[str], num_workers: int,
                     verbose: bool = False) -> Counter[str]:
-    """Pre-token counts of a whole file, in parallel: each worker reads its own chunks from disk,
-    so memory holds a few chunks and the distinct pre-tokens, whatever the file's size."""
-    chunks = plan_chunks(path, special_tokens, num_workers)
+    """Pre-token counts of a file or a byte range of one, in parallel: each worker reads its own
+    chunks from disk, so memory holds a few chunks and the distinct pre-tokens, whatever the
+    file's size."""
+    chunks = plan_chunks(source, special_tokens, num_workers)
     jobs = [(p, a, b, special_tokens) for p, a, b in chunks]
-    progress = Progress(f"pre-tokenize {path}", chunks[-1][2]) if verbose else None
+    progress = (Progress(f"pre-tokenize {text_name(source)}", sum(b - a for _, a, b in chunks))
+                if verbose else None)
     counts: Counter[str] = Counter()
     with closing(map_jobs(_count_chunk, jobs, num_workers, ordered=False)) as results:
         for nbytes, chunk_counts in results:
@@ -475,12 +541,35 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Write a file so that a crash leaves either the old file or the new one, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+# Why a write usually fails, in words: the system's own "File too large" does not say that a
+# limit (ulimit -f) is the cause, and numpy's tofile() says only "42782 requested and 11037
+# written".
+WRITE_FAILURES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                  errno.EFBIG: "the file is larger than the file system or a limit allows"}
+
+
+def write_all(f, data, path: str) -> None:
+    """Write `data` to the open file `f` and flush it; if the disk refuses, an OSError that names
+    `path` and says why."""
+    try:
         f.write(data)
-    os.replace(tmp, path)
+        f.flush()
+    except OSError as e:
+        reason = WRITE_FAILURES.get(e.errno, "the write failed")
+        raise OSError(f"cannot write {path}: {reason} ({e.strerror or e})") from None
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old file or the new one, never half. The
+    temporary file's name holds our process id, for cleaning up after a kill -9."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write_all(f, data, path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # The rank of a pair that is no merge: after every real rank.
@@ -535,6 +624,7 @@ class Tokenizer:
         self.vocab = dict(vocab)
         self.merges = list(merges)
         self.special_tokens = list(special_tokens or [])
+        check_special_tokens(self.special_tokens)
         for s in self.special_tokens:
             if s.encode("utf-8") not in self.vocab.values():
                 self.vocab[max(self.vocab) + 1] = s.encode("utf-8")
@@ -678,10 +768,9 @@ class Tokenizer:
                              f"({len(self.vocab)} tokens)") from None
         return data.decode("utf-8", errors="replace")
 
-    def save(self, directory: str) -> None:
-        """Write vocab.json and merges.txt in GPT-2's format (bytes spelled printably), plus
-        special_tokens.json. Each file is replaced atomically."""
-        os.makedirs(directory, exist_ok=True)
+    def saved_files(self) -> dict[str, bytes]:
+        """The files save() writes, by name: vocab.json and merges.txt in GPT-2's format (bytes
+        spelled printably), and special_tokens.json. They are also what fingerprint() hashes."""
         spell = bytes_to_unicode()
         spelled = lambda token: "".join(spell[b] for b in token)
         # Written by hand rather than json.dump: if BPE built the same string twice, a dict would
@@ -691,10 +780,25 @@ class Tokenizer:
         vocab_json = "{\n" + ",\n".join(entries) + "\n}\n"
         merges_txt = "#version: 0.2\n" + "".join(f"{spelled(a)} {spelled(b)}\n"
                                                  for a, b in self.merges)
-        write_atomically(os.path.join(directory, "vocab.json"), vocab_json.encode("utf-8"))
-        write_atomically(os.path.join(directory, "merges.txt"), merges_txt.encode("utf-8"))
-        write_atomically(os.path.join(directory, "special_tokens.json"),
-                         json.dumps(self.special_tokens, ensure_ascii=False).encode("utf-8"))
+        return {"vocab.json": vocab_json.encode("utf-8"),
+                "merges.txt": merges_txt.encode("utf-8"),
+                "special_tokens.json": json.dumps(self.special_tokens,
+                                                  ensure_ascii=False).encode("utf-8")}
+
+    def fingerprint(self) -> str:
+        """The sha256 of saved_files(): token files record it to name the tokenizer that made
+        them. It hashes what save() would write, not the files on disk, so a tokenizer loaded
+        back (even from GPT-2's own files) has the fingerprint of the one that was saved."""
+        digest = hashlib.sha256()
+        for name, data in self.saved_files().items():
+            digest.update(f"{name} {len(data)}\n".encode("utf-8") + data)
+        return digest.hexdigest()
+
+    def save(self, directory: str) -> None:
+        """Write saved_files() into `directory`, each replaced atomically."""
+        os.makedirs(directory, exist_ok=True)
+        for name, data in self.saved_files().items():
+            write_atomically(os.path.join(directory, name), data)
 
     @classmethod
     def load(cls, directory: str) -> Tokenizer:
@@ -733,11 +837,52 @@ class Tokenizer:
 # in only the windows a batch reads, so a 10 GB corpus trains in the memory of a small one.
 # Format: raw little-endian unsigned integers, no header; uint16 while every id fits (vocabularies
 # up to 65,536 tokens), uint32 beyond. Documents follow each other, separated by <|endoftext|>.
+# Beside each token file, NAME.bin.json records the tokenizer that made it, so training refuses
+# token files and a tokenizer that do not belong together.
 # ==================================================================================================
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned type that holds every id: half the disk and page cache of uint32."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def write_token_info(path: str, fingerprint: str, dtype: np.dtype, num_tokens: int,
+                     source: TextSource) -> None:
+    """Write the sidecar of the token file `path`: which tokenizer (its fingerprint), type and
+    text made it.
+    Example: train.bin.json = {"tokenizer_sha256": "9f2c...", "dtype": "uint16",
+    "num_tokens": 1431520, "text": "/home/me/data/tinystories_train.txt",
+    "text_bytes": [0, 5956704]}."""
+    text_path, start, end = text_range(source)
+    info = {"tokenizer_sha256": fingerprint, "dtype": dtype.name, "num_tokens": num_tokens,
+            "text": os.path.abspath(text_path), "text_bytes": [start, end]}
+    write_atomically(path + ".json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
+
+
+def check_token_info(path: str, dtype: np.dtype, tokenizer: Tokenizer | None) -> None:
+    """Refuse a token file whose sidecar names another tokenizer (when `tokenizer` is given),
+    another type, or another length. A file without a sidecar, written by an older gpt.py, is
+    accepted with a note."""
+    info_path = path + ".json"
+    if not os.path.exists(info_path):
+        log(f"note: {path} has no {os.path.basename(info_path)} (an older gpt.py wrote it), so "
+            "which tokenizer made it cannot be checked")
+        return
+    again = "run `python gpt.py tokenize` again"
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        fingerprint, saved_dtype, num_tokens = (
+            info["tokenizer_sha256"], info["dtype"], int(info["num_tokens"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{info_path} is corrupt ({type(e).__name__}: {e}): {again}") from None
+    if tokenizer is not None and fingerprint != tokenizer.fingerprint():
+        raise ValueError(f"{path} was encoded by another tokenizer (sha256 {fingerprint[:12]}) "
+                         f"than this one ({tokenizer.fingerprint()[:12]}): {again}")
+    num_found = os.path.getsize(path) // dtype.itemsize
+    if (saved_dtype, num_tokens) != (dtype.name, num_found):
+        raise ValueError(f"{path} holds {num_found:,} {dtype.name} tokens, but {info_path} says "
+                         f"{num_tokens:,} {saved_dtype}: {again}")
 
 
 _worker_tokenizer: Tokenizer | None = None  # the tokenizer that _encode_chunk_in_worker uses
@@ -755,10 +900,10 @@ def _encode_chunk_in_worker(job: tuple[str, int, int, np.dtype]) -> tuple[int, n
     return end - start, np.array(ids, dtype=dtype)
 
 
-def encode_files(tokenizer: Tokenizer, files: list[tuple[str, str]], num_workers: int,
+def encode_files(tokenizer: Tokenizer, files: list[tuple[TextSource, str]], num_workers: int,
                  verbose: bool = False) -> Iterator[int]:
-    """Encode text files into token files, given as (text path, token path) pairs; yields each
-    file's number of tokens once it is written.
+    """Encode texts into token files, given as (text, token path) pairs, a text being a file or
+    a byte range of one; yields each file's number of tokens once it is written.
 
     Workers encode chunks of a few MB (cut at special tokens, so the result equals encoding the
     whole text at once) and the main process appends them in order. One pool serves all the
@@ -767,20 +912,21 @@ def encode_files(tokenizer: Tokenizer, files: list[tuple[str, str]], num_workers
     looks complete.
     """
     dtype = token_dtype(max(tokenizer.vocab) + 1)
-    plans = [(text_path, out_path, plan_chunks(text_path, tokenizer.special_tokens, num_workers))
-             for text_path, out_path in files]
+    plans = [(source, out_path, plan_chunks(source, tokenizer.special_tokens, num_workers))
+             for source, out_path in files]
     jobs = [(path, start, end, dtype) for _, _, chunks in plans for path, start, end in chunks]
     results = map_jobs(_encode_chunk_in_worker, jobs, num_workers, ordered=True,
                        initializer=_init_encoder, initargs=(tokenizer,))
     with closing(results):
-        for text_path, out_path, chunks in plans:
-            progress = Progress(f"encode {text_path}", chunks[-1][2]) if verbose else None
-            tmp_path = f"{out_path}.partial"
+        for source, out_path, chunks in plans:
+            progress = (Progress(f"encode {text_name(source)}", sum(b - a for _, a, b in chunks))
+                        if verbose else None)
+            tmp_path = f"{out_path}.tmp{os.getpid()}"
             try:
                 num_tokens = 0
                 with open(tmp_path, "wb") as f:
                     for nbytes, ids in islice(results, len(chunks)):
-                        ids.tofile(f)
+                        write_all(f, ids.data, out_path)
                         num_tokens += len(ids)
                         if progress:
                             progress.advance(nbytes)
@@ -1660,8 +1806,9 @@ class TimeBudget:
         return self.elapsed() + self.reserve() >= self.seconds
 
 
-def open_tokens(path: str, vocab_size: int) -> np.memmap:
-    """Memory-map a token file written by `tokenize`, checking that it fits the tokenizer."""
+def open_tokens(path: str, vocab_size: int, tokenizer: Tokenizer | None = None) -> np.memmap:
+    """Memory-map a token file written by `tokenize`, checking that it fits the tokenizer: by its
+    sidecar (see check_token_info), and by its largest id."""
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: run `python gpt.py tokenize` first")
     dtype = token_dtype(vocab_size)
@@ -1669,6 +1816,7 @@ def open_tokens(path: str, vocab_size: int) -> np.memmap:
     if size == 0 or size % dtype.itemsize:
         raise ValueError(f"{path} has {size:,} bytes, not a whole number of {dtype.name} tokens "
                          f"(the type for a {vocab_size:,}-token vocabulary)")
+    check_token_info(path, dtype, tokenizer)
     data = np.memmap(path, dtype=dtype, mode="r")
     # One pass in slices of 64M ids, so even a huge file never sits in memory whole.
     largest = max(int(data[i:i + (1 << 26)].max()) for i in range(0, len(data), 1 << 26))
@@ -1881,8 +2029,8 @@ def train(args: argparse.Namespace) -> None:
         raise ValueError(f"{tokenizer_dir} not found: run `python gpt.py tokenize` first")
     tokenizer = Tokenizer.load(tokenizer_dir)
     vocab_size = max(tokenizer.vocab) + 1
-    train_data = open_tokens(os.path.join(args.data_dir, "train.bin"), vocab_size)
-    valid_data = open_tokens(os.path.join(args.data_dir, "valid.bin"), vocab_size)
+    train_data = open_tokens(os.path.join(args.data_dir, "train.bin"), vocab_size, tokenizer)
+    valid_data = open_tokens(os.path.join(args.data_dir, "valid.bin"), vocab_size, tokenizer)
     latest_path = os.path.join(args.out_dir, "latest.pt")
     best_path = os.path.join(args.out_dir, "best.pt")
     checkpoint, total_steps, time_used = None, args.max_steps, 0.0
@@ -2286,41 +2434,187 @@ def newest_checkpoint(run_dir: str) -> str:
 # value; main() prints that one line and exits with code 2.
 # ==================================================================================================
 
+# The bundled TinyStories sample, which `tokenize` encodes when given no text of its own.
+BUNDLED_TRAIN, BUNDLED_VALID = "data/tinystories_train.txt", "data/tinystories_valid.txt"
+# The share of a --train text held out when no --valid is given: a tenth is the usual choice,
+# enough text for a steady validation loss while nine tenths are left to train on.
+DEFAULT_VALID_FRACTION = 0.1
+
+
+def hold_out(path: str, fraction: float, special_tokens: list[str]) -> tuple[int, str]:
+    """Where the last `fraction` of a file starts, moved to a document boundary (right after a
+    special token) or, in a file without one, to a line boundary: the last one before that
+    point, else the first after it. Returns the offset and the kind of boundary.
+    Example: fraction 0.1 of a 1,000-byte file whose documents end at 850 and 950 -> 850."""
+    size = os.path.getsize(path)
+    target = size - max(1, round(size * fraction))
+    kinds = [([s.encode("utf-8") for s in special_tokens], "after a special token"),
+             ([b"\n"], "after a line break")]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for marks, where in kinds:
+            before = [hit + len(m) for m in marks if (hit := data.rfind(m, 0, target)) >= 0]
+            after = [hit + len(m) for m in marks
+                     if 0 <= (hit := data.find(m, target)) < size - len(m)]
+            if before or after:
+                return (max(before) if before else min(after)), where
+    raise ValueError(f"{path} has no special token and no line break to cut a validation part "
+                     "at: give one with --valid")
+
+
+def tokenize_inputs(args: argparse.Namespace, special_tokens: list[str]) -> dict[str, TextSource]:
+    """The train and valid texts (files, or byte ranges of one), each file checked (it exists,
+    is not empty, is UTF-8 throughout) before anything is written. Given neither --train nor
+    --valid: the bundled pair. Given --train alone: its end is held out as validation data, so
+    that a model of the user's text is judged on text like it, not on TinyStories."""
+    holding_out = args.train is not None and args.valid is None
+    if args.valid_fraction is not None:
+        if not holding_out:
+            raise ValueError("--valid-fraction applies only to a --train text without --valid")
+        if not 0 < args.valid_fraction < 1:  # NaN fails this test too
+            raise ValueError(f"--valid-fraction must be between 0 and 1, got "
+                             f"{args.valid_fraction}")
+    train_path = BUNDLED_TRAIN if args.train is None else args.train
+    train_size = check_text_file(train_path)
+    if not holding_out:
+        valid_path = BUNDLED_VALID if args.valid is None else args.valid
+        check_text_file(valid_path)
+        return {"train": train_path, "valid": valid_path}
+    fraction = DEFAULT_VALID_FRACTION if args.valid_fraction is None else args.valid_fraction
+    cut, where = hold_out(train_path, fraction, special_tokens)
+    print(f"valid: held out the last {train_size - cut:,} bytes ({1 - cut / train_size:.1%}) "
+          f"of {train_path}, cut {where} at byte {cut:,}")
+    return {"train": (train_path, 0, cut), "valid": (train_path, cut, train_size)}
+
+
+# What a tokenize killed by kill -9 (or a crash, or a power cut) leaves in its output directory,
+# each name ending in the id of the process that wrote it: its staging directory, the temporary
+# files of an older gpt.py, and check_writable_dir's probe.
+LEFTOVER_RE = re.compile(r"(?:\.tokenize-|\.write-test-|(?:train|valid)\.bin(?:\.json)?\.tmp"
+                         r"|(?:vocab\.json|merges\.txt|special_tokens\.json)\.tmp)(\d{1,9})")
+
+
+def process_is_running(pid: int) -> bool:
+    """Whether a process exists: signal 0 asks without disturbing it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it runs, as another user
+    return True
+
+
+def remove_leftovers(out_dir: str) -> None:
+    """Remove what killed runs of `tokenize` left in out_dir and out_dir/tokenizer, unless the
+    process named in it still runs: that is a tokenize at work."""
+    if os.name != "posix":
+        return  # on Windows, os.kill(pid, 0) would not ask about a process but stop it
+    for directory in (out_dir, os.path.join(out_dir, "tokenizer")):
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            match = LEFTOVER_RE.fullmatch(name)
+            if match and not process_is_running(int(match[1])):
+                path = os.path.join(directory, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                log(f"removed {path}, left by a run that was killed")
+
+
+@contextmanager
+def staging_dir(out_dir: str) -> Iterator[str]:
+    """A new directory in out_dir, named after this process, for a run's outputs until
+    publish() moves them into place. It is removed when the block ends, so an error or Ctrl-C
+    leaves out_dir as it was; after a kill -9, the next run removes it."""
+    path = os.path.join(out_dir, f".tokenize-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)  # left by a dead process that had our id
+    os.makedirs(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(staging: str, out_dir: str, names: list[str]) -> None:
+    """Move staged files into out_dir, holding Ctrl-C and SIGTERM back until all have moved.
+    The tokenizer goes first and each token file before its sidecar, so that a crash in the
+    middle (kill -9, a power cut) leaves old token files whose sidecars name the old tokenizer,
+    or a new token file with its old sidecar: training refuses both rather than mix them."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    can_hold = hasattr(signal, "pthread_sigmask")  # not on Windows
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if can_hold else None
+    try:
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        if can_hold:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir: str,
+                  workers: int, save_tokenizer: bool) -> None:
+    """Write the tokenizer (if `save_tokenizer`), the token files and their sidecars into a
+    staging directory, then publish them together: a failure or Ctrl-C on the way leaves the
+    previous files in out_dir untouched, never a mix of old and new."""
+    dtype = token_dtype(max(tokenizer.vocab) + 1)
+    fingerprint = tokenizer.fingerprint()
+    with staging_dir(out_dir) as staging:
+        names = []  # of the files to publish, relative to staging and out_dir
+        files = [(source, os.path.join(staging, f"{split}.bin"))
+                 for split, source in sources.items()]
+        try:
+            if save_tokenizer:
+                tokenizer.save(os.path.join(staging, "tokenizer"))
+                names += [f"tokenizer/{name}"
+                          for name in sorted(os.listdir(os.path.join(staging, "tokenizer")))]
+            started = time.perf_counter()
+            with closing(encode_files(tokenizer, files, workers, verbose=True)) as counts:
+                for (split, source), (_, path), num_tokens in zip(sources.items(), files, counts):
+                    write_token_info(path, fingerprint, dtype, num_tokens, source)
+                    names += [f"{split}.bin", f"{split}.bin.json"]
+                    _, start, end = text_range(source)
+                    print(f"{split}: {text_name(source)} -> {os.path.join(out_dir, split)}.bin: "
+                          f"{num_tokens:,} tokens ({dtype.name}), "
+                          f"{(end - start) / max(num_tokens, 1):.2f} bytes/token")
+        except OSError as e:
+            raise OSError(f"{e}; the previous files in {out_dir} are kept") from None
+        os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
+        publish(staging, out_dir, names)
+    seconds = time.perf_counter() - started
+    total = sum(end - start for _, start, end in map(text_range, sources.values()))
+    print(f"encoded {total / 1e6:,.1f} MB in {seconds:.2f}s with {workers} "
+          f"worker{'s' * (workers > 1)}: {total / 1e6 / seconds:.1f} MB/s")
+
+
 def cmd_tokenize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
+    # -- Check every input before writing anything: a mistake leaves the previous files as they
+    # were, and costs seconds, not the minutes of training BPE first.
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     workers = args.workers or default_workers()
-    splits = {"train": args.train, "valid": args.valid}
-    sizes = {split: check_text_file(path) for split, path in splits.items()}
+    if args.tokenizer:
+        tokenizer = Tokenizer.load(args.tokenizer)
+        special_tokens = tokenizer.special_tokens
+    else:
+        special_tokens = args.special_tokens
+        check_special_tokens(special_tokens)
+        check_vocab_size(args.vocab_size, special_tokens)
+    sources = tokenize_inputs(args, special_tokens)
     check_writable_dir(args.out_dir)
+    remove_leftovers(args.out_dir)
     tokenizer_dir = os.path.join(args.out_dir, "tokenizer")
 
     if args.tokenizer:
-        tokenizer = Tokenizer.load(args.tokenizer)
         print(f"tokenizer: loaded from {args.tokenizer} ({len(tokenizer.vocab):,} tokens)")
     else:
-        check_vocab_size(args.vocab_size, args.special_tokens)
-        vocab, merges = train_bpe(args.train, args.vocab_size, args.special_tokens, workers,
+        _, start, end = text_range(sources["train"])
+        vocab, merges = train_bpe(sources["train"], args.vocab_size, special_tokens, workers,
                                   verbose=True)
-        tokenizer = Tokenizer(vocab, merges, args.special_tokens)
-        print(f"tokenizer: trained on {args.train} ({sizes['train'] / 1e6:,.1f} MB) in "
-              f"{time.perf_counter() - started:.1f}s: {len(vocab):,} tokens, {len(merges):,} "
-              "merges")
-    if os.path.abspath(args.tokenizer or "") != os.path.abspath(tokenizer_dir):
-        tokenizer.save(tokenizer_dir)  # the token files' directory always holds their tokenizer
-
-    dtype = token_dtype(max(tokenizer.vocab) + 1)
-    encode_started = time.perf_counter()
-    out_paths = {split: os.path.join(args.out_dir, f"{split}.bin") for split in splits}
-    files = [(splits[split], out_paths[split]) for split in splits]
-    with closing(encode_files(tokenizer, files, workers, verbose=True)) as counts:
-        for split, num_tokens in zip(splits, counts):
-            print(f"{split}: {splits[split]} -> {out_paths[split]}: {num_tokens:,} tokens "
-                  f"({dtype.name}), {sizes[split] / max(num_tokens, 1):.2f} bytes/token")
-    seconds = time.perf_counter() - encode_started
-    print(f"encoded {sum(sizes.values()) / 1e6:,.1f} MB in {seconds:.2f}s with {workers} "
-          f"worker{'s' * (workers > 1)}: {sum(sizes.values()) / 1e6 / seconds:.1f} MB/s")
+        tokenizer = Tokenizer(vocab, merges, special_tokens)
+        print(f"tokenizer: trained on {text_name(sources['train'])} ({(end - start) / 1e6:,.1f} "
+              f"MB) in {time.perf_counter() - started:.1f}s: {len(vocab):,} tokens, "
+              f"{len(merges):,} merges")
+    # The token files' directory always holds their tokenizer.
+    save_tokenizer = os.path.abspath(args.tokenizer or "") != os.path.abspath(tokenizer_dir)
+    write_outputs(tokenizer, sources, args.out_dir, workers, save_tokenizer)
     longest = sorted((t for i, t in tokenizer.vocab.items()
                       if t.decode("utf-8", "replace") not in tokenizer.special_tokens),
                      key=len, reverse=True)[:5]
@@ -2448,19 +2742,30 @@ def build_parser() -> argparse.ArgumentParser:
     tok = commands.add_parser(
         "tokenize", help="train a BPE tokenizer and encode a corpus into token files",
         description="Train byte-level BPE on the train text (or load a tokenizer), then encode "
-                    "the train and valid texts into OUT_DIR/train.bin and OUT_DIR/valid.bin.")
-    tok.add_argument("--train", default="data/tinystories_train.txt",
-                     help="UTF-8 text to train BPE on and to encode (default: %(default)s)")
-    tok.add_argument("--valid", default="data/tinystories_valid.txt",
-                     help="UTF-8 text to encode as validation data (default: %(default)s)")
+                    "the train and valid texts into OUT_DIR/train.bin and OUT_DIR/valid.bin. "
+                    "Every input is checked first, and OUT_DIR's files are replaced only once "
+                    "all the new ones are written.")
+    tok.add_argument("--train", metavar="PATH",
+                     help=f"UTF-8 text to train BPE on and to encode (default: {BUNDLED_TRAIN})")
+    tok.add_argument("--valid", metavar="PATH",
+                     help="UTF-8 text to encode as validation data (default: with --train, the "
+                          "end of that text, see --valid-fraction; without, "
+                          f"{BUNDLED_VALID})")
+    tok.add_argument("--valid-fraction", type=float, metavar="F",
+                     help="with --train and no --valid: the share of the train text held out "
+                          "for validation, taken from its end and cut after a special token "
+                          "(or else a line break); BPE never sees it (default: "
+                          f"{DEFAULT_VALID_FRACTION}, the usual tenth)")
     tok.add_argument("--vocab-size", type=int, default=10_000,
                      help="tokens in all: 256 bytes + special tokens + merges "
                           "(default: %(default)s)")
     tok.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"],
-                     help="strings that are always one token and delimit documents "
-                          "(default: %(default)s; give none for no special tokens)")
+                     help="strings that are always one token and delimit documents, each "
+                          "non-empty and given once (default: %(default)s; give none for no "
+                          "special tokens)")
     tok.add_argument("--out-dir", default="data",
-                     help="where tokenizer/, train.bin and valid.bin go (default: %(default)s)")
+                     help="where tokenizer/, train.bin and valid.bin go, each token file with "
+                          "a .json sidecar naming its tokenizer (default: %(default)s)")
     tok.add_argument("--tokenizer", metavar="DIR",
                      help="encode only, with the tokenizer saved in DIR (no BPE training; "
                           "--vocab-size and --special-tokens are then ignored)")

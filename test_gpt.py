@@ -9,6 +9,7 @@ Everything a test writes goes under pytest's tmp_path, never into the working di
 import copy
 import dataclasses
 import gc
+import hashlib
 import io
 import json
 import math
@@ -18,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from itertools import chain, pairwise, product
 
@@ -261,6 +263,19 @@ def test_special_tokens_are_never_merged(train):
     assert tokenizer.encode("a" + EOT + "b") == [ord("a"), 256, ord("b")]
 
 
+@pytest.mark.parametrize("specials, named", [
+    ([""], "empty"), ([EOT, "", "<|x|>"], "empty"),
+    ([EOT, "<|x|>", EOT], f"{EOT!r} is given twice"),
+], ids=["empty", "empty-among-others", "twice"])
+def test_empty_or_repeated_special_tokens_are_refused(specials, named):
+    """An empty special token (it would match between every two characters, so every other id
+    would be it) or one given twice (two ids) is refused, by the library as by the command."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        gpt.check_special_tokens(specials)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        gpt.Tokenizer(BYTES_VOCAB, [], specials)
+
+
 WORD_ALPHABET = "aabbcdeé日🙂01'"
 SEPARATORS = [" ", " ", " ", "  ", "   ", "\n", "\n\n", "\t", ", ", ". ", "!? ", " -- ", "\r\n"]
 
@@ -473,8 +488,28 @@ def test_save_load_round_trip(tmp_path, tokenizer, which):
     assert loaded.vocab == original.vocab
     assert loaded.merges == original.merges
     assert loaded.special_tokens == original.special_tokens
+    assert loaded.fingerprint() == original.fingerprint()
     text = "abc é! Once upon a time<|fin|>" + EOT + "".join(TRICKY_TEXTS)
     assert loaded.encode(text) == original.encode(text)
+
+
+def test_fingerprint_is_the_sha256_of_the_saved_files(tmp_path, tokenizer, gpt2_tokenizer):
+    """fingerprint() hashes exactly the bytes save() writes, so any change to the vocabulary,
+    the merges or the special tokens changes it; a GPT-2 tokenizer loaded from OpenAI's files
+    keeps its fingerprint through save and load."""
+    tokenizer.save(str(tmp_path / "tok"))
+    digest = hashlib.sha256()
+    for name in ["vocab.json", "merges.txt", "special_tokens.json"]:
+        data = (tmp_path / "tok" / name).read_bytes()
+        digest.update(f"{name} {len(data)}\n".encode() + data)
+    assert tokenizer.fingerprint() == digest.hexdigest()
+    fewer_merges = gpt.Tokenizer(tokenizer.vocab, tokenizer.merges[:-1], [EOT])
+    more_specials = gpt.Tokenizer(tokenizer.vocab, tokenizer.merges, [EOT, "<|x|>"])
+    fingerprints = {t.fingerprint() for t in (tokenizer, fewer_merges, more_specials)}
+    assert len(fingerprints) == 3
+    gpt2_tokenizer.save(str(tmp_path / "gpt2"))
+    assert (gpt.Tokenizer.load(str(tmp_path / "gpt2")).fingerprint()
+            == gpt2_tokenizer.fingerprint())
 
 
 def test_saved_files_use_gpt2_spelling(tmp_path, tokenizer):
@@ -604,6 +639,118 @@ def test_encode_file_error_leaves_no_file(tmp_path, tokenizer, corpus_path, num_
     with pytest.raises(ValueError, match="not UTF-8"):
         list(gpt.encode_files(tokenizer, files, num_workers))
     assert os.listdir(tmp_path) == ["bad.txt"]
+
+
+@pytest.mark.parametrize("data", [
+    b"plain ASCII", "é日🙂 cut anywhere by the blocks".encode(), b"abc" * 10 + b"\xff" + b"x",
+    "aé".encode()[:-1], b"ok \xed\xa0\x80 surrogate", "日".encode()[:2] + b"x", b"\xc0\xaf",
+], ids=["ascii", "multibyte", "bad-byte", "cut-at-end", "surrogate", "cut-inside", "overlong"])
+@pytest.mark.parametrize("block_bytes", [1, 2, 3, 5, 1 << 16])
+def test_check_text_file_finds_the_first_bad_byte_anywhere(tmp_path, data, block_bytes):
+    """The streaming check in blocks accepts exactly what a one-shot strict decode accepts, and
+    names the same offset, wherever the blocks cut a character."""
+    path = tmp_path / "text.txt"
+    path.write_bytes(data)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        with pytest.raises(ValueError, match=f"{path} is not UTF-8 text .*offset {e.start}\\)"):
+            gpt.check_text_file(str(path), block_bytes)
+    else:
+        assert gpt.check_text_file(str(path), block_bytes) == len(data)
+
+
+def test_plan_chunks_of_a_byte_range_cover_it_exactly(tmp_path):
+    """A byte range is planned like a file of its own: chunks tile [start, end), cut only at
+    special tokens."""
+    text = documents_file(tmp_path / "docs.txt", num_docs=4000)
+    data = text.encode()
+    start, end = data.index(EOT.encode(), 1000), data.rindex(EOT.encode(), 0, len(data) - 1000)
+    chunks = gpt.plan_chunks((str(tmp_path / "docs.txt"), start, end), [EOT], num_workers=2)
+    assert len(chunks) > 2 and chunks[0][1] == start and chunks[-1][2] == end
+    assert all(a[2] == b[1] for a, b in pairwise(chunks))
+    assert all(data.startswith(EOT.encode(), cut) for _, cut, _ in chunks)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_encode_and_train_on_a_byte_range_equal_a_copy_of_it(tmp_path, corpus_path, tokenizer,
+                                                            num_workers):
+    """encode_files and train_bpe given (path, start, end) give what they give on a file that
+    holds only those bytes."""
+    data = open(corpus_path, "rb").read()
+    start, end = data.index(b"\n", 10_000) + 1, data.rindex(EOT.encode(), 0, 150_000)
+    (tmp_path / "part.txt").write_bytes(data[start:end])
+    source = (corpus_path, start, end)
+    files = [(source, str(tmp_path / "range.bin")), (str(tmp_path / "part.txt"),
+                                                     str(tmp_path / "copy.bin"))]
+    counts = list(gpt.encode_files(tokenizer, files, num_workers))
+    assert counts[0] == counts[1]
+    assert (tmp_path / "range.bin").read_bytes() == (tmp_path / "copy.bin").read_bytes()
+    assert (gpt.train_bpe(source, 300, [EOT], num_workers)
+            == gpt.train_bpe(str(tmp_path / "part.txt"), 300, [EOT], num_workers))
+
+
+DOCS = "aaaa" + EOT + "bbbb" + EOT + "cc\ncc"  # documents end at 17 and 34, a line at 37, of 39
+
+
+@pytest.mark.parametrize("text, specials, fraction, expected", [
+    (DOCS, [EOT], 0.1, (34, "after a special token")),  # 4 bytes from the end: the point is 35
+    (DOCS, [EOT], 0.5, (17, "after a special token")),  # the last document end before 19
+    (DOCS, [EOT], 0.9, (17, "after a special token")),  # none before 4: the first after it
+    (DOCS, [], 0.1, (37, "after a line break")),  # no special tokens: the first line after 35
+    ("one\ntwo\nthree\n", [EOT], 0.3, (8, "after a line break")),  # no special token in it
+    ("one\ntwo" + EOT, [EOT], 0.1, (4, "after a line break")),  # the only special ends it
+])
+def test_hold_out_cuts_after_a_document_or_else_a_line(tmp_path, text, specials, fraction,
+                                                        expected):
+    """Hand-worked cuts: after the last special token before the point that leaves `fraction`
+    for validation, else the first after it; in a text with none inside it, at a line break."""
+    (tmp_path / "text.txt").write_text(text)
+    assert gpt.hold_out(str(tmp_path / "text.txt"), fraction, specials) == expected
+
+
+def test_hold_out_with_no_boundary_is_refused(tmp_path):
+    """A text with no line break and no special token gives no place to cut: --valid is asked."""
+    (tmp_path / "text.txt").write_text("one line" + EOT)
+    with pytest.raises(ValueError, match="no special token and no line break.*--valid"):
+        gpt.hold_out(str(tmp_path / "text.txt"), 0.1, [EOT])
+
+
+@pytest.fixture
+def token_file(tmp_path, token_dir):
+    """A copy of a token file written by `tokenize`, with its sidecar, and its tokenizer."""
+    import shutil
+    for name in ["train.bin", "train.bin.json"]:
+        shutil.copy(os.path.join(token_dir, name), tmp_path / name)
+    return str(tmp_path / "train.bin"), gpt.Tokenizer.load(os.path.join(token_dir, "tokenizer"))
+
+
+def test_open_tokens_checks_the_sidecar(token_file, tokenizer, capsys):
+    """open_tokens accepts a token file whose sidecar names its tokenizer and length, and refuses
+    one made by another tokenizer, or whose length disagrees, telling to run tokenize again."""
+    path, own = token_file
+    data = gpt.open_tokens(path, len(own.vocab), own)
+    assert len(data) == json.load(open(path + ".json"))["num_tokens"]
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match=f"{path} was encoded by another tokenizer.*again"):
+        gpt.open_tokens(path, len(tokenizer.vocab), tokenizer)
+    with open(path, "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(ValueError, match=f"{path} holds .* tokens, but .*tokenize` again"):
+        gpt.open_tokens(path, len(own.vocab))  # the old call, without a tokenizer, checks this
+    with open(path + ".json", "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match=f"{path}.json is corrupt"):
+        gpt.open_tokens(path, len(own.vocab), own)
+
+
+def test_open_tokens_without_sidecar_is_accepted_with_a_note(token_file, capsys):
+    """A token file from an older gpt.py, without a sidecar, loads, with one note on stderr."""
+    path, own = token_file
+    os.remove(path + ".json")
+    assert len(gpt.open_tokens(path, len(own.vocab), own)) == os.path.getsize(path) // 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"note: {path} has no train.bin.json")
 
 
 # --- batches --------------------------------------------------------------------------------------
@@ -1900,43 +2047,259 @@ def test_tokenize_command_end_to_end(tmp_path, small_texts):
     for split, text_path in [("train", train), ("valid", valid)]:
         ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16).tolist()
         assert tokenizer.decode(ids) == text_path.read_text(encoding="utf-8")
+        info = json.loads((out / f"{split}.bin.json").read_text())
+        assert info == {"tokenizer_sha256": tokenizer.fingerprint(), "dtype": "uint16",
+                        "num_tokens": len(ids), "text": str(text_path),
+                        "text_bytes": [0, text_path.stat().st_size]}
+    assert sorted(os.listdir(out)) == ["tokenizer", "train.bin", "train.bin.json", "valid.bin",
+                                       "valid.bin.json"]  # and no staging directory
 
     again = tmp_path / "again"
     assert gpt.main(args + ["--out-dir", str(again), "--tokenizer", str(out / "tokenizer")]) == 0
-    for name in ["train.bin", "valid.bin"]:
+    for name in ["train.bin", "valid.bin", "train.bin.json", "valid.bin.json"]:
         assert (again / name).read_bytes() == (out / name).read_bytes()
 
 
-@pytest.mark.parametrize("flag, value, named", [
-    ("--train", "{tmp}/missing.txt", "{tmp}/missing.txt"),
-    ("--valid", "{tmp}/missing.txt", "{tmp}/missing.txt"),
-    ("--train", "{tmp}/empty.txt", "{tmp}/empty.txt"),
-    ("--train", "{tmp}/not_utf8.txt", "{tmp}/not_utf8.txt"),
-    ("--vocab-size", "100", "100"),
-    ("--workers", "0", "--workers"),
-    ("--out-dir", "{tmp}/afile/out", "{tmp}/afile/out"),  # under a file: fails even for root
-    ("--tokenizer", "{tmp}/corrupt", "{tmp}/corrupt"),
-    ("--tokenizer", "{tmp}/missing", "{tmp}/missing"),
-], ids=["missing-train", "missing-valid", "empty-train", "not-utf8", "small-vocab", "no-workers",
-        "unwritable-out", "corrupt-tokenizer", "missing-tokenizer"])
-def test_tokenize_bad_input_is_one_line_and_exit_2(tmp_path, small_texts, capsys, flag, value,
+@pytest.mark.parametrize("specials, where", [([EOT], "after a special token"),
+                                             ([], "after a line break")])
+def test_tokenize_holds_out_the_end_of_a_train_text(tmp_path, corpus_path, capsys, specials,
+                                                    where):
+    """--train without --valid: the last tenth or so of the text, cut after a special token
+    (without special tokens, after a line), becomes valid.bin; BPE learns from the rest only."""
+    text = open(corpus_path, encoding="utf-8", newline="").read()
+    data = text.encode()
+    out = tmp_path / "out"
+    assert gpt.main(["tokenize", "--train", corpus_path, "--out-dir", str(out), "--vocab-size",
+                     "300", "--workers", "1", "--special-tokens", *specials]) == 0
+    cut = json.loads((out / "valid.bin.json").read_text())["text_bytes"][0]
+    assert f"held out the last {len(data) - cut:,} bytes" in capsys.readouterr().out
+    assert 0.1 <= 1 - cut / len(data) < 0.12
+    assert data[:cut].endswith(EOT.encode() if specials else b"\n")
+    tokenizer = gpt.Tokenizer.load(str(out / "tokenizer"))
+    for split, part in [("train", data[:cut]), ("valid", data[cut:])]:
+        ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16).tolist()
+        assert tokenizer.decode(ids) == part.decode()
+    (tmp_path / "head.txt").write_bytes(data[:cut])
+    vocab, merges = gpt.train_bpe(str(tmp_path / "head.txt"), 300, specials, num_workers=1)
+    assert (tokenizer.vocab, tokenizer.merges) == (vocab, merges)
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"--train": "{tmp}/missing.txt"}, "{tmp}/missing.txt"),
+    ({"--valid": "{tmp}/missing.txt"}, "{tmp}/missing.txt"),
+    ({"--train": "{tmp}/empty.txt"}, "{tmp}/empty.txt"),
+    ({"--train": "{tmp}/not_utf8.txt"}, "{tmp}/not_utf8.txt is not UTF-8 text (invalid byte at "
+                                        "offset 3,000)"),
+    ({"--valid": "{tmp}/not_utf8.txt"}, "{tmp}/not_utf8.txt is not UTF-8 text (invalid byte at "
+                                        "offset 3,000)"),
+    ({"--vocab-size": "100"}, "100"),
+    ({"--workers": "0"}, "--workers"),
+    ({"--out-dir": "{tmp}/afile/out"}, "{tmp}/afile/out"),  # under a file: fails even for root
+    ({"--tokenizer": "{tmp}/corrupt"}, "{tmp}/corrupt"),
+    ({"--tokenizer": "{tmp}/missing"}, "{tmp}/missing"),
+    ({"--special-tokens": [""]}, "a special token is empty"),
+    ({"--special-tokens": [EOT, "<|x|>", EOT]}, f"special token {EOT!r} is given twice"),
+    *[({"--valid": None, "--valid-fraction": bad}, "--valid-fraction must be between 0 and 1")
+      for bad in ["0", "1", "-0.1", "nan"]],
+    ({"--valid-fraction": "0.2"}, "--valid-fraction applies only to a --train text without"),
+    ({"--train": "{tmp}/one_line.txt", "--valid": None},
+     "{tmp}/one_line.txt has no special token and no line break"),
+], ids=["missing-train", "missing-valid", "empty-train", "not-utf8", "not-utf8-valid",
+        "small-vocab", "no-workers", "unwritable-out", "corrupt-tokenizer", "missing-tokenizer",
+        "empty-special", "special-twice", "fraction-0", "fraction-1", "fraction-negative",
+        "fraction-nan", "fraction-with-valid", "nowhere-to-hold-out"])
+def test_tokenize_bad_input_is_one_line_and_exit_2(tmp_path, small_texts, capsys, changes,
                                                    named):
-    """A user mistake gives exit code 2, one stderr line naming the bad value, no token files."""
+    """A user mistake gives exit code 2 and one stderr line naming the bad value, and leaves the
+    previous files in OUT_DIR as they were: found before anything is written."""
     (tmp_path / "empty.txt").write_bytes(b"")
-    (tmp_path / "not_utf8.txt").write_bytes(b"abc\xff\xfe")
+    (tmp_path / "not_utf8.txt").write_bytes(b"abc" * 1000 + b"\xff\xfe")  # bad at the end
+    (tmp_path / "one_line.txt").write_text("a text without a line break or a special token")
     (tmp_path / "afile").write_bytes(b"a regular file")
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "vocab.json").write_text("not json")
     (tmp_path / "corrupt" / "merges.txt").write_text("#version: 0.2\n")
+    out = tmp_path / "out"
+    previous = {"train.bin": b"old train", "valid.bin": b"old valid",
+                "tokenizer/vocab.json": b"old vocab"}
+    for name, data in previous.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
     train, valid = small_texts
-    options = {"--train": str(train), "--valid": str(valid), "--out-dir": str(tmp_path / "out"),
-               "--vocab-size": "300", "--workers": "1"}
-    options[flag] = value.format(tmp=tmp_path)
+    options = {"--train": [str(train)], "--valid": [str(valid)], "--out-dir": [str(out)],
+               "--vocab-size": ["300"], "--workers": ["1"]}
+    for flag, value in changes.items():
+        options[flag] = [v.format(tmp=tmp_path) for v in
+                         ([] if value is None else value if isinstance(value, list) else [value])]
+    args = [arg for flag, values in options.items() if values for arg in [flag, *values]]
     capsys.readouterr()
-    assert gpt.main(["tokenize", *chain.from_iterable(options.items())]) == 2
+    assert gpt.main(["tokenize", *args]) == 2
     assert named.format(tmp=tmp_path) in one_error_line(capsys, "tokenize")
-    for name in ["train.bin", "valid.bin", "train.bin.partial", "valid.bin.partial"]:
-        assert not os.path.exists(os.path.join(options["--out-dir"], name))
+    assert sorted(os.listdir(out)) == ["tokenizer", "train.bin", "valid.bin"]
+    assert {name: (out / name).read_bytes() for name in previous} == previous
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_tokenize_removes_what_killed_runs_left(tmp_path, small_texts, capsys):
+    """Staging directories and temporary files named after a process that no longer runs are
+    removed; those of a running process (a tokenize at work) and other files are kept."""
+    out, dead, alive = tmp_path / "out", dead_pid(), os.getppid()
+    leftovers = [f".tokenize-{dead}/train.bin.tmp{dead}", f"train.bin.tmp{dead}",
+                 f"valid.bin.json.tmp{dead}", f"tokenizer/vocab.json.tmp{dead}"]
+    kept = [f".tokenize-{alive}/train.bin.tmp{alive}", f"train.bin.tmp{alive}", "notes.tmp1"]
+    for name in leftovers + kept:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"x")
+    train, valid = small_texts
+    assert gpt.main(["tokenize", "--train", str(train), "--valid", str(valid), "--out-dir",
+                     str(out), "--vocab-size", "300", "--workers", "1"]) == 0
+    assert not any((out / name).exists() for name in leftovers)
+    assert not (out / f".tokenize-{dead}").exists()
+    assert all((out / name).exists() for name in kept)
+    removed = f"removed {out}/.tokenize-{dead}, left by a run that was killed"
+    assert removed in capsys.readouterr().err
+
+
+def child_pids(pid: int) -> list[int]:
+    """The running processes whose parent is `pid`, from Linux's /proc."""
+    children = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]  # after "(name)"
+        except OSError:
+            continue  # it ended meanwhile
+        if int(parent) == pid and state != "Z":
+            children.append(int(entry))
+    return children
+
+
+def is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def slow_tokenize(tmp_path, tokenizer):
+    """Start `python gpt.py tokenize` on about 24 MB (seconds of work) with 2 workers, in a
+    subprocess, and wait until its workers are encoding; returns the process and the workers."""
+    with open(TINYSTORIES, "rb") as f:
+        (tmp_path / "big.txt").write_bytes(f.read() * 4)
+    tokenizer.save(str(tmp_path / "tok"))
+
+    def start(out_dir) -> tuple[subprocess.Popen, list[int]]:
+        process = subprocess.Popen(
+            [sys.executable, "-B", os.path.join(HERE, "gpt.py"), "tokenize", "--train",
+             str(tmp_path / "big.txt"), "--tokenizer", str(tmp_path / "tok"), "--out-dir",
+             str(out_dir), "--workers", "2"], cwd=tmp_path, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        partial = out_dir / f".tokenize-{process.pid}" / f"train.bin.tmp{process.pid}"
+        deadline = time.monotonic() + 120
+        while not (partial.exists() and len(workers := child_pids(process.pid)) == 2):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.01)
+        return process, workers
+    return start
+
+
+def assert_ended_quietly(process: subprocess.Popen, workers: list[int]) -> str:
+    """Wait for the process; check its workers ended with it and nothing printed a traceback.
+    Returns its stderr."""
+    _, err = process.communicate(timeout=60)  # the workers hold stderr open while they run
+    deadline = time.monotonic() + 10  # for init to reap them
+    while any(map(is_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(map(is_running, workers))
+    assert "Traceback" not in err and "Error" not in err, err
+    return err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signals and /proc are Linux's")
+def test_kill_9_mid_tokenize_leaves_nothing_the_next_run_keeps(tmp_path, small_texts,
+                                                               slow_tokenize, capsys):
+    """kill -9 in the middle of encoding: the workers die with the main process, without a
+    traceback; the next tokenize removes the staging directory left behind and writes correct
+    files."""
+    out = tmp_path / "out"
+    process, workers = slow_tokenize(out)
+    process.kill()
+    assert_ended_quietly(process, workers)
+    assert os.listdir(out) == [f".tokenize-{process.pid}"]  # what the killed run left
+
+    train, valid = small_texts
+    assert gpt.main(["tokenize", "--train", str(train), "--valid", str(valid), "--out-dir",
+                     str(out), "--vocab-size", "300", "--workers", "1"]) == 0
+    assert sorted(os.listdir(out)) == ["tokenizer", "train.bin", "train.bin.json", "valid.bin",
+                                       "valid.bin.json"]
+    tokenizer = gpt.Tokenizer.load(str(out / "tokenizer"))
+    for split, text_path in [("train", train), ("valid", valid)]:
+        ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16).tolist()
+        assert tokenizer.decode(ids) == text_path.read_text(encoding="utf-8")
+
+
+def previous_outputs(out, small_texts) -> dict[str, bytes]:
+    """Tokenize the small texts into `out`; returns every file written there, by name."""
+    train, valid = small_texts
+    assert gpt.main(["tokenize", "--train", str(train), "--valid", str(valid), "--out-dir",
+                     str(out), "--vocab-size", "300", "--workers", "1"]) == 0
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc is Linux's")
+def test_sigterm_mid_tokenize_exits_2_and_keeps_the_previous_files(tmp_path, small_texts,
+                                                                   slow_tokenize):
+    """SIGTERM in the middle of encoding stops tokenize like Ctrl-C: exit code 2, one line, the
+    workers ended, the staging directory removed and the previous files untouched."""
+    out = tmp_path / "out"
+    previous = previous_outputs(out, small_texts)
+    process, workers = slow_tokenize(out)
+    process.terminate()
+    err = assert_ended_quietly(process, workers)
+    assert process.returncode == 2
+    assert err.strip().splitlines()[-1] == "gpt.py tokenize: interrupted; complete files are kept"
+    assert {str(p.relative_to(out)): p.read_bytes()
+            for p in out.rglob("*") if p.is_file()} == previous
+    assert sorted(os.listdir(out)) == ["tokenizer", "train.bin", "train.bin.json", "valid.bin",
+                                       "valid.bin.json"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
+def test_disk_full_names_the_file_and_keeps_the_previous_files(tmp_path, small_texts,
+                                                               corpus_path):
+    """A write that fails (here a 50 kB file-size limit, so writes fail with EFBIG as on a full
+    disk) gives exit code 2 and a last line naming the token file and the cause; the previous
+    files stay as they were."""
+    import resource
+    out = tmp_path / "out"
+    previous = previous_outputs(out, small_texts)
+    limit = 50_000  # more than the tokenizer's files, less than train.bin's ~180 kB
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing us
+    result = subprocess.run(
+        [sys.executable, "-B", os.path.join(HERE, "gpt.py"), "tokenize", "--train", corpus_path,
+         "--valid", str(small_texts[1]), "--out-dir", str(out), "--vocab-size", "300",
+         "--workers", "1"], cwd=tmp_path, capture_output=True, text=True,
+        preexec_fn=limit_file_size)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"gpt.py tokenize: error: cannot write {out}/.tokenize-")
+    assert "train.bin: the file is larger than the file system or a limit allows" in last
+    assert last.endswith(f"; the previous files in {out} are kept")
+    assert {str(p.relative_to(out)): p.read_bytes()
+            for p in out.rglob("*") if p.is_file()} == previous
+    assert sorted(os.listdir(out)) == ["tokenizer", "train.bin", "train.bin.json", "valid.bin",
+                                       "valid.bin.json"]
 
 
 @pytest.fixture
@@ -1947,9 +2310,15 @@ def bad_token_dirs(tmp_path, token_dir):
     for name in ("big-ids", "odd-bytes", "short", "no-valid"):
         dirs[name] = tmp_path / name
         shutil.copytree(token_dir, dirs[name])
-    (dirs["big-ids"] / "train.bin").write_bytes(np.array([5, 299, 300, 7], "<u2").tobytes())
-    (dirs["odd-bytes"] / "valid.bin").write_bytes(b"\x01\x00\x02")
-    (dirs["short"] / "valid.bin").write_bytes(np.arange(10, dtype="<u2").tobytes())
+
+    def write_tokens(path, data: bytes) -> None:  # with a sidecar that agrees on the length
+        path.write_bytes(data)
+        info = json.loads(path.with_name(path.name + ".json").read_text())
+        path.with_name(path.name + ".json").write_text(json.dumps({**info,
+                                                                   "num_tokens": len(data) // 2}))
+    write_tokens(dirs["big-ids"] / "train.bin", np.array([5, 299, 300, 7], "<u2").tobytes())
+    write_tokens(dirs["odd-bytes"] / "valid.bin", b"\x01\x00\x02")
+    write_tokens(dirs["short"] / "valid.bin", np.arange(10, dtype="<u2").tobytes())
     os.remove(dirs["no-valid"] / "valid.bin")
     return dirs
 
