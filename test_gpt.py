@@ -2265,7 +2265,8 @@ def test_sigterm_mid_tokenize_exits_2_and_keeps_the_previous_files(tmp_path, sma
     process.terminate()
     err = assert_ended_quietly(process, workers)
     assert process.returncode == 2
-    assert err.strip().splitlines()[-1] == "gpt.py tokenize: interrupted; complete files are kept"
+    assert err.strip().splitlines()[-1] == ("gpt.py tokenize: SIGTERM: interrupted; complete "
+                                            "files are kept")
     assert {str(p.relative_to(out)): p.read_bytes()
             for p in out.rglob("*") if p.is_file()} == previous
     assert sorted(os.listdir(out)) == ["tokenizer", "train.bin", "train.bin.json", "valid.bin",
