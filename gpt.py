@@ -1448,6 +1448,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)      # DistributedDataParallel
 
 
+def first_line(error: BaseException) -> str:
+    """An exception as one short line for an error message: its type and first sentence, without
+    the terminal colour codes torch puts in. Example: "EOFError: Ran out of input"."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    message = re.split(r"(?<=[a-z0-9])\.\s", message.splitlines()[0] if message else "")[0]
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
                     out, **extra) -> None:
     """Save model and optimizer state, the step count and anything in `extra` to `out`.
@@ -1461,20 +1469,114 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteratio
     if not isinstance(out, (str, os.PathLike)):
         torch.save(state, out)
         return
-    tmp_path = f"{out}.tmp-{os.getpid()}"
+    tmp_path = f"{out}.tmp-{os.getpid()}"  # the pid in the name: see remove_stale_temp_files
     try:
         with open(tmp_path, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, out)
+    except (OSError, RuntimeError) as e:
+        # A full disk (or a file-size limit) stops the write with an OSError, or with a
+        # RuntimeError when it stops inside torch's zip writer.
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if isinstance(e, RuntimeError):
+            reason = f"the write stopped partway, is the disk full? ({first_line(e)})"
+        raise OSError(f"could not write checkpoint {out}: {reason}; the previous "
+                      f"checkpoint there, if any, is unchanged") from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
 
+def remove_stale_temp_files(directory: str) -> list[str]:
+    """Remove the temporary files that save_checkpoint left in `directory` when its process died
+    before it could clean up (killed, out of memory, power cut); returns their paths.
+
+    Their names end in .tmp-PID: a file whose process no longer runs is garbage, while one of a
+    running process may be a checkpoint being written right now, and is left alone.
+    Example: latest.pt.tmp-4242 goes if no process 4242 exists.
+    """
+    if os.name != "posix":
+        return []  # os.kill(pid, 0) only asks about a process on POSIX; on Windows it kills it
+    removed = []
+    for entry in os.scandir(directory):
+        match = re.fullmatch(r".+\.tmp-([0-9]+)", entry.name)
+        if not match or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(match[1])
+        if pid <= 0 or pid == os.getpid():
+            continue  # pid 0 would ask about our own process group
+        try:
+            os.kill(pid, 0)  # signal 0: no signal, only the question "does it exist?"
+        except ProcessLookupError:
+            os.remove(entry.path)
+            removed.append(entry.path)
+        except (PermissionError, OverflowError):
+            pass  # another user's live process, or a number too large to be a pid
+    return sorted(removed)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shown(value) -> str:
+    """A value for an error message: its repr, or its type if the repr is long."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+def saved_config(saved, name: str) -> ModelConfig:
+    """The ModelConfig that a checkpoint stores as a dict, or a ValueError saying what is wrong.
+
+    Each field must have its annotated type: ModelConfig itself would take tie_embeddings="no"
+    (a true value) or a float width, and fail later in a way that names neither.
+    """
+    if not isinstance(saved, dict):
+        raise ValueError(f"{name}: its model config is {shown(saved)}, not a dict")
+    kinds = {field.name: field.type for field in fields(ModelConfig)}
+    checks = {"int": is_int, "float": is_number, "bool": lambda v: isinstance(v, bool),
+              "str": lambda v: isinstance(v, str)}
+    for key, value in saved.items():
+        if key not in kinds:
+            raise ValueError(f"{name}: its model config has an unknown field {key!r}")
+        if not checks[kinds[key]](value):
+            raise ValueError(f"{name}: its model config's {key} should be of type "
+                             f"{kinds[key]}, got {shown(value)}")
+    try:
+        return ModelConfig(**saved)
+    except (TypeError, ValueError) as e:  # a missing field, or a value out of range
+        raise ValueError(f"{name}: invalid model config ({e})") from None
+
+
+def check_optimizer_state(saved, name: str) -> None:
+    """Check that `saved` has the shape of AdamW.state_dict(): {"state": {index: {"step": int,
+    "exp_avg": tensor, "exp_avg_sq": tensor}}, "param_groups": [{"params": [index, ...],
+    "lr", "betas", "eps", "weight_decay"}, ...]}."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    states = saved.get("state") if isinstance(saved, dict) else None
+    good_group = lambda g: (isinstance(g, dict) and isinstance(g.get("params"), list)
+                            and all(map(is_int, g["params"]))
+                            and all(is_number(g.get(k)) for k in ("lr", "eps", "weight_decay"))
+                            and isinstance(g.get("betas"), (tuple, list)) and len(g["betas"]) == 2
+                            and all(map(is_number, g["betas"])))
+    good_state = lambda s: (isinstance(s, dict) and is_int(s.get("step"))
+                            and all(isinstance(s.get(k), torch.Tensor)
+                                    for k in ("exp_avg", "exp_avg_sq")))
+    if not (isinstance(groups, list) and all(map(good_group, groups))
+            and isinstance(states, dict) and all(map(good_state, states.values()))):
+        raise ValueError(f"{name}: its optimizer state is damaged or not AdamW's; it cannot be "
+                         f"resumed")
+
+
 def read_checkpoint(src) -> dict:
-    """Load a checkpoint's contents onto the CPU, refusing anything that is not plain data.
+    """Load a checkpoint's contents onto the CPU, refusing anything that is not plain data, and
+    check what every use needs: model state (names -> tensors) and a step count.
 
     weights_only=True restricts unpickling to tensors and plain containers: a checkpoint from the
     internet can then not run code on this machine.
@@ -1484,14 +1586,68 @@ def read_checkpoint(src) -> dict:
         checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"{name}: no such checkpoint") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise ValueError(f"{name}: cannot read it ({e.strerror})") from None
     except Exception as e:  # a damaged file fails in many ways: zip, pickle, I/O, indexing
-        # The first line of the message, without the terminal colour codes torch puts in.
-        message = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-        first_line = message.splitlines()[0] if message else type(e).__name__
-        raise ValueError(f"{name}: not a readable checkpoint ({first_line})") from None
+        # weights_only's refusals give their reason on a line of their own.
+        refusal = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        unsafe = re.match(r"Unsupported global: GLOBAL (\S+)", refusal[1]) if refusal else None
+        if unsafe:
+            raise ValueError(f"{name} holds a Python object ({unsafe[1]}) besides tensors and "
+                             f"plain data: refused, as loading it could run code") from None
+        reason = f"{type(e).__name__}: {refusal[1]}" if refusal else first_line(e)
+        raise ValueError(f"{name} is damaged or truncated, or not a checkpoint at all "
+                         f"({reason})") from None
     if not isinstance(checkpoint, dict) or not {"model", "iteration"} <= checkpoint.keys():
         raise ValueError(f"{name}: not a gpt.py checkpoint (no model state or iteration)")
+    state, iteration = checkpoint["model"], checkpoint["iteration"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{name}: its model state is {shown(state)}, not a dict of tensors")
+    for key, value in state.items():
+        if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
+            raise ValueError(f"{name}: its model state holds {shown(value)} under {shown(key)}, "
+                             f"where a tensor under a parameter's name belongs")
+    if not (is_int(iteration) and iteration >= 0):
+        raise ValueError(f"{name}: its iteration is {shown(iteration)}, not a step count")
     return checkpoint
+
+
+def check_resumable(checkpoint: dict, name: str) -> None:
+    """Check that a read checkpoint holds everything `train --resume` needs, each of the right
+    type, so that a damaged or foreign file fails here, naming what is wrong, and not as a
+    traceback in the middle of setting up the run."""
+    missing = {"config", "optimizer", "args", "best_val_loss", "total_steps", "rng"}
+    missing -= checkpoint.keys()
+    if missing:
+        raise ValueError(f"{name} lacks {', '.join(sorted(missing))}: not written "
+                         f"by `python gpt.py train`, so it cannot be resumed")
+    saved_config(checkpoint["config"], name)
+    check_optimizer_state(checkpoint["optimizer"], name)
+    settings, best, total, rng = (checkpoint[key] for key in
+                                  ("args", "best_val_loss", "total_steps", "rng"))
+    state_size = torch.Generator().get_state().numel()  # the CPU generator's state, in bytes
+    # (what, its value, what it should be, whether it is)
+    checks = [
+        ("args", settings, "a dict of settings", isinstance(settings, dict)),
+        ("best_val_loss", best, "a number", is_number(best) and not math.isnan(best)),
+        ("total_steps", total, "a positive integer or None",
+         total is None or is_int(total) and total >= 1),
+        ("rng", rng, f"a list of {state_size}-byte generator states",
+         isinstance(rng, list) and len(rng) > 0
+         and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8
+                 and s.shape == (state_size,) for s in rng))]
+    # The settings that a resumed run takes over from the checkpoint (see train()).
+    taken_over = {"preset": (f"one of {', '.join(PRESETS)}",
+                             lambda v: isinstance(v, str) and v in PRESETS),
+                  "batch_size": ("a positive integer", lambda v: is_int(v) and v >= 1),
+                  "lr": ("a number", is_number), "min_lr": ("a number", is_number)}
+    for key, (kind, check) in taken_over.items():
+        value = settings.get(key) if isinstance(settings, dict) else None
+        checks.append((f"args[{key!r}]", value, kind, value is None or check(value)))
+    for what, value, kind, ok in checks:
+        if not ok:
+            raise ValueError(f"{name}: its {what} should be {kind}, got {shown(value)}; "
+                             f"it cannot be resumed")
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
@@ -1514,7 +1670,23 @@ def restore_checkpoint(checkpoint: dict, model: nn.Module,
     """Copy a read checkpoint's model (and optimizer) state in; returns its iteration."""
     load_model_state(model, checkpoint["model"], name)
     if optimizer is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        saved = checkpoint.get("optimizer")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{name}: its optimizer state is {shown(saved)}, not a dict")
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{name}: its optimizer state does not fit this model "
+                             f"({first_line(e)})") from None
+        # load_state_dict pairs states with parameters by position only: check the shapes,
+        # or a mismatch would fail at the first step, far from its cause.
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                if (isinstance(param, torch.Tensor) and isinstance(value, torch.Tensor)
+                        and value.ndim and value.shape != param.shape):
+                    raise ValueError(f"{name}: its optimizer's {key} has shape "
+                                     f"{tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(param.shape)}")
     return checkpoint["iteration"]
 
 
@@ -2090,17 +2262,38 @@ def decode_stream(tokens: Iterable[int], tokenizer: Tokenizer,
     yield decoder.decode(b"", final=True)  # bytes left over become U+FFFD
 
 
+def saved_tokenizer(saved, name: str, vocab_size: int) -> Tokenizer:
+    """The tokenizer stored in a checkpoint: {"vocab": {id: bytes}, "merges": [(bytes, bytes),
+    ...], "special_tokens": [str, ...]}, checked before it is rebuilt, and checked to cover
+    exactly the ids 0 .. vocab_size - 1 that the model gives."""
+    vocab, merges, specials = (saved.get(key) if isinstance(saved, dict) else None
+                               for key in ("vocab", "merges", "special_tokens"))
+    if not (isinstance(vocab, dict) and vocab
+            and all(is_int(i) and isinstance(token, bytes) for i, token in vocab.items())
+            and isinstance(merges, (list, tuple))
+            and all(isinstance(m, (list, tuple)) and len(m) == 2
+                    and all(isinstance(part, bytes) for part in m) for m in merges)
+            and isinstance(specials, list) and all(isinstance(s, str) for s in specials)):
+        raise ValueError(f"{name}: its tokenizer is damaged or not in gpt.py's form (vocab "
+                         f"{{id: bytes}}, merges [(bytes, bytes)], special_tokens [str])")
+    try:
+        tokenizer = Tokenizer(vocab, merges, specials)
+    except ValueError as e:  # a merge of unknown tokens, a missing byte, a non-UTF-8 special
+        raise ValueError(f"{name}: its tokenizer is inconsistent ({e})") from None
+    if max(tokenizer.vocab) + 1 != vocab_size:
+        raise ValueError(f"{name}: its tokenizer's ids go up to {max(tokenizer.vocab)}, but its "
+                         f"model has a {vocab_size}-token vocabulary")
+    return tokenizer
+
+
 def load_for_sampling(path: str, device: torch.device) -> tuple[TransformerLM, Tokenizer]:
     """Rebuild the model and the tokenizer from a training checkpoint alone."""
     checkpoint = read_checkpoint(path)
     if not {"config", "tokenizer"} <= checkpoint.keys():
         raise ValueError(f"{path}: no model config or tokenizer in it; was it written by "
                          f"`python gpt.py train`?")
-    try:
-        config = ModelConfig(**checkpoint["config"])
-        tokenizer = Tokenizer(**checkpoint["tokenizer"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: incompatible checkpoint ({e})") from None
+    config = saved_config(checkpoint["config"], path)
+    tokenizer = saved_tokenizer(checkpoint["tokenizer"], path, config.vocab_size)
     model = TransformerLM(config)
     load_model_state(model, checkpoint["model"], path)
     return model.to(device).eval(), tokenizer
@@ -2110,6 +2303,7 @@ def newest_checkpoint(run_dir: str) -> str:
     """The most recently written .pt file in run_dir."""
     paths = [os.path.join(run_dir, n) for n in os.listdir(run_dir) if n.endswith(".pt")] \
         if os.path.isdir(run_dir) else []
+    paths = [p for p in paths if os.path.isfile(p)]  # not a directory that happens to end in .pt
     if not paths:
         raise ValueError(f"no checkpoint in {run_dir}: train one with `python gpt.py train`, "
                          f"or give --checkpoint PATH")
