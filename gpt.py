@@ -50,6 +50,7 @@ import json
 import math
 import mmap
 import multiprocessing
+import operator
 import os
 import re
 import signal
@@ -668,15 +669,34 @@ class Tokenizer:
         return next((cut for cut in reversed(cuts)
                      if not any(start < cut < end for start, end in inside)), 0)
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray | int) -> str:
         """Token ids back to text; bytes that are not valid UTF-8 (a multi-byte character cut in
-        the middle) become U+FFFD instead of raising."""
+        the middle) become U+FFFD instead of raising. `ids`: a list of ints, a 1-D tensor or
+        numpy array of integers (what the model gives), or one id.
+        Example: [72, 105] -> "Hi" with the 256 byte tokens as ids 0-255."""
         try:
-            data = b"".join(map(self.vocab.__getitem__, ids))
+            data = b"".join(map(self.vocab.__getitem__, self._id_list(ids)))
         except KeyError as e:
             raise ValueError(f"token id {e.args[0]} is not in the vocabulary "
                              f"({len(self.vocab)} tokens)") from None
         return data.decode("utf-8", errors="replace")
+
+    @staticmethod
+    def _id_list(ids) -> list[int]:
+        # Tensors and arrays become lists of ints first: a tensor's elements are tensors, which
+        # hash by identity, so not one of them would be found in the vocabulary.
+        if isinstance(ids, (torch.Tensor, np.ndarray, np.generic)):
+            if ids.ndim > 1:
+                raise ValueError(f"decode takes a 1-D sequence of token ids, got shape "
+                                 f"{tuple(ids.shape)}: decode each row on its own")
+            ids = ids.reshape(-1).tolist()
+        elif not isinstance(ids, Iterable):
+            ids = [ids]  # one id
+        try:
+            # operator.index takes ints of every kind (numpy's, 0-D integer tensors), not floats.
+            return list(map(operator.index, ids))
+        except TypeError as e:
+            raise ValueError(f"token ids must be integers ({e})") from None
 
     def save(self, directory: str) -> None:
         """Write vocab.json and merges.txt in GPT-2's format (bytes spelled printably), plus

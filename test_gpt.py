@@ -453,6 +453,35 @@ def test_decode_unknown_id_raises(tokenizer, bad_id):
         tokenizer.decode([ord("a"), bad_id])
 
 
+
+@pytest.mark.parametrize("ids", [
+    [72, 105], (72, 105), iter([72, 105]), torch.tensor([72, 105]),
+    torch.tensor([72, 105], dtype=torch.uint8), np.array([72, 105]),
+    np.array([72, 105], dtype=np.uint16), [np.int64(72), torch.tensor(105)],
+], ids=["list", "tuple", "iterator", "tensor", "uint8-tensor", "array", "uint16-array",
+        "numpy-and-0d-tensor-elements"])
+def test_decode_takes_lists_tensors_and_arrays(ids):
+    """Ids in a list, a 1-D tensor or a numpy array of any integer type decode alike."""
+    assert gpt.Tokenizer(BYTES_VOCAB, []).decode(ids) == "Hi"
+
+
+@pytest.mark.parametrize("one_id", [72, np.int64(72), np.uint16(72), torch.tensor(72)],
+                         ids=["int", "numpy-int64", "numpy-uint16", "0d-tensor"])
+def test_decode_takes_one_id(one_id):
+    """A single id, such as an element of an array, decodes to its token."""
+    assert gpt.Tokenizer(BYTES_VOCAB, []).decode(one_id) == "H"
+
+
+@pytest.mark.parametrize("ids, named", [
+    (torch.tensor([[72, 105]]), "1-D"), (np.array([[72], [105]]), "(2, 1)"),
+    (72.5, "integers"), ([72.0], "integers"), (torch.tensor([72.0]), "integers"),
+    (np.array([72.0]), "integers"), ("Hi", "integers"),
+], ids=["2d-tensor", "2d-array", "float", "float-in-list", "float-tensor", "float-array", "str"])
+def test_decode_refuses_2d_arrays_and_floats(ids, named):
+    """A 2-D array or a float is a ValueError saying what decode takes."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        gpt.Tokenizer(BYTES_VOCAB, []).decode(ids)
+
 # --- save and load --------------------------------------------------------------------------------
 
 def duplicate_token_tokenizer() -> gpt.Tokenizer:
