@@ -2205,6 +2205,14 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise ValueError(f"top-p must be in (0, 1], got {top_p}")
 
 
+def check_seed(value: int, flag: str = "--seed") -> int:
+    """A seed torch's generators take: 0 .. 2**63 - 1. (torch takes up to 2**64 - 1, and
+    negative numbers, which it wraps around: not worth explaining, so not allowed.)"""
+    if not 0 <= value <= 2**63 - 1:
+        raise ValueError(f"{flag} must be between 0 and 2**63 - 1 = {2**63 - 1}, got {value}")
+    return value
+
+
 @torch.no_grad()
 def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: int,
                    temperature: float = 1.0, top_k: int | None = None,
@@ -2380,6 +2388,22 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     print(f"done in {time.perf_counter() - started:.1f}s; tokenizer in {tokenizer_dir}")
 
 
+def check_prompt(prompt: str, source: str) -> str:
+    """Refuse a prompt that is not UTF-8 text. Python hands over bytes that are not UTF-8 as
+    surrogate escapes (b"\\xff" -> "\\udcff"), which have no UTF-8 encoding. We could decode
+    them as U+FFFD instead, but the model would then continue a prompt the user never typed;
+    better to say so (the usual cause is a terminal set to another encoding, such as Latin-1)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = prompt[e.start]
+        what = (f"byte 0x{ord(char) - 0xDC00:02x}" if "\udc80" <= char <= "\udcff"
+                else f"character {char!r}")
+        raise ValueError(f"{source} is not valid UTF-8 text ({what} at position {e.start}): "
+                         f"is the terminal set to UTF-8?") from None
+    return prompt
+
+
 def interactive_prompts() -> Iterator[str]:
     """Prompts typed at the terminal, until an empty line or Ctrl-D."""
     log("type a prompt and press Enter; an empty line or Ctrl-D quits")
@@ -2388,9 +2412,65 @@ def interactive_prompts() -> Iterator[str]:
             prompt = input("> ")
         except EOFError:
             return
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the prompt typed is not valid UTF-8 text (byte "
+                             f"0x{e.object[e.start]:02x}): is the terminal set to UTF-8?") from None
         if not prompt:
             return
-        yield prompt
+        yield check_prompt(prompt, "the prompt typed")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Python raises MemoryError; torch a RuntimeError that says "CUDA out of memory" (its
+    subclass torch.OutOfMemoryError), "MPS backend out of memory", or, on the CPU,
+    "DefaultCPUAllocator: can't allocate memory"."""
+    text = str(error)
+    return (isinstance(error, MemoryError)
+            or isinstance(error, RuntimeError)
+            and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def sample_prompt(model: TransformerLM, tokenizer: Tokenizer, prompt: str, eos_id: int | None,
+                  args: argparse.Namespace) -> int:
+    """Continue one prompt: a single sample is streamed to stdout as it is generated; several
+    are generated as one batch and printed at the end. Returns the number of tokens generated."""
+    # Stories follow an end-of-text token in training, so one before the prompt starts a
+    # fresh story.
+    prompt_ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty and the tokenizer has no end-of-text token "
+                         "to start from")
+    # The prompt repeated by torch, not as a Python list of rows: a batch too large for
+    # memory then fails at once, in one allocation.
+    device = next(model.parameters()).device
+    batch = torch.tensor([prompt_ids], device=device).repeat(args.num_samples, 1)  # (N, T0)
+    steps = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k,
+                           args.top_p, args.seed, use_cache=not args.no_kv_cache)
+    if args.num_samples == 1:
+        sampled = []
+
+        def tokens():
+            for next_ids in steps:
+                sampled.append(int(next_ids[0]))
+                yield sampled[-1]
+
+        sys.stdout.write(prompt)
+        for piece in decode_stream(tokens(), tokenizer, eos_id):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return len(sampled)
+    columns, ended = [], torch.zeros(args.num_samples, dtype=torch.bool)  # (N,) each
+    for next_ids in steps:
+        columns.append(next_ids.cpu())
+        if eos_id is not None:
+            ended |= columns[-1] == eos_id
+            if ended.all():
+                break
+    for i, row in enumerate(torch.stack(columns, dim=1).tolist()):  # (N, steps)
+        text = tokenizer.decode(row[:row.index(eos_id)] if eos_id in row else row)
+        print(f"--- sample {i + 1} ---\n{prompt}{text}")
+    return len(columns) * args.num_samples
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -2399,6 +2479,18 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, "
                              f"got {getattr(args, flag)}")
+    if args.num_samples >= 2**63:  # a tensor's sizes are 64-bit integers
+        raise ValueError(f"--num-samples must be below 2**63, got {args.num_samples}")
+    if args.seed is not None:
+        check_seed(args.seed)
+    if args.prompt is not None:
+        check_prompt(args.prompt, "--prompt")
+    # Python sets sys.stdout and sys.stdin to None when the shell closed them (`>&-`, `<&-`).
+    if sys.stdout is None:
+        raise ValueError("stdout is closed, so the samples have nowhere to go: redirect it "
+                         "(to a file, or to /dev/null) instead of closing it")
+    if args.prompt is None and sys.stdin is None:
+        raise ValueError("stdin is closed, so no prompt can be typed: give --prompt TEXT")
     path = args.checkpoint or newest_checkpoint(args.run_dir)
     device = pick_device(args.device)
     model, tokenizer = load_for_sampling(path, device)
@@ -2407,46 +2499,28 @@ def cmd_sample(args: argparse.Namespace) -> None:
     log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"device {device})")
     prompts = [args.prompt] if args.prompt is not None else interactive_prompts()
-    for prompt in prompts:
-        # Stories follow an end-of-text token in training, so one before the prompt starts a
-        # fresh story.
-        prompt_ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
-        if not prompt_ids:
-            raise ValueError("the prompt is empty and the tokenizer has no end-of-text token "
-                             "to start from")
-        started, count = time.perf_counter(), 0
-        batch = torch.tensor([prompt_ids] * args.num_samples)  # (N, T0)
-        steps = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k,
-                               args.top_p, args.seed, use_cache=not args.no_kv_cache)
-        if args.num_samples == 1:
-            sampled = []
-
-            def tokens():
-                for next_ids in steps:
-                    sampled.append(int(next_ids[0]))
-                    yield sampled[-1]
-
-            sys.stdout.write(prompt)
-            for piece in decode_stream(tokens(), tokenizer, eos_id):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            count = len(sampled)
-        else:
-            rows = [[] for _ in range(args.num_samples)]
-            for next_ids in steps:
-                count += args.num_samples
-                for row, token in zip(rows, next_ids.tolist()):
-                    if not row or row[-1] != eos_id:
-                        row.append(token)
-                if all(row[-1] == eos_id for row in rows):
-                    break
-            for i, row in enumerate(rows):
-                text = tokenizer.decode([t for t in row if t != eos_id])
-                print(f"--- sample {i + 1} ---\n{prompt}{text}")
-        seconds = time.perf_counter() - started
-        log(f"[{count} tokens in {seconds:.2f}s: {count / seconds:.1f} tokens/s"
-            f"{'' if args.no_kv_cache else ', KV cache'}]")
+    try:
+        for prompt in prompts:
+            started = time.perf_counter()
+            count = sample_prompt(model, tokenizer, prompt, eos_id, args)
+            sys.stdout.flush()  # here, where a broken pipe is caught, not at exit
+            seconds = time.perf_counter() - started
+            log(f"[{count} tokens in {seconds:.2f}s: {count / seconds:.1f} tokens/s"
+                f"{'' if args.no_kv_cache else ', KV cache'}]")
+    except BrokenPipeError:
+        # Whoever reads stdout has stopped (`| head -1`): they have what they wanted, so we
+        # stop quietly, with exit code 0, like a run that ended. stdout is pointed at /dev/null
+        # so that Python's last flush of what is still buffered does not fail once more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        advice = ("give a smaller --num-samples" if args.num_samples > 1
+                  else "give a shorter prompt")
+        raise ValueError(f"out of memory on {device} generating {args.num_samples:,} "
+                         f"sample{'s' * (args.num_samples > 1)} at once: {advice}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2567,7 +2641,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continuations of the prompt, generated as one batch "
                          "(default: %(default)s)")
     sa.add_argument("--seed", type=int,
-                    help="random seed: the same seed gives the same text (default: random)")
+                    help="random seed, 0 to 2**63 - 1: the same seed gives the same text "
+                         "(default: random)")
     sa.add_argument("--device", default="auto",
                     help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
     sa.add_argument("--no-kv-cache", action="store_true",
