@@ -53,6 +53,7 @@ import json
 import math
 import mmap
 import multiprocessing
+import operator
 import os
 import re
 import shutil
@@ -758,15 +759,34 @@ class Tokenizer:
         return next((cut for cut in reversed(cuts)
                      if not any(start < cut < end for start, end in inside)), 0)
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray | int) -> str:
         """Token ids back to text; bytes that are not valid UTF-8 (a multi-byte character cut in
-        the middle) become U+FFFD instead of raising."""
+        the middle) become U+FFFD instead of raising. `ids`: a list of ints, a 1-D tensor or
+        numpy array of integers (what the model gives), or one id.
+        Example: [72, 105] -> "Hi" with the 256 byte tokens as ids 0-255."""
         try:
-            data = b"".join(map(self.vocab.__getitem__, ids))
+            data = b"".join(map(self.vocab.__getitem__, self._id_list(ids)))
         except KeyError as e:
             raise ValueError(f"token id {e.args[0]} is not in the vocabulary "
                              f"({len(self.vocab)} tokens)") from None
         return data.decode("utf-8", errors="replace")
+
+    @staticmethod
+    def _id_list(ids) -> list[int]:
+        # Tensors and arrays become lists of ints first: a tensor's elements are tensors, which
+        # hash by identity, so not one of them would be found in the vocabulary.
+        if isinstance(ids, (torch.Tensor, np.ndarray, np.generic)):
+            if ids.ndim > 1:
+                raise ValueError(f"decode takes a 1-D sequence of token ids, got shape "
+                                 f"{tuple(ids.shape)}: decode each row on its own")
+            ids = ids.reshape(-1).tolist()
+        elif not isinstance(ids, Iterable):
+            ids = [ids]  # one id
+        try:
+            # operator.index takes ints of every kind (numpy's, 0-D integer tensors), not floats.
+            return list(map(operator.index, ids))
+        except TypeError as e:
+            raise ValueError(f"token ids must be integers ({e})") from None
 
     def saved_files(self) -> dict[str, bytes]:
         """The files save() writes, by name: vocab.json and merges.txt in GPT-2's format (bytes
@@ -1594,6 +1614,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)      # DistributedDataParallel
 
 
+def first_line(error: BaseException) -> str:
+    """An exception as one short line for an error message: its type and first sentence, without
+    the terminal colour codes torch puts in. Example: "EOFError: Ran out of input"."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    message = re.split(r"(?<=[a-z0-9])\.\s", message.splitlines()[0] if message else "")[0]
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
                     out, **extra) -> None:
     """Save model and optimizer state, the step count and anything in `extra` to `out`.
@@ -1607,20 +1635,114 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteratio
     if not isinstance(out, (str, os.PathLike)):
         torch.save(state, out)
         return
-    tmp_path = f"{out}.tmp-{os.getpid()}"
+    tmp_path = f"{out}.tmp-{os.getpid()}"  # the pid in the name: see remove_stale_temp_files
     try:
         with open(tmp_path, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, out)
+    except (OSError, RuntimeError) as e:
+        # A full disk (or a file-size limit) stops the write with an OSError, or with a
+        # RuntimeError when it stops inside torch's zip writer.
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if isinstance(e, RuntimeError):
+            reason = f"the write stopped partway, is the disk full? ({first_line(e)})"
+        raise OSError(f"could not write checkpoint {out}: {reason}; the previous "
+                      f"checkpoint there, if any, is unchanged") from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
 
+def remove_stale_temp_files(directory: str) -> list[str]:
+    """Remove the temporary files that save_checkpoint left in `directory` when its process died
+    before it could clean up (killed, out of memory, power cut); returns their paths.
+
+    Their names end in .tmp-PID: a file whose process no longer runs is garbage, while one of a
+    running process may be a checkpoint being written right now, and is left alone.
+    Example: latest.pt.tmp-4242 goes if no process 4242 exists.
+    """
+    if os.name != "posix":
+        return []  # os.kill(pid, 0) only asks about a process on POSIX; on Windows it kills it
+    removed = []
+    for entry in os.scandir(directory):
+        match = re.fullmatch(r".+\.tmp-([0-9]+)", entry.name)
+        if not match or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(match[1])
+        if pid <= 0 or pid == os.getpid():
+            continue  # pid 0 would ask about our own process group
+        try:
+            os.kill(pid, 0)  # signal 0: no signal, only the question "does it exist?"
+        except ProcessLookupError:
+            os.remove(entry.path)
+            removed.append(entry.path)
+        except (PermissionError, OverflowError):
+            pass  # another user's live process, or a number too large to be a pid
+    return sorted(removed)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shown(value) -> str:
+    """A value for an error message: its repr, or its type if the repr is long."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+def saved_config(saved, name: str) -> ModelConfig:
+    """The ModelConfig that a checkpoint stores as a dict, or a ValueError saying what is wrong.
+
+    Each field must have its annotated type: ModelConfig itself would take tie_embeddings="no"
+    (a true value) or a float width, and fail later in a way that names neither.
+    """
+    if not isinstance(saved, dict):
+        raise ValueError(f"{name}: its model config is {shown(saved)}, not a dict")
+    kinds = {field.name: field.type for field in fields(ModelConfig)}
+    checks = {"int": is_int, "float": is_number, "bool": lambda v: isinstance(v, bool),
+              "str": lambda v: isinstance(v, str)}
+    for key, value in saved.items():
+        if key not in kinds:
+            raise ValueError(f"{name}: its model config has an unknown field {key!r}")
+        if not checks[kinds[key]](value):
+            raise ValueError(f"{name}: its model config's {key} should be of type "
+                             f"{kinds[key]}, got {shown(value)}")
+    try:
+        return ModelConfig(**saved)
+    except (TypeError, ValueError) as e:  # a missing field, or a value out of range
+        raise ValueError(f"{name}: invalid model config ({e})") from None
+
+
+def check_optimizer_state(saved, name: str) -> None:
+    """Check that `saved` has the shape of AdamW.state_dict(): {"state": {index: {"step": int,
+    "exp_avg": tensor, "exp_avg_sq": tensor}}, "param_groups": [{"params": [index, ...],
+    "lr", "betas", "eps", "weight_decay"}, ...]}."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    states = saved.get("state") if isinstance(saved, dict) else None
+    good_group = lambda g: (isinstance(g, dict) and isinstance(g.get("params"), list)
+                            and all(map(is_int, g["params"]))
+                            and all(is_number(g.get(k)) for k in ("lr", "eps", "weight_decay"))
+                            and isinstance(g.get("betas"), (tuple, list)) and len(g["betas"]) == 2
+                            and all(map(is_number, g["betas"])))
+    good_state = lambda s: (isinstance(s, dict) and is_int(s.get("step"))
+                            and all(isinstance(s.get(k), torch.Tensor)
+                                    for k in ("exp_avg", "exp_avg_sq")))
+    if not (isinstance(groups, list) and all(map(good_group, groups))
+            and isinstance(states, dict) and all(map(good_state, states.values()))):
+        raise ValueError(f"{name}: its optimizer state is damaged or not AdamW's; it cannot be "
+                         f"resumed")
+
+
 def read_checkpoint(src) -> dict:
-    """Load a checkpoint's contents onto the CPU, refusing anything that is not plain data.
+    """Load a checkpoint's contents onto the CPU, refusing anything that is not plain data, and
+    check what every use needs: model state (names -> tensors) and a step count.
 
     weights_only=True restricts unpickling to tensors and plain containers: a checkpoint from the
     internet can then not run code on this machine.
@@ -1630,14 +1752,68 @@ def read_checkpoint(src) -> dict:
         checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"{name}: no such checkpoint") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise ValueError(f"{name}: cannot read it ({e.strerror})") from None
     except Exception as e:  # a damaged file fails in many ways: zip, pickle, I/O, indexing
-        # The first line of the message, without the terminal colour codes torch puts in.
-        message = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-        first_line = message.splitlines()[0] if message else type(e).__name__
-        raise ValueError(f"{name}: not a readable checkpoint ({first_line})") from None
+        # weights_only's refusals give their reason on a line of their own.
+        refusal = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        unsafe = re.match(r"Unsupported global: GLOBAL (\S+)", refusal[1]) if refusal else None
+        if unsafe:
+            raise ValueError(f"{name} holds a Python object ({unsafe[1]}) besides tensors and "
+                             f"plain data: refused, as loading it could run code") from None
+        reason = f"{type(e).__name__}: {refusal[1]}" if refusal else first_line(e)
+        raise ValueError(f"{name} is damaged or truncated, or not a checkpoint at all "
+                         f"({reason})") from None
     if not isinstance(checkpoint, dict) or not {"model", "iteration"} <= checkpoint.keys():
         raise ValueError(f"{name}: not a gpt.py checkpoint (no model state or iteration)")
+    state, iteration = checkpoint["model"], checkpoint["iteration"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{name}: its model state is {shown(state)}, not a dict of tensors")
+    for key, value in state.items():
+        if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
+            raise ValueError(f"{name}: its model state holds {shown(value)} under {shown(key)}, "
+                             f"where a tensor under a parameter's name belongs")
+    if not (is_int(iteration) and iteration >= 0):
+        raise ValueError(f"{name}: its iteration is {shown(iteration)}, not a step count")
     return checkpoint
+
+
+def check_resumable(checkpoint: dict, name: str) -> None:
+    """Check that a read checkpoint holds everything `train --resume` needs, each of the right
+    type, so that a damaged or foreign file fails here, naming what is wrong, and not as a
+    traceback in the middle of setting up the run."""
+    missing = {"config", "optimizer", "args", "best_val_loss", "total_steps", "rng"}
+    missing -= checkpoint.keys()
+    if missing:
+        raise ValueError(f"{name} lacks {', '.join(sorted(missing))}: not written "
+                         f"by `python gpt.py train`, so it cannot be resumed")
+    saved_config(checkpoint["config"], name)
+    check_optimizer_state(checkpoint["optimizer"], name)
+    settings, best, total, rng = (checkpoint[key] for key in
+                                  ("args", "best_val_loss", "total_steps", "rng"))
+    state_size = torch.Generator().get_state().numel()  # the CPU generator's state, in bytes
+    # (what, its value, what it should be, whether it is)
+    checks = [
+        ("args", settings, "a dict of settings", isinstance(settings, dict)),
+        ("best_val_loss", best, "a number", is_number(best) and not math.isnan(best)),
+        ("total_steps", total, "a positive integer or None",
+         total is None or is_int(total) and total >= 1),
+        ("rng", rng, f"a list of {state_size}-byte generator states",
+         isinstance(rng, list) and len(rng) > 0
+         and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8
+                 and s.shape == (state_size,) for s in rng))]
+    # The settings that a resumed run takes over from the checkpoint (see train()).
+    taken_over = {"preset": (f"one of {', '.join(PRESETS)}",
+                             lambda v: isinstance(v, str) and v in PRESETS),
+                  "batch_size": ("a positive integer", lambda v: is_int(v) and v >= 1),
+                  "lr": ("a number", is_number), "min_lr": ("a number", is_number)}
+    for key, (kind, check) in taken_over.items():
+        value = settings.get(key) if isinstance(settings, dict) else None
+        checks.append((f"args[{key!r}]", value, kind, value is None or check(value)))
+    for what, value, kind, ok in checks:
+        if not ok:
+            raise ValueError(f"{name}: its {what} should be {kind}, got {shown(value)}; "
+                             f"it cannot be resumed")
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
@@ -1660,7 +1836,23 @@ def restore_checkpoint(checkpoint: dict, model: nn.Module,
     """Copy a read checkpoint's model (and optimizer) state in; returns its iteration."""
     load_model_state(model, checkpoint["model"], name)
     if optimizer is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        saved = checkpoint.get("optimizer")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{name}: its optimizer state is {shown(saved)}, not a dict")
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{name}: its optimizer state does not fit this model "
+                             f"({first_line(e)})") from None
+        # load_state_dict pairs states with parameters by position only: check the shapes,
+        # or a mismatch would fail at the first step, far from its cause.
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                if (isinstance(param, torch.Tensor) and isinstance(value, torch.Tensor)
+                        and value.ndim and value.shape != param.shape):
+                    raise ValueError(f"{name}: its optimizer's {key} has shape "
+                                     f"{tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(param.shape)}")
     return checkpoint["iteration"]
 
 
@@ -1997,9 +2189,13 @@ def check_batch_fits(rows: int, positions: int, vocab_size: int, device: torch.d
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """True for the ways PyTorch and numpy report that an allocation failed."""
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+    """Python and numpy raise MemoryError; torch a RuntimeError that says "CUDA out of memory"
+    (its subclass torch.OutOfMemoryError), "MPS backend out of memory", or, on the CPU,
+    "DefaultCPUAllocator: can't allocate memory"."""
+    text = str(error)
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError)
+        and ("out of memory" in text or "can't allocate memory" in text))
 
 
 def train(args: argparse.Namespace) -> None:
@@ -2038,11 +2234,7 @@ def train(args: argparse.Namespace) -> None:
         if not os.path.exists(latest_path):
             raise ValueError(f"--resume: there is no {latest_path} to resume from")
         checkpoint = read_checkpoint(latest_path)
-        missing = {"config", "optimizer", "args", "best_val_loss", "total_steps", "rng"}
-        missing -= checkpoint.keys()
-        if missing:
-            raise ValueError(f"{latest_path} lacks {', '.join(sorted(missing))}: not written "
-                             f"by `python gpt.py train`, so it cannot be resumed")
+        check_resumable(checkpoint, latest_path)
         # What the user does not give again is what the run was started with.
         for name, value in checkpoint["args"].items():
             if name in ("preset", "batch_size", "lr", "min_lr") and getattr(args, name) is None:
@@ -2066,6 +2258,8 @@ def train(args: argparse.Namespace) -> None:
                              f"context_length {T}")
     if rank == 0:
         check_writable_dir(args.out_dir)
+        for path in remove_stale_temp_files(args.out_dir):
+            log(f"removed {path}, left by a run killed while saving")
 
     # -- The model, its optimizer and the random state: fresh, or as the checkpoint left them.
     torch.manual_seed(args.seed)
@@ -2400,17 +2594,38 @@ def decode_stream(tokens: Iterable[int], tokenizer: Tokenizer,
     yield decoder.decode(b"", final=True)  # bytes left over become U+FFFD
 
 
+def saved_tokenizer(saved, name: str, vocab_size: int) -> Tokenizer:
+    """The tokenizer stored in a checkpoint: {"vocab": {id: bytes}, "merges": [(bytes, bytes),
+    ...], "special_tokens": [str, ...]}, checked before it is rebuilt, and checked to cover
+    exactly the ids 0 .. vocab_size - 1 that the model gives."""
+    vocab, merges, specials = (saved.get(key) if isinstance(saved, dict) else None
+                               for key in ("vocab", "merges", "special_tokens"))
+    if not (isinstance(vocab, dict) and vocab
+            and all(is_int(i) and isinstance(token, bytes) for i, token in vocab.items())
+            and isinstance(merges, (list, tuple))
+            and all(isinstance(m, (list, tuple)) and len(m) == 2
+                    and all(isinstance(part, bytes) for part in m) for m in merges)
+            and isinstance(specials, list) and all(isinstance(s, str) for s in specials)):
+        raise ValueError(f"{name}: its tokenizer is damaged or not in gpt.py's form (vocab "
+                         f"{{id: bytes}}, merges [(bytes, bytes)], special_tokens [str])")
+    try:
+        tokenizer = Tokenizer(vocab, merges, specials)
+    except ValueError as e:  # a merge of unknown tokens, a missing byte, a non-UTF-8 special
+        raise ValueError(f"{name}: its tokenizer is inconsistent ({e})") from None
+    if max(tokenizer.vocab) + 1 != vocab_size:
+        raise ValueError(f"{name}: its tokenizer's ids go up to {max(tokenizer.vocab)}, but its "
+                         f"model has a {vocab_size}-token vocabulary")
+    return tokenizer
+
+
 def load_for_sampling(path: str, device: torch.device) -> tuple[TransformerLM, Tokenizer]:
     """Rebuild the model and the tokenizer from a training checkpoint alone."""
     checkpoint = read_checkpoint(path)
     if not {"config", "tokenizer"} <= checkpoint.keys():
         raise ValueError(f"{path}: no model config or tokenizer in it; was it written by "
                          f"`python gpt.py train`?")
-    try:
-        config = ModelConfig(**checkpoint["config"])
-        tokenizer = Tokenizer(**checkpoint["tokenizer"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: incompatible checkpoint ({e})") from None
+    config = saved_config(checkpoint["config"], path)
+    tokenizer = saved_tokenizer(checkpoint["tokenizer"], path, config.vocab_size)
     model = TransformerLM(config)
     load_model_state(model, checkpoint["model"], path)
     return model.to(device).eval(), tokenizer
@@ -2420,6 +2635,7 @@ def newest_checkpoint(run_dir: str) -> str:
     """The most recently written .pt file in run_dir."""
     paths = [os.path.join(run_dir, n) for n in os.listdir(run_dir) if n.endswith(".pt")] \
         if os.path.isdir(run_dir) else []
+    paths = [p for p in paths if os.path.isfile(p)]  # not a directory that happens to end in .pt
     if not paths:
         raise ValueError(f"no checkpoint in {run_dir}: train one with `python gpt.py train`, "
                          f"or give --checkpoint PATH")
@@ -2622,6 +2838,22 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     print(f"done in {time.perf_counter() - started:.1f}s; tokenizer in {tokenizer_dir}")
 
 
+def check_prompt(prompt: str, source: str) -> str:
+    """Refuse a prompt that is not UTF-8 text. Python hands over bytes that are not UTF-8 as
+    surrogate escapes (b"\\xff" -> "\\udcff"), which have no UTF-8 encoding. We could decode
+    them as U+FFFD instead, but the model would then continue a prompt the user never typed;
+    better to say so (the usual cause is a terminal set to another encoding, such as Latin-1)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = prompt[e.start]
+        what = (f"byte 0x{ord(char) - 0xDC00:02x}" if "\udc80" <= char <= "\udcff"
+                else f"character {char!r}")
+        raise ValueError(f"{source} is not valid UTF-8 text ({what} at position {e.start}): "
+                         f"is the terminal set to UTF-8?") from None
+    return prompt
+
+
 def interactive_prompts() -> Iterator[str]:
     """Prompts typed at the terminal, until an empty line or Ctrl-D."""
     log("type a prompt and press Enter; an empty line or Ctrl-D quits")
@@ -2630,17 +2862,66 @@ def interactive_prompts() -> Iterator[str]:
             prompt = input("> ")
         except EOFError:
             return
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the prompt typed is not valid UTF-8 text (byte "
+                             f"0x{e.object[e.start]:02x}): is the terminal set to UTF-8?") from None
         if not prompt:
             return
-        yield prompt
+        yield check_prompt(prompt, "the prompt typed")
+
+
+def sample_prompt(model: TransformerLM, tokenizer: Tokenizer, prompt: str, eos_id: int | None,
+                  args: argparse.Namespace) -> int:
+    """Continue one prompt: a single sample is streamed to stdout as it is generated; several
+    are generated as one batch and printed at the end. Returns the number of tokens generated."""
+    # Stories follow an end-of-text token in training, so one before the prompt starts a
+    # fresh story.
+    prompt_ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty and the tokenizer has no end-of-text token "
+                         "to start from")
+    # The prompt repeated by torch, not as a Python list of rows: a batch too large for
+    # memory then fails at once, in one allocation.
+    device = next(model.parameters()).device
+    batch = torch.tensor([prompt_ids], device=device).repeat(args.num_samples, 1)  # (N, T0)
+    steps = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k,
+                           args.top_p, args.seed, use_cache=not args.no_kv_cache)
+    if args.num_samples == 1:
+        sampled = []
+
+        def tokens():
+            for next_ids in steps:
+                sampled.append(int(next_ids[0]))
+                yield sampled[-1]
+
+        sys.stdout.write(prompt)
+        for piece in decode_stream(tokens(), tokenizer, eos_id):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return len(sampled)
+    columns, ended = [], torch.zeros(args.num_samples, dtype=torch.bool)  # (N,) each
+    for next_ids in steps:
+        columns.append(next_ids.cpu())
+        if eos_id is not None:
+            ended |= columns[-1] == eos_id
+            if ended.all():
+                break
+    for i, row in enumerate(torch.stack(columns, dim=1).tolist()):  # (N, steps)
+        text = tokenizer.decode(row[:row.index(eos_id)] if eos_id in row else row)
+        print(f"--- sample {i + 1} ---\n{prompt}{text}")
+    return len(columns) * args.num_samples
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
-    for flag in ("max_new_tokens", "num_samples"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, "
-                             f"got {getattr(args, flag)}")
+    if args.prompt is not None:
+        check_prompt(args.prompt, "--prompt")
+    # Python sets sys.stdout and sys.stdin to None when the shell closed them (`>&-`, `<&-`).
+    if sys.stdout is None:
+        raise ValueError("stdout is closed, so the samples have nowhere to go: redirect it "
+                         "(to a file, or to /dev/null) instead of closing it")
+    if args.prompt is None and sys.stdin is None:
+        raise ValueError("stdin is closed, so no prompt can be typed: give --prompt TEXT")
     path = args.checkpoint or newest_checkpoint(args.run_dir)
     device = pick_device(args.device)
     model, tokenizer = load_for_sampling(path, device)
@@ -2649,46 +2930,28 @@ def cmd_sample(args: argparse.Namespace) -> None:
     log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"device {device})")
     prompts = [args.prompt] if args.prompt is not None else interactive_prompts()
-    for prompt in prompts:
-        # Stories follow an end-of-text token in training, so one before the prompt starts a
-        # fresh story.
-        prompt_ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
-        if not prompt_ids:
-            raise ValueError("the prompt is empty and the tokenizer has no end-of-text token "
-                             "to start from")
-        started, count = time.perf_counter(), 0
-        batch = torch.tensor([prompt_ids] * args.num_samples)  # (N, T0)
-        steps = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k,
-                               args.top_p, args.seed, use_cache=not args.no_kv_cache)
-        if args.num_samples == 1:
-            sampled = []
-
-            def tokens():
-                for next_ids in steps:
-                    sampled.append(int(next_ids[0]))
-                    yield sampled[-1]
-
-            sys.stdout.write(prompt)
-            for piece in decode_stream(tokens(), tokenizer, eos_id):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            count = len(sampled)
-        else:
-            rows = [[] for _ in range(args.num_samples)]
-            for next_ids in steps:
-                count += args.num_samples
-                for row, token in zip(rows, next_ids.tolist()):
-                    if not row or row[-1] != eos_id:
-                        row.append(token)
-                if all(row[-1] == eos_id for row in rows):
-                    break
-            for i, row in enumerate(rows):
-                text = tokenizer.decode([t for t in row if t != eos_id])
-                print(f"--- sample {i + 1} ---\n{prompt}{text}")
-        seconds = time.perf_counter() - started
-        log(f"[{count} tokens in {seconds:.2f}s: {count / seconds:.1f} tokens/s"
-            f"{'' if args.no_kv_cache else ', KV cache'}]")
+    try:
+        for prompt in prompts:
+            started = time.perf_counter()
+            count = sample_prompt(model, tokenizer, prompt, eos_id, args)
+            sys.stdout.flush()  # here, where a broken pipe is caught, not at exit
+            seconds = time.perf_counter() - started
+            log(f"[{count} tokens in {seconds:.2f}s: {count / seconds:.1f} tokens/s"
+                f"{'' if args.no_kv_cache else ', KV cache'}]")
+    except BrokenPipeError:
+        # Whoever reads stdout has stopped (`| head -1`): they have what they wanted, so we
+        # stop quietly, with exit code 0, like a run that ended. stdout is pointed at /dev/null
+        # so that Python's last flush of what is still buffered does not fail once more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        advice = ("give a smaller --num-samples" if args.num_samples > 1
+                  else "give a shorter prompt")
+        raise ValueError(f"out of memory on {device} generating {args.num_samples:,} "
+                         f"sample{'s' * (args.num_samples > 1)} at once: {advice}") from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -2859,20 +3122,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint file (default: the newest in RUN_DIR)")
     sa.add_argument("--run-dir", default="data/run",
                     help="where `train` wrote its checkpoints (default: %(default)s)")
-    sa.add_argument("--max-new-tokens", type=int, default=256,
+    sa.add_argument("--max-new-tokens", type=number(int, 1), default=256,
                     help="most tokens to generate per sample (default: %(default)s)")
-    sa.add_argument("--temperature", type=float, default=0.8,
+    sa.add_argument("--temperature", type=number(float, 0.0), default=0.8,
                     help="< 1 safer, > 1 wilder; 0 = always the likeliest token "
                          "(default: %(default)s)")
-    sa.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only")
-    sa.add_argument("--top-p", type=float, default=0.95,
+    sa.add_argument("--top-k", type=number(int, 1), help="sample among the k likeliest tokens only")
+    sa.add_argument("--top-p", type=number(float, 0.0, 1.0, low_open=True), default=0.95,
                     help="sample among the fewest tokens that cover probability p; 1 = all "
                          "(default: %(default)s)")
-    sa.add_argument("--num-samples", type=int, default=1,
+    sa.add_argument("--num-samples", type=number(int, 1, 2**63 - 1), default=1,
                     help="continuations of the prompt, generated as one batch "
                          "(default: %(default)s)")
-    sa.add_argument("--seed", type=int,
-                    help="random seed: the same seed gives the same text (default: random)")
+    sa.add_argument("--seed", type=number(int, 0, 2**63 - 1),
+                    help="random seed, 0 to 2**63 - 1: the same seed gives the same text "
+                         "(default: random)")
     sa.add_argument("--device", default="auto",
                     help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
     sa.add_argument("--no-kv-cache", action="store_true",

@@ -468,6 +468,35 @@ def test_decode_unknown_id_raises(tokenizer, bad_id):
         tokenizer.decode([ord("a"), bad_id])
 
 
+
+@pytest.mark.parametrize("ids", [
+    [72, 105], (72, 105), iter([72, 105]), torch.tensor([72, 105]),
+    torch.tensor([72, 105], dtype=torch.uint8), np.array([72, 105]),
+    np.array([72, 105], dtype=np.uint16), [np.int64(72), torch.tensor(105)],
+], ids=["list", "tuple", "iterator", "tensor", "uint8-tensor", "array", "uint16-array",
+        "numpy-and-0d-tensor-elements"])
+def test_decode_takes_lists_tensors_and_arrays(ids):
+    """Ids in a list, a 1-D tensor or a numpy array of any integer type decode alike."""
+    assert gpt.Tokenizer(BYTES_VOCAB, []).decode(ids) == "Hi"
+
+
+@pytest.mark.parametrize("one_id", [72, np.int64(72), np.uint16(72), torch.tensor(72)],
+                         ids=["int", "numpy-int64", "numpy-uint16", "0d-tensor"])
+def test_decode_takes_one_id(one_id):
+    """A single id, such as an element of an array, decodes to its token."""
+    assert gpt.Tokenizer(BYTES_VOCAB, []).decode(one_id) == "H"
+
+
+@pytest.mark.parametrize("ids, named", [
+    (torch.tensor([[72, 105]]), "1-D"), (np.array([[72], [105]]), "(2, 1)"),
+    (72.5, "integers"), ([72.0], "integers"), (torch.tensor([72.0]), "integers"),
+    (np.array([72.0]), "integers"), ("Hi", "integers"),
+], ids=["2d-tensor", "2d-array", "float", "float-in-list", "float-tensor", "float-array", "str"])
+def test_decode_refuses_2d_arrays_and_floats(ids, named):
+    """A 2-D array or a float is a ValueError saying what decode takes."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        gpt.Tokenizer(BYTES_VOCAB, []).decode(ids)
+
 # --- save and load --------------------------------------------------------------------------------
 
 def duplicate_token_tokenizer() -> gpt.Tokenizer:
@@ -1444,7 +1473,8 @@ def checkpoint_bytes(tmp_path_factory) -> dict[str, bytes]:
 ], ids=["empty", "text", "random-1", "random-100", "random-5000", "small-first-100",
         "small-half", "small-all-but-1", "large-half", "large-all-but-1"])
 def test_corrupt_checkpoint_is_one_line_value_error(tmp_path, checkpoint_bytes, kind, arg):
-    """Random bytes, text or a truncated checkpoint give a one-line ValueError naming the file."""
+    """Random bytes, text or a truncated checkpoint give a one-line ValueError naming the file
+    and saying that it is damaged or truncated."""
     if kind == "bytes":
         data = arg
     elif kind == "random":
@@ -1459,7 +1489,110 @@ def test_corrupt_checkpoint_is_one_line_value_error(tmp_path, checkpoint_bytes, 
     with pytest.raises(ValueError) as error:
         gpt.load_checkpoint(str(path), model)
     assert "\n" not in str(error.value)
-    assert str(path) in str(error.value)
+    assert str(path) in str(error.value) and "damaged or truncated" in str(error.value)
+
+
+def full_checkpoint() -> dict:
+    """What `train` saves, for a tiny model with a bytes-only tokenizer and <|endoftext|>."""
+    config = tiny_config(num_layers=1, vocab_size=257)
+    model, optimizer, _ = trained_model(config, steps=1)
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": 1,
+            "config": dataclasses.asdict(config),
+            "tokenizer": dict(vocab=BYTES_VOCAB, merges=[], special_tokens=[EOT]),
+            "args": {"preset": "laptop", "batch_size": 4, "lr": 1e-3, "min_lr": None},
+            "best_val_loss": 5.5, "total_steps": 10, "rng": [torch.Generator().get_state()]}
+
+
+def load_as(use: str, path: str):
+    """Read a checkpoint as `use` needs it: any use, `train --resume`, or `sample`."""
+    if use == "read":
+        return gpt.read_checkpoint(path)
+    if use == "resume":
+        return gpt.check_resumable(gpt.read_checkpoint(path), path)
+    return gpt.load_for_sampling(path, torch.device("cpu"))
+
+
+def test_full_checkpoint_passes_every_check(tmp_path):
+    """A checkpoint of the shape `train` writes is fit for resuming and for sampling."""
+    torch.save(full_checkpoint(), tmp_path / "ckpt.pt")
+    for use in ("read", "resume", "sample"):
+        load_as(use, str(tmp_path / "ckpt.pt"))
+
+
+# Each case: the use that must refuse the file, the part to replace, its new value (a function of
+# the right value), and a word the message must hold.
+BAD_STRUCTURES = {
+    "model-str": ("read", "model", lambda v: "str", "model state"),
+    "model-float": ("read", "model", lambda v: {**v, "layers.0.ln1.weight": 1.0}, "model state"),
+    "model-int-key": ("read", "model", lambda v: {0: torch.zeros(3)}, "model state"),
+    "iteration-str": ("read", "iteration", lambda v: "7", "iteration"),
+    "iteration-negative": ("read", "iteration", lambda v: -1, "iteration"),
+    "iteration-bool": ("read", "iteration", lambda v: True, "iteration"),
+    "rng-short": ("resume", "rng", lambda v: [torch.zeros(3)], "rng"),
+    "rng-float": ("resume", "rng", lambda v: [v[0].float()], "rng"),
+    "rng-empty": ("resume", "rng", lambda v: [], "rng"),
+    "rng-tensor": ("resume", "rng", lambda v: v[0], "rng"),
+    "optimizer-list": ("resume", "optimizer", lambda v: [], "optimizer"),
+    "optimizer-lr-str": ("resume", "optimizer", lambda v: {**v, "param_groups": [
+        {**v["param_groups"][0], "lr": "fast"}]}, "optimizer"),
+    "optimizer-no-moments": ("resume", "optimizer", lambda v: {**v, "state": {0: {"step": 1}}},
+                             "optimizer"),
+    "config-str": ("resume", "config", lambda v: "tiny", "config"),
+    "config-unknown": ("resume", "config", lambda v: {**v, "colour": "red"}, "colour"),
+    "config-float-width": ("resume", "config", lambda v: {**v, "d_model": 32.0}, "d_model"),
+    "config-str-bool": ("resume", "config", lambda v: {**v, "tie_embeddings": "no"},
+                        "tie_embeddings"),
+    "config-missing": ("resume", "config", lambda v: {k: v[k] for k in v if k != "d_ff"},
+                       "d_ff"),
+    "best-str": ("resume", "best_val_loss", lambda v: "low", "best_val_loss"),
+    "best-nan": ("resume", "best_val_loss", lambda v: math.nan, "best_val_loss"),
+    "total-float": ("resume", "total_steps", lambda v: 2.5, "total_steps"),
+    "args-list": ("resume", "args", lambda v: [], "args"),
+    "args-preset": ("resume", "args", lambda v: {**v, "preset": "huge"}, "preset"),
+    "args-batch-str": ("resume", "args", lambda v: {**v, "batch_size": "8"}, "batch_size"),
+    "args-lr-str": ("resume", "args", lambda v: {**v, "lr": "1e-3"}, "lr"),
+    "tokenizer-str": ("sample", "tokenizer", lambda v: "gpt2", "tokenizer"),
+    "tokenizer-str-tokens": ("sample", "tokenizer",
+                             lambda v: {**v, "vocab": {i: "x" for i in range(257)}}, "tokenizer"),
+    "tokenizer-bad-merge": ("sample", "tokenizer", lambda v: {**v, "merges": [(b"a",)]},
+                            "tokenizer"),
+    "tokenizer-no-bytes": ("sample", "tokenizer", lambda v: {**v, "vocab": {0: b"a"}},
+                           "tokenizer"),
+    "tokenizer-larger": ("sample", "tokenizer", lambda v: {**v, "special_tokens": [EOT, "<x>"]},
+                         "vocabulary"),
+    "sample-config": ("sample", "config", lambda v: {**v, "ffn_kind": 3}, "ffn_kind"),
+}
+
+
+@pytest.mark.parametrize("use, key, change, named", BAD_STRUCTURES.values(),
+                         ids=BAD_STRUCTURES.keys())
+def test_checkpoint_of_wrong_structure_is_refused(tmp_path, use, key, change, named):
+    """A checkpoint that unpickles but has a part of the wrong type or shape is refused by the
+    use that needs that part: one ValueError naming the file and the part."""
+    checkpoint = full_checkpoint()
+    checkpoint[key] = change(checkpoint[key])
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError) as error:
+        load_as(use, path)
+    message = str(error.value)
+    assert path in message and named in message and "\n" not in message, message
+
+
+def test_optimizer_state_of_another_shape_is_refused(tmp_path):
+    """Moments whose shapes do not match the parameters are refused when restored."""
+    checkpoint = full_checkpoint()
+    states = checkpoint["optimizer"]["state"]
+    states[0], states[1] = states[1], states[0]  # embedding and first norm: (257, 32), (32,)
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(checkpoint, path)
+    model = gpt.TransformerLM(gpt.ModelConfig(**checkpoint["config"]))
+    with pytest.raises(ValueError, match="optimizer's exp_avg has shape"):
+        gpt.load_checkpoint(path, model, gpt.AdamW(model.parameters()))
+    del checkpoint["optimizer"]
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="optimizer state is None"):
+        gpt.load_checkpoint(path, model, gpt.AdamW(model.parameters()))
 
 
 UNPICKLED = []
@@ -1484,6 +1617,7 @@ def test_checkpoint_with_arbitrary_object_is_refused(tmp_path):
     with pytest.raises(ValueError) as error:
         gpt.read_checkpoint(str(path))
     assert str(path) in str(error.value) and "\n" not in str(error.value)
+    assert "could run code" in str(error.value)
     assert UNPICKLED == []
 
 
@@ -1496,8 +1630,15 @@ def test_save_checkpoint_leaves_no_temporary_file(tmp_path):
     assert gpt.read_checkpoint(str(tmp_path / "ckpt.pt"))["iteration"] == 2
 
 
-def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    """If writing fails half-way, the previous checkpoint is still there, whole, and loads."""
+# A full disk fails a write with an OSError, or inside torch's zip writer with a RuntimeError.
+@pytest.mark.parametrize("error, named", [
+    (OSError("No space left on device"), "No space left"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 65088 vs 64976"),
+     "disk full"),
+], ids=["oserror", "runtimeerror"])
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, error, named):
+    """If writing fails half-way, the previous checkpoint is still there, whole, and loads; the
+    error is an OSError naming the file."""
     config = tiny_config(num_layers=1)
     model, optimizer, (x, y) = trained_model(config, steps=1)
     path = str(tmp_path / "ckpt.pt")
@@ -1508,11 +1649,12 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     def failing_save(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError("No space left on device")
+        raise error
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=named) as raised:
         gpt.save_checkpoint(model, optimizer, 2, path)
     monkeypatch.undo()
+    assert path in str(raised.value) and "\n" not in str(raised.value)
 
     assert os.listdir(tmp_path) == ["ckpt.pt"]
     assert (tmp_path / "ckpt.pt").read_bytes() == saved
@@ -1520,6 +1662,59 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert gpt.load_checkpoint(path, restored) == 1
     for name, tensor in saved_state.items():
         assert torch.equal(restored.state_dict()[name], tensor), name
+
+
+# Saves a checkpoint, then saves again over it with the file-size limit below its size. With
+# SIGXFSZ ignored, a write past the limit fails with EFBIG, as a write to a full disk fails.
+DISK_FULL_SCRIPT = """
+import os, resource, signal, sys
+import gpt, torch
+path = sys.argv[1]
+torch.manual_seed(0)
+model = gpt.TransformerLM(gpt.ModelConfig(64, 16, 32, 1, 4, 48))
+optimizer = gpt.AdamW(model.parameters())
+gpt.save_checkpoint(model, optimizer, 1, path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) // 2, resource.RLIM_INFINITY))
+try:
+    gpt.save_checkpoint(model, optimizer, 2, path)
+except OSError as e:
+    print(e)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file-size limits are POSIX")
+def test_save_past_a_real_size_limit_is_one_line_oserror(tmp_path):
+    """A save that runs out of space raises an OSError naming the file, removes its temporary
+    file, and leaves the previous checkpoint whole."""
+    path = str(tmp_path / "ckpt.pt")
+    result = subprocess.run([sys.executable, "-B", "-c", DISK_FULL_SCRIPT, path], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": HERE})
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and path in lines[0] and "could not write" in lines[0], result.stdout
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    model = gpt.TransformerLM(gpt.ModelConfig(64, 16, 32, 1, 4, 48))
+    assert gpt.load_checkpoint(path, model, gpt.AdamW(model.parameters())) == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="processes are asked about with os.kill(pid, 0)")
+def test_remove_stale_temp_files_removes_only_those_of_ended_processes(tmp_path):
+    """A temporary checkpoint whose process has ended is removed; one of a running process (this
+    one, its parent), anything that is not such a file, and every other file stay."""
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    stale = [f"latest.pt.tmp-{ended.pid}", f"best.pt.tmp-{ended.pid}"]
+    kept = [f"latest.pt.tmp-{os.getpid()}", f"best.pt.tmp-{os.getppid()}", "latest.pt",
+            "metrics.jsonl", "latest.pt.tmp-0", f"latest.pt.tmp-{10**30}", "notes.tmp-x",
+            f"latest.pt.tmp-{ended.pid}.bak"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / f"folder.tmp-{ended.pid}").mkdir()
+    assert gpt.remove_stale_temp_files(str(tmp_path)) == sorted(str(tmp_path / n) for n in stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + [f"folder.tmp-{ended.pid}"])
 
 
 # --- the training loop ----------------------------------------------------------------------------
@@ -2423,6 +2618,73 @@ def test_sample_interactive(trained_run, capsys, monkeypatch):
     assert "Tom" in out and "The dog" in out and "never read" not in out
 
 
+def test_sample_interactive_prompt_not_utf8_is_one_line_and_exit_2(trained_run, capsys,
+                                                                   monkeypatch):
+    """A typed prompt that is not UTF-8 (a byte Python escapes as a surrogate) is refused."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("\udcff\n"))
+    assert gpt.main(["sample", "--run-dir", str(trained_run), "--max-new-tokens", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("gpt.py sample: error: the prompt typed is not valid")
+
+
+# 10**17 samples of a 2-token prompt take 1.6e18 bytes, more than any address space: the
+# allocation fails at once, even where the system promises memory it lacks (overcommit). On a
+# GPU, torch raises torch.OutOfMemoryError instead.
+@pytest.mark.parametrize("num_samples, gpu", [(10**17, False), (1000, True)],
+                         ids=["cpu-allocation", "gpu-error"])
+def test_sample_out_of_memory_is_one_line_and_exit_2(trained_run, capsys, monkeypatch,
+                                                     num_samples, gpu):
+    """Running out of memory ends sample with one line suggesting fewer samples."""
+    def out_of_gpu_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    if gpu:
+        monkeypatch.setattr(gpt, "generate_batch", out_of_gpu_memory)
+    assert gpt.main(["sample", "--run-dir", str(trained_run), "--prompt", "Hi", "--device", "cpu",
+                     "--num-samples", str(num_samples)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"gpt.py sample: error: out of memory on cpu generating "
+                                    f"{num_samples:,} samples at once: give a smaller "
+                                    f"--num-samples")
+
+
+def sample_in_shell(trained_run, shell: str, *extra: str) -> subprocess.CompletedProcess:
+    """Run `python gpt.py sample ARGS` as "$@" in a bash command line, which can close
+    streams: capture_output or stdin=DEVNULL would give open ones."""
+    command = [sys.executable, os.path.join(HERE, "gpt.py"), "sample", "--run-dir",
+               str(trained_run), "--max-new-tokens", "20", *extra]
+    return subprocess.run(["bash", "-c", shell, "bash", *command], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="bash closes the streams")
+@pytest.mark.parametrize("shell, extra, named", [
+    ('"$@" <&-', [], "stdin is closed"),
+    ('"$@" >&-', ["--prompt", "Hi"], "stdout is closed"),
+], ids=["stdin", "stdout"])
+def test_sample_with_a_closed_stream_is_one_line_and_exit_2(trained_run, shell, extra, named):
+    """With stdin closed and no --prompt, or stdout closed, sample says so in one line."""
+    result = sample_in_shell(trained_run, shell, *extra)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("gpt.py sample: error:") and named in lines[0]
+
+
+# `| true` reads nothing and has ended long before gpt.py, importing torch, writes a byte:
+# the first write to stdout then fails, as it does after `| head -1` has its line.
+@pytest.mark.skipif(os.name != "posix", reason="bash makes the pipe")
+@pytest.mark.parametrize("num_samples", ["1", "3"], ids=["streamed", "batch"])
+def test_sample_into_a_closed_pipe_stops_quietly(trained_run, num_samples):
+    """When the reader of stdout has gone, sample stops with exit code 0 and no traceback,
+    no error and no "Exception ignored" message."""
+    result = sample_in_shell(trained_run, '"$@" | true; exit "${PIPESTATUS[0]}"', "--prompt",
+                             "Hi", "--num-samples", num_samples)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("model:") and "error" not in result.stderr
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr
+
+
 @pytest.mark.parametrize("extra, named", [
     (["--run-dir", "{tmp}/empty"], "gpt.py train"),
     (["--checkpoint", "{tmp}/corrupt.pt"], "{tmp}/corrupt.pt"),
@@ -2433,8 +2695,12 @@ def test_sample_interactive(trained_run, capsys, monkeypatch):
     (["--top-p", "1.5"], "1.5"),
     (["--top-k", "0"], "top-k"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(10**23)], "--seed"),
+    (["--num-samples", str(10**23)], "--num-samples"),
+    (["--prompt", "\udcff"], "--prompt"),  # what Python makes of the byte 0xff in argv
 ], ids=["no-checkpoint", "corrupt", "missing", "bare", "temperature", "top-p-0", "top-p-big",
-        "top-k", "no-tokens"])
+        "top-k", "no-tokens", "seed-negative", "seed-huge", "samples-huge", "prompt-not-utf8"])
 def test_sample_bad_input_is_one_line_and_exit_2(tmp_path, trained_run, capsys, extra, named):
     """A bad checkpoint or setting gives exit code 2 and one stderr line naming it."""
     (tmp_path / "empty").mkdir()
@@ -2443,5 +2709,5 @@ def test_sample_bad_input_is_one_line_and_exit_2(tmp_path, trained_run, capsys, 
     gpt.save_checkpoint(model, gpt.AdamW(model.parameters()), 0, str(tmp_path / "bare.pt"))
     args = ["sample", "--run-dir", str(trained_run), "--prompt", "Hi"]
     capsys.readouterr()
-    assert gpt.main(args + [e.format(tmp=tmp_path) for e in extra]) == 2
+    assert exit_code(args + [e.format(tmp=tmp_path) for e in extra]) == 2
     assert named.format(tmp=tmp_path) in one_error_line(capsys, "sample")
