@@ -2372,9 +2372,9 @@ def train(args: argparse.Namespace) -> None:
                 if done:
                     total_steps = step  # the schedule ends here, whatever the plan said
                 schedule_end = total_steps or 10 ** 9  # still timing: the warmup needs no plan
+                decay_end = args.decay_steps or schedule_end
                 lr = lr_cosine_schedule(step, max_lr, min_lr,
-                                        min(args.warmup_steps, schedule_end),
-                                        args.decay_steps or schedule_end)
+                                        min(args.warmup_steps, decay_end), decay_end)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
