@@ -486,6 +486,22 @@ def write_atomically(path: str, data: bytes) -> None:
 # The rank of a pair that is no merge: after every real rank.
 _NOT_A_MERGE = sys.maxsize
 
+# Where a stream of text can be cut and each side encoded on its own (encode_iterable): between
+# two characters that no pre-token of GPT-2's pattern holds side by side, the first not
+# whitespace. Only whitespace runs hold whitespace, so "word|\n" is a cut; runs of letters, of
+# digits or of other characters hold one kind each, and only a contraction ("'s") holds two, so
+# a change of kind is a cut too, except from "'" to a letter. The pattern ends a pre-token at such
+# a cut whatever follows, and the run that ends there is the same whatever precedes. (A cut after
+# whitespace is not safe: "\n\nx" is "\n", "\n", "x", but "\n\n" alone is one pre-token.)
+# `regex`'s \s, \p{L}, \p{N} are those of GPT-2's pattern (stdlib `re` also counts \x1c-\x1f as
+# whitespace). REVERSE searches from the end, as we want the last cut.
+SAFE_CUT_RE = regex.compile(r"(?<=\S)(?=\s)"                      # "word|\n"
+                            r"|(?<=\p{L})(?=[^\s\p{L}])"           # "cat|," "don|'t"
+                            r"|(?<=\p{N})(?=[^\s\p{N}])"           # "42|nd"
+                            r"|(?<=[^\s\p{L}\p{N}])(?=\p{N})"      # "$|5"
+                            r"|(?<=[^\s\p{L}\p{N}'])(?=\p{L})",    # ".|The", but not "'|s"
+                            regex.REVERSE)
+
 
 @contextmanager
 def cycle_collector_paused():
@@ -642,31 +658,56 @@ class Tokenizer:
 
     def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
         """Encode a stream of strings (say, the lines of a large file) lazily, giving exactly the
-        ids that encode() gives for their concatenation, in memory that does not grow with it.
+        ids that encode() gives for their concatenation.
 
-        Pieces are joined in a buffer, and everything before the buffer's last space that
-        follows a non-space is encoded: such a space starts a pre-token (see split_words), so
-        what follows it cannot change what precedes it.
+        Pieces are joined in a buffer, and everything before the buffer's last safe cut (see
+        SAFE_CUT_RE) is encoded: what follows such a cut cannot change what precedes it. Only
+        newly arrived text is searched for cuts, so the time is linear in the text. Memory holds
+        the text since the last cut, usually a line or less; but a single pre-token (a megabyte
+        of letters, or of whitespace) has no cut inside, and must be held whole to be encoded
+        exactly.
         """
         longest_special = max(map(len, self.special_tokens), default=0)
-        buffer = ""
+        buffer = ""                # text not yet encoded
+        searched = 0               # buffer[:searched] holds no safe cut
+        pending: list[str] = []    # pieces not yet added to the buffer
+        pending_size = 0
         for text in texts:
-            buffer += text
-            cut = self._last_safe_cut(buffer, longest_special)
+            pending.append(text)
+            pending_size += len(text)
+            # Join pieces once they are as long as the buffer: a pre-token that arrives in a
+            # million small pieces is then copied a few times, not a million.
+            if pending_size < len(buffer):
+                continue
+            buffer += "".join(pending)
+            pending, pending_size = [], 0
+            # Stay clear of the end by the longest special token, which might still be arriving.
+            end = len(buffer) - longest_special
+            cut = self._last_safe_cut(buffer, searched, end, longest_special)
+            searched = max(searched, end)
             if cut > 0:
                 yield from self.encode(buffer[:cut])
                 buffer = buffer[cut:]
-        yield from self.encode(buffer)
+                searched -= cut
+        yield from self.encode(buffer + "".join(pending))
 
-    def _last_safe_cut(self, buffer: str, longest_special: int) -> int:
-        # Stay clear of the end by the longest special token, which might still be arriving,
-        # and of the inside of any special token (a special could contain " x").
-        limit = len(buffer) - longest_special
-        inside = ([(m.start(), m.end()) for m in self.special_re.finditer(buffer)]
-                  if self.special_re else [])
-        cuts = [m.start() for m in SAFE_SPACE_RE.finditer(buffer, 0, max(limit, 0))]
-        return next((cut for cut in reversed(cuts)
-                     if not any(start < cut < end for start, end in inside)), 0)
+    def _last_safe_cut(self, buffer: str, start: int, end: int, longest_special: int) -> int:
+        """The last safe cut at a position in [start, end) that no special token spans, or 0.
+        Example: ("one\ntwo\nthr", 0, 11, 0) -> 7, the cut between "two" and "\n"."""
+        if end <= max(start, 1):
+            return 0
+        # SAFE_CUT_RE searches backwards, and in that mode its lookbehind sees nothing before
+        # pos: pos = start - 1 lets it see the character before a cut at start.
+        for match in SAFE_CUT_RE.finditer(buffer, max(start, 1) - 1, end):
+            cut = match.start()
+            # Refuse a cut that an occurrence of a special token spans, at any alignment: a
+            # special token may hold cuts of its own, like "<|" + "endoftext" + "|>".
+            nearby = (self.special_re.finditer(buffer, max(cut - longest_special, 0),
+                                               cut + longest_special, overlapped=True)
+                      if self.special_re else ())
+            if not any(m.start() < cut < m.end() for m in nearby):
+                return cut
+        return 0
 
     def decode(self, ids: Iterable[int]) -> str:
         """Token ids back to text; bytes that are not valid UTF-8 (a multi-byte character cut in

@@ -159,6 +159,37 @@ def test_split_words_exact_on_every_short_string():
     assert any(pretokenize_words(t.split(" ")) != gpt.pretokenize(t) for t in texts)
 
 
+def safe_cuts(text: str) -> list[int]:
+    """The positions in text where SAFE_CUT_RE allows a cut, in increasing order."""
+    return sorted(m.start() for m in gpt.SAFE_CUT_RE.finditer(text))
+
+
+def test_safe_cuts_hand_example():
+    """Cuts after a non-space before whitespace, and at a change of kind (letter, digit, other),
+    but not after whitespace, nor between "'" and a letter (a contraction)."""
+    # i t ' s _ 4 2 n d . \n \n x: cuts at t|' s|_ 2|n d|. .|\n
+    assert safe_cuts("it's 42nd.\n\nx") == [2, 4, 7, 9, 10]
+    assert safe_cuts("one\ntwo\r\nthree") == [3, 7]
+    assert safe_cuts("  \n\t\xa0") == [] and safe_cuts("letters") == []
+
+
+# Letters (some that end contractions), a digit, "'", other punctuation, and whitespace: \x1c is
+# whitespace to stdlib `re` but not to `regex` (nor to GPT-2's pattern); \xa0 is to both.
+CUT_ALPHABET = ["a", "s", "l", "1", ".", "'", " ", "\n", "\r", "\t", "\xa0", "\x1c"]
+
+
+def test_safe_cuts_split_pretokens_exactly_whatever_surrounds_them():
+    """At every cut SAFE_CUT_RE finds, pre-tokenizing the two sides apart gives the pre-tokens
+    of the whole: on every string of up to 4 characters, and on random longer ones."""
+    rng = random.Random(0)
+    texts = chain((t for n in range(5) for t in map("".join, product(CUT_ALPHABET, repeat=n))),
+                  ("".join(rng.choices(CUT_ALPHABET, k=12)) for _ in range(3000)))
+    for text in texts:
+        for cut in safe_cuts(text):
+            assert gpt.pretokenize(text[:cut]) + gpt.pretokenize(text[cut:]) == \
+                gpt.pretokenize(text), (text, cut)
+
+
 def test_unsafe_space_regex_knows_all_of_regexs_whitespace():
     """UNSAFE_SPACE_RE uses stdlib `re`, whose whitespace must include all of `regex`'s, or it
     would miss spaces that GPT-2's pattern joins to a whitespace run."""
@@ -401,6 +432,9 @@ def merging_every_pair_tokenizer(text: str, special_tokens: list[str]) -> gpt.To
     "Once upon a time,  there was\n\na cat.\x1c🙂 日本 it's",
     "a<| x y |>b <| x y |> c<| x",
     "\t  \tx y\n  z \u3000  \x1d!",
+    "one\ntwo\r\nthree\n\n\tfour\x1c\x1dfive\x1e\x1f\n",   # one word per line, \x1c-\x1f
+    "\xa0x\xa0 \n\t\r\n\n  \n",                         # whitespace only, but for one x
+    "it's42nd.'s\n''ll\n$5,6<|endoftext|>'ve",              # lines with no spaces
 ])
 def test_encode_iterable_equals_encode_on_any_split(specials, text):
     """Streaming pieces gives encode()'s ids, however the text is cut into pieces. Every pair
@@ -410,6 +444,39 @@ def test_encode_iterable_equals_encode_on_any_split(specials, text):
     assert list(tokenizer.encode_iterable(list(text))) == expected  # one character at a time
     for i in range(len(text) + 1):
         assert list(tokenizer.encode_iterable([text[:i], text[i:]])) == expected, i
+
+
+# Each shape as the pieces of a stream, about 300 KB in all: where the stream is searched again
+# from its start at each piece, as it once was, one word per line takes minutes. The last three
+# shapes are a single pre-token each, which the stream must hold whole.
+STREAM_SHAPES = {
+    "one word per line": ["Once\n", "upon\r\n", "a\n", "time,\n"] * 15_000,
+    "one huge line": ["the cat sat on the mat, " * 4] * 3_000,
+    "lines without spaces": ["it's,42.\n", "x\x1cy\n", "''\n"] * 15_000,
+    "only newlines": ["\n"] * 300_000,
+    "only whitespace": [" \t\xa0\n\r\u3000 " * 10] * 3_000,
+    "only letters": ["abcde" * 20] * 3_000,
+}
+
+
+@pytest.mark.parametrize("shape", STREAM_SHAPES)
+def test_encode_iterable_searches_each_character_once(shape):
+    """Streaming gives encode()'s ids, each character is searched for a cut once and encoded
+    once, and where cuts exist it is encoded a few pieces at a time."""
+    pieces = STREAM_SHAPES[shape]
+    text = "".join(pieces)
+    tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], [EOT])
+    searched, encoded = [], []
+    last_safe_cut, encode = tokenizer._last_safe_cut, tokenizer.encode
+    tokenizer._last_safe_cut = lambda buffer, start, end, longest: (
+        searched.append(max(end - start, 0)) or last_safe_cut(buffer, start, end, longest))
+    tokenizer.encode = lambda text: encoded.append(len(text)) or encode(text)
+    assert list(tokenizer.encode_iterable(pieces)) == list(text.encode("utf-8"))
+    assert sum(searched) <= len(text) and sum(encoded) == len(text)
+    if shape.startswith("only"):
+        assert max(encoded) == len(text)  # one pre-token: no cut anywhere
+    else:
+        assert max(encoded) <= 3 * (max(map(len, pieces)) + len(EOT))  # a few pieces
 
 
 def test_encode_pauses_the_cycle_collector_and_restores_it(tokenizer):
