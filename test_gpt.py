@@ -423,6 +423,37 @@ def merging_every_pair_tokenizer(text: str, special_tokens: list[str]) -> gpt.To
     return gpt.Tokenizer(vocab, pairs, special_tokens)
 
 
+@pytest.mark.parametrize("which", ["tokenizer", "gpt2_tokenizer", "every-pair"])
+def test_long_pretokens_merge_with_a_heap_as_the_plain_loop(request, which, monkeypatch):
+    """Above LONG_PRETOKEN_BYTES, encode_word merges with a heap: exactly as the plain loop does,
+    on random long words spelled from the vocabulary's own tokens and on runs of one character
+    (where every pair ties, so the leftmost must win)."""
+    rng = random.Random(0)
+    if which == "every-pair":
+        tok = merging_every_pair_tokenizer("".join(rng.choices("aabé日", k=500)), [])
+    else:
+        tok = request.getfixturevalue(which)
+    pieces = [t.decode() for t in tok.vocab.values() if t.isascii() and t.strip().isalpha()]
+    pieces = ["a", "a", "b", "é", "日"] if which == "every-pair" else pieces
+    words = ["".join(rng.choices(pieces, k=rng.randint(100, 200))) for _ in range(8)]
+    words += ["a" * 600, "é" * 200, " " * 599, "\n" * 300, "ab" * 250]
+    assert all(len(w.encode("utf-8")) > gpt.LONG_PRETOKEN_BYTES for w in words)
+    with_heap = [tok.encode_word(w) for w in words]
+    monkeypatch.setattr(gpt, "LONG_PRETOKEN_BYTES", math.inf)
+    assert [tok.encode_word(w) for w in words] == with_heap
+
+
+@pytest.mark.parametrize("text", ["letters" * 15_000, " " * 100_000, "\n\t \xa0" * 20_000],
+                         ids=["letters", "spaces", "whitespace"])
+def test_encode_a_huge_pretoken(text):
+    """A 100 KB pre-token, which takes minutes when each merge scans the whole word, is encoded
+    in well under a second, merged as the heap test above checks, and decodes back."""
+    tokenizer = merging_every_pair_tokenizer(text[:100], [])
+    assert len(gpt.pretokenize(text)) == 1
+    ids = tokenizer.encode(text)
+    assert len(ids) < 0.8 * len(text.encode("utf-8")) and tokenizer.decode(ids) == text
+
+
 # "<| x y |>" holds spaces, so a stream must not cut inside it before it has fully arrived.
 @pytest.mark.parametrize("specials", [[EOT], [EOT, EOT * 2], [EOT, "<| x y |>"]],
                          ids=["eot", "eot+double", "eot+spaced"])
