@@ -387,6 +387,78 @@ class _GreatestFirst:
         return self.pair > other.pair
 
 
+# Pre-tokens longer than this many bytes are merged where each pair occurs, rather than by
+# going over the whole word at every merge, which costs its length each time: hours for a
+# megabyte line of letters. train_bpe keeps them in _LinkedWords, Tokenizer.encode_word merges
+# them with a heap. Ordinary words are shorter (TinyStories' longest is 17 bytes) and keep the
+# simpler loops; from 64 bytes on, the linked versions are faster anyway (measured: 1.2x to
+# encode such a word, 4x to train on a corpus of them).
+LONG_PRETOKEN_BYTES = 64
+
+
+class _LinkedWords:
+    """train_bpe's long pre-tokens, where a merge costs the occurrences of its pair, not the
+    length of the words. The words' symbols sit in one doubly linked list, a gap (None) before
+    and after each word; for each pair, `where` holds the positions of its left symbols.
+    Example: [a, b, a, b] is ids [None, a, b, a, b, None], where[(a, b)] = {1, 3},
+    where[(b, a)] = {2}; merging (a, b) into X leaves the list None X X None, where[(X, X)] = {1}.
+    """
+
+    def __init__(self, words: list[list[int]], freqs: list[int]):
+        self.ids: list[int | None] = [None]  # the symbol at each position; None once merged away
+        self.freq = [0]                      # the count of the word that holds each position
+        for word, freq in zip(words, freqs):
+            self.ids += word + [None]
+            self.freq += [freq] * (len(word) + 1)
+        self.next = list(range(1, len(self.ids) + 1))  # the position of the next symbol
+        self.prev = list(range(-1, len(self.ids) - 1))
+        self.where: dict[tuple[int, int], set[int]] = defaultdict(set)
+        for i, pair in enumerate(zip(self.ids, self.ids[1:])):
+            if None not in pair:
+                self.where[pair].add(i)
+
+    def pair_counts(self) -> dict[tuple[int, int], int]:
+        """Example: words [a, b, a, b] x1 and [a, b] x3 -> {(a, b): 5, (b, a): 1}."""
+        return {pair: sum(self.freq[i] for i in at) for pair, at in self.where.items()}
+
+    def merge(self, pair: tuple[int, int], new_id: int,
+              pair_count: dict[tuple[int, int], int]) -> set[tuple[int, int]]:
+        """Merge the occurrences of pair left to right in each word, as merge_pair does, and
+        update pair_count. Returns the new pairs (they hold new_id) that remain.
+        Example: merging (a, a) into X in [a, a, a, a] gives [X, X] and returns {(X, X)}."""
+        ids, after, before = self.ids, self.next, self.prev
+        created = set()
+        for i in sorted(self.where.pop(pair, ())):
+            j = after[i]
+            if (ids[i], ids[j]) != pair:
+                continue  # the previous occurrence took this one apart: "aaa" becomes (aa, a)
+            freq, h, k = self.freq[i], before[i], after[j]
+            ids[i], ids[j] = new_id, None  # i takes the new token, j leaves the list
+            after[i], before[k] = k, i
+            pair_count[pair] -= freq
+            # The pairs with the neighbours change: (h, a) at h becomes (h, new) at h, and
+            # (b, k) at j becomes (new, k) at i.
+            if ids[h] is not None:
+                created.add(self._move(h, (ids[h], pair[0]), h, (ids[h], new_id), freq,
+                                       pair_count))
+            if ids[k] is not None:
+                created.add(self._move(j, (pair[1], ids[k]), i, (new_id, ids[k]), freq,
+                                       pair_count))
+        return {p for p in created if self.where[p]}  # "aaaa": (aa, a) came and went
+
+    def _move(self, old_at: int, old: tuple[int, int], new_at: int, new: tuple[int, int],
+              freq: int, pair_count: dict[tuple[int, int], int]) -> tuple[int, int]:
+        """One occurrence of pair old, at position old_at, becomes one of new at new_at.
+        Example: merging (a, b) in [h, a, b, k] moves (h, a) at h to (h, X) at h, and (b, k) at
+        b's position to (X, k) at a's."""
+        if old in self.where:
+            self.where[old].discard(old_at)
+        self.where[new].add(new_at)
+        pair_count[old] -= freq
+        pair_count[new] += freq
+        return new
+
+
 def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str],
               num_workers: int | None = None,
               verbose: bool = False) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
@@ -398,7 +470,9 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str],
     Two ideas make it fast. Pre-tokens are counted once, in parallel, and each distinct one is
     kept with its count: TinyStories' 1.4M pre-tokens are only ~9k distinct words. Then each merge
     updates the pair counts incrementally: we keep, for every pair, the words that contain it, so
-    merging (a, b) revisits only those words, and a heap finds the next most frequent pair.
+    merging (a, b) revisits only those words, and a heap finds the next most frequent pair. The
+    rare very long pre-tokens (a megabyte line of letters) would cost their whole length at each
+    of those visits; they are merged only where the pair occurs (_LinkedWords).
     """
     special_tokens = list(special_tokens)
     check_vocab_size(vocab_size, special_tokens)
@@ -409,7 +483,12 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str],
     # words[i]: the i-th distinct pre-token as a list of token ids (its bytes, to start with).
     words = [list(pre.encode("utf-8")) for pre in counts]
     freqs = list(counts.values())
-    pair_count: dict[tuple[int, int], int] = defaultdict(int)
+    # The rare very long ones go to `linked`, and leave an empty word here.
+    long = [i for i, word in enumerate(words) if len(word) > LONG_PRETOKEN_BYTES]
+    linked = _LinkedWords([words[i] for i in long], [freqs[i] for i in long])
+    for i in long:
+        words[i] = []
+    pair_count: dict[tuple[int, int], int] = defaultdict(int, linked.pair_counts())
     pair_words: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> words containing it
     for i, word in enumerate(words):
         for pair in zip(word, word[1:]):
@@ -433,11 +512,12 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str],
         a, b = pair
         vocab[new_id] = vocab[a] + vocab[b]
         merges.append((vocab[a], vocab[b]))
-        # Re-spell only the words that contain (a, b): take away the counts of all their old pairs,
-        # add those of their new pairs. Only pairs with new_id can have grown, so only they are
-        # pushed; shrunken pairs are fixed lazily when popped.
-        grown = set()
-        for i in pair_words.pop(pair):
+        # The long words merge (a, b) where it occurs. Re-spell the other words that contain it:
+        # take away the counts of all their old pairs, add those of their new pairs. Only pairs
+        # with new_id can have grown, so only they are pushed; shrunken pairs are fixed lazily
+        # when popped.
+        grown = linked.merge(pair, new_id, pair_count)
+        for i in pair_words.pop(pair, ()):
             word = words[i]
             merged = merge_pair(word, pair, new_id)
             if len(merged) == len(word):
@@ -485,12 +565,6 @@ def write_atomically(path: str, data: bytes) -> None:
 
 # The rank of a pair that is no merge: after every real rank.
 _NOT_A_MERGE = sys.maxsize
-
-# Pre-tokens longer than this many bytes are merged with a heap (Tokenizer._merge_with_heap), in
-# O(n log n) rather than the plain loop's O(n^2). The two cost the same near 50 bytes (measured);
-# ordinary words are far shorter, so they keep the plain loop, and a run of a megabyte of letters
-# or of whitespace takes seconds instead of hours.
-LONG_PRETOKEN_BYTES = 128
 
 # Where a stream of text can be cut and each side encoded on its own (encode_iterable): between
 # two characters that no pre-token of GPT-2's pattern holds side by side, the first not

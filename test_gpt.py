@@ -321,6 +321,45 @@ def test_train_bpe_equals_naive(tmp_path, seed):
     assert fast == gpt.train_bpe_naive(text, vocab_size, special_tokens)
 
 
+@pytest.mark.parametrize("long_bytes", [gpt.LONG_PRETOKEN_BYTES, 0], ids=["long", "all-linked"])
+@pytest.mark.parametrize("seed", range(3))
+def test_train_bpe_equals_naive_with_long_pretokens(tmp_path, monkeypatch, seed, long_bytes):
+    """Pre-tokens over LONG_PRETOKEN_BYTES, merged where each pair occurs (_LinkedWords), learn
+    exactly the naive reference's merges: a 20 KB run of a few letters, runs of one character
+    (overlapping pairs), long words that occur twice, beside ordinary text; and so do all the
+    words when every one of them is taken as long."""
+    monkeypatch.setattr(gpt, "LONG_PRETOKEN_BYTES", long_bytes)
+    rng = random.Random(seed)
+    long_words = ["".join(rng.choices("aab", k=20_000)), "a" * 301, "é" * 100, "\n" * 150,
+                  "".join(rng.choices("ab日", k=100))]
+    text = " ".join([random_text(seed, num_words=200), *long_words, *long_words[1:3], "x\t"])
+    vocab_size = 256 + 1 + 30 + 20 * seed
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text.encode("utf-8"))
+    fast = gpt.train_bpe(str(path), vocab_size, [EOT], num_workers=1)
+    assert fast == gpt.train_bpe_naive(text, vocab_size, [EOT])
+
+
+def test_train_bpe_on_a_huge_pretoken(tmp_path, monkeypatch):
+    """A 300 KB line of letters (one pre-token) learns 1,000 merges with work bounded by its
+    length: at most two pair moves per merged occurrence, and never the whole word re-spelled,
+    which took 20 s here (hours for 3 MB)."""
+    moves, respelled = [], []
+    move, merge_pair = gpt._LinkedWords._move, gpt.merge_pair
+    monkeypatch.setattr(gpt._LinkedWords, "_move",
+                        lambda self, *args: moves.append(1) or move(self, *args))
+    monkeypatch.setattr(gpt, "merge_pair",
+                        lambda word, *args: respelled.append(len(word)) or merge_pair(word, *args))
+    rng = random.Random(0)
+    text = "".join(rng.choice(["once", "upon", "a", "time", "there", "was"]) for _ in range(75_000))
+    path = tmp_path / "line.txt"
+    path.write_bytes(text.encode("utf-8"))
+    vocab, merges = gpt.train_bpe(str(path), 256 + 1000, [], num_workers=1)
+    assert len(merges) == 1000
+    assert {b"once", b"upon", b"time", b"there", b"was"} <= set(vocab.values())
+    assert len(moves) <= 2 * len(text) and respelled == []
+
+
 def test_train_bpe_in_parallel_equals_naive(tmp_path):
     """Counting pre-tokens in several chunks on 2 workers changes nothing."""
     text = random_text(seed=123, num_words=60_000)
