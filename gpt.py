@@ -399,9 +399,9 @@ LONG_PRETOKEN_BYTES = 64
 class _LinkedWords:
     """train_bpe's long pre-tokens, where a merge costs the occurrences of its pair, not the
     length of the words. The words' symbols sit in one doubly linked list, a gap (None) before
-    and after each word; for each pair, `where` holds the positions of its left symbols.
-    Example: [a, b, a, b] is ids [None, a, b, a, b, None], where[(a, b)] = {1, 3},
-    where[(b, a)] = {2}; merging (a, b) into X leaves the list None X X None, where[(X, X)] = {1}.
+    and after each word; for each pair, `where` lists the positions of its left symbols.
+    Example: [a, b, a, b] is ids [None, a, b, a, b, None], where[(a, b)] = [1, 3],
+    where[(b, a)] = [2]; merging (a, b) into X leaves the list None X X None, where[(X, X)] = [1].
     """
 
     def __init__(self, words: list[list[int]], freqs: list[int]):
@@ -412,10 +412,13 @@ class _LinkedWords:
             self.freq += [freq] * (len(word) + 1)
         self.next = list(range(1, len(self.ids) + 1))  # the position of the next symbol
         self.prev = list(range(-1, len(self.ids) - 1))
-        self.where: dict[tuple[int, int], set[int]] = defaultdict(set)
+        # Positions are never taken out of `where`: one whose pair has changed since is stale,
+        # and skipped when that pair is merged. Each merged occurrence removes a symbol and adds
+        # two entries at most, so the lists hold at most three entries per symbol in all.
+        self.where: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, pair in enumerate(zip(self.ids, self.ids[1:])):
             if None not in pair:
-                self.where[pair].add(i)
+                self.where[pair].append(i)
 
     def pair_counts(self) -> dict[tuple[int, int], int]:
         """Example: words [a, b, a, b] x1 and [a, b] x3 -> {(a, b): 5, (b, a): 1}."""
@@ -424,14 +427,15 @@ class _LinkedWords:
     def merge(self, pair: tuple[int, int], new_id: int,
               pair_count: dict[tuple[int, int], int]) -> set[tuple[int, int]]:
         """Merge the occurrences of pair left to right in each word, as merge_pair does, and
-        update pair_count. Returns the new pairs (they hold new_id) that remain.
+        update pair_count. Returns the new pairs (they hold new_id) that these words now have.
         Example: merging (a, a) into X in [a, a, a, a] gives [X, X] and returns {(X, X)}."""
         ids, after, before = self.ids, self.next, self.prev
+        a, b = pair
         created = set()
         for i in sorted(self.where.pop(pair, ())):
             j = after[i]
             if (ids[i], ids[j]) != pair:
-                continue  # the previous occurrence took this one apart: "aaa" becomes (aa, a)
+                continue  # stale: changed by an earlier merge, or just now ("aaa" is aa a)
             freq, h, k = self.freq[i], before[i], after[j]
             ids[i], ids[j] = new_id, None  # i takes the new token, j leaves the list
             after[i], before[k] = k, i
@@ -439,23 +443,18 @@ class _LinkedWords:
             # The pairs with the neighbours change: (h, a) at h becomes (h, new) at h, and
             # (b, k) at j becomes (new, k) at i.
             if ids[h] is not None:
-                created.add(self._move(h, (ids[h], pair[0]), h, (ids[h], new_id), freq,
-                                       pair_count))
+                created.add(self._replace(h, (ids[h], a), (ids[h], new_id), freq, pair_count))
             if ids[k] is not None:
-                created.add(self._move(j, (pair[1], ids[k]), i, (new_id, ids[k]), freq,
-                                       pair_count))
-        return {p for p in created if self.where[p]}  # "aaaa": (aa, a) came and went
+                created.add(self._replace(i, (b, ids[k]), (new_id, ids[k]), freq, pair_count))
+        return {p for p in created if pair_count[p] > 0}  # "aaaa": (aa, a) came and went
 
-    def _move(self, old_at: int, old: tuple[int, int], new_at: int, new: tuple[int, int],
-              freq: int, pair_count: dict[tuple[int, int], int]) -> tuple[int, int]:
-        """One occurrence of pair old, at position old_at, becomes one of new at new_at.
-        Example: merging (a, b) in [h, a, b, k] moves (h, a) at h to (h, X) at h, and (b, k) at
-        b's position to (X, k) at a's."""
-        if old in self.where:
-            self.where[old].discard(old_at)
-        self.where[new].add(new_at)
+    def _replace(self, at: int, old: tuple[int, int], new: tuple[int, int], freq: int,
+                 pair_count: dict[tuple[int, int], int]) -> tuple[int, int]:
+        """One occurrence of pair old becomes one of new, whose left symbol is at `at`.
+        Example: merging (a, b) in [h, a, b, k] replaces (h, a) by (h, X) at h's position."""
         pair_count[old] -= freq
         pair_count[new] += freq
+        self.where[new].append(at)
         return new
 
 

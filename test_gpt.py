@@ -342,12 +342,12 @@ def test_train_bpe_equals_naive_with_long_pretokens(tmp_path, monkeypatch, seed,
 
 def test_train_bpe_on_a_huge_pretoken(tmp_path, monkeypatch):
     """A 300 KB line of letters (one pre-token) learns 1,000 merges with work bounded by its
-    length: at most two pair moves per merged occurrence, and never the whole word re-spelled,
+    length: at most two pairs replaced per merged occurrence, and never the whole word re-spelled,
     which took 20 s here (hours for 3 MB)."""
-    moves, respelled = [], []
-    move, merge_pair = gpt._LinkedWords._move, gpt.merge_pair
-    monkeypatch.setattr(gpt._LinkedWords, "_move",
-                        lambda self, *args: moves.append(1) or move(self, *args))
+    replaced, respelled = [], []
+    replace, merge_pair = gpt._LinkedWords._replace, gpt.merge_pair
+    monkeypatch.setattr(gpt._LinkedWords, "_replace",
+                        lambda self, *args: replaced.append(1) or replace(self, *args))
     monkeypatch.setattr(gpt, "merge_pair",
                         lambda word, *args: respelled.append(len(word)) or merge_pair(word, *args))
     rng = random.Random(0)
@@ -357,7 +357,7 @@ def test_train_bpe_on_a_huge_pretoken(tmp_path, monkeypatch):
     vocab, merges = gpt.train_bpe(str(path), 256 + 1000, [], num_workers=1)
     assert len(merges) == 1000
     assert {b"once", b"upon", b"time", b"there", b"was"} <= set(vocab.values())
-    assert len(moves) <= 2 * len(text) and respelled == []
+    assert len(replaced) <= 2 * len(text) and respelled == []
 
 
 def test_train_bpe_in_parallel_equals_naive(tmp_path):
