@@ -454,6 +454,77 @@ class _GreatestFirst:
         return self.pair > other.pair
 
 
+# Pre-tokens longer than this many bytes are merged where each pair occurs, rather than by
+# going over the whole word at every merge, which costs its length each time: hours for a
+# megabyte line of letters. train_bpe keeps them in _LinkedWords, Tokenizer.encode_word merges
+# them with a heap. Ordinary words are shorter (TinyStories' longest is 17 bytes) and keep the
+# simpler loops; from 64 bytes on, the linked versions are faster anyway (measured: 1.2x to
+# encode such a word, 4x to train on a corpus of them).
+LONG_PRETOKEN_BYTES = 64
+
+
+class _LinkedWords:
+    """train_bpe's long pre-tokens, where a merge costs the occurrences of its pair, not the
+    length of the words. The words' symbols sit in one doubly linked list, a gap (None) before
+    and after each word; for each pair, `where` lists the positions of its left symbols.
+    Example: [a, b, a, b] is ids [None, a, b, a, b, None], where[(a, b)] = [1, 3],
+    where[(b, a)] = [2]; merging (a, b) into X leaves the list None X X None, where[(X, X)] = [1].
+    """
+
+    def __init__(self, words: list[list[int]], freqs: list[int]):
+        self.ids: list[int | None] = [None]  # the symbol at each position; None once merged away
+        self.freq = [0]                      # the count of the word that holds each position
+        for word, freq in zip(words, freqs):
+            self.ids += word + [None]
+            self.freq += [freq] * (len(word) + 1)
+        self.next = list(range(1, len(self.ids) + 1))  # the position of the next symbol
+        self.prev = list(range(-1, len(self.ids) - 1))
+        # Positions are never taken out of `where`: one whose pair has changed since is stale,
+        # and skipped when that pair is merged. Each merged occurrence removes a symbol and adds
+        # two entries at most, so the lists hold at most three entries per symbol in all.
+        self.where: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, pair in enumerate(zip(self.ids, self.ids[1:])):
+            if None not in pair:
+                self.where[pair].append(i)
+
+    def pair_counts(self) -> dict[tuple[int, int], int]:
+        """Example: words [a, b, a, b] x1 and [a, b] x3 -> {(a, b): 5, (b, a): 1}."""
+        return {pair: sum(self.freq[i] for i in at) for pair, at in self.where.items()}
+
+    def merge(self, pair: tuple[int, int], new_id: int,
+              pair_count: dict[tuple[int, int], int]) -> set[tuple[int, int]]:
+        """Merge the occurrences of pair left to right in each word, as merge_pair does, and
+        update pair_count. Returns the new pairs (they hold new_id) that these words now have.
+        Example: merging (a, a) into X in [a, a, a, a] gives [X, X] and returns {(X, X)}."""
+        ids, after, before = self.ids, self.next, self.prev
+        a, b = pair
+        created = set()
+        for i in sorted(self.where.pop(pair, ())):
+            j = after[i]
+            if (ids[i], ids[j]) != pair:
+                continue  # stale: changed by an earlier merge, or just now ("aaa" is aa a)
+            freq, h, k = self.freq[i], before[i], after[j]
+            ids[i], ids[j] = new_id, None  # i takes the new token, j leaves the list
+            after[i], before[k] = k, i
+            pair_count[pair] -= freq
+            # The pairs with the neighbours change: (h, a) at h becomes (h, new) at h, and
+            # (b, k) at j becomes (new, k) at i.
+            if ids[h] is not None:
+                created.add(self._replace(h, (ids[h], a), (ids[h], new_id), freq, pair_count))
+            if ids[k] is not None:
+                created.add(self._replace(i, (b, ids[k]), (new_id, ids[k]), freq, pair_count))
+        return {p for p in created if pair_count[p] > 0}  # "aaaa": (aa, a) came and went
+
+    def _replace(self, at: int, old: tuple[int, int], new: tuple[int, int], freq: int,
+                 pair_count: dict[tuple[int, int], int]) -> tuple[int, int]:
+        """One occurrence of pair old becomes one of new, whose left symbol is at `at`.
+        Example: merging (a, b) in [h, a, b, k] replaces (h, a) by (h, X) at h's position."""
+        pair_count[old] -= freq
+        pair_count[new] += freq
+        self.where[new].append(at)
+        return new
+
+
 def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str],
               num_workers: int | None = None,
               verbose: bool = False) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
@@ -465,7 +536,9 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str],
     Two ideas make it fast. Pre-tokens are counted once, in parallel, and each distinct one is
     kept with its count: TinyStories' 1.4M pre-tokens are only ~9k distinct words. Then each merge
     updates the pair counts incrementally: we keep, for every pair, the words that contain it, so
-    merging (a, b) revisits only those words, and a heap finds the next most frequent pair.
+    merging (a, b) revisits only those words, and a heap finds the next most frequent pair. The
+    rare very long pre-tokens (a megabyte line of letters) would cost their whole length at each
+    of those visits; they are merged only where the pair occurs (_LinkedWords).
     """
     special_tokens = list(special_tokens)
     check_vocab_size(vocab_size, special_tokens)
@@ -476,7 +549,12 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str],
     # words[i]: the i-th distinct pre-token as a list of token ids (its bytes, to start with).
     words = [list(pre.encode("utf-8")) for pre in counts]
     freqs = list(counts.values())
-    pair_count: dict[tuple[int, int], int] = defaultdict(int)
+    # The rare very long ones go to `linked`, and leave an empty word here.
+    long = [i for i, word in enumerate(words) if len(word) > LONG_PRETOKEN_BYTES]
+    linked = _LinkedWords([words[i] for i in long], [freqs[i] for i in long])
+    for i in long:
+        words[i] = []
+    pair_count: dict[tuple[int, int], int] = defaultdict(int, linked.pair_counts())
     pair_words: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> words containing it
     for i, word in enumerate(words):
         for pair in zip(word, word[1:]):
@@ -500,11 +578,12 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str],
         a, b = pair
         vocab[new_id] = vocab[a] + vocab[b]
         merges.append((vocab[a], vocab[b]))
-        # Re-spell only the words that contain (a, b): take away the counts of all their old pairs,
-        # add those of their new pairs. Only pairs with new_id can have grown, so only they are
-        # pushed; shrunken pairs are fixed lazily when popped.
-        grown = set()
-        for i in pair_words.pop(pair):
+        # The long words merge (a, b) where it occurs. Re-spell the other words that contain it:
+        # take away the counts of all their old pairs, add those of their new pairs. Only pairs
+        # with new_id can have grown, so only they are pushed; shrunken pairs are fixed lazily
+        # when popped.
+        grown = linked.merge(pair, new_id, pair_count)
+        for i in pair_words.pop(pair, ()):
             word = words[i]
             merged = merge_pair(word, pair, new_id)
             if len(merged) == len(word):
@@ -575,6 +654,22 @@ def write_atomically(path: str, data: bytes) -> None:
 
 # The rank of a pair that is no merge: after every real rank.
 _NOT_A_MERGE = sys.maxsize
+
+# Where a stream of text can be cut and each side encoded on its own (encode_iterable): between
+# two characters that no pre-token of GPT-2's pattern holds side by side, the first not
+# whitespace. Only whitespace runs hold whitespace, so "word|\n" is a cut; runs of letters, of
+# digits or of other characters hold one kind each, and only a contraction ("'s") holds two, so
+# a change of kind is a cut too, except from "'" to a letter. The pattern ends a pre-token at such
+# a cut whatever follows, and the run that ends there is the same whatever precedes. (A cut after
+# whitespace is not safe: "\n\nx" is "\n", "\n", "x", but "\n\n" alone is one pre-token.)
+# `regex`'s \s, \p{L}, \p{N} are those of GPT-2's pattern (stdlib `re` also counts \x1c-\x1f as
+# whitespace). REVERSE searches from the end, as we want the last cut.
+SAFE_CUT_RE = regex.compile(r"(?<=\S)(?=\s)"                      # "word|\n"
+                            r"|(?<=\p{L})(?=[^\s\p{L}])"           # "cat|," "don|'t"
+                            r"|(?<=\p{N})(?=[^\s\p{N}])"           # "42|nd"
+                            r"|(?<=[^\s\p{L}\p{N}])(?=\p{N})"      # "$|5"
+                            r"|(?<=[^\s\p{L}\p{N}'])(?=\p{L})",    # ".|The", but not "'|s"
+                            regex.REVERSE)
 
 
 @contextmanager
@@ -668,6 +763,8 @@ class Tokenizer:
         never outranks the pair's other occurrences.
         """
         ids = [self.byte_ids[b] for b in pretoken.encode("utf-8")]
+        if len(ids) > LONG_PRETOKEN_BYTES:
+            return self._merge_with_heap(ids)  # the same merges; below, each one scans the word
         rank = self.merge_rank.get
         ranks = list(map(rank, zip(ids, ids[1:]), repeat(_NOT_A_MERGE)))  # ranks[i]: ids[i:i+2]
         while ranks:
@@ -683,6 +780,40 @@ class Tokenizer:
             if i < len(ranks):
                 ranks[i] = rank((ids[i], ids[i + 1]), _NOT_A_MERGE)
         return ids
+
+    def _merge_with_heap(self, ids: list[int]) -> list[int]:
+        """encode_word's merges for a long pre-token, in O(n log n): the same pair is merged at
+        each step (the earliest learned, leftmost first), but a heap finds it instead of a scan,
+        and a linked list of symbols merges it without moving the rest.
+        Example (a merge (a, a) only): ids of "aaaaa" -> [aa, aa, a], as encode_word gives.
+        """
+        rank = self.merge_rank.get
+        n = len(ids)
+        after = list(range(1, n + 1))    # after[i]: the position of the symbol after i; n: none
+        before = list(range(-1, n - 1))  # before[i]: the symbol before i; -1: none
+        # (rank, position) of every pair that is a merge, position being that of its left
+        # symbol: positions keep their left-to-right order, so ties go to the leftmost pair.
+        heap = [(r, i) for i, pair in enumerate(zip(ids, ids[1:]))
+                if (r := rank(pair)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            r, i = heapq.heappop(heap)
+            j = after[i]
+            # Entries go stale when a neighbour merges: use one only if its pair is still there.
+            if ids[i] is None or j == n or rank((ids[i], ids[j])) != r:
+                continue
+            # Merge: i takes the new token, j leaves the list.
+            ids[i], ids[j] = self.merged_id[r], None
+            k = after[i] = after[j]
+            if k < n:
+                before[k] = i
+            # The new token forms new pairs with its neighbours.
+            h = before[i]
+            if h >= 0 and (left := rank((ids[h], ids[i]))) is not None:
+                heapq.heappush(heap, (left, h))
+            if k < n and (right := rank((ids[i], ids[k]))) is not None:
+                heapq.heappush(heap, (right, i))
+        return [token for token in ids if token is not None]
 
     def encode_piece(self, text: str) -> list[int]:
         """Encode text that holds no special token and pre-tokenizes on its own (a pre-token,
@@ -733,31 +864,56 @@ class Tokenizer:
 
     def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
         """Encode a stream of strings (say, the lines of a large file) lazily, giving exactly the
-        ids that encode() gives for their concatenation, in memory that does not grow with it.
+        ids that encode() gives for their concatenation.
 
-        Pieces are joined in a buffer, and everything before the buffer's last space that
-        follows a non-space is encoded: such a space starts a pre-token (see split_words), so
-        what follows it cannot change what precedes it.
+        Pieces are joined in a buffer, and everything before the buffer's last safe cut (see
+        SAFE_CUT_RE) is encoded: what follows such a cut cannot change what precedes it. Only
+        newly arrived text is searched for cuts, so the time is linear in the text. Memory holds
+        the text since the last cut, usually a line or less; but a single pre-token (a megabyte
+        of letters, or of whitespace) has no cut inside, and must be held whole to be encoded
+        exactly.
         """
         longest_special = max(map(len, self.special_tokens), default=0)
-        buffer = ""
+        buffer = ""                # text not yet encoded
+        searched = 0               # buffer[:searched] holds no safe cut
+        pending: list[str] = []    # pieces not yet added to the buffer
+        pending_size = 0
         for text in texts:
-            buffer += text
-            cut = self._last_safe_cut(buffer, longest_special)
+            pending.append(text)
+            pending_size += len(text)
+            # Join pieces once they are as long as the buffer: a pre-token that arrives in a
+            # million small pieces is then copied a few times, not a million.
+            if pending_size < len(buffer):
+                continue
+            buffer += "".join(pending)
+            pending, pending_size = [], 0
+            # Stay clear of the end by the longest special token, which might still be arriving.
+            end = len(buffer) - longest_special
+            cut = self._last_safe_cut(buffer, searched, end, longest_special)
+            searched = max(searched, end)
             if cut > 0:
                 yield from self.encode(buffer[:cut])
                 buffer = buffer[cut:]
-        yield from self.encode(buffer)
+                searched -= cut
+        yield from self.encode(buffer + "".join(pending))
 
-    def _last_safe_cut(self, buffer: str, longest_special: int) -> int:
-        # Stay clear of the end by the longest special token, which might still be arriving,
-        # and of the inside of any special token (a special could contain " x").
-        limit = len(buffer) - longest_special
-        inside = ([(m.start(), m.end()) for m in self.special_re.finditer(buffer)]
-                  if self.special_re else [])
-        cuts = [m.start() for m in SAFE_SPACE_RE.finditer(buffer, 0, max(limit, 0))]
-        return next((cut for cut in reversed(cuts)
-                     if not any(start < cut < end for start, end in inside)), 0)
+    def _last_safe_cut(self, buffer: str, start: int, end: int, longest_special: int) -> int:
+        """The last safe cut at a position in [start, end) that no special token spans, or 0.
+        Example: ("one\ntwo\nthr", 0, 11, 0) -> 7, the cut between "two" and "\n"."""
+        if end <= max(start, 1):
+            return 0
+        # SAFE_CUT_RE searches backwards, and in that mode its lookbehind sees nothing before
+        # pos: pos = start - 1 lets it see the character before a cut at start.
+        for match in SAFE_CUT_RE.finditer(buffer, max(start, 1) - 1, end):
+            cut = match.start()
+            # Refuse a cut that an occurrence of a special token spans, at any alignment: a
+            # special token may hold cuts of its own, like "<|" + "endoftext" + "|>".
+            nearby = (self.special_re.finditer(buffer, max(cut - longest_special, 0),
+                                               cut + longest_special, overlapped=True)
+                      if self.special_re else ())
+            if not any(m.start() < cut < m.end() for m in nearby):
+                return cut
+        return 0
 
     def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray | int) -> str:
         """Token ids back to text; bytes that are not valid UTF-8 (a multi-byte character cut in

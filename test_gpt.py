@@ -161,6 +161,37 @@ def test_split_words_exact_on_every_short_string():
     assert any(pretokenize_words(t.split(" ")) != gpt.pretokenize(t) for t in texts)
 
 
+def safe_cuts(text: str) -> list[int]:
+    """The positions in text where SAFE_CUT_RE allows a cut, in increasing order."""
+    return sorted(m.start() for m in gpt.SAFE_CUT_RE.finditer(text))
+
+
+def test_safe_cuts_hand_example():
+    """Cuts after a non-space before whitespace, and at a change of kind (letter, digit, other),
+    but not after whitespace, nor between "'" and a letter (a contraction)."""
+    # i t ' s _ 4 2 n d . \n \n x: cuts at t|' s|_ 2|n d|. .|\n
+    assert safe_cuts("it's 42nd.\n\nx") == [2, 4, 7, 9, 10]
+    assert safe_cuts("one\ntwo\r\nthree") == [3, 7]
+    assert safe_cuts("  \n\t\xa0") == [] and safe_cuts("letters") == []
+
+
+# Letters (some that end contractions), a digit, "'", other punctuation, and whitespace: \x1c is
+# whitespace to stdlib `re` but not to `regex` (nor to GPT-2's pattern); \xa0 is to both.
+CUT_ALPHABET = ["a", "s", "l", "1", ".", "'", " ", "\n", "\r", "\t", "\xa0", "\x1c"]
+
+
+def test_safe_cuts_split_pretokens_exactly_whatever_surrounds_them():
+    """At every cut SAFE_CUT_RE finds, pre-tokenizing the two sides apart gives the pre-tokens
+    of the whole: on every string of up to 4 characters, and on random longer ones."""
+    rng = random.Random(0)
+    texts = chain((t for n in range(5) for t in map("".join, product(CUT_ALPHABET, repeat=n))),
+                  ("".join(rng.choices(CUT_ALPHABET, k=12)) for _ in range(3000)))
+    for text in texts:
+        for cut in safe_cuts(text):
+            assert gpt.pretokenize(text[:cut]) + gpt.pretokenize(text[cut:]) == \
+                gpt.pretokenize(text), (text, cut)
+
+
 def test_unsafe_space_regex_knows_all_of_regexs_whitespace():
     """UNSAFE_SPACE_RE uses stdlib `re`, whose whitespace must include all of `regex`'s, or it
     would miss spaces that GPT-2's pattern joins to a whitespace run."""
@@ -305,6 +336,45 @@ def test_train_bpe_equals_naive(tmp_path, seed):
     assert fast == gpt.train_bpe_naive(text, vocab_size, special_tokens)
 
 
+@pytest.mark.parametrize("long_bytes", [gpt.LONG_PRETOKEN_BYTES, 0], ids=["long", "all-linked"])
+@pytest.mark.parametrize("seed", range(3))
+def test_train_bpe_equals_naive_with_long_pretokens(tmp_path, monkeypatch, seed, long_bytes):
+    """Pre-tokens over LONG_PRETOKEN_BYTES, merged where each pair occurs (_LinkedWords), learn
+    exactly the naive reference's merges: a 20 KB run of a few letters, runs of one character
+    (overlapping pairs), long words that occur twice, beside ordinary text; and so do all the
+    words when every one of them is taken as long."""
+    monkeypatch.setattr(gpt, "LONG_PRETOKEN_BYTES", long_bytes)
+    rng = random.Random(seed)
+    long_words = ["".join(rng.choices("aab", k=20_000)), "a" * 301, "é" * 100, "\n" * 150,
+                  "".join(rng.choices("ab日", k=100))]
+    text = " ".join([random_text(seed, num_words=200), *long_words, *long_words[1:3], "x\t"])
+    vocab_size = 256 + 1 + 30 + 20 * seed
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text.encode("utf-8"))
+    fast = gpt.train_bpe(str(path), vocab_size, [EOT], num_workers=1)
+    assert fast == gpt.train_bpe_naive(text, vocab_size, [EOT])
+
+
+def test_train_bpe_on_a_huge_pretoken(tmp_path, monkeypatch):
+    """A 300 KB line of letters (one pre-token) learns 1,000 merges with work bounded by its
+    length: at most two pairs replaced per merged occurrence, and never the whole word re-spelled,
+    which took 20 s here (hours for 3 MB)."""
+    replaced, respelled = [], []
+    replace, merge_pair = gpt._LinkedWords._replace, gpt.merge_pair
+    monkeypatch.setattr(gpt._LinkedWords, "_replace",
+                        lambda self, *args: replaced.append(1) or replace(self, *args))
+    monkeypatch.setattr(gpt, "merge_pair",
+                        lambda word, *args: respelled.append(len(word)) or merge_pair(word, *args))
+    rng = random.Random(0)
+    text = "".join(rng.choice(["once", "upon", "a", "time", "there", "was"]) for _ in range(75_000))
+    path = tmp_path / "line.txt"
+    path.write_bytes(text.encode("utf-8"))
+    vocab, merges = gpt.train_bpe(str(path), 256 + 1000, [], num_workers=1)
+    assert len(merges) == 1000
+    assert {b"once", b"upon", b"time", b"there", b"was"} <= set(vocab.values())
+    assert len(replaced) <= 2 * len(text) and respelled == []
+
+
 def test_train_bpe_in_parallel_equals_naive(tmp_path):
     """Counting pre-tokens in several chunks on 2 workers changes nothing."""
     text = random_text(seed=123, num_words=60_000)
@@ -407,6 +477,37 @@ def merging_every_pair_tokenizer(text: str, special_tokens: list[str]) -> gpt.To
     return gpt.Tokenizer(vocab, pairs, special_tokens)
 
 
+@pytest.mark.parametrize("which", ["tokenizer", "gpt2_tokenizer", "every-pair"])
+def test_long_pretokens_merge_with_a_heap_as_the_plain_loop(request, which, monkeypatch):
+    """Above LONG_PRETOKEN_BYTES, encode_word merges with a heap: exactly as the plain loop does,
+    on random long words spelled from the vocabulary's own tokens and on runs of one character
+    (where every pair ties, so the leftmost must win)."""
+    rng = random.Random(0)
+    if which == "every-pair":
+        tok = merging_every_pair_tokenizer("".join(rng.choices("aabé日", k=500)), [])
+    else:
+        tok = request.getfixturevalue(which)
+    pieces = [t.decode() for t in tok.vocab.values() if t.isascii() and t.strip().isalpha()]
+    pieces = ["a", "a", "b", "é", "日"] if which == "every-pair" else pieces
+    words = ["".join(rng.choices(pieces, k=rng.randint(100, 200))) for _ in range(8)]
+    words += ["a" * 600, "é" * 200, " " * 599, "\n" * 300, "ab" * 250]
+    assert all(len(w.encode("utf-8")) > gpt.LONG_PRETOKEN_BYTES for w in words)
+    with_heap = [tok.encode_word(w) for w in words]
+    monkeypatch.setattr(gpt, "LONG_PRETOKEN_BYTES", math.inf)
+    assert [tok.encode_word(w) for w in words] == with_heap
+
+
+@pytest.mark.parametrize("text", ["letters" * 15_000, " " * 100_000, "\n\t \xa0" * 20_000],
+                         ids=["letters", "spaces", "whitespace"])
+def test_encode_a_huge_pretoken(text):
+    """A 100 KB pre-token, which takes minutes when each merge scans the whole word, is encoded
+    in well under a second, merged as the heap test above checks, and decodes back."""
+    tokenizer = merging_every_pair_tokenizer(text[:100], [])
+    assert len(gpt.pretokenize(text)) == 1
+    ids = tokenizer.encode(text)
+    assert len(ids) < 0.8 * len(text.encode("utf-8")) and tokenizer.decode(ids) == text
+
+
 # "<| x y |>" holds spaces, so a stream must not cut inside it before it has fully arrived.
 @pytest.mark.parametrize("specials", [[EOT], [EOT, EOT * 2], [EOT, "<| x y |>"]],
                          ids=["eot", "eot+double", "eot+spaced"])
@@ -416,6 +517,9 @@ def merging_every_pair_tokenizer(text: str, special_tokens: list[str]) -> gpt.To
     "Once upon a time,  there was\n\na cat.\x1c🙂 日本 it's",
     "a<| x y |>b <| x y |> c<| x",
     "\t  \tx y\n  z \u3000  \x1d!",
+    "one\ntwo\r\nthree\n\n\tfour\x1c\x1dfive\x1e\x1f\n",   # one word per line, \x1c-\x1f
+    "\xa0x\xa0 \n\t\r\n\n  \n",                         # whitespace only, but for one x
+    "it's42nd.'s\n''ll\n$5,6<|endoftext|>'ve",              # lines with no spaces
 ])
 def test_encode_iterable_equals_encode_on_any_split(specials, text):
     """Streaming pieces gives encode()'s ids, however the text is cut into pieces. Every pair
@@ -425,6 +529,39 @@ def test_encode_iterable_equals_encode_on_any_split(specials, text):
     assert list(tokenizer.encode_iterable(list(text))) == expected  # one character at a time
     for i in range(len(text) + 1):
         assert list(tokenizer.encode_iterable([text[:i], text[i:]])) == expected, i
+
+
+# Each shape as the pieces of a stream, about 300 KB in all: where the stream is searched again
+# from its start at each piece, as it once was, one word per line takes minutes. The last three
+# shapes are a single pre-token each, which the stream must hold whole.
+STREAM_SHAPES = {
+    "one word per line": ["Once\n", "upon\r\n", "a\n", "time,\n"] * 15_000,
+    "one huge line": ["the cat sat on the mat, " * 4] * 3_000,
+    "lines without spaces": ["it's,42.\n", "x\x1cy\n", "''\n"] * 15_000,
+    "only newlines": ["\n"] * 300_000,
+    "only whitespace": [" \t\xa0\n\r\u3000 " * 10] * 3_000,
+    "only letters": ["abcde" * 20] * 3_000,
+}
+
+
+@pytest.mark.parametrize("shape", STREAM_SHAPES)
+def test_encode_iterable_searches_each_character_once(shape):
+    """Streaming gives encode()'s ids, each character is searched for a cut once and encoded
+    once, and where cuts exist it is encoded a few pieces at a time."""
+    pieces = STREAM_SHAPES[shape]
+    text = "".join(pieces)
+    tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], [EOT])
+    searched, encoded = [], []
+    last_safe_cut, encode = tokenizer._last_safe_cut, tokenizer.encode
+    tokenizer._last_safe_cut = lambda buffer, start, end, longest: (
+        searched.append(max(end - start, 0)) or last_safe_cut(buffer, start, end, longest))
+    tokenizer.encode = lambda text: encoded.append(len(text)) or encode(text)
+    assert list(tokenizer.encode_iterable(pieces)) == list(text.encode("utf-8"))
+    assert sum(searched) <= len(text) and sum(encoded) == len(text)
+    if shape.startswith("only"):
+        assert max(encoded) == len(text)  # one pre-token: no cut anywhere
+    else:
+        assert max(encoded) <= 3 * (max(map(len, pieces)) + len(EOT))  # a few pieces
 
 
 def test_encode_pauses_the_cycle_collector_and_restores_it(tokenizer):
