@@ -1732,7 +1732,7 @@ def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
     """
     if it < warmup_iters:
         return max_lr * it / warmup_iters
-    if it > cosine_cycle_iters:
+    if it >= cosine_cycle_iters:  # also a cosine of no length: warmup straight into min_lr
         return min_lr
     # lr = min + (max - min) * (1 + cos(pi * progress)) / 2, progress from 0 to 1
     progress = (it - warmup_iters) / max(1, cosine_cycle_iters - warmup_iters)

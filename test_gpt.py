@@ -2079,12 +2079,16 @@ def test_fresh_run_into_a_run_directory_is_refused(tmp_path, token_dir, capsys):
     assert max(train_losses(tmp_path)) == 2
 
 
-def test_resume_extends_a_finished_run_at_the_minimum_lr(tmp_path, token_dir, capsys):
+@pytest.mark.parametrize("warmup", ["2", "10"], ids=["warmup-2", "warmup-past-the-end"])
+def test_resume_extends_a_finished_run_at_the_minimum_lr(tmp_path, token_dir, capsys, warmup):
     """--resume with a larger --max-steps extends a finished run: its cosine has ended, so the
-    extra steps train at --min-lr, and the log says so."""
-    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "4", "--lr", "1e-3")) == 0
+    extra steps train at --min-lr, and the log says so (also after a run that ended during a
+    longer --warmup-steps)."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "4", "--lr", "1e-3",
+                               "--warmup-steps", warmup)) == 0
     capsys.readouterr()
-    assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--max-steps", "7")) == 0
+    assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--max-steps", "7",
+                               "--warmup-steps", warmup)) == 0
     assert "train at the minimum learning rate, 0.0001" in capsys.readouterr().out
     lrs = {m["step"]: m["lr"] for m in metrics(tmp_path) if "lr" in m}
     assert sorted(lrs) == list(range(1, 8))
