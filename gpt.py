@@ -525,26 +525,23 @@ class _LinkedWords:
         return new
 
 
-def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str],
-              num_workers: int | None = None,
-              verbose: bool = False) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
-    """Learn a byte-level BPE vocabulary from a text file (same result as train_bpe_naive).
+def merge_counts(counts: dict[str, int], vocab_size: int, special_tokens: list[str],
+                 verbose: bool = False) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """The incremental trainer: learn merges from pre-token counts (the same as
+    train_bpe_naive on the text they were counted in).
 
     Returns vocab {id: bytes} (ids 0-255 the bytes, then the special tokens, then one per merge)
     and the merges [(left, right), ...] in the order they were learned.
 
-    Two ideas make it fast. Pre-tokens are counted once, in parallel, and each distinct one is
-    kept with its count: TinyStories' 1.4M pre-tokens are only ~9k distinct words. Then each merge
-    updates the pair counts incrementally: we keep, for every pair, the words that contain it, so
-    merging (a, b) revisits only those words, and a heap finds the next most frequent pair. The
-    rare very long pre-tokens (a megabyte line of letters) would cost their whole length at each
-    of those visits; they are merged only where the pair occurs (_LinkedWords).
+    Each distinct pre-token is kept once with its count: TinyStories' 1.4M pre-tokens are only
+    ~9k distinct words. Each merge then updates the pair counts incrementally: we keep, for every
+    pair, the words that contain it, so merging (a, b) revisits only those words, and a heap
+    finds the next most frequent pair. The rare very long pre-tokens (a megabyte line of letters)
+    would cost their whole length at each of those visits; they are merged only where the pair
+    occurs (_LinkedWords).
+    Example: counts {"aaab": 1}, vocab_size 259 -> merges [(b"a", b"a"), (b"aa", b"a"),
+    (b"aaa", b"b")]: first the commonest pair, then ties go to the greatest pair.
     """
-    special_tokens = list(special_tokens)
-    check_vocab_size(vocab_size, special_tokens)
-    num_workers = num_workers or default_workers()
-    counts = count_pretokens(input_path, special_tokens, num_workers, verbose)
-
     vocab = initial_vocab(special_tokens)
     # words[i]: the i-th distinct pre-token as a list of token ids (its bytes, to start with).
     words = [list(pre.encode("utf-8")) for pre in counts]
@@ -604,6 +601,18 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str],
             last_report = time.perf_counter()
             log(f"merges: {len(merges):,}/{vocab_size - 256 - len(special_tokens):,}")
     return vocab, merges
+
+
+def train_bpe(input_path: TextSource, vocab_size: int, special_tokens: list[str],
+              num_workers: int | None = None,
+              verbose: bool = False) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Learn a byte-level BPE vocabulary from a text file (the same as train_bpe_naive on its
+    text): count its pre-tokens in parallel workers, then merge_counts."""
+    special_tokens = list(special_tokens)
+    check_vocab_size(vocab_size, special_tokens)
+    counts = count_pretokens(input_path, special_tokens, num_workers or default_workers(),
+                             verbose)
+    return merge_counts(counts, vocab_size, special_tokens, verbose)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -708,8 +717,9 @@ class _Cache(dict):
         return ids
 
 
-class Tokenizer:
-    """Encodes text to token ids and back, given a BPE vocabulary and its merges.
+class BPETokenizer:
+    """Encodes text to token ids and back, given a BPE vocabulary and its merges: the readable
+    version. Tokenizer (§10) gives the same ids, many times faster.
 
     vocab: {id: bytes}; merges: [(left, right), ...] in the order learned; special_tokens:
     strings that always become one token of their own (added to vocab if missing).
@@ -746,12 +756,6 @@ class Tokenizer:
             self.merged_id.append(self.id_of[left + right])
         self.special_ids = {s: self.id_of[s.encode("utf-8")] for s in self.special_tokens}
         self.special_re = special_tokens_regex(self.special_tokens)
-        # Two caches: text -> ids, for text that pre-tokenizes on its own (pre-tokens, the first
-        # word of a text, what follows a newline); and word -> ids of " " + word, for the words
-        # that split_words cut before a space (nearly all), which saves building " " + word at
-        # every lookup.
-        self.cache = _Cache(self.encode_piece)
-        self.after_space = _Cache(self._encode_after_space)
 
     def encode_word(self, pretoken: str) -> list[int]:
         """Apply the merges to one pre-token, earliest-learned pair first, until none applies.
@@ -762,9 +766,10 @@ class Tokenizer:
         its occurrences at once: a pair containing the new token was learned later, so it
         never outranks the pair's other occurrences.
         """
-        ids = [self.byte_ids[b] for b in pretoken.encode("utf-8")]
-        if len(ids) > LONG_PRETOKEN_BYTES:
-            return self._merge_with_heap(ids)  # the same merges; below, each one scans the word
+        return self.merge([self.byte_ids[b] for b in pretoken.encode("utf-8")])
+
+    def merge(self, ids: list[int]) -> list[int]:
+        """encode_word's merge loop, on the ids of the pre-token's bytes."""
         rank = self.merge_rank.get
         ranks = list(map(rank, zip(ids, ids[1:]), repeat(_NOT_A_MERGE)))  # ranks[i]: ids[i:i+2]
         while ranks:
@@ -781,8 +786,131 @@ class Tokenizer:
                 ranks[i] = rank((ids[i], ids[i + 1]), _NOT_A_MERGE)
         return ids
 
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids: cut out the special tokens, pre-tokenize the rest, merge each pre-token.
+        Example (TinyStories tokenizer): "Once upon a time<|endoftext|>" ->
+        [ids of 'Once', ' upon', ' a', ' time', '<|endoftext|>']."""
+        ids: list[int] = []
+        for i, piece in enumerate(split_on_special_tokens(text, self.special_re)):
+            if i % 2:
+                ids.append(self.special_ids[piece])  # a special token: one id of its own
+            else:
+                for pretoken in pretokenize(piece):
+                    ids.extend(self.encode_word(pretoken))
+        return ids
+
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray | int) -> str:
+        """Token ids back to text; bytes that are not valid UTF-8 (a multi-byte character cut in
+        the middle) become U+FFFD instead of raising. `ids`: a list of ints, a 1-D tensor or
+        numpy array of integers (what the model gives), or one id.
+        Example: [72, 105] -> "Hi" with the 256 byte tokens as ids 0-255."""
+        try:
+            data = b"".join(map(self.vocab.__getitem__, self._id_list(ids)))
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]} is not in the vocabulary "
+                             f"({len(self.vocab)} tokens)") from None
+        return data.decode("utf-8", errors="replace")
+
+    @staticmethod
+    def _id_list(ids) -> list[int]:
+        # Tensors and arrays become lists of ints first: a tensor's elements are tensors, which
+        # hash by identity, so not one of them would be found in the vocabulary.
+        if isinstance(ids, (torch.Tensor, np.ndarray, np.generic)):
+            if ids.ndim > 1:
+                raise ValueError(f"decode takes a 1-D sequence of token ids, got shape "
+                                 f"{tuple(ids.shape)}: decode each row on its own")
+            ids = ids.reshape(-1).tolist()
+        elif not isinstance(ids, Iterable):
+            ids = [ids]  # one id
+        try:
+            # operator.index takes ints of every kind (numpy's, 0-D integer tensors), not floats.
+            return list(map(operator.index, ids))
+        except TypeError as e:
+            raise ValueError(f"token ids must be integers ({e})") from None
+
+    def saved_files(self) -> dict[str, bytes]:
+        """The files save() writes, by name: vocab.json and merges.txt in GPT-2's format (bytes
+        spelled printably), and special_tokens.json. They are also what fingerprint() hashes."""
+        spell = bytes_to_unicode()
+        spelled = lambda token: "".join(spell[b] for b in token)
+        # Written by hand rather than json.dump: if BPE built the same string twice, a dict would
+        # keep one id, and the file must keep both to load back exactly.
+        entries = (f"{json.dumps(spelled(self.vocab[i]), ensure_ascii=False)}: {i}"
+                   for i in sorted(self.vocab))
+        vocab_json = "{\n" + ",\n".join(entries) + "\n}\n"
+        merges_txt = "#version: 0.2\n" + "".join(f"{spelled(a)} {spelled(b)}\n"
+                                                 for a, b in self.merges)
+        return {"vocab.json": vocab_json.encode("utf-8"),
+                "merges.txt": merges_txt.encode("utf-8"),
+                "special_tokens.json": json.dumps(self.special_tokens,
+                                                  ensure_ascii=False).encode("utf-8")}
+
+    def fingerprint(self) -> str:
+        """The sha256 of saved_files(): token files record it to name the tokenizer that made
+        them. It hashes what save() would write, not the files on disk, so a tokenizer loaded
+        back (even from GPT-2's own files) has the fingerprint of the one that was saved."""
+        digest = hashlib.sha256()
+        for name, data in self.saved_files().items():
+            digest.update(f"{name} {len(data)}\n".encode("utf-8") + data)
+        return digest.hexdigest()
+
+    @classmethod
+    def load(cls, directory: str) -> BPETokenizer:
+        """Read a tokenizer written by save(), or GPT-2's own vocab.json and merges.txt."""
+        paths = {name: os.path.join(directory, name)
+                 for name in ("vocab.json", "merges.txt", "special_tokens.json")}
+        for name in ("vocab.json", "merges.txt"):
+            if not os.path.isfile(paths[name]):
+                raise ValueError(f"{directory} holds no tokenizer ({name} is missing); "
+                                 "run `python gpt.py tokenize` first")
+        unspell = {c: b for b, c in bytes_to_unicode().items()}
+        try:
+            with open(paths["vocab.json"], encoding="utf-8") as f:
+                pairs = json.load(f, object_pairs_hook=list)
+            vocab = {int(i): bytes(unspell[c] for c in token) for token, i in pairs}
+            with open(paths["merges.txt"], encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+            merges = [tuple(bytes(unspell[c] for c in part) for part in line.split(" "))
+                      for line in lines if line and not line.startswith("#version")]
+            special_tokens = []
+            if os.path.isfile(paths["special_tokens.json"]):
+                with open(paths["special_tokens.json"], encoding="utf-8") as f:
+                    special_tokens = json.load(f)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{directory}: corrupt tokenizer files ({type(e).__name__}: {e})"
+                             ) from None
+        if any(len(m) != 2 for m in merges):
+            raise ValueError(f"{paths['merges.txt']}: every line must be two tokens")
+        return cls(vocab, merges, special_tokens)
+
+
+
+class Tokenizer(BPETokenizer):
+    """BPETokenizer with a fast encode: the same ids (a test checks it on every kind of text).
+
+    Words repeat endlessly, so encode() looks each one up in a cache and runs the merges only on
+    a miss; encode_iterable() streams a large file in constant memory; long pre-tokens merge with
+    a heap. This is the tokenizer the commands use; load() returns one.
+    """
+
+    def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
+                 special_tokens: list[str] | None = None):
+        super().__init__(vocab, merges, special_tokens)
+        # Two caches: text -> ids, for text that pre-tokenizes on its own (pre-tokens, the first
+        # word of a text, what follows a newline); and word -> ids of " " + word, for the words
+        # that split_words cut before a space (nearly all), which saves building " " + word at
+        # every lookup.
+        self.cache = _Cache(self.encode_piece)
+        self.after_space = _Cache(self._encode_after_space)
+
+    def merge(self, ids: list[int]) -> list[int]:
+        """BPETokenizer.merge, with a heap for long pre-tokens: the same merges."""
+        if len(ids) > LONG_PRETOKEN_BYTES:
+            return self._merge_with_heap(ids)
+        return super().merge(ids)
+
     def _merge_with_heap(self, ids: list[int]) -> list[int]:
-        """encode_word's merges for a long pre-token, in O(n log n): the same pair is merged at
+        """merge() for a long pre-token, in O(n log n): the same pair is merged at
         each step (the earliest learned, leftmost first), but a heap finds it instead of a scan,
         and a linked list of symbols merges it without moving the rest.
         Example (a merge (a, a) only): ids of "aaaaa" -> [aa, aa, a], as encode_word gives.
@@ -847,8 +975,8 @@ class Tokenizer:
         return self.encode_piece(" " + word)
 
     def encode(self, text: str) -> list[int]:
-        """Example (TinyStories tokenizer): "Once upon a time<|endoftext|>" ->
-        [ids of 'Once', ' upon', ' a', ' time', '<|endoftext|>']."""
+        """The ids BPETokenizer.encode gives, from the caches: split the text into words at
+        spaces, and look each word up."""
         ids: list[int] = []
         with cycle_collector_paused():
             for i, piece in enumerate(split_on_special_tokens(text, self.special_re)):
@@ -915,95 +1043,11 @@ class Tokenizer:
                 return cut
         return 0
 
-    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray | int) -> str:
-        """Token ids back to text; bytes that are not valid UTF-8 (a multi-byte character cut in
-        the middle) become U+FFFD instead of raising. `ids`: a list of ints, a 1-D tensor or
-        numpy array of integers (what the model gives), or one id.
-        Example: [72, 105] -> "Hi" with the 256 byte tokens as ids 0-255."""
-        try:
-            data = b"".join(map(self.vocab.__getitem__, self._id_list(ids)))
-        except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is not in the vocabulary "
-                             f"({len(self.vocab)} tokens)") from None
-        return data.decode("utf-8", errors="replace")
-
-    @staticmethod
-    def _id_list(ids) -> list[int]:
-        # Tensors and arrays become lists of ints first: a tensor's elements are tensors, which
-        # hash by identity, so not one of them would be found in the vocabulary.
-        if isinstance(ids, (torch.Tensor, np.ndarray, np.generic)):
-            if ids.ndim > 1:
-                raise ValueError(f"decode takes a 1-D sequence of token ids, got shape "
-                                 f"{tuple(ids.shape)}: decode each row on its own")
-            ids = ids.reshape(-1).tolist()
-        elif not isinstance(ids, Iterable):
-            ids = [ids]  # one id
-        try:
-            # operator.index takes ints of every kind (numpy's, 0-D integer tensors), not floats.
-            return list(map(operator.index, ids))
-        except TypeError as e:
-            raise ValueError(f"token ids must be integers ({e})") from None
-
-    def saved_files(self) -> dict[str, bytes]:
-        """The files save() writes, by name: vocab.json and merges.txt in GPT-2's format (bytes
-        spelled printably), and special_tokens.json. They are also what fingerprint() hashes."""
-        spell = bytes_to_unicode()
-        spelled = lambda token: "".join(spell[b] for b in token)
-        # Written by hand rather than json.dump: if BPE built the same string twice, a dict would
-        # keep one id, and the file must keep both to load back exactly.
-        entries = (f"{json.dumps(spelled(self.vocab[i]), ensure_ascii=False)}: {i}"
-                   for i in sorted(self.vocab))
-        vocab_json = "{\n" + ",\n".join(entries) + "\n}\n"
-        merges_txt = "#version: 0.2\n" + "".join(f"{spelled(a)} {spelled(b)}\n"
-                                                 for a, b in self.merges)
-        return {"vocab.json": vocab_json.encode("utf-8"),
-                "merges.txt": merges_txt.encode("utf-8"),
-                "special_tokens.json": json.dumps(self.special_tokens,
-                                                  ensure_ascii=False).encode("utf-8")}
-
-    def fingerprint(self) -> str:
-        """The sha256 of saved_files(): token files record it to name the tokenizer that made
-        them. It hashes what save() would write, not the files on disk, so a tokenizer loaded
-        back (even from GPT-2's own files) has the fingerprint of the one that was saved."""
-        digest = hashlib.sha256()
-        for name, data in self.saved_files().items():
-            digest.update(f"{name} {len(data)}\n".encode("utf-8") + data)
-        return digest.hexdigest()
-
     def save(self, directory: str) -> None:
         """Write saved_files() into `directory`, each replaced atomically."""
         os.makedirs(directory, exist_ok=True)
         for name, data in self.saved_files().items():
             write_atomically(os.path.join(directory, name), data)
-
-    @classmethod
-    def load(cls, directory: str) -> Tokenizer:
-        """Read a tokenizer written by save(), or GPT-2's own vocab.json and merges.txt."""
-        paths = {name: os.path.join(directory, name)
-                 for name in ("vocab.json", "merges.txt", "special_tokens.json")}
-        for name in ("vocab.json", "merges.txt"):
-            if not os.path.isfile(paths[name]):
-                raise ValueError(f"{directory} holds no tokenizer ({name} is missing); "
-                                 "run `python gpt.py tokenize` first")
-        unspell = {c: b for b, c in bytes_to_unicode().items()}
-        try:
-            with open(paths["vocab.json"], encoding="utf-8") as f:
-                pairs = json.load(f, object_pairs_hook=list)
-            vocab = {int(i): bytes(unspell[c] for c in token) for token, i in pairs}
-            with open(paths["merges.txt"], encoding="utf-8") as f:
-                lines = [line.rstrip("\n") for line in f]
-            merges = [tuple(bytes(unspell[c] for c in part) for part in line.split(" "))
-                      for line in lines if line and not line.startswith("#version")]
-            special_tokens = []
-            if os.path.isfile(paths["special_tokens.json"]):
-                with open(paths["special_tokens.json"], encoding="utf-8") as f:
-                    special_tokens = json.load(f)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{directory}: corrupt tokenizer files ({type(e).__name__}: {e})"
-                             ) from None
-        if any(len(m) != 2 for m in merges):
-            raise ValueError(f"{paths['merges.txt']}: every line must be two tokens")
-        return cls(vocab, merges, special_tokens)
 
 
 # ==================================================================================================
@@ -1234,6 +1278,9 @@ class Embedding(nn.Module):
         nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Plain indexing: the compiler writes its own kernel for the backward's sum of rows.
+            return self.weight[token_ids]  # (B, T) -> (B, T, C)
         # weight[token_ids], written as index_select: its backward sums the gradient rows with
         # index_add, several times faster on a CPU than the scatter behind plain indexing.
         rows = self.weight.index_select(0, token_ids.reshape(-1))  # (B*T, C)
@@ -1293,9 +1340,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             # Evaluation and generation: no backward, so skip the autograd.Function, whose
-            # bookkeeping is a large share of a one-token generation step.
+            # bookkeeping is a large share of a one-token generation step. Under torch.compile
+            # the compiler derives the backward of the plain formula and fuses it itself.
             return rms_norm(x, self.weight, self.eps)[0]
         return _RMSNormFunction.apply(x, self.weight, self.eps)  # (..., C) -> (..., C)
 
@@ -1363,6 +1411,45 @@ def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tens
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: no weight at all
     return softmax(scores, dim=-1) @ V  # (.., T, S) @ (.., S, D) -> (.., T, D)
+
+
+def tiled_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, causal: bool = True,
+                    block: int = 64) -> torch.Tensor:
+    """The same softmax(Q K^T / sqrt(D)) V, one (block, block) tile of scores at a time: the idea
+    of FlashAttention (Dao et al. 2022; FlashAttention-2, Dao 2023), written out to be read.
+
+    The plain version writes the whole (T, S) score matrix to memory and reads it back twice
+    (softmax, then @ V); at T = 1024 that is 4 MB per head, far more traffic than Q, K and V
+    themselves. Here each query block walks the key blocks keeping, per query, a running max m,
+    a running sum l of exp(score - m) and an unnormalised output o. When a new block raises the
+    max, the old l and o were summed against a smaller m and are rescaled by exp(m_old - m_new):
+        o = o * exp(m_old - m_new) + exp(s - m_new) @ V_j,   l = l * exp(..) + sum exp(s - m_new)
+    and o / l at the end is exactly the softmax-weighted sum. A GPU kernel keeps a tile in fast
+    on-chip memory, so scores never reach main memory. With causal=True, T == S and query i
+    sees keys 0..i; key blocks wholly in a query block's future are skipped.
+    """
+    T, S, D = Q.shape[-2], K.shape[-2], Q.shape[-1]
+    out = torch.empty_like(Q)
+    for i in range(0, T, block):
+        q = Q[..., i:i + block, :] / math.sqrt(D)                        # (.., Tq, D)
+        m = q.new_full((*q.shape[:-1], 1), -math.inf)                    # running max (.., Tq, 1)
+        l = q.new_zeros(*q.shape[:-1], 1)                                # running sum (.., Tq, 1)
+        o = torch.zeros_like(q)                                          # output (.., Tq, D)
+        for j in range(0, min(S, i + block) if causal else S, block):
+            s = q @ K[..., j:j + block, :].transpose(-2, -1)  # (.., Tq, D) @ (.., D, Tk)
+            if causal:
+                query = torch.arange(i, i + s.shape[-2], device=s.device)[:, None]
+                key = torch.arange(j, j + s.shape[-1], device=s.device)[None, :]
+                s = s.masked_fill(key > query, -math.inf)                # (.., Tq, Tk)
+            # The first key block holds key 0, which every query sees: m is finite from here.
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            p = torch.exp(s - m_new)                                     # (.., Tq, Tk)
+            rescale = torch.exp(m - m_new)                               # (.., Tq, 1)
+            l = l * rescale + p.sum(-1, keepdim=True)
+            o = o * rescale + p @ V[..., j:j + block, :]  # (.., Tq, Tk) @ (.., Tk, D)
+            m = m_new
+        out[..., i:i + block, :] = o / l
+    return out
 
 
 def project(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -1605,6 +1692,18 @@ class TransformerLM(nn.Module):
 # mixed into the gradient, so that it is not rescaled by Adam's per-parameter step sizes.
 # ==================================================================================================
 
+def cross_entropy_formula(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean over positions of -log softmax(z)[y], as written: logits (N, V), targets (N,).
+
+    -log softmax(z)[y] = -log(exp(z_y) / sum_j exp(z_j)) = logsumexp(z) - z_y, and
+    logsumexp(z) = m + log(sum_j exp(z_j - m)) with m = max(z), so exp never overflows.
+    A model that guesses uniformly scores ln(V) (9.21 for V = 10,000); lower is better.
+    """
+    m = logits.amax(-1, keepdim=True)                              # (N, 1)
+    lse = m + torch.exp(logits - m).sum(-1, keepdim=True).log()    # (N, 1)
+    return (lse - logits.gather(-1, targets[:, None])).mean()
+
+
 class _CrossEntropy(torch.autograd.Function):
     """Forward and backward of the mean cross-entropy, written out by hand.
 
@@ -1645,26 +1744,39 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The mean over all positions of -log p(target): logits (..., V), targets (...) of ids.
-
-    A model that guesses uniformly scores ln(V) (9.21 for V = 10,000); lower is better.
-    """
-    # In float32: bf16 logits would round the loss to 2-3 significant digits.
+    """cross_entropy_formula for logits (..., V) and targets (...) of ids, computed in float32
+    (bf16 logits would round the loss to 2-3 significant digits) by _CrossEntropy; under
+    torch.compile by the formula itself, which the compiler fuses, backward included."""
     logits = logits.float().reshape(-1, logits.shape[-1])  # (N, V), N = all positions
-    return _CrossEntropy.apply(logits, targets.reshape(-1))
+    targets = targets.reshape(-1)                          # (N,)
+    if torch.compiler.is_compiling():
+        return cross_entropy_formula(logits, targets)
+    return _CrossEntropy.apply(logits, targets)
+
+
+@torch.no_grad()
+def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int,
+                 lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """One AdamW step (Loshchilov & Hutter 2019) of one parameter p, in place, as written:
+    g its gradient, m and v its running moments, t the step number (from 1)."""
+    beta1, beta2 = betas
+    p.mul_(1 - lr * weight_decay)               # p = p - lr * weight_decay * p: decoupled decay
+    m.mul_(beta1).add_((1 - beta1) * g)         # m = beta1 * m + (1 - beta1) * g
+    v.mul_(beta2).add_((1 - beta2) * g * g)     # v = beta2 * v + (1 - beta2) * g^2
+    # Undo the bias of m and v toward their zero start: m_hat = m / (1 - beta1^t), likewise v.
+    m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
+    p.sub_(lr * m_hat / (v_hat.sqrt() + eps))   # p = p - lr * m_hat / (sqrt(v_hat) + eps)
 
 
 class AdamW(torch.optim.Optimizer):
-    """Adam with decoupled weight decay, vectorised over all parameters.
+    """adamw_update for every parameter, vectorised: the torch._foreach_* calls apply each line to
+    all parameters at once, a few kernel launches per step rather than a few per parameter.
 
     For each parameter p with gradient g, at step t (from 1), with learning rate lr:
         p = p - lr * weight_decay * p            decay the weight, independent of g
         m = beta1 * m + (1 - beta1) * g          running mean of gradients
         v = beta2 * v + (1 - beta2) * g^2        running mean of squared gradients
         p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-    The (1 - beta^t) factors undo the bias of m and v toward their zero start. The torch._foreach_*
-    calls apply each line to every parameter at once: a few kernel launches per step, not a few
-    per parameter.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -2024,6 +2136,14 @@ def load_checkpoint(src, model: nn.Module, optimizer: torch.optim.Optimizer | No
 # have 191M, 506M and 1.07B parameters at GPT-2's 50,257-token vocabulary. Each preset also names
 # a batch size (in sequences) and a peak learning rate that suit its width; every value has its
 # own flag.
+# Each preset with the recipe it was tuned on:
+# - laptop: tuned here, on a 2-core CPU, with 4-minute runs (the README's table): batch 8 and
+#   lr 3e-3 gave the lowest validation loss in a fixed time.
+# - base: the 23M TinyStories model of Stanford CS336's assignment 1 (d_ff 1344 = 8/3 x 512,
+#   rounded to a multiple of 64), lr 1e-3 from its learning-rate sweep on one GPU; batch 32 on
+#   any device, 128 in the GPU recipe below.
+# - small, medium, large: GPT-2's shapes (Radford et al. 2019), with the peak learning rates of
+#   the same sizes in the GPT-3 paper's Table 2.1 (6e-4, 3e-4, 2.5e-4). Not tuned here.
 PRESETS = {
     "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
                    batch_size=8, lr=3e-3),
@@ -2036,6 +2156,25 @@ PRESETS = {
     "large": dict(context_length=1024, d_model=1280, num_layers=36, num_heads=20, d_ff=5120,
                   batch_size=16, lr=2.5e-4),
 }
+# What `train` picks on a CUDA GPU when no --preset is given. The laptop recipe keeps a GPU
+# nearly idle (about 100k of the 2.5M tokens/s an H200 reached with this one): the base model
+# at 128 x 256 tokens a step, with bf16 autocast and torch.compile, fills the card.
+GPU_RECIPE = dict(preset="base", batch_size=128)
+
+
+def pick_recipe(args: argparse.Namespace, device: torch.device) -> str | None:
+    """Fill in the preset, batch size and --compile the user left open, by device; return a
+    line saying why when the device chose the recipe, else None."""
+    on_gpu = device.type == "cuda"
+    if args.compile is None:
+        args.compile = on_gpu  # on a GPU, fused kernels are worth the minute of compiling
+    if args.preset is not None or not on_gpu:
+        args.preset = args.preset or "laptop"
+        return None
+    args.preset = GPU_RECIPE["preset"]
+    args.batch_size = args.batch_size or GPU_RECIPE["batch_size"]
+    return (f"recipe: on a CUDA GPU, preset {args.preset} at batch {args.batch_size}"
+            f"{', compiled' if args.compile else ''} (--preset laptop for the CPU recipe)")
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -2059,6 +2198,19 @@ def pick_device(requested: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {requested}: MPS is not available on this machine")
     return device
+
+
+def rank_device(device: torch.device, local_rank: int, local_world_size: int) -> torch.device:
+    """The device of one of torchrun's processes: GPU number LOCAL_RANK, one GPU each; or the CPU.
+    Every process checks the count, so all stop together rather than wait for each other."""
+    if device.type != "cuda":
+        return device
+    gpus = torch.cuda.device_count()
+    if local_world_size > gpus:
+        raise ValueError(f"torchrun started {local_world_size} processes on a machine with "
+                         f"{gpus} GPU(s): one process per GPU (--nproc_per_node {gpus}), or "
+                         f"--device cpu")
+    return torch.device("cuda", local_rank)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -2297,6 +2449,36 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, next_batch, g
     return loss_sum, grad_norm
 
 
+# Compiled and eager gradients differ by rounding only: float32 agrees to about 1e-6 and bf16
+# autocast to about 1e-3; a compiler bug shows as a difference near 1 (seen: 1.0).
+COMPILED_GRADIENT_TOLERANCE = 0.1
+
+
+def compiled_gradient_error(model: nn.Module, compiled: nn.Module, compiled_loss_fn,
+                            x: torch.Tensor, y: torch.Tensor,
+                            amp: torch.dtype | None = None) -> tuple[float, str]:
+    """The worst relative difference |g_compiled - g_eager| / |g_eager|, over the parameters,
+    between one batch's gradients computed by `model` with cross_entropy and by its compiled
+    version with `compiled_loss_fn`; and the parameter's name. Leaves no gradients behind.
+
+    torch.compile must compute the same function: float32 agrees to about 1e-6, bf16 autocast
+    to about 1e-3 (the two round at different places).
+    """
+    grads = []
+    for forward, loss_fn in ((model, cross_entropy), (compiled, compiled_loss_fn)):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            logits = forward(x)  # (B, T, V)
+        loss_fn(logits, y).backward()
+        grads.append({name: p.grad.float() for name, p in model.named_parameters()})
+    model.zero_grad(set_to_none=True)
+    eager, compiled_grads = grads
+    errors = {name: ((compiled_grads[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
+              for name, g in eager.items()}
+    worst = max(errors, key=errors.get)
+    return errors[worst], worst
+
+
 @contextmanager
 def stop_requests(enabled: bool = True):
     """Yield a list that becomes non-empty when Ctrl-C (SIGINT) or SIGTERM arrives: the loop then
@@ -2354,27 +2536,85 @@ def is_out_of_memory(error: BaseException) -> bool:
         and ("out of memory" in text or "can't allocate memory" in text))
 
 
-def train(args: argparse.Namespace) -> None:
-    """`python gpt.py train`: the training loop, its logs and its checkpoints."""
-    command_started = time.perf_counter()
-    # -- Where to run: one process, or one of several started by torchrun.
+@dataclass
+class Run:
+    """What one training run holds, made by start_run and advanced by train_loop."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int                    # this process among torchrun's (0 when alone)
+    world_size: int              # processes training together
+    amp: torch.dtype | None      # autocast dtype, or None for float32
+    tokenizer: Tokenizer
+    train_data: np.ndarray       # token ids, memory-mapped
+    valid_data: np.ndarray
+    config: ModelConfig
+    batch_size: int              # sequences per micro-batch and process
+    max_lr: float
+    min_lr: float
+    model: nn.Module = None      # the plain model: its weights, saved in checkpoints
+    fast_model: nn.Module = None  # what steps call: the model, compiled and/or DDP-wrapped
+    eval_model: nn.Module = None  # what evaluation calls: compiled, never DDP-wrapped
+    loss_fn: object = None       # cross_entropy, maybe compiled
+    optimizer: AdamW = None
+    batch_rng: torch.Generator = None
+    eval_starts: np.ndarray = None  # the validation windows, the same at every evaluation
+    step: int = 0
+    best_val_loss: float = math.inf
+    total_steps: int | None = None  # where the schedule ends; None until a time budget plans it
+    budget: TimeBudget = None
+    metrics: object = None       # the open metrics.jsonl (rank 0)
+    loss_sum: torch.Tensor = None  # training loss summed on the device since the last log
+    steps_since_log: int = 0
+    announced: bool = False      # whether the time budget's plan has been printed
+
+    def say(self, message: str) -> None:
+        if self.rank == 0:  # one process talks for all
+            print(message, flush=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.args.out_dir, name)
+
+
+def start_process(args: argparse.Namespace) -> tuple[torch.device, int, int]:
+    """(device, rank, world size): one process, or one of several started by torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(args.device)
     if world_size > 1:
+        device = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")),
+                             int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         # NCCL moves gradients from GPU to GPU; gloo works between CPU processes.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    say = partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)  # rank 0 talks
     if device.type == "cuda":
         # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, several times faster.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp = autocast_dtype(device, args.dtype)
+    return device, rank, world_size
 
-    # -- Check every input before any work: a mistake should cost seconds, not an hour.
+
+def read_resume(args: argparse.Namespace) -> tuple[dict | None, int | None, float]:
+    """With --resume: the checkpoint to continue, where its schedule ends and the seconds of its
+    budget used; what the user does not give again is what the run was started with."""
+    if not args.resume:
+        return None, args.max_steps, 0.0
+    path = os.path.join(args.out_dir, "latest.pt")
+    if not os.path.exists(path):
+        raise ValueError(f"--resume: there is no {path} to resume from")
+    checkpoint = read_checkpoint(path)
+    check_resumable(checkpoint, path)
+    for name, value in checkpoint["args"].items():
+        if name in ("preset", "batch_size", "lr", "min_lr") and getattr(args, name) is None:
+            setattr(args, name, value)
+    total_steps, time_used = plan_resume(args, checkpoint, path)
+    return checkpoint, total_steps, time_used
+
+
+def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
+    """Check every input before any work (a mistake should cost seconds, not an hour) and
+    settle the recipe; returns the run, the checkpoint to resume and the budget already used."""
+    device, rank, world_size = start_process(args)
     check_run_dir(args)
     tokenizer_dir = os.path.join(args.data_dir, "tokenizer")
     if not os.path.isdir(tokenizer_dir):
@@ -2383,31 +2623,21 @@ def train(args: argparse.Namespace) -> None:
     vocab_size = max(tokenizer.vocab) + 1
     train_data = open_tokens(os.path.join(args.data_dir, "train.bin"), vocab_size, tokenizer)
     valid_data = open_tokens(os.path.join(args.data_dir, "valid.bin"), vocab_size, tokenizer)
-    latest_path = os.path.join(args.out_dir, "latest.pt")
-    best_path = os.path.join(args.out_dir, "best.pt")
-    checkpoint, total_steps, time_used = None, args.max_steps, 0.0
-    if args.resume:
-        if not os.path.exists(latest_path):
-            raise ValueError(f"--resume: there is no {latest_path} to resume from")
-        checkpoint = read_checkpoint(latest_path)
-        check_resumable(checkpoint, latest_path)
-        # What the user does not give again is what the run was started with.
-        for name, value in checkpoint["args"].items():
-            if name in ("preset", "batch_size", "lr", "min_lr") and getattr(args, name) is None:
-                setattr(args, name, value)
-        total_steps, time_used = plan_resume(args, checkpoint, latest_path)
+    checkpoint, total_steps, time_used = read_resume(args)
     if args.max_steps is None and args.max_time is None:
         args.max_time = 600.0  # the default budget: 10 minutes
-    args.preset = args.preset or "laptop"
+    recipe = pick_recipe(args, device)
     config = resolve_config(args, vocab_size, checkpoint and checkpoint["config"])
     preset = PRESETS[args.preset]
-    batch_size = args.batch_size or preset["batch_size"]
     max_lr = preset["lr"] if args.lr is None else args.lr
     min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
     if not min_lr <= max_lr:
         raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
+    run = Run(args, device, rank, world_size, autocast_dtype(device, args.dtype), tokenizer,
+              train_data, valid_data, config, args.batch_size or preset["batch_size"], max_lr,
+              min_lr, total_steps=total_steps)
     T = config.context_length
-    check_batch_fits(batch_size, T, vocab_size, device, "--batch-size")
+    check_batch_fits(run.batch_size, T, vocab_size, device, "--batch-size")
     for name, data in (("train.bin", train_data), ("valid.bin", valid_data)):
         if len(data) <= T:
             raise ValueError(f"{name} has {len(data):,} tokens, too few for one window of "
@@ -2416,200 +2646,261 @@ def train(args: argparse.Namespace) -> None:
         check_writable_dir(args.out_dir)
         for path in remove_stale_temp_files(args.out_dir):
             log(f"removed {path}, left by a run killed while saving")
+    if recipe:
+        run.say(recipe)
+    return run, checkpoint, time_used
 
-    # -- The model, its optimizer and the random state: fresh, or as the checkpoint left them.
+
+def build_model(run: Run, checkpoint: dict | None) -> None:
+    """The model, its optimizer and the random state: fresh, or as the checkpoint left them."""
+    args = run.args
     torch.manual_seed(args.seed)
-    model = TransformerLM(config).to(device)
-    num_params = sum(p.numel() for p in model.parameters())
+    run.model = TransformerLM(run.config).to(run.device)
+    params = list(run.model.parameters())
     # Weight decay pulls the matrices toward zero; the norms' gains (1-D) are left alone.
-    optimizer = AdamW([{"params": [p for p in model.parameters() if p.ndim >= 2]},
-                       {"params": [p for p in model.parameters() if p.ndim < 2],
-                        "weight_decay": 0.0}],
-                      lr=max_lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    run.optimizer = AdamW([{"params": [p for p in params if p.ndim >= 2]},
+                           {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                          lr=run.max_lr, betas=(args.beta1, args.beta2),
+                          weight_decay=args.weight_decay)
     # Each rank draws its own batches from its own generator, saved in every checkpoint.
-    batch_rng = torch.Generator().manual_seed(args.seed + rank)
-    step, best_val_loss = 0, math.inf
+    run.batch_rng = torch.Generator().manual_seed(args.seed + run.rank)
     if checkpoint:
         # The optimizer's state includes its hyperparameters (betas, weight decay): a resumed
         # run keeps those it started with.
-        step = restore_checkpoint(checkpoint, model, optimizer, latest_path)
-        best_val_loss = checkpoint["best_val_loss"]
-        batch_rng.set_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
-        say(f"resumed from {latest_path} at step {step}")
-        if args.decay_steps is not None and step >= args.decay_steps:
-            say(f"the cosine ended at step {args.decay_steps}: the steps from {step} on train "
-                f"at the minimum learning rate, {min_lr:g}")
-
-    # torch.compile turns the model into a few generated kernels, fusing the many elementwise
-    # operations (norms, RoPE, SwiGLU) into single passes over memory, backward included.
-    # The first step pays for the compilation: typically half a minute to a minute.
-    compiled = torch.compile(model) if args.compile else model
-    fast_model = compiled
-    # The loss as well: its slices become a few generated kernels.
-    loss_fn = torch.compile(cross_entropy) if args.compile else cross_entropy
-    if world_size > 1:
+        run.step = restore_checkpoint(checkpoint, run.model, run.optimizer, run.path("latest.pt"))
+        run.best_val_loss = checkpoint["best_val_loss"]
+        run.batch_rng.set_state(checkpoint["rng"][run.rank % len(checkpoint["rng"])])
+        run.say(f"resumed from {run.path('latest.pt')} at step {run.step}")
+        if args.decay_steps is not None and run.step >= args.decay_steps:
+            run.say(f"the cosine ended at step {args.decay_steps}: the steps from {run.step} on "
+                    f"train at the minimum learning rate, {run.min_lr:g}")
+    # Evaluation windows evenly spread over the valid file: the same ones every time.
+    T, valid = run.config.context_length, run.valid_data
+    run.eval_starts = np.linspace(0, len(valid) - T - 1,
+                                  min(args.eval_batches * run.batch_size, len(valid) - T))
+    run.eval_starts = run.eval_starts.astype(np.int64)
+    compile_model(run)
+    run.fast_model = run.eval_model
+    if run.world_size > 1:
         # DDP averages the gradients of all ranks during backward, overlapping the
         # communication with the computation of the remaining layers' gradients.
-        fast_model = DistributedDataParallel(
-            compiled, device_ids=[device.index] if device.type == "cuda" else None)
+        run.fast_model = DistributedDataParallel(
+            run.eval_model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
-    tokens_per_step = batch_size * args.grad_accum * T * world_size
-    # Evaluation windows evenly spread over the valid file: the same ones every time.
-    eval_starts = np.linspace(0, len(valid_data) - T - 1,
-                              min(args.eval_batches * batch_size, len(valid_data) - T))
-    eval_starts = eval_starts.astype(np.int64)
-    precision = "float32" if amp is None else f"{str(amp).replace('torch.', '')} autocast"
-    ranks = f" x {world_size} ranks" if world_size > 1 else ""
-    say(f"model: {config}")
-    say(f"parameters: {num_params:,} ({num_params / 1e6:.1f}M) | device {device}{ranks} | "
-        f"{precision}{' | compiled' if args.compile else ''}")
-    say(f"data: {len(train_data):,} train and {len(valid_data):,} valid tokens | "
-        f"{tokens_per_step:,} tokens per step ({batch_size} x {T} x {args.grad_accum} accum"
-        f"{ranks}) | lr {max_lr:g} -> {min_lr:g}, warmup {args.warmup_steps} steps")
-    # A resumed run appends to its metrics; a fresh one starts the file again, and with
-    # --overwrite the previous run's checkpoints go now, so `sample` cannot pick up one of them.
-    if rank == 0 and not checkpoint:
-        for name in ("latest.pt", "best.pt"):
-            if os.path.exists(os.path.join(args.out_dir, name)):
-                os.remove(os.path.join(args.out_dir, name))
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    metrics = open(metrics_path, "a" if checkpoint else "w") if rank == 0 else None
+
+def compile_model(run: Run) -> None:
+    """With --compile, torch.compile the model and the loss, once checked to give the eager
+    gradients; else use them as they are."""
+    run.eval_model, run.loss_fn = run.model, cross_entropy
+    if not run.args.compile:
+        return
+    # torch.compile turns the model into a few generated kernels, fusing the many elementwise
+    # operations (norms, RoPE, SwiGLU) into single passes over memory, backward included, and
+    # the loss's formula into a few more. The first step pays for the compilation: typically
+    # half a minute to a minute.
+    compiled, loss_fn = torch.compile(run.model), torch.compile(cross_entropy)
+    # A compiler bug would train a wrong model for hours without a sign (one did, on CUDA:
+    # see the README). One batch, eager and compiled, must give the same gradients.
+    x, y = batch_at(run.valid_data, run.eval_starts[:run.batch_size],
+                    run.config.context_length, run.device)
+    error, name = compiled_gradient_error(run.model, compiled, loss_fn, x, y, run.amp)
+    if broadcast(error, run.world_size) > COMPILED_GRADIENT_TOLERANCE:
+        run.say(f"torch.compile changed the gradients ({name}: relative difference "
+                f"{error:.1e}); training without it")
+        return
+    run.eval_model, run.loss_fn = compiled, loss_fn
+
+
+def describe(run: Run, num_params: int) -> None:
+    """The lines that open a run's log: model, device and precision, data and recipe."""
+    args, T = run.args, run.config.context_length
+    tokens_per_step = run.batch_size * args.grad_accum * T * run.world_size
+    precision = "float32" if run.amp is None else f"{str(run.amp).replace('torch.', '')} autocast"
+    ranks = f" x {run.world_size} ranks" if run.world_size > 1 else ""
+    run.say(f"model: {run.config}")
+    run.say(f"parameters: {num_params:,} ({num_params / 1e6:.1f}M) | device {run.device}{ranks} "
+            f"| {precision}{' | compiled' if run.eval_model is not run.model else ''}")
+    run.say(f"data: {len(run.train_data):,} train and {len(run.valid_data):,} valid tokens | "
+            f"{tokens_per_step:,} tokens per step ({run.batch_size} x {T} x {args.grad_accum} "
+            f"accum{ranks}) | lr {run.max_lr:g} -> {run.min_lr:g}, warmup {args.warmup_steps} "
+            f"steps")
+
+
+def record(run: Run, **fields) -> None:
+    """One line of metrics.jsonl, for plotting."""
+    if run.metrics:
+        run.metrics.write(json.dumps(fields) + "\n")
+        run.metrics.flush()
+
+
+def save_run(run: Run, path: str, finished: bool = False) -> None:
+    """A checkpoint of the run as it stands: everything to resume it exactly or sample from it."""
+    started = time.perf_counter()
+    rng_states = [run.batch_rng.get_state()]
+    if run.world_size > 1:
+        rng_states = [None] * run.world_size
+        dist.all_gather_object(rng_states, run.batch_rng.get_state())
+    if run.rank == 0:
+        tokenizer = run.tokenizer
+        save_checkpoint(run.model, run.optimizer, run.step, path, config=asdict(run.config),
+                        args={k: v for k, v in vars(run.args).items()
+                              if isinstance(v, (str, int, float, bool, type(None)))},
+                        tokenizer=dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
+                                       special_tokens=tokenizer.special_tokens),
+                        best_val_loss=run.best_val_loss, total_steps=run.total_steps,
+                        finished=finished, elapsed=run.budget.elapsed(), rng=rng_states)
+    run.budget.save_seconds = time.perf_counter() - started
+
+
+def check_finite(run: Run, loss: float, what: str) -> None:
+    if not math.isfinite(loss):
+        raise ValueError(f"the {what} became {loss} at step {run.step}: training diverged (try a "
+                         f"lower --lr); the last good checkpoint is kept in {run.args.out_dir}")
+
+
+def evaluate_and_save(run: Run, finished: bool) -> None:
+    """Evaluate on the validation windows, log it, and checkpoint (best.pt when it improved)."""
+    started = time.perf_counter()
+    val_loss = evaluate(run.eval_model, run.valid_data, run.eval_starts, run.batch_size,
+                        run.config.context_length, run.device, run.amp)
+    val_loss = broadcast(val_loss, run.world_size)  # the same "best" on every rank
+    run.budget.eval_seconds = time.perf_counter() - started
+    check_finite(run, val_loss, "validation loss")
+    is_best = val_loss < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, val_loss)
+    run.say(f"step {run.step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}"
+            f"{' | best so far' if is_best else ''}")
+    record(run, step=run.step, val_loss=round(val_loss, 5), val_ppl=math.exp(val_loss),
+           elapsed=round(run.budget.elapsed(), 2))
+    if run.step > 0:
+        save_run(run, run.path("latest.pt"), finished)
+        if is_best:
+            save_run(run, run.path("best.pt"), finished)
+
+
+def log_progress(run: Run, lr: float, grad_norm: torch.Tensor) -> None:
+    """The log line of the last few steps: loss, lr, gradient norm, speed and time left."""
+    args, budget = run.args, run.budget
+    train_loss = rank_mean(run.loss_sum, run.world_size) / run.steps_since_log
+    check_finite(run, train_loss, "training loss")
+    recent = budget.step_seconds[-run.steps_since_log:]
+    tokens = run.batch_size * args.grad_accum * run.config.context_length * run.world_size
+    tokens_per_s = tokens * run.steps_since_log / sum(recent)
+    elapsed = budget.elapsed()
+    # Time left: the mean step so far times the steps to go, within the budget.
+    mean_step = sum(budget.step_seconds) / len(budget.step_seconds)
+    left = min(mean_step * ((run.total_steps or run.step) - run.step), budget.seconds - elapsed)
+    run.say(f"step {run.step:>6}/{run.total_steps or '?'} | loss {train_loss:.4f} | "
+            f"lr {lr:.2e} | grad norm {grad_norm.item():.2f} | {tokens_per_s:,.0f} tok/s | "
+            f"{format_duration(elapsed)} elapsed"
+            f"{f', {format_duration(left)} left' if run.total_steps else ''}")
+    record(run, step=run.step, train_loss=round(train_loss, 5), lr=lr,
+           grad_norm=round(grad_norm.item(), 5), tokens_per_s=round(tokens_per_s),
+           elapsed=round(elapsed, 2))
+    run.loss_sum.zero_()
+    run.steps_since_log = 0
+
+
+def plan_step(run: Run) -> bool:
+    """Whether the run is done; with a time budget, plan the steps again first. Every rank
+    follows rank 0's clock, so all stop at the same step."""
+    planning = run.args.max_steps is None
+    plan = run.budget.plan(run.step, run.args.eval_interval) if planning else None
+    done = run.step >= (plan or run.total_steps or math.inf) or run.budget.is_over()
+    done, plan = broadcast((done, plan), run.world_size)
+    if plan is not None:
+        run.total_steps = plan
+        if not run.announced:
+            run.say(f"time budget {format_duration(run.budget.seconds)}: planned "
+                    f"{run.total_steps} steps (planned again as the run goes)")
+            run.announced = True
+    if done:
+        run.total_steps = run.step  # the schedule ends here, whatever the plan said
+    return done
+
+
+def train_loop(run: Run) -> None:
+    """The loop: plan -> lr -> maybe evaluate and checkpoint -> train_step -> log."""
+    args = run.args
+    next_batch = partial(get_batch, run.train_data, run.batch_size, run.config.context_length,
+                         run.device, run.batch_rng)
+    # Losses are summed on the device, so the GPU never waits for the CPU to read them.
+    run.loss_sum = torch.zeros((), device=run.device)
+    with stop_requests(enabled=run.world_size == 1) as stop_requested:
+        while True:
+            done = plan_step(run)
+            decay_end = args.decay_steps or run.total_steps or 10 ** 9  # no plan yet: warmup
+            lr = lr_cosine_schedule(run.step, run.max_lr, run.min_lr,
+                                    min(args.warmup_steps, decay_end), decay_end)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            if run.step % args.eval_interval == 0 or done:
+                evaluate_and_save(run, finished=done)
+            if done:
+                return
+            if stop_requested:
+                check_finite(run, rank_mean(run.loss_sum, run.world_size), "training loss")
+                save_run(run, run.path("latest.pt"))
+                raise KeyboardInterrupt(f"{stop_requested[0]}: interrupted at step {run.step}: "
+                                        f"saved {run.path('latest.pt')}; continue with --resume")
+            started = time.perf_counter()
+            loss, grad_norm = train_step(run.fast_model, run.optimizer, next_batch,
+                                         args.grad_accum, args.grad_clip, run.amp, run.loss_fn)
+            run.loss_sum += loss
+            run.step += 1
+            run.steps_since_log += 1
+            run.budget.step_seconds.append(time.perf_counter() - started)
+            if run.step % args.log_interval == 0 or run.step == run.total_steps:
+                log_progress(run, lr, grad_norm)
+
+
+def finish_ranks(run: Run) -> None:
+    """Check that every rank ended with the same weights, then leave together."""
+    # Every rank applied the same averaged gradients, so all must hold the same weights.
+    total = torch.stack([p.detach().double().sum() for p in run.model.parameters()]).sum()
+    low, high = total.clone(), total.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    assert low == high, f"ranks disagree: weight sums from {low.item()} to {high.item()}"
+    run.say(f"all {run.world_size} ranks hold identical weights")
+    # Release DDP's hold on the process group, wait for every rank, close.
+    run.fast_model = None
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace) -> None:
+    """`python gpt.py train`: check the inputs, build the model, run the loop, report."""
+    command_started = time.perf_counter()
+    run, checkpoint, time_used = start_run(args)
+    build_model(run, checkpoint)
+    describe(run, sum(p.numel() for p in run.model.parameters()))
+    if run.rank == 0:
+        # A resumed run appends to its metrics; a fresh one starts the file again, and with
+        # --overwrite the previous run's checkpoints go now, so `sample` cannot pick up one.
+        if not checkpoint:
+            for name in ("latest.pt", "best.pt"):
+                if os.path.exists(run.path(name)):
+                    os.remove(run.path(name))
+        run.metrics = open(run.path("metrics.jsonl"), "a" if checkpoint else "w")
     # The time budget counts from the start of the command (and, on resume, what the run used).
-    budget = TimeBudget(args.max_time or math.inf,
-                        time_used + time.perf_counter() - command_started)
-    planning = args.max_steps is None  # a time budget: the number of steps is planned
-    next_batch = partial(get_batch, train_data, batch_size, T, device, batch_rng)
-
-    def record(**fields) -> None:
-        if metrics:
-            metrics.write(json.dumps(fields) + "\n")
-            metrics.flush()
-
-    def save(path: str, finished: bool = False) -> None:
-        started = time.perf_counter()
-        rng_states = [batch_rng.get_state()]
-        if world_size > 1:
-            rng_states = [None] * world_size
-            dist.all_gather_object(rng_states, batch_rng.get_state())
-        if rank == 0:
-            save_checkpoint(model, optimizer, step, path, config=asdict(config),
-                            args={k: v for k, v in vars(args).items()
-                                  if isinstance(v, (str, int, float, bool, type(None)))},
-                            tokenizer=dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
-                                           special_tokens=tokenizer.special_tokens),
-                            best_val_loss=best_val_loss, total_steps=total_steps,
-                            finished=finished, elapsed=budget.elapsed(), rng=rng_states)
-        budget.save_seconds = time.perf_counter() - started
-
-    def check_finite(loss: float, what: str) -> None:
-        if not math.isfinite(loss):
-            raise ValueError(f"the {what} became {loss} at step {step}: training diverged "
-                             f"(try a lower --lr); the last good checkpoint is kept in "
-                             f"{args.out_dir}")
-
-    # -- The loop: lr -> maybe evaluate and checkpoint -> train_step -> log.
-    loss_sum = torch.zeros((), device=device)  # since the last log; summed on the device,
-    steps_since_log = 0                        # so the GPU never waits for the CPU to read it
-    announced = False
+    run.budget = TimeBudget(args.max_time or math.inf,
+                            time_used + time.perf_counter() - command_started)
     try:
-        with stop_requests(enabled=world_size == 1) as stop_requested:
-            while True:
-                plan = budget.plan(step, args.eval_interval) if planning else None
-                # Every rank must follow the same plan and stop at the same step: rank 0's
-                # clock decides.
-                done = step >= (plan or total_steps or math.inf) or budget.is_over()
-                done, plan = broadcast((done, plan), world_size)
-                if plan is not None:
-                    total_steps = plan
-                    if not announced:
-                        say(f"time budget {format_duration(budget.seconds)}: planned "
-                            f"{total_steps} steps (planned again as the run goes)")
-                        announced = True
-                if done:
-                    total_steps = step  # the schedule ends here, whatever the plan said
-                schedule_end = total_steps or 10 ** 9  # still timing: the warmup needs no plan
-                decay_end = args.decay_steps or schedule_end
-                lr = lr_cosine_schedule(step, max_lr, min_lr,
-                                        min(args.warmup_steps, decay_end), decay_end)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-
-                if step % args.eval_interval == 0 or done:
-                    eval_started = time.perf_counter()
-                    val_loss = evaluate(compiled, valid_data,
-                                        eval_starts, batch_size, T, device, amp)
-                    val_loss = broadcast(val_loss, world_size)  # the same "best" on every rank
-                    budget.eval_seconds = time.perf_counter() - eval_started
-                    check_finite(val_loss, "validation loss")
-                    is_best = val_loss < best_val_loss
-                    best_val_loss = min(best_val_loss, val_loss)
-                    say(f"step {step:>6} | val loss {val_loss:.4f} | val ppl "
-                        f"{math.exp(val_loss):.2f}{' | best so far' if is_best else ''}")
-                    record(step=step, val_loss=round(val_loss, 5), val_ppl=math.exp(val_loss),
-                           elapsed=round(budget.elapsed(), 2))
-                    if step > 0:
-                        save(latest_path, finished=done)
-                        if is_best:
-                            save(best_path, finished=done)
-                if done:
-                    break
-                if stop_requested:
-                    check_finite(rank_mean(loss_sum, world_size), "training loss")
-                    save(latest_path)
-                    raise KeyboardInterrupt(f"{stop_requested[0]}: interrupted at step {step}: "
-                                            f"saved {latest_path}; continue with --resume")
-
-                step_started = time.perf_counter()
-                loss, grad_norm = train_step(fast_model, optimizer, next_batch,
-                                             args.grad_accum, args.grad_clip, amp, loss_fn)
-                loss_sum += loss
-                step += 1
-                steps_since_log += 1
-                budget.step_seconds.append(time.perf_counter() - step_started)
-
-                if step % args.log_interval == 0 or step == total_steps:
-                    train_loss = rank_mean(loss_sum, world_size) / steps_since_log
-                    check_finite(train_loss, "training loss")
-                    recent = budget.step_seconds[-steps_since_log:]
-                    tokens_per_s = tokens_per_step * steps_since_log / sum(recent)
-                    elapsed = budget.elapsed()
-                    # Time left: the mean step so far times the steps to go, within the budget.
-                    mean_step = sum(budget.step_seconds) / len(budget.step_seconds)
-                    left = min(mean_step * ((total_steps or step) - step),
-                               budget.seconds - elapsed)
-                    say(f"step {step:>6}/{total_steps or '?'} | loss {train_loss:.4f} | "
-                        f"lr {lr:.2e} | grad norm {grad_norm.item():.2f} | "
-                        f"{tokens_per_s:,.0f} tok/s | {format_duration(elapsed)} elapsed"
-                        f"{f', {format_duration(left)} left' if total_steps else ''}")
-                    record(step=step, train_loss=round(train_loss, 5), lr=lr,
-                           grad_norm=round(grad_norm.item(), 5),
-                           tokens_per_s=round(tokens_per_s), elapsed=round(elapsed, 2))
-                    loss_sum.zero_()
-                    steps_since_log = 0
+        train_loop(run)
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise
-        raise ValueError(f"out of memory on {device} with --batch-size {batch_size} (and "
-                         f"context length {T}): try a smaller --batch-size, with --grad-accum "
-                         f"to keep the tokens per step") from None
+        raise ValueError(f"out of memory on {run.device} with --batch-size {run.batch_size} (and "
+                         f"context length {run.config.context_length}): try a smaller "
+                         f"--batch-size, with --grad-accum to keep the tokens per step") from None
     finally:
-        if metrics:
-            metrics.close()
-
-    if world_size > 1:
-        # Every rank applied the same averaged gradients, so all must hold the same weights.
-        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
-        low, high = total.clone(), total.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        assert low == high, f"ranks disagree: weight sums from {low.item()} to {high.item()}"
-        say(f"all {world_size} ranks hold identical weights")
-        # Leave together: release DDP's hold on the process group, wait for every rank, close.
-        del fast_model
-        dist.barrier()
-        dist.destroy_process_group()
-    say(f"done: {step} steps in {format_duration(budget.elapsed())}, best val loss "
-        f"{best_val_loss:.4f}; checkpoints in {args.out_dir} (latest.pt, best.pt)")
+        if run.metrics:
+            run.metrics.close()
+    if run.world_size > 1:
+        finish_ranks(run)
+    run.say(f"done: {run.step} steps in {format_duration(run.budget.elapsed())}, best val loss "
+            f"{run.best_val_loss:.4f}; checkpoints in {args.out_dir} (latest.pt, best.pt)")
 
 
 # ==================================================================================================
@@ -3199,7 +3490,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "`torchrun --nproc_per_node=N` it trains on N processes (DDP).")
     tr.add_argument("--preset", choices=list(PRESETS),
                     help="model size and its batch size and learning rate (default: laptop, "
-                         "about 10 minutes on a 2-core CPU; on --resume, the run's own)")
+                         "about 10 minutes on a 2-core CPU; on CUDA, base at batch 128 and "
+                         "compiled; on --resume, the run's own)")
     tr.add_argument("--data-dir", default="data",
                     help="where `tokenize` wrote train.bin, valid.bin and tokenizer/ "
                          "(default: %(default)s)")
@@ -3252,9 +3544,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="bfloat16 autocast or plain float32; auto: bf16 on GPUs and on CPUs "
                          "with bf16 instructions (default: %(default)s)")
-    tr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+    tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="torch.compile the model: faster steps after a slow first one "
-                         "(default: off)")
+                         "(default: on CUDA on, elsewhere off)")
     model_flags = tr.add_argument_group(
         "model", "each overrides the preset's value; see ModelConfig in gpt.py for their meaning")
     for field in fields(ModelConfig):

@@ -6,6 +6,7 @@ worked out by hand, or as a property (a round trip, causality, RoPE's relative p
 Everything a test writes goes under pytest's tmp_path, never into the working directory.
 """
 
+import argparse
 import copy
 import dataclasses
 import gc
@@ -423,10 +424,11 @@ def test_encode_equals_replaying_merges(tokenizer, corpus_path):
 
 
 def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path):
-    """encode() (words from split_words, their shortcuts, two caches) gives the ids of merging
-    each pre-token of the whole text on its own, for every text of up to 4 pieces drawn from
-    words, punctuation, digits, a contraction, a non-ASCII letter and whitespace. The tokenizer
-    learns from random texts of these pieces, so that runs of whitespace are tokens too."""
+    """encode() (words from split_words, their shortcuts, two caches) gives the plain encode's
+    ids (each pre-token of the whole text merged on its own), for every text of up to 4 pieces
+    drawn from words, punctuation, digits, a contraction, a non-ASCII letter and whitespace. The
+    tokenizer learns from random texts of these pieces, so that runs of whitespace are tokens
+    too."""
     pieces = ["the", "é", ",", '!"', "'s", "7", " ", "\n", "\t"]
     rng = random.Random(0)
     corpus = tmp_path / "pieces.txt"
@@ -437,12 +439,20 @@ def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path)
     cross = [(b"e", b"7"), (b"e", b","), (b",", b"t"), (b"\n", b"t"), (b"\t", b" ")]
     vocab.update({len(vocab) + i: left + right for i, (left, right) in enumerate(cross)})
     merges = cross + merges
-    tokenizer = gpt.Tokenizer(vocab, merges)
+    tokenizer, plain = gpt.Tokenizer(vocab, merges), gpt.BPETokenizer(vocab, merges)
     assert {b"\n\t", b"\t\t", b" the"} <= set(tokenizer.vocab.values())
     for n in range(5):
         for text in map("".join, product(pieces, repeat=n)):
-            expected = [i for p in gpt.pretokenize(text) for i in tokenizer.encode_word(p)]
-            assert tokenizer.encode(text) == expected, repr(text)
+            assert tokenizer.encode(text) == plain.encode(text), repr(text)
+
+
+def test_fast_encode_equals_the_plain_encode_on_stories(tokenizer, corpus_path):
+    """Tokenizer.encode (caches, shortcuts) equals BPETokenizer.encode (a merge loop per
+    pre-token) on real stories with their document markers."""
+    text = open(corpus_path, encoding="utf-8").read()
+    plain = gpt.BPETokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
+    assert EOT in text
+    assert tokenizer.encode(text) == plain.encode(text)
 
 
 def test_isalpha_letters_are_regex_letters():
@@ -1171,6 +1181,30 @@ def test_attention_equals_torch_sdpa(use_mask):
                                F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
+@pytest.mark.parametrize("causal, T, S, block", [
+    (True, 70, 70, 16), (True, 64, 64, 64), (True, 5, 5, 1), (True, 33, 33, 8),
+    (False, 70, 70, 16), (False, 9, 30, 4), (False, 1, 17, 64)])
+def test_tiled_attention_equals_the_plain_attention(causal, T, S, block):
+    """Block by block with the online softmax gives the plain attention's result, whether the
+    blocks divide T or not; with causal=True, exactly the causal mask."""
+    torch.manual_seed(0)
+    # Scores of spread-out size, so a later block often raises the running max.
+    q, k, v = 3 * torch.randn(2, 3, T, 8), 3 * torch.randn(2, 3, S, 8), torch.randn(2, 3, S, 8)
+    mask = gpt.sliding_causal_mask(T, T) if causal else None
+    torch.testing.assert_close(gpt.tiled_attention(q, k, v, causal=causal, block=block),
+                               gpt.scaled_dot_product_attention(q, k, v, mask))
+
+
+@pytest.mark.parametrize("rows", [2, 200], ids=["separate-products", "one-stacked-product"])
+def test_project_equals_separate_projections(rows):
+    """project(x, (Wq, Wk, Wv)) is [x Wq^T, x Wk^T, x Wv^T] side by side, on both of its paths."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, 16)
+    weights = tuple(torch.randn(d_out, 16) for d_out in (16, 8, 24))
+    expected = torch.cat([x @ w.T for w in weights], dim=-1)
+    torch.testing.assert_close(gpt.project(x, weights), expected)
+
+
 @pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "nope"])
 def test_attention_fast_path_equals_readable_path(use_rope):
     """Multi-head attention with F.scaled_dot_product_attention equals the masked softmax."""
@@ -1406,6 +1440,22 @@ def test_cross_entropy_over_several_chunks():
     check_cross_entropy(logits, torch.randint(0, 50_000, (45,)))
 
 
+@pytest.mark.parametrize("shift", [0.0, 1000.0], ids=["plain", "shifted-by-1000"])
+def test_cross_entropy_formula_equals_torch_and_the_fast_one(shift):
+    """The plain formula equals F.cross_entropy, and the sliced fast version, loss and gradient."""
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(40, 30) + shift
+    targets = torch.randint(0, 30, (40,))
+    plain = logits.clone().requires_grad_()
+    fast = logits.clone().requires_grad_()
+    loss = gpt.cross_entropy_formula(plain, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets), atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(loss, gpt.cross_entropy(fast, targets), atol=1e-4, rtol=1e-6)
+    loss.backward()
+    gpt.cross_entropy(fast, targets).backward()
+    torch.testing.assert_close(plain.grad, fast.grad)
+
+
 PARAM_SHAPES = [(5,), (3, 4), (2, 3, 4), ()]
 
 
@@ -1440,6 +1490,27 @@ def test_adamw_equals_torch_adamw(groups):
     for a, b, p in zip(ours, theirs, start):
         assert not torch.allclose(a, p)  # the parameters did move
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_adamw_equals_its_per_parameter_formula():
+    """The vectorised AdamW equals adamw_update applied to each parameter in turn, for 50 steps
+    of two groups with their own hyperparameters."""
+    torch.manual_seed(0)
+    start = [torch.randn(shape) for shape in PARAM_SHAPES]
+    ours = [nn.Parameter(p.clone()) for p in start]
+    optimizer = run_adamw(gpt.AdamW, ours, ADAMW_GROUPS["two-groups"], steps=50)
+    plain = [p.clone() for p in start]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in plain]
+    generator = torch.Generator().manual_seed(0)  # run_adamw's gradients, in the same order
+    for t in range(1, 51):
+        grads = [torch.randn(p.shape, generator=generator) for p in plain]
+        for i, (p, g, (m, v)) in enumerate(zip(plain, grads, moments)):
+            group = optimizer.param_groups[0 if i < 2 else 1]
+            gpt.adamw_update(p, g, m, v, t, group["lr"], group["betas"], group["eps"],
+                             group["weight_decay"])
+    for a, b, p in zip(ours, plain, start):
+        assert not torch.allclose(a, p)
+        torch.testing.assert_close(a.detach(), b, atol=1e-6, rtol=1e-6)
 
 
 def test_adamw_state_dict_round_trip():
@@ -1878,8 +1949,8 @@ def train_args(token_dir: str, out_dir, *extra: str) -> list[str]:
     """A few steps of a tiny model: seconds on any CPU."""
     return ["train", "--data-dir", token_dir, "--out-dir", str(out_dir), "--batch-size", "4",
             "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "1",
-            "--warmup-steps", "2", "--dtype", "float32", "--max-steps", "6", *TINY_MODEL,
-            *extra]
+            "--warmup-steps", "2", "--dtype", "float32", "--max-steps", "6", "--device", "cpu",
+            *TINY_MODEL, *extra]
 
 
 def metrics(out_dir) -> list[dict]:
@@ -2169,6 +2240,99 @@ def test_second_ctrl_c_while_reporting_still_exits_2(tmp_path, token_dir, monkey
     assert gpt.main(train_args(token_dir, tmp_path)) == 2
     assert "interrupted at step 1" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after main
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA check needs a CUDA GPU"))]
+
+
+def bf16_rounding(model, x, y) -> float:
+    """How far bf16 autocast moves the gradients from float32's, eager both: the worst relative
+    difference over the parameters."""
+    grads = []
+    for amp in (None, torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp is not None):
+            logits = model(x)
+        gpt.cross_entropy(logits, y).backward()
+        grads.append([p.grad.float() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    return max(((b - a).norm() / a.norm()).item() for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_model_and_loss_give_the_eager_gradients(device, amp):
+    """torch.compile of the whole model and the loss computes every parameter's gradient as
+    eager mode does: in float32 within 1e-4 (relative); in bf16 autocast, where compiled and
+    eager code round at different places, within twice what bf16 itself changes (about 1e-2)."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config(vocab_size=256, context_length=32)).to(device)
+    x = torch.randint(0, 256, (4, 32), device=device)
+    y = torch.roll(x, -1, 1)
+    tolerance = 1e-4 if amp is None else 2 * bf16_rounding(model, x, y)
+    torch._dynamo.reset()  # compile afresh: no kernels cached by another test
+    error, name = gpt.compiled_gradient_error(model, torch.compile(model),
+                                              torch.compile(gpt.cross_entropy), x, y, amp)
+    assert error <= tolerance, f"{name}: relative gradient difference {error:.1e}"
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_compiled_gradient_error_sees_a_wrong_gradient():
+    """The check that guards --compile notices a gradient that is off, and names its owner."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config())
+    x = torch.randint(0, 64, (2, 16))
+
+    def halved_embedding_grad(ids):  # a "compiled" model with a wrong embedding gradient
+        logits = model(ids)
+        model.token_embeddings.weight.register_hook(lambda g: g / 2)
+        return logits
+
+    error, name = gpt.compiled_gradient_error(model, halved_embedding_grad, gpt.cross_entropy,
+                                              x, torch.roll(x, -1, 1))
+    assert (name, round(error, 6)) == ("token_embeddings.weight", 0.5)
+
+
+@pytest.mark.parametrize("error, falls_back", [(0.0, False), (1.0, True)])
+def test_train_compile_falls_back_to_eager_when_gradients_differ(tmp_path, token_dir, capsys,
+                                                                 monkeypatch, error, falls_back):
+    """With --compile, a batch's compiled gradients are checked against eager ones first; when
+    they differ, one line says so and training goes on uncompiled."""
+    monkeypatch.setattr(torch, "compile", lambda f: f)  # the check itself is tested above
+    monkeypatch.setattr(gpt, "compiled_gradient_error",
+                        lambda *args: (error, "token_embeddings.weight"))
+    assert gpt.main(train_args(token_dir, tmp_path, "--compile", "--max-steps", "2")) == 0
+    said = "torch.compile changed the gradients (token_embeddings.weight" in capsys.readouterr().out
+    assert said == falls_back
+
+
+@pytest.mark.parametrize("device, given, expected, explained", [
+    ("cpu", {}, dict(preset="laptop", batch_size=None, compile=False), False),
+    ("cpu", dict(compile=True), dict(preset="laptop", batch_size=None, compile=True), False),
+    ("cuda", {}, dict(preset="base", batch_size=128, compile=True), True),
+    ("cuda", dict(batch_size=64, compile=False), dict(preset="base", batch_size=64,
+                                                      compile=False), True),
+    ("cuda", dict(preset="laptop"), dict(preset="laptop", batch_size=None, compile=True), False),
+    ("mps", {}, dict(preset="laptop", batch_size=None, compile=False), False),
+])
+def test_pick_recipe_by_device(device, given, expected, explained):
+    """The laptop recipe on CPUs and Macs; on CUDA the GPU recipe, unless a --preset is given;
+    what the user gives always stands."""
+    args = argparse.Namespace(**{**dict(preset=None, batch_size=None, compile=None), **given})
+    said = gpt.pick_recipe(args, torch.device(device))
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert (said is not None) == explained
+
+
+def test_rank_device_one_gpu_per_process(monkeypatch):
+    """torchrun's process i takes cuda:i; more processes than GPUs is one clear line."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert gpt.rank_device(torch.device("cpu"), 1, 2) == torch.device("cpu")
+    assert gpt.rank_device(torch.device("cuda"), 0, 1) == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"2 processes on a machine with 1 GPU.*"
+                                         r"--nproc_per_node 1"):
+        gpt.rank_device(torch.device("cuda"), 0, 2)
 
 
 def test_torchrun_two_cpu_processes_train_and_agree(tmp_path, token_dir):
