@@ -82,92 +82,6 @@ def log(message: str, end: str = "\n") -> None:
     print(message, end=end, file=sys.stderr, flush=True)
 
 
-def check_writable_dir(directory: str) -> None:
-    """Fail now, not after an hour of work, if results cannot be written to `directory`."""
-    os.makedirs(directory, exist_ok=True)
-    probe = os.path.join(directory, f".write-test-{os.getpid()}")
-    with open(probe, "wb"):
-        pass
-    os.remove(probe)
-
-
-
-class Progress:
-    """A one-line progress meter for long work: MB done, MB/s and the time left.
-
-    On a terminal it redraws one line in place; in a log file it writes a line every few seconds.
-    """
-
-    def __init__(self, label: str, total_bytes: int):
-        self.label, self.total, self.done = label, total_bytes, 0
-        self.start = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def advance(self, nbytes: int) -> None:
-        self.done += nbytes
-        now = time.perf_counter()
-        if now - self.last >= (0.2 if self.tty else 5.0) or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            line = (f"{self.label}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  "
-                    f"{rate / 1e6:.1f} MB/s  ETA {eta:.0f}s")
-            if self.tty:  # redraw in place; the final state stays on screen
-                log("\r" + line, end="\n" if self.done >= self.total else "")
-            else:
-                log(line)
-
-
-def default_workers() -> int:
-    """The CPU cores this process may use (a container may allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def worker_pool(num_workers: int, initializer=None, initargs=()):
-    """A process pool whose workers leave Ctrl-C to the main process (which then stops them).
-
-    On Linux we fork: a forked worker starts in milliseconds with gpt.py already imported, while
-    a spawned one would spend a second re-importing torch. macOS's system libraries are not safe
-    to fork, so there (and on Windows) Python's default, spawn, is used.
-    """
-    method = "fork" if sys.platform == "linux" else None
-    return multiprocessing.get_context(method).Pool(
-        num_workers, initializer=_init_worker, initargs=(os.getpid(), initializer, initargs))
-
-
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal Linux sends a process when its parent dies
-
-
-def _init_worker(parent_pid: int, initializer, initargs) -> None:
-    # Ctrl-C reaches every process of the terminal: the main process alone handles it and stops
-    # the workers. It stops them with SIGTERM, which must end a worker at once, not run a handler
-    # inherited from the main process (main() makes SIGTERM raise KeyboardInterrupt there).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if sys.platform == "linux":
-        # A main process killed with kill -9 cannot stop its workers, which would run on and
-        # die later on a broken pipe, with a traceback: have the kernel kill them with it.
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the parent died before prctl: nobody will signal us
-            os._exit(1)
-    if initializer is not None:
-        initializer(*initargs)
-
-
-def map_jobs(func, jobs: list, num_workers: int, ordered: bool,
-             initializer=None, initargs=()) -> Iterator:
-    """func(job) for every job: in this process when one worker (or one job) suffices, else in a
-    pool, in job order if `ordered` or as they finish. The pool stops when iteration ends, is
-    abandoned or fails; wrap the call in contextlib.closing to stop it at a known moment."""
-    if num_workers == 1 or len(jobs) <= 1:
-        if initializer is not None:
-            initializer(*initargs)
-        yield from map(func, jobs)
-        return
-    with worker_pool(min(num_workers, len(jobs)), initializer, initargs) as pool:
-        yield from (pool.imap if ordered else pool.imap_unordered)(func, jobs)
-
-
 # ==================================================================================================
 # §1 Tokenizer: byte-level BPE
 #
@@ -175,36 +89,16 @@ def map_jobs(func, jobs: list, num_workers: int, ordered: bool,
 # be encoded, emoji included) and learn merges: repeatedly join the most frequent adjacent pair of
 # tokens into a new token (Sennrich et al. 2016). As in GPT-2, text is first cut into pre-tokens
 # (words with their leading space, numbers, punctuation runs) and merges never cross them.
+# Here: pre-tokenize, merge_pair, the naive trainer, the incremental one, encode and decode.
 # ==================================================================================================
 
 # GPT-2's pre-tokenizer: contractions, optionally-space-prefixed letter runs / number runs /
 # punctuation runs, then whitespace. `\s+(?!\S)` leaves the last space of a run to the next word,
 # so " world" stays one pre-token after several spaces.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
 PRETOKEN_RE = regex.compile(GPT2_PATTERN)
-
-
-# Splitting text into words at spaces makes encoding fast: each word is pre-tokenized and merged
-# once, and every later occurrence is a dictionary lookup. The split is exact wherever the space
-# starts a pre-token of its own in GPT-2's pattern, which almost every space does. The exceptions
-# have whitespace before them and whitespace or the end of the text after them ("a   b",
-# "\n  x", a final "\t "): `\s+(?!\S)` joins them to the whitespace before. Text without such
-# spaces (nearly all prose) is split with str.split, which with the search for such spaces runs
-# over twice as fast as splitting with the regex below; text with them is cut only before the
-# spaces that follow a non-space, which always start a pre-token. (Stdlib `re` counts a few
-# control characters as whitespace that `regex` does not: UNSAFE_SPACE_RE then finds more spaces
-# and SAFE_SPACE_RE fewer, which only removes cuts, so both stay exact.)
-UNSAFE_SPACE_RE = re.compile(r" (?!\S)(?<=\s )")  # whitespace before, whitespace or the end after
-SAFE_SPACE_RE = re.compile(r"(?<=\S) ")          # a space after a non-space
-
-
-def split_words(text: str) -> list[str]:
-    """Cut text before spaces that start a pre-token (all of them, or those after a non-space),
-    dropping those spaces: every word but the first stands for " " + word, and each
-    pre-tokenizes on its own as within the whole text.
-    Example: split_words("Hi there,\nit's  42!") -> ['Hi', "there,\nit's", '', '42!'], which
-    stand for 'Hi', " there,\nit's", ' ', ' 42!'."""
-    return SAFE_SPACE_RE.split(text) if UNSAFE_SPACE_RE.search(text) else text.split(" ")
 
 
 def pretokenize(text: str) -> list[str]:
@@ -242,150 +136,6 @@ def check_vocab_size(vocab_size: int, special_tokens: list[str]) -> None:
         raise ValueError(f"vocab size {vocab_size} is too small: it must hold the 256 bytes and "
                          f"{len(special_tokens)} special token(s), at least "
                          f"{256 + len(special_tokens)}")
-
-
-# Text to read is a whole file, or a byte range (path, start, end) of one: the train part of a
-# file whose end is held out for validation, say.
-TextSource = str | tuple[str, int, int]
-
-
-def text_range(source: TextSource) -> tuple[str, int, int]:
-    """Example: "stories.txt" -> ("stories.txt", 0, 5956704); a range is returned as it is."""
-    if isinstance(source, str):
-        return source, 0, os.path.getsize(source)
-    return source
-
-
-def text_name(source: TextSource) -> str:
-    """Example: ("stories.txt", 0, 900) -> "stories.txt[0:900]", "stories.txt" -> itself."""
-    if isinstance(source, str):
-        return source
-    path, start, end = source
-    return f"{path}[{start}:{end}]"
-
-
-def read_text(path: str, start: int = 0, end: int | None = None) -> str:
-    """The bytes [start, end) of a file as text, with a clear error if they are not UTF-8."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(-1 if end is None else end - start)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset {start + e.start:,})"
-                         ) from None
-
-
-def check_text_file(path: str, block_bytes: int = 1 << 16) -> int:
-    """The size of a text file we are about to read, refusing a missing or empty file, or one
-    with a byte anywhere that is not UTF-8: better now than after an hour of work. Decoding in
-    blocks of 64 KB (which stay in the CPU's cache) checks over 2 GB/s in constant memory."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise ValueError(f"{path} is empty")
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0  # of the block's first byte in the file
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(block_bytes)
-            carried = len(decoder.getstate()[0])  # the start of a character the last block cut
-            try:
-                decoder.decode(block, final=not block)
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset "
-                                 f"{offset - carried + e.start:,})") from None
-            if not block:
-                return size
-            offset += len(block)
-
-
-def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes: int
-                     ) -> list[int]:
-    """Byte offsets that cut a text into chunks of about `chunk_bytes`, each cut at the start of
-    a special token, so no document (and no pre-token) is split between two workers.
-
-    A cut is refused where an occurrence of a special token starts before it and reaches it
-    (overlapping it, or ending right there): in a run such as `<|endoftext|><|endoftext|>`,
-    which may be one longer special token, the cut could split what encode() would match.
-    Without special tokens the text is one chunk. Offsets are the file's, from start to end.
-    Example: a 10 MB file with a document break every few KB, chunk_bytes=4e6 ->
-    [0, 4000231, 8000514, 10000000].
-    """
-    path, start, end = text_range(source)
-    specials = [s.encode("utf-8") for s in special_tokens]
-    cuts = [start]
-    if specials and end - start > chunk_bytes:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            pos = start + chunk_bytes
-            while pos < end:
-                hits = [h for h in (data.find(s, pos, end) for s in specials) if h >= 0]
-                if not hits:
-                    break
-                cut = min(hits)
-                # An occurrence starting at cut - len(s) .. cut - 1 lies within this window.
-                if any(data.find(s, max(cut - len(s), start), min(cut + len(s) - 1, end)) >= 0
-                       for s in specials):
-                    pos = cut + 1  # inside or right after a run of specials: try the next one
-                    continue
-                if cut > cuts[-1]:
-                    cuts.append(cut)
-                pos = cut + chunk_bytes
-    return cuts + [end]
-
-
-def plan_chunks(source: TextSource, special_tokens: list[str], num_workers: int,
-                max_chunk_bytes: int = 4 << 20) -> list[tuple[str, int, int]]:
-    """(path, start, end) pieces of a text for the workers: a few MB each, and at least four per
-    worker on a small text, so every core stays busy until the end."""
-    path, start, end = text_range(source)
-    chunk = max(min(max_chunk_bytes, (end - start) // (4 * num_workers)), 1 << 16)
-    cuts = chunk_boundaries((path, start, end), special_tokens, chunk)
-    return [(path, a, b) for a, b in zip(cuts, cuts[1:])]
-
-
-def count_pretokens_in_chunk(path: str, start: int, end: int,
-                             special_tokens: list[str]) -> Counter[str]:
-    """How often each pre-token occurs in a byte range of a file; special tokens are removed
-    (they delimit documents and never take part in merges).
-    Example: "the cat<|endoftext|>the" -> Counter({'the': 2, ' cat': 1})."""
-    special_re = special_tokens_regex(special_tokens)
-    first_words: Counter[str] = Counter()  # the first word of each document
-    words: Counter[str] = Counter()        # the others, each standing for " " + word
-    for i, piece in enumerate(split_on_special_tokens(read_text(path, start, end), special_re)):
-        if i % 2 == 0:
-            piece_words = split_words(piece)
-            first_words[piece_words[0]] += 1
-            words.update(islice(piece_words, 1, None))
-    counts: Counter[str] = Counter()
-    for text, n in chain(first_words.items(), ((" " + w, n) for w, n in words.items())):
-        for pretoken in pretokenize(text):
-            counts[pretoken] += n
-    return counts
-
-
-def _count_chunk(job: tuple[str, int, int, list[str]]) -> tuple[int, Counter[str]]:
-    path, start, end, special_tokens = job
-    return end - start, count_pretokens_in_chunk(path, start, end, special_tokens)
-
-
-def count_pretokens(source: TextSource, special_tokens: list[str], num_workers: int,
-                    verbose: bool = False) -> Counter[str]:
-    """Pre-token counts of a file or a byte range of one, in parallel: each worker reads its own
-    chunks from disk, so memory holds a few chunks and the distinct pre-tokens, whatever the
-    file's size."""
-    chunks = plan_chunks(source, special_tokens, num_workers)
-    jobs = [(p, a, b, special_tokens) for p, a, b in chunks]
-    progress = (Progress(f"pre-tokenize {text_name(source)}", sum(b - a for _, a, b in chunks))
-                if verbose else None)
-    counts: Counter[str] = Counter()
-    with closing(map_jobs(_count_chunk, jobs, num_workers, ordered=False)) as results:
-        for nbytes, chunk_counts in results:
-            counts.update(chunk_counts)
-            if progress:
-                progress.advance(nbytes)
-    return counts
 
 
 def merge_pair(word, pair, new):
@@ -603,18 +353,6 @@ def merge_counts(counts: dict[str, int], vocab_size: int, special_tokens: list[s
     return vocab, merges
 
 
-def train_bpe(input_path: TextSource, vocab_size: int, special_tokens: list[str],
-              num_workers: int | None = None,
-              verbose: bool = False) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
-    """Learn a byte-level BPE vocabulary from a text file (the same as train_bpe_naive on its
-    text): count its pre-tokens in parallel workers, then merge_counts."""
-    special_tokens = list(special_tokens)
-    check_vocab_size(vocab_size, special_tokens)
-    counts = count_pretokens(input_path, special_tokens, num_workers or default_workers(),
-                             verbose)
-    return merge_counts(counts, vocab_size, special_tokens, verbose)
-
-
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable spelling of bytes, used in vocab.json and merges.txt.
 
@@ -630,91 +368,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-# Why a write usually fails, in words: the system's own "File too large" does not say that a
-# limit (ulimit -f) is the cause, and numpy's tofile() says only "42782 requested and 11037
-# written".
-WRITE_FAILURES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                  errno.EFBIG: "the file is larger than the file system or a limit allows"}
-
-
-def write_all(f, data, path: str) -> None:
-    """Write `data` to the open file `f` and flush it; if the disk refuses, an OSError that names
-    `path` and says why."""
-    try:
-        f.write(data)
-        f.flush()
-    except OSError as e:
-        reason = WRITE_FAILURES.get(e.errno, "the write failed")
-        raise OSError(f"cannot write {path}: {reason} ({e.strerror or e})") from None
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write a file so that a crash leaves either the old file or the new one, never half. The
-    temporary file's name holds our process id, for cleaning up after a kill -9."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write_all(f, data, path)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 # The rank of a pair that is no merge: after every real rank.
 _NOT_A_MERGE = sys.maxsize
-
-# Where a stream of text can be cut and each side encoded on its own (encode_iterable): between
-# two characters that no pre-token of GPT-2's pattern holds side by side, the first not
-# whitespace. Only whitespace runs hold whitespace, so "word|\n" is a cut; runs of letters, of
-# digits or of other characters hold one kind each, and only a contraction ("'s") holds two, so
-# a change of kind is a cut too, except from "'" to a letter. The pattern ends a pre-token at such
-# a cut whatever follows, and the run that ends there is the same whatever precedes. (A cut after
-# whitespace is not safe: "\n\nx" is "\n", "\n", "x", but "\n\n" alone is one pre-token.)
-# `regex`'s \s, \p{L}, \p{N} are those of GPT-2's pattern (stdlib `re` also counts \x1c-\x1f as
-# whitespace). REVERSE searches from the end, as we want the last cut.
-SAFE_CUT_RE = regex.compile(r"(?<=\S)(?=\s)"                      # "word|\n"
-                            r"|(?<=\p{L})(?=[^\s\p{L}])"           # "cat|," "don|'t"
-                            r"|(?<=\p{N})(?=[^\s\p{N}])"           # "42|nd"
-                            r"|(?<=[^\s\p{L}\p{N}])(?=\p{N})"      # "$|5"
-                            r"|(?<=[^\s\p{L}\p{N}'])(?=\p{L})",    # ".|The", but not "'|s"
-                            regex.REVERSE)
-
-
-@contextmanager
-def cycle_collector_paused():
-    """Pause Python's cycle collector for work that allocates many objects but no reference
-    cycles, like filling the encoder's cache: left on, it would now and then scan every object
-    in the process (torch's many included) for cycles there are none of, which cost a fifth of
-    a first encode() right after training a tokenizer. Reference counting still frees memory."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-class _Cache(dict):
-    """string -> its token ids, computed by `encode` on a miss.
-
-    Text repeats the same words endlessly, so almost every lookup is a hit and encoding runs at
-    dictionary speed. The cache is cleared when it grows past `max_size` entries, which bounds
-    its memory on corpora with millions of distinct words. Ids are stored as tuples, which the
-    cycle collector stops tracking once it has seen they hold only ints: a full cache of lists
-    would add a million objects to every later full collection (during training, say).
-    """
-
-    def __init__(self, encode, max_size: int = 1 << 20):
-        super().__init__()
-        self.encode, self.max_size = encode, max_size
-
-    def __missing__(self, text: str) -> tuple[int, ...]:
-        if len(self) >= self.max_size:
-            self.clear()
-        ids = self[text] = tuple(self.encode(text))
-        return ids
 
 
 class BPETokenizer:
@@ -884,279 +539,17 @@ class BPETokenizer:
         return cls(vocab, merges, special_tokens)
 
 
-
-class Tokenizer(BPETokenizer):
-    """BPETokenizer with a fast encode: the same ids (a test checks it on every kind of text).
-
-    Words repeat endlessly, so encode() looks each one up in a cache and runs the merges only on
-    a miss; encode_iterable() streams a large file in constant memory; long pre-tokens merge with
-    a heap. This is the tokenizer the commands use; load() returns one.
-    """
-
-    def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
-                 special_tokens: list[str] | None = None):
-        super().__init__(vocab, merges, special_tokens)
-        # Two caches: text -> ids, for text that pre-tokenizes on its own (pre-tokens, the first
-        # word of a text, what follows a newline); and word -> ids of " " + word, for the words
-        # that split_words cut before a space (nearly all), which saves building " " + word at
-        # every lookup.
-        self.cache = _Cache(self.encode_piece)
-        self.after_space = _Cache(self._encode_after_space)
-
-    def merge(self, ids: list[int]) -> list[int]:
-        """BPETokenizer.merge, with a heap for long pre-tokens: the same merges."""
-        if len(ids) > LONG_PRETOKEN_BYTES:
-            return self._merge_with_heap(ids)
-        return super().merge(ids)
-
-    def _merge_with_heap(self, ids: list[int]) -> list[int]:
-        """merge() for a long pre-token, in O(n log n): the same pair is merged at
-        each step (the earliest learned, leftmost first), but a heap finds it instead of a scan,
-        and a linked list of symbols merges it without moving the rest.
-        Example (a merge (a, a) only): ids of "aaaaa" -> [aa, aa, a], as encode_word gives.
-        """
-        rank = self.merge_rank.get
-        n = len(ids)
-        after = list(range(1, n + 1))    # after[i]: the position of the symbol after i; n: none
-        before = list(range(-1, n - 1))  # before[i]: the symbol before i; -1: none
-        # (rank, position) of every pair that is a merge, position being that of its left
-        # symbol: positions keep their left-to-right order, so ties go to the leftmost pair.
-        heap = [(r, i) for i, pair in enumerate(zip(ids, ids[1:]))
-                if (r := rank(pair)) is not None]
-        heapq.heapify(heap)
-        while heap:
-            r, i = heapq.heappop(heap)
-            j = after[i]
-            # Entries go stale when a neighbour merges: use one only if its pair is still there.
-            if ids[i] is None or j == n or rank((ids[i], ids[j])) != r:
-                continue
-            # Merge: i takes the new token, j leaves the list.
-            ids[i], ids[j] = self.merged_id[r], None
-            k = after[i] = after[j]
-            if k < n:
-                before[k] = i
-            # The new token forms new pairs with its neighbours.
-            h = before[i]
-            if h >= 0 and (left := rank((ids[h], ids[i]))) is not None:
-                heapq.heappush(heap, (left, h))
-            if k < n and (right := rank((ids[i], ids[k]))) is not None:
-                heapq.heappush(heap, (right, i))
-        return [token for token in ids if token is not None]
-
-    def encode_piece(self, text: str) -> list[int]:
-        """Encode text that holds no special token and pre-tokenizes on its own (a pre-token,
-        the first word of a text), through the cache. Example: "Once," -> pre-tokens
-        ['Once', ','] -> [id of 'Once', id of ','].
-
-        Letters alone, after at most one space, are one pre-token (` ?\\p{L}+`): such text
-        skips the regex and its per-call cost.
-        """
-        if text.isalpha() or (text[:1] == " " and text[1:].isalpha()):
-            return self.encode_word(text)
-        pretokens = pretokenize(text)
-        if len(pretokens) == 1:
-            return self.encode_word(text)
-        return list(chain.from_iterable(map(self.cache.__getitem__, pretokens)))
-
-    def _encode_after_space(self, word: str) -> Iterable[int]:
-        """The ids of " " + word. The commonest shapes of word take shortcuts that give what
-        GPT-2's pattern gives without running it: letters, maybe followed by ASCII punctuation
-        (" time," -> " time" + ","), and two parts joined by a newline before a non-space
-        ("time.\nThe" -> " time." + "\n" + "The"). Other words go through the pattern."""
-        letters = word.rstrip(string.punctuation)
-        if letters.isalpha():
-            # The letters are one pre-token and the punctuation another (or nothing); the main
-            # cache keeps " time" once for "time", "time," and "time!".
-            return self.cache[" " + letters] + self.cache[word[len(letters):]]
-        head, _, tail = word.partition("\n")
-        if tail and not tail[0].isspace():
-            # A newline before a non-space is a pre-token of its own, whatever precedes it.
-            return self.after_space[head] + self.cache["\n"] + self.cache[tail]
-        return self.encode_piece(" " + word)
-
-    def encode(self, text: str) -> list[int]:
-        """The ids BPETokenizer.encode gives, from the caches: split the text into words at
-        spaces, and look each word up."""
-        ids: list[int] = []
-        with cycle_collector_paused():
-            for i, piece in enumerate(split_on_special_tokens(text, self.special_re)):
-                if i % 2:
-                    ids.append(self.special_ids[piece])
-                elif piece:
-                    words = split_words(piece)
-                    ids.extend(self.cache[words[0]])
-                    # The hot loop, all in C: look each word up, extend the list with its ids.
-                    ids.extend(chain.from_iterable(
-                        map(self.after_space.__getitem__, islice(words, 1, None))))
-        return ids
-
-    def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
-        """Encode a stream of strings (say, the lines of a large file) lazily, giving exactly the
-        ids that encode() gives for their concatenation.
-
-        Pieces are joined in a buffer, and everything before the buffer's last safe cut (see
-        SAFE_CUT_RE) is encoded: what follows such a cut cannot change what precedes it. Only
-        newly arrived text is searched for cuts, so the time is linear in the text. Memory holds
-        the text since the last cut, usually a line or less; but a single pre-token (a megabyte
-        of letters, or of whitespace) has no cut inside, and must be held whole to be encoded
-        exactly.
-        """
-        longest_special = max(map(len, self.special_tokens), default=0)
-        buffer = ""                # text not yet encoded
-        searched = 0               # buffer[:searched] holds no safe cut
-        pending: list[str] = []    # pieces not yet added to the buffer
-        pending_size = 0
-        for text in texts:
-            pending.append(text)
-            pending_size += len(text)
-            # Join pieces once they are as long as the buffer: a pre-token that arrives in a
-            # million small pieces is then copied a few times, not a million.
-            if pending_size < len(buffer):
-                continue
-            buffer += "".join(pending)
-            pending, pending_size = [], 0
-            # Stay clear of the end by the longest special token, which might still be arriving.
-            end = len(buffer) - longest_special
-            cut = self._last_safe_cut(buffer, searched, end, longest_special)
-            searched = max(searched, end)
-            if cut > 0:
-                yield from self.encode(buffer[:cut])
-                buffer = buffer[cut:]
-                searched -= cut
-        yield from self.encode(buffer + "".join(pending))
-
-    def _last_safe_cut(self, buffer: str, start: int, end: int, longest_special: int) -> int:
-        """The last safe cut at a position in [start, end) that no special token spans, or 0.
-        Example: ("one\ntwo\nthr", 0, 11, 0) -> 7, the cut between "two" and "\n"."""
-        if end <= max(start, 1):
-            return 0
-        # SAFE_CUT_RE searches backwards, and in that mode its lookbehind sees nothing before
-        # pos: pos = start - 1 lets it see the character before a cut at start.
-        for match in SAFE_CUT_RE.finditer(buffer, max(start, 1) - 1, end):
-            cut = match.start()
-            # Refuse a cut that an occurrence of a special token spans, at any alignment: a
-            # special token may hold cuts of its own, like "<|" + "endoftext" + "|>".
-            nearby = (self.special_re.finditer(buffer, max(cut - longest_special, 0),
-                                               cut + longest_special, overlapped=True)
-                      if self.special_re else ())
-            if not any(m.start() < cut < m.end() for m in nearby):
-                return cut
-        return 0
-
-    def save(self, directory: str) -> None:
-        """Write saved_files() into `directory`, each replaced atomically."""
-        os.makedirs(directory, exist_ok=True)
-        for name, data in self.saved_files().items():
-            write_atomically(os.path.join(directory, name), data)
-
-
 # ==================================================================================================
-# §2 Data: token files on disk
+# §2 Data: token files and batches
 #
-# A corpus is encoded once into a flat file of token ids, which training memory-maps: the OS pages
-# in only the windows a batch reads, so a 10 GB corpus trains in the memory of a small one.
-# Format: raw little-endian unsigned integers, no header; uint16 while every id fits (vocabularies
-# up to 65,536 tokens), uint32 beyond. Documents follow each other, separated by <|endoftext|>.
-# Beside each token file, NAME.bin.json records the tokenizer that made it, so training refuses
-# token files and a tokenizer that do not belong together.
+# A tokenized corpus is one long array of ids on disk, read through a memory map so it may be
+# larger than memory. A training example is a window of context_length ids, and its targets
+# are the same window shifted by one: every position learns to predict the next token.
 # ==================================================================================================
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned type that holds every id: half the disk and page cache of uint32."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
-
-
-def write_token_info(path: str, fingerprint: str, dtype: np.dtype, num_tokens: int,
-                     source: TextSource) -> None:
-    """Write the sidecar of the token file `path`: which tokenizer (its fingerprint), type and
-    text made it.
-    Example: train.bin.json = {"tokenizer_sha256": "9f2c...", "dtype": "uint16",
-    "num_tokens": 1431520, "text": "/home/me/data/tinystories_train.txt",
-    "text_bytes": [0, 5956704]}."""
-    text_path, start, end = text_range(source)
-    info = {"tokenizer_sha256": fingerprint, "dtype": dtype.name, "num_tokens": num_tokens,
-            "text": os.path.abspath(text_path), "text_bytes": [start, end]}
-    write_atomically(path + ".json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
-
-
-def check_token_info(path: str, dtype: np.dtype, tokenizer: Tokenizer | None) -> None:
-    """Refuse a token file whose sidecar names another tokenizer (when `tokenizer` is given),
-    another type, or another length. A file without a sidecar, written by an older gpt.py, is
-    accepted with a note."""
-    info_path = path + ".json"
-    if not os.path.exists(info_path):
-        log(f"note: {path} has no {os.path.basename(info_path)} (an older gpt.py wrote it), so "
-            "which tokenizer made it cannot be checked")
-        return
-    again = "run `python gpt.py tokenize` again"
-    try:
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
-        fingerprint, saved_dtype, num_tokens = (
-            info["tokenizer_sha256"], info["dtype"], int(info["num_tokens"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{info_path} is corrupt ({type(e).__name__}: {e}): {again}") from None
-    if tokenizer is not None and fingerprint != tokenizer.fingerprint():
-        raise ValueError(f"{path} was encoded by another tokenizer (sha256 {fingerprint[:12]}) "
-                         f"than this one ({tokenizer.fingerprint()[:12]}): {again}")
-    num_found = os.path.getsize(path) // dtype.itemsize
-    if (saved_dtype, num_tokens) != (dtype.name, num_found):
-        raise ValueError(f"{path} holds {num_found:,} {dtype.name} tokens, but {info_path} says "
-                         f"{num_tokens:,} {saved_dtype}: {again}")
-
-
-_worker_tokenizer: Tokenizer | None = None  # the tokenizer that _encode_chunk_in_worker uses
-
-
-def _init_encoder(tokenizer: Tokenizer) -> None:
-    # Forked workers share the caller's tokenizer (cache included); spawned ones get a pickle.
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
-
-
-def _encode_chunk_in_worker(job: tuple[str, int, int, np.dtype]) -> tuple[int, np.ndarray]:
-    path, start, end, dtype = job
-    ids = _worker_tokenizer.encode(read_text(path, start, end))
-    return end - start, np.array(ids, dtype=dtype)
-
-
-def encode_files(tokenizer: Tokenizer, files: list[tuple[TextSource, str]], num_workers: int,
-                 verbose: bool = False) -> Iterator[int]:
-    """Encode texts into token files, given as (text, token path) pairs, a text being a file or
-    a byte range of one; yields each file's number of tokens once it is written.
-
-    Workers encode chunks of a few MB (cut at special tokens, so the result equals encoding the
-    whole text at once) and the main process appends them in order. One pool serves all the
-    files, so the next file finds the workers' caches filled. Output goes to a temporary file
-    renamed into place at the end, so an error or Ctrl-C never leaves a half-written file that
-    looks complete.
-    """
-    dtype = token_dtype(max(tokenizer.vocab) + 1)
-    plans = [(source, out_path, plan_chunks(source, tokenizer.special_tokens, num_workers))
-             for source, out_path in files]
-    jobs = [(path, start, end, dtype) for _, _, chunks in plans for path, start, end in chunks]
-    results = map_jobs(_encode_chunk_in_worker, jobs, num_workers, ordered=True,
-                       initializer=_init_encoder, initargs=(tokenizer,))
-    with closing(results):
-        for source, out_path, chunks in plans:
-            progress = (Progress(f"encode {text_name(source)}", sum(b - a for _, a, b in chunks))
-                        if verbose else None)
-            tmp_path = f"{out_path}.tmp{os.getpid()}"
-            try:
-                num_tokens = 0
-                with open(tmp_path, "wb") as f:
-                    for nbytes, ids in islice(results, len(chunks)):
-                        write_all(f, ids.data, out_path)
-                        num_tokens += len(ids)
-                        if progress:
-                            progress.advance(nbytes)
-                os.replace(tmp_path, out_path)
-            finally:
-                # Remove an unfinished file before closing() stops the workers: that takes a
-                # moment, and a second Ctrl-C in that moment must not leave the file behind.
-                if os.path.exists(tmp_path):
-                    os.remove(tmp_path)
-            yield num_tokens
 
 
 def batch_at(data: np.ndarray, starts: np.ndarray, context_length: int,
@@ -1192,10 +585,10 @@ def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: st
 # ==================================================================================================
 # §3 Model: a pre-norm transformer language model
 #
-# Token ids -> embeddings -> num_layers x [x + attention(norm(x)); x + feed-forward(norm(x))]
-# -> final norm -> logits over the vocabulary. This is the GPT-2 layout (Radford et al. 2019) with
-# the modern parts of LLaMA: RMSNorm (Zhang & Sennrich 2019), rotary position embeddings (Su et
-# al. 2021) and a SwiGLU feed-forward (Shazeer 2020). Each part below is a few lines on tensors.
+# Token ids -> embeddings -> N blocks of (RMSNorm -> causal self-attention with RoPE -> add,
+# RMSNorm -> SwiGLU feed-forward -> add) -> RMSNorm -> a linear map to next-token logits.
+# The architecture of GPT-2 (Radford et al. 2019) with LLaMA's updates: RMSNorm (Zhang &
+# Sennrich 2019), rotary positions (Su et al. 2021), SwiGLU (Shazeer 2020), no biases.
 # ==================================================================================================
 
 # The allowed values of ModelConfig's switches.
@@ -1452,6 +845,17 @@ def tiled_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, causal: b
     return out
 
 
+def sliding_causal_mask(T: int, window: int, device=None) -> torch.Tensor:
+    """(T, T) booleans: query i may attend to key j when i - window < j <= i.
+
+    Example: T = 4, window = 2 -> rows [1 0 0 0], [1 1 0 0], [0 1 1 0], [0 0 1 1].
+    Training never needs the window (T <= window); generation past the context length does.
+    """
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
 def project(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """x @ [W1; W2; ...]^T: x times several weight matrices, the results side by side.
 
@@ -1463,50 +867,6 @@ def project(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
     if x.numel() >= 64 * x.shape[-1]:
         return x @ torch.cat(weights).T               # (..., C) @ (C, sum of d_out)
     return torch.cat([x @ w.T for w in weights], dim=-1)
-
-
-class KVCache:
-    """One layer's keys and values of the tokens seen so far, for generation (§7).
-
-    Holds at most `capacity` (the context length) positions, as a ring: token p goes to slot
-    p % capacity, overwriting the token that has just left the window. Attention sums over keys
-    in any order, so the ring never needs shifting.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.k = self.v = None  # (B, H, capacity, D) once the first tokens arrive
-        self.length = 0         # tokens seen so far
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' keys and values (B, H, n, D); return every cached one."""
-        if self.k is None:
-            B, H, _, D = k.shape
-            self.k = k.new_zeros(B, H, self.capacity, D)
-            self.v = v.new_zeros(B, H, self.capacity, D)
-        n = k.shape[2]
-        if n == 1:  # the common case, one generated token: one slot
-            self.k[:, :, self.length % self.capacity] = k[:, :, 0]
-            self.v[:, :, self.length % self.capacity] = v[:, :, 0]
-        else:
-            keep = min(n, self.capacity)  # of a long prompt, only the last window stays
-            slots = torch.arange(self.length + n - keep, self.length + n, device=k.device)
-            self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]
-            self.v[:, :, slots % self.capacity] = v[:, :, n - keep:]
-        self.length += n
-        filled = min(self.length, self.capacity)
-        return self.k[:, :, :filled], self.v[:, :, :filled]  # (B, H, S, D)
-
-
-def sliding_causal_mask(T: int, window: int, device=None) -> torch.Tensor:
-    """(T, T) booleans: query i may attend to key j when i - window < j <= i.
-
-    Example: T = 4, window = 2 -> rows [1 0 0 0], [1 1 0 0], [0 1 1 0], [0 0 1 1].
-    Training never needs the window (T <= window); generation past the context length does.
-    """
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & (j > i - window)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -1687,9 +1047,9 @@ class TransformerLM(nn.Module):
 # ==================================================================================================
 # §4 Loss and optimizer
 #
-# Cross-entropy scores the predicted next-token distribution against the token that came; AdamW
-# (Loshchilov & Hutter 2019) is Adam with weight decay applied to the weights directly, not
-# mixed into the gradient, so that it is not rescaled by Adam's per-parameter step sizes.
+# Cross-entropy scores the logits against the true next tokens; AdamW (Loshchilov & Hutter
+# 2019) turns gradients into updates with per-parameter step sizes and decoupled weight decay.
+# Each comes as its plain formula first, then the fast version the training uses.
 # ==================================================================================================
 
 def cross_entropy_formula(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -1830,9 +1190,8 @@ class AdamW(torch.optim.Optimizer):
 # ==================================================================================================
 # §5 Learning-rate schedule and gradient clipping
 #
-# Warm up linearly (large early steps from random weights are unstable), then decay along a
-# cosine (Loshchilov & Hutter 2017): fast progress at a high rate, then a slow settle. Clipping
-# the gradient's global norm caps the damage of a rare huge gradient.
+# A linear warmup, then a cosine decay to a minimum (Loshchilov & Hutter 2017); and clipping
+# the gradient's global norm, so one bad batch cannot throw the weights far.
 # ==================================================================================================
 
 def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
@@ -1869,11 +1228,908 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
 
 
 # ==================================================================================================
-# §6 Training: checkpoints and the training loop
+# §6 Training: recipes, the step and evaluation
 #
-# The loop samples a batch, computes the loss, backpropagates, clips and steps, with the learning
-# rate from §5. A checkpoint holds everything needed to continue exactly where a run stopped, and
-# to sample from the model without any other file.
+# A training step draws a batch, runs the model, scores it, backpropagates, clips and updates.
+# The run around it (§14) sets the learning rate of each step, evaluates on held-out tokens,
+# saves checkpoints and logs; the presets say which model and recipe it trains.
+# ==================================================================================================
+
+# Named configurations. `laptop` is the default: tuned to train in about 10 minutes on a 2-core
+# CPU. `base` is the standard 23M TinyStories model. small / medium / large take the widths and
+# depths of GPT-2's ladder; with a gated feed-forward of d_ff = 4C and an untied output layer they
+# have 191M, 506M and 1.07B parameters at GPT-2's 50,257-token vocabulary. Each preset also names
+# a batch size (in sequences) and a peak learning rate that suit its width; every value has its
+# own flag.
+# Each preset with the recipe it was tuned on:
+# - laptop: tuned here, on a 2-core CPU, with 4-minute runs (the README's table): batch 8 and
+#   lr 3e-3 gave the lowest validation loss in a fixed time.
+# - base: the 23M TinyStories model of Stanford CS336's assignment 1 (d_ff 1344 = 8/3 x 512,
+#   rounded to a multiple of 64), lr 1e-3 from its learning-rate sweep on one GPU; batch 32 on
+#   any device, 128 in the GPU recipe below.
+# - small, medium, large: GPT-2's shapes (Radford et al. 2019), with the peak learning rates of
+#   the same sizes in the GPT-3 paper's Table 2.1 (6e-4, 3e-4, 2.5e-4). Not tuned here.
+PRESETS = {
+    "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
+                   batch_size=8, lr=3e-3),
+    "base": dict(context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344,
+                 batch_size=32, lr=1e-3),
+    "small": dict(context_length=1024, d_model=768, num_layers=12, num_heads=12, d_ff=3072,
+                  batch_size=16, lr=6e-4),
+    "medium": dict(context_length=1024, d_model=1024, num_layers=24, num_heads=16, d_ff=4096,
+                   batch_size=16, lr=3e-4),
+    "large": dict(context_length=1024, d_model=1280, num_layers=36, num_heads=20, d_ff=5120,
+                  batch_size=16, lr=2.5e-4),
+}
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, next_batch, grad_accum: int,
+               grad_clip: float, amp: torch.dtype | None = None,
+               loss_fn=cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: forward, loss and backward for each of `grad_accum` micro-batches
+    (drawn by next_batch()), then clip and update. Returns the mean loss, as a tensor on the
+    device (reading it would make the CPU wait for the GPU), and the gradient norm."""
+    loss_sum = 0.0
+    for micro in range(grad_accum):
+        x, y = next_batch()  # (B, T) each
+        # DistributedDataParallel: exchange gradients only in the last micro-batch's backward.
+        last = micro == grad_accum - 1
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+                logits = model(x)  # (B, T, V)
+            # Each micro-batch adds mean_loss / accum: the gradients sum to those of the mean
+            # loss over the whole accum x B batch.
+            loss = loss_fn(logits, y) / grad_accum
+            loss.backward()
+        loss_sum = loss_sum + loss.detach()
+    grad_norm = clip_grad_norm(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: np.ndarray, starts: np.ndarray, batch_size: int,
+             context_length: int, device: torch.device, amp: torch.dtype | None) -> float:
+    """The mean loss over a fixed set of windows, so that evaluations are comparable."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for i in range(0, len(starts), batch_size):
+        x, y = batch_at(data, starts[i:i + batch_size], context_length, device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(x)
+        total += cross_entropy(logits, y) * len(x)
+    model.train()
+    return total.item() / len(starts)
+
+
+# ==================================================================================================
+# §7 Sampling: from a prompt to a story, one token at a time
+#
+# Run the model on the prompt, turn the last position's logits into probabilities, filter
+# them (temperature, top-k, top-p: Holtzman et al. 2020), draw a token, append, repeat. A KV
+# cache keeps each layer's keys and values so each new token costs one position, not all.
+# This is the last idea: what follows makes the ideas fast, safe and usable.
+# ==================================================================================================
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Apply, in this order, temperature, top-k and top-p to next-token logits (B, V).
+
+    Removed tokens get -inf, so softmax gives them probability 0. temperature must be > 0
+    (0, greedy decoding, is handled by the caller).
+    Example: probabilities [0.5, 0.3, 0.15, 0.05] with top_p 0.7 keep the first two: 0.5 alone
+    is short of 0.7, 0.5 + 0.3 reaches it.
+    """
+    logits = logits / temperature  # (B, V); < 1 sharpens, > 1 flattens
+    if top_k is not None and top_k < logits.shape[-1]:
+        top = logits.topk(top_k, dim=-1)  # exactly k survivors, even among equal logits
+        logits = torch.full_like(logits, -math.inf).scatter(-1, top.indices, top.values)
+    if top_p is not None and top_p < 1:
+        probs = softmax(logits, dim=-1)  # (B, V)
+        # Sorting all V probabilities is the slowest part of a generation step, but the nucleus
+        # is nearly always among the few likeliest tokens: take the top 64, and sort everything
+        # only when their mass falls short of p (any token beyond them is dropped either way).
+        top, order = probs.topk(min(64, probs.shape[-1]), dim=-1)  # (B, 64), descending
+        if (top.sum(dim=-1) < top_p).any():
+            top, order = probs.sort(dim=-1, descending=True)       # (B, V)
+        # Drop a token when the tokens before it already reach p; the first one always stays.
+        mass_before = top.cumsum(dim=-1) - top  # (B, K), K = 64 or V
+        kept = logits.gather(-1, order).masked_fill(mass_before >= top_p, -math.inf)  # (B, K)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, kept)  # (B, V)
+    return logits
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw one token per row of probs (B, V): (B,) ids.
+
+    Inverse-CDF sampling: draw u uniformly in [0, total), take the first token whose cumulative
+    probability exceeds u. The same distribution as torch.multinomial, without its per-token
+    random number for every one of the V tokens.
+    Example: probs [0.2, 0.5, 0.3], cumulative [0.2, 0.7, 1.0]; u = 0.45 picks token 1.
+    """
+    cumulative = probs.cumsum(dim=-1)  # (B, V)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device)  # (B, 1)
+    u = u * cumulative[:, -1:]  # uniform in [0, total), total = 1 up to rounding
+    ids = torch.searchsorted(cumulative, u, right=True)[:, 0]  # (B,)
+    return ids.clamp(max=probs.shape[-1] - 1)  # u below the total by rounding only
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top-k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
+
+
+class KVCache:
+    """One layer's keys and values of the tokens seen so far, for generation (§7).
+
+    Holds at most `capacity` (the context length) positions, as a ring: token p goes to slot
+    p % capacity, overwriting the token that has just left the window. Attention sums over keys
+    in any order, so the ring never needs shifting.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.k = self.v = None  # (B, H, capacity, D) once the first tokens arrive
+        self.length = 0         # tokens seen so far
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' keys and values (B, H, n, D); return every cached one."""
+        if self.k is None:
+            B, H, _, D = k.shape
+            self.k = k.new_zeros(B, H, self.capacity, D)
+            self.v = v.new_zeros(B, H, self.capacity, D)
+        n = k.shape[2]
+        if n == 1:  # the common case, one generated token: one slot
+            self.k[:, :, self.length % self.capacity] = k[:, :, 0]
+            self.v[:, :, self.length % self.capacity] = v[:, :, 0]
+        else:
+            keep = min(n, self.capacity)  # of a long prompt, only the last window stays
+            slots = torch.arange(self.length + n - keep, self.length + n, device=k.device)
+            self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]
+            self.v[:, :, slots % self.capacity] = v[:, :, n - keep:]
+        self.length += n
+        filled = min(self.length, self.capacity)
+        return self.k[:, :, :filled], self.v[:, :, :filled]  # (B, H, S, D)
+
+
+@torch.no_grad()
+def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: int,
+                   temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, seed: int | None = None,
+                   use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Continue each row of `prompts` (B, T0); yield the next tokens (B,) step by step.
+
+    With use_cache, the prompt is run once and each step then feeds only the newest token,
+    whose query attends to the cached keys and values. Without, each step runs the model over
+    the whole sequence again: the readable reference, slow but obviously right. Both see the
+    same thing: each token attends to itself and the context_length - 1 tokens before it.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    tokens = prompts.to(device)  # (B, T)
+    caches = [KVCache(model.config.context_length) for _ in model.layers] if use_cache else None
+    logits = model(tokens, caches=caches)[:, -1]  # (B, V): the prompt, once
+    length = tokens.shape[1]
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            next_ids = logits.argmax(dim=-1)  # (B,) greedy: always the likeliest token
+        else:
+            logits = filter_logits(logits.float(), temperature, top_k, top_p)  # (B, V)
+            probs = softmax(logits, dim=-1)                                     # (B, V)
+            next_ids = sample_from(probs, generator)  # (B,)
+        yield next_ids
+        if use_cache:
+            # Only the new token; start_pos gives it its absolute position for RoPE.
+            logits = model(next_ids[:, None], start_pos=length, caches=caches)[:, -1]
+        else:
+            tokens = torch.cat((tokens, next_ids[:, None]), dim=1)  # (B, T+1)
+            logits = model(tokens)[:, -1]
+        length += 1
+
+
+def generate(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, seed: int | None = None,
+             use_cache: bool = True) -> Iterator[int]:
+    """Yield up to max_new_tokens token ids that continue prompt_ids, stopping after eos_id.
+
+    Filters run in this order: temperature (0 = greedy argmax), top-k, top-p; then one token
+    is drawn with a generator seeded by `seed` (None: a fresh random seed).
+    """
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    prompts = torch.tensor([prompt_ids])  # (1, T0)
+    for next_ids in generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p,
+                                   seed, use_cache):
+        token = int(next_ids[0])
+        yield token
+        if token == eos_id:
+            return
+
+
+def decode_stream(tokens: Iterable[int], tokenizer: BPETokenizer,
+                  eos_id: int | None = None) -> Iterator[str]:
+    """Text as tokens arrive, one piece per token, stopping at eos_id.
+
+    A character's bytes may be split over several tokens ("é" is the two bytes C3 A9); an
+    incremental decoder holds incomplete bytes back until the character is whole, so no piece
+    ever ends in half a character. A piece may be empty.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        if token == eos_id:
+            break
+        yield decoder.decode(tokenizer.vocab[token])
+    yield decoder.decode(b"", final=True)  # bytes left over become U+FFFD
+
+
+# ==================================================================================================
+# §8 Machinery: files that survive crashes
+#
+# Protects §1-§2's files and §6's checkpoints: a write either completes or leaves the old file;
+# a failed write says why in words; input text is checked for UTF-8 before any work.
+# ==================================================================================================
+
+# Why a write usually fails, in words: the system's own "File too large" does not say that a
+# limit (ulimit -f) is the cause, and numpy's tofile() says only "42782 requested and 11037
+# written".
+WRITE_FAILURES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                  errno.EFBIG: "the file is larger than the file system or a limit allows"}
+
+
+def write_all(f, data, path: str) -> None:
+    """Write `data` to the open file `f` and flush it; if the disk refuses, an OSError that names
+    `path` and says why."""
+    try:
+        f.write(data)
+        f.flush()
+    except OSError as e:
+        reason = WRITE_FAILURES.get(e.errno, "the write failed")
+        raise OSError(f"cannot write {path}: {reason} ({e.strerror or e})") from None
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old file or the new one, never half. The
+    temporary file's name holds our process id, for cleaning up after a kill -9."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write_all(f, data, path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_writable_dir(directory: str) -> None:
+    """Fail now, not after an hour of work, if results cannot be written to `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".write-test-{os.getpid()}")
+    with open(probe, "wb"):
+        pass
+    os.remove(probe)
+
+
+# Text to read is a whole file, or a byte range (path, start, end) of one: the train part of a
+# file whose end is held out for validation, say.
+TextSource = str | tuple[str, int, int]
+
+
+def text_range(source: TextSource) -> tuple[str, int, int]:
+    """Example: "stories.txt" -> ("stories.txt", 0, 5956704); a range is returned as it is."""
+    if isinstance(source, str):
+        return source, 0, os.path.getsize(source)
+    return source
+
+
+def text_name(source: TextSource) -> str:
+    """Example: ("stories.txt", 0, 900) -> "stories.txt[0:900]", "stories.txt" -> itself."""
+    if isinstance(source, str):
+        return source
+    path, start, end = source
+    return f"{path}[{start}:{end}]"
+
+
+def read_text(path: str, start: int = 0, end: int | None = None) -> str:
+    """The bytes [start, end) of a file as text, with a clear error if they are not UTF-8."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(-1 if end is None else end - start)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset {start + e.start:,})"
+                         ) from None
+
+
+def check_text_file(path: str, block_bytes: int = 1 << 16) -> int:
+    """The size of a text file we are about to read, refusing a missing or empty file, or one
+    with a byte anywhere that is not UTF-8: better now than after an hour of work. Decoding in
+    blocks of 64 KB (which stay in the CPU's cache) checks over 2 GB/s in constant memory."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{path} is empty")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # of the block's first byte in the file
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(block_bytes)
+            carried = len(decoder.getstate()[0])  # the start of a character the last block cut
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset "
+                                 f"{offset - carried + e.start:,})") from None
+            if not block:
+                return size
+            offset += len(block)
+
+
+# ==================================================================================================
+# §9 Machinery: parallel BPE training
+#
+# Speeds up §1's trainer: the text is cut into chunks at document boundaries, worker processes
+# count the pre-tokens of each chunk, and merge_counts learns the merges from the counts.
+# ==================================================================================================
+
+def default_workers() -> int:
+    """The CPU cores this process may use (a container may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal Linux sends a process when its parent dies
+
+
+def _init_worker(parent_pid: int, initializer, initargs) -> None:
+    # Ctrl-C reaches every process of the terminal: the main process alone handles it and stops
+    # the workers. It stops them with SIGTERM, which must end a worker at once, not run a handler
+    # inherited from the main process (main() makes SIGTERM raise KeyboardInterrupt there).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform == "linux":
+        # A main process killed with kill -9 cannot stop its workers, which would run on and
+        # die later on a broken pipe, with a traceback: have the kernel kill them with it.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl: nobody will signal us
+            os._exit(1)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def worker_pool(num_workers: int, initializer=None, initargs=()):
+    """A process pool whose workers leave Ctrl-C to the main process (which then stops them).
+
+    On Linux we fork: a forked worker starts in milliseconds with gpt.py already imported, while
+    a spawned one would spend a second re-importing torch. macOS's system libraries are not safe
+    to fork, so there (and on Windows) Python's default, spawn, is used.
+    """
+    method = "fork" if sys.platform == "linux" else None
+    return multiprocessing.get_context(method).Pool(
+        num_workers, initializer=_init_worker, initargs=(os.getpid(), initializer, initargs))
+
+
+def map_jobs(func, jobs: list, num_workers: int, ordered: bool,
+             initializer=None, initargs=()) -> Iterator:
+    """func(job) for every job: in this process when one worker (or one job) suffices, else in a
+    pool, in job order if `ordered` or as they finish. The pool stops when iteration ends, is
+    abandoned or fails; wrap the call in contextlib.closing to stop it at a known moment."""
+    if num_workers == 1 or len(jobs) <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(func, jobs)
+        return
+    with worker_pool(min(num_workers, len(jobs)), initializer, initargs) as pool:
+        yield from (pool.imap if ordered else pool.imap_unordered)(func, jobs)
+
+
+class Progress:
+    """A one-line progress meter for long work: MB done, MB/s and the time left.
+
+    On a terminal it redraws one line in place; in a log file it writes a line every few seconds.
+    """
+
+    def __init__(self, label: str, total_bytes: int):
+        self.label, self.total, self.done = label, total_bytes, 0
+        self.start = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if now - self.last >= (0.2 if self.tty else 5.0) or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            line = (f"{self.label}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  "
+                    f"{rate / 1e6:.1f} MB/s  ETA {eta:.0f}s")
+            if self.tty:  # redraw in place; the final state stays on screen
+                log("\r" + line, end="\n" if self.done >= self.total else "")
+            else:
+                log(line)
+
+
+def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes: int
+                     ) -> list[int]:
+    """Byte offsets that cut a text into chunks of about `chunk_bytes`, each cut at the start of
+    a special token, so no document (and no pre-token) is split between two workers.
+
+    A cut is refused where an occurrence of a special token starts before it and reaches it
+    (overlapping it, or ending right there): in a run such as `<|endoftext|><|endoftext|>`,
+    which may be one longer special token, the cut could split what encode() would match.
+    Without special tokens the text is one chunk. Offsets are the file's, from start to end.
+    Example: a 10 MB file with a document break every few KB, chunk_bytes=4e6 ->
+    [0, 4000231, 8000514, 10000000].
+    """
+    path, start, end = text_range(source)
+    specials = [s.encode("utf-8") for s in special_tokens]
+    cuts = [start]
+    if specials and end - start > chunk_bytes:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            pos = start + chunk_bytes
+            while pos < end:
+                hits = [h for h in (data.find(s, pos, end) for s in specials) if h >= 0]
+                if not hits:
+                    break
+                cut = min(hits)
+                # An occurrence starting at cut - len(s) .. cut - 1 lies within this window.
+                if any(data.find(s, max(cut - len(s), start), min(cut + len(s) - 1, end)) >= 0
+                       for s in specials):
+                    pos = cut + 1  # inside or right after a run of specials: try the next one
+                    continue
+                if cut > cuts[-1]:
+                    cuts.append(cut)
+                pos = cut + chunk_bytes
+    return cuts + [end]
+
+
+def plan_chunks(source: TextSource, special_tokens: list[str], num_workers: int,
+                max_chunk_bytes: int = 4 << 20) -> list[tuple[str, int, int]]:
+    """(path, start, end) pieces of a text for the workers: a few MB each, and at least four per
+    worker on a small text, so every core stays busy until the end."""
+    path, start, end = text_range(source)
+    chunk = max(min(max_chunk_bytes, (end - start) // (4 * num_workers)), 1 << 16)
+    cuts = chunk_boundaries((path, start, end), special_tokens, chunk)
+    return [(path, a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+# Splitting text into words at spaces makes encoding fast: each word is pre-tokenized and merged
+# once, and every later occurrence is a dictionary lookup. The split is exact wherever the space
+# starts a pre-token of its own in GPT-2's pattern, which almost every space does. The exceptions
+# have whitespace before them and whitespace or the end of the text after them ("a   b",
+# "\n  x", a final "\t "): `\s+(?!\S)` joins them to the whitespace before. Text without such
+# spaces (nearly all prose) is split with str.split, which with the search for such spaces runs
+# over twice as fast as splitting with the regex below; text with them is cut only before the
+# spaces that follow a non-space, which always start a pre-token. (Stdlib `re` counts a few
+# control characters as whitespace that `regex` does not: UNSAFE_SPACE_RE then finds more spaces
+# and SAFE_SPACE_RE fewer, which only removes cuts, so both stay exact.)
+UNSAFE_SPACE_RE = re.compile(r" (?!\S)(?<=\s )")  # whitespace before, whitespace or the end after
+
+
+SAFE_SPACE_RE = re.compile(r"(?<=\S) ")          # a space after a non-space
+
+
+def split_words(text: str) -> list[str]:
+    """Cut text before spaces that start a pre-token (all of them, or those after a non-space),
+    dropping those spaces: every word but the first stands for " " + word, and each
+    pre-tokenizes on its own as within the whole text.
+    Example: split_words("Hi there,\nit's  42!") -> ['Hi', "there,\nit's", '', '42!'], which
+    stand for 'Hi', " there,\nit's", ' ', ' 42!'."""
+    return SAFE_SPACE_RE.split(text) if UNSAFE_SPACE_RE.search(text) else text.split(" ")
+
+
+def count_pretokens_in_chunk(path: str, start: int, end: int,
+                             special_tokens: list[str]) -> Counter[str]:
+    """How often each pre-token occurs in a byte range of a file; special tokens are removed
+    (they delimit documents and never take part in merges).
+    Example: "the cat<|endoftext|>the" -> Counter({'the': 2, ' cat': 1})."""
+    special_re = special_tokens_regex(special_tokens)
+    first_words: Counter[str] = Counter()  # the first word of each document
+    words: Counter[str] = Counter()        # the others, each standing for " " + word
+    for i, piece in enumerate(split_on_special_tokens(read_text(path, start, end), special_re)):
+        if i % 2 == 0:
+            piece_words = split_words(piece)
+            first_words[piece_words[0]] += 1
+            words.update(islice(piece_words, 1, None))
+    counts: Counter[str] = Counter()
+    for text, n in chain(first_words.items(), ((" " + w, n) for w, n in words.items())):
+        for pretoken in pretokenize(text):
+            counts[pretoken] += n
+    return counts
+
+
+def _count_chunk(job: tuple[str, int, int, list[str]]) -> tuple[int, Counter[str]]:
+    path, start, end, special_tokens = job
+    return end - start, count_pretokens_in_chunk(path, start, end, special_tokens)
+
+
+def count_pretokens(source: TextSource, special_tokens: list[str], num_workers: int,
+                    verbose: bool = False) -> Counter[str]:
+    """Pre-token counts of a file or a byte range of one, in parallel: each worker reads its own
+    chunks from disk, so memory holds a few chunks and the distinct pre-tokens, whatever the
+    file's size."""
+    chunks = plan_chunks(source, special_tokens, num_workers)
+    jobs = [(p, a, b, special_tokens) for p, a, b in chunks]
+    progress = (Progress(f"pre-tokenize {text_name(source)}", sum(b - a for _, a, b in chunks))
+                if verbose else None)
+    counts: Counter[str] = Counter()
+    with closing(map_jobs(_count_chunk, jobs, num_workers, ordered=False)) as results:
+        for nbytes, chunk_counts in results:
+            counts.update(chunk_counts)
+            if progress:
+                progress.advance(nbytes)
+    return counts
+
+
+def train_bpe(input_path: TextSource, vocab_size: int, special_tokens: list[str],
+              num_workers: int | None = None,
+              verbose: bool = False) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Learn a byte-level BPE vocabulary from a text file (the same as train_bpe_naive on its
+    text): count its pre-tokens in parallel workers, then merge_counts."""
+    special_tokens = list(special_tokens)
+    check_vocab_size(vocab_size, special_tokens)
+    counts = count_pretokens(input_path, special_tokens, num_workers or default_workers(),
+                             verbose)
+    return merge_counts(counts, vocab_size, special_tokens, verbose)
+
+
+# ==================================================================================================
+# §10 Machinery: the fast encoder and token files
+#
+# Speeds up §1's encode: Tokenizer caches the ids of every word it has seen, so encoding is
+# mostly dictionary lookups, and it encodes a file in parallel chunks; tested equal to
+# BPETokenizer.encode token for token. Token files record the tokenizer that made them.
+# ==================================================================================================
+
+# Where a stream of text can be cut and each side encoded on its own (encode_iterable): between
+# two characters that no pre-token of GPT-2's pattern holds side by side, the first not
+# whitespace. Only whitespace runs hold whitespace, so "word|\n" is a cut; runs of letters, of
+# digits or of other characters hold one kind each, and only a contraction ("'s") holds two, so
+# a change of kind is a cut too, except from "'" to a letter. The pattern ends a pre-token at such
+# a cut whatever follows, and the run that ends there is the same whatever precedes. (A cut after
+# whitespace is not safe: "\n\nx" is "\n", "\n", "x", but "\n\n" alone is one pre-token.)
+# `regex`'s \s, \p{L}, \p{N} are those of GPT-2's pattern (stdlib `re` also counts \x1c-\x1f as
+# whitespace). REVERSE searches from the end, as we want the last cut.
+SAFE_CUT_RE = regex.compile(r"(?<=\S)(?=\s)"                      # "word|\n"
+                            r"|(?<=\p{L})(?=[^\s\p{L}])"           # "cat|," "don|'t"
+                            r"|(?<=\p{N})(?=[^\s\p{N}])"           # "42|nd"
+                            r"|(?<=[^\s\p{L}\p{N}])(?=\p{N})"      # "$|5"
+                            r"|(?<=[^\s\p{L}\p{N}'])(?=\p{L})",    # ".|The", but not "'|s"
+                            regex.REVERSE)
+
+
+@contextmanager
+def cycle_collector_paused():
+    """Pause Python's cycle collector for work that allocates many objects but no reference
+    cycles, like filling the encoder's cache: left on, it would now and then scan every object
+    in the process (torch's many included) for cycles there are none of, which cost a fifth of
+    a first encode() right after training a tokenizer. Reference counting still frees memory."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class _Cache(dict):
+    """string -> its token ids, computed by `encode` on a miss.
+
+    Text repeats the same words endlessly, so almost every lookup is a hit and encoding runs at
+    dictionary speed. The cache is cleared when it grows past `max_size` entries, which bounds
+    its memory on corpora with millions of distinct words. Ids are stored as tuples, which the
+    cycle collector stops tracking once it has seen they hold only ints: a full cache of lists
+    would add a million objects to every later full collection (during training, say).
+    """
+
+    def __init__(self, encode, max_size: int = 1 << 20):
+        super().__init__()
+        self.encode, self.max_size = encode, max_size
+
+    def __missing__(self, text: str) -> tuple[int, ...]:
+        if len(self) >= self.max_size:
+            self.clear()
+        ids = self[text] = tuple(self.encode(text))
+        return ids
+
+
+class Tokenizer(BPETokenizer):
+    """BPETokenizer with a fast encode: the same ids (a test checks it on every kind of text).
+
+    Words repeat endlessly, so encode() looks each one up in a cache and runs the merges only on
+    a miss; encode_iterable() streams a large file in constant memory; long pre-tokens merge with
+    a heap. This is the tokenizer the commands use; load() returns one.
+    """
+
+    def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
+                 special_tokens: list[str] | None = None):
+        super().__init__(vocab, merges, special_tokens)
+        # Two caches: text -> ids, for text that pre-tokenizes on its own (pre-tokens, the first
+        # word of a text, what follows a newline); and word -> ids of " " + word, for the words
+        # that split_words cut before a space (nearly all), which saves building " " + word at
+        # every lookup.
+        self.cache = _Cache(self.encode_piece)
+        self.after_space = _Cache(self._encode_after_space)
+
+    def merge(self, ids: list[int]) -> list[int]:
+        """BPETokenizer.merge, with a heap for long pre-tokens: the same merges."""
+        if len(ids) > LONG_PRETOKEN_BYTES:
+            return self._merge_with_heap(ids)
+        return super().merge(ids)
+
+    def _merge_with_heap(self, ids: list[int]) -> list[int]:
+        """merge() for a long pre-token, in O(n log n): the same pair is merged at
+        each step (the earliest learned, leftmost first), but a heap finds it instead of a scan,
+        and a linked list of symbols merges it without moving the rest.
+        Example (a merge (a, a) only): ids of "aaaaa" -> [aa, aa, a], as encode_word gives.
+        """
+        rank = self.merge_rank.get
+        n = len(ids)
+        after = list(range(1, n + 1))    # after[i]: the position of the symbol after i; n: none
+        before = list(range(-1, n - 1))  # before[i]: the symbol before i; -1: none
+        # (rank, position) of every pair that is a merge, position being that of its left
+        # symbol: positions keep their left-to-right order, so ties go to the leftmost pair.
+        heap = [(r, i) for i, pair in enumerate(zip(ids, ids[1:]))
+                if (r := rank(pair)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            r, i = heapq.heappop(heap)
+            j = after[i]
+            # Entries go stale when a neighbour merges: use one only if its pair is still there.
+            if ids[i] is None or j == n or rank((ids[i], ids[j])) != r:
+                continue
+            # Merge: i takes the new token, j leaves the list.
+            ids[i], ids[j] = self.merged_id[r], None
+            k = after[i] = after[j]
+            if k < n:
+                before[k] = i
+            # The new token forms new pairs with its neighbours.
+            h = before[i]
+            if h >= 0 and (left := rank((ids[h], ids[i]))) is not None:
+                heapq.heappush(heap, (left, h))
+            if k < n and (right := rank((ids[i], ids[k]))) is not None:
+                heapq.heappush(heap, (right, i))
+        return [token for token in ids if token is not None]
+
+    def encode_piece(self, text: str) -> list[int]:
+        """Encode text that holds no special token and pre-tokenizes on its own (a pre-token,
+        the first word of a text), through the cache. Example: "Once," -> pre-tokens
+        ['Once', ','] -> [id of 'Once', id of ','].
+
+        Letters alone, after at most one space, are one pre-token (` ?\\p{L}+`): such text
+        skips the regex and its per-call cost.
+        """
+        if text.isalpha() or (text[:1] == " " and text[1:].isalpha()):
+            return self.encode_word(text)
+        pretokens = pretokenize(text)
+        if len(pretokens) == 1:
+            return self.encode_word(text)
+        return list(chain.from_iterable(map(self.cache.__getitem__, pretokens)))
+
+    def _encode_after_space(self, word: str) -> Iterable[int]:
+        """The ids of " " + word. The commonest shapes of word take shortcuts that give what
+        GPT-2's pattern gives without running it: letters, maybe followed by ASCII punctuation
+        (" time," -> " time" + ","), and two parts joined by a newline before a non-space
+        ("time.\nThe" -> " time." + "\n" + "The"). Other words go through the pattern."""
+        letters = word.rstrip(string.punctuation)
+        if letters.isalpha():
+            # The letters are one pre-token and the punctuation another (or nothing); the main
+            # cache keeps " time" once for "time", "time," and "time!".
+            return self.cache[" " + letters] + self.cache[word[len(letters):]]
+        head, _, tail = word.partition("\n")
+        if tail and not tail[0].isspace():
+            # A newline before a non-space is a pre-token of its own, whatever precedes it.
+            return self.after_space[head] + self.cache["\n"] + self.cache[tail]
+        return self.encode_piece(" " + word)
+
+    def encode(self, text: str) -> list[int]:
+        """The ids BPETokenizer.encode gives, from the caches: split the text into words at
+        spaces, and look each word up."""
+        ids: list[int] = []
+        with cycle_collector_paused():
+            for i, piece in enumerate(split_on_special_tokens(text, self.special_re)):
+                if i % 2:
+                    ids.append(self.special_ids[piece])
+                elif piece:
+                    words = split_words(piece)
+                    ids.extend(self.cache[words[0]])
+                    # The hot loop, all in C: look each word up, extend the list with its ids.
+                    ids.extend(chain.from_iterable(
+                        map(self.after_space.__getitem__, islice(words, 1, None))))
+        return ids
+
+    def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
+        """Encode a stream of strings (say, the lines of a large file) lazily, giving exactly the
+        ids that encode() gives for their concatenation.
+
+        Pieces are joined in a buffer, and everything before the buffer's last safe cut (see
+        SAFE_CUT_RE) is encoded: what follows such a cut cannot change what precedes it. Only
+        newly arrived text is searched for cuts, so the time is linear in the text. Memory holds
+        the text since the last cut, usually a line or less; but a single pre-token (a megabyte
+        of letters, or of whitespace) has no cut inside, and must be held whole to be encoded
+        exactly.
+        """
+        longest_special = max(map(len, self.special_tokens), default=0)
+        buffer = ""                # text not yet encoded
+        searched = 0               # buffer[:searched] holds no safe cut
+        pending: list[str] = []    # pieces not yet added to the buffer
+        pending_size = 0
+        for text in texts:
+            pending.append(text)
+            pending_size += len(text)
+            # Join pieces once they are as long as the buffer: a pre-token that arrives in a
+            # million small pieces is then copied a few times, not a million.
+            if pending_size < len(buffer):
+                continue
+            buffer += "".join(pending)
+            pending, pending_size = [], 0
+            # Stay clear of the end by the longest special token, which might still be arriving.
+            end = len(buffer) - longest_special
+            cut = self._last_safe_cut(buffer, searched, end, longest_special)
+            searched = max(searched, end)
+            if cut > 0:
+                yield from self.encode(buffer[:cut])
+                buffer = buffer[cut:]
+                searched -= cut
+        yield from self.encode(buffer + "".join(pending))
+
+    def _last_safe_cut(self, buffer: str, start: int, end: int, longest_special: int) -> int:
+        """The last safe cut at a position in [start, end) that no special token spans, or 0.
+        Example: ("one\ntwo\nthr", 0, 11, 0) -> 7, the cut between "two" and "\n"."""
+        if end <= max(start, 1):
+            return 0
+        # SAFE_CUT_RE searches backwards, and in that mode its lookbehind sees nothing before
+        # pos: pos = start - 1 lets it see the character before a cut at start.
+        for match in SAFE_CUT_RE.finditer(buffer, max(start, 1) - 1, end):
+            cut = match.start()
+            # Refuse a cut that an occurrence of a special token spans, at any alignment: a
+            # special token may hold cuts of its own, like "<|" + "endoftext" + "|>".
+            nearby = (self.special_re.finditer(buffer, max(cut - longest_special, 0),
+                                               cut + longest_special, overlapped=True)
+                      if self.special_re else ())
+            if not any(m.start() < cut < m.end() for m in nearby):
+                return cut
+        return 0
+
+    def save(self, directory: str) -> None:
+        """Write saved_files() into `directory`, each replaced atomically."""
+        os.makedirs(directory, exist_ok=True)
+        for name, data in self.saved_files().items():
+            write_atomically(os.path.join(directory, name), data)
+
+
+_worker_tokenizer: Tokenizer | None = None  # the tokenizer that _encode_chunk_in_worker uses
+
+
+def _init_encoder(tokenizer: Tokenizer) -> None:
+    # Forked workers share the caller's tokenizer (cache included); spawned ones get a pickle.
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_chunk_in_worker(job: tuple[str, int, int, np.dtype]) -> tuple[int, np.ndarray]:
+    path, start, end, dtype = job
+    ids = _worker_tokenizer.encode(read_text(path, start, end))
+    return end - start, np.array(ids, dtype=dtype)
+
+
+def encode_files(tokenizer: Tokenizer, files: list[tuple[TextSource, str]], num_workers: int,
+                 verbose: bool = False) -> Iterator[int]:
+    """Encode texts into token files, given as (text, token path) pairs, a text being a file or
+    a byte range of one; yields each file's number of tokens once it is written.
+
+    Workers encode chunks of a few MB (cut at special tokens, so the result equals encoding the
+    whole text at once) and the main process appends them in order. One pool serves all the
+    files, so the next file finds the workers' caches filled. Output goes to a temporary file
+    renamed into place at the end, so an error or Ctrl-C never leaves a half-written file that
+    looks complete.
+    """
+    dtype = token_dtype(max(tokenizer.vocab) + 1)
+    plans = [(source, out_path, plan_chunks(source, tokenizer.special_tokens, num_workers))
+             for source, out_path in files]
+    jobs = [(path, start, end, dtype) for _, _, chunks in plans for path, start, end in chunks]
+    results = map_jobs(_encode_chunk_in_worker, jobs, num_workers, ordered=True,
+                       initializer=_init_encoder, initargs=(tokenizer,))
+    with closing(results):
+        for source, out_path, chunks in plans:
+            progress = (Progress(f"encode {text_name(source)}", sum(b - a for _, a, b in chunks))
+                        if verbose else None)
+            tmp_path = f"{out_path}.tmp{os.getpid()}"
+            try:
+                num_tokens = 0
+                with open(tmp_path, "wb") as f:
+                    for nbytes, ids in islice(results, len(chunks)):
+                        write_all(f, ids.data, out_path)
+                        num_tokens += len(ids)
+                        if progress:
+                            progress.advance(nbytes)
+                os.replace(tmp_path, out_path)
+            finally:
+                # Remove an unfinished file before closing() stops the workers: that takes a
+                # moment, and a second Ctrl-C in that moment must not leave the file behind.
+                if os.path.exists(tmp_path):
+                    os.remove(tmp_path)
+            yield num_tokens
+
+
+def write_token_info(path: str, fingerprint: str, dtype: np.dtype, num_tokens: int,
+                     source: TextSource) -> None:
+    """Write the sidecar of the token file `path`: which tokenizer (its fingerprint), type and
+    text made it.
+    Example: train.bin.json = {"tokenizer_sha256": "9f2c...", "dtype": "uint16",
+    "num_tokens": 1431520, "text": "/home/me/data/tinystories_train.txt",
+    "text_bytes": [0, 5956704]}."""
+    text_path, start, end = text_range(source)
+    info = {"tokenizer_sha256": fingerprint, "dtype": dtype.name, "num_tokens": num_tokens,
+            "text": os.path.abspath(text_path), "text_bytes": [start, end]}
+    write_atomically(path + ".json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
+
+
+def check_token_info(path: str, dtype: np.dtype, tokenizer: Tokenizer | None) -> None:
+    """Refuse a token file whose sidecar names another tokenizer (when `tokenizer` is given),
+    another type, or another length. A file without a sidecar, written by an older gpt.py, is
+    accepted with a note."""
+    info_path = path + ".json"
+    if not os.path.exists(info_path):
+        log(f"note: {path} has no {os.path.basename(info_path)} (an older gpt.py wrote it), so "
+            "which tokenizer made it cannot be checked")
+        return
+    again = "run `python gpt.py tokenize` again"
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        fingerprint, saved_dtype, num_tokens = (
+            info["tokenizer_sha256"], info["dtype"], int(info["num_tokens"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{info_path} is corrupt ({type(e).__name__}: {e}): {again}") from None
+    if tokenizer is not None and fingerprint != tokenizer.fingerprint():
+        raise ValueError(f"{path} was encoded by another tokenizer (sha256 {fingerprint[:12]}) "
+                         f"than this one ({tokenizer.fingerprint()[:12]}): {again}")
+    num_found = os.path.getsize(path) // dtype.itemsize
+    if (saved_dtype, num_tokens) != (dtype.name, num_found):
+        raise ValueError(f"{path} holds {num_found:,} {dtype.name} tokens, but {info_path} says "
+                         f"{num_tokens:,} {saved_dtype}: {again}")
+
+
+def open_tokens(path: str, vocab_size: int, tokenizer: Tokenizer | None = None) -> np.memmap:
+    """Memory-map a token file written by `tokenize`, checking that it fits the tokenizer: by its
+    sidecar (see check_token_info), and by its largest id."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path} not found: run `python gpt.py tokenize` first")
+    dtype = token_dtype(vocab_size)
+    size = os.path.getsize(path)
+    if size == 0 or size % dtype.itemsize:
+        raise ValueError(f"{path} has {size:,} bytes, not a whole number of {dtype.name} tokens "
+                         f"(the type for a {vocab_size:,}-token vocabulary)")
+    check_token_info(path, dtype, tokenizer)
+    data = np.memmap(path, dtype=dtype, mode="r")
+    # One pass in slices of 64M ids, so even a huge file never sits in memory whole.
+    largest = max(int(data[i:i + (1 << 26)].max()) for i in range(0, len(data), 1 << 26))
+    if largest >= vocab_size:
+        raise ValueError(f"{path} holds token id {largest:,}, but the tokenizer has only "
+                         f"{vocab_size:,} tokens: was it encoded with another tokenizer?")
+    return data
+
+
+# ==================================================================================================
+# §11 Machinery: checkpoints
+#
+# Protects §6's training: a checkpoint holds everything to resume or sample, is written
+# atomically, and is read without running code (weights_only); a damaged or foreign one is
+# refused with one line, before any work.
 # ==================================================================================================
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -2130,32 +2386,63 @@ def load_checkpoint(src, model: nn.Module, optimizer: torch.optim.Optimizer | No
     name = src if isinstance(src, (str, os.PathLike)) else "the checkpoint"
     return restore_checkpoint(read_checkpoint(src), model, optimizer, name)
 
-# Named configurations. `laptop` is the default: tuned to train in about 10 minutes on a 2-core
-# CPU. `base` is the standard 23M TinyStories model. small / medium / large take the widths and
-# depths of GPT-2's ladder; with a gated feed-forward of d_ff = 4C and an untied output layer they
-# have 191M, 506M and 1.07B parameters at GPT-2's 50,257-token vocabulary. Each preset also names
-# a batch size (in sequences) and a peak learning rate that suit its width; every value has its
-# own flag.
-# Each preset with the recipe it was tuned on:
-# - laptop: tuned here, on a 2-core CPU, with 4-minute runs (the README's table): batch 8 and
-#   lr 3e-3 gave the lowest validation loss in a fixed time.
-# - base: the 23M TinyStories model of Stanford CS336's assignment 1 (d_ff 1344 = 8/3 x 512,
-#   rounded to a multiple of 64), lr 1e-3 from its learning-rate sweep on one GPU; batch 32 on
-#   any device, 128 in the GPU recipe below.
-# - small, medium, large: GPT-2's shapes (Radford et al. 2019), with the peak learning rates of
-#   the same sizes in the GPT-3 paper's Table 2.1 (6e-4, 3e-4, 2.5e-4). Not tuned here.
-PRESETS = {
-    "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
-                   batch_size=8, lr=3e-3),
-    "base": dict(context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344,
-                 batch_size=32, lr=1e-3),
-    "small": dict(context_length=1024, d_model=768, num_layers=12, num_heads=12, d_ff=3072,
-                  batch_size=16, lr=6e-4),
-    "medium": dict(context_length=1024, d_model=1024, num_layers=24, num_heads=16, d_ff=4096,
-                   batch_size=16, lr=3e-4),
-    "large": dict(context_length=1024, d_model=1280, num_layers=36, num_heads=20, d_ff=5120,
-                  batch_size=16, lr=2.5e-4),
-}
+
+def saved_tokenizer(saved, name: str, vocab_size: int) -> Tokenizer:
+    """The tokenizer stored in a checkpoint: {"vocab": {id: bytes}, "merges": [(bytes, bytes),
+    ...], "special_tokens": [str, ...]}, checked before it is rebuilt, and checked to cover
+    exactly the ids 0 .. vocab_size - 1 that the model gives."""
+    vocab, merges, specials = (saved.get(key) if isinstance(saved, dict) else None
+                               for key in ("vocab", "merges", "special_tokens"))
+    if not (isinstance(vocab, dict) and vocab
+            and all(is_int(i) and isinstance(token, bytes) for i, token in vocab.items())
+            and isinstance(merges, (list, tuple))
+            and all(isinstance(m, (list, tuple)) and len(m) == 2
+                    and all(isinstance(part, bytes) for part in m) for m in merges)
+            and isinstance(specials, list) and all(isinstance(s, str) for s in specials)):
+        raise ValueError(f"{name}: its tokenizer is damaged or not in gpt.py's form (vocab "
+                         f"{{id: bytes}}, merges [(bytes, bytes)], special_tokens [str])")
+    try:
+        tokenizer = Tokenizer(vocab, merges, specials)
+    except ValueError as e:  # a merge of unknown tokens, a missing byte, a non-UTF-8 special
+        raise ValueError(f"{name}: its tokenizer is inconsistent ({e})") from None
+    if max(tokenizer.vocab) + 1 != vocab_size:
+        raise ValueError(f"{name}: its tokenizer's ids go up to {max(tokenizer.vocab)}, but its "
+                         f"model has a {vocab_size}-token vocabulary")
+    return tokenizer
+
+
+def load_for_sampling(path: str, device: torch.device) -> tuple[TransformerLM, Tokenizer]:
+    """Rebuild the model and the tokenizer from a training checkpoint alone."""
+    checkpoint = read_checkpoint(path)
+    if not {"config", "tokenizer"} <= checkpoint.keys():
+        raise ValueError(f"{path}: no model config or tokenizer in it; was it written by "
+                         f"`python gpt.py train`?")
+    config = saved_config(checkpoint["config"], path)
+    tokenizer = saved_tokenizer(checkpoint["tokenizer"], path, config.vocab_size)
+    model = TransformerLM(config)
+    load_model_state(model, checkpoint["model"], path)
+    return model.to(device).eval(), tokenizer
+
+
+def newest_checkpoint(run_dir: str) -> str:
+    """The most recently written .pt file in run_dir."""
+    paths = [os.path.join(run_dir, n) for n in os.listdir(run_dir) if n.endswith(".pt")] \
+        if os.path.isdir(run_dir) else []
+    paths = [p for p in paths if os.path.isfile(p)]  # not a directory that happens to end in .pt
+    if not paths:
+        raise ValueError(f"no checkpoint in {run_dir}: train one with `python gpt.py train`, "
+                         f"or give --checkpoint PATH")
+    return max(paths, key=lambda p: (os.path.getmtime(p), p.endswith("latest.pt")))
+
+
+# ==================================================================================================
+# §12 Machinery: devices, precision and several processes
+#
+# Speeds up §3-§6 where the hardware allows: CUDA, then Apple's MPS, then the CPU; bf16
+# autocast where it is fast; torch.compile, checked against eager gradients; and torchrun's
+# processes, one per GPU, averaging gradients with DistributedDataParallel.
+# ==================================================================================================
+
 # What `train` picks on a CUDA GPU when no --preset is given. The laptop recipe keeps a GPU
 # nearly idle (about 100k of the 2.5M tokens/s an H200 reached with this one): the base model
 # at 128 x 256 tokens a step, with bf16 autocast and torch.compile, fills the card.
@@ -2239,12 +2526,100 @@ def autocast_dtype(device: torch.device, requested: str) -> torch.dtype | None:
     return None
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on `device` (the machine's RAM for the CPU and MPS), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_batch_fits(rows: int, positions: int, vocab_size: int, device: torch.device,
+                     flag: str, bytes_per_logit: int = 4) -> None:
+    """Refuse a batch whose (rows, positions, V) logits alone exceed the device's memory (in
+    training, 4 bytes each at the least: bf16 logits and their bf16 gradient). Such a batch
+    would fail anyway, and on Linux often not with an error but with the kernel killing the
+    process (and maybe others) once the memory is touched. A batch that passes can still fail,
+    with the out-of-memory error train() reports."""
+    need, have = rows * positions * vocab_size * bytes_per_logit, device_memory(device)
+    if have is not None and need > have:
+        raise ValueError(f"{flag} {rows:,} cannot fit: its logits alone need "
+                         f"{need / 2**30:,.0f} GiB and {device} has {have / 2**30:,.0f} GiB; "
+                         f"try a smaller {flag}")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Python and numpy raise MemoryError; torch a RuntimeError that says "CUDA out of memory"
+    (its subclass torch.OutOfMemoryError), "MPS backend out of memory", or, on the CPU,
+    "DefaultCPUAllocator: can't allocate memory"."""
+    text = str(error)
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError)
+        and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def broadcast(value, world_size: int):
+    """Rank 0's `value` on every rank (a decision all ranks must share)."""
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank_mean(value: torch.Tensor, world_size: int) -> float:
+    """The mean of a scalar tensor over all ranks, as a Python float."""
+    if world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)  # a sum: gloo has no average
+        value /= world_size
+    return value.item()
+
+
+# Compiled and eager gradients differ by rounding only: float32 agrees to about 1e-6 and bf16
+# autocast to about 1e-3; a compiler bug shows as a difference near 1 (seen: 1.0).
+COMPILED_GRADIENT_TOLERANCE = 0.1
+
+
+def compiled_gradient_error(model: nn.Module, compiled: nn.Module, compiled_loss_fn,
+                            x: torch.Tensor, y: torch.Tensor,
+                            amp: torch.dtype | None = None) -> tuple[float, str]:
+    """The worst relative difference |g_compiled - g_eager| / |g_eager|, over the parameters,
+    between one batch's gradients computed by `model` with cross_entropy and by its compiled
+    version with `compiled_loss_fn`; and the parameter's name. Leaves no gradients behind.
+
+    torch.compile must compute the same function: float32 agrees to about 1e-6, bf16 autocast
+    to about 1e-3 (the two round at different places).
+    """
+    grads = []
+    for forward, loss_fn in ((model, cross_entropy), (compiled, compiled_loss_fn)):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            logits = forward(x)  # (B, T, V)
+        loss_fn(logits, y).backward()
+        grads.append({name: p.grad.float() for name, p in model.named_parameters()})
+    model.zero_grad(set_to_none=True)
+    eager, compiled_grads = grads
+    errors = {name: ((compiled_grads[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
+              for name, g in eager.items()}
+    worst = max(errors, key=errors.get)
+    return errors[worst], worst
+
+
+# ==================================================================================================
+# §13 Machinery: time budgets and signals
+#
+# Protects a run's time and work: the schedule is planned to end when the budget does, and
+# Ctrl-C or SIGTERM finish the step and save before the process exits.
+# ==================================================================================================
+
 def parse_duration(text: str) -> float:
     """Seconds in "90", "90s", "10m" or "1.5h". Example: "1.5h" -> 5400.0."""
     units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    amount, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
     try:
-        seconds = float(number) * units[unit]
+        seconds = float(amount) * units[unit]
     except ValueError:
         raise ValueError(f"expected a duration like 90s, 10m or 2h, got {text!r}") from None
     if not 0 < seconds < math.inf:
@@ -2306,25 +2681,36 @@ class TimeBudget:
         return self.elapsed() + self.reserve() >= self.seconds
 
 
-def open_tokens(path: str, vocab_size: int, tokenizer: Tokenizer | None = None) -> np.memmap:
-    """Memory-map a token file written by `tokenize`, checking that it fits the tokenizer: by its
-    sidecar (see check_token_info), and by its largest id."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path} not found: run `python gpt.py tokenize` first")
-    dtype = token_dtype(vocab_size)
-    size = os.path.getsize(path)
-    if size == 0 or size % dtype.itemsize:
-        raise ValueError(f"{path} has {size:,} bytes, not a whole number of {dtype.name} tokens "
-                         f"(the type for a {vocab_size:,}-token vocabulary)")
-    check_token_info(path, dtype, tokenizer)
-    data = np.memmap(path, dtype=dtype, mode="r")
-    # One pass in slices of 64M ids, so even a huge file never sits in memory whole.
-    largest = max(int(data[i:i + (1 << 26)].max()) for i in range(0, len(data), 1 << 26))
-    if largest >= vocab_size:
-        raise ValueError(f"{path} holds token id {largest:,}, but the tokenizer has only "
-                         f"{vocab_size:,} tokens: was it encoded with another tokenizer?")
-    return data
+@contextmanager
+def stop_requests(enabled: bool = True):
+    """Yield a list that becomes non-empty when Ctrl-C (SIGINT) or SIGTERM arrives: the loop then
+    stops after its current step and saves. SIGTERM is what `kill`, job schedulers and cloud
+    preemption send, so it gets the same care. A second signal quits at once."""
+    requested: list[str] = []
 
+    def request_stop(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signal.Signals(signum).name)
+        log(f"\n{requested[0]}: stopping after this step to save a checkpoint (again to quit "
+            f"now)")
+
+    # Under torchrun every rank would decide alone and they would fall out of step.
+    names = (signal.SIGINT, signal.SIGTERM) if enabled else ()
+    previous = {name: signal.signal(name, request_stop) for name in names}
+    try:
+        yield requested
+    finally:
+        for name, handler in previous.items():
+            signal.signal(name, handler)
+
+
+# ==================================================================================================
+# §14 Machinery: the training run
+#
+# Drives §6's train_step: check every input, build or restore the model and optimizer, then
+# the loop: learning rate -> maybe evaluate and checkpoint -> step -> log.
+# ==================================================================================================
 
 def resolve_config(args: argparse.Namespace, vocab_size: int,
                    saved: dict | None = None) -> ModelConfig:
@@ -2346,39 +2732,6 @@ def resolve_config(args: argparse.Namespace, vocab_size: int,
                              f"({', '.join(changed)}); resume without those flags, or use "
                              f"another --out-dir")
     return config
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: np.ndarray, starts: np.ndarray, batch_size: int,
-             context_length: int, device: torch.device, amp: torch.dtype | None) -> float:
-    """The mean loss over a fixed set of windows, so that evaluations are comparable."""
-    model.eval()
-    total = torch.zeros((), device=device)
-    for i in range(0, len(starts), batch_size):
-        x, y = batch_at(data, starts[i:i + batch_size], context_length, device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(x)
-        total += cross_entropy(logits, y) * len(x)
-    model.train()
-    return total.item() / len(starts)
-
-
-def broadcast(value, world_size: int):
-    """Rank 0's `value` on every rank (a decision all ranks must share)."""
-    if world_size == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def rank_mean(value: torch.Tensor, world_size: int) -> float:
-    """The mean of a scalar tensor over all ranks, as a Python float."""
-    if world_size > 1:
-        value = value.clone()
-        dist.all_reduce(value)  # a sum: gloo has no average
-        value /= world_size
-    return value.item()
 
 
 def check_run_dir(args: argparse.Namespace) -> None:
@@ -2422,118 +2775,6 @@ def plan_resume(args: argparse.Namespace, checkpoint: dict, path: str) -> tuple[
     if args.decay_steps is None:
         args.decay_steps = step  # where the cosine ended: the extra steps run at --min-lr
     return args.max_steps, 0.0
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, next_batch, grad_accum: int,
-               grad_clip: float, amp: torch.dtype | None = None,
-               loss_fn=cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step: forward, loss and backward for each of `grad_accum` micro-batches
-    (drawn by next_batch()), then clip and update. Returns the mean loss, as a tensor on the
-    device (reading it would make the CPU wait for the GPU), and the gradient norm."""
-    loss_sum = 0.0
-    for micro in range(grad_accum):
-        x, y = next_batch()  # (B, T) each
-        # DistributedDataParallel: exchange gradients only in the last micro-batch's backward.
-        last = micro == grad_accum - 1
-        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-                logits = model(x)  # (B, T, V)
-            # Each micro-batch adds mean_loss / accum: the gradients sum to those of the mean
-            # loss over the whole accum x B batch.
-            loss = loss_fn(logits, y) / grad_accum
-            loss.backward()
-        loss_sum = loss_sum + loss.detach()
-    grad_norm = clip_grad_norm(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
-
-
-# Compiled and eager gradients differ by rounding only: float32 agrees to about 1e-6 and bf16
-# autocast to about 1e-3; a compiler bug shows as a difference near 1 (seen: 1.0).
-COMPILED_GRADIENT_TOLERANCE = 0.1
-
-
-def compiled_gradient_error(model: nn.Module, compiled: nn.Module, compiled_loss_fn,
-                            x: torch.Tensor, y: torch.Tensor,
-                            amp: torch.dtype | None = None) -> tuple[float, str]:
-    """The worst relative difference |g_compiled - g_eager| / |g_eager|, over the parameters,
-    between one batch's gradients computed by `model` with cross_entropy and by its compiled
-    version with `compiled_loss_fn`; and the parameter's name. Leaves no gradients behind.
-
-    torch.compile must compute the same function: float32 agrees to about 1e-6, bf16 autocast
-    to about 1e-3 (the two round at different places).
-    """
-    grads = []
-    for forward, loss_fn in ((model, cross_entropy), (compiled, compiled_loss_fn)):
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-            logits = forward(x)  # (B, T, V)
-        loss_fn(logits, y).backward()
-        grads.append({name: p.grad.float() for name, p in model.named_parameters()})
-    model.zero_grad(set_to_none=True)
-    eager, compiled_grads = grads
-    errors = {name: ((compiled_grads[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
-              for name, g in eager.items()}
-    worst = max(errors, key=errors.get)
-    return errors[worst], worst
-
-
-@contextmanager
-def stop_requests(enabled: bool = True):
-    """Yield a list that becomes non-empty when Ctrl-C (SIGINT) or SIGTERM arrives: the loop then
-    stops after its current step and saves. SIGTERM is what `kill`, job schedulers and cloud
-    preemption send, so it gets the same care. A second signal quits at once."""
-    requested: list[str] = []
-
-    def request_stop(signum, frame):
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(signal.Signals(signum).name)
-        log(f"\n{requested[0]}: stopping after this step to save a checkpoint (again to quit "
-            f"now)")
-
-    # Under torchrun every rank would decide alone and they would fall out of step.
-    names = (signal.SIGINT, signal.SIGTERM) if enabled else ()
-    previous = {name: signal.signal(name, request_stop) for name in names}
-    try:
-        yield requested
-    finally:
-        for name, handler in previous.items():
-            signal.signal(name, handler)
-
-
-def device_memory(device: torch.device) -> int | None:
-    """Bytes of memory on `device` (the machine's RAM for the CPU and MPS), None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1]
-    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return None
-
-
-def check_batch_fits(rows: int, positions: int, vocab_size: int, device: torch.device,
-                     flag: str, bytes_per_logit: int = 4) -> None:
-    """Refuse a batch whose (rows, positions, V) logits alone exceed the device's memory (in
-    training, 4 bytes each at the least: bf16 logits and their bf16 gradient). Such a batch
-    would fail anyway, and on Linux often not with an error but with the kernel killing the
-    process (and maybe others) once the memory is touched. A batch that passes can still fail,
-    with the out-of-memory error train() reports."""
-    need, have = rows * positions * vocab_size * bytes_per_logit, device_memory(device)
-    if have is not None and need > have:
-        raise ValueError(f"{flag} {rows:,} cannot fit: its logits alone need "
-                         f"{need / 2**30:,.0f} GiB and {device} has {have / 2**30:,.0f} GiB; "
-                         f"try a smaller {flag}")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Python and numpy raise MemoryError; torch a RuntimeError that says "CUDA out of memory"
-    (its subclass torch.OutOfMemoryError), "MPS backend out of memory", or, on the CPU,
-    "DefaultCPUAllocator: can't allocate memory"."""
-    text = str(error)
-    return isinstance(error, MemoryError) or (
-        isinstance(error, RuntimeError)
-        and ("out of memory" in text or "can't allocate memory" in text))
 
 
 @dataclass
@@ -2651,6 +2892,29 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     return run, checkpoint, time_used
 
 
+def compile_model(run: Run) -> None:
+    """With --compile, torch.compile the model and the loss, once checked to give the eager
+    gradients; else use them as they are."""
+    run.eval_model, run.loss_fn = run.model, cross_entropy
+    if not run.args.compile:
+        return
+    # torch.compile turns the model into a few generated kernels, fusing the many elementwise
+    # operations (norms, RoPE, SwiGLU) into single passes over memory, backward included, and
+    # the loss's formula into a few more. The first step pays for the compilation: typically
+    # half a minute to a minute.
+    compiled, loss_fn = torch.compile(run.model), torch.compile(cross_entropy)
+    # A compiler bug would train a wrong model for hours without a sign (one did, on CUDA:
+    # see the README). One batch, eager and compiled, must give the same gradients.
+    x, y = batch_at(run.valid_data, run.eval_starts[:run.batch_size],
+                    run.config.context_length, run.device)
+    error, name = compiled_gradient_error(run.model, compiled, loss_fn, x, y, run.amp)
+    if broadcast(error, run.world_size) > COMPILED_GRADIENT_TOLERANCE:
+        run.say(f"torch.compile changed the gradients ({name}: relative difference "
+                f"{error:.1e}); training without it")
+        return
+    run.eval_model, run.loss_fn = compiled, loss_fn
+
+
 def build_model(run: Run, checkpoint: dict | None) -> None:
     """The model, its optimizer and the random state: fresh, or as the checkpoint left them."""
     args = run.args
@@ -2686,29 +2950,6 @@ def build_model(run: Run, checkpoint: dict | None) -> None:
         # communication with the computation of the remaining layers' gradients.
         run.fast_model = DistributedDataParallel(
             run.eval_model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-
-
-def compile_model(run: Run) -> None:
-    """With --compile, torch.compile the model and the loss, once checked to give the eager
-    gradients; else use them as they are."""
-    run.eval_model, run.loss_fn = run.model, cross_entropy
-    if not run.args.compile:
-        return
-    # torch.compile turns the model into a few generated kernels, fusing the many elementwise
-    # operations (norms, RoPE, SwiGLU) into single passes over memory, backward included, and
-    # the loss's formula into a few more. The first step pays for the compilation: typically
-    # half a minute to a minute.
-    compiled, loss_fn = torch.compile(run.model), torch.compile(cross_entropy)
-    # A compiler bug would train a wrong model for hours without a sign (one did, on CUDA:
-    # see the README). One batch, eager and compiled, must give the same gradients.
-    x, y = batch_at(run.valid_data, run.eval_starts[:run.batch_size],
-                    run.config.context_length, run.device)
-    error, name = compiled_gradient_error(run.model, compiled, loss_fn, x, y, run.amp)
-    if broadcast(error, run.world_size) > COMPILED_GRADIENT_TOLERANCE:
-        run.say(f"torch.compile changed the gradients ({name}: relative difference "
-                f"{error:.1e}); training without it")
-        return
-    run.eval_model, run.loss_fn = compiled, loss_fn
 
 
 def describe(run: Run, num_params: int) -> None:
@@ -2904,201 +3145,16 @@ def train(args: argparse.Namespace) -> None:
 
 
 # ==================================================================================================
-# §7 Sampling: from a prompt to a story, one token at a time
+# §15 Machinery: tokenize's inputs and outputs
 #
-# The model gives a distribution over the next token; we pick one, append it and repeat. The
-# filters trade variety for quality: temperature flattens or sharpens the distribution, top-k
-# keeps the k likeliest tokens, top-p (nucleus sampling, Holtzman et al. 2020) the smallest set
-# that covers probability p. The KV cache makes each new token cost one position's work.
-# ==================================================================================================
-
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                  top_p: float | None = None) -> torch.Tensor:
-    """Apply, in this order, temperature, top-k and top-p to next-token logits (B, V).
-
-    Removed tokens get -inf, so softmax gives them probability 0. temperature must be > 0
-    (0, greedy decoding, is handled by the caller).
-    Example: probabilities [0.5, 0.3, 0.15, 0.05] with top_p 0.7 keep the first two: 0.5 alone
-    is short of 0.7, 0.5 + 0.3 reaches it.
-    """
-    logits = logits / temperature  # (B, V); < 1 sharpens, > 1 flattens
-    if top_k is not None and top_k < logits.shape[-1]:
-        top = logits.topk(top_k, dim=-1)  # exactly k survivors, even among equal logits
-        logits = torch.full_like(logits, -math.inf).scatter(-1, top.indices, top.values)
-    if top_p is not None and top_p < 1:
-        probs = softmax(logits, dim=-1)  # (B, V)
-        # Sorting all V probabilities is the slowest part of a generation step, but the nucleus
-        # is nearly always among the few likeliest tokens: take the top 64, and sort everything
-        # only when their mass falls short of p (any token beyond them is dropped either way).
-        top, order = probs.topk(min(64, probs.shape[-1]), dim=-1)  # (B, 64), descending
-        if (top.sum(dim=-1) < top_p).any():
-            top, order = probs.sort(dim=-1, descending=True)       # (B, V)
-        # Drop a token when the tokens before it already reach p; the first one always stays.
-        mass_before = top.cumsum(dim=-1) - top  # (B, K), K = 64 or V
-        kept = logits.gather(-1, order).masked_fill(mass_before >= top_p, -math.inf)  # (B, K)
-        logits = torch.full_like(logits, -math.inf).scatter(-1, order, kept)  # (B, V)
-    return logits
-
-
-def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Draw one token per row of probs (B, V): (B,) ids.
-
-    Inverse-CDF sampling: draw u uniformly in [0, total), take the first token whose cumulative
-    probability exceeds u. The same distribution as torch.multinomial, without its per-token
-    random number for every one of the V tokens.
-    Example: probs [0.2, 0.5, 0.3], cumulative [0.2, 0.7, 1.0]; u = 0.45 picks token 1.
-    """
-    cumulative = probs.cumsum(dim=-1)  # (B, V)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device)  # (B, 1)
-    u = u * cumulative[:, -1:]  # uniform in [0, total), total = 1 up to rounding
-    ids = torch.searchsorted(cumulative, u, right=True)[:, 0]  # (B,)
-    return ids.clamp(max=probs.shape[-1] - 1)  # u below the total by rounding only
-
-
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top-k must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
-
-
-@torch.no_grad()
-def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: int,
-                   temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None, seed: int | None = None,
-                   use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Continue each row of `prompts` (B, T0); yield the next tokens (B,) step by step.
-
-    With use_cache, the prompt is run once and each step then feeds only the newest token,
-    whose query attends to the cached keys and values. Without, each step runs the model over
-    the whole sequence again: the readable reference, slow but obviously right. Both see the
-    same thing: each token attends to itself and the context_length - 1 tokens before it.
-    """
-    check_sampling_args(temperature, top_k, top_p)
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    tokens = prompts.to(device)  # (B, T)
-    caches = [KVCache(model.config.context_length) for _ in model.layers] if use_cache else None
-    logits = model(tokens, caches=caches)[:, -1]  # (B, V): the prompt, once
-    length = tokens.shape[1]
-    for _ in range(max_new_tokens):
-        if temperature == 0:
-            next_ids = logits.argmax(dim=-1)  # (B,) greedy: always the likeliest token
-        else:
-            logits = filter_logits(logits.float(), temperature, top_k, top_p)  # (B, V)
-            probs = softmax(logits, dim=-1)                                     # (B, V)
-            next_ids = sample_from(probs, generator)  # (B,)
-        yield next_ids
-        if use_cache:
-            # Only the new token; start_pos gives it its absolute position for RoPE.
-            logits = model(next_ids[:, None], start_pos=length, caches=caches)[:, -1]
-        else:
-            tokens = torch.cat((tokens, next_ids[:, None]), dim=1)  # (B, T+1)
-            logits = model(tokens)[:, -1]
-        length += 1
-
-
-def generate(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, seed: int | None = None,
-             use_cache: bool = True) -> Iterator[int]:
-    """Yield up to max_new_tokens token ids that continue prompt_ids, stopping after eos_id.
-
-    Filters run in this order: temperature (0 = greedy argmax), top-k, top-p; then one token
-    is drawn with a generator seeded by `seed` (None: a fresh random seed).
-    """
-    if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token")
-    prompts = torch.tensor([prompt_ids])  # (1, T0)
-    for next_ids in generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                                   seed, use_cache):
-        token = int(next_ids[0])
-        yield token
-        if token == eos_id:
-            return
-
-
-def decode_stream(tokens: Iterable[int], tokenizer: Tokenizer,
-                  eos_id: int | None = None) -> Iterator[str]:
-    """Text as tokens arrive, one piece per token, stopping at eos_id.
-
-    A character's bytes may be split over several tokens ("é" is the two bytes C3 A9); an
-    incremental decoder holds incomplete bytes back until the character is whole, so no piece
-    ever ends in half a character. A piece may be empty.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in tokens:
-        if token == eos_id:
-            break
-        yield decoder.decode(tokenizer.vocab[token])
-    yield decoder.decode(b"", final=True)  # bytes left over become U+FFFD
-
-
-def saved_tokenizer(saved, name: str, vocab_size: int) -> Tokenizer:
-    """The tokenizer stored in a checkpoint: {"vocab": {id: bytes}, "merges": [(bytes, bytes),
-    ...], "special_tokens": [str, ...]}, checked before it is rebuilt, and checked to cover
-    exactly the ids 0 .. vocab_size - 1 that the model gives."""
-    vocab, merges, specials = (saved.get(key) if isinstance(saved, dict) else None
-                               for key in ("vocab", "merges", "special_tokens"))
-    if not (isinstance(vocab, dict) and vocab
-            and all(is_int(i) and isinstance(token, bytes) for i, token in vocab.items())
-            and isinstance(merges, (list, tuple))
-            and all(isinstance(m, (list, tuple)) and len(m) == 2
-                    and all(isinstance(part, bytes) for part in m) for m in merges)
-            and isinstance(specials, list) and all(isinstance(s, str) for s in specials)):
-        raise ValueError(f"{name}: its tokenizer is damaged or not in gpt.py's form (vocab "
-                         f"{{id: bytes}}, merges [(bytes, bytes)], special_tokens [str])")
-    try:
-        tokenizer = Tokenizer(vocab, merges, specials)
-    except ValueError as e:  # a merge of unknown tokens, a missing byte, a non-UTF-8 special
-        raise ValueError(f"{name}: its tokenizer is inconsistent ({e})") from None
-    if max(tokenizer.vocab) + 1 != vocab_size:
-        raise ValueError(f"{name}: its tokenizer's ids go up to {max(tokenizer.vocab)}, but its "
-                         f"model has a {vocab_size}-token vocabulary")
-    return tokenizer
-
-
-def load_for_sampling(path: str, device: torch.device) -> tuple[TransformerLM, Tokenizer]:
-    """Rebuild the model and the tokenizer from a training checkpoint alone."""
-    checkpoint = read_checkpoint(path)
-    if not {"config", "tokenizer"} <= checkpoint.keys():
-        raise ValueError(f"{path}: no model config or tokenizer in it; was it written by "
-                         f"`python gpt.py train`?")
-    config = saved_config(checkpoint["config"], path)
-    tokenizer = saved_tokenizer(checkpoint["tokenizer"], path, config.vocab_size)
-    model = TransformerLM(config)
-    load_model_state(model, checkpoint["model"], path)
-    return model.to(device).eval(), tokenizer
-
-
-def newest_checkpoint(run_dir: str) -> str:
-    """The most recently written .pt file in run_dir."""
-    paths = [os.path.join(run_dir, n) for n in os.listdir(run_dir) if n.endswith(".pt")] \
-        if os.path.isdir(run_dir) else []
-    paths = [p for p in paths if os.path.isfile(p)]  # not a directory that happens to end in .pt
-    if not paths:
-        raise ValueError(f"no checkpoint in {run_dir}: train one with `python gpt.py train`, "
-                         f"or give --checkpoint PATH")
-    return max(paths, key=lambda p: (os.path.getmtime(p), p.endswith("latest.pt")))
-
-
-# ==================================================================================================
-# §8 Command line
-#
-# Each subcommand is a plain function of its parsed arguments. A mistake in the user's input
-# (a missing file, an impossible size) raises ValueError or OSError with a message naming the bad
-# value; main() prints that one line and exits with code 2.
+# Protects §1-§2's files: every input is checked first, outputs are staged and published
+# together, and what a killed run left behind is removed.
 # ==================================================================================================
 
 # The bundled TinyStories sample, which `tokenize` encodes when given no text of its own.
 BUNDLED_TRAIN, BUNDLED_VALID = "data/tinystories_train.txt", "data/tinystories_valid.txt"
+
+
 # The share of a --train text held out when no --valid is given: a tenth is the usual choice,
 # enough text for a steady validation loss while nine tenths are left to train on.
 DEFAULT_VALID_FRACTION = 0.1
@@ -3245,6 +3301,14 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
     print(f"encoded {total / 1e6:,.1f} MB in {seconds:.2f}s with {workers} "
           f"worker{'s' * (workers > 1)}: {total / 1e6 / seconds:.1f} MB/s")
 
+
+# ==================================================================================================
+# §16 Command line
+#
+# Each subcommand is a plain function of its parsed arguments. A mistake in the user's input
+# (a missing file, an impossible size) raises ValueError or OSError with a message naming the
+# bad value; main() prints that one line and exits with code 2.
+# ==================================================================================================
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
