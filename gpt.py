@@ -5,16 +5,31 @@
 """gpt.py: a small GPT-style language model, from raw text to stories, in one file.
 
 Read it top to bottom: every part of a modern language model is written here from scratch on
-plain PyTorch tensors, in the order the data flows through it.
+plain PyTorch tensors, in the order the data flows through it. The file is two books in one.
+The ideas come first, each in its readable form; a reader can stop after §7 having seen them all:
 
-    §1 Tokenizer      byte-level BPE: pre-tokenize, train merges, encode/decode, save/load
-    §2 Data           corpus -> token file on disk (parallel, atomic); memory-mapped batches
-    §3 Model          config, Linear/Embedding, RMSNorm, RoPE, attention, SwiGLU, block, LM
-    §4 Loss, AdamW    cross-entropy and the AdamW optimizer
+    §1 Tokenizer      byte-level BPE: pre-tokenize, merge, train (naive, then incremental),
+                      encode and decode, GPT-2's file format
+    §2 Data           token files on disk; random windows as batches
+    §3 Model          config, Linear/Embedding, RMSNorm, RoPE, attention (plain, tiled, fast),
+                      SwiGLU, the block, the LM
+    §4 Loss, AdamW    cross-entropy and AdamW: the formulas, then the fast versions
     §5 Schedule       warmup + cosine learning rate, gradient clipping
-    §6 Training       the training loop, evaluation and checkpoints
-    §7 Sampling       greedy, temperature, top-k, top-p, with a KV cache
-    §8 Command line   the three subcommands below and main()
+    §6 Training       the presets, one training step, evaluation
+    §7 Sampling       temperature, top-k, top-p, a KV cache, a sliding window
+
+Then the machinery that makes the ideas fast, safe and usable, each part naming the idea it
+speeds up or protects:
+
+    §8  Files         atomic writes, UTF-8 checks
+    §9  Parallel BPE  worker processes, chunks cut at document boundaries, train_bpe
+    §10 Fast encoder  cached encoding (Tokenizer), parallel encoding to token files
+    §11 Checkpoints   save, validate, resume, load for sampling
+    §12 Devices       CUDA/MPS/CPU, bf16, torch.compile (checked), torchrun
+    §13 Budgets       time budgets, Ctrl-C and SIGTERM
+    §14 The run       the training run: inputs, model, the loop, logs, checkpoints
+    §15 tokenize      inputs checked first, outputs published together
+    §16 Command line  the three subcommands and main()
 
 The three commands, on the bundled TinyStories sample:
 
@@ -31,6 +46,8 @@ References:
     AdamW        Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"
     cosine       Loshchilov & Hutter 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts"
     top-p        Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration"
+    Flash        Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention
+                 with IO-Awareness"
     TinyStories  Eldan & Li 2023, "TinyStories: How Small Can Language Models Be and Still Speak
                  Coherent English?"
 
@@ -275,6 +292,31 @@ class _LinkedWords:
         return new
 
 
+def respell(words: list[list[int]], freqs: list[int], pair: tuple[int, int], new_id: int,
+            pair_count: dict[tuple[int, int], int],
+            pair_words: dict[tuple[int, int], set[int]]) -> set[tuple[int, int]]:
+    """Merge `pair` into new_id in the words that contain it (pair_words says which): take away
+    the counts of all their old pairs, add those of their new ones. Returns the new pairs, those
+    holding new_id. Example: word [a, b, c] x 2, pair (a, b) -> [X, c]; (a, b) and (b, c) lose
+    2, (X, c) gains 2 and is returned."""
+    grown = set()
+    for i in pair_words.pop(pair, ()):
+        word = words[i]
+        merged = merge_pair(word, pair, new_id)
+        if len(merged) == len(word):
+            continue  # a stale entry: an earlier merge already took this word's (a, b) apart
+        freq = freqs[i]
+        for p in zip(word, word[1:]):
+            pair_count[p] -= freq
+        for p in zip(merged, merged[1:]):
+            pair_count[p] += freq
+            if new_id in p:
+                pair_words[p].add(i)
+                grown.add(p)
+        words[i] = merged
+    return grown
+
+
 def merge_counts(counts: dict[str, int], vocab_size: int, special_tokens: list[str],
                  verbose: bool = False) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     """The incremental trainer: learn merges from pre-token counts (the same as
@@ -325,25 +367,11 @@ def merge_counts(counts: dict[str, int], vocab_size: int, special_tokens: list[s
         a, b = pair
         vocab[new_id] = vocab[a] + vocab[b]
         merges.append((vocab[a], vocab[b]))
-        # The long words merge (a, b) where it occurs. Re-spell the other words that contain it:
-        # take away the counts of all their old pairs, add those of their new pairs. Only pairs
+        # The long words merge (a, b) where it occurs, the others are re-spelled. Only pairs
         # with new_id can have grown, so only they are pushed; shrunken pairs are fixed lazily
         # when popped.
         grown = linked.merge(pair, new_id, pair_count)
-        for i in pair_words.pop(pair, ()):
-            word = words[i]
-            merged = merge_pair(word, pair, new_id)
-            if len(merged) == len(word):
-                continue  # a stale entry: an earlier merge already took this word's (a, b) apart
-            freq = freqs[i]
-            for p in zip(word, word[1:]):
-                pair_count[p] -= freq
-            for p in zip(merged, merged[1:]):
-                pair_count[p] += freq
-                if new_id in p:
-                    pair_words[p].add(i)
-                    grown.add(p)
-            words[i] = merged
+        grown |= respell(words, freqs, pair, new_id, pair_count, pair_words)
         assert pair_count.pop(pair) == 0, "every word with the merged pair was re-spelled"
         for p in grown:
             heapq.heappush(heap, (-pair_count[p], _GreatestFirst((vocab[p[0]], vocab[p[1]])), p))
@@ -668,6 +696,8 @@ class Embedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(
             torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        # N(0, 1) cut at 3: nn.Embedding's own initialisation (and the CS336 assignment's). The
+        # scale matters little: the first block's RMSNorm divides it out.
         nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -752,6 +782,8 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
+        # d_k is the head width (ModelConfig.head_dim) and max_seq_len the positions to tabulate
+        # (its context_length): the names of the CS336 assignment's RoPE, kept for its tests.
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device).float() / d_k)  # (D/2,)
         # Buffers follow the model to its device but are no parameters and are not saved:
@@ -773,6 +805,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)  # (positions, D)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (..., T, D) at `positions` (T,), rotated. Attention passes queries and keys stacked,
+        (2, B, H, T, D), to turn both in one call."""
         # A pair (x1, x2) turned by angle a is (x1 cos a - x2 sin a, x1 sin a + x2 cos a):
         # x * cos + swapped * sin, with swapped = (-x2, x1) for every pair.
         cos = self.cos[positions].to(x.dtype)  # (T, D); x's dtype, so bf16 stays bf16
@@ -864,6 +898,8 @@ def project(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
     would cost more than the products. Either way the weights stay separate matrices, as in the
     state dict.
     """
+    # 64 rows: a training batch has thousands (B x T), generation one per sample; the cut lies
+    # anywhere between, and 64 leaves room for batched sampling.
     if x.numel() >= 64 * x.shape[-1]:
         return x @ torch.cat(weights).T               # (..., C) @ (C, sum of d_out)
     return torch.cat([x @ w.T for w in weights], dim=-1)
@@ -1196,7 +1232,9 @@ class AdamW(torch.optim.Optimizer):
 
 def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
                        cosine_cycle_iters: int) -> float:
-    """The learning rate at step `it`.
+    """The learning rate at step `it` (the training's `step`); the cosine ends at step
+    cosine_cycle_iters (--decay-steps, by default the last step). The names are those of the
+    Stanford CS336 assignment, so a student's tests run against this function.
 
     Example: max_lr 1, min_lr 0.1, warmup 10, cycle 110: it 0 -> 0, 5 -> 0.5, 10 -> 1,
     60 -> 0.55 (halfway down the cosine), 110 -> 0.1, 200 -> 0.1.
@@ -1243,10 +1281,11 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
 # own flag.
 # Each preset with the recipe it was tuned on:
 # - laptop: tuned here, on a 2-core CPU, with 4-minute runs (the README's table): batch 8 and
-#   lr 3e-3 gave the lowest validation loss in a fixed time.
+#   lr 3e-3 gave the lowest validation loss in a fixed time. d_ff 688 is 8/3 x 256 (SwiGLU's
+#   width for the parameters of a 4x MLP) rounded up to a multiple of 16, for the matmul kernels.
 # - base: the 23M TinyStories model of Stanford CS336's assignment 1 (d_ff 1344 = 8/3 x 512,
-#   rounded to a multiple of 64), lr 1e-3 from its learning-rate sweep on one GPU; batch 32 on
-#   any device, 128 in the GPU recipe below.
+#   rounded to a multiple of 64 as there), lr 1e-3 from that course's learning-rate sweeps (best
+#   near 1e-3, divergence near 1e-2); batch 32 on any device, 128 in the GPU recipe (§12).
 # - small, medium, large: GPT-2's shapes (Radford et al. 2019), with the peak learning rates of
 #   the same sizes in the GPT-3 paper's Table 2.1 (6e-4, 3e-4, 2.5e-4). Not tuned here.
 PRESETS = {
@@ -1295,10 +1334,10 @@ def evaluate(model: nn.Module, data: np.ndarray, starts: np.ndarray, batch_size:
     model.eval()
     total = torch.zeros((), device=device)
     for i in range(0, len(starts), batch_size):
-        x, y = batch_at(data, starts[i:i + batch_size], context_length, device)
+        x, y = batch_at(data, starts[i:i + batch_size], context_length, device)  # (b, T) each
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(x)
-        total += cross_entropy(logits, y) * len(x)
+            logits = model(x)  # (b, T, V)
+        total += cross_entropy(logits, y) * len(x)  # the batch's mean, weighted by its rows
     model.train()
     return total.item() / len(starts)
 
@@ -1381,16 +1420,16 @@ class KVCache:
         """Store the new tokens' keys and values (B, H, n, D); return every cached one."""
         if self.k is None:
             B, H, _, D = k.shape
-            self.k = k.new_zeros(B, H, self.capacity, D)
+            self.k = k.new_zeros(B, H, self.capacity, D)  # (B, H, capacity, D)
             self.v = v.new_zeros(B, H, self.capacity, D)
         n = k.shape[2]
         if n == 1:  # the common case, one generated token: one slot
-            self.k[:, :, self.length % self.capacity] = k[:, :, 0]
+            self.k[:, :, self.length % self.capacity] = k[:, :, 0]  # (B, H, D) into one slot
             self.v[:, :, self.length % self.capacity] = v[:, :, 0]
         else:
             keep = min(n, self.capacity)  # of a long prompt, only the last window stays
             slots = torch.arange(self.length + n - keep, self.length + n, device=k.device)
-            self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]
+            self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]  # (B, H, keep, D)
             self.v[:, :, slots % self.capacity] = v[:, :, n - keep:]
         self.length += n
         filled = min(self.length, self.capacity)
@@ -3512,7 +3551,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample.")
     commands = parser.add_subparsers(dest="command", required=True)
+    add_tokenize_parser(commands)
+    add_train_parser(commands)
+    add_sample_parser(commands)
+    return parser
 
+
+def add_tokenize_parser(commands) -> None:
     tok = commands.add_parser(
         "tokenize", help="train a BPE tokenizer and encode a corpus into token files",
         description="Train byte-level BPE on the train text (or load a tokenizer), then encode "
@@ -3547,6 +3592,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker processes (default: every available core)")
     tok.set_defaults(run=cmd_tokenize, parser=tok)
 
+
+def add_train_parser(commands) -> None:
     tr = commands.add_parser(
         "train", help="train the model on the token files",
         description="Train a transformer LM on DATA_DIR/train.bin, evaluating on valid.bin; "
@@ -3574,6 +3621,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="time budget such as 90s, 10m or 2h, counted from the start: the "
                          "schedule is planned, and planned again as the run goes, to end when "
                          "it runs out (default: 10m unless --max-steps is given)")
+    tr.add_argument("--device", default="auto",
+                    help="cpu, cuda, cuda:1, mps, or auto: CUDA, then MPS, then CPU "
+                         "(default: %(default)s)")
+    tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="bfloat16 autocast or plain float32; auto: bf16 on GPUs and on CPUs "
+                         "with bf16 instructions (default: %(default)s)")
+    tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                    help="torch.compile the model: faster steps after a slow first one "
+                         "(default: on CUDA on, elsewhere off)")
+    add_optimization_flags(tr)
+    add_model_flags(tr)
+    tr.set_defaults(run=train, parser=tr)
+
+
+def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
+    """The budget's and the optimizer's flags, and the bookkeeping's."""
     tr.add_argument("--batch-size", type=number(int, 1),
                     help="sequences per micro-batch and rank (default: from the preset)")
     tr.add_argument("--grad-accum", type=number(int, 1), default=1,
@@ -3586,6 +3649,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="steps of linear warmup from 0 (default: %(default)s)")
     tr.add_argument("--decay-steps", type=number(int, 1),
                     help="step at which the cosine reaches --min-lr (default: the last step)")
+    # beta2 0.95 and weight decay 0.1 (where AdamW's own defaults are 0.999 and 0.01): the
+    # values of GPT-3 (Brown et al. 2020, appendix B) and LLaMA; a beta2 of 0.95 forgets old
+    # squared gradients sooner, which keeps large models' loss spikes rarer.
     tr.add_argument("--weight-decay", type=number(float, 0.0), default=0.1,
                     help="AdamW's decoupled weight decay of the matrices (default: %(default)s)")
     tr.add_argument("--beta1", type=number(float, 0.0, 1.0), default=0.9,
@@ -3602,15 +3668,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="steps between log lines (default: %(default)s)")
     tr.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0,
                     help="random seed, 0 to 2**63 - 1 (default: %(default)s)")
-    tr.add_argument("--device", default="auto",
-                    help="cpu, cuda, cuda:1, mps, or auto: CUDA, then MPS, then CPU "
-                         "(default: %(default)s)")
-    tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="bfloat16 autocast or plain float32; auto: bf16 on GPUs and on CPUs "
-                         "with bf16 instructions (default: %(default)s)")
-    tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                    help="torch.compile the model: faster steps after a slow first one "
-                         "(default: on CUDA on, elsewhere off)")
+
+
+def add_model_flags(tr: argparse.ArgumentParser) -> None:
+    """One flag per ModelConfig field, each overriding the preset's value."""
     model_flags = tr.add_argument_group(
         "model", "each overrides the preset's value; see ModelConfig in gpt.py for their meaning")
     for field in fields(ModelConfig):
@@ -3623,8 +3684,9 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {"int": number(int, 1), "float": number(float, 0.0, low_open=True)}
             model_flags.add_argument(flag, type=kind.get(field.type, str),
                                      choices=MODEL_CHOICES.get(field.name))
-    tr.set_defaults(run=train, parser=tr)
 
+
+def add_sample_parser(commands) -> None:
     sa = commands.add_parser(
         "sample", help="generate text from a trained checkpoint",
         description="Continue a prompt with a trained model; without --prompt, read prompts "
@@ -3654,7 +3716,6 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--no-kv-cache", action="store_true",
                     help="recompute the whole sequence for every token (slow reference)")
     sa.set_defaults(run=cmd_sample, parser=sa)
-    return parser
 
 
 def raise_interrupt(signum, frame):
