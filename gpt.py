@@ -113,8 +113,6 @@ def log(message: str, end: str = "\n") -> None:
 # punctuation runs, then whitespace. `\s+(?!\S)` leaves the last space of a run to the next word,
 # so " world" stays one pre-token after several spaces.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
 PRETOKEN_RE = regex.compile(GPT2_PATTERN)
 
 
@@ -1755,8 +1753,6 @@ def plan_chunks(source: TextSource, special_tokens: list[str], num_workers: int,
 # control characters as whitespace that `regex` does not: UNSAFE_SPACE_RE then finds more spaces
 # and SAFE_SPACE_RE fewer, which only removes cuts, so both stay exact.)
 UNSAFE_SPACE_RE = re.compile(r" (?!\S)(?<=\s )")  # whitespace before, whitespace or the end after
-
-
 SAFE_SPACE_RE = re.compile(r"(?<=\S) ")          # a space after a non-space
 
 
@@ -3192,8 +3188,6 @@ def train(args: argparse.Namespace) -> None:
 
 # The bundled TinyStories sample, which `tokenize` encodes when given no text of its own.
 BUNDLED_TRAIN, BUNDLED_VALID = "data/tinystories_train.txt", "data/tinystories_valid.txt"
-
-
 # The share of a --train text held out when no --valid is given: a tenth is the usual choice,
 # enough text for a steady validation loss while nine tenths are left to train on.
 DEFAULT_VALID_FRACTION = 0.1

@@ -33,11 +33,29 @@ import torch.nn.functional as F
 
 import gpt
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINYSTORIES = os.path.join(HERE, "data", "tinystories_train.txt")
 GPT2_DIR = os.path.join(HERE, "data", "gpt2")  # OpenAI's GPT-2 tokenizer files (MIT licence)
 EOT = "<|endoftext|>"
 BYTES_VOCAB = {i: bytes([i]) for i in range(256)}  # a tokenizer with no merges at all
+
+
+def exit_code(argv: list[str]) -> int:
+    """gpt.main's exit code, also for a mistake argparse catches (it exits, main returns)."""
+    try:
+        return gpt.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def one_error_line(capsys, command: str) -> str:
+    """The single stderr line of a failed command (and no traceback)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"gpt.py {command}: error:")
+    return lines[0]
 
 
 # ==================================================================================================
@@ -103,18 +121,6 @@ def train(request, tmp_path):
     return train_from_file
 
 
-# --- pre-tokenizer --------------------------------------------------------------------------------
-
-def test_split_words_hand_examples():
-    """split_words() cuts at every space, unless one sits inside or at the end of a whitespace
-    run; then it cuts only at the spaces that follow a non-space."""
-    assert gpt.split_words("Hi there,\nit's  42!") == ["Hi", "there,\nit's", "", "42!"]
-    assert gpt.split_words(" a b ") == ["", "a", "b", ""]
-    assert gpt.split_words("a   b c") == ["a", "  b", "c"]     # a space between spaces
-    assert gpt.split_words("a\n  b c\t ") == ["a\n  b", "c\t "]  # after a newline; at the end
-    assert gpt.split_words("") == [""]
-
-
 @pytest.mark.parametrize("text, expected", [
     ("Hi  there, it's 42!", ["Hi", " ", " there", ",", " it", "'s", " 42", "!"]),
     # A run of spaces gives its last space to the next word; trailing spaces stay one run.
@@ -125,81 +131,6 @@ def test_split_words_hand_examples():
 def test_pretokenize_hand_examples(text, expected):
     """pretokenize() splits as GPT-2's regex does (worked out by hand)."""
     assert gpt.pretokenize(text) == expected
-
-
-TRICKY_TEXTS = [
-    "Hi  there, it's 42!",
-    "   leading spaces and trailing ones   ",
-    "tabs\tand\t\tnew\nlines\n\n\n x\r\n y",
-    "one\ntwo\n\nthree \nfour\n five\n",
-    "odd spaces:\x1c x \xa0y\u3000z \u3000 w\x1c\x1c q",
-    "it's we'll they've I'd 'tis don't X'S",
-    "digits 1 22 333 4444, 3.14 -7 x1y2",
-    "emoji 🙂🙂 🙂 a🙂 日本語 héllo wörld",
-    "!!! ?? , . ;; --> <|notspecial|>",
-]
-
-
-def pretokenize_words(words: list[str]) -> list[str]:
-    """The pre-tokens of split_words' output, each word but the first after its space."""
-    return gpt.pretokenize(words[0]) + [p for w in words[1:] for p in gpt.pretokenize(" " + w)]
-
-
-@pytest.mark.parametrize("text", TRICKY_TEXTS)
-def test_split_words_keep_pretokens_whole(text):
-    """Pre-tokenizing word by word gives the pre-tokens of the whole text."""
-    assert pretokenize_words(gpt.split_words(text)) == gpt.pretokenize(text)
-    assert " ".join(gpt.split_words(text)) == text
-
-
-def test_split_words_exact_on_every_short_string():
-    """Every string of up to 5 characters from letters, digits, punctuation, an apostrophe and
-    five kinds of whitespace (\\x1c is whitespace to `re` but not to `regex`) pre-tokenizes word
-    by word exactly as whole; and always splitting at spaces would not."""
-    alphabet = ["a", "1", ".", "'", "s", " ", "\n", "\t", "\xa0", "\x1c"]
-    texts = ["".join(t) for n in range(6) for t in product(alphabet, repeat=n)]
-    assert all(pretokenize_words(gpt.split_words(t)) == gpt.pretokenize(t) for t in texts)
-    assert any(pretokenize_words(t.split(" ")) != gpt.pretokenize(t) for t in texts)
-
-
-def safe_cuts(text: str) -> list[int]:
-    """The positions in text where SAFE_CUT_RE allows a cut, in increasing order."""
-    return sorted(m.start() for m in gpt.SAFE_CUT_RE.finditer(text))
-
-
-def test_safe_cuts_hand_example():
-    """Cuts after a non-space before whitespace, and at a change of kind (letter, digit, other),
-    but not after whitespace, nor between "'" and a letter (a contraction)."""
-    # i t ' s _ 4 2 n d . \n \n x: cuts at t|' s|_ 2|n d|. .|\n
-    assert safe_cuts("it's 42nd.\n\nx") == [2, 4, 7, 9, 10]
-    assert safe_cuts("one\ntwo\r\nthree") == [3, 7]
-    assert safe_cuts("  \n\t\xa0") == [] and safe_cuts("letters") == []
-
-
-# Letters (some that end contractions), a digit, "'", other punctuation, and whitespace: \x1c is
-# whitespace to stdlib `re` but not to `regex` (nor to GPT-2's pattern); \xa0 is to both.
-CUT_ALPHABET = ["a", "s", "l", "1", ".", "'", " ", "\n", "\r", "\t", "\xa0", "\x1c"]
-
-
-def test_safe_cuts_split_pretokens_exactly_whatever_surrounds_them():
-    """At every cut SAFE_CUT_RE finds, pre-tokenizing the two sides apart gives the pre-tokens
-    of the whole: on every string of up to 4 characters, and on random longer ones."""
-    rng = random.Random(0)
-    texts = chain((t for n in range(5) for t in map("".join, product(CUT_ALPHABET, repeat=n))),
-                  ("".join(rng.choices(CUT_ALPHABET, k=12)) for _ in range(3000)))
-    for text in texts:
-        for cut in safe_cuts(text):
-            assert gpt.pretokenize(text[:cut]) + gpt.pretokenize(text[cut:]) == \
-                gpt.pretokenize(text), (text, cut)
-
-
-def test_unsafe_space_regex_knows_all_of_regexs_whitespace():
-    """UNSAFE_SPACE_RE uses stdlib `re`, whose whitespace must include all of `regex`'s, or it
-    would miss spaces that GPT-2's pattern joins to a whitespace run."""
-    every_char = "".join(map(chr, range(sys.maxunicode + 1)))
-    whitespace = regex.findall(r"\s", every_char)
-    assert len(whitespace) >= 25
-    assert all(re.fullmatch(r"\s", c) for c in whitespace)
 
 
 @pytest.mark.parametrize("word, pair, expected", [
@@ -325,6 +256,19 @@ def random_text(seed: int, num_words: int) -> str:
     return "".join(parts)
 
 
+TRICKY_TEXTS = [
+    "Hi  there, it's 42!",
+    "   leading spaces and trailing ones   ",
+    "tabs\tand\t\tnew\nlines\n\n\n x\r\n y",
+    "one\ntwo\n\nthree \nfour\n five\n",
+    "odd spaces:\x1c x \xa0y\u3000z \u3000 w\x1c\x1c q",
+    "it's we'll they've I'd 'tis don't X'S",
+    "digits 1 22 333 4444, 3.14 -7 x1y2",
+    "emoji 🙂🙂 🙂 a🙂 日本語 héllo wörld",
+    "!!! ?? , . ;; --> <|notspecial|>",
+]
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_train_bpe_equals_naive(tmp_path, seed):
     """The fast trainer learns exactly the naive reference's vocab and merges."""
@@ -376,18 +320,7 @@ def test_train_bpe_on_a_huge_pretoken(tmp_path, monkeypatch):
     assert len(replaced) <= 2 * len(text) and respelled == []
 
 
-def test_train_bpe_in_parallel_equals_naive(tmp_path):
-    """Counting pre-tokens in several chunks on 2 workers changes nothing."""
-    text = random_text(seed=123, num_words=60_000)
-    path = tmp_path / "corpus.txt"
-    path.write_bytes(text.encode("utf-8"))
-    assert len(gpt.plan_chunks(str(path), [EOT], num_workers=2)) > 2
-    fast = gpt.train_bpe(str(path), 400, [EOT], num_workers=2)
-    assert fast == gpt.train_bpe_naive(text, 400, [EOT])
-
-
 # --- encoding and decoding ------------------------------------------------------------------------
-
 @pytest.mark.parametrize("text", [
     "",
     "a",
@@ -423,47 +356,6 @@ def test_encode_equals_replaying_merges(tokenizer, corpus_path):
     assert tokenizer.encode(text) == encode_by_replaying_merges(tokenizer, text)
 
 
-def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path):
-    """encode() (words from split_words, their shortcuts, two caches) gives the plain encode's
-    ids (each pre-token of the whole text merged on its own), for every text of up to 4 pieces
-    drawn from words, punctuation, digits, a contraction, a non-ASCII letter and whitespace. The
-    tokenizer learns from random texts of these pieces, so that runs of whitespace are tokens
-    too."""
-    pieces = ["the", "é", ",", '!"', "'s", "7", " ", "\n", "\t"]
-    rng = random.Random(0)
-    corpus = tmp_path / "pieces.txt"
-    corpus.write_text("".join(rng.choice(pieces) for _ in range(20_000)), encoding="utf-8")
-    vocab, merges = gpt.train_bpe(str(corpus), 400, [], num_workers=1)
-    # Merges that cross pre-token boundaries, ranked first (never learned, but possible in a
-    # vocabulary from elsewhere): a shortcut that encoded across a boundary would use them.
-    cross = [(b"e", b"7"), (b"e", b","), (b",", b"t"), (b"\n", b"t"), (b"\t", b" ")]
-    vocab.update({len(vocab) + i: left + right for i, (left, right) in enumerate(cross)})
-    merges = cross + merges
-    tokenizer, plain = gpt.Tokenizer(vocab, merges), gpt.BPETokenizer(vocab, merges)
-    assert {b"\n\t", b"\t\t", b" the"} <= set(tokenizer.vocab.values())
-    for n in range(5):
-        for text in map("".join, product(pieces, repeat=n)):
-            assert tokenizer.encode(text) == plain.encode(text), repr(text)
-
-
-def test_fast_encode_equals_the_plain_encode_on_stories(tokenizer, corpus_path):
-    """Tokenizer.encode (caches, shortcuts) equals BPETokenizer.encode (a merge loop per
-    pre-token) on real stories with their document markers."""
-    text = open(corpus_path, encoding="utf-8").read()
-    plain = gpt.BPETokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
-    assert EOT in text
-    assert tokenizer.encode(text) == plain.encode(text)
-
-
-def test_isalpha_letters_are_regex_letters():
-    """The encoder's shortcuts take str.isalpha() characters for `\\p{L}` ones: Python's
-    Unicode tables must not count as letters what `regex`'s do not."""
-    every_char = "".join(map(chr, range(sys.maxunicode + 1)))
-    letters = set(regex.findall(r"\p{L}", every_char))
-    assert len(letters) > 100_000
-    assert all(c in letters for c in every_char if c.isalpha())
-
-
 @pytest.mark.parametrize("specials", [[EOT, EOT * 2], [EOT * 2, EOT]], ids=["short-first",
                                                                             "long-first"])
 @pytest.mark.parametrize("text, expected", [
@@ -477,127 +369,6 @@ def test_overlapping_special_tokens_longest_wins(specials, text, expected):
     tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], specials)
     ids = {**{s: tokenizer.special_ids[s] for s in specials}, **{chr(b): b for b in range(128)}}
     assert tokenizer.encode(text) == [ids[piece] for piece in expected]
-
-
-def merging_every_pair_tokenizer(text: str, special_tokens: list[str]) -> gpt.Tokenizer:
-    """A tokenizer with a merge for every pair of adjacent bytes in text, ranked at random."""
-    pairs = sorted({(bytes([a]), bytes([b])) for a, b in pairwise(text.encode("utf-8"))})
-    random.Random(0).shuffle(pairs)
-    vocab = {**BYTES_VOCAB, **{256 + i: left + right for i, (left, right) in enumerate(pairs)}}
-    return gpt.Tokenizer(vocab, pairs, special_tokens)
-
-
-@pytest.mark.parametrize("which", ["tokenizer", "gpt2_tokenizer", "every-pair"])
-def test_long_pretokens_merge_with_a_heap_as_the_plain_loop(request, which, monkeypatch):
-    """Above LONG_PRETOKEN_BYTES, encode_word merges with a heap: exactly as the plain loop does,
-    on random long words spelled from the vocabulary's own tokens and on runs of one character
-    (where every pair ties, so the leftmost must win)."""
-    rng = random.Random(0)
-    if which == "every-pair":
-        tok = merging_every_pair_tokenizer("".join(rng.choices("aabé日", k=500)), [])
-    else:
-        tok = request.getfixturevalue(which)
-    pieces = [t.decode() for t in tok.vocab.values() if t.isascii() and t.strip().isalpha()]
-    pieces = ["a", "a", "b", "é", "日"] if which == "every-pair" else pieces
-    words = ["".join(rng.choices(pieces, k=rng.randint(100, 200))) for _ in range(8)]
-    words += ["a" * 600, "é" * 200, " " * 599, "\n" * 300, "ab" * 250]
-    assert all(len(w.encode("utf-8")) > gpt.LONG_PRETOKEN_BYTES for w in words)
-    with_heap = [tok.encode_word(w) for w in words]
-    monkeypatch.setattr(gpt, "LONG_PRETOKEN_BYTES", math.inf)
-    assert [tok.encode_word(w) for w in words] == with_heap
-
-
-@pytest.mark.parametrize("text", ["letters" * 15_000, " " * 100_000, "\n\t \xa0" * 20_000],
-                         ids=["letters", "spaces", "whitespace"])
-def test_encode_a_huge_pretoken(text):
-    """A 100 KB pre-token, which takes minutes when each merge scans the whole word, is encoded
-    in well under a second, merged as the heap test above checks, and decodes back."""
-    tokenizer = merging_every_pair_tokenizer(text[:100], [])
-    assert len(gpt.pretokenize(text)) == 1
-    ids = tokenizer.encode(text)
-    assert len(ids) < 0.8 * len(text.encode("utf-8")) and tokenizer.decode(ids) == text
-
-
-# "<| x y |>" holds spaces, so a stream must not cut inside it before it has fully arrived.
-@pytest.mark.parametrize("specials", [[EOT], [EOT, EOT * 2], [EOT, "<| x y |>"]],
-                         ids=["eot", "eot+double", "eot+spaced"])
-@pytest.mark.parametrize("text", [
-    "a  b\n\n c'll 12 <|endoftext|>x  ",
-    EOT + EOT + " " + EOT + "end",
-    "Once upon a time,  there was\n\na cat.\x1c🙂 日本 it's",
-    "a<| x y |>b <| x y |> c<| x",
-    "\t  \tx y\n  z \u3000  \x1d!",
-    "one\ntwo\r\nthree\n\n\tfour\x1c\x1dfive\x1e\x1f\n",   # one word per line, \x1c-\x1f
-    "\xa0x\xa0 \n\t\r\n\n  \n",                         # whitespace only, but for one x
-    "it's42nd.'s\n''ll\n$5,6<|endoftext|>'ve",              # lines with no spaces
-])
-def test_encode_iterable_equals_encode_on_any_split(specials, text):
-    """Streaming pieces gives encode()'s ids, however the text is cut into pieces. Every pair
-    of adjacent bytes is a merge, so that a cut in the wrong place would change the ids."""
-    tokenizer = merging_every_pair_tokenizer(text, specials)
-    expected = tokenizer.encode(text)
-    assert list(tokenizer.encode_iterable(list(text))) == expected  # one character at a time
-    for i in range(len(text) + 1):
-        assert list(tokenizer.encode_iterable([text[:i], text[i:]])) == expected, i
-
-
-# Each shape as the pieces of a stream, about 300 KB in all: where the stream is searched again
-# from its start at each piece, as it once was, one word per line takes minutes. The last three
-# shapes are a single pre-token each, which the stream must hold whole.
-STREAM_SHAPES = {
-    "one word per line": ["Once\n", "upon\r\n", "a\n", "time,\n"] * 15_000,
-    "one huge line": ["the cat sat on the mat, " * 4] * 3_000,
-    "lines without spaces": ["it's,42.\n", "x\x1cy\n", "''\n"] * 15_000,
-    "only newlines": ["\n"] * 300_000,
-    "only whitespace": [" \t\xa0\n\r\u3000 " * 10] * 3_000,
-    "only letters": ["abcde" * 20] * 3_000,
-}
-
-
-@pytest.mark.parametrize("shape", STREAM_SHAPES)
-def test_encode_iterable_searches_each_character_once(shape):
-    """Streaming gives encode()'s ids, each character is searched for a cut once and encoded
-    once, and where cuts exist it is encoded a few pieces at a time."""
-    pieces = STREAM_SHAPES[shape]
-    text = "".join(pieces)
-    tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], [EOT])
-    searched, encoded = [], []
-    last_safe_cut, encode = tokenizer._last_safe_cut, tokenizer.encode
-    tokenizer._last_safe_cut = lambda buffer, start, end, longest: (
-        searched.append(max(end - start, 0)) or last_safe_cut(buffer, start, end, longest))
-    tokenizer.encode = lambda text: encoded.append(len(text)) or encode(text)
-    assert list(tokenizer.encode_iterable(pieces)) == list(text.encode("utf-8"))
-    assert sum(searched) <= len(text) and sum(encoded) == len(text)
-    if shape.startswith("only"):
-        assert max(encoded) == len(text)  # one pre-token: no cut anywhere
-    else:
-        assert max(encoded) <= 3 * (max(map(len, pieces)) + len(EOT))  # a few pieces
-
-
-def test_encode_pauses_the_cycle_collector_and_restores_it(tokenizer):
-    """The caches fill with the cycle collector off, and encode() leaves it as it found it."""
-    seen = []
-    encode_piece = tokenizer.cache.encode
-    tokenizer.cache.encode = lambda text: seen.append(gc.isenabled()) or encode_piece(text)
-    try:
-        assert gc.isenabled()
-        tokenizer.encode("never seen before: zqxj")
-        assert seen and not any(seen)
-        assert gc.isenabled()
-        gc.disable()
-        tokenizer.encode("zqxjj")
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-        tokenizer.cache.encode = encode_piece
-
-
-def test_encode_iterable_equals_encode_on_file_lines(tokenizer, corpus_path):
-    """Streaming the lines of a file gives the ids of encoding the whole file at once."""
-    with open(corpus_path, encoding="utf-8", newline="") as f:
-        expected = tokenizer.encode(f.read())
-    with open(corpus_path, encoding="utf-8", newline="") as f:
-        assert list(tokenizer.encode_iterable(f)) == expected
 
 
 def test_decode_invalid_utf8_gives_replacement_character(tokenizer):
@@ -644,8 +415,8 @@ def test_decode_refuses_2d_arrays_and_floats(ids, named):
     with pytest.raises(ValueError, match=re.escape(named)):
         gpt.Tokenizer(BYTES_VOCAB, []).decode(ids)
 
-# --- save and load --------------------------------------------------------------------------------
 
+# --- save and load --------------------------------------------------------------------------------
 def duplicate_token_tokenizer() -> gpt.Tokenizer:
     """BPE can build one string two ways: here b"abc" is both (ab, c) and (a, bc)."""
     vocab = {**BYTES_VOCAB, 256: b"ab", 257: b"bc", 258: b"abc", 259: b"abc",
@@ -734,41 +505,6 @@ def test_gpt2_exact_ids(gpt2_tokenizer, text, expected):
 # §2 Data
 # ==================================================================================================
 
-def documents_file(path, seed: int = 0, num_docs: int = 400) -> str:
-    """Write ASCII documents of random length, separated by runs of 1 to 3 <|endoftext|>."""
-    rng = random.Random(seed)
-    text = "".join("doc " + "x" * rng.randint(0, 150) + EOT * rng.randint(1, 3)
-                   for _ in range(num_docs))
-    path.write_bytes(text.encode("utf-8"))
-    return text
-
-
-# With only the double registered, a run of three <|endoftext|> is the double then a plain
-# "<|endoftext|>" text: a cut at the run's second <|endoftext|> would split the double.
-@pytest.mark.parametrize("specials", [[EOT], [EOT, EOT * 2], [EOT * 2]],
-                         ids=["eot", "eot+double", "double-only"])
-def test_chunk_boundaries_cut_at_special_tokens(tmp_path, specials):
-    """Every inner cut is where a special token of the whole text starts, never inside a run."""
-    text = documents_file(tmp_path / "docs.txt")
-    data = text.encode("utf-8")  # ASCII: byte offsets are character offsets
-    starts = {m.start() for m in gpt.special_tokens_regex(specials).finditer(text)}
-    encoded = [s.encode("utf-8") for s in specials]
-    for chunk_bytes in (50, 300, 5000):
-        cuts = gpt.chunk_boundaries(str(tmp_path / "docs.txt"), specials, chunk_bytes)
-        assert cuts[0] == 0 and cuts[-1] == len(data) and len(cuts) > 2
-        assert all(a + chunk_bytes <= b for a, b in zip(cuts[:-2], cuts[1:-1])), "chunk too small"
-        for cut in cuts[1:-1]:
-            assert any(data.startswith(s, cut) for s in encoded)
-            assert not any(data[:cut].endswith(s) for s in encoded), "cut inside a run"
-            assert cut in starts, f"cut at {cut} splits the special token matched there"
-
-
-def test_chunk_boundaries_without_special_tokens_is_one_chunk(tmp_path):
-    """With no special tokens to cut at, the whole file is one chunk."""
-    text = documents_file(tmp_path / "docs.txt")
-    assert gpt.chunk_boundaries(str(tmp_path / "docs.txt"), [], 50) == [0, len(text)]
-
-
 @pytest.mark.parametrize("vocab_size, dtype", [
     (256, np.uint16), (65_536, np.uint16), (65_537, np.uint32), (100_000, np.uint32)])
 def test_token_dtype(vocab_size, dtype):
@@ -776,161 +512,7 @@ def test_token_dtype(vocab_size, dtype):
     assert gpt.token_dtype(vocab_size) == np.dtype(dtype)
 
 
-@pytest.mark.parametrize("num_workers", [1, 2])
-def test_encode_file_equals_encode(tmp_path, tokenizer, corpus_path, num_workers):
-    """The token file holds encode(whole text) as raw uint16, whatever the number of workers."""
-    assert len(gpt.plan_chunks(corpus_path, [EOT], num_workers)) > 1  # really cut in chunks
-    out = tmp_path / "tokens.bin"
-    (num_tokens,) = gpt.encode_files(tokenizer, [(corpus_path, str(out))], num_workers)
-    with open(corpus_path, encoding="utf-8", newline="") as f:
-        expected = tokenizer.encode(f.read())
-    assert np.fromfile(out, dtype=np.uint16).tolist() == expected
-    assert num_tokens == len(expected) and out.stat().st_size == 2 * len(expected)
-    assert os.listdir(tmp_path) == ["tokens.bin"]  # no temporary file left behind
-
-
-@pytest.mark.parametrize("num_workers", [1, 2])
-def test_encode_files_in_one_pool_equal_encode(tmp_path, tokenizer, corpus_path, num_workers):
-    """Several files through one pool: each token file holds encode() of its own text."""
-    other = tmp_path / "other.txt"
-    other.write_text(EOT.join(TRICKY_TEXTS) * 20, encoding="utf-8")
-    files = [(corpus_path, str(tmp_path / "a.bin")), (str(other), str(tmp_path / "b.bin")),
-             (corpus_path, str(tmp_path / "c.bin"))]
-    counts = list(gpt.encode_files(tokenizer, files, num_workers))
-    for (text_path, out_path), num_tokens in zip(files, counts, strict=True):
-        with open(text_path, encoding="utf-8", newline="") as f:
-            expected = tokenizer.encode(f.read())
-        assert np.fromfile(out_path, dtype=np.uint16).tolist() == expected
-        assert num_tokens == len(expected)
-    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.bin", "c.bin", "other.txt"]
-
-
-@pytest.mark.parametrize("num_workers", [1, 2])
-def test_encode_file_error_leaves_no_file(tmp_path, tokenizer, corpus_path, num_workers):
-    """A chunk that fails (not UTF-8) after others were written leaves no token file behind."""
-    with open(corpus_path, "rb") as f:
-        (tmp_path / "bad.txt").write_bytes(f.read() + b"\xff")  # only the last chunk is bad
-    assert len(gpt.plan_chunks(str(tmp_path / "bad.txt"), [EOT], num_workers)) > 1
-    files = [(str(tmp_path / "bad.txt"), str(tmp_path / "tokens.bin"))]
-    with pytest.raises(ValueError, match="not UTF-8"):
-        list(gpt.encode_files(tokenizer, files, num_workers))
-    assert os.listdir(tmp_path) == ["bad.txt"]
-
-
-@pytest.mark.parametrize("data", [
-    b"plain ASCII", "é日🙂 cut anywhere by the blocks".encode(), b"abc" * 10 + b"\xff" + b"x",
-    "aé".encode()[:-1], b"ok \xed\xa0\x80 surrogate", "日".encode()[:2] + b"x", b"\xc0\xaf",
-], ids=["ascii", "multibyte", "bad-byte", "cut-at-end", "surrogate", "cut-inside", "overlong"])
-@pytest.mark.parametrize("block_bytes", [1, 2, 3, 5, 1 << 16])
-def test_check_text_file_finds_the_first_bad_byte_anywhere(tmp_path, data, block_bytes):
-    """The streaming check in blocks accepts exactly what a one-shot strict decode accepts, and
-    names the same offset, wherever the blocks cut a character."""
-    path = tmp_path / "text.txt"
-    path.write_bytes(data)
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        with pytest.raises(ValueError, match=f"{path} is not UTF-8 text .*offset {e.start}\\)"):
-            gpt.check_text_file(str(path), block_bytes)
-    else:
-        assert gpt.check_text_file(str(path), block_bytes) == len(data)
-
-
-def test_plan_chunks_of_a_byte_range_cover_it_exactly(tmp_path):
-    """A byte range is planned like a file of its own: chunks tile [start, end), cut only at
-    special tokens."""
-    text = documents_file(tmp_path / "docs.txt", num_docs=4000)
-    data = text.encode()
-    start, end = data.index(EOT.encode(), 1000), data.rindex(EOT.encode(), 0, len(data) - 1000)
-    chunks = gpt.plan_chunks((str(tmp_path / "docs.txt"), start, end), [EOT], num_workers=2)
-    assert len(chunks) > 2 and chunks[0][1] == start and chunks[-1][2] == end
-    assert all(a[2] == b[1] for a, b in pairwise(chunks))
-    assert all(data.startswith(EOT.encode(), cut) for _, cut, _ in chunks)
-
-
-@pytest.mark.parametrize("num_workers", [1, 2])
-def test_encode_and_train_on_a_byte_range_equal_a_copy_of_it(tmp_path, corpus_path, tokenizer,
-                                                            num_workers):
-    """encode_files and train_bpe given (path, start, end) give what they give on a file that
-    holds only those bytes."""
-    data = open(corpus_path, "rb").read()
-    start, end = data.index(b"\n", 10_000) + 1, data.rindex(EOT.encode(), 0, 150_000)
-    (tmp_path / "part.txt").write_bytes(data[start:end])
-    source = (corpus_path, start, end)
-    files = [(source, str(tmp_path / "range.bin")), (str(tmp_path / "part.txt"),
-                                                     str(tmp_path / "copy.bin"))]
-    counts = list(gpt.encode_files(tokenizer, files, num_workers))
-    assert counts[0] == counts[1]
-    assert (tmp_path / "range.bin").read_bytes() == (tmp_path / "copy.bin").read_bytes()
-    assert (gpt.train_bpe(source, 300, [EOT], num_workers)
-            == gpt.train_bpe(str(tmp_path / "part.txt"), 300, [EOT], num_workers))
-
-
-DOCS = "aaaa" + EOT + "bbbb" + EOT + "cc\ncc"  # documents end at 17 and 34, a line at 37, of 39
-
-
-@pytest.mark.parametrize("text, specials, fraction, expected", [
-    (DOCS, [EOT], 0.1, (34, "after a special token")),  # 4 bytes from the end: the point is 35
-    (DOCS, [EOT], 0.5, (17, "after a special token")),  # the last document end before 19
-    (DOCS, [EOT], 0.9, (17, "after a special token")),  # none before 4: the first after it
-    (DOCS, [], 0.1, (37, "after a line break")),  # no special tokens: the first line after 35
-    ("one\ntwo\nthree\n", [EOT], 0.3, (8, "after a line break")),  # no special token in it
-    ("one\ntwo" + EOT, [EOT], 0.1, (4, "after a line break")),  # the only special ends it
-])
-def test_hold_out_cuts_after_a_document_or_else_a_line(tmp_path, text, specials, fraction,
-                                                        expected):
-    """Hand-worked cuts: after the last special token before the point that leaves `fraction`
-    for validation, else the first after it; in a text with none inside it, at a line break."""
-    (tmp_path / "text.txt").write_text(text)
-    assert gpt.hold_out(str(tmp_path / "text.txt"), fraction, specials) == expected
-
-
-def test_hold_out_with_no_boundary_is_refused(tmp_path):
-    """A text with no line break and no special token gives no place to cut: --valid is asked."""
-    (tmp_path / "text.txt").write_text("one line" + EOT)
-    with pytest.raises(ValueError, match="no special token and no line break.*--valid"):
-        gpt.hold_out(str(tmp_path / "text.txt"), 0.1, [EOT])
-
-
-@pytest.fixture
-def token_file(tmp_path, token_dir):
-    """A copy of a token file written by `tokenize`, with its sidecar, and its tokenizer."""
-    import shutil
-    for name in ["train.bin", "train.bin.json"]:
-        shutil.copy(os.path.join(token_dir, name), tmp_path / name)
-    return str(tmp_path / "train.bin"), gpt.Tokenizer.load(os.path.join(token_dir, "tokenizer"))
-
-
-def test_open_tokens_checks_the_sidecar(token_file, tokenizer, capsys):
-    """open_tokens accepts a token file whose sidecar names its tokenizer and length, and refuses
-    one made by another tokenizer, or whose length disagrees, telling to run tokenize again."""
-    path, own = token_file
-    data = gpt.open_tokens(path, len(own.vocab), own)
-    assert len(data) == json.load(open(path + ".json"))["num_tokens"]
-    assert capsys.readouterr().err == ""
-    with pytest.raises(ValueError, match=f"{path} was encoded by another tokenizer.*again"):
-        gpt.open_tokens(path, len(tokenizer.vocab), tokenizer)
-    with open(path, "ab") as f:
-        f.write(b"\0\0")
-    with pytest.raises(ValueError, match=f"{path} holds .* tokens, but .*tokenize` again"):
-        gpt.open_tokens(path, len(own.vocab))  # the old call, without a tokenizer, checks this
-    with open(path + ".json", "w") as f:
-        f.write("{not json")
-    with pytest.raises(ValueError, match=f"{path}.json is corrupt"):
-        gpt.open_tokens(path, len(own.vocab), own)
-
-
-def test_open_tokens_without_sidecar_is_accepted_with_a_note(token_file, capsys):
-    """A token file from an older gpt.py, without a sidecar, loads, with one note on stderr."""
-    path, own = token_file
-    os.remove(path + ".json")
-    assert len(gpt.open_tokens(path, len(own.vocab), own)) == os.path.getsize(path) // 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"note: {path} has no train.bin.json")
-
-
 # --- batches --------------------------------------------------------------------------------------
-
 def test_get_batch_shapes_and_shifted_targets():
     """x and y are (B, T) int64 on the device; each is a window of the data, y one token later."""
     torch.manual_seed(0)
@@ -1013,8 +595,8 @@ def truncated_normal_std(std: float, cut: float = 3.0) -> float:
     return std * math.sqrt(1 - 2 * cut * pdf / mass)
 
 
-# --- Linear and Embedding -------------------------------------------------------------------------
 
+# --- Linear and Embedding -------------------------------------------------------------------------
 def test_linear_equals_matmul_and_f_linear():
     """Linear(d_in, d_out) has a (d_out, d_in) weight and computes x @ W^T, as F.linear does."""
     torch.manual_seed(0)
@@ -1059,8 +641,8 @@ def test_embedding_init_is_unit_normal_truncated_at_3():
     assert 2.9 < weight.abs().max().item() <= 3.0
 
 
-# --- RMSNorm --------------------------------------------------------------------------------------
 
+# --- RMSNorm --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("eps", [1e-5, 0.1])
 def test_rmsnorm_equals_torch_rmsnorm(eps):
     """RMSNorm's output and its gradients for input and gain equal torch.nn.RMSNorm's."""
@@ -1107,8 +689,8 @@ def test_rmsnorm_function_gradcheck():
                                     (x, gain))
 
 
-# --- rotary position embedding --------------------------------------------------------------------
 
+# --- rotary position embedding --------------------------------------------------------------------
 def rotate_pairs_by_hand(x: list[float], position: int, theta: float) -> list[float]:
     """RoPE by its definition: pair (x[2i], x[2i+1]) turns by position * theta^(-2i/D)."""
     out = []
@@ -1155,8 +737,8 @@ def test_rope_scores_depend_on_relative_position_only(m, n, shift):
     assert abs(score(m + 1, n) - score(m, n)) > 1e-3
 
 
-# --- attention ------------------------------------------------------------------------------------
 
+# --- attention ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shift", [0.0, 1000.0], ids=["plain", "shifted-by-1000"])
 @pytest.mark.parametrize("dim", [0, -1])
 def test_softmax_equals_torch_softmax(shift, dim):
@@ -1233,8 +815,8 @@ def test_model_is_causal(fast):
     assert ((after[:, 5:] - before[:, 5:]).abs().amax(dim=-1) > 1e-4).all()
 
 
-# --- feed-forward ---------------------------------------------------------------------------------
 
+# --- feed-forward ---------------------------------------------------------------------------------
 def test_silu_and_gelu_equal_their_definitions():
     """silu(x) = x * sigmoid(x); gelu equals F.gelu (the exact, erf-based one)."""
     x = torch.linspace(-8, 8, 101)
@@ -1273,8 +855,8 @@ def test_model_feed_forward_kinds_compute_their_formulas(ffn_kind):
     torch.testing.assert_close(ffn(x), FFN_FORMULAS[ffn_kind](x, ffn))
 
 
-# --- the whole model ------------------------------------------------------------------------------
 
+# --- the whole model ------------------------------------------------------------------------------
 def test_model_logits_shape_and_initial_loss():
     """Logits are (B, T, V), and at initialisation the loss on random tokens is close to ln V."""
     torch.manual_seed(0)
@@ -1600,7 +1182,651 @@ def test_clip_grad_norm_equals_torch(max_norm):
 
 
 # ==================================================================================================
-# §6 Checkpoints
+# §6 Training
+# ==================================================================================================
+
+# --- the training loop ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory, corpus_path):
+    """Token files and a 300-token tokenizer from the test corpus, made once for the module."""
+    directory = tmp_path_factory.mktemp("tokens")
+    text = open(corpus_path, encoding="utf-8").read()
+    cut = len(text) * 4 // 5
+    train_text, valid_text = directory / "train.txt", directory / "valid.txt"
+    train_text.write_text(text[:cut], encoding="utf-8")
+    valid_text.write_text(text[cut:], encoding="utf-8")
+    assert gpt.main(["tokenize", "--train", str(train_text), "--valid", str(valid_text),
+                     "--vocab-size", "300", "--out-dir", str(directory), "--workers", "1"]) == 0
+    return str(directory)
+
+
+TINY_MODEL = ["--context-length", "16", "--d-model", "32", "--num-layers", "2", "--num-heads",
+              "4", "--d-ff", "64"]
+
+
+def train_args(token_dir: str, out_dir, *extra: str) -> list[str]:
+    """A few steps of a tiny model: seconds on any CPU."""
+    return ["train", "--data-dir", token_dir, "--out-dir", str(out_dir), "--batch-size", "4",
+            "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "1",
+            "--warmup-steps", "2", "--dtype", "float32", "--max-steps", "6", "--device", "cpu",
+            *TINY_MODEL, *extra]
+
+
+def metrics(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir) -> dict[int, float]:
+    return {m["step"]: m["train_loss"] for m in metrics(out_dir) if "train_loss" in m}
+
+
+def final_weights(out_dir) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(out_dir, "latest.pt"), weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict, exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_training_reduces_the_loss(tmp_path, token_dir):
+    """Forty steps at a high learning rate take the validation loss well below ln(V)."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "40", "--eval-interval",
+                               "40", "--lr", "1e-2")) == 0
+    val = [m["val_loss"] for m in metrics(tmp_path) if "val_loss" in m]
+    assert val[0] > math.log(300) - 0.5 and val[-1] < val[0] - 1.0
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, token_dir):
+    """2 micro-batches of 4 give the same update as one batch of 8 (the same 8 windows)."""
+    assert gpt.main(train_args(token_dir, tmp_path / "big", "--batch-size", "8",
+                               "--max-steps", "2")) == 0
+    assert gpt.main(train_args(token_dir, tmp_path / "accum", "--batch-size", "4",
+                               "--grad-accum", "2", "--max-steps", "2")) == 0
+    assert_same_weights(final_weights(tmp_path / "big"), final_weights(tmp_path / "accum"),
+                        exact=False)
+
+
+# ==================================================================================================
+# §7 Sampling
+# ==================================================================================================
+
+def sampling_model(context_length: int = 8, seed: int = 0) -> gpt.TransformerLM:
+    torch.manual_seed(seed)
+    return gpt.TransformerLM(tiny_config(context_length=context_length)).eval()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_kv_cache_equals_recomputing_past_the_context_length(fast):
+    """Cached logits equal full recomputation within 1e-4, for 3x the context length."""
+    model = sampling_model(context_length=8)
+    for layer in model.layers:
+        layer.attn.fast = fast
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        full = model(tokens)  # (B, 24, V): every position sees its last 8 tokens
+        caches = [gpt.KVCache(8) for _ in model.layers]
+        prompt = model(tokens[:, :5], caches=caches)
+        steps = [model(tokens[:, t:t + 1], start_pos=t, caches=caches) for t in range(5, 24)]
+    cached = torch.cat([prompt, *steps], dim=1)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
+
+
+def test_sliding_window_is_the_context_length():
+    """Past the context length a token sees exactly the last context_length tokens."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config(context_length=8, num_layers=1))
+    tokens = torch.randint(0, model.config.vocab_size, (1, 20))
+    changed = tokens.clone()
+    changed[0, 3] = (changed[0, 3] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    # With one layer, position 10 sees tokens 3..10 and position 11 sees 4..11.
+    assert not torch.allclose(a[0, 10], b[0, 10])
+    torch.testing.assert_close(a[0, 11:], b[0, 11:])
+    mask = gpt.sliding_causal_mask(4, 2)
+    assert mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+
+
+def test_cached_and_uncached_generation_give_the_same_greedy_tokens():
+    """Greedy generation with and without the KV cache agrees, past the context length too."""
+    model = sampling_model(context_length=8)
+    prompts = torch.randint(0, model.config.vocab_size, (2, 5))
+    runs = [torch.stack(list(gpt.generate_batch(model, prompts, 20, temperature=0,
+                                                use_cache=use_cache)))
+            for use_cache in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_temperature_0_is_argmax():
+    """Temperature 0 picks the likeliest next token."""
+    model = sampling_model()
+    prompt = [3, 1, 4, 1, 5]
+    first = next(gpt.generate(model, prompt, 1, temperature=0))
+    with torch.no_grad():
+        assert first == int(model(torch.tensor([prompt]))[0, -1].argmax())
+
+
+def test_top_k_keeps_exactly_k_even_with_ties():
+    """top-k leaves exactly k finite logits, even where equal logits straddle the cut."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0, 0.0]])
+    kept = gpt.filter_logits(logits, 1.0, top_k=3)
+    assert torch.isfinite(kept).sum() == 3 and torch.isfinite(kept[0, 1])
+    torch.testing.assert_close(gpt.filter_logits(logits, 2.0, top_k=6), logits / 2)
+
+
+@pytest.mark.parametrize("top_p, expected", [
+    (0.7, [0, 1]),          # 0.5 is short of 0.7; 0.5 + 0.3 reaches it
+    (0.79, [0, 1]),
+    (0.81, [0, 1, 2]),      # 0.5 + 0.3 is short of 0.81
+    (0.45, [0]),            # the first token alone reaches 0.45
+    (0.01, [0]),            # always at least one token
+    (1.0, [0, 1, 2, 3]),
+])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+    """top-p keeps the likeliest tokens whose probabilities first reach p, at least one."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    order = torch.tensor([2, 0, 3, 1])  # shuffled, so that sorting matters
+    kept = gpt.filter_logits(probs[:, order].log(), 1.0, top_p=top_p)
+    assert sorted(order[torch.isfinite(kept[0])].tolist()) == expected
+
+
+def test_top_p_beyond_the_top_64_equals_sorting_everything():
+    """When the 64 likeliest tokens hold less than p, top-p still keeps the right set."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 500) * 0.1  # nearly flat: the nucleus holds hundreds of tokens
+    kept = gpt.filter_logits(logits, 1.0, top_p=0.9)
+    probs = torch.softmax(logits, dim=-1)
+    for row, kept_row in zip(probs, kept):
+        sorted_probs, order = row.sort(descending=True)
+        size = int((sorted_probs.cumsum(0) - sorted_probs < 0.9).sum())
+        assert size > 64
+        assert set(order[:size].tolist()) == set(torch.isfinite(kept_row).nonzero()[:, 0].tolist())
+
+
+def test_sample_from_follows_the_distribution():
+    """Inverse-CDF sampling draws each token about as often as its probability, never a
+    zero-probability one."""
+    probs = torch.tensor([[0.0, 0.2, 0.5, 0.0, 0.3]]).repeat(20000, 1)
+    ids = gpt.sample_from(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(ids, minlength=5) / len(ids)
+    assert counts[0] == 0 and counts[3] == 0
+    torch.testing.assert_close(counts, probs[0], atol=0.015, rtol=0)
+
+
+def test_filters_apply_in_order_temperature_top_k_top_p():
+    """Temperature reshapes the distribution before top-p measures it."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    sharp = gpt.filter_logits(logits, 0.25, top_k=3, top_p=0.9)
+    flat = gpt.filter_logits(logits, 4.0, top_k=3, top_p=0.9)
+    assert torch.isfinite(sharp).sum() == 1 and torch.isfinite(flat).sum() == 3
+
+
+def test_seed_makes_sampling_reproducible():
+    """The same seed gives the same tokens; different seeds give different ones."""
+    model = sampling_model()
+    prompt = [1, 2, 3]
+    runs = {seed: list(gpt.generate(model, prompt, 30, temperature=1.5, seed=seed))
+            for seed in (0, 1)}
+    assert runs[0] == list(gpt.generate(model, prompt, 30, temperature=1.5, seed=0))
+    assert runs[0] != runs[1]
+
+
+def test_generation_stops_at_the_end_of_text_token():
+    """generate yields the end-of-text token last and stops there."""
+    model = sampling_model()
+    greedy = list(gpt.generate(model, [1, 2, 3], 12, temperature=0))
+    eos_id = greedy[3]
+    stopped = list(gpt.generate(model, [1, 2, 3], 12, temperature=0, eos_id=eos_id))
+    assert stopped == greedy[:greedy.index(eos_id) + 1]
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(temperature=-0.1), "-0.1"), (dict(top_k=0), "top-k"), (dict(top_p=0.0), "top-p"),
+    (dict(top_p=1.5), "1.5")])
+def test_bad_sampling_settings_raise(kwargs, named):
+    """A negative temperature, top-k < 1 or top-p outside (0, 1] is refused, naming the value."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        list(gpt.generate(sampling_model(), [1, 2], 3, **kwargs))
+
+
+def test_stream_never_splits_a_character():
+    """A character whose bytes come in separate tokens is printed whole, once complete."""
+    tokenizer = gpt.Tokenizer(dict(BYTES_VOCAB), [])
+    text = "né 🙂!"
+    pieces = list(gpt.decode_stream(list(text.encode("utf-8")), tokenizer))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "🙂" in pieces  # four byte-tokens, one piece
+    assert list(gpt.decode_stream([0x61, 0xE9, 0x62], tokenizer)) == ["a", "", "\ufffdb", ""]
+
+
+# ==================================================================================================
+# §8 Files
+# ==================================================================================================
+
+@pytest.mark.parametrize("data", [
+    b"plain ASCII", "é日🙂 cut anywhere by the blocks".encode(), b"abc" * 10 + b"\xff" + b"x",
+    "aé".encode()[:-1], b"ok \xed\xa0\x80 surrogate", "日".encode()[:2] + b"x", b"\xc0\xaf",
+], ids=["ascii", "multibyte", "bad-byte", "cut-at-end", "surrogate", "cut-inside", "overlong"])
+@pytest.mark.parametrize("block_bytes", [1, 2, 3, 5, 1 << 16])
+def test_check_text_file_finds_the_first_bad_byte_anywhere(tmp_path, data, block_bytes):
+    """The streaming check in blocks accepts exactly what a one-shot strict decode accepts, and
+    names the same offset, wherever the blocks cut a character."""
+    path = tmp_path / "text.txt"
+    path.write_bytes(data)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        with pytest.raises(ValueError, match=f"{path} is not UTF-8 text .*offset {e.start}\\)"):
+            gpt.check_text_file(str(path), block_bytes)
+    else:
+        assert gpt.check_text_file(str(path), block_bytes) == len(data)
+
+
+# ==================================================================================================
+# §9 Parallel BPE
+# ==================================================================================================
+
+# --- pre-tokenizer --------------------------------------------------------------------------------
+def test_split_words_hand_examples():
+    """split_words() cuts at every space, unless one sits inside or at the end of a whitespace
+    run; then it cuts only at the spaces that follow a non-space."""
+    assert gpt.split_words("Hi there,\nit's  42!") == ["Hi", "there,\nit's", "", "42!"]
+    assert gpt.split_words(" a b ") == ["", "a", "b", ""]
+    assert gpt.split_words("a   b c") == ["a", "  b", "c"]     # a space between spaces
+    assert gpt.split_words("a\n  b c\t ") == ["a\n  b", "c\t "]  # after a newline; at the end
+    assert gpt.split_words("") == [""]
+
+
+def pretokenize_words(words: list[str]) -> list[str]:
+    """The pre-tokens of split_words' output, each word but the first after its space."""
+    return gpt.pretokenize(words[0]) + [p for w in words[1:] for p in gpt.pretokenize(" " + w)]
+
+
+@pytest.mark.parametrize("text", TRICKY_TEXTS)
+def test_split_words_keep_pretokens_whole(text):
+    """Pre-tokenizing word by word gives the pre-tokens of the whole text."""
+    assert pretokenize_words(gpt.split_words(text)) == gpt.pretokenize(text)
+    assert " ".join(gpt.split_words(text)) == text
+
+
+def test_split_words_exact_on_every_short_string():
+    """Every string of up to 5 characters from letters, digits, punctuation, an apostrophe and
+    five kinds of whitespace (\\x1c is whitespace to `re` but not to `regex`) pre-tokenizes word
+    by word exactly as whole; and always splitting at spaces would not."""
+    alphabet = ["a", "1", ".", "'", "s", " ", "\n", "\t", "\xa0", "\x1c"]
+    texts = ["".join(t) for n in range(6) for t in product(alphabet, repeat=n)]
+    assert all(pretokenize_words(gpt.split_words(t)) == gpt.pretokenize(t) for t in texts)
+    assert any(pretokenize_words(t.split(" ")) != gpt.pretokenize(t) for t in texts)
+
+
+def documents_file(path, seed: int = 0, num_docs: int = 400) -> str:
+    """Write ASCII documents of random length, separated by runs of 1 to 3 <|endoftext|>."""
+    rng = random.Random(seed)
+    text = "".join("doc " + "x" * rng.randint(0, 150) + EOT * rng.randint(1, 3)
+                   for _ in range(num_docs))
+    path.write_bytes(text.encode("utf-8"))
+    return text
+
+
+# With only the double registered, a run of three <|endoftext|> is the double then a plain
+# "<|endoftext|>" text: a cut at the run's second <|endoftext|> would split the double.
+@pytest.mark.parametrize("specials", [[EOT], [EOT, EOT * 2], [EOT * 2]],
+                         ids=["eot", "eot+double", "double-only"])
+def test_chunk_boundaries_cut_at_special_tokens(tmp_path, specials):
+    """Every inner cut is where a special token of the whole text starts, never inside a run."""
+    text = documents_file(tmp_path / "docs.txt")
+    data = text.encode("utf-8")  # ASCII: byte offsets are character offsets
+    starts = {m.start() for m in gpt.special_tokens_regex(specials).finditer(text)}
+    encoded = [s.encode("utf-8") for s in specials]
+    for chunk_bytes in (50, 300, 5000):
+        cuts = gpt.chunk_boundaries(str(tmp_path / "docs.txt"), specials, chunk_bytes)
+        assert cuts[0] == 0 and cuts[-1] == len(data) and len(cuts) > 2
+        assert all(a + chunk_bytes <= b for a, b in zip(cuts[:-2], cuts[1:-1])), "chunk too small"
+        for cut in cuts[1:-1]:
+            assert any(data.startswith(s, cut) for s in encoded)
+            assert not any(data[:cut].endswith(s) for s in encoded), "cut inside a run"
+            assert cut in starts, f"cut at {cut} splits the special token matched there"
+
+
+def test_chunk_boundaries_without_special_tokens_is_one_chunk(tmp_path):
+    """With no special tokens to cut at, the whole file is one chunk."""
+    text = documents_file(tmp_path / "docs.txt")
+    assert gpt.chunk_boundaries(str(tmp_path / "docs.txt"), [], 50) == [0, len(text)]
+
+
+def test_plan_chunks_of_a_byte_range_cover_it_exactly(tmp_path):
+    """A byte range is planned like a file of its own: chunks tile [start, end), cut only at
+    special tokens."""
+    text = documents_file(tmp_path / "docs.txt", num_docs=4000)
+    data = text.encode()
+    start, end = data.index(EOT.encode(), 1000), data.rindex(EOT.encode(), 0, len(data) - 1000)
+    chunks = gpt.plan_chunks((str(tmp_path / "docs.txt"), start, end), [EOT], num_workers=2)
+    assert len(chunks) > 2 and chunks[0][1] == start and chunks[-1][2] == end
+    assert all(a[2] == b[1] for a, b in pairwise(chunks))
+    assert all(data.startswith(EOT.encode(), cut) for _, cut, _ in chunks)
+
+
+def test_train_bpe_in_parallel_equals_naive(tmp_path):
+    """Counting pre-tokens in several chunks on 2 workers changes nothing."""
+    text = random_text(seed=123, num_words=60_000)
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text.encode("utf-8"))
+    assert len(gpt.plan_chunks(str(path), [EOT], num_workers=2)) > 2
+    fast = gpt.train_bpe(str(path), 400, [EOT], num_workers=2)
+    assert fast == gpt.train_bpe_naive(text, 400, [EOT])
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_encode_and_train_on_a_byte_range_equal_a_copy_of_it(tmp_path, corpus_path, tokenizer,
+                                                            num_workers):
+    """encode_files and train_bpe given (path, start, end) give what they give on a file that
+    holds only those bytes."""
+    data = open(corpus_path, "rb").read()
+    start, end = data.index(b"\n", 10_000) + 1, data.rindex(EOT.encode(), 0, 150_000)
+    (tmp_path / "part.txt").write_bytes(data[start:end])
+    source = (corpus_path, start, end)
+    files = [(source, str(tmp_path / "range.bin")), (str(tmp_path / "part.txt"),
+                                                     str(tmp_path / "copy.bin"))]
+    counts = list(gpt.encode_files(tokenizer, files, num_workers))
+    assert counts[0] == counts[1]
+    assert (tmp_path / "range.bin").read_bytes() == (tmp_path / "copy.bin").read_bytes()
+    assert (gpt.train_bpe(source, 300, [EOT], num_workers)
+            == gpt.train_bpe(str(tmp_path / "part.txt"), 300, [EOT], num_workers))
+
+
+# ==================================================================================================
+# §10 The fast encoder and token files
+# ==================================================================================================
+
+def safe_cuts(text: str) -> list[int]:
+    """The positions in text where SAFE_CUT_RE allows a cut, in increasing order."""
+    return sorted(m.start() for m in gpt.SAFE_CUT_RE.finditer(text))
+
+
+def test_safe_cuts_hand_example():
+    """Cuts after a non-space before whitespace, and at a change of kind (letter, digit, other),
+    but not after whitespace, nor between "'" and a letter (a contraction)."""
+    # i t ' s _ 4 2 n d . \n \n x: cuts at t|' s|_ 2|n d|. .|\n
+    assert safe_cuts("it's 42nd.\n\nx") == [2, 4, 7, 9, 10]
+    assert safe_cuts("one\ntwo\r\nthree") == [3, 7]
+    assert safe_cuts("  \n\t\xa0") == [] and safe_cuts("letters") == []
+
+
+# Letters (some that end contractions), a digit, "'", other punctuation, and whitespace: \x1c is
+# whitespace to stdlib `re` but not to `regex` (nor to GPT-2's pattern); \xa0 is to both.
+CUT_ALPHABET = ["a", "s", "l", "1", ".", "'", " ", "\n", "\r", "\t", "\xa0", "\x1c"]
+
+
+def test_safe_cuts_split_pretokens_exactly_whatever_surrounds_them():
+    """At every cut SAFE_CUT_RE finds, pre-tokenizing the two sides apart gives the pre-tokens
+    of the whole: on every string of up to 4 characters, and on random longer ones."""
+    rng = random.Random(0)
+    texts = chain((t for n in range(5) for t in map("".join, product(CUT_ALPHABET, repeat=n))),
+                  ("".join(rng.choices(CUT_ALPHABET, k=12)) for _ in range(3000)))
+    for text in texts:
+        for cut in safe_cuts(text):
+            assert gpt.pretokenize(text[:cut]) + gpt.pretokenize(text[cut:]) == \
+                gpt.pretokenize(text), (text, cut)
+
+
+def test_unsafe_space_regex_knows_all_of_regexs_whitespace():
+    """UNSAFE_SPACE_RE uses stdlib `re`, whose whitespace must include all of `regex`'s, or it
+    would miss spaces that GPT-2's pattern joins to a whitespace run."""
+    every_char = "".join(map(chr, range(sys.maxunicode + 1)))
+    whitespace = regex.findall(r"\s", every_char)
+    assert len(whitespace) >= 25
+    assert all(re.fullmatch(r"\s", c) for c in whitespace)
+
+
+def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path):
+    """encode() (words from split_words, their shortcuts, two caches) gives the plain encode's
+    ids (each pre-token of the whole text merged on its own), for every text of up to 4 pieces
+    drawn from words, punctuation, digits, a contraction, a non-ASCII letter and whitespace. The
+    tokenizer learns from random texts of these pieces, so that runs of whitespace are tokens
+    too."""
+    pieces = ["the", "é", ",", '!"', "'s", "7", " ", "\n", "\t"]
+    rng = random.Random(0)
+    corpus = tmp_path / "pieces.txt"
+    corpus.write_text("".join(rng.choice(pieces) for _ in range(20_000)), encoding="utf-8")
+    vocab, merges = gpt.train_bpe(str(corpus), 400, [], num_workers=1)
+    # Merges that cross pre-token boundaries, ranked first (never learned, but possible in a
+    # vocabulary from elsewhere): a shortcut that encoded across a boundary would use them.
+    cross = [(b"e", b"7"), (b"e", b","), (b",", b"t"), (b"\n", b"t"), (b"\t", b" ")]
+    vocab.update({len(vocab) + i: left + right for i, (left, right) in enumerate(cross)})
+    merges = cross + merges
+    tokenizer, plain = gpt.Tokenizer(vocab, merges), gpt.BPETokenizer(vocab, merges)
+    assert {b"\n\t", b"\t\t", b" the"} <= set(tokenizer.vocab.values())
+    for n in range(5):
+        for text in map("".join, product(pieces, repeat=n)):
+            assert tokenizer.encode(text) == plain.encode(text), repr(text)
+
+
+def test_fast_encode_equals_the_plain_encode_on_stories(tokenizer, corpus_path):
+    """Tokenizer.encode (caches, shortcuts) equals BPETokenizer.encode (a merge loop per
+    pre-token) on real stories with their document markers."""
+    text = open(corpus_path, encoding="utf-8").read()
+    plain = gpt.BPETokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
+    assert EOT in text
+    assert tokenizer.encode(text) == plain.encode(text)
+
+
+def test_isalpha_letters_are_regex_letters():
+    """The encoder's shortcuts take str.isalpha() characters for `\\p{L}` ones: Python's
+    Unicode tables must not count as letters what `regex`'s do not."""
+    every_char = "".join(map(chr, range(sys.maxunicode + 1)))
+    letters = set(regex.findall(r"\p{L}", every_char))
+    assert len(letters) > 100_000
+    assert all(c in letters for c in every_char if c.isalpha())
+
+
+def merging_every_pair_tokenizer(text: str, special_tokens: list[str]) -> gpt.Tokenizer:
+    """A tokenizer with a merge for every pair of adjacent bytes in text, ranked at random."""
+    pairs = sorted({(bytes([a]), bytes([b])) for a, b in pairwise(text.encode("utf-8"))})
+    random.Random(0).shuffle(pairs)
+    vocab = {**BYTES_VOCAB, **{256 + i: left + right for i, (left, right) in enumerate(pairs)}}
+    return gpt.Tokenizer(vocab, pairs, special_tokens)
+
+
+@pytest.mark.parametrize("which", ["tokenizer", "gpt2_tokenizer", "every-pair"])
+def test_long_pretokens_merge_with_a_heap_as_the_plain_loop(request, which, monkeypatch):
+    """Above LONG_PRETOKEN_BYTES, encode_word merges with a heap: exactly as the plain loop does,
+    on random long words spelled from the vocabulary's own tokens and on runs of one character
+    (where every pair ties, so the leftmost must win)."""
+    rng = random.Random(0)
+    if which == "every-pair":
+        tok = merging_every_pair_tokenizer("".join(rng.choices("aabé日", k=500)), [])
+    else:
+        tok = request.getfixturevalue(which)
+    pieces = [t.decode() for t in tok.vocab.values() if t.isascii() and t.strip().isalpha()]
+    pieces = ["a", "a", "b", "é", "日"] if which == "every-pair" else pieces
+    words = ["".join(rng.choices(pieces, k=rng.randint(100, 200))) for _ in range(8)]
+    words += ["a" * 600, "é" * 200, " " * 599, "\n" * 300, "ab" * 250]
+    assert all(len(w.encode("utf-8")) > gpt.LONG_PRETOKEN_BYTES for w in words)
+    with_heap = [tok.encode_word(w) for w in words]
+    monkeypatch.setattr(gpt, "LONG_PRETOKEN_BYTES", math.inf)
+    assert [tok.encode_word(w) for w in words] == with_heap
+
+
+@pytest.mark.parametrize("text", ["letters" * 15_000, " " * 100_000, "\n\t \xa0" * 20_000],
+                         ids=["letters", "spaces", "whitespace"])
+def test_encode_a_huge_pretoken(text):
+    """A 100 KB pre-token, which takes minutes when each merge scans the whole word, is encoded
+    in well under a second, merged as the heap test above checks, and decodes back."""
+    tokenizer = merging_every_pair_tokenizer(text[:100], [])
+    assert len(gpt.pretokenize(text)) == 1
+    ids = tokenizer.encode(text)
+    assert len(ids) < 0.8 * len(text.encode("utf-8")) and tokenizer.decode(ids) == text
+
+
+# "<| x y |>" holds spaces, so a stream must not cut inside it before it has fully arrived.
+@pytest.mark.parametrize("specials", [[EOT], [EOT, EOT * 2], [EOT, "<| x y |>"]],
+                         ids=["eot", "eot+double", "eot+spaced"])
+@pytest.mark.parametrize("text", [
+    "a  b\n\n c'll 12 <|endoftext|>x  ",
+    EOT + EOT + " " + EOT + "end",
+    "Once upon a time,  there was\n\na cat.\x1c🙂 日本 it's",
+    "a<| x y |>b <| x y |> c<| x",
+    "\t  \tx y\n  z \u3000  \x1d!",
+    "one\ntwo\r\nthree\n\n\tfour\x1c\x1dfive\x1e\x1f\n",   # one word per line, \x1c-\x1f
+    "\xa0x\xa0 \n\t\r\n\n  \n",                         # whitespace only, but for one x
+    "it's42nd.'s\n''ll\n$5,6<|endoftext|>'ve",              # lines with no spaces
+])
+def test_encode_iterable_equals_encode_on_any_split(specials, text):
+    """Streaming pieces gives encode()'s ids, however the text is cut into pieces. Every pair
+    of adjacent bytes is a merge, so that a cut in the wrong place would change the ids."""
+    tokenizer = merging_every_pair_tokenizer(text, specials)
+    expected = tokenizer.encode(text)
+    assert list(tokenizer.encode_iterable(list(text))) == expected  # one character at a time
+    for i in range(len(text) + 1):
+        assert list(tokenizer.encode_iterable([text[:i], text[i:]])) == expected, i
+
+
+# Each shape as the pieces of a stream, about 300 KB in all: where the stream is searched again
+# from its start at each piece, as it once was, one word per line takes minutes. The last three
+# shapes are a single pre-token each, which the stream must hold whole.
+STREAM_SHAPES = {
+    "one word per line": ["Once\n", "upon\r\n", "a\n", "time,\n"] * 15_000,
+    "one huge line": ["the cat sat on the mat, " * 4] * 3_000,
+    "lines without spaces": ["it's,42.\n", "x\x1cy\n", "''\n"] * 15_000,
+    "only newlines": ["\n"] * 300_000,
+    "only whitespace": [" \t\xa0\n\r\u3000 " * 10] * 3_000,
+    "only letters": ["abcde" * 20] * 3_000,
+}
+
+
+@pytest.mark.parametrize("shape", STREAM_SHAPES)
+def test_encode_iterable_searches_each_character_once(shape):
+    """Streaming gives encode()'s ids, each character is searched for a cut once and encoded
+    once, and where cuts exist it is encoded a few pieces at a time."""
+    pieces = STREAM_SHAPES[shape]
+    text = "".join(pieces)
+    tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], [EOT])
+    searched, encoded = [], []
+    last_safe_cut, encode = tokenizer._last_safe_cut, tokenizer.encode
+    tokenizer._last_safe_cut = lambda buffer, start, end, longest: (
+        searched.append(max(end - start, 0)) or last_safe_cut(buffer, start, end, longest))
+    tokenizer.encode = lambda text: encoded.append(len(text)) or encode(text)
+    assert list(tokenizer.encode_iterable(pieces)) == list(text.encode("utf-8"))
+    assert sum(searched) <= len(text) and sum(encoded) == len(text)
+    if shape.startswith("only"):
+        assert max(encoded) == len(text)  # one pre-token: no cut anywhere
+    else:
+        assert max(encoded) <= 3 * (max(map(len, pieces)) + len(EOT))  # a few pieces
+
+
+def test_encode_pauses_the_cycle_collector_and_restores_it(tokenizer):
+    """The caches fill with the cycle collector off, and encode() leaves it as it found it."""
+    seen = []
+    encode_piece = tokenizer.cache.encode
+    tokenizer.cache.encode = lambda text: seen.append(gc.isenabled()) or encode_piece(text)
+    try:
+        assert gc.isenabled()
+        tokenizer.encode("never seen before: zqxj")
+        assert seen and not any(seen)
+        assert gc.isenabled()
+        gc.disable()
+        tokenizer.encode("zqxjj")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        tokenizer.cache.encode = encode_piece
+
+
+def test_encode_iterable_equals_encode_on_file_lines(tokenizer, corpus_path):
+    """Streaming the lines of a file gives the ids of encoding the whole file at once."""
+    with open(corpus_path, encoding="utf-8", newline="") as f:
+        expected = tokenizer.encode(f.read())
+    with open(corpus_path, encoding="utf-8", newline="") as f:
+        assert list(tokenizer.encode_iterable(f)) == expected
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_encode_file_equals_encode(tmp_path, tokenizer, corpus_path, num_workers):
+    """The token file holds encode(whole text) as raw uint16, whatever the number of workers."""
+    assert len(gpt.plan_chunks(corpus_path, [EOT], num_workers)) > 1  # really cut in chunks
+    out = tmp_path / "tokens.bin"
+    (num_tokens,) = gpt.encode_files(tokenizer, [(corpus_path, str(out))], num_workers)
+    with open(corpus_path, encoding="utf-8", newline="") as f:
+        expected = tokenizer.encode(f.read())
+    assert np.fromfile(out, dtype=np.uint16).tolist() == expected
+    assert num_tokens == len(expected) and out.stat().st_size == 2 * len(expected)
+    assert os.listdir(tmp_path) == ["tokens.bin"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_encode_files_in_one_pool_equal_encode(tmp_path, tokenizer, corpus_path, num_workers):
+    """Several files through one pool: each token file holds encode() of its own text."""
+    other = tmp_path / "other.txt"
+    other.write_text(EOT.join(TRICKY_TEXTS) * 20, encoding="utf-8")
+    files = [(corpus_path, str(tmp_path / "a.bin")), (str(other), str(tmp_path / "b.bin")),
+             (corpus_path, str(tmp_path / "c.bin"))]
+    counts = list(gpt.encode_files(tokenizer, files, num_workers))
+    for (text_path, out_path), num_tokens in zip(files, counts, strict=True):
+        with open(text_path, encoding="utf-8", newline="") as f:
+            expected = tokenizer.encode(f.read())
+        assert np.fromfile(out_path, dtype=np.uint16).tolist() == expected
+        assert num_tokens == len(expected)
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.bin", "c.bin", "other.txt"]
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_encode_file_error_leaves_no_file(tmp_path, tokenizer, corpus_path, num_workers):
+    """A chunk that fails (not UTF-8) after others were written leaves no token file behind."""
+    with open(corpus_path, "rb") as f:
+        (tmp_path / "bad.txt").write_bytes(f.read() + b"\xff")  # only the last chunk is bad
+    assert len(gpt.plan_chunks(str(tmp_path / "bad.txt"), [EOT], num_workers)) > 1
+    files = [(str(tmp_path / "bad.txt"), str(tmp_path / "tokens.bin"))]
+    with pytest.raises(ValueError, match="not UTF-8"):
+        list(gpt.encode_files(tokenizer, files, num_workers))
+    assert os.listdir(tmp_path) == ["bad.txt"]
+
+
+@pytest.fixture
+def token_file(tmp_path, token_dir):
+    """A copy of a token file written by `tokenize`, with its sidecar, and its tokenizer."""
+    import shutil
+    for name in ["train.bin", "train.bin.json"]:
+        shutil.copy(os.path.join(token_dir, name), tmp_path / name)
+    return str(tmp_path / "train.bin"), gpt.Tokenizer.load(os.path.join(token_dir, "tokenizer"))
+
+
+def test_open_tokens_checks_the_sidecar(token_file, tokenizer, capsys):
+    """open_tokens accepts a token file whose sidecar names its tokenizer and length, and refuses
+    one made by another tokenizer, or whose length disagrees, telling to run tokenize again."""
+    path, own = token_file
+    data = gpt.open_tokens(path, len(own.vocab), own)
+    assert len(data) == json.load(open(path + ".json"))["num_tokens"]
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match=f"{path} was encoded by another tokenizer.*again"):
+        gpt.open_tokens(path, len(tokenizer.vocab), tokenizer)
+    with open(path, "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(ValueError, match=f"{path} holds .* tokens, but .*tokenize` again"):
+        gpt.open_tokens(path, len(own.vocab))  # the old call, without a tokenizer, checks this
+    with open(path + ".json", "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match=f"{path}.json is corrupt"):
+        gpt.open_tokens(path, len(own.vocab), own)
+
+
+def test_open_tokens_without_sidecar_is_accepted_with_a_note(token_file, capsys):
+    """A token file from an older gpt.py, without a sidecar, loads, with one note on stderr."""
+    path, own = token_file
+    os.remove(path + ".json")
+    assert len(gpt.open_tokens(path, len(own.vocab), own)) == os.path.getsize(path) // 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"note: {path} has no train.bin.json")
+
+
+# ==================================================================================================
+# §11 Checkpoints
 # ==================================================================================================
 
 def trained_model(config: gpt.ModelConfig, seed: int = 0, steps: int = 3):
@@ -1925,322 +2151,9 @@ def test_remove_stale_temp_files_removes_only_those_of_ended_processes(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(kept + [f"folder.tmp-{ended.pid}"])
 
 
-# --- the training loop ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def token_dir(tmp_path_factory, corpus_path):
-    """Token files and a 300-token tokenizer from the test corpus, made once for the module."""
-    directory = tmp_path_factory.mktemp("tokens")
-    text = open(corpus_path, encoding="utf-8").read()
-    cut = len(text) * 4 // 5
-    train_text, valid_text = directory / "train.txt", directory / "valid.txt"
-    train_text.write_text(text[:cut], encoding="utf-8")
-    valid_text.write_text(text[cut:], encoding="utf-8")
-    assert gpt.main(["tokenize", "--train", str(train_text), "--valid", str(valid_text),
-                     "--vocab-size", "300", "--out-dir", str(directory), "--workers", "1"]) == 0
-    return str(directory)
-
-
-TINY_MODEL = ["--context-length", "16", "--d-model", "32", "--num-layers", "2", "--num-heads",
-              "4", "--d-ff", "64"]
-
-
-def train_args(token_dir: str, out_dir, *extra: str) -> list[str]:
-    """A few steps of a tiny model: seconds on any CPU."""
-    return ["train", "--data-dir", token_dir, "--out-dir", str(out_dir), "--batch-size", "4",
-            "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "1",
-            "--warmup-steps", "2", "--dtype", "float32", "--max-steps", "6", "--device", "cpu",
-            *TINY_MODEL, *extra]
-
-
-def metrics(out_dir) -> list[dict]:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(out_dir) -> dict[int, float]:
-    return {m["step"]: m["train_loss"] for m in metrics(out_dir) if "train_loss" in m}
-
-
-def final_weights(out_dir) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(out_dir, "latest.pt"), weights_only=True)["model"]
-
-
-def assert_same_weights(a: dict, b: dict, exact: bool = True) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if exact:
-            assert torch.equal(a[key], b[key]), key
-        else:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-
-
-def test_train_command_end_to_end(tmp_path, token_dir, capsys):
-    """`train` logs every step, evaluates on schedule, and writes checkpoints and metrics."""
-    assert gpt.main(train_args(token_dir, tmp_path)) == 0
-    out = capsys.readouterr().out
-    assert "parameters:" in out and "context_length=16" in out and "done: 6 steps" in out
-    assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
-    assert [m["step"] for m in metrics(tmp_path) if "val_loss" in m] == [0, 3, 6]
-    assert all(math.isfinite(loss) for loss in train_losses(tmp_path).values())
-    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=True)
-    assert checkpoint["iteration"] == 6 and checkpoint["config"]["d_model"] == 32
-    assert checkpoint["tokenizer"]["special_tokens"] == [EOT]
-    assert (tmp_path / "best.pt").exists()
-    assert sorted(os.listdir(tmp_path)) == ["best.pt", "latest.pt", "metrics.jsonl"]
-
-
-def test_training_reduces_the_loss(tmp_path, token_dir):
-    """Forty steps at a high learning rate take the validation loss well below ln(V)."""
-    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "40", "--eval-interval",
-                               "40", "--lr", "1e-2")) == 0
-    val = [m["val_loss"] for m in metrics(tmp_path) if "val_loss" in m]
-    assert val[0] > math.log(300) - 0.5 and val[-1] < val[0] - 1.0
-
-
-def test_two_seeded_runs_are_identical(tmp_path, token_dir):
-    """The same seed gives bit-identical weights; another seed gives others."""
-    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
-        assert gpt.main(train_args(token_dir, tmp_path / name, "--seed", seed)) == 0
-    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
-    assert not torch.equal(final_weights(tmp_path / "a")["lm_head.weight"],
-                           final_weights(tmp_path / "c")["lm_head.weight"])
-
-
-def test_resume_is_bit_identical(tmp_path, token_dir):
-    """N steps, then --resume for N more, equals 2N steps in one run, loss by loss, bit by bit."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert gpt.main(train_args(token_dir, straight, "--max-steps", "8",
-                               "--decay-steps", "8")) == 0
-    assert gpt.main(train_args(token_dir, split, "--max-steps", "4", "--decay-steps", "8")) == 0
-    assert gpt.main(train_args(token_dir, split, "--max-steps", "8", "--decay-steps", "8",
-                               "--resume")) == 0
-    assert train_losses(straight) == train_losses(split)
-    assert_same_weights(final_weights(straight), final_weights(split))
-
-
-def test_gradient_accumulation_equals_one_big_batch(tmp_path, token_dir):
-    """2 micro-batches of 4 give the same update as one batch of 8 (the same 8 windows)."""
-    assert gpt.main(train_args(token_dir, tmp_path / "big", "--batch-size", "8",
-                               "--max-steps", "2")) == 0
-    assert gpt.main(train_args(token_dir, tmp_path / "accum", "--batch-size", "4",
-                               "--grad-accum", "2", "--max-steps", "2")) == 0
-    assert_same_weights(final_weights(tmp_path / "big"), final_weights(tmp_path / "accum"),
-                        exact=False)
-
-
-def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, token_dir, monkeypatch,
-                                                        capsys):
-    """Ctrl-C finishes the step, saves, exits 2 with one line; --resume then matches a straight
-    run."""
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert gpt.main(train_args(token_dir, straight, "--decay-steps", "6")) == 0
-    get_batch, calls = gpt.get_batch, []
-
-    def interrupting_get_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C in step 4
-        return get_batch(*args, **kwargs)
-
-    monkeypatch.setattr(gpt, "get_batch", interrupting_get_batch)
-    capsys.readouterr()
-    assert gpt.main(train_args(token_dir, stopped, "--decay-steps", "6")) == 2
-    err = capsys.readouterr().err
-    assert "interrupted at step 4" in err and "--resume" in err and "Traceback" not in err
-    assert torch.load(stopped / "latest.pt", weights_only=True)["iteration"] == 4
-    monkeypatch.setattr(gpt, "get_batch", get_batch)
-    assert gpt.main(train_args(token_dir, stopped, "--decay-steps", "6", "--resume")) == 0
-    assert_same_weights(final_weights(straight), final_weights(stopped))
-
-
-def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, token_dir, monkeypatch,
-                                                              capsys):
-    """A NaN loss stops the run with one line and exit 2; the checkpoint before it stays."""
-    cross_entropy, calls = gpt.cross_entropy, []
-
-    def diverging_cross_entropy(logits, targets):
-        loss = cross_entropy(logits, targets)
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) >= 5:  # training steps 5 and later
-                return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(gpt, "cross_entropy", diverging_cross_entropy)
-    assert gpt.main(train_args(token_dir, tmp_path)) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "nan" in err and "step 5" in err
-    assert torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"] == 3
-    assert [m["step"] for m in metrics(tmp_path) if "train_loss" in m] == [1, 2, 3, 4]
-
-
-def test_time_budget_plan_hand_example(monkeypatch):
-    """The docstring's example: 60 s left at step 100, 0.5 s a step, 2 s of evaluation and
-    checkpoints every 250 steps -> the schedule ends at step 214."""
-    clock = [1000.0]
-    monkeypatch.setattr(gpt.time, "perf_counter", lambda: clock[0])
-    budget = gpt.TimeBudget(100.0)
-    budget.step_seconds = [9.0, 9.0] + [0.5] * 60  # the first two (compiling) are not counted
-    budget.eval_seconds, budget.save_seconds = 1.0, 0.5
-    clock[0] += 40.0
-    assert budget.plan(100, eval_interval=250) == 100 + int(58 / (0.5 + 2 / 250)) == 214
-    assert not budget.is_over()
-    clock[0] += 58.0
-    assert budget.is_over()  # only the 2 s for the final evaluation and checkpoints are left
-    assert gpt.TimeBudget(100.0).plan(5, 250) is None  # no step timed yet: no plan
-
-
-class FakeClock:
-    """time.perf_counter for gpt.py, moved on by the steps and evaluations it times."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-
-def test_time_budget_is_planned_again_when_the_machine_slows_down(tmp_path, token_dir,
-                                                                  monkeypatch, capsys):
-    """A run whose steps slow from 0.1 s to 0.3 s halfway still ends its cosine at --min-lr,
-    and ends, final evaluation and checkpoint included, within its budget and near it."""
-    clock = FakeClock()
-    monkeypatch.setattr(gpt, "time", clock)
-    train_step, evaluate = gpt.train_step, gpt.evaluate
-
-    def slowing_step(*args, **kwargs):
-        clock.now += 0.1 if clock.now < 8 else 0.3
-        return train_step(*args, **kwargs)
-
-    def timed_evaluate(*args, **kwargs):
-        clock.now += 0.5
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(gpt, "train_step", slowing_step)
-    monkeypatch.setattr(gpt, "evaluate", timed_evaluate)
-    args = [a for a in train_args(token_dir, tmp_path) if a not in ("--max-steps", "6")]
-    assert gpt.main(args + ["--max-time", "20s", "--eval-interval", "25", "--lr", "1e-3",
-                            "--min-lr", "1e-4", "--log-interval", "1"]) == 0
-    first_plan = int(re.search(r"planned (\d+) steps", capsys.readouterr().out).group(1))
-    logged = [m for m in metrics(tmp_path) if "lr" in m]
-    # The last step's rate is the cosine's value one step before its end: within 1% of min.
-    assert 1e-4 <= logged[-1]["lr"] < 1.01e-4
-    evaluations = [m for m in metrics(tmp_path) if "val_loss" in m]
-    assert 18.5 <= evaluations[-1]["elapsed"] <= 20  # 1.5 s kept for evaluation and saves
-    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=True)
-    assert checkpoint["finished"] and checkpoint["total_steps"] == logged[-1]["step"]
-    # The plan made from the first, fast steps asked for many more steps than there was time for.
-    assert logged[-1]["step"] < first_plan - 10
-
-
-def test_fresh_run_into_a_run_directory_is_refused(tmp_path, token_dir, capsys):
-    """A new run never silently replaces an earlier run's checkpoints and metrics: it is refused
-    with one line naming --resume, --out-dir and --overwrite; --overwrite replaces them."""
-    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
-    before = {name: (tmp_path / name).read_bytes()
-              for name in ("latest.pt", "best.pt", "metrics.jsonl")}
-    capsys.readouterr()
-    assert gpt.main(train_args(token_dir, tmp_path, "--lr", "5e-3")) == 2
-    line = one_error_line(capsys, "train")
-    assert all(flag in line for flag in ("--resume", "--out-dir", "--overwrite"))
-    assert {name: (tmp_path / name).read_bytes() for name in before} == before
-    assert gpt.main(train_args(token_dir, tmp_path, "--overwrite", "--max-steps", "2")) == 0
-    assert torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"] == 2
-    assert max(train_losses(tmp_path)) == 2
-
-
-@pytest.mark.parametrize("warmup", ["2", "10"], ids=["warmup-2", "warmup-past-the-end"])
-def test_resume_extends_a_finished_run_at_the_minimum_lr(tmp_path, token_dir, capsys, warmup):
-    """--resume with a larger --max-steps extends a finished run: its cosine has ended, so the
-    extra steps train at --min-lr, and the log says so (also after a run that ended during a
-    longer --warmup-steps)."""
-    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "4", "--lr", "1e-3",
-                               "--warmup-steps", warmup)) == 0
-    capsys.readouterr()
-    assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--max-steps", "7",
-                               "--warmup-steps", warmup)) == 0
-    assert "train at the minimum learning rate, 0.0001" in capsys.readouterr().out
-    lrs = {m["step"]: m["lr"] for m in metrics(tmp_path) if "lr" in m}
-    assert sorted(lrs) == list(range(1, 8))
-    assert [lrs[s] for s in (5, 6, 7)] == [pytest.approx(1e-4)] * 3
-
-
-def test_resume_extends_a_finished_run_by_time(tmp_path, token_dir):
-    """--resume --max-time on a finished run trains on for that time (it did nothing before)."""
-    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
-    args = [a for a in train_args(token_dir, tmp_path, "--resume", "--max-time", "2s")
-            if a not in ("--max-steps", "6")]
-    assert gpt.main(args) == 0
-    assert torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"] > 3
-
-
-@pytest.mark.parametrize("extra, named", [
-    ([], "finished at step 3"),
-    (["--max-steps", "3"], "already has 3 steps"),
-    (["--overwrite"], "--overwrite"),
-], ids=["no-budget", "no-more-steps", "overwrite"])
-def test_resume_of_a_finished_run_needs_a_new_budget(tmp_path, token_dir, capsys, extra, named):
-    """A finished run resumed without a budget beyond its end is refused in one line, intact."""
-    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
-    before = (tmp_path / "latest.pt").read_bytes()
-    args = [a for a in train_args(token_dir, tmp_path, "--resume") if a not in ("--max-steps",
-                                                                                 "6")]
-    capsys.readouterr()
-    assert gpt.main(args + extra) == 2
-    assert named in one_error_line(capsys, "train")
-    assert (tmp_path / "latest.pt").read_bytes() == before
-
-
-def start_training(token_dir, out_dir) -> subprocess.Popen:
-    """`gpt.py train` in its own process, for real signals; returns once it is past step 1."""
-    command = [sys.executable, os.path.join(HERE, "gpt.py"),
-               *train_args(token_dir, out_dir, "--max-steps", "100000", "--eval-interval",
-                           "100000")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in process.stdout:
-        if line.startswith("step      1/"):
-            return process
-    raise AssertionError(process.stderr.read())
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_finishes_the_step_saves_and_exits_2(tmp_path, token_dir, signum):
-    """SIGTERM (kill, schedulers, preemption) is treated like Ctrl-C: the step finishes, latest.pt
-    is saved, the process exits 2 with one line, and --resume goes on from there."""
-    process = start_training(token_dir, tmp_path)
-    process.send_signal(signum)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 2, err
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err and f"{signal.Signals(signum).name}: interrupted" in lines[-1]
-    step = torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"]
-    assert f"at step {step}: saved" in lines[-1] and step >= 1
-
-
-def test_second_ctrl_c_while_reporting_still_exits_2(tmp_path, token_dir, monkeypatch, capsys):
-    """A second Ctrl-C that arrives while the first is being reported cannot make the process
-    die by the signal (exit -2): further signals are ignored until it exits with code 2."""
-    log = gpt.log
-
-    def log_and_interrupt(message, end="\n"):
-        if "interrupted" in message:
-            signal.raise_signal(signal.SIGINT)
-        log(message, end)
-
-    get_batch = gpt.get_batch
-
-    def interrupting_get_batch(*args, **kwargs):
-        signal.raise_signal(signal.SIGINT)
-        return get_batch(*args, **kwargs)
-
-    monkeypatch.setattr(gpt, "log", log_and_interrupt)
-    monkeypatch.setattr(gpt, "get_batch", interrupting_get_batch)
-    assert gpt.main(train_args(token_dir, tmp_path)) == 2
-    assert "interrupted at step 1" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after main
-
+# ==================================================================================================
+# §12 Devices, precision and several processes
+# ==================================================================================================
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the CUDA check needs a CUDA GPU"))]
@@ -2348,178 +2261,371 @@ def test_torchrun_two_cpu_processes_train_and_agree(tmp_path, token_dir):
     assert result.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
     assert len(torch.load(tmp_path / "latest.pt", weights_only=True)["rng"]) == 2
 
-# ==================================================================================================
-# §7 Sampling
-# ==================================================================================================
-
-def sampling_model(context_length: int = 8, seed: int = 0) -> gpt.TransformerLM:
-    torch.manual_seed(seed)
-    return gpt.TransformerLM(tiny_config(context_length=context_length)).eval()
-
-
-@pytest.mark.parametrize("fast", [True, False])
-def test_kv_cache_equals_recomputing_past_the_context_length(fast):
-    """Cached logits equal full recomputation within 1e-4, for 3x the context length."""
-    model = sampling_model(context_length=8)
-    for layer in model.layers:
-        layer.attn.fast = fast
-    tokens = torch.randint(0, model.config.vocab_size, (2, 24))
-    with torch.no_grad():
-        full = model(tokens)  # (B, 24, V): every position sees its last 8 tokens
-        caches = [gpt.KVCache(8) for _ in model.layers]
-        prompt = model(tokens[:, :5], caches=caches)
-        steps = [model(tokens[:, t:t + 1], start_pos=t, caches=caches) for t in range(5, 24)]
-    cached = torch.cat([prompt, *steps], dim=1)
-    torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
-
-
-def test_sliding_window_is_the_context_length():
-    """Past the context length a token sees exactly the last context_length tokens."""
-    torch.manual_seed(0)
-    model = gpt.TransformerLM(tiny_config(context_length=8, num_layers=1))
-    tokens = torch.randint(0, model.config.vocab_size, (1, 20))
-    changed = tokens.clone()
-    changed[0, 3] = (changed[0, 3] + 1) % model.config.vocab_size
-    with torch.no_grad():
-        a, b = model(tokens), model(changed)
-    # With one layer, position 10 sees tokens 3..10 and position 11 sees 4..11.
-    assert not torch.allclose(a[0, 10], b[0, 10])
-    torch.testing.assert_close(a[0, 11:], b[0, 11:])
-    mask = gpt.sliding_causal_mask(4, 2)
-    assert mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
-
-
-def test_cached_and_uncached_generation_give_the_same_greedy_tokens():
-    """Greedy generation with and without the KV cache agrees, past the context length too."""
-    model = sampling_model(context_length=8)
-    prompts = torch.randint(0, model.config.vocab_size, (2, 5))
-    runs = [torch.stack(list(gpt.generate_batch(model, prompts, 20, temperature=0,
-                                                use_cache=use_cache)))
-            for use_cache in (True, False)]
-    assert torch.equal(runs[0], runs[1])
-
-
-def test_temperature_0_is_argmax():
-    """Temperature 0 picks the likeliest next token."""
-    model = sampling_model()
-    prompt = [3, 1, 4, 1, 5]
-    first = next(gpt.generate(model, prompt, 1, temperature=0))
-    with torch.no_grad():
-        assert first == int(model(torch.tensor([prompt]))[0, -1].argmax())
-
-
-def test_top_k_keeps_exactly_k_even_with_ties():
-    """top-k leaves exactly k finite logits, even where equal logits straddle the cut."""
-    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0, 0.0]])
-    kept = gpt.filter_logits(logits, 1.0, top_k=3)
-    assert torch.isfinite(kept).sum() == 3 and torch.isfinite(kept[0, 1])
-    torch.testing.assert_close(gpt.filter_logits(logits, 2.0, top_k=6), logits / 2)
-
-
-@pytest.mark.parametrize("top_p, expected", [
-    (0.7, [0, 1]),          # 0.5 is short of 0.7; 0.5 + 0.3 reaches it
-    (0.79, [0, 1]),
-    (0.81, [0, 1, 2]),      # 0.5 + 0.3 is short of 0.81
-    (0.45, [0]),            # the first token alone reaches 0.45
-    (0.01, [0]),            # always at least one token
-    (1.0, [0, 1, 2, 3]),
-])
-def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
-    """top-p keeps the likeliest tokens whose probabilities first reach p, at least one."""
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    order = torch.tensor([2, 0, 3, 1])  # shuffled, so that sorting matters
-    kept = gpt.filter_logits(probs[:, order].log(), 1.0, top_p=top_p)
-    assert sorted(order[torch.isfinite(kept[0])].tolist()) == expected
-
-
-def test_top_p_beyond_the_top_64_equals_sorting_everything():
-    """When the 64 likeliest tokens hold less than p, top-p still keeps the right set."""
-    torch.manual_seed(0)
-    logits = torch.randn(3, 500) * 0.1  # nearly flat: the nucleus holds hundreds of tokens
-    kept = gpt.filter_logits(logits, 1.0, top_p=0.9)
-    probs = torch.softmax(logits, dim=-1)
-    for row, kept_row in zip(probs, kept):
-        sorted_probs, order = row.sort(descending=True)
-        size = int((sorted_probs.cumsum(0) - sorted_probs < 0.9).sum())
-        assert size > 64
-        assert set(order[:size].tolist()) == set(torch.isfinite(kept_row).nonzero()[:, 0].tolist())
-
-
-def test_sample_from_follows_the_distribution():
-    """Inverse-CDF sampling draws each token about as often as its probability, never a
-    zero-probability one."""
-    probs = torch.tensor([[0.0, 0.2, 0.5, 0.0, 0.3]]).repeat(20000, 1)
-    ids = gpt.sample_from(probs, torch.Generator().manual_seed(0))
-    counts = torch.bincount(ids, minlength=5) / len(ids)
-    assert counts[0] == 0 and counts[3] == 0
-    torch.testing.assert_close(counts, probs[0], atol=0.015, rtol=0)
-
-
-def test_filters_apply_in_order_temperature_top_k_top_p():
-    """Temperature reshapes the distribution before top-p measures it."""
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    sharp = gpt.filter_logits(logits, 0.25, top_k=3, top_p=0.9)
-    flat = gpt.filter_logits(logits, 4.0, top_k=3, top_p=0.9)
-    assert torch.isfinite(sharp).sum() == 1 and torch.isfinite(flat).sum() == 3
-
-
-def test_seed_makes_sampling_reproducible():
-    """The same seed gives the same tokens; different seeds give different ones."""
-    model = sampling_model()
-    prompt = [1, 2, 3]
-    runs = {seed: list(gpt.generate(model, prompt, 30, temperature=1.5, seed=seed))
-            for seed in (0, 1)}
-    assert runs[0] == list(gpt.generate(model, prompt, 30, temperature=1.5, seed=0))
-    assert runs[0] != runs[1]
-
-
-def test_generation_stops_at_the_end_of_text_token():
-    """generate yields the end-of-text token last and stops there."""
-    model = sampling_model()
-    greedy = list(gpt.generate(model, [1, 2, 3], 12, temperature=0))
-    eos_id = greedy[3]
-    stopped = list(gpt.generate(model, [1, 2, 3], 12, temperature=0, eos_id=eos_id))
-    assert stopped == greedy[:greedy.index(eos_id) + 1]
-
-
-@pytest.mark.parametrize("kwargs, named", [
-    (dict(temperature=-0.1), "-0.1"), (dict(top_k=0), "top-k"), (dict(top_p=0.0), "top-p"),
-    (dict(top_p=1.5), "1.5")])
-def test_bad_sampling_settings_raise(kwargs, named):
-    """A negative temperature, top-k < 1 or top-p outside (0, 1] is refused, naming the value."""
-    with pytest.raises(ValueError, match=re.escape(named)):
-        list(gpt.generate(sampling_model(), [1, 2], 3, **kwargs))
-
-
-def test_stream_never_splits_a_character():
-    """A character whose bytes come in separate tokens is printed whole, once complete."""
-    tokenizer = gpt.Tokenizer(dict(BYTES_VOCAB), [])
-    text = "né 🙂!"
-    pieces = list(gpt.decode_stream(list(text.encode("utf-8")), tokenizer))
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in piece for piece in pieces)
-    assert "🙂" in pieces  # four byte-tokens, one piece
-    assert list(gpt.decode_stream([0x61, 0xE9, 0x62], tokenizer)) == ["a", "", "\ufffdb", ""]
 
 # ==================================================================================================
-# §8 Command line
+# §13 Time budgets and signals
 # ==================================================================================================
 
-def exit_code(argv: list[str]) -> int:
-    """gpt.main's exit code, also for a mistake argparse catches (it exits, main returns)."""
-    try:
-        return gpt.main(argv)
-    except SystemExit as e:
-        return e.code
+def test_time_budget_plan_hand_example(monkeypatch):
+    """The docstring's example: 60 s left at step 100, 0.5 s a step, 2 s of evaluation and
+    checkpoints every 250 steps -> the schedule ends at step 214."""
+    clock = [1000.0]
+    monkeypatch.setattr(gpt.time, "perf_counter", lambda: clock[0])
+    budget = gpt.TimeBudget(100.0)
+    budget.step_seconds = [9.0, 9.0] + [0.5] * 60  # the first two (compiling) are not counted
+    budget.eval_seconds, budget.save_seconds = 1.0, 0.5
+    clock[0] += 40.0
+    assert budget.plan(100, eval_interval=250) == 100 + int(58 / (0.5 + 2 / 250)) == 214
+    assert not budget.is_over()
+    clock[0] += 58.0
+    assert budget.is_over()  # only the 2 s for the final evaluation and checkpoints are left
+    assert gpt.TimeBudget(100.0).plan(5, 250) is None  # no step timed yet: no plan
 
 
-def one_error_line(capsys, command: str) -> str:
-    """The single stderr line of a failed command (and no traceback)."""
+class FakeClock:
+    """time.perf_counter for gpt.py, moved on by the steps and evaluations it times."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_time_budget_is_planned_again_when_the_machine_slows_down(tmp_path, token_dir,
+                                                                  monkeypatch, capsys):
+    """A run whose steps slow from 0.1 s to 0.3 s halfway still ends its cosine at --min-lr,
+    and ends, final evaluation and checkpoint included, within its budget and near it."""
+    clock = FakeClock()
+    monkeypatch.setattr(gpt, "time", clock)
+    train_step, evaluate = gpt.train_step, gpt.evaluate
+
+    def slowing_step(*args, **kwargs):
+        clock.now += 0.1 if clock.now < 8 else 0.3
+        return train_step(*args, **kwargs)
+
+    def timed_evaluate(*args, **kwargs):
+        clock.now += 0.5
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(gpt, "train_step", slowing_step)
+    monkeypatch.setattr(gpt, "evaluate", timed_evaluate)
+    args = [a for a in train_args(token_dir, tmp_path) if a not in ("--max-steps", "6")]
+    assert gpt.main(args + ["--max-time", "20s", "--eval-interval", "25", "--lr", "1e-3",
+                            "--min-lr", "1e-4", "--log-interval", "1"]) == 0
+    first_plan = int(re.search(r"planned (\d+) steps", capsys.readouterr().out).group(1))
+    logged = [m for m in metrics(tmp_path) if "lr" in m]
+    # The last step's rate is the cosine's value one step before its end: within 1% of min.
+    assert 1e-4 <= logged[-1]["lr"] < 1.01e-4
+    evaluations = [m for m in metrics(tmp_path) if "val_loss" in m]
+    assert 18.5 <= evaluations[-1]["elapsed"] <= 20  # 1.5 s kept for evaluation and saves
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert checkpoint["finished"] and checkpoint["total_steps"] == logged[-1]["step"]
+    # The plan made from the first, fast steps asked for many more steps than there was time for.
+    assert logged[-1]["step"] < first_plan - 10
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, token_dir, monkeypatch,
+                                                        capsys):
+    """Ctrl-C finishes the step, saves, exits 2 with one line; --resume then matches a straight
+    run."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert gpt.main(train_args(token_dir, straight, "--decay-steps", "6")) == 0
+    get_batch, calls = gpt.get_batch, []
+
+    def interrupting_get_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C in step 4
+        return get_batch(*args, **kwargs)
+
+    monkeypatch.setattr(gpt, "get_batch", interrupting_get_batch)
+    capsys.readouterr()
+    assert gpt.main(train_args(token_dir, stopped, "--decay-steps", "6")) == 2
     err = capsys.readouterr().err
+    assert "interrupted at step 4" in err and "--resume" in err and "Traceback" not in err
+    assert torch.load(stopped / "latest.pt", weights_only=True)["iteration"] == 4
+    monkeypatch.setattr(gpt, "get_batch", get_batch)
+    assert gpt.main(train_args(token_dir, stopped, "--decay-steps", "6", "--resume")) == 0
+    assert_same_weights(final_weights(straight), final_weights(stopped))
+
+
+def start_training(token_dir, out_dir) -> subprocess.Popen:
+    """`gpt.py train` in its own process, for real signals; returns once it is past step 1."""
+    command = [sys.executable, os.path.join(HERE, "gpt.py"),
+               *train_args(token_dir, out_dir, "--max-steps", "100000", "--eval-interval",
+                           "100000")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if line.startswith("step      1/"):
+            return process
+    raise AssertionError(process.stderr.read())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_saves_and_exits_2(tmp_path, token_dir, signum):
+    """SIGTERM (kill, schedulers, preemption) is treated like Ctrl-C: the step finishes, latest.pt
+    is saved, the process exits 2 with one line, and --resume goes on from there."""
+    process = start_training(token_dir, tmp_path)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"gpt.py {command}: error:")
-    return lines[0]
+    assert "Traceback" not in err and f"{signal.Signals(signum).name}: interrupted" in lines[-1]
+    step = torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"]
+    assert f"at step {step}: saved" in lines[-1] and step >= 1
+
+
+def test_second_ctrl_c_while_reporting_still_exits_2(tmp_path, token_dir, monkeypatch, capsys):
+    """A second Ctrl-C that arrives while the first is being reported cannot make the process
+    die by the signal (exit -2): further signals are ignored until it exits with code 2."""
+    log = gpt.log
+
+    def log_and_interrupt(message, end="\n"):
+        if "interrupted" in message:
+            signal.raise_signal(signal.SIGINT)
+        log(message, end)
+
+    get_batch = gpt.get_batch
+
+    def interrupting_get_batch(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return get_batch(*args, **kwargs)
+
+    monkeypatch.setattr(gpt, "log", log_and_interrupt)
+    monkeypatch.setattr(gpt, "get_batch", interrupting_get_batch)
+    assert gpt.main(train_args(token_dir, tmp_path)) == 2
+    assert "interrupted at step 1" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after main
+
+
+# ==================================================================================================
+# §14 The training run
+# ==================================================================================================
+
+def test_train_command_end_to_end(tmp_path, token_dir, capsys):
+    """`train` logs every step, evaluates on schedule, and writes checkpoints and metrics."""
+    assert gpt.main(train_args(token_dir, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "parameters:" in out and "context_length=16" in out and "done: 6 steps" in out
+    assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in metrics(tmp_path) if "val_loss" in m] == [0, 3, 6]
+    assert all(math.isfinite(loss) for loss in train_losses(tmp_path).values())
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert checkpoint["iteration"] == 6 and checkpoint["config"]["d_model"] == 32
+    assert checkpoint["tokenizer"]["special_tokens"] == [EOT]
+    assert (tmp_path / "best.pt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "latest.pt", "metrics.jsonl"]
+
+
+def test_two_seeded_runs_are_identical(tmp_path, token_dir):
+    """The same seed gives bit-identical weights; another seed gives others."""
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert gpt.main(train_args(token_dir, tmp_path / name, "--seed", seed)) == 0
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+    assert not torch.equal(final_weights(tmp_path / "a")["lm_head.weight"],
+                           final_weights(tmp_path / "c")["lm_head.weight"])
+
+
+def test_resume_is_bit_identical(tmp_path, token_dir):
+    """N steps, then --resume for N more, equals 2N steps in one run, loss by loss, bit by bit."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert gpt.main(train_args(token_dir, straight, "--max-steps", "8",
+                               "--decay-steps", "8")) == 0
+    assert gpt.main(train_args(token_dir, split, "--max-steps", "4", "--decay-steps", "8")) == 0
+    assert gpt.main(train_args(token_dir, split, "--max-steps", "8", "--decay-steps", "8",
+                               "--resume")) == 0
+    assert train_losses(straight) == train_losses(split)
+    assert_same_weights(final_weights(straight), final_weights(split))
+
+
+def test_fresh_run_into_a_run_directory_is_refused(tmp_path, token_dir, capsys):
+    """A new run never silently replaces an earlier run's checkpoints and metrics: it is refused
+    with one line naming --resume, --out-dir and --overwrite; --overwrite replaces them."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
+    before = {name: (tmp_path / name).read_bytes()
+              for name in ("latest.pt", "best.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert gpt.main(train_args(token_dir, tmp_path, "--lr", "5e-3")) == 2
+    line = one_error_line(capsys, "train")
+    assert all(flag in line for flag in ("--resume", "--out-dir", "--overwrite"))
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert gpt.main(train_args(token_dir, tmp_path, "--overwrite", "--max-steps", "2")) == 0
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"] == 2
+    assert max(train_losses(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("warmup", ["2", "10"], ids=["warmup-2", "warmup-past-the-end"])
+def test_resume_extends_a_finished_run_at_the_minimum_lr(tmp_path, token_dir, capsys, warmup):
+    """--resume with a larger --max-steps extends a finished run: its cosine has ended, so the
+    extra steps train at --min-lr, and the log says so (also after a run that ended during a
+    longer --warmup-steps)."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "4", "--lr", "1e-3",
+                               "--warmup-steps", warmup)) == 0
+    capsys.readouterr()
+    assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--max-steps", "7",
+                               "--warmup-steps", warmup)) == 0
+    assert "train at the minimum learning rate, 0.0001" in capsys.readouterr().out
+    lrs = {m["step"]: m["lr"] for m in metrics(tmp_path) if "lr" in m}
+    assert sorted(lrs) == list(range(1, 8))
+    assert [lrs[s] for s in (5, 6, 7)] == [pytest.approx(1e-4)] * 3
+
+
+def test_resume_extends_a_finished_run_by_time(tmp_path, token_dir):
+    """--resume --max-time on a finished run trains on for that time (it did nothing before)."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
+    args = [a for a in train_args(token_dir, tmp_path, "--resume", "--max-time", "2s")
+            if a not in ("--max-steps", "6")]
+    assert gpt.main(args) == 0
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"] > 3
+
+
+@pytest.mark.parametrize("extra, named", [
+    ([], "finished at step 3"),
+    (["--max-steps", "3"], "already has 3 steps"),
+    (["--overwrite"], "--overwrite"),
+], ids=["no-budget", "no-more-steps", "overwrite"])
+def test_resume_of_a_finished_run_needs_a_new_budget(tmp_path, token_dir, capsys, extra, named):
+    """A finished run resumed without a budget beyond its end is refused in one line, intact."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
+    before = (tmp_path / "latest.pt").read_bytes()
+    args = [a for a in train_args(token_dir, tmp_path, "--resume") if a not in ("--max-steps",
+                                                                                 "6")]
+    capsys.readouterr()
+    assert gpt.main(args + extra) == 2
+    assert named in one_error_line(capsys, "train")
+    assert (tmp_path / "latest.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, token_dir, monkeypatch,
+                                                              capsys):
+    """A NaN loss stops the run with one line and exit 2; the checkpoint before it stays."""
+    cross_entropy, calls = gpt.cross_entropy, []
+
+    def diverging_cross_entropy(logits, targets):
+        loss = cross_entropy(logits, targets)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) >= 5:  # training steps 5 and later
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(gpt, "cross_entropy", diverging_cross_entropy)
+    assert gpt.main(train_args(token_dir, tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nan" in err and "step 5" in err
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"] == 3
+    assert [m["step"] for m in metrics(tmp_path) if "train_loss" in m] == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def bad_token_dirs(tmp_path, token_dir):
+    """Token directories that are wrong in one way each."""
+    import shutil
+    dirs = {}
+    for name in ("big-ids", "odd-bytes", "short", "no-valid"):
+        dirs[name] = tmp_path / name
+        shutil.copytree(token_dir, dirs[name])
+
+    def write_tokens(path, data: bytes) -> None:  # with a sidecar that agrees on the length
+        path.write_bytes(data)
+        info = json.loads(path.with_name(path.name + ".json").read_text())
+        path.with_name(path.name + ".json").write_text(json.dumps({**info,
+                                                                   "num_tokens": len(data) // 2}))
+    write_tokens(dirs["big-ids"] / "train.bin", np.array([5, 299, 300, 7], "<u2").tobytes())
+    write_tokens(dirs["odd-bytes"] / "valid.bin", b"\x01\x00\x02")
+    write_tokens(dirs["short"] / "valid.bin", np.arange(10, dtype="<u2").tobytes())
+    os.remove(dirs["no-valid"] / "valid.bin")
+    return dirs
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--data-dir", "{tmp}/nowhere"], "tokenize` first"),
+    (["--data-dir", "{tmp}/big-ids"], "token id 300"),
+    (["--data-dir", "{tmp}/odd-bytes"], "3 bytes"),
+    (["--data-dir", "{tmp}/short"], "context_length 16"),
+    (["--data-dir", "{tmp}/no-valid"], "valid.bin not found"),
+    (["--d-model", "30"], "d_model 30"),
+    (["--num-heads", "3"], "num_heads 3"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--max-steps", "-1"], "--max-steps"),
+    (["--max-time", "soon"], "soon"),
+    (["--grad-clip", "0"], "--grad-clip"),
+    (["--out-dir", "{tmp}/afile/run"], "{tmp}/afile/run"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
+     "cuda"),
+    (["--resume"], "no {tmp}/run/latest.pt"),
+    (["--max-time", "inf"], "'inf'"),
+    (["--max-time", "1e400"], "'1e400'"),
+    (["--max-time", ""], "--max-time"),
+    (["--max-time", "0s"], "'0s'"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr"),
+    (["--beta2", "1.5"], "--beta2"),
+    (["--seed", str(10**23)], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--d-model", "1e3"], "--d-model"),
+    (["--rope-theta", "inf"], "--rope-theta"),
+    (["--batch-size", str(10**12)], "--batch-size"),
+    (["--preset", "huge"], "--preset"),
+    (["--no-such-flag"], "--no-such-flag"),
+], ids=["no-data", "ids-too-big", "odd-bytes", "too-short", "no-valid", "d-model", "heads",
+        "batch", "steps", "time", "clip", "unwritable", "device", "nothing-to-resume",
+        "time-inf", "time-overflow", "time-empty", "time-zero", "lr-inf", "lr-nan",
+        "min-lr-above-lr", "beta2", "seed-too-big", "seed-negative", "d-model-float",
+        "rope-theta-inf", "out-of-memory", "unknown-preset", "unknown-flag"])
+def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_dirs, capsys,
+                                                extra, named):
+    """A user mistake gives exit code 2 and one stderr line naming it, before any training."""
+    (tmp_path / "afile").write_bytes(b"a regular file")
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    args = train_args(token_dir, tmp_path / "run") + extra
+    capsys.readouterr()
+    assert exit_code(args) == 2
+    assert named.format(tmp=tmp_path) in one_error_line(capsys, "train")
+    assert not os.path.exists(tmp_path / "run" / "latest.pt")
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path, token_dir, capsys):
+    """--resume with a different architecture names the difference and keeps the checkpoint."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
+    before = (tmp_path / "latest.pt").read_bytes()
+    capsys.readouterr()
+    assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--d-model", "64")) == 2
+    assert "d_model 32 -> 64" in one_error_line(capsys, "train")
+    assert (tmp_path / "latest.pt").read_bytes() == before
+
+
+# ==================================================================================================
+# §15 tokenize: inputs and outputs
+# ==================================================================================================
+
+DOCS = "aaaa" + EOT + "bbbb" + EOT + "cc\ncc"  # documents end at 17 and 34, a line at 37, of 39
+
+
+@pytest.mark.parametrize("text, specials, fraction, expected", [
+    (DOCS, [EOT], 0.1, (34, "after a special token")),  # 4 bytes from the end: the point is 35
+    (DOCS, [EOT], 0.5, (17, "after a special token")),  # the last document end before 19
+    (DOCS, [EOT], 0.9, (17, "after a special token")),  # none before 4: the first after it
+    (DOCS, [], 0.1, (37, "after a line break")),  # no special tokens: the first line after 35
+    ("one\ntwo\nthree\n", [EOT], 0.3, (8, "after a line break")),  # no special token in it
+    ("one\ntwo" + EOT, [EOT], 0.1, (4, "after a line break")),  # the only special ends it
+])
+def test_hold_out_cuts_after_a_document_or_else_a_line(tmp_path, text, specials, fraction,
+                                                        expected):
+    """Hand-worked cuts: after the last special token before the point that leaves `fraction`
+    for validation, else the first after it; in a text with none inside it, at a line break."""
+    (tmp_path / "text.txt").write_text(text)
+    assert gpt.hold_out(str(tmp_path / "text.txt"), fraction, specials) == expected
+
+
+def test_hold_out_with_no_boundary_is_refused(tmp_path):
+    """A text with no line break and no special token gives no place to cut: --valid is asked."""
+    (tmp_path / "text.txt").write_text("one line" + EOT)
+    with pytest.raises(ValueError, match="no special token and no line break.*--valid"):
+        gpt.hold_out(str(tmp_path / "text.txt"), 0.1, [EOT])
 
 
 @pytest.fixture
@@ -2803,84 +2909,9 @@ def test_disk_full_names_the_file_and_keeps_the_previous_files(tmp_path, small_t
                                        "valid.bin.json"]
 
 
-@pytest.fixture
-def bad_token_dirs(tmp_path, token_dir):
-    """Token directories that are wrong in one way each."""
-    import shutil
-    dirs = {}
-    for name in ("big-ids", "odd-bytes", "short", "no-valid"):
-        dirs[name] = tmp_path / name
-        shutil.copytree(token_dir, dirs[name])
-
-    def write_tokens(path, data: bytes) -> None:  # with a sidecar that agrees on the length
-        path.write_bytes(data)
-        info = json.loads(path.with_name(path.name + ".json").read_text())
-        path.with_name(path.name + ".json").write_text(json.dumps({**info,
-                                                                   "num_tokens": len(data) // 2}))
-    write_tokens(dirs["big-ids"] / "train.bin", np.array([5, 299, 300, 7], "<u2").tobytes())
-    write_tokens(dirs["odd-bytes"] / "valid.bin", b"\x01\x00\x02")
-    write_tokens(dirs["short"] / "valid.bin", np.arange(10, dtype="<u2").tobytes())
-    os.remove(dirs["no-valid"] / "valid.bin")
-    return dirs
-
-
-@pytest.mark.parametrize("extra, named", [
-    (["--data-dir", "{tmp}/nowhere"], "tokenize` first"),
-    (["--data-dir", "{tmp}/big-ids"], "token id 300"),
-    (["--data-dir", "{tmp}/odd-bytes"], "3 bytes"),
-    (["--data-dir", "{tmp}/short"], "context_length 16"),
-    (["--data-dir", "{tmp}/no-valid"], "valid.bin not found"),
-    (["--d-model", "30"], "d_model 30"),
-    (["--num-heads", "3"], "num_heads 3"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--max-steps", "-1"], "--max-steps"),
-    (["--max-time", "soon"], "soon"),
-    (["--grad-clip", "0"], "--grad-clip"),
-    (["--out-dir", "{tmp}/afile/run"], "{tmp}/afile/run"),
-    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
-     "cuda"),
-    (["--resume"], "no {tmp}/run/latest.pt"),
-    (["--max-time", "inf"], "'inf'"),
-    (["--max-time", "1e400"], "'1e400'"),
-    (["--max-time", ""], "--max-time"),
-    (["--max-time", "0s"], "'0s'"),
-    (["--lr", "inf"], "--lr"),
-    (["--lr", "nan"], "--lr"),
-    (["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr"),
-    (["--beta2", "1.5"], "--beta2"),
-    (["--seed", str(10**23)], "--seed"),
-    (["--seed", "-1"], "--seed"),
-    (["--d-model", "1e3"], "--d-model"),
-    (["--rope-theta", "inf"], "--rope-theta"),
-    (["--batch-size", str(10**12)], "--batch-size"),
-    (["--preset", "huge"], "--preset"),
-    (["--no-such-flag"], "--no-such-flag"),
-], ids=["no-data", "ids-too-big", "odd-bytes", "too-short", "no-valid", "d-model", "heads",
-        "batch", "steps", "time", "clip", "unwritable", "device", "nothing-to-resume",
-        "time-inf", "time-overflow", "time-empty", "time-zero", "lr-inf", "lr-nan",
-        "min-lr-above-lr", "beta2", "seed-too-big", "seed-negative", "d-model-float",
-        "rope-theta-inf", "out-of-memory", "unknown-preset", "unknown-flag"])
-def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_dirs, capsys,
-                                                extra, named):
-    """A user mistake gives exit code 2 and one stderr line naming it, before any training."""
-    (tmp_path / "afile").write_bytes(b"a regular file")
-    extra = [e.format(tmp=tmp_path) for e in extra]
-    args = train_args(token_dir, tmp_path / "run") + extra
-    capsys.readouterr()
-    assert exit_code(args) == 2
-    assert named.format(tmp=tmp_path) in one_error_line(capsys, "train")
-    assert not os.path.exists(tmp_path / "run" / "latest.pt")
-
-
-def test_resume_with_another_configuration_is_refused(tmp_path, token_dir, capsys):
-    """--resume with a different architecture names the difference and keeps the checkpoint."""
-    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
-    before = (tmp_path / "latest.pt").read_bytes()
-    capsys.readouterr()
-    assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--d-model", "64")) == 2
-    assert "d_model 32 -> 64" in one_error_line(capsys, "train")
-    assert (tmp_path / "latest.pt").read_bytes() == before
-
+# ==================================================================================================
+# §16 Command line: sample
+# ==================================================================================================
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, token_dir):
