@@ -618,8 +618,10 @@ def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: st
 # ==================================================================================================
 
 # The allowed values of ModelConfig's switches.
-MODEL_CHOICES = {"norm_position": ("pre", "post"), "position_encoding": ("rope", "nope"),
-                 "ffn_kind": ("swiglu", "geglu", "silu", "gelu")}
+MODEL_CHOICES = {"norm_position": ("pre", "post"),
+                 "position_encoding": ("rope", "nope", "learned", "sinusoidal"),
+                 "ffn_kind": ("swiglu", "geglu", "silu", "gelu", "relu"),
+                 "tie_init": ("output", "embedding")}
 
 
 @dataclass
@@ -635,10 +637,15 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base: pair i turns by position * theta^(-2i/D)
     norm_eps: float = 1e-5       # added to the mean square in RMSNorm, so 0 never divides
     tie_embeddings: bool = False  # share one matrix between token embeddings and output logits
+    tie_init: str = "output"     # tied: keep lm_head's small init ("output") or the embedding's
     use_norm: bool = True        # ablation: False removes every RMSNorm
     norm_position: str = "pre"   # "pre": x + f(norm(x)) (modern); "post": norm(x + f(x)) (2017)
-    position_encoding: str = "rope"  # "rope", or "nope": no position information at all
-    ffn_kind: str = "swiglu"     # swiglu | geglu (gated) | silu | gelu (plain two-layer MLP)
+    # "rope": rotate queries and keys (Su et al. 2021); "nope": no position information at all
+    # (Kazemnejad et al. 2023); "learned": a trained vector per position, added to the token's
+    # (GPT-2); "sinusoidal": fixed sines and cosines, added (Vaswani et al. 2017)
+    position_encoding: str = "rope"
+    ffn_kind: str = "swiglu"     # swiglu | geglu (gated) | silu | gelu | relu (plain MLP)
+    dropout: float = 0.0         # zeroed share of attention weights and residual branches
 
     def __post_init__(self):
         sizes = {name: getattr(self, name) for name in
@@ -660,6 +667,14 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.tie_init != "output" and not self.tie_embeddings:
+            raise ValueError(f"tie_init {self.tie_init!r} chooses the init of tied embeddings: "
+                             f"it needs tie_embeddings")
+        if self.norm_position == "post" and not self.use_norm:
+            raise ValueError("norm_position 'post' places norms that use_norm False removes: "
+                             "give one or the other")
 
     @property
     def head_dim(self) -> int:
@@ -670,6 +685,11 @@ class ModelConfig:
         # A gated feed-forward has three C x d_ff matrices, a plain one two: 1.5x the hidden
         # width gives both the same parameter count (exactly when d_ff is even).
         return self.d_ff if self.ffn_kind in ("swiglu", "geglu") else 3 * self.d_ff // 2
+
+    @property
+    def absolute_positions(self) -> bool:
+        """Position vectors added to the token's, one per position up to context_length."""
+        return self.position_encoding in ("learned", "sinusoidal")
 
 
 class Linear(nn.Module):
@@ -814,6 +834,48 @@ class RotaryEmbedding(nn.Module):
         return x * cos + swapped * sin
 
 
+def sinusoidal_positions(num_positions: int, d_model: int) -> torch.Tensor:
+    """The fixed position vectors of the original transformer (Vaswani et al. 2017):
+        pe[p, 2i] = sin(p / 10000^(2i/C)),   pe[p, 2i+1] = cos(p / 10000^(2i/C))
+    Each pair of channels is a clock of its own speed; nearby positions get similar vectors.
+    Example: pe[0] = [0, 1, 0, 1, ...]."""
+    positions = torch.arange(num_positions).float()[:, None]                    # (T, 1)
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2).float() / d_model)      # (C/2,)
+    angles = positions * inv_freq                                               # (T, C/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, :d_model]  # (T, C)
+
+
+class AbsolutePositions(nn.Module):
+    """One vector per position 0 .. context_length - 1, added to the token embeddings: learned
+    (GPT-2, initialised N(0, 0.01) as there) or the fixed sinusoids. Unlike RoPE, they say where
+    a token is, not how far apart two are, and there is no vector past the last position."""
+
+    def __init__(self, context_length: int, d_model: int, learned: bool):
+        super().__init__()
+        if learned:
+            self.weight = nn.Parameter(torch.empty(context_length, d_model))
+            nn.init.trunc_normal_(self.weight, mean=0.0, std=0.01, a=-0.03, b=0.03)
+        else:  # a function of the config: a buffer, not saved
+            self.register_buffer("weight", sinusoidal_positions(context_length, d_model),
+                                 persistent=False)
+
+    def forward(self, start_pos: int, T: int) -> torch.Tensor:
+        if start_pos + T > len(self.weight):
+            raise ValueError(f"position {start_pos + T - 1} is past the last of the "
+                             f"{len(self.weight)} absolute position vectors (context_length)")
+        return self.weight[start_pos:start_pos + T]  # (T, C)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Zero each value with probability p and scale the others by 1 / (1 - p), so the expected
+    value is unchanged (Srivastava et al. 2014): units cannot rely on each other, which fights
+    memorising a small corpus. In evaluation and sampling, the identity."""
+    if not training or p == 0:
+        return x
+    keep = torch.rand(x.shape, device=x.device) >= p  # (same shape as x) True with prob. 1 - p
+    return x * keep / (1 - p)
+
+
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """softmax(x)_i = exp(x_i - max(x)) / sum_j exp(x_j - max(x)).
 
@@ -825,7 +887,8 @@ def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
-                                 mask: torch.Tensor | None = None) -> torch.Tensor:
+                                 mask: torch.Tensor | None = None,
+                                 dropout_p: float = 0.0) -> torch.Tensor:
     """The readable attention: softmax(Q K^T / sqrt(D)) V, where `mask` is True where a query
     may attend to a key. The model's fast path, F.scaled_dot_product_attention, computes the
     same thing without ever storing the (T, T) score matrix; a test checks that they agree.
@@ -835,7 +898,8 @@ def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tens
     scores = Q @ K.transpose(-2, -1) / math.sqrt(Q.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: no weight at all
-    return softmax(scores, dim=-1) @ V  # (.., T, S) @ (.., S, D) -> (.., T, D)
+    weights = dropout(softmax(scores, dim=-1), dropout_p, training=dropout_p > 0)  # (.., T, S)
+    return weights @ V  # (.., T, S) @ (.., S, D) -> (.., T, D)
 
 
 def tiled_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, causal: bool = True,
@@ -912,9 +976,10 @@ class MultiHeadSelfAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, rope: RotaryEmbedding | None = None,
-                 context_length: int | None = None):
+                 context_length: int | None = None, dropout_p: float = 0.0):
         super().__init__()
         self.num_heads, self.context_length = num_heads, context_length
+        self.dropout_p = dropout_p  # of the attention weights, while training
         self.q_proj = Linear(d_model, d_model)
         self.k_proj = Linear(d_model, d_model)
         self.v_proj = Linear(d_model, d_model)
@@ -950,13 +1015,15 @@ class MultiHeadSelfAttention(nn.Module):
                 cache.append(k, v)
             if self.context_length and T > self.context_length:
                 causal, mask = False, sliding_causal_mask(T, self.context_length, x.device)
+        p = self.dropout_p if self.training else 0.0
         if self.fast:
             # (B, H, T, D): the same as below, with flash-attention kernels
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               dropout_p=p)
         else:
             if causal:
                 mask = sliding_causal_mask(T, T, x.device)  # (T, T): a window as long as T
-            y = scaled_dot_product_attention(q, k, v, mask=mask)  # (B, H, T, D)
+            y = scaled_dot_product_attention(q, k, v, mask=mask, dropout_p=p)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, H*D)
         return self.output_proj(y)
 
@@ -973,6 +1040,11 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """gelu(x) = x * Phi(x), Phi the standard normal CDF (GPT-2's activation), fused like silu."""
     return F.gelu(x)
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x) = max(x, 0): the original transformer's activation (Vaswani et al. 2017)."""
+    return x.clamp_min(0)
 
 
 class SwiGLU(nn.Module):
@@ -1009,7 +1081,7 @@ class MLP(nn.Module):
 
 
 def feed_forward(config: ModelConfig) -> nn.Module:
-    activation = gelu if config.ffn_kind in ("geglu", "gelu") else silu
+    activation = {"geglu": gelu, "gelu": gelu, "relu": relu}.get(config.ffn_kind, silu)
     if config.ffn_kind in ("swiglu", "geglu"):
         return SwiGLU(config.d_model, config.ffn_hidden, activation)
     return MLP(config.d_model, config.ffn_hidden, activation)
@@ -1033,17 +1105,19 @@ class TransformerBlock(nn.Module):
         self.pre_norm = config.norm_position == "pre"
         self.ln1 = norm_layer(config)
         self.attn = MultiHeadSelfAttention(config.d_model, config.num_heads, rope,
-                                           config.context_length)
+                                           config.context_length, config.dropout)
         self.ln2 = norm_layer(config)
         self.ffn = feed_forward(config)
+        self.dropout_p = config.dropout  # of each branch's output, before it joins the residual
 
     def forward(self, x: torch.Tensor, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
+        p, training = self.dropout_p, self.training
         if self.pre_norm:
-            x = x + self.attn(self.ln1(x), start_pos, cache)  # (B, T, C)
-            return x + self.ffn(self.ln2(x))
-        x = self.ln1(x + self.attn(x, start_pos, cache))
-        return self.ln2(x + self.ffn(x))
+            x = x + dropout(self.attn(self.ln1(x), start_pos, cache), p, training)  # (B, T, C)
+            return x + dropout(self.ffn(self.ln2(x)), p, training)
+        x = self.ln1(x + dropout(self.attn(x, start_pos, cache), p, training))
+        return self.ln2(x + dropout(self.ffn(x), p, training))
 
 
 class TransformerLM(nn.Module):
@@ -1056,14 +1130,20 @@ class TransformerLM(nn.Module):
         # One RoPE table shared by every layer: it depends only on the config.
         self.rope = (RotaryEmbedding(config.rope_theta, config.head_dim, config.context_length)
                      if config.position_encoding == "rope" else None)
+        self.positions = (AbsolutePositions(config.context_length, config.d_model,
+                                            learned=config.position_encoding == "learned")
+                          if config.absolute_positions else None)
         self.layers = nn.ModuleList(TransformerBlock(config, self.rope)
                                     for _ in range(config.num_layers))
         self.ln_final = norm_layer(config)
         self.lm_head = Linear(config.d_model, config.vocab_size)
-        if config.tie_embeddings:
+        if config.tie_embeddings and config.tie_init == "output":
             # One matrix reads tokens in and scores them out. It keeps lm_head's small init:
-            # the embedding's std of 1 would start the logits sqrt(C) times too large.
+            # the embedding's std of 1 would start the logits sqrt(C) times too large...
             self.token_embeddings.weight = self.lm_head.weight
+        elif config.tie_embeddings:
+            # ... which is the ablation: the shared matrix keeps the embedding's std-1 init.
+            self.lm_head.weight = self.token_embeddings.weight
 
     def forward(self, token_ids: torch.Tensor, start_pos: int = 0,
                 caches: list[KVCache] | None = None) -> torch.Tensor:
@@ -1073,6 +1153,8 @@ class TransformerLM(nn.Module):
         if self.rope is not None:
             self.rope.cover(start_pos + token_ids.shape[1])
         x = self.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
+        if self.positions is not None:
+            x = x + self.positions(start_pos, token_ids.shape[1])  # (B, T, C) + (T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, start_pos, caches[i] if caches else None)  # (B, T, C)
         return self.lm_head(self.ln_final(x))  # (B, T, C) -> (B, T, V)
@@ -1455,8 +1537,14 @@ def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: 
     else:
         generator.manual_seed(seed)
     tokens = prompts.to(device)  # (B, T)
-    caches = [KVCache(model.config.context_length) for _ in model.layers] if use_cache else None
-    logits = model(tokens, caches=caches)[:, -1]  # (B, V): the prompt, once
+    window = model.config.context_length
+    if model.config.absolute_positions:
+        # Position vectors end at context_length: such a model re-reads the last window at
+        # every step, its first token at position 0 again (as GPT-2 does), so no cache.
+        use_cache = False
+    caches = [KVCache(window) for _ in model.layers] if use_cache else None
+    crop = window if model.config.absolute_positions else None
+    logits = model(tokens[:, -crop:] if crop else tokens, caches=caches)[:, -1]  # (B, V)
     length = tokens.shape[1]
     for _ in range(max_new_tokens):
         if temperature == 0:
@@ -1471,7 +1559,7 @@ def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: 
             logits = model(next_ids[:, None], start_pos=length, caches=caches)[:, -1]
         else:
             tokens = torch.cat((tokens, next_ids[:, None]), dim=1)  # (B, T+1)
-            logits = model(tokens)[:, -1]
+            logits = model(tokens[:, -crop:] if crop else tokens)[:, -1]
         length += 1
 
 
@@ -2760,8 +2848,9 @@ def resolve_config(args: argparse.Namespace, vocab_size: int,
                  if getattr(args, name, None) is not None}
     config = ModelConfig(**{**base, **overrides})
     if saved:
+        saved = asdict(ModelConfig(**saved))  # fields newer than the checkpoint: defaults
         changed = [f"{name} {saved[name]} -> {value}" for name, value in asdict(config).items()
-                   if saved.get(name) != value]
+                   if saved[name] != value]
         if changed:
             raise ValueError(f"the checkpoint in {args.out_dir} has another configuration "
                              f"({', '.join(changed)}); resume without those flags, or use "
@@ -3179,6 +3268,99 @@ def train(args: argparse.Namespace) -> None:
             f"{run.best_val_loss:.4f}; checkpoints in {args.out_dir} (latest.pt, best.pt)")
 
 
+# The classic experiments: arms of (name, train flags), the first the default recipe, each run
+# with the same budget, seed and data. What they test, and the seed reports they repeat:
+# - lr: the learning-rate sweep (CS336: best near 1e-3 for the 23M model, divergence near 1e-2)
+# - norm: RMSNorm removed, and post-norm (Xiong et al. 2020 on why pre-norm trains easier)
+# - position: RoPE, none (NoPE: a causal mask alone leaks positions), learned and sinusoidal
+# - ffn: SwiGLU against GeGLU, and plain MLPs with SiLU, GELU and ReLU, at equal parameters
+# - tying: one matrix for input and output, with either initialisation (Press & Wolf 2017)
+# - dropout: 0.1 on attention weights and branch outputs, against none
+# - batch, size: two batch sizes; three model sizes around the laptop model
+EXPERIMENTS = {
+    "lr": [("lr 3e-3", []), ("lr 1e-4", ["--lr", "1e-4"]), ("lr 1e-3", ["--lr", "1e-3"]),
+           ("lr 1e-2", ["--lr", "1e-2"])],
+    "norm": [("pre-norm", []), ("post-norm", ["--norm-position", "post"]),
+             ("no norm", ["--no-use-norm"])],
+    "position": [("rope", []), ("nope", ["--position-encoding", "nope"]),
+                 ("learned", ["--position-encoding", "learned"]),
+                 ("sinusoidal", ["--position-encoding", "sinusoidal"])],
+    "ffn": [("swiglu", []), *((kind, ["--ffn-kind", kind]) for kind in ("geglu", "silu", "gelu",
+                                                                        "relu"))],
+    "tying": [("untied", []), ("tied, output init", ["--tie-embeddings"]),
+              ("tied, embedding init", ["--tie-embeddings", "--tie-init", "embedding"])],
+    "dropout": [("dropout 0", []), ("dropout 0.1", ["--dropout", "0.1"])],
+    "batch": [("batch 8", []), ("batch 16", ["--batch-size", "16"])],
+    "size": [("laptop: 256 wide, 4 layers", []),
+             ("128 wide, 2 layers", ["--d-model", "128", "--num-layers", "2", "--num-heads", "4",
+                                     "--d-ff", "352"]),
+             ("384 wide, 6 layers", ["--d-model", "384", "--num-layers", "6", "--num-heads", "6",
+                                     "--d-ff", "1024"])],
+}
+
+
+def arm_result(out_dir: str) -> dict:
+    """What a finished arm reached, from its metrics.jsonl and latest.pt."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    evals = [r for r in records if "val_loss" in r]
+    checkpoint = read_checkpoint(os.path.join(out_dir, "latest.pt"))
+    config, args = ModelConfig(**checkpoint["config"]), checkpoint["args"]
+    step = checkpoint["iteration"]
+    batch = args["batch_size"] or PRESETS[args["preset"]]["batch_size"]
+    return dict(parameters=sum(p.numel() for p in TransformerLM(config).parameters()), steps=step,
+                tokens=step * batch * args["grad_accum"] * config.context_length,
+                seconds=records[-1]["elapsed"], best=min(r["val_loss"] for r in evals),
+                final=evals[-1]["val_loss"])
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    """`python gpt.py experiment NAME [train flags]`: train each arm of EXPERIMENTS[NAME] with
+    the same flags (budget, seed, data) into OUT_DIR/NAME/<arm>, then tabulate the results."""
+    if any(flag.split("=")[0] in ("--out-dir", "--resume") for flag in args.train_flags):
+        raise ValueError("experiment: give --out-dir before NAME (each arm trains into "
+                         "OUT_DIR/NAME/ARM), and no --resume")
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    runs = {}  # arm directory -> its train arguments, all parsed before any trains
+    for name in names:
+        for arm, flags in EXPERIMENTS[name]:
+            directory = arm_dir(args, name, flags, arm)
+            runs[directory] = build_parser().parse_args(
+                ["train", *args.train_flags, *flags, "--out-dir", directory])
+            check_run_dir(runs[directory])  # an earlier experiment's runs: refused unless
+                                            # --overwrite, before any arm trains
+    for directory, train_args in runs.items():  # the default recipe trains once for all
+        print(f"== {directory}", flush=True)
+        train(train_args)
+    for name in names:
+        write_results(os.path.join(args.out_dir, name), [
+            (arm, flags, arm_result(arm_dir(args, name, flags, arm)))
+            for arm, flags in EXPERIMENTS[name]])
+
+
+def arm_dir(args: argparse.Namespace, name: str, flags: list[str], arm: str) -> str:
+    """Where an arm trains: OUT_DIR/NAME/ARM, or OUT_DIR/default for the default recipe, which
+    every experiment shares."""
+    if not flags:
+        return os.path.join(args.out_dir, "default")
+    return os.path.join(args.out_dir, name, re.sub(r"[^a-z0-9]+", "-", arm.lower()).strip("-"))
+
+
+def write_results(out: str, results: list[tuple[str, list[str], dict]]) -> None:
+    """The comparison table of an experiment's arms, printed and written to OUT/results.md."""
+    rows = [(arm, " ".join(flags) or "(the default)", r) for arm, flags, r in results]
+    table = ["| arm | flags | parameters | steps | tokens | time | best val loss | "
+             "final val loss |", "|---|---|---|---|---|---|---|---|"]
+    for arm, flags, r in rows:
+        table.append(f"| {arm} | `{flags}` | {r['parameters']:,} | {r['steps']:,} | "
+                     f"{r['tokens']:,} | {format_duration(r['seconds'])} | "
+                     f"{r['best']:.3f} | {r['final']:.3f} |")
+    os.makedirs(out, exist_ok=True)
+    write_atomically(os.path.join(out, "results.md"), ("\n".join(table) + "\n").encode())
+    print("\n".join(table))
+    print(f"results in {os.path.join(out, 'results.md')}")
+
+
 # ==================================================================================================
 # §15 Machinery: tokenize's inputs and outputs
 #
@@ -3548,6 +3730,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenize_parser(commands)
     add_train_parser(commands)
     add_sample_parser(commands)
+    add_experiment_parser(commands)
     return parser
 
 
@@ -3664,6 +3847,22 @@ def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
                     help="random seed, 0 to 2**63 - 1 (default: %(default)s)")
 
 
+# A gloss per ModelConfig field, for --help; ModelConfig's comments say more.
+MODEL_FLAG_HELP = {
+    "context_length": "tokens the model reads at once", "d_model": "width of the residual stream",
+    "num_layers": "transformer blocks", "num_heads": "attention heads",
+    "d_ff": "hidden width of a gated feed-forward (plain kinds get 1.5x)",
+    "rope_theta": "RoPE's base", "norm_eps": "RMSNorm's epsilon",
+    "tie_embeddings": "one matrix for the token embeddings and the output layer",
+    "tie_init": "tied: keep the output layer's small init, or the embedding's std-1 init",
+    "use_norm": "--no-use-norm removes every RMSNorm (an ablation)",
+    "norm_position": "pre-norm (modern) or post-norm (the 2017 transformer)",
+    "position_encoding": "rotary, none, or learned or sinusoidal vectors added to the tokens'",
+    "ffn_kind": "gated (swiglu, geglu) or plain two-layer feed-forward (silu, gelu, relu)",
+    "dropout": "share of attention weights and branch outputs zeroed while training, in [0, 1)",
+}
+
+
 def add_model_flags(tr: argparse.ArgumentParser) -> None:
     """One flag per ModelConfig field, each overriding the preset's value."""
     model_flags = tr.add_argument_group(
@@ -3671,13 +3870,30 @@ def add_model_flags(tr: argparse.ArgumentParser) -> None:
     for field in fields(ModelConfig):
         if field.name == "vocab_size":
             continue  # always the tokenizer's
-        flag = "--" + field.name.replace("_", "-")
+        flag, gloss = "--" + field.name.replace("_", "-"), MODEL_FLAG_HELP[field.name]
         if field.type == "bool":
-            model_flags.add_argument(flag, action=argparse.BooleanOptionalAction)
+            model_flags.add_argument(flag, action=argparse.BooleanOptionalAction, help=gloss)
         else:
             kind = {"int": number(int, 1), "float": number(float, 0.0, low_open=True)}
-            model_flags.add_argument(flag, type=kind.get(field.type, str),
-                                     choices=MODEL_CHOICES.get(field.name))
+            kind = number(float, 0.0, 1.0) if field.name == "dropout" else kind.get(field.type, str)
+            model_flags.add_argument(flag, type=kind, choices=MODEL_CHOICES.get(field.name),
+                                     help=gloss)
+
+
+def add_experiment_parser(commands) -> None:
+    ex = commands.add_parser(
+        "experiment", help="train the arms of a classic experiment and compare them",
+        description="Train each arm of an experiment on the same budget, seed and data (the "
+                    "train flags after NAME apply to every arm), then write a table of the "
+                    "results to OUT_DIR/NAME/results.md. Arms: " + "; ".join(
+                        f"{name}: {', '.join(arm for arm, _ in arms)}"
+                        for name, arms in EXPERIMENTS.items()))
+    ex.add_argument("name", choices=[*EXPERIMENTS, "all"], help="which experiment (all: each)")
+    ex.add_argument("--out-dir", default="data/experiments",
+                    help="each arm trains into OUT_DIR/NAME/ARM (default: %(default)s)")
+    ex.add_argument("train_flags", nargs=argparse.REMAINDER,
+                    help="train flags for every arm, e.g. --max-steps 300 (see train --help)")
+    ex.set_defaults(run=cmd_experiment, parser=ex)
 
 
 def add_sample_parser(commands) -> None:

@@ -890,11 +890,16 @@ def test_model_state_dict_has_cs336_names():
     (dict(num_layers=0), ["num_layers", "0"]),
     (dict(num_heads=-1), ["num_heads", "-1"]),
     (dict(d_ff=0), ["d_ff", "0"]),
-    (dict(ffn_kind="relu"), ["ffn_kind", "relu"]),
+    (dict(ffn_kind="swish"), ["ffn_kind", "swish"]),
     (dict(norm_position="middle"), ["norm_position", "middle"]),
     (dict(position_encoding="alibi"), ["position_encoding", "alibi"]),
+    (dict(dropout=1.0), ["dropout", "1.0"]),
+    (dict(dropout=-0.1), ["dropout", "-0.1"]),
+    (dict(tie_init="embedding"), ["tie_init", "embedding", "tie_embeddings"]),
+    (dict(use_norm=False, norm_position="post"), ["post", "use_norm"]),
 ], ids=["not-divisible", "odd-head-width", "vocab_size", "context_length", "d_model",
-        "num_layers", "num_heads", "d_ff", "ffn_kind", "norm_position", "position_encoding"])
+        "num_layers", "num_heads", "d_ff", "ffn_kind", "norm_position", "position_encoding",
+        "dropout-1", "dropout-negative", "tie-init-untied", "post-norm-without-norm"])
 def test_model_config_rejects_bad_values(overrides, named):
     """A bad architecture is a ValueError whose message names the bad values."""
     with pytest.raises(ValueError) as error:
@@ -916,13 +921,17 @@ def expected_parameter_count(config: gpt.ModelConfig) -> int:
     gated = config.ffn_kind in ("swiglu", "geglu")
     ffn = 3 * C * d_ff if gated else 2 * C * (3 * d_ff // 2)
     per_layer = 4 * C * C + ffn + (2 * C if config.use_norm else 0)
+    positions = config.context_length * C if config.position_encoding == "learned" else 0
     return (V * C + config.num_layers * per_layer + (C if config.use_norm else 0)
-            + (0 if config.tie_embeddings else V * C))
+            + (0 if config.tie_embeddings else V * C) + positions)
 
 
 ABLATIONS = [dict(), dict(use_norm=False), dict(norm_position="post"),
-             dict(position_encoding="nope"), dict(ffn_kind="swiglu"), dict(ffn_kind="geglu"),
-             dict(ffn_kind="silu"), dict(ffn_kind="gelu"), dict(tie_embeddings=True)]
+             dict(position_encoding="nope"), dict(position_encoding="learned"),
+             dict(position_encoding="sinusoidal"), dict(ffn_kind="swiglu"),
+             dict(ffn_kind="geglu"), dict(ffn_kind="silu"), dict(ffn_kind="gelu"),
+             dict(ffn_kind="relu"), dict(tie_embeddings=True),
+             dict(tie_embeddings=True, tie_init="embedding"), dict(dropout=0.1)]
 
 
 @pytest.mark.parametrize("overrides", ABLATIONS,
@@ -937,6 +946,79 @@ def test_ablations_build_count_and_train(overrides):
     losses = train_on_batch(model, gpt.AdamW(model.parameters(), lr=3e-3), tokens[:, :-1],
                             tokens[:, 1:], steps=8)
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu", "relu"])
+def test_plain_feed_forwards_match_the_gated_ones_in_parameters(kind):
+    """At the same d_ff, a plain MLP (1.5x wider) has exactly the parameters of SwiGLU."""
+    count = lambda **o: sum(p.numel() for p in gpt.TransformerLM(tiny_config(**o)).parameters())
+    assert count(ffn_kind=kind) == count(ffn_kind="swiglu")
+
+
+def test_relu_equals_its_definition():
+    """relu(x) = max(x, 0), as F.relu."""
+    x = torch.randn(100)
+    torch.testing.assert_close(gpt.relu(x), F.relu(x))
+
+
+def test_dropout_zeroes_a_share_p_keeps_the_mean_and_is_off_in_eval():
+    """Training: about p of the values are zeroed, the rest scaled by 1/(1-p), so the mean
+    stays; evaluation: the identity, and the model's outputs are deterministic."""
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = gpt.dropout(x, 0.1, training=True)
+    assert abs((y == 0).float().mean().item() - 0.1) < 0.005
+    assert y.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
+    assert abs(y.mean().item() - 1) < 0.01
+    assert gpt.dropout(x, 0.1, training=False) is x
+    model = gpt.TransformerLM(tiny_config(dropout=0.5))
+    tokens = torch.randint(0, 64, (2, 16))
+    assert not torch.equal(model(tokens), model(tokens))  # training: new masks every call
+    model.eval()
+    assert torch.equal(model(tokens), model(tokens))
+
+
+def test_sampling_with_dropout_is_deterministic_with_a_seed():
+    """Sampling runs the model in evaluation mode: dropout is off, the seed decides."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config(dropout=0.5)).train()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    runs = [torch.cat(list(gpt.generate_batch(model, prompt, 10, seed=5))) for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+def test_sinusoidal_positions_formula():
+    """pe[p, 2i] = sin(p / 10000^(2i/C)), pe[p, 2i+1] = cos(p / 10000^(2i/C)); row 0 is 0, 1."""
+    pe = gpt.sinusoidal_positions(10, 8)
+    p, i = 7, 3
+    assert pe[p, 2 * i].item() == pytest.approx(math.sin(p / 10000 ** (2 * i / 8)), abs=1e-6)
+    assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / 8)), abs=1e-6)
+    assert pe[0].tolist() == [0, 1] * 4
+
+
+@pytest.mark.parametrize("kind", ["learned", "sinusoidal"])
+def test_absolute_positions_end_at_the_context_length(kind):
+    """Learned and sinusoidal positions exist for 0 .. context_length - 1: past them the model
+    refuses, and generation re-reads the last window (as with the whole text recomputed)."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config(position_encoding=kind, context_length=8)).eval()
+    with pytest.raises(ValueError, match="past the last of the 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    prompt = torch.randint(0, 64, (1, 5))
+    tokens = prompt
+    for token in gpt.generate_batch(model, prompt, 12, temperature=0):
+        expected = model(tokens[:, -8:])[:, -1].argmax(-1)  # greedy over the last window
+        assert torch.equal(token, expected)
+        tokens = torch.cat((tokens, token[:, None]), dim=1)
+
+
+def test_tied_embeddings_keep_the_chosen_init():
+    """Tied with tie_init "output": the small Glorot init of lm_head; "embedding": std 1."""
+    torch.manual_seed(0)
+    for init, std in (("output", math.sqrt(2 / (32 + 64))), ("embedding", 1.0)):
+        model = gpt.TransformerLM(tiny_config(tie_embeddings=True, tie_init=init))
+        assert model.lm_head.weight is model.token_embeddings.weight
+        assert model.lm_head.weight.std().item() == pytest.approx(std, rel=0.15)
 
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
@@ -2596,6 +2678,35 @@ def test_resume_with_another_configuration_is_refused(tmp_path, token_dir, capsy
     assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--d-model", "64")) == 2
     assert "d_model 32 -> 64" in one_error_line(capsys, "train")
     assert (tmp_path / "latest.pt").read_bytes() == before
+
+
+def test_experiment_runs_each_arm_and_tabulates(tmp_path, token_dir, capsys):
+    """`experiment dropout` trains its two arms with the same flags and writes their table;
+    a train flag that does not fit is refused before any arm trains."""
+    flags = train_args(token_dir, tmp_path)[1:]
+    flags = flags[:flags.index("--out-dir")] + flags[flags.index("--out-dir") + 2:]
+    assert gpt.main(["experiment", "--out-dir", str(tmp_path), "dropout", *flags]) == 0
+    table = (tmp_path / "dropout" / "results.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| dropout 0 |")
+    assert "| dropout 0.1 | `--dropout 0.1` |" in table[3]
+    for row in table[2:]:
+        assert row.split(" | ")[3:5] == ["6", f"{6 * 4 * 16:,}"]  # steps, tokens: the same
+    assert table[2].split(" | ")[2] == table[3].split(" | ")[2]  # the same parameters
+    assert exit_code(["experiment", "--out-dir", str(tmp_path / "x"), "lr", *flags,
+                      "--out-dir", "y"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_of_a_checkpoint_from_before_newer_model_fields(tmp_path, token_dir):
+    """A checkpoint whose config lacks fields added since (dropout, tie_init) resumes with
+    their defaults."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
+    path = tmp_path / "latest.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    for name in ("dropout", "tie_init"):
+        del checkpoint["config"][name]
+    torch.save(checkpoint, path)
+    assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--max-steps", "5")) == 0
 
 
 # ==================================================================================================
