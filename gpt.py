@@ -1353,21 +1353,18 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
 # saves checkpoints and logs; the presets say which model and recipe it trains.
 # ==================================================================================================
 
-# Named configurations. `laptop` is the default: tuned to train in about 10 minutes on a 2-core
-# CPU. `base` is the standard 23M TinyStories model. small / medium / large take the widths and
-# depths of GPT-2's ladder; with a gated feed-forward of d_ff = 4C and an untied output layer they
-# have 191M, 506M and 1.07B parameters at GPT-2's 50,257-token vocabulary. Each preset also names
-# a batch size (in sequences) and a peak learning rate that suit its width; every value has its
-# own flag.
-# Each preset with the recipe it was tuned on:
-# - laptop: tuned here, on a 2-core CPU, with 4-minute runs (the README's table): batch 8 and
-#   lr 3e-3 gave the lowest validation loss in a fixed time. d_ff 688 is 8/3 x 256 (SwiGLU's
-#   width for the parameters of a 4x MLP) rounded up to a multiple of 16, for the matmul kernels.
+# Named configurations, each a model and the batch size (in sequences) and peak learning rate
+# it trains with; every value has its own flag. What each was tuned on:
+# - laptop (the default): tuned here, on a 2-core CPU, with 4-minute runs (the README's table):
+#   batch 8 and lr 3e-3 gave the lowest validation loss in a fixed time. d_ff 688 is 8/3 x 256
+#   (SwiGLU's width for the parameters of a 4x MLP) rounded up to a multiple of 16.
 # - base: the 23M TinyStories model of Stanford CS336's assignment 1 (d_ff 1344 = 8/3 x 512,
 #   rounded to a multiple of 64 as there), lr 1e-3 from that course's learning-rate sweeps (best
 #   near 1e-3, divergence near 1e-2); batch 32 on any device, 128 in the GPU recipe (§12).
-# - small, medium, large: GPT-2's shapes (Radford et al. 2019), with the peak learning rates of
-#   the same sizes in the GPT-3 paper's Table 2.1 (6e-4, 3e-4, 2.5e-4). Not tuned here.
+# - small, medium, large: GPT-2's widths and depths (Radford et al. 2019) with the peak learning
+#   rates of the same sizes in the GPT-3 paper's Table 2.1 (6e-4, 3e-4, 2.5e-4); with a gated
+#   d_ff of 4C and an untied output layer, 191M, 506M and 1.07B parameters at GPT-2's 50,257-token
+#   vocabulary. Not tuned here.
 PRESETS = {
     "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
                    batch_size=8, lr=3e-3),
