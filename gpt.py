@@ -3632,11 +3632,11 @@ def check_exportable(config: ModelConfig) -> None:
     needs = [("use_norm", True, "an RMSNorm before each sublayer"),
              ("norm_position", "pre", "pre-norm blocks, x + f(norm(x))"),
              ("position_encoding", "rope", "rotary position embeddings"),
-             ("ffn_kind", "swiglu", "the gated feed-forward with silu (SwiGLU)")]
+             ("ffn_kind", "swiglu", "the gated feed-forward with silu, SwiGLU")]
     for name, needed, llama in needs:
         if getattr(config, name) != needed:
-            raise ValueError(f"cannot export a model with {name}={getattr(config, name)!r}: the "
-                             f"Llama format has only {llama} ({name}={needed!r})")
+            raise ValueError(f"cannot export a model with {name}={getattr(config, name)!r}: a "
+                             f"Llama model has only {llama}, {name}={needed!r}")
 
 
 def rope_halves(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -3667,6 +3667,7 @@ def llama_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
             name = ours.format(i=i)
             tensor = state[name]
             if name.endswith(("q_proj.weight", "k_proj.weight")):
+                # Our RoPE turns pairs (2j, 2j+1), Llama's (j, j + D/2): see rope_halves.
                 tensor = rope_halves(tensor, model.config.num_heads)
             out[theirs.format(i=i)] = tensor.detach().cpu().contiguous()
             used.add(name)
@@ -3810,6 +3811,21 @@ def read_for_export(path: str) -> tuple[TransformerLM, Tokenizer, int]:
     return model.eval(), tokenizer, checkpoint["iteration"]
 
 
+def save_weights_only(model: TransformerLM, tokenizer: Tokenizer, iteration: int,
+                      path: str) -> None:
+    """A checkpoint with what load_for_sampling reads and nothing else: no optimizer state (two
+    thirds of a training checkpoint), nothing that resuming needs."""
+    try:
+        with replaced(path) as f:
+            torch.save({"model": model.state_dict(), "iteration": iteration,
+                        "config": asdict(model.config),
+                        "tokenizer": dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
+                                          special_tokens=tokenizer.special_tokens)}, f)
+    except RuntimeError as e:  # torch's zip writer stops so when the disk is full
+        raise OSError(f"cannot write {path}: the write stopped partway, is the disk full? "
+                      f"({first_line(e)})") from None
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     path = args.checkpoint or newest_checkpoint(args.run_dir)
     model, tokenizer, iteration = read_for_export(path)
@@ -3820,20 +3836,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     write_safetensors(out("model.safetensors"), llama_state_dict(model))
     files = {"config.json": llama_config(model.config, tokenizer)}
     eos_id = end_of_text_id(tokenizer)
-    if eos_id is not None:  # generate() stops at the end of a story, and pads with it
-        files["generation_config.json"] = {"bos_token_id": eos_id, "eos_token_id": eos_id,
-                                           "pad_token_id": eos_id}
+    # generate() stops at the end of a story. No pad_token_id: a generate() told no eos would
+    # take the leading end-of-text token of a prompt for padding, and mask it out.
+    if eos_id is not None:
+        files["generation_config.json"] = {"bos_token_id": eos_id, "eos_token_id": eos_id}
     for name, value in files.items():
         write_atomically(out(name), (json.dumps(value, indent=2) + "\n").encode())
     for name, data in hf_tokenizer_files(tokenizer, model.config.context_length).items():
         write_atomically(out(name), data)
-    # The weights-only checkpoint: what load_for_sampling reads, without the optimizer state
-    # (two thirds of a training checkpoint) or what resuming needs.
-    with replaced(out("gpt.pt")) as f:
-        torch.save({"model": model.state_dict(), "iteration": iteration,
-                    "config": asdict(model.config),
-                    "tokenizer": dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
-                                      special_tokens=tokenizer.special_tokens)}, f)
+    save_weights_only(model, tokenizer, iteration, out("gpt.pt"))
     num_params = sum(p.numel() for p in model.parameters())
     print(f"model: {path} (step {iteration:,}, {num_params / 1e6:.1f}M parameters)")
     print(f"wrote {args.out}: model.safetensors "

@@ -3245,6 +3245,8 @@ def test_export_command_writes_every_file_and_a_weights_only_checkpoint(tmp_path
         "config.json", "generation_config.json", "gpt.pt", "merges.txt", "model.safetensors",
         "special_tokens.json", "special_tokens_map.json", "tokenizer.json",
         "tokenizer_config.json", "vocab.json"]
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 256, "eos_token_id": 256}  # 256: <|endoftext|>
     original, weights_only = gpt.read_checkpoint(path), gpt.read_checkpoint(
         str(tmp_path / "hf" / "gpt.pt"))
     assert "optimizer" in original and "optimizer" not in weights_only
@@ -3305,7 +3307,7 @@ def test_transformers_loads_the_export_and_computes_our_model(tmp_path, trained_
     assert hf_tokenizer(EOT + "Once upon a")["input_ids"] == prompt
     n = T - len(prompt)  # Llama has no sliding window: stay within the context
     greedy = [int(t) for t in gpt.generate_batch(model, torch.tensor([prompt]), n, 0.0)]
-    # eos_token_id=None: n tokens even past an end of text; the mask says no token is padding.
+    # eos_token_id=None: n tokens even past an end of text.
     hf_greedy = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
                                   eos_token_id=None, attention_mask=torch.ones(1, len(prompt),
                                                                                dtype=torch.long))
