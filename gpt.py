@@ -29,7 +29,8 @@ speeds up or protects:
     §13 Budgets       time budgets, Ctrl-C and SIGTERM
     §14 The run       the training run: inputs, model, the loop, logs, checkpoints
     §15 tokenize      inputs checked first, outputs published together
-    §16 Command line  the three subcommands and main()
+    §16 Export        the Hugging Face format: config, safetensors, tokenizer files
+    §17 Command line  the subcommands and main()
 
 The three commands, on the bundled TinyStories sample:
 
@@ -3311,30 +3312,6 @@ def arm_result(out_dir: str) -> dict:
                 final=evals[-1]["val_loss"])
 
 
-def cmd_experiment(args: argparse.Namespace) -> None:
-    """`python gpt.py experiment NAME [train flags]`: train each arm of EXPERIMENTS[NAME] with
-    the same flags (budget, seed, data) into OUT_DIR/NAME/<arm>, then tabulate the results."""
-    if any(flag.split("=")[0] in ("--out-dir", "--resume") for flag in args.train_flags):
-        raise ValueError("experiment: give --out-dir before NAME (each arm trains into "
-                         "OUT_DIR/NAME/ARM), and no --resume")
-    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
-    runs = {}  # arm directory -> its train arguments, all parsed before any trains
-    for name in names:
-        for arm, flags in EXPERIMENTS[name]:
-            directory = arm_dir(args, name, flags, arm)
-            runs[directory] = build_parser().parse_args(
-                ["train", *args.train_flags, *flags, "--out-dir", directory])
-            check_run_dir(runs[directory])  # an earlier experiment's runs: refused unless
-                                            # --overwrite, before any arm trains
-    for directory, train_args in runs.items():  # the default recipe trains once for all
-        print(f"== {directory}", flush=True)
-        train(train_args)
-    for name in names:
-        write_results(os.path.join(args.out_dir, name), [
-            (arm, flags, arm_result(arm_dir(args, name, flags, arm)))
-            for arm, flags in EXPERIMENTS[name]])
-
-
 def arm_dir(args: argparse.Namespace, name: str, flags: list[str], arm: str) -> str:
     """Where an arm trains: OUT_DIR/NAME/ARM, or OUT_DIR/default for the default recipe, which
     every experiment shares."""
@@ -3515,7 +3492,240 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
 
 
 # ==================================================================================================
-# §16 Command line
+# §16 Machinery: export to the Hugging Face format
+#
+# Makes §3's model usable elsewhere. It is a LLaMA (Touvron et al. 2023) in all but names:
+# pre-norm RMSNorm, rotary position embeddings, a SwiGLU feed-forward, no biases. So `export`
+# writes it as `transformers`' LlamaForCausalLM, which AutoModelForCausalLM.from_pretrained and
+# the tools built on it load with no code of ours: config.json, the weights as safetensors (a
+# JSON header, then raw little-endian tensors), the tokenizer files, and a weights-only gpt.pt
+# for `gpt.py sample`.
+# ==================================================================================================
+
+# Our parameter names -> LlamaForCausalLM's; {i} is the layer.
+LLAMA_NAMES = {
+    "token_embeddings.weight": "model.embed_tokens.weight",
+    "layers.{i}.ln1.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.attn.q_proj.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attn.k_proj.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attn.v_proj.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attn.output_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.ln2.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.ffn.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",  # silu(w1 x) * w3 x
+    "layers.{i}.ffn.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.ffn.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "ln_final.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+# The safetensors names of the dtypes a model's tensors can have.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+                      torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def check_exportable(config: ModelConfig) -> None:
+    """Refuse, naming the setting, an ablation that a Llama model cannot compute."""
+    # (setting, what Llama needs, what Llama has)
+    needs = [("use_norm", True, "an RMSNorm before each sublayer"),
+             ("norm_position", "pre", "pre-norm blocks, x + f(norm(x))"),
+             ("position_encoding", "rope", "rotary position embeddings"),
+             ("ffn_kind", "swiglu", "the gated feed-forward with silu, SwiGLU")]
+    for name, needed, llama in needs:
+        if getattr(config, name) != needed:
+            raise ValueError(f"cannot export a model with {name}={getattr(config, name)!r}: a "
+                             f"Llama model has only {llama}, {name}={needed!r}")
+
+
+def rope_halves(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The rows of a query or key projection (H*D, C), reordered within each head for Llama's
+    rotary embedding.
+
+    Ours turns adjacent pairs (2j, 2j+1) by the angle p * theta^(-2j/D) (RotaryEmbedding);
+    Llama's `rotate_half` turns dimension j with dimension j + D/2 by that same angle. So our
+    dimension 2j must become Llama's j, and 2j+1 become j + D/2: each head's rows in the order
+    0, 2, 4, ..., D-2, then 1, 3, ..., D-1. Example, D = 4: rows (0, 1, 2, 3) -> (0, 2, 1, 3),
+    and our pairs (0,1), (2,3) become Llama's (0,2), (1,3). Queries and keys are reordered
+    alike, and a score q.k sums over the D dimensions in any order, so every attention score is
+    unchanged; values and the output projection keep their order.
+    """
+    rows, C = weight.shape
+    D = rows // num_heads
+    pairs = weight.reshape(num_heads, D // 2, 2, C)  # (H, D/2, 2, C): pair j, member 0 or 1
+    return pairs.transpose(1, 2).reshape(rows, C)    # (H, 2, D/2, C): first members, then second
+
+
+def llama_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
+    """The model's weights under LlamaForCausalLM's names, q and k reordered for its RoPE. With
+    tied embeddings there is no lm_head: `tie_word_embeddings` makes Llama share the matrix."""
+    state = model.state_dict()
+    out, used = {}, set()
+    for ours, theirs in LLAMA_NAMES.items():
+        for i in range(model.config.num_layers) if "{i}" in ours else [0]:
+            name = ours.format(i=i)
+            tensor = state[name]
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                # Our RoPE turns pairs (2j, 2j+1), Llama's (j, j + D/2): see rope_halves.
+                tensor = rope_halves(tensor, model.config.num_heads)
+            out[theirs.format(i=i)] = tensor.detach().cpu().contiguous()
+            used.add(name)
+    assert used == state.keys(), f"parameters with no Llama name: {state.keys() - used}"
+    if model.config.tie_embeddings:
+        del out["lm_head.weight"]
+    return out
+
+
+def end_of_text_id(tokenizer: Tokenizer) -> int | None:
+    """The id of the first special token, which `sample` (and training data) use to end a story
+    and to start a fresh one; None without special tokens."""
+    return tokenizer.special_ids[tokenizer.special_tokens[0]] if tokenizer.special_tokens else None
+
+
+def llama_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
+    """config.json: our ModelConfig in the words of `transformers`' LlamaConfig."""
+    eos_id = end_of_text_id(tokenizer)
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+            "intermediate_size": config.ffn_hidden, "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_heads,  # every head has its own keys (no GQA)
+            "head_dim": config.head_dim, "hidden_act": "silu", "attention_bias": False,
+            "attention_dropout": 0.0, "mlp_bias": False, "rms_norm_eps": config.norm_eps,
+            "rope_theta": config.rope_theta, "max_position_embeddings": config.context_length,
+            "tie_word_embeddings": config.tie_embeddings,
+            # One token both ends a story and starts the next, as in GPT-2's config.
+            "bos_token_id": eos_id, "eos_token_id": eos_id,
+            "torch_dtype": "float32", "use_cache": True}
+
+
+def tokenizer_json(tokenizer: Tokenizer) -> dict:
+    """tokenizer.json, the file AutoTokenizer loads as a fast tokenizer (Hugging Face's
+    `tokenizers`): byte-level BPE with GPT-2's pre-tokenizer, which is ours, our merges in
+    order, and the special tokens cut out first. It gives the ids Tokenizer.encode gives.
+
+    The special tokens are in the vocabulary as they are written, not spelled: `tokenizers`
+    gives a special token the id it has there (one missing there would get a new id past the
+    end). If BPE built one string twice, its first id is the one our encoder produces, and the
+    only one here. `ignore_merges` is off, or a word found whole in the vocabulary would skip
+    the merges that our encoder applies.
+    """
+    spell = bytes_to_unicode()
+    spelled = lambda token: "".join(spell[b] for b in token)
+    vocab = dict(tokenizer.special_ids)  # {"<|endoftext|>": 256}
+    for i in sorted(tokenizer.vocab):
+        if i not in tokenizer.special_ids.values():
+            vocab.setdefault(spelled(tokenizer.vocab[i]), i)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": True}
+    added = [{"id": tokenizer.special_ids[s], "content": s, "single_word": False,
+              "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+             for s in tokenizer.special_tokens]
+    model = {"type": "BPE", "dropout": None, "unk_token": None,
+             "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+             "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
+             "merges": [f"{spelled(a)} {spelled(b)}" for a, b in tokenizer.merges]}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": None, "pre_tokenizer": byte_level, "post_processor": byte_level,
+            "decoder": byte_level, "model": model}
+
+
+def hf_tokenizer_files(tokenizer: Tokenizer, context_length: int) -> dict[str, bytes]:
+    """The tokenizer as files, by name: ours (vocab.json, merges.txt, special_tokens.json, which
+    Tokenizer.load reads), tokenizer.json, and the two configuration files that tell
+    AutoTokenizer which tokens are special."""
+    specials = {}
+    if tokenizer.special_tokens:
+        eos = tokenizer.special_tokens[0]
+        specials = {"bos_token": eos, "eos_token": eos}
+        if tokenizer.special_tokens[1:]:
+            specials["additional_special_tokens"] = tokenizer.special_tokens[1:]
+    # model_max_length: longer inputs get a warning. Cleaning up spaces would turn the text
+    # " ." that the model wrote into ".".
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
+                "clean_up_tokenization_spaces": False, **specials}
+    as_json = lambda value: (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
+    return {**tokenizer.saved_files(), "tokenizer.json": as_json(tokenizer_json(tokenizer)),
+            "tokenizer_config.json": as_json(settings),
+            "special_tokens_map.json": as_json(specials)}
+
+
+def little_endian_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's elements as raw little-endian bytes, whatever the machine's byte order.
+    Example: torch.tensor([1.0]) -> b'\\x00\\x00\\x80\\x3f'."""
+    size = tensor.element_size()
+    # Reinterpreted as integers of the same width (numpy has no bfloat16), which numpy then
+    # writes in the byte order asked for; a no-op copy on little-endian machines.
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+    array = tensor.detach().cpu().contiguous().reshape(-1).view(ints).numpy()
+    return array.astype(f"<{'u' if size == 1 else 'i'}{size}").tobytes()
+
+
+@contextmanager
+def replaced(path: str) -> Iterator:
+    """An open binary file that becomes `path` only once the with-block completes, so a crash
+    leaves the old file or the new one, never half (write_atomically, for data in pieces)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write tensors in the safetensors format: an 8-byte little-endian header length N, N bytes
+    of JSON {name: {"dtype": "F32", "shape": [rows, cols], "data_offsets": [begin, end]}}, then
+    every tensor's bytes back to back, the offsets counted from the end of the header.
+    Example: {"w": a (2, 3) float32} -> header {"w": {"dtype": "F32", "shape": [2, 3],
+    "data_offsets": [0, 24]}}, then 24 bytes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # spaces, so the tensors start 8-byte aligned
+    with replaced(path) as f:
+        write_all(f, len(text).to_bytes(8, "little") + text, path)
+        for tensor in tensors.values():
+            write_all(f, little_endian_bytes(tensor), path)
+
+
+def read_for_export(path: str) -> tuple[TransformerLM, Tokenizer, int]:
+    """The model, the tokenizer and the step count of a checkpoint, each checked as for
+    sampling (load_for_sampling), on the CPU."""
+    checkpoint = read_checkpoint(path)
+    if not {"config", "tokenizer"} <= checkpoint.keys():
+        raise ValueError(f"{path}: no model config or tokenizer in it; was it written by "
+                         f"`python gpt.py train`?")
+    config = saved_config(checkpoint["config"], path)
+    check_exportable(config)
+    tokenizer = saved_tokenizer(checkpoint["tokenizer"], path, config.vocab_size)
+    model = TransformerLM(config)
+    load_model_state(model, checkpoint["model"], path)
+    return model.eval(), tokenizer, checkpoint["iteration"]
+
+
+def save_weights_only(model: TransformerLM, tokenizer: Tokenizer, iteration: int,
+                      path: str) -> None:
+    """A checkpoint with what load_for_sampling reads and nothing else: no optimizer state (two
+    thirds of a training checkpoint), nothing that resuming needs."""
+    try:
+        with replaced(path) as f:
+            torch.save({"model": model.state_dict(), "iteration": iteration,
+                        "config": asdict(model.config),
+                        "tokenizer": dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
+                                          special_tokens=tokenizer.special_tokens)}, f)
+    except RuntimeError as e:  # torch's zip writer stops so when the disk is full
+        raise OSError(f"cannot write {path}: the write stopped partway, is the disk full? "
+                      f"({first_line(e)})") from None
+
+
+# ==================================================================================================
+# §17 Command line
 #
 # Each subcommand is a plain function of its parsed arguments. A mistake in the user's input
 # (a missing file, an impossible size) raises ValueError or OSError with a message naming the
@@ -3677,6 +3887,59 @@ def cmd_sample(args: argparse.Namespace) -> None:
                          f"sample{'s' * (args.num_samples > 1)} at once: {advice}") from None
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    path = args.checkpoint or newest_checkpoint(args.run_dir)
+    model, tokenizer, iteration = read_for_export(path)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file: give a directory")
+    check_writable_dir(args.out)
+    out = lambda name: os.path.join(args.out, name)
+    write_safetensors(out("model.safetensors"), llama_state_dict(model))
+    files = {"config.json": llama_config(model.config, tokenizer)}
+    eos_id = end_of_text_id(tokenizer)
+    # generate() stops at the end of a story. No pad_token_id: a generate() told no eos would
+    # take the leading end-of-text token of a prompt for padding, and mask it out.
+    if eos_id is not None:
+        files["generation_config.json"] = {"bos_token_id": eos_id, "eos_token_id": eos_id}
+    for name, value in files.items():
+        write_atomically(out(name), (json.dumps(value, indent=2) + "\n").encode())
+    for name, data in hf_tokenizer_files(tokenizer, model.config.context_length).items():
+        write_atomically(out(name), data)
+    save_weights_only(model, tokenizer, iteration, out("gpt.pt"))
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {path} (step {iteration:,}, {num_params / 1e6:.1f}M parameters)")
+    print(f"wrote {args.out}: model.safetensors "
+          f"({os.path.getsize(out('model.safetensors')) / 1e6:.1f} MB), "
+          f"{', '.join(files)}, tokenizer files, gpt.pt "
+          f"({os.path.getsize(out('gpt.pt')) / 1e6:.1f} MB, for gpt.py sample)")
+    print(f'load it with AutoModelForCausalLM.from_pretrained("{args.out}") and '
+          f'AutoTokenizer.from_pretrained("{args.out}")')
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    """`python gpt.py experiment NAME [train flags]`: train each arm of EXPERIMENTS[NAME] with
+    the same flags (budget, seed, data) into OUT_DIR/NAME/<arm>, then tabulate the results."""
+    if any(flag.split("=")[0] in ("--out-dir", "--resume") for flag in args.train_flags):
+        raise ValueError("experiment: give --out-dir before NAME (each arm trains into "
+                         "OUT_DIR/NAME/ARM), and no --resume")
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    runs = {}  # arm directory -> its train arguments, all parsed before any trains
+    for name in names:
+        for arm, flags in EXPERIMENTS[name]:
+            directory = arm_dir(args, name, flags, arm)
+            runs[directory] = build_parser().parse_args(
+                ["train", *args.train_flags, *flags, "--out-dir", directory])
+            check_run_dir(runs[directory])  # an earlier experiment's runs: refused unless
+                                            # --overwrite, before any arm trains
+    for directory, train_args in runs.items():  # the default recipe trains once for all
+        print(f"== {directory}", flush=True)
+        train(train_args)
+    for name in names:
+        write_results(os.path.join(args.out_dir, name), [
+            (arm, flags, arm_result(arm_dir(args, name, flags, arm)))
+            for arm, flags in EXPERIMENTS[name]])
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a mistake on the command line is one line (not the usage, then the error)
     and exit code 2, like every other bad input."""
@@ -3722,12 +3985,14 @@ def duration(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample.")
+        prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample; "
+                                  "experiment, export.")
     commands = parser.add_subparsers(dest="command", required=True)
     add_tokenize_parser(commands)
     add_train_parser(commands)
     add_sample_parser(commands)
     add_experiment_parser(commands)
+    add_export_parser(commands)
     return parser
 
 
@@ -3891,6 +4156,24 @@ def add_experiment_parser(commands) -> None:
     ex.add_argument("train_flags", nargs=argparse.REMAINDER,
                     help="train flags for every arm, e.g. --max-steps 300 (see train --help)")
     ex.set_defaults(run=cmd_experiment, parser=ex)
+
+
+def add_export_parser(commands) -> None:
+    ex = commands.add_parser(
+        "export", help="write a checkpoint in the Hugging Face format (Llama)",
+        description="Write the model as a Llama model that Hugging Face transformers loads "
+                    "with no custom code (config.json, model.safetensors, the tokenizer), and a "
+                    "weights-only gpt.pt that `gpt.py sample --checkpoint` reads. Ablations "
+                    "Llama cannot compute (post-norm, no norm, NoPE, a feed-forward other than "
+                    "SwiGLU) are refused.")
+    ex.add_argument("--checkpoint", metavar="PATH",
+                    help="checkpoint file (default: the newest in RUN_DIR)")
+    ex.add_argument("--run-dir", default="data/run",
+                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    ex.add_argument("--out", metavar="DIR", required=True,
+                    help="directory for the files, made if missing; files of an earlier export "
+                         "there are replaced")
+    ex.set_defaults(run=cmd_export, parser=ex)
 
 
 def add_sample_parser(commands) -> None:

@@ -3021,7 +3021,321 @@ def test_disk_full_names_the_file_and_keeps_the_previous_files(tmp_path, small_t
 
 
 # ==================================================================================================
-# §16 Command line: sample
+# §16 Export: the Hugging Face format
+# ==================================================================================================
+
+def read_safetensors(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A safetensors file parsed by hand: (header, tensors), checking the layout on the way: an
+    8-byte little-endian length, that many bytes of JSON, then data that the tensors' offsets
+    tile exactly, with no gap, overlap or leftover byte."""
+    data = open(path, "rb").read()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    body = data[8 + length:]
+    entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    spans = sorted(tuple(entry["data_offsets"]) for entry in entries.values())
+    assert spans[0][0] == 0 and spans[-1][1] == len(body)
+    assert all(a[1] == b[0] for a, b in pairwise(spans))
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "U8": torch.uint8, "BOOL": torch.bool}
+    tensors = {}
+    for name, entry in entries.items():
+        dtype = dtypes[entry["dtype"]]
+        size = torch.empty(0, dtype=dtype).element_size()
+        begin, end = entry["data_offsets"]
+        assert end - begin == math.prod(entry["shape"]) * size
+        # Read as little-endian integers of the element's width, then reinterpreted.
+        ints = np.frombuffer(body[begin:end], dtype=f"<{'u' if size == 1 else 'i'}{size}")
+        tensor = torch.from_numpy(ints.astype(ints.dtype.newbyteorder("="))).view(dtype)
+        tensors[name] = tensor.reshape(entry["shape"])
+    return header, tensors
+
+
+def test_safetensors_parse_back_to_the_tensors_written(tmp_path):
+    """write_safetensors' header gives each tensor's dtype, shape and offsets, its data starts
+    8-byte aligned, and every tensor reads back equal, bit for bit, whatever its dtype."""
+    tensors = {"matrix": torch.randn(3, 5), "bf16": torch.randn(7).to(torch.bfloat16),
+               "half": torch.randn(2, 2).half(), "ids": torch.arange(-3, 4),
+               "mask": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+               "strided": torch.randn(4, 6).T}  # not contiguous: written in its logical order
+    gpt.write_safetensors(str(tmp_path / "t.safetensors"), tensors)
+    header, read = read_safetensors(tmp_path / "t.safetensors")
+    assert header["__metadata__"] == {"format": "pt"}
+    assert header["matrix"] == {"dtype": "F32", "shape": [3, 5], "data_offsets": [0, 60]}
+    assert int.from_bytes((tmp_path / "t.safetensors").read_bytes()[:8], "little") % 8 == 0
+    assert read.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+
+
+def test_little_endian_bytes_hand_example():
+    """1.0 in float32 is 0x3f800000, written lowest byte first."""
+    assert gpt.little_endian_bytes(torch.tensor([1.0])) == b"\x00\x00\x80\x3f"
+    assert gpt.little_endian_bytes(torch.tensor([1], dtype=torch.int16)) == b"\x01\x00"
+
+
+def test_rope_halves_hand_example():
+    """Within each head of width 4, rows (0, 1, 2, 3) go to (0, 2, 1, 3)."""
+    rows = torch.arange(8.0)[:, None]  # 2 heads of D = 4, one input column
+    assert gpt.rope_halves(rows, num_heads=2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def rotate_half_llama(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Llama's RoPE as `transformers` writes it, on x (..., T, D) at positions 0 .. T-1:
+    dimension i turns with dimension i + D/2, by the angle position * theta^(-2i/D)."""
+    T, D = x.shape[-2:]
+    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2).float() / D)  # (D/2,)
+    angles = torch.outer(torch.arange(T).float(), inv_freq)        # (T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)                   # (T, D): i and i + D/2 alike
+    x1, x2 = x[..., :D // 2], x[..., D // 2:]
+    return x * angles.cos() + torch.cat((-x2, x1), dim=-1) * angles.sin()
+
+
+def attention_scores(x, wq, wk, num_heads: int, rotate) -> torch.Tensor:
+    """q k^T of x (T, C) for every head: (H, T, T), after `rotate` turns q and k (H, T, D)."""
+    T, C = x.shape
+    q = (x @ wq.T).view(T, num_heads, -1).transpose(0, 1)  # (H, T, D)
+    k = (x @ wk.T).view(T, num_heads, -1).transpose(0, 1)
+    return rotate(q) @ rotate(k).transpose(-2, -1)         # (H, T, D) @ (H, D, T) -> (H, T, T)
+
+
+def test_rope_halves_make_llamas_rotation_give_our_attention_scores():
+    """The q and k projections with rows reordered by rope_halves, rotated Llama's way (halves),
+    give the scores that the original ones give rotated ours (adjacent pairs); without the
+    reordering they do not."""
+    torch.manual_seed(0)
+    T, C, H, theta = 12, 32, 4, 100.0
+    x, wq, wk = torch.randn(T, C), torch.randn(C, C), torch.randn(C, C)
+    rope = gpt.RotaryEmbedding(theta, C // H, T)
+    ours = attention_scores(x, wq, wk, H, lambda t: rope(t, torch.arange(T)))
+    llama = lambda t: rotate_half_llama(t, theta)
+    reordered = attention_scores(x, gpt.rope_halves(wq, H), gpt.rope_halves(wk, H), H, llama)
+    torch.testing.assert_close(reordered, ours, atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(attention_scores(x, wq, wk, H, llama), ours, atol=1e-2)
+
+
+def llama_logits(weights: dict[str, torch.Tensor], config: dict, ids: list[int]) -> torch.Tensor:
+    """LlamaForCausalLM's forward pass written out in plain torch, from the exported weights and
+    config.json alone: ids (T,) -> logits (T, V)."""
+    H, D, T = config["num_attention_heads"], config["head_dim"], len(ids)
+    norm = lambda x, g: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
+                                        + config["rms_norm_eps"]) * g
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    x = weights["model.embed_tokens.weight"][ids]  # (T, C)
+    for i in range(config["num_hidden_layers"]):
+        w = {name.removeprefix(f"model.layers.{i}."): tensor for name, tensor in weights.items()}
+        h = norm(x, w["input_layernorm.weight"])
+        q, k, v = ((h @ w[f"self_attn.{n}_proj.weight"].T).view(T, H, D).transpose(0, 1)
+                   for n in "qkv")                                     # (H, T, D) each
+        q, k = (rotate_half_llama(t, config["rope_theta"]) for t in (q, k))
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~causal, -math.inf)
+        y = (scores.softmax(-1) @ v).transpose(0, 1).reshape(T, H * D)  # (T, C)
+        x = x + y @ w["self_attn.o_proj.weight"].T
+        h = norm(x, w["post_attention_layernorm.weight"])
+        gate, up = h @ w["mlp.gate_proj.weight"].T, h @ w["mlp.up_proj.weight"].T
+        x = x + (F.silu(gate) * up) @ w["mlp.down_proj.weight"].T
+    head = weights["model.embed_tokens.weight" if config["tie_word_embeddings"] else
+                   "lm_head.weight"]
+    return norm(x, weights["model.norm.weight"]) @ head.T
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_exported_weights_run_as_llama_give_our_logits(tmp_path, tie):
+    """The safetensors file and config.json, run through Llama's forward pass (written out
+    above), give our model's logits; with tied embeddings there is no lm_head to store."""
+    torch.manual_seed(0)
+    config = tiny_config(tie_embeddings=tie, rope_theta=500.0, norm_eps=1e-6)
+    model = gpt.TransformerLM(config).eval()
+    tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], [EOT])
+    gpt.write_safetensors(str(tmp_path / "model.safetensors"), gpt.llama_state_dict(model))
+    _, weights = read_safetensors(tmp_path / "model.safetensors")
+    assert ("lm_head.weight" in weights) == (not tie)
+    assert len(weights) == 2 + 9 * config.num_layers + (not tie)
+    llama_config = json.loads(json.dumps(gpt.llama_config(config, tokenizer)))
+    ids = torch.randint(0, config.vocab_size, (config.context_length,)).tolist()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    torch.testing.assert_close(llama_logits(weights, llama_config, ids), ours,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_export_config_matches_the_model():
+    """config.json holds every size of the model under Llama's names, and the end-of-text id."""
+    config = tiny_config(vocab_size=257, tie_embeddings=True, rope_theta=500.0, norm_eps=1e-6)
+    tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], [EOT, "<|pad|>"])
+    assert gpt.llama_config(config, tokenizer) == {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 257,
+        "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8,
+        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
+        "mlp_bias": False, "rms_norm_eps": 1e-6, "rope_theta": 500.0,
+        "max_position_embeddings": 16, "tie_word_embeddings": True, "bos_token_id": 256,
+        "eos_token_id": 256, "torch_dtype": "float32", "use_cache": True}
+    no_specials = gpt.llama_config(config, gpt.Tokenizer(BYTES_VOCAB, []))
+    assert no_specials["bos_token_id"] is None and no_specials["eos_token_id"] is None
+
+
+@pytest.mark.parametrize("which", ["trained", "duplicate-tokens"])
+def test_export_tokenizer_files_load_back(tmp_path, tokenizer, which):
+    """The exported tokenizer reads back with Tokenizer.load as the same tokenizer, and its
+    tokenizer.json holds the same vocabulary (the first id of a duplicated string), merges and
+    special tokens, with the settings that make `tokenizers` encode as we do."""
+    original = tokenizer if which == "trained" else duplicate_token_tokenizer()
+    for name, data in gpt.hf_tokenizer_files(original, 16).items():
+        (tmp_path / name).write_bytes(data)
+    loaded = gpt.Tokenizer.load(str(tmp_path))
+    assert (loaded.vocab, loaded.merges, loaded.special_tokens) == (
+        original.vocab, original.merges, original.special_tokens)
+    fast = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    spell = gpt.bytes_to_unicode()
+    spelled = lambda token: "".join(spell[b] for b in token)
+    special = original.special_tokens[0]
+    expected = {spelled(token): original.id_of[token] for token in original.vocab.values()}
+    expected[special] = expected.pop(spelled(special.encode()))  # as written, not spelled
+    assert fast["model"]["vocab"] == expected
+    assert fast["model"]["merges"] == [f"{spelled(a)} {spelled(b)}" for a, b in original.merges]
+    assert fast["model"]["ignore_merges"] is False
+    assert [(t["id"], t["content"], t["special"]) for t in fast["added_tokens"]] == [
+        (original.special_ids[special], special, True)]
+    assert fast["pre_tokenizer"] == {"type": "ByteLevel", "add_prefix_space": False,
+                                     "trim_offsets": True, "use_regex": True}
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert settings["eos_token"] == settings["bos_token"] == special
+    assert settings["model_max_length"] == 16
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (dict(use_norm=False), "use_norm=False"),
+    (dict(norm_position="post"), "norm_position='post'"),
+    (dict(position_encoding="nope"), "position_encoding='nope'"),
+    (dict(ffn_kind="geglu"), "ffn_kind='geglu'"),
+    (dict(ffn_kind="silu"), "ffn_kind='silu'"),
+    (dict(ffn_kind="gelu"), "ffn_kind='gelu'"),
+], ids=["no-norm", "post-norm", "nope", "geglu", "silu-mlp", "gelu-mlp"])
+def test_export_refuses_what_llama_cannot_express(tmp_path, capsys, overrides, named):
+    """An ablation that Llama cannot compute is refused with one line naming the setting, and
+    nothing is written."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        gpt.check_exportable(tiny_config(**overrides))
+    path = write_export_checkpoint(tmp_path, **overrides)
+    capsys.readouterr()
+    assert exit_code(["export", "--checkpoint", path, "--out", str(tmp_path / "hf")]) == 2
+    assert named in one_error_line(capsys, "export")
+    assert not (tmp_path / "hf").exists()
+
+
+def write_export_checkpoint(tmp_path, **overrides) -> str:
+    """A checkpoint of a tiny model with a byte-level tokenizer, as `train` writes for sampling."""
+    config = tiny_config(vocab_size=257, **overrides)
+    model = gpt.TransformerLM(config)
+    tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], [EOT])
+    path = str(tmp_path / "model.pt")
+    gpt.save_checkpoint(model, gpt.AdamW(model.parameters()), 7, path,
+                        config=dataclasses.asdict(config),
+                        tokenizer=dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
+                                       special_tokens=tokenizer.special_tokens))
+    return path
+
+
+def test_export_command_writes_every_file_and_a_weights_only_checkpoint(tmp_path, capsys):
+    """`export` writes the Hugging Face files and a gpt.pt that holds the same model with no
+    optimizer state; exporting gpt.pt again gives the same files."""
+    path = write_export_checkpoint(tmp_path, tie_embeddings=True)
+    assert gpt.main(["export", "--checkpoint", path, "--out", str(tmp_path / "hf")]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "hf")) == [
+        "config.json", "generation_config.json", "gpt.pt", "merges.txt", "model.safetensors",
+        "special_tokens.json", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.json"]
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 256, "eos_token_id": 256}  # 256: <|endoftext|>
+    original, weights_only = gpt.read_checkpoint(path), gpt.read_checkpoint(
+        str(tmp_path / "hf" / "gpt.pt"))
+    assert "optimizer" in original and "optimizer" not in weights_only
+    assert weights_only["iteration"] == 7 and weights_only["config"] == original["config"]
+    assert_same_weights(weights_only["model"], original["model"])
+    assert gpt.main(["export", "--checkpoint", str(tmp_path / "hf" / "gpt.pt"),
+                     "--out", str(tmp_path / "again")]) == 0
+    for name in os.listdir(tmp_path / "hf"):
+        if name != "gpt.pt":  # torch.save's zip records the file's own name
+            assert (tmp_path / "again" / name).read_bytes() == (
+                tmp_path / "hf" / name).read_bytes(), name
+
+
+def test_sample_from_the_weights_only_file_gives_the_same_story(tmp_path, trained_run, capsys):
+    """`sample --checkpoint DIR/gpt.pt` writes what sampling from the training checkpoint
+    writes, with the same seed."""
+    assert gpt.main(["export", "--run-dir", str(trained_run), "--out", str(tmp_path)]) == 0
+    stories = []
+    for source in (["--run-dir", str(trained_run)], ["--checkpoint", str(tmp_path / "gpt.pt")]):
+        capsys.readouterr()
+        assert gpt.main(["sample", *source, "--prompt", "Once upon a time", "--seed", "3",
+                         "--max-new-tokens", "12"]) == 0
+        stories.append(capsys.readouterr().out)
+    assert stories[0] == stories[1] and len(stories[0]) > len("Once upon a time\n")
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--checkpoint", "{tmp}/missing.pt"], "{tmp}/missing.pt"),
+    (["--run-dir", "{tmp}/empty"], "no checkpoint"),
+    (["--checkpoint", "{tmp}/model.pt", "--out", "{tmp}/file"], "{tmp}/file"),
+], ids=["missing", "no-checkpoint", "out-is-a-file"])
+def test_export_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, named):
+    """A missing checkpoint or an --out that is a file gives one line and exit code 2."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    write_export_checkpoint(tmp_path)
+    args = ["export", "--out", str(tmp_path / "hf")]  # a second --out replaces this one
+    capsys.readouterr()
+    assert exit_code(args + [e.format(tmp=tmp_path) for e in extra]) == 2
+    assert named.format(tmp=tmp_path) in one_error_line(capsys, "export")
+
+
+def test_transformers_loads_the_export_and_computes_our_model(tmp_path, trained_run):
+    """AutoModelForCausalLM and AutoTokenizer load the export with no code of ours; the logits
+    agree within 1e-4 over a whole context, and greedy decoding gives the same tokens."""
+    transformers = pytest.importorskip("transformers")
+    assert gpt.main(["export", "--run-dir", str(trained_run), "--out", str(tmp_path)]) == 0
+    model, tokenizer = gpt.load_for_sampling(str(tmp_path / "gpt.pt"), torch.device("cpu"))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert type(hf_model).__name__ == "LlamaForCausalLM" and hf_tokenizer.is_fast
+    T = model.config.context_length
+    ids = tokenizer.encode(open(TINYSTORIES, encoding="utf-8").read(2000))[:T]
+    with torch.no_grad():
+        ours, theirs = model(torch.tensor([ids])), hf_model(torch.tensor([ids])).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    prompt = [tokenizer.special_ids[EOT]] + tokenizer.encode("Once upon a")
+    assert hf_tokenizer(EOT + "Once upon a")["input_ids"] == prompt
+    n = T - len(prompt)  # Llama has no sliding window: stay within the context
+    greedy = [int(t) for t in gpt.generate_batch(model, torch.tensor([prompt]), n, 0.0)]
+    # eos_token_id=None: n tokens even past an end of text.
+    hf_greedy = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                  eos_token_id=None, attention_mask=torch.ones(1, len(prompt),
+                                                                               dtype=torch.long))
+    assert hf_greedy[0, len(prompt):].tolist() == greedy
+
+
+@pytest.mark.parametrize("which", ["trained", "duplicate-tokens", "gpt2"])
+def test_transformers_tokenizer_gives_our_ids(tmp_path, request, which):
+    """AutoTokenizer, reading the exported tokenizer files, gives the ids Tokenizer.encode gives
+    on every kind of text, special tokens included, and decodes them back to the text."""
+    transformers = pytest.importorskip("transformers")
+    original = {"trained": lambda: request.getfixturevalue("tokenizer"),
+                "duplicate-tokens": duplicate_token_tokenizer,
+                "gpt2": lambda: request.getfixturevalue("gpt2_tokenizer")}[which]()
+    for name, data in gpt.hf_tokenizer_files(original, 1024).items():
+        (tmp_path / name).write_bytes(data)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    special = original.special_tokens[0]
+    for text in ["abc é! Once upon a time" + special + "The end.", *TRICKY_TEXTS]:
+        ids = original.encode(text)
+        assert hf_tokenizer(text)["input_ids"] == ids, text
+        assert hf_tokenizer.decode(ids) == text
+
+
+# ==================================================================================================
+# §17 Command line: sample
 # ==================================================================================================
 
 @pytest.fixture(scope="module")
