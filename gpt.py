@@ -138,7 +138,7 @@ class TrainingMeter:
         if now - self.last < 0.2:
             return
         self.last = now
-        budget, recent = run.budget, run.budget.step_seconds[-10:]
+        budget, recent = run.budget, run.budget.step_seconds[-10:]  # the current speed
         tokens = run.batch_size * run.args.grad_accum * run.config.context_length * run.world_size
         eta = "?"  # until the time budget has planned the steps
         if run.total_steps:
@@ -146,8 +146,9 @@ class TrainingMeter:
             left = min(mean_step * (run.total_steps - run.step), budget.seconds - budget.elapsed())
             eta = format_duration(max(left, 0))
         # \r goes back to the start of the line; \033[K (ANSI) erases what a longer line left.
+        speed = tokens * len(recent) / max(sum(recent), 1e-9)
         self.stream.write(f"\rstep {run.step}/{run.total_steps or '?'} | loss {loss.item():.4f} | "
-                          f"{tokens * len(recent) / sum(recent):,.0f} tok/s | ETA {eta}\033[K")
+                          f"{speed:,.0f} tok/s | ETA {eta}\033[K")
         self.stream.flush()
         self.drawn = True
 
@@ -3683,7 +3684,10 @@ def read_metrics(run_dir: str) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 record = None
-            (records if is_metric_record(record) else skipped).append(record or number)
+            if is_metric_record(record):
+                records.append(record)
+            else:
+                skipped.append(number)
     if skipped:
         log(f"{path}: skipped {len(skipped)} line(s) that are no metrics record, the first "
             f"is line {skipped[0]}")
@@ -3798,10 +3802,10 @@ def draw_curves(runs: list[dict], out_dir: str, plt) -> list[str]:
     # The first evaluations (perplexity near the vocabulary size) would flatten the rest: the
     # perplexity axis stops at 3 x the best, where runs differ.
     best = min((math.exp(r["val_loss"]) for run in runs for r in run["val"]), default=None)
+    for ax in axes[1] if best is not None else []:
+        ax.set_ylim(0, 3 * best)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-        if best is not None and ax in axes[1]:
-            ax.set_ylim(0, 3 * best)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("loss and validation perplexity against steps, tokens and time")
     paths = [save_figure(fig, os.path.join(out_dir, "curves.png"), plt)]
@@ -3843,6 +3847,7 @@ def attention_weights(attn: MultiHeadSelfAttention, x: torch.Tensor) -> torch.Te
     layer's output under the fast path."""
     B, T, C = x.shape
     H, D = attn.num_heads, C // attn.num_heads
+    # Queries and keys as MultiHeadSelfAttention.forward makes them: head h is slice h of C.
     q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
     k = attn.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
     if attn.rope is not None:
@@ -3868,7 +3873,7 @@ def attention_maps(model: TransformerLM, token_ids: torch.Tensor) -> list[torch.
 
 
 def attention_summary(weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One layer's weights (H, T), T >= 2, in four numbers per head (H,), averaged over the
+    """One layer's weights (H, T, T), T >= 2, in four numbers per head (H,), averaged over the
     queries 1..T-1 (query 0 can only look at itself): the weight on the first position (a
     large one is an attention sink), on the query itself and on the position before it, and
     the entropy of a row in bits (0: all on one position; log2(n): spread evenly over n)."""
@@ -3962,9 +3967,9 @@ def token_label(tokenizer: Tokenizer, token_id: int) -> str:
 def print_attention_table(maps: list[torch.Tensor], labels: list[str]) -> None:
     """attention_summary of every layer's weights (H, T, T), one row per head, and the position
     the last query looks at most."""
-    print("attention, averaged over the query positions after the first: the weight on the first "
-          "position,\non the query itself and on the position before; entropy in bits; where the "
-          "last position looks most")
+    print("attention per head, averaged over the queries after the first: the weight on the "
+          "first position,\non the query itself, on the one before; entropy in bits; the last "
+          "query's strongest key")
     print(f"{'layer':>5} {'head':>4} {'first':>6} {'self':>6} {'prev':>6} {'entropy':>7}  last")
     for layer, weights in enumerate(maps):
         summary = attention_summary(weights)
@@ -3979,8 +3984,8 @@ def print_next_token_table(tokenizer: Tokenizer, labels: list[str], table: tuple
     """next_token_table's numbers, one row per position."""
     probs, ids, came = table
     width = max(len(label) for label in labels)
-    print(f"\nthe next token after each position: p(next) is the probability the model gave the "
-          f"token that came,\nthen its {probs.shape[1]} likeliest candidates")
+    print(f"\nthe next token after each position: p(next) is the probability given to the token "
+          f"that came;\nthen the {probs.shape[1]} likeliest")
     print(f"{'pos':>4} {'token':<{width}} {'p(next)':>7}  candidates")
     for t, label in enumerate(labels):
         p_next = f"{came[t].item():.3f}" if t < len(came) else "-"
@@ -3993,10 +3998,11 @@ def print_weight_table(stats: list[dict], initial: dict[str, float]) -> None:
     """weight_stats, one row per matrix, with the spectral norm at initialisation beside."""
     print("\nweights: standard deviation, largest |w|, spectral norm (sigma) now and at "
           "initialisation,\nand the histogram over [-max|w|, max|w|]")
-    print(f"{'matrix':<34} {'shape':>11} {'std':>7} {'max|w|':>7} {'sigma':>7} {'at init':>7}")
+    width = max(len(s["name"]) for s in stats)
+    print(f"{'matrix':<{width}} {'shape':>10} {'std':>7} {'max|w|':>7} {'sigma':>7} {'at init':>7}")
     for s in stats:
         shape = "x".join(map(str, s["shape"]))
-        print(f"{s['name']:<34} {shape:>11} {s['std']:>7.4f} {s['max']:>7.3f} "
+        print(f"{s['name']:<{width}} {shape:>10} {s['std']:>7.4f} {s['max']:>7.3f} "
               f"{s['sigma']:>7.2f} {initial[s['name']]:>7.2f}  [{sparkline(s['counts'])}]")
 
 
@@ -4015,8 +4021,8 @@ def draw_attention(maps: list[torch.Tensor], labels: list[str], path: str, plt) 
             ax.set_xticks(range(T) if layer == L - 1 and T <= 40 else [])
             ax.set_yticks(range(T) if head == 0 and T <= 40 else [])
             ax.set_xticklabels(labels if layer == L - 1 and T <= 40 else [], rotation=90,
-                               fontsize=5)
-            ax.set_yticklabels(labels if head == 0 and T <= 40 else [], fontsize=5)
+                               fontsize=6)
+            ax.set_yticklabels(labels if head == 0 and T <= 40 else [], fontsize=6)
     fig.colorbar(image, ax=axes, shrink=0.5, label="attention weight")
     fig.suptitle("attention weights: row = query position, column = the position it reads")
     return save_figure(fig, path, plt)
