@@ -3861,15 +3861,19 @@ def attention_weights(attn: MultiHeadSelfAttention, x: torch.Tensor) -> torch.Te
 @torch.no_grad()
 def attention_maps(model: TransformerLM, token_ids: torch.Tensor) -> list[torch.Tensor]:
     """Every layer's attention weights for token_ids (B, T), T <= context_length: one (B, H, T, T)
-    per layer. The model runs block by block as in its forward; each attention layer's input
-    (normalised first in a pre-norm block) also goes to attention_weights."""
+    per layer. The model runs its own forward; a forward pre-hook (PyTorch calls it with a
+    module's inputs just before the module runs) hands over each attention layer's input x,
+    whatever came before it (embeddings, positions, norms), for attention_weights."""
     assert token_ids.shape[1] <= model.config.context_length, "a prompt beyond the context"
-    maps = []
-    x = model.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
-    for layer in model.layers:
-        maps.append(attention_weights(layer.attn, layer.ln1(x) if layer.pre_norm else x))
-        x = layer(x)  # (B, T, C)
-    return maps
+    inputs = []  # each attention layer's x (B, T, C), in the order the layers run
+    hooks = [layer.attn.register_forward_pre_hook(lambda attn, args: inputs.append(args[0]))
+             for layer in model.layers]
+    try:
+        model(token_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [attention_weights(layer.attn, x) for layer, x in zip(model.layers, inputs)]
 
 
 def attention_summary(weights: torch.Tensor) -> dict[str, torch.Tensor]:
