@@ -30,7 +30,8 @@ speeds up or protects:
     §14 The run       the training run: inputs, model, the loop, logs, checkpoints
     §15 tokenize      inputs checked first, outputs published together
     §16 Export        the Hugging Face format: config, safetensors, tokenizer files
-    §17 Command line  the subcommands and main()
+    §17 Look inside   curves, attention maps, next-token tables, weight histograms, norms
+    §18 Command line  the subcommands and main()
 
 The three commands, on the bundled TinyStories sample:
 
@@ -1784,6 +1785,56 @@ class Progress:
                 log(line)
 
 
+def default_workers() -> int:
+    """The CPU cores this process may use (a container may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def worker_pool(num_workers: int, initializer=None, initargs=()):
+    """A process pool whose workers leave Ctrl-C to the main process (which then stops them).
+
+    On Linux we fork: a forked worker starts in milliseconds with gpt.py already imported, while
+    a spawned one would spend a second re-importing torch. macOS's system libraries are not safe
+    to fork, so there (and on Windows) Python's default, spawn, is used.
+    """
+    method = "fork" if sys.platform == "linux" else None
+    return multiprocessing.get_context(method).Pool(
+        num_workers, initializer=_init_worker, initargs=(os.getpid(), initializer, initargs))
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal Linux sends a process when its parent dies
+
+
+def _init_worker(parent_pid: int, initializer, initargs) -> None:
+    # Ctrl-C reaches every process of the terminal: the main process alone handles it and stops
+    # the workers. It stops them with SIGTERM, which must end a worker at once, not run a handler
+    # inherited from the main process (main() makes SIGTERM raise KeyboardInterrupt there).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform == "linux":
+        # A main process killed with kill -9 cannot stop its workers, which would run on and
+        # die later on a broken pipe, with a traceback: have the kernel kill them with it.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl: nobody will signal us
+            os._exit(1)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def map_jobs(func, jobs: list, num_workers: int, ordered: bool,
+             initializer=None, initargs=()) -> Iterator:
+    """func(job) for every job: in this process when one worker (or one job) suffices, else in a
+    pool, in job order if `ordered` or as they finish. The pool stops when iteration ends, is
+    abandoned or fails; wrap the call in contextlib.closing to stop it at a known moment."""
+    if num_workers == 1 or len(jobs) <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(func, jobs)
+        return
+    with worker_pool(min(num_workers, len(jobs)), initializer, initargs) as pool:
+        yield from (pool.imap if ordered else pool.imap_unordered)(func, jobs)
+
+
 def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes: int
                      ) -> list[int]:
     """Byte offsets that cut a text into chunks of about `chunk_bytes`, each cut at the start of
@@ -2899,6 +2950,48 @@ def plan_resume(args: argparse.Namespace, checkpoint: dict, path: str) -> tuple[
     return args.max_steps, 0.0
 
 
+class TrainingMeter:
+    """`train`'s live line on a terminal: step, loss, tokens/s and time left, redrawn in place a
+    few times a second under the log lines (Run.say clears it before each). Only on a terminal:
+    a log file keeps the log lines alone.
+
+    On screen:  step 412/1789 | loss 3.0625 | 6,391 tok/s | ETA 7m30s
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.last = -math.inf  # when the line was last drawn
+        self.drawn = False     # whether a line is on the screen now
+
+    def update(self, run, loss: torch.Tensor) -> None:
+        """After a step of `run` (a Run of §6): redraw, if 0.2 s have passed since the last
+        time (reading the loss makes the CPU wait for a GPU: a few times a second is cheap)."""
+        now = time.perf_counter()
+        if now - self.last < 0.2:
+            return
+        self.last = now
+        budget, recent = run.budget, run.budget.step_seconds[-10:]  # the current speed
+        tokens = run.batch_size * run.args.grad_accum * run.config.context_length * run.world_size
+        eta = "?"  # until the time budget has planned the steps
+        if run.total_steps:
+            mean_step = sum(budget.step_seconds) / len(budget.step_seconds)
+            left = min(mean_step * (run.total_steps - run.step), budget.seconds - budget.elapsed())
+            eta = format_duration(max(left, 0))
+        # \r goes back to the start of the line; \033[K (ANSI) erases what a longer line left.
+        speed = tokens * len(recent) / max(sum(recent), 1e-9)
+        self.stream.write(f"\rstep {run.step}/{run.total_steps or '?'} | loss {loss.item():.4f} | "
+                          f"{speed:,.0f} tok/s | ETA {eta}\033[K")
+        self.stream.flush()
+        self.drawn = True
+
+    def clear(self) -> None:
+        """Erase the line, so that a log line can take its place."""
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.drawn = False
+
+
 @dataclass
 class Run:
     """What one training run holds, made by start_run and advanced by train_loop."""
@@ -2929,9 +3022,12 @@ class Run:
     loss_sum: torch.Tensor = None  # training loss summed on the device since the last log
     steps_since_log: int = 0
     announced: bool = False      # whether the time budget's plan has been printed
+    meter: TrainingMeter | None = None  # the live line, on a terminal (rank 0)
 
     def say(self, message: str) -> None:
         if self.rank == 0:  # one process talks for all
+            if self.meter:
+                self.meter.clear()
             print(message, flush=True)
 
     def path(self, name: str) -> str:
@@ -3092,7 +3188,8 @@ def describe(run: Run, num_params: int) -> None:
 def record(run: Run, **fields) -> None:
     """One line of metrics.jsonl, for plotting."""
     if run.metrics:
-        run.metrics.write(json.dumps(fields) + "\n")
+        tokens = run.batch_size * run.args.grad_accum * run.config.context_length * run.world_size
+        run.metrics.write(json.dumps({**fields, "tokens": run.step * tokens}) + "\n")
         run.metrics.flush()
 
 
@@ -3213,6 +3310,8 @@ def train_loop(run: Run) -> None:
             run.step += 1
             run.steps_since_log += 1
             run.budget.step_seconds.append(time.perf_counter() - started)
+            if run.meter:
+                run.meter.update(run, loss)
             if run.step % args.log_interval == 0 or run.step == run.total_steps:
                 log_progress(run, lr, grad_norm)
 
@@ -3249,6 +3348,7 @@ def train(args: argparse.Namespace) -> None:
     # The time budget counts from the start of the command (and, on resume, what the run used).
     run.budget = TimeBudget(args.max_time or math.inf,
                             time_used + time.perf_counter() - command_started)
+    run.meter = TrainingMeter(sys.stdout) if run.rank == 0 and sys.stdout.isatty() else None
     try:
         train_loop(run)
     except (RuntimeError, MemoryError) as e:
@@ -3260,10 +3360,13 @@ def train(args: argparse.Namespace) -> None:
     finally:
         if run.metrics:
             run.metrics.close()
+        if run.meter:
+            run.meter.clear()
     if run.world_size > 1:
         finish_ranks(run)
     run.say(f"done: {run.step} steps in {format_duration(run.budget.elapsed())}, best val loss "
             f"{run.best_val_loss:.4f}; checkpoints in {args.out_dir} (latest.pt, best.pt)")
+    run.say(f"curves: python gpt.py plot {args.out_dir}")
 
 
 # The classic experiments: arms of (name, train flags), the first the default recipe, each run
@@ -3725,7 +3828,423 @@ def save_weights_only(model: TransformerLM, tokenizer: Tokenizer, iteration: int
 
 
 # ==================================================================================================
-# §17 Command line
+# §17 Machinery: looking inside, curves, attention and weights
+#
+# What a run did and what a trained model does, as numbers first: the training curves of
+# metrics.jsonl; each head's attention weights, from the readable attention of §3; the
+# likeliest next tokens at each position of a prompt; and per weight matrix a histogram and the
+# spectral norm (its largest singular value: how far it can stretch a vector). The numbers need
+# torch alone and are printed as tables; `plot` and `inspect` also draw them when matplotlib is
+# installed (an optional extra; the Agg backend writes PNG files and needs no display).
+# ==================================================================================================
+
+# A metrics.jsonl line is an evaluation or a training log line, told apart by these numbers.
+METRIC_KINDS = {"val": ("val_loss",), "train": ("train_loss", "lr", "grad_norm")}
+
+
+def is_metric_record(record) -> bool:
+    """A line written by `train`: a dict with an integer step, the elapsed seconds and the
+    numbers of one of METRIC_KINDS."""
+    return (isinstance(record, dict) and is_int(record.get("step"))
+            and is_number(record.get("elapsed"))
+            and any(all(is_number(record.get(key)) for key in keys)
+                    for keys in METRIC_KINDS.values()))
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl, in the order written. A line that is not a record
+    (the half-written last line of a killed run) is skipped with a note."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found: RUN_DIR must be a directory `python gpt.py train` "
+                         f"wrote (its --out-dir)")
+    records, skipped = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if is_metric_record(record):
+                records.append(record)
+            else:
+                skipped.append(line_number)
+    if skipped:
+        log(f"{path}: skipped {len(skipped)} line(s) that are no metrics record, the first "
+            f"is line {skipped[0]}")
+    if not records:
+        raise ValueError(f"{path} holds no metrics yet: `train` writes its first at step 0")
+    return records
+
+
+def metric_series(records: list[dict], kind: str) -> list[dict]:
+    """The records of one kind ("train" or "val") in step order. A resumed run goes on from its
+    checkpoint's step, so the steps an interrupted run logged after that checkpoint come twice:
+    the later records replace the earlier ones.
+    Example: steps 0, 5, 10, 5 (resumed from step 5), 10 -> the records of 0, 5, 10 last written.
+    """
+    kept = []
+    for record in records:
+        if all(is_number(record.get(key)) for key in METRIC_KINDS[kind]):
+            while kept and kept[-1]["step"] >= record["step"]:
+                kept.pop()
+            kept.append(record)
+    return kept
+
+
+def tokens_per_step_of(run_dir: str) -> int:
+    """Tokens per optimizer step of a run, from its newest checkpoint: for metrics written
+    before `train` recorded the tokens seen. batch x grad_accum x context x processes (a
+    checkpoint keeps one random state per process)."""
+    paths = [os.path.join(run_dir, n) for n in ("latest.pt", "best.pt")]
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no token counts (it predates them) and "
+                         f"there is no checkpoint in {run_dir} to work them out from")
+    checkpoint = read_checkpoint(max(paths, key=os.path.getmtime))
+    config, args = saved_config(checkpoint.get("config"), paths[0]), checkpoint.get("args")
+    if not (isinstance(args, dict) and args.get("preset") in PRESETS):
+        raise ValueError(f"{paths[0]}: no training arguments in it to count tokens with")
+    batch = args.get("batch_size") or PRESETS[args["preset"]]["batch_size"]
+    return batch * args.get("grad_accum", 1) * config.context_length * len(checkpoint["rng"])
+
+
+def run_curves(run_dir: str, name: str) -> dict:
+    """One run's curves: {"name", "dir", "train": [record], "val": [record]}, every record
+    with the tokens seen at its step."""
+    records = read_metrics(run_dir)
+    if not all(is_int(r.get("tokens")) for r in records):
+        per_step = tokens_per_step_of(run_dir)
+        records = [{"tokens": r["step"] * per_step, **r} for r in records]
+    return dict(name=name, dir=run_dir, train=metric_series(records, "train"),
+                val=metric_series(records, "val"))
+
+
+def print_run_table(run: dict) -> None:
+    """A run in a few lines: where it got to, then each evaluation (the train loss is that of
+    the log line at the same step, the mean of the steps before it)."""
+    last = max(run["train"] + run["val"], key=lambda r: (r["step"], r["elapsed"]))
+    summary = f"{last['step']} steps, {last['tokens']:,} tokens, {format_duration(last['elapsed'])}"
+    if run["val"]:
+        best = min(run["val"], key=lambda r: r["val_loss"])
+        summary += (f"; best val loss {best['val_loss']:.4f} (perplexity "
+                    f"{math.exp(best['val_loss']):.2f}) at step {best['step']}")
+    print(f"{run['name']} ({run['dir']}): {summary}")
+    train_loss = {r["step"]: r["train_loss"] for r in run["train"]}
+    print(f"{'step':>8} {'tokens':>13} {'time':>7} {'train loss':>10} {'val loss':>9} "
+          f"{'val ppl':>10}")
+    for r in run["val"]:
+        train = f"{train_loss[r['step']]:.4f}" if r["step"] in train_loss else ""
+        print(f"{r['step']:>8} {r['tokens']:>13,} {format_duration(r['elapsed']):>7} "
+              f"{train:>10} {r['val_loss']:>9.4f} {math.exp(r['val_loss']):>10.2f}")
+
+
+def pyplot():
+    """matplotlib.pyplot drawing into files, or None (with a line saying how to install it)
+    when matplotlib is not installed: pictures are an optional extra, the tables are not."""
+    try:
+        import matplotlib
+    except ImportError:
+        log("the pictures need matplotlib: pip install matplotlib (the tables above do not)")
+        return None
+    matplotlib.use("Agg")  # draw into files: no window, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str, plt) -> str:
+    fig.savefig(path, dpi=80)  # 80 dots per inch: sharp on a screen, tens of KB per file
+    plt.close(fig)
+    return path
+
+
+def column(records: list[dict], key: str) -> list[float]:
+    return [r[key] for r in records]
+
+
+def draw_curves(runs: list[dict], out_dir: str, plt) -> list[str]:
+    """curves.png: training and validation loss, and validation perplexity, against steps,
+    tokens seen and wall time; lr_and_grad_norm.png: both against steps. One colour a run."""
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), layout="constrained")
+    x_axes = (("step", "step"), ("tokens", "tokens seen"), ("elapsed", "wall time (seconds)"))
+    for i, run in enumerate(runs):
+        style = dict(color=f"C{i % 10}", marker="o", markersize=3)
+        for col, (key, label) in enumerate(x_axes):
+            axes[0, col].plot(column(run["train"], key), column(run["train"], "train_loss"),
+                              color=style["color"], alpha=0.4, label=f"{run['name']} train")
+            axes[0, col].plot(column(run["val"], key), column(run["val"], "val_loss"),
+                              **style, label=f"{run['name']} validation")
+            axes[1, col].plot(column(run["val"], key),
+                              [math.exp(r["val_loss"]) for r in run["val"]], **style,
+                              label=run["name"])
+            axes[1, col].set_xlabel(label)
+    axes[0, 0].set_ylabel("loss (nats per token)")
+    axes[1, 0].set_ylabel("validation perplexity")
+    # The first evaluations (perplexity near the vocabulary size) would flatten the rest: the
+    # perplexity axis stops at 3 x the best, where runs differ.
+    best = min((math.exp(r["val_loss"]) for run in runs for r in run["val"]), default=None)
+    for ax in axes[1] if best is not None else []:
+        ax.set_ylim(0, 3 * best)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("loss and validation perplexity against steps, tokens and time")
+    paths = [save_figure(fig, os.path.join(out_dir, "curves.png"), plt)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5), layout="constrained")
+    for i, run in enumerate(runs):
+        for ax, key in zip(axes, ("lr", "grad_norm")):
+            ax.plot(column(run["train"], "step"), column(run["train"], key), color=f"C{i % 10}",
+                    label=run["name"])
+    for ax, label in zip(axes, ("learning rate", "gradient norm (before clipping)")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    paths.append(save_figure(fig, os.path.join(out_dir, "lr_and_grad_norm.png"), plt))
+    return paths
+
+
+def attention_weights(attn: MultiHeadSelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """The weights softmax(Q K^T / sqrt(D)) of one attention layer, for its input x (B, T, C) at
+    positions 0..T-1: (B, H, T, T), row i holding how much query i takes from each position
+    0..i (it sums to 1). The readable attention of §3 gives them: with the values V set to the
+    identity matrix, softmax(..) @ V is the weights themselves. A test checks that they give the
+    layer's output under the fast path."""
+    B, T, C = x.shape
+    H, D = attn.num_heads, C // attn.num_heads
+    # Queries and keys as MultiHeadSelfAttention.forward makes them: head h is slice h of C.
+    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
+    k = attn.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+    if attn.rope is not None:
+        positions = torch.arange(T, device=x.device)
+        q, k = attn.rope(q, positions), attn.rope(k, positions)
+    identity = torch.eye(T, device=x.device, dtype=q.dtype).expand(B, H, T, T)  # V = I
+    mask = sliding_causal_mask(T, T, x.device)  # (T, T): query i sees keys 0..i
+    return scaled_dot_product_attention(q, k, identity, mask)  # (B, H, T, T) @ I -> (B, H, T, T)
+
+
+@torch.no_grad()
+def attention_maps(model: TransformerLM, token_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's attention weights for token_ids (B, T), T <= context_length: one (B, H, T, T)
+    per layer. The model runs its own forward; a forward pre-hook (PyTorch calls it with a
+    module's inputs just before the module runs) hands over each attention layer's input x,
+    whatever came before it (embeddings, positions, norms), for attention_weights."""
+    assert token_ids.shape[1] <= model.config.context_length, "a prompt beyond the context"
+    inputs = []  # each attention layer's x (B, T, C), in the order the layers run
+    hooks = [layer.attn.register_forward_pre_hook(lambda attn, args: inputs.append(args[0]))
+             for layer in model.layers]
+    try:
+        model(token_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [attention_weights(layer.attn, x) for layer, x in zip(model.layers, inputs)]
+
+
+def attention_summary(weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One layer's weights (H, T, T), T >= 2, in four numbers per head (H,), averaged over the
+    queries 1..T-1 (query 0 can only look at itself): the weight on the first position (a
+    large one is an attention sink), on the query itself and on the position before it, and
+    the entropy of a row in bits (0: all on one position; log2(n): spread evenly over n)."""
+    H, T, _ = weights.shape
+    rows = weights[:, 1:]                                     # (H, T-1, T)
+    query = torch.arange(1, T, device=weights.device)         # (T-1,)
+    return {"first": rows[..., 0].mean(-1),
+            "self": rows[:, query - 1, query].mean(-1),
+            "previous": rows[:, query - 1, query - 1].mean(-1),
+            # xlogy(p, p) = p log p, and 0 where p = 0: the masked future adds nothing.
+            "entropy": -torch.special.xlogy(rows, rows).sum(-1).mean(-1) / math.log(2)}
+
+
+@torch.no_grad()
+def next_token_table(model: TransformerLM, token_ids: torch.Tensor,
+                     k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the model expects after each position of token_ids (T,): the k likeliest next
+    tokens' probabilities and ids, each (T, k), likeliest first; and the probability it gave
+    the token that did come next (T-1,), whose -log is that position's loss."""
+    logits = model(token_ids[None])[0].float()  # (1, T) -> (T, V)
+    probs = softmax(logits, dim=-1)             # (T, V)
+    top = probs.topk(k, dim=-1)                 # (T, k) each
+    came = probs[:-1].gather(-1, token_ids[1:, None])[:, 0]  # (T-1,)
+    return top.values, top.indices, came
+
+
+def spectral_norm(W: torch.Tensor) -> float:
+    """The largest singular value of W: the most W stretches a vector, max |W x| / |x|.
+    svdvals computes the singular values alone (no singular vectors), largest first."""
+    return torch.linalg.svdvals(W.detach().float())[0].item()
+
+
+def weight_histogram(W: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of W's entries in `bins` equal bins over [-max |w|, max |w|] (symmetric: zero at
+    the centre), and the bins + 1 edges. Example: W = [-1, 0.5, 1], bins = 2 -> counts [1, 2],
+    edges [-1, 0, 1]."""
+    w = W.detach().float().flatten().cpu()
+    top = w.abs().max().item() or 1.0  # an all-zero matrix fits any range
+    return torch.histc(w, bins, -top, top), torch.linspace(-top, top, bins + 1)
+
+
+def weight_stats(model: nn.Module, bins: int) -> list[dict]:
+    """Per weight matrix (the 2-D parameters; a tied one once): name, shape, standard
+    deviation, largest |w|, spectral norm, and the histogram's counts and edges."""
+    stats = []
+    for name, W in model.named_parameters():
+        if W.ndim == 2:
+            counts, edges = weight_histogram(W, bins)
+            stats.append(dict(name=name, shape=tuple(W.shape), std=W.std().item(),
+                              max=W.abs().max().item(), sigma=spectral_norm(W),
+                              counts=counts, edges=edges))
+    return stats
+
+
+def initial_spectral_norms(config: ModelConfig) -> dict[str, float]:
+    """The spectral norms of a freshly initialised model of this config (seed 0), the yardstick
+    for a trained one; the caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fresh = TransformerLM(config)
+    return {name: spectral_norm(W) for name, W in fresh.named_parameters() if W.ndim == 2}
+
+
+def matrix_place(name: str) -> tuple[int | None, str]:
+    """Example: "layers.2.attn.q_proj.weight" -> (2, "attn.q_proj"); "lm_head.weight" ->
+    (None, "lm_head")."""
+    parts = name.removesuffix(".weight").split(".")
+    if parts[0] == "layers":
+        return int(parts[1]), ".".join(parts[2:])
+    return None, ".".join(parts)
+
+
+# A histogram in ten characters, from an empty bin to the fullest.
+SPARK_LEVELS = " .:-=+*#%@"
+
+
+def sparkline(counts: torch.Tensor, width: int = 20) -> str:
+    """A histogram in one line of `width` characters (fewer bins: one each), each showing its
+    share of the bins by height. Example: [0, 1, 4, 9] -> " .=@" (levels 0, 1, 4 and 9 of 9)."""
+    groups = torch.stack([c.sum() for c in counts.tensor_split(min(width, len(counts)))])
+    levels = (groups / groups.max().clamp_min(1) * (len(SPARK_LEVELS) - 1)).ceil().long()
+    return "".join(SPARK_LEVELS[level] for level in levels.tolist())
+
+
+def token_label(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token as Python writes the string, quotes included, so a leading space shows.
+    Example: the id of b" upon" -> "' upon'"."""
+    return repr(tokenizer.vocab[token_id].decode("utf-8", "replace"))
+
+
+def print_attention_table(maps: list[torch.Tensor], labels: list[str]) -> None:
+    """attention_summary of every layer's weights (H, T, T), one row per head, and the position
+    the last query looks at most."""
+    print("attention per head, averaged over the queries after the first: the weight on the "
+          "first position,\non the query itself, on the one before; entropy in bits; the last "
+          "query's strongest key")
+    print(f"{'layer':>5} {'head':>4} {'first':>6} {'self':>6} {'prev':>6} {'entropy':>7}  last")
+    for layer, weights in enumerate(maps):
+        summary = attention_summary(weights)
+        top, where = weights[:, -1].max(-1)  # (H,) each: the last query's strongest key
+        for head, (p, key) in enumerate(zip(top.tolist(), where.tolist())):
+            numbers = " ".join(f"{summary[name][head].item():>6.2f}"
+                               for name in ("first", "self", "previous", "entropy"))
+            print(f"{layer:>5} {head:>4} {numbers}  {labels[key]} {p:.2f}")
+
+
+def print_next_token_table(tokenizer: Tokenizer, labels: list[str], table: tuple) -> None:
+    """next_token_table's numbers, one row per position."""
+    probs, ids, came = table
+    width = max(len(label) for label in labels)
+    print(f"\nthe next token after each position: p(next) is the probability given to the token "
+          f"that came;\nthen the {probs.shape[1]} likeliest")
+    print(f"{'pos':>4} {'token':<{width}} {'p(next)':>7}  candidates")
+    for t, label in enumerate(labels):
+        p_next = f"{came[t].item():.3f}" if t < len(came) else "-"
+        candidates = "  ".join(f"{token_label(tokenizer, i)} {p:.3f}"
+                               for i, p in zip(ids[t].tolist(), probs[t].tolist()))
+        print(f"{t:>4} {label:<{width}} {p_next:>7}  {candidates}")
+
+
+def print_weight_table(stats: list[dict], initial: dict[str, float]) -> None:
+    """weight_stats, one row per matrix, with the spectral norm at initialisation beside."""
+    print("\nweights: standard deviation, largest |w|, spectral norm (sigma) now and at "
+          "initialisation,\nand the histogram over [-max|w|, max|w|]")
+    width = max(len(s["name"]) for s in stats)
+    print(f"{'matrix':<{width}} {'shape':>10} {'std':>7} {'max|w|':>7} {'sigma':>7} {'at init':>7}")
+    for s in stats:
+        shape = "x".join(map(str, s["shape"]))
+        print(f"{s['name']:<{width}} {shape:>10} {s['std']:>7.4f} {s['max']:>7.3f} "
+              f"{s['sigma']:>7.2f} {initial[s['name']]:>7.2f}  [{sparkline(s['counts'])}]")
+
+
+def draw_attention(maps: list[torch.Tensor], labels: list[str], path: str, plt) -> str:
+    """One heatmap per layer (a row of the figure) and head (a column), query positions down and
+    keys across, the prompt's tokens on the outer axes."""
+    L, H, T = len(maps), maps[0].shape[0], maps[0].shape[-1]
+    fig, axes = plt.subplots(L, H, figsize=(1.6 * H + 1.5, 1.6 * L + 1.5), squeeze=False,
+                             layout="constrained")
+    for layer, weights in enumerate(maps):
+        for head in range(H):
+            ax = axes[layer, head]
+            image = ax.imshow(weights[head].float().cpu().numpy(), vmin=0, vmax=1)
+            ax.set_title(f"layer {layer} head {head}", fontsize=7)
+            # Token labels on the left column and the bottom row; past 40 they would overlap.
+            ax.set_xticks(range(T) if layer == L - 1 and T <= 40 else [])
+            ax.set_yticks(range(T) if head == 0 and T <= 40 else [])
+            ax.set_xticklabels(labels if layer == L - 1 and T <= 40 else [], rotation=90,
+                               fontsize=6)
+            ax.set_yticklabels(labels if head == 0 and T <= 40 else [], fontsize=6)
+    fig.colorbar(image, ax=axes, shrink=0.5, label="attention weight")
+    fig.suptitle("attention weights: row = query position, column = the position it reads")
+    return save_figure(fig, path, plt)
+
+
+def draw_histograms(stats: list[dict], path: str, plt) -> str:
+    """A histogram per weight matrix: a row per layer, and one for the matrices outside the
+    layers (the embeddings and the output head)."""
+    rows = defaultdict(list)  # layer, or None outside the layers -> [(kind, stats)]
+    for s in stats:
+        layer, kind = matrix_place(s["name"])
+        rows[layer].append((kind, s))
+    columns = max(len(row) for row in rows.values())
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.1 * columns, 1.6 * len(rows)),
+                             squeeze=False, layout="constrained")
+    for ax, (layer, row) in zip(axes, rows.items()):
+        for i in range(len(row), columns):
+            ax[i].axis("off")
+        for i, (kind, s) in enumerate(row):
+            ax[i].stairs(s["counts"].numpy(), s["edges"].numpy(), fill=True)
+            where = "" if layer is None else f"layer {layer}: "
+            ax[i].set_title(f"{where}{kind}\nstd {s['std']:.3f}, sigma {s['sigma']:.2f}",
+                            fontsize=7)
+            ax[i].set_yticks([])
+            ax[i].tick_params(labelsize=6)
+    return save_figure(fig, path, plt)
+
+
+def draw_spectral_norms(stats: list[dict], initial: dict[str, float], path: str, plt) -> str:
+    """Each kind of matrix in the layers (q_proj, ..., w3), its spectral norm against the layer:
+    trained (solid) and at initialisation (dashed, the same colour)."""
+    now = {s["name"]: s["sigma"] for s in stats}
+    by_kind = defaultdict(list)  # kind -> [(layer, name)]
+    for name in now:
+        layer, kind = matrix_place(name)
+        if layer is not None:
+            by_kind[kind].append((layer, name))
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    for i, (kind, places) in enumerate(by_kind.items()):
+        layers, names = zip(*places)
+        ax.plot(layers, [now[n] for n in names], color=f"C{i % 10}", marker="o", label=kind)
+        ax.plot(layers, [initial[n] for n in names], color=f"C{i % 10}", linestyle="--",
+                alpha=0.6)
+    ax.set_xticks(sorted({layer for places in by_kind.values() for layer, _ in places}))
+    ax.set(xlabel="layer", ylabel="spectral norm (largest singular value)",
+           title="spectral norms: trained (solid), at initialisation (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path, plt)
+
+
+# ==================================================================================================
+# §18 Command line
 #
 # Each subcommand is a plain function of its parsed arguments. A mistake in the user's input
 # (a missing file, an impossible size) raises ValueError or OSError with a message naming the
@@ -3916,6 +4435,69 @@ def cmd_export(args: argparse.Namespace) -> None:
           f'AutoTokenizer.from_pretrained("{args.out}")')
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    # Runs are named by their folder in the legend, or by the path as given when two share one.
+    names = [os.path.basename(os.path.normpath(d)) for d in args.run_dirs]
+    if len(set(names)) < len(names):
+        names = args.run_dirs
+    runs = [run_curves(d, name) for d, name in zip(args.run_dirs, names)]
+    out_dir = args.out_dir or args.run_dirs[0]
+    check_writable_dir(out_dir)
+    for run in runs:
+        print_run_table(run)
+    plt = pyplot()
+    if plt is not None:
+        for path in draw_curves(runs, out_dir, plt):
+            print(f"wrote {path}")
+
+
+def inspection_ids(tokenizer: Tokenizer, prompt: str, context_length: int) -> list[int]:
+    """The prompt's token ids after an end-of-text token, as `sample` feeds it (in training a
+    story follows one), checked to fit the context and to give attention two positions."""
+    check_prompt(prompt, "--prompt")
+    if not prompt:
+        raise ValueError("--prompt is empty: give the text whose attention and next tokens to "
+                         "show")
+    eos_id = tokenizer.id_of.get(tokenizer.special_tokens[0].encode("utf-8")) \
+        if tokenizer.special_tokens else None
+    ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
+    before = " with the end-of-text token before it" if eos_id is not None else ""
+    if len(ids) > context_length:
+        raise ValueError(f"--prompt is {len(ids)} tokens{before}, more than the model's context "
+                         f"of {context_length}: give a shorter one")
+    if len(ids) < 2:
+        raise ValueError("--prompt is 1 token, and attention needs 2 positions to show "
+                         "anything: give a longer one")
+    return ids
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    path = args.checkpoint or newest_checkpoint(args.run_dir)
+    out_dir = args.out_dir or os.path.dirname(path) or "."
+    check_writable_dir(out_dir)
+    device = pick_device(args.device)
+    model, tokenizer = load_for_sampling(path, device)
+    ids = inspection_ids(tokenizer, args.prompt, model.config.context_length)
+    if args.top_k > model.config.vocab_size:
+        raise ValueError(f"--top-k {args.top_k} is more than the model's {model.config.vocab_size} "
+                         f"tokens")
+    log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"device {device}); prompt: {len(ids)} tokens")
+    labels = [token_label(tokenizer, i) for i in ids]
+    token_ids = torch.tensor(ids, device=device)                       # (T,)
+    maps = [weights[0] for weights in attention_maps(model, token_ids[None])]  # (H, T, T) each
+    stats, initial = weight_stats(model, args.bins), initial_spectral_norms(model.config)
+    print_attention_table(maps, labels)
+    print_next_token_table(tokenizer, labels, next_token_table(model, token_ids, args.top_k))
+    print_weight_table(stats, initial)
+    plt = pyplot()
+    if plt is not None:
+        print(f"wrote {draw_attention(maps, labels, os.path.join(out_dir, 'attention.png'), plt)}")
+        print(f"wrote {draw_histograms(stats, os.path.join(out_dir, 'weights.png'), plt)}")
+        spectral = os.path.join(out_dir, "spectral_norms.png")
+        print(f"wrote {draw_spectral_norms(stats, initial, spectral, plt)}")
+
+
 def cmd_experiment(args: argparse.Namespace) -> None:
     """`python gpt.py experiment NAME [train flags]`: train each arm of EXPERIMENTS[NAME] with
     the same flags (budget, seed, data) into OUT_DIR/NAME/<arm>, then tabulate the results."""
@@ -3986,13 +4568,14 @@ def duration(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample; "
-                                  "experiment, export.")
+                                  "experiment, export; plot, inspect.")
     commands = parser.add_subparsers(dest="command", required=True)
     add_tokenize_parser(commands)
     add_train_parser(commands)
     add_sample_parser(commands)
     add_experiment_parser(commands)
     add_export_parser(commands)
+    add_look_inside_parsers(commands)
     return parser
 
 
@@ -4174,6 +4757,43 @@ def add_export_parser(commands) -> None:
                     help="directory for the files, made if missing; files of an earlier export "
                          "there are replaced")
     ex.set_defaults(run=cmd_export, parser=ex)
+
+
+def add_look_inside_parsers(commands) -> None:
+    """The `plot` and `inspect` subcommands."""
+    pl = commands.add_parser(
+        "plot", help="draw the training curves of one or more runs",
+        description="Print each run's evaluations from RUN_DIR/metrics.jsonl and draw, with "
+                    "matplotlib if installed, curves.png (loss and validation perplexity "
+                    "against steps, tokens seen and wall time; several runs overlaid) and "
+                    "lr_and_grad_norm.png.")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                    help="a directory `train` wrote (its --out-dir); several are overlaid, "
+                         "named by their folder")
+    pl.add_argument("--out-dir", help="where the PNG files go (default: the first RUN_DIR)")
+    pl.set_defaults(run=cmd_plot, parser=pl)
+
+    ins = commands.add_parser(
+        "inspect", help="show a trained model's attention, predictions and weights",
+        description="Run a prompt through a trained model and print, per layer and head, a "
+                    "summary of its attention; per position, the likeliest next tokens; per "
+                    "weight matrix, its spread and spectral norm. With matplotlib installed, "
+                    "also draw attention.png, weights.png and spectral_norms.png.")
+    ins.add_argument("--prompt", required=True,
+                     help="the text to run through the model, at most its context long")
+    ins.add_argument("--checkpoint", metavar="PATH",
+                     help="checkpoint file (default: the newest in RUN_DIR)")
+    ins.add_argument("--run-dir", default="data/run",
+                     help="where `train` wrote its checkpoints (default: %(default)s)")
+    ins.add_argument("--top-k", type=number(int, 1), default=5,
+                     help="next-token candidates shown per position (default: %(default)s)")
+    ins.add_argument("--bins", type=number(int, 1, 1000), default=60,
+                     help="histogram bins per weight matrix (default: %(default)s)")
+    ins.add_argument("--out-dir",
+                     help="where the PNG files go (default: the checkpoint's directory)")
+    ins.add_argument("--device", default="auto",
+                     help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
+    ins.set_defaults(run=cmd_inspect, parser=ins)
 
 
 def add_sample_parser(commands) -> None:

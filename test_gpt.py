@@ -3335,7 +3335,269 @@ def test_transformers_tokenizer_gives_our_ids(tmp_path, request, which):
 
 
 # ==================================================================================================
-# §17 Command line: sample
+# §17 Looking inside: curves, attention and weights
+# ==================================================================================================
+
+def captured_attention(model: gpt.TransformerLM, token_ids: torch.Tensor) -> list[tuple]:
+    """Each attention layer's input and output (B, T, C) in an ordinary forward (fast path)."""
+    seen = []
+    hooks = [layer.attn.register_forward_hook(
+        lambda module, args, output: seen.append((args[0], output))) for layer in model.layers]
+    with torch.no_grad():
+        model(token_ids)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(position_encoding="nope"),
+                                       dict(norm_position="post")], ids=["rope", "nope", "post"])
+def test_attention_maps_are_causal_distributions(overrides):
+    """Every row of every head's weights sums to 1, and nothing is above the diagonal."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config(**overrides))
+    maps = gpt.attention_maps(model, torch.randint(0, 64, (2, 16)))
+    assert len(maps) == 2 and all(m.shape == (2, 4, 16, 16) for m in maps)
+    for weights in maps:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 16))
+        assert torch.equal(weights.triu(1), torch.zeros_like(weights))
+        assert (weights[..., torch.ones(16, 16).tril().bool()] > 0).all()  # the past: all seen
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(position_encoding="nope"),
+                                       dict(norm_position="post")], ids=["rope", "nope", "post"])
+def test_attention_maps_give_the_fast_path_output(overrides):
+    """Each layer's weights times its values, through the output projection, are what the
+    layer computes in the model's forward with F.scaled_dot_product_attention."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config(**overrides))
+    token_ids = torch.randint(0, 64, (2, 12))
+    maps = gpt.attention_maps(model, token_ids)
+    for weights, (x, output), layer in zip(maps, captured_attention(model, token_ids),
+                                           model.layers):
+        attn = layer.attn
+        assert attn.fast
+        v = (x @ attn.v_proj.weight.T).view(2, 12, 4, 8).transpose(1, 2)  # (B, H, T, D)
+        mixed = (weights @ v).transpose(1, 2).reshape(2, 12, 32)
+        torch.testing.assert_close(mixed @ attn.output_proj.weight.T, output)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (48, 32), (7, 300), (1, 5)])
+def test_spectral_norm_equals_matrix_2_norm(shape):
+    """spectral_norm is torch.linalg.matrix_norm(W, 2), the largest singular value."""
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    assert gpt.spectral_norm(W) == pytest.approx(torch.linalg.matrix_norm(W, 2).item(), rel=1e-5)
+
+
+def test_weight_stats_cover_every_matrix_once():
+    """weight_stats lists each 2-D parameter once (a tied matrix once), with its spectral norm
+    and a histogram holding every entry; a fresh model's norms are those at initialisation."""
+    torch.manual_seed(0)
+    for tie in (False, True):
+        model = gpt.TransformerLM(tiny_config(tie_embeddings=tie))
+        stats = gpt.weight_stats(model, bins=10)
+        assert len(stats) == 2 * 7 + 2 - tie
+        for s, (name, W) in zip(stats, ((n, p) for n, p in model.named_parameters()
+                                        if p.ndim == 2)):
+            assert s["name"] == name and s["counts"].sum() == W.numel()
+            assert s["sigma"] == pytest.approx(torch.linalg.matrix_norm(W, 2).item(), rel=1e-5)
+    initial = gpt.initial_spectral_norms(model.config)
+    torch.manual_seed(0)
+    fresh = gpt.weight_stats(gpt.TransformerLM(model.config), bins=10)
+    assert initial == {s["name"]: s["sigma"] for s in fresh}
+
+
+def test_weight_histogram_hand_example_and_numpy():
+    """The docstring's example, and numpy.histogram's counts over the symmetric range."""
+    counts, edges = gpt.weight_histogram(torch.tensor([[-1.0, 0.5, 1.0]]), 2)
+    assert counts.tolist() == [1, 2] and edges.tolist() == [-1, 0, 1]
+    W = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    counts, edges = gpt.weight_histogram(W, 12)
+    top = W.abs().max().item()
+    expected, _ = np.histogram(W.numpy(), bins=12, range=(-top, top))
+    assert counts.tolist() == expected.tolist()
+
+
+def test_attention_summary_hand_example():
+    """Two heads over 3 positions: one spreads evenly, one puts everything on position 0."""
+    even = torch.tensor([[1, 0, 0], [1 / 2, 1 / 2, 0], [1 / 3, 1 / 3, 1 / 3]])
+    sink = torch.tensor([[1.0, 0, 0], [1, 0, 0], [1, 0, 0]])
+    summary = gpt.attention_summary(torch.stack([even, sink]))
+    mean = (1 / 2 + 1 / 3) / 2
+    torch.testing.assert_close(summary["first"], torch.tensor([mean, 1.0]))
+    torch.testing.assert_close(summary["self"], torch.tensor([mean, 0.0]))
+    torch.testing.assert_close(summary["previous"], torch.tensor([mean, 0.5]))
+    torch.testing.assert_close(summary["entropy"], torch.tensor([(1 + math.log2(3)) / 2, 0.0]))
+
+
+def test_next_token_table_equals_softmax_of_the_logits():
+    """The top k are torch's softmax and topk of the logits; p(next) is the probability of the
+    token that follows, so -log of it is the cross-entropy at that position."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config())
+    token_ids = torch.randint(0, 64, (10,))
+    probs, ids, came = gpt.next_token_table(model, token_ids, 3)
+    with torch.no_grad():
+        logits = model(token_ids[None])[0]
+    expected = F.softmax(logits, dim=-1).topk(3, dim=-1)
+    torch.testing.assert_close(probs, expected.values)
+    assert torch.equal(ids, expected.indices)
+    torch.testing.assert_close(-came.log(), F.cross_entropy(logits[:-1], token_ids[1:],
+                                                            reduction="none"))
+
+
+def test_sparkline_hand_example():
+    """Heights in ten levels; twenty groups of bins from more bins."""
+    assert gpt.sparkline(torch.tensor([0.0, 1, 4, 9])) == " .=@"
+    assert gpt.sparkline(torch.ones(60)) == "@" * 20
+
+
+def test_metric_series_keeps_the_records_of_a_resumed_run():
+    """Steps logged twice (after the checkpoint a run resumed from) keep the later record."""
+    records = [dict(step=s, elapsed=float(i), train_loss=float(i), lr=0.1, grad_norm=1.0)
+               for i, s in enumerate([1, 2, 3, 2, 3, 4])]
+    records.insert(2, dict(step=2, elapsed=1.5, val_loss=5.0))
+    assert [(r["step"], r["elapsed"]) for r in gpt.metric_series(records, "train")] == [
+        (1, 0.0), (2, 3.0), (3, 4.0), (4, 5.0)]
+    assert gpt.metric_series(records, "val") == [records[2]]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_valid_pngs(directory, names: list[str]) -> None:
+    image = pytest.importorskip("matplotlib.image")  # only when matplotlib is installed
+    for name in names:
+        assert (directory / name).read_bytes()[:8] == PNG_SIGNATURE, name
+        height, width, _ = image.imread(directory / name).shape
+        assert height > 100 and width > 100
+
+
+def test_train_records_the_tokens_seen(trained_run):
+    """Every metrics.jsonl line counts the tokens seen: step x 4 sequences x 16 tokens."""
+    records = metrics(trained_run)
+    assert records and all(r["tokens"] == r["step"] * 4 * 16 for r in records)
+
+
+def test_plot_command_end_to_end(tmp_path, trained_run, capsys):
+    """`plot` of two runs prints each run's evaluations and draws both on valid PNGs; a
+    metrics.jsonl without token counts gets them from the run's checkpoint."""
+    pytest.importorskip("matplotlib")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "latest.pt").write_bytes((trained_run / "latest.pt").read_bytes())
+    (other / "metrics.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k != "tokens"}) + "\n"
+        for r in metrics(trained_run)))
+    out = tmp_path / "figures"
+    assert gpt.main(["plot", str(trained_run), str(other), "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in (trained_run.name, "other"):
+        assert f"{name} (" in printed and "30 steps, 1,920 tokens" in printed
+    assert re.search(r"^ +30 +1,920 +\d+s +\d\.\d{4} +\d\.\d{4} +\d+\.\d\d$", printed, re.M)
+    assert f"wrote {out / 'curves.png'}" in printed
+    assert_valid_pngs(out, ["curves.png", "lr_and_grad_norm.png"])
+
+
+def test_inspect_command_end_to_end(tmp_path, trained_run, capsys):
+    """`inspect` prints a row per head, per position and per matrix, and draws valid PNGs."""
+    pytest.importorskip("matplotlib")
+    assert gpt.main(["inspect", "--run-dir", str(trained_run), "--prompt", "Once upon a time",
+                     "--device", "cpu", "--top-k", "3", "--out-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"^ +[01] +[0-3] +(\d\.\d\d +){4} '", printed, re.M)) == 2 * 4
+    assert re.search(r"^ +0 '<\|endoftext\|>' +\d\.\d{3}  ('.*' \d\.\d{3}  ){2}'.*' \d\.\d{3}$",
+                     printed, re.M)
+    assert re.search(r"^lm_head.weight +300x32 ", printed, re.M)
+    assert_valid_pngs(tmp_path, ["attention.png", "weights.png", "spectral_norms.png"])
+
+
+@pytest.mark.parametrize("argv", [["plot", "{run}"], ["inspect", "--run-dir", "{run}",
+                                                      "--prompt", "Once upon a time"]],
+                         ids=["plot", "inspect"])
+def test_tables_without_matplotlib(tmp_path, trained_run, capsys, monkeypatch, argv):
+    """Without matplotlib the tables are printed, one line says how to install it, and no
+    picture is written."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("latest.pt", "metrics.jsonl"):
+        (run / name).write_bytes((trained_run / name).read_bytes())
+    assert gpt.main([a.format(run=run) for a in argv] + ["--device", "cpu"] * (
+        argv[0] == "inspect")) == 0
+    printed = capsys.readouterr()
+    assert ("val ppl" if argv[0] == "plot" else "entropy") in printed.out
+    assert "wrote" not in printed.out
+    assert [line for line in printed.err.splitlines() if "pip" in line] == [
+        "the pictures need matplotlib: pip install matplotlib (the tables above do not)"]
+    assert not [name for name in os.listdir(run) if name.endswith(".png")]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["plot", "{tmp}/empty"], "{tmp}/empty/metrics.jsonl not found"),
+    (["plot", "{tmp}/garbage"], "holds no metrics"),
+    (["plot", "{tmp}/old"], "no checkpoint in {tmp}/old"),
+    (["inspect", "--run-dir", "{tmp}/empty", "--prompt", "Hi"], "no checkpoint in {tmp}/empty"),
+    (["inspect", "--run-dir", "{run}", "--prompt", ""], "--prompt is empty"),
+    (["inspect", "--run-dir", "{run}", "--prompt", "Once upon a time " * 5],
+     "more than the model's context of 16"),
+    (["inspect", "--run-dir", "{run}", "--prompt", "Hi", "--top-k", "301"], "--top-k 301"),
+    (["inspect", "--prompt", "Hi", "--bins", "0"], "--bins"),
+], ids=["no-metrics", "no-records", "old-metrics-no-checkpoint", "no-checkpoint",
+        "empty-prompt", "long-prompt", "top-k", "bins"])
+def test_look_inside_bad_input_is_one_line_and_exit_2(tmp_path, trained_run, capsys, argv,
+                                                      named):
+    """A missing metrics file or checkpoint, an empty prompt or one beyond the context, an
+    impossible setting: exit code 2 and one line naming it."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "metrics.jsonl").write_text('{"step": 1\n')
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.jsonl").write_text('{"step": 0, "val_loss": 5.7, "elapsed": 1}\n')
+    device = ["--device", "cpu"] if argv[0] == "inspect" else []
+    assert exit_code([a.format(tmp=tmp_path, run=trained_run) for a in argv] + device) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "skipped" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"gpt.py {argv[0]}: error:")
+    assert named.format(tmp=tmp_path) in lines[0]
+
+
+class Terminal(io.StringIO):
+    """A stdout that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+METER = re.compile(r"\rstep \d+/(\d+|\?) \| loss \d+\.\d{4} \| [\d,]+ tok/s \| ETA \S+\033\[K")
+
+
+def test_train_meter_only_on_a_terminal(tmp_path, token_dir, capsys, monkeypatch):
+    """On a terminal a live line shows step, loss, tokens/s and ETA, cleared before each log
+    line; the log lines are those a log file gets, which has no live line. Both end naming
+    the plot command."""
+    assert gpt.main(train_args(token_dir, tmp_path / "file", "--max-steps", "4")) == 0
+    in_file = capsys.readouterr().out
+    assert "\r" not in in_file and "\033" not in in_file
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    assert gpt.main(train_args(token_dir, tmp_path / "tty", "--max-steps", "4")) == 0
+    on_screen = terminal.getvalue()
+    assert METER.search(on_screen)
+    # Each live line is erased ("\r\033[K") or redrawn ("\r...") before anything else comes.
+    assert not re.search(METER.pattern + r"(?!\r)", on_screen)
+    plain = METER.sub("", on_screen).replace("\r\033[K", "")
+    assert "\r" not in plain and "\033" not in plain
+
+    def shape(text: str) -> list[str]:  # the log without the times, speeds and directories
+        return [re.sub(r"[\d.,]+|\S*(file|tty)\S*", "#", line) for line in text.splitlines()]
+    assert shape(plain) == shape(in_file)
+    assert in_file.splitlines()[-1] == f"curves: python gpt.py plot {tmp_path / 'file'}"
+
+
+# ==================================================================================================
+# §18 Command line: sample
 # ==================================================================================================
 
 @pytest.fixture(scope="module")
