@@ -1843,14 +1843,16 @@ def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes:
     A cut is refused where an occurrence of a special token starts before it and reaches it
     (overlapping it, or ending right there): in a run such as `<|endoftext|><|endoftext|>`,
     which may be one longer special token, the cut could split what encode() would match.
-    Without special tokens the text is one chunk. Offsets are the file's, from start to end.
+    Without special tokens, see whitespace_boundaries. Offsets are the file's, start to end.
     Example: a 10 MB file with a document break every few KB, chunk_bytes=4e6 ->
     [0, 4000231, 8000514, 10000000].
     """
     path, start, end = text_range(source)
     specials = [s.encode("utf-8") for s in special_tokens]
+    if not specials:
+        return whitespace_boundaries(path, start, end, chunk_bytes)
     cuts = [start]
-    if specials and end - start > chunk_bytes:
+    if end - start > chunk_bytes:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             pos = start + chunk_bytes
             while pos < end:
@@ -1866,6 +1868,34 @@ def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes:
                 if cut > cuts[-1]:
                     cuts.append(cut)
                 pos = cut + chunk_bytes
+    return cuts + [end]
+
+
+# Where a text without document markers can be cut: after a printable ASCII character and
+# before whitespace, a cut that GPT-2's pattern always makes (SAFE_CUT_RE's first kind, "word|\n"),
+# so both sides pre-tokenize as within the whole. Bytes are tested, not characters, so only ASCII
+# counts: a multi-byte character might be whitespace (U+00A0) that joins the run after it. The
+# first pattern ends a line (before its trailing spaces, "\r" and "\n"); the second, for text
+# without line breaks, any word.
+LINE_END_CUT_RE = re.compile(rb"[\x21-\x7e](?=[ \t\r]*\n)")
+WORD_END_CUT_RE = re.compile(rb"[\x21-\x7e](?=[ \t\n\r])")
+
+
+def whitespace_boundaries(path: str, start: int, end: int, chunk_bytes: int) -> list[int]:
+    """Byte offsets that cut a text without special tokens into chunks of about `chunk_bytes`:
+    at the first line end after each chunk_bytes, or else the first word end, or nowhere.
+    Example: b"one two\nthree\n" from 0 to 14 with chunk_bytes 4 -> [0, 7, 13, 14]."""
+    cuts = [start]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        pos = start + chunk_bytes
+        while pos < end:
+            # Lines are usually short: look for a line end in the next chunk's length first.
+            match = (LINE_END_CUT_RE.search(data, pos - 1, min(end, pos + chunk_bytes))
+                     or WORD_END_CUT_RE.search(data, pos - 1, end))
+            if not match or match.end() >= end:
+                break
+            cuts.append(match.end())
+            pos = match.end() + chunk_bytes
     return cuts + [end]
 
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from itertools import chain, pairwise, product
 
 import numpy as np
@@ -1577,10 +1578,39 @@ def test_chunk_boundaries_cut_at_special_tokens(tmp_path, specials):
             assert cut in starts, f"cut at {cut} splits the special token matched there"
 
 
-def test_chunk_boundaries_without_special_tokens_is_one_chunk(tmp_path):
-    """With no special tokens to cut at, the whole file is one chunk."""
-    text = documents_file(tmp_path / "docs.txt")
-    assert gpt.chunk_boundaries(str(tmp_path / "docs.txt"), [], 50) == [0, len(text)]
+def test_whitespace_boundaries_hand_example(tmp_path):
+    """Without special tokens: the first line end after each chunk's length, else a word end."""
+    path = tmp_path / "w.txt"
+    path.write_bytes(b"one two\nthree\n")
+    assert gpt.chunk_boundaries(str(path), [], 4) == [0, 7, 13, 14]
+    assert gpt.chunk_boundaries(str(path), [], 2) == [0, 3, 7, 13, 14]  # "one| two"
+    path.write_bytes("日本語\u00a0\n語".encode() * 3)  # no ASCII before any whitespace
+    assert gpt.chunk_boundaries(str(path), [], 2) == [0, path.stat().st_size]
+
+
+NO_MARKER_TEXTS = {
+    "prose": "Once upon a time, there was a cat.\nIt sat.  \n\n  Then it ran!\n" * 300,
+    "crlf": "def f(x):\r\n    return x  \r\n\r\n" * 400,
+    "long-lines": " ".join(f"word{i}," for i in range(3000)) + "\n" + "x" * 5000 + " end",
+    "unicode-space": "a\u00a0\nb \u3000\nc\u2028d\n 日本語 \t\n" * 400,
+}
+
+
+@pytest.mark.parametrize("name", NO_MARKER_TEXTS)
+def test_chunks_without_markers_count_and_encode_as_the_whole(tmp_path, tokenizer, name):
+    """A text without special tokens is cut into many chunks, and the chunks' pre-token counts
+    and encoded ids add up to those of the whole text, whatever its line ends and lengths."""
+    text = NO_MARKER_TEXTS[name]
+    path = tmp_path / "text.txt"
+    path.write_bytes(text.encode("utf-8"))
+    cuts = gpt.chunk_boundaries(str(path), [], 1000)
+    assert len(cuts) > 5
+    counts, ids = Counter(), []
+    for a, b in zip(cuts, cuts[1:]):
+        counts += gpt.count_pretokens_in_chunk(str(path), a, b, [])
+        ids += tokenizer.encode(gpt.read_text(str(path), a, b))
+    assert counts == Counter(gpt.pretokenize(text))
+    assert ids == tokenizer.encode(text)
 
 
 def test_plan_chunks_of_a_byte_range_cover_it_exactly(tmp_path):
