@@ -4546,10 +4546,16 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     for directory, train_args in runs.items():  # the default recipe trains once for all
         print(f"== {directory}", flush=True)
         train(train_args)
+    plt = pyplot()  # the overlaid curves, when matplotlib is installed
     for name in names:
-        write_results(os.path.join(args.out_dir, name), [
-            (arm, flags, arm_result(arm_dir(args, name, flags, arm)))
-            for arm, flags in EXPERIMENTS[name]])
+        out = os.path.join(args.out_dir, name)
+        write_results(out, [(arm, flags, arm_result(arm_dir(args, name, flags, arm)))
+                            for arm, flags in EXPERIMENTS[name]])
+        if plt is not None:
+            runs = [run_curves(arm_dir(args, name, flags, arm), arm)
+                    for arm, flags in EXPERIMENTS[name]]
+            for path in draw_curves(runs, out, plt):
+                print(f"wrote {path}")
 
 
 class Parser(argparse.ArgumentParser):

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import gc
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -2722,6 +2723,9 @@ def test_experiment_runs_each_arm_and_tabulates(tmp_path, token_dir, capsys):
     for row in table[2:]:
         assert row.split(" | ")[3:5] == ["6", f"{6 * 4 * 16:,}"]  # steps, tokens: the same
     assert table[2].split(" | ")[2] == table[3].split(" | ")[2]  # the same parameters
+    # The overlaid curves: drawn when matplotlib is installed (CI installs it), else not.
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert (tmp_path / "dropout" / "curves.png").exists() == has_matplotlib
     assert exit_code(["experiment", "--out-dir", str(tmp_path / "x"), "lr", *flags,
                       "--out-dir", "y"]) == 2
     assert not (tmp_path / "x").exists()
