@@ -1232,6 +1232,20 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return _CrossEntropy.apply(logits, targets)
 
 
+# The target of a position that is not scored. Fine-tuning (`finetune`) scores an answer but
+# not its question. -100 is PyTorch's own ignore_index: F.cross_entropy is the reference.
+IGNORE_INDEX = -100
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """cross_entropy over the positions whose target is not IGNORE_INDEX, for logits (..., V)
+    and targets (...): the mean of those alone, and no gradient at all for the others. At
+    least one position must be scored (the mean of none is NaN)."""
+    keep = targets.reshape(-1) != IGNORE_INDEX                          # (N,)
+    scored = logits.reshape(-1, logits.shape[-1])[keep]                 # (K, V), K kept
+    return cross_entropy(scored, targets.reshape(-1)[keep])
+
+
 @torch.no_grad()
 def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int,
                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
@@ -3053,6 +3067,11 @@ class Run:
     steps_since_log: int = 0
     announced: bool = False      # whether the time budget's plan has been printed
     meter: TrainingMeter | None = None  # the live line, on a terminal (rank 0)
+    # What fine-tuning (`finetune`) changes: its batches, its loss, its evaluation, its start.
+    get_batch: object = get_batch  # (train_data, B, T, device, generator) -> x, y (B, T) each
+    loss: object = cross_entropy   # (logits, targets) -> mean loss; loss_fn is it, maybe compiled
+    evaluate: object = None        # run -> validation loss; None: evaluate() on valid windows
+    start_from: str | None = None  # a checkpoint whose weights a fresh run starts from
 
     def say(self, message: str) -> None:
         if self.rank == 0:  # one process talks for all
@@ -3143,14 +3162,14 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
 def compile_model(run: Run) -> None:
     """With --compile, torch.compile the model and the loss, once checked to give the eager
     gradients; else use them as they are."""
-    run.eval_model, run.loss_fn = run.model, cross_entropy
+    run.eval_model, run.loss_fn = run.model, run.loss
     if not run.args.compile:
         return
     # torch.compile turns the model into a few generated kernels, fusing the many elementwise
     # operations (norms, RoPE, SwiGLU) into single passes over memory, backward included, and
     # the loss's formula into a few more. The first step pays for the compilation: typically
     # half a minute to a minute.
-    compiled, loss_fn = torch.compile(run.model), torch.compile(cross_entropy)
+    compiled, loss_fn = torch.compile(run.model), torch.compile(run.loss)
     # A compiler bug would train a wrong model for hours without a sign (one did, on CUDA:
     # see the README). One batch, eager and compiled, must give the same gradients.
     x, y = batch_at(run.valid_data, run.eval_starts[:run.batch_size],
@@ -3186,11 +3205,14 @@ def build_model(run: Run, checkpoint: dict | None) -> None:
         if args.decay_steps is not None and run.step >= args.decay_steps:
             run.say(f"the cosine ended at step {args.decay_steps}: the steps from {run.step} on "
                     f"train at the minimum learning rate, {run.min_lr:g}")
-    # Evaluation windows evenly spread over the valid file: the same ones every time.
-    T, valid = run.config.context_length, run.valid_data
-    run.eval_starts = np.linspace(0, len(valid) - T - 1,
-                                  min(args.eval_batches * run.batch_size, len(valid) - T))
-    run.eval_starts = run.eval_starts.astype(np.int64)
+    elif run.start_from:  # fine-tuning: a trained model's weights, with a fresh optimizer
+        load_checkpoint(run.start_from, run.model)
+    if run.eval_starts is None:  # fine-tuning brings its own: the held-out pairs
+        # Evaluation windows evenly spread over the valid file: the same ones every time.
+        T, valid = run.config.context_length, run.valid_data
+        run.eval_starts = np.linspace(0, len(valid) - T - 1,
+                                      min(args.eval_batches * run.batch_size, len(valid) - T))
+        run.eval_starts = run.eval_starts.astype(np.int64)
     compile_model(run)
     run.fast_model = run.eval_model
     if run.world_size > 1:
@@ -3251,8 +3273,9 @@ def check_finite(run: Run, loss: float, what: str) -> None:
 def evaluate_and_save(run: Run, finished: bool) -> None:
     """Evaluate on the validation windows, log it, and checkpoint (best.pt when it improved)."""
     started = time.perf_counter()
-    val_loss = evaluate(run.eval_model, run.valid_data, run.eval_starts, run.batch_size,
-                        run.config.context_length, run.device, run.amp)
+    val_loss = (run.evaluate(run) if run.evaluate else
+                evaluate(run.eval_model, run.valid_data, run.eval_starts, run.batch_size,
+                         run.config.context_length, run.device, run.amp))
     val_loss = broadcast(val_loss, run.world_size)  # the same "best" on every rank
     run.budget.eval_seconds = time.perf_counter() - started
     check_finite(run, val_loss, "validation loss")
@@ -3312,8 +3335,8 @@ def plan_step(run: Run) -> bool:
 def train_loop(run: Run) -> None:
     """The loop: plan -> lr -> maybe evaluate and checkpoint -> train_step -> log."""
     args = run.args
-    next_batch = partial(get_batch, run.train_data, run.batch_size, run.config.context_length,
-                         run.device, run.batch_rng)
+    next_batch = partial(run.get_batch, run.train_data, run.batch_size,
+                         run.config.context_length, run.device, run.batch_rng)
     # Losses are summed on the device, so the GPU never waits for the CPU to read them.
     run.loss_sum = torch.zeros((), device=run.device)
     with stop_requests(enabled=run.world_size == 1) as stop_requested:
@@ -3361,10 +3384,11 @@ def finish_ranks(run: Run) -> None:
     dist.destroy_process_group()
 
 
-def train(args: argparse.Namespace) -> None:
-    """`python gpt.py train`: check the inputs, build the model, run the loop, report."""
+def train(args: argparse.Namespace, start=start_run) -> None:
+    """`python gpt.py train`: check the inputs, build the model, run the loop, report.
+    `finetune` is this with another start (start_finetune): its own model, data and loss."""
     command_started = time.perf_counter()
-    run, checkpoint, time_used = start_run(args)
+    run, checkpoint, time_used = start(args)
     build_model(run, checkpoint)
     describe(run, sum(p.numel() for p in run.model.parameters()))
     if run.rank == 0:
@@ -4412,6 +4436,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"device {device})")
     prompts = [args.prompt] if args.prompt is not None else interactive_prompts()
+    if args.qa:
+        prompts = qa_prompts(prompts, eos_id, path)
     try:
         for prompt in prompts:
             started = time.perf_counter()
@@ -4612,6 +4638,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_parser(commands)
     add_export_parser(commands)
     add_look_inside_parsers(commands)
+    add_finetune_parser(commands)
     return parser
 
 
@@ -4838,6 +4865,9 @@ def add_sample_parser(commands) -> None:
         description="Continue a prompt with a trained model; without --prompt, read prompts "
                     "interactively. The story goes to stdout, figures to stderr.")
     sa.add_argument("--prompt", help="text to continue (default: ask interactively)")
+    sa.add_argument("--qa", action="store_true",
+                    help="the prompts are questions: wrap each in `finetune`'s template and "
+                         "print the answer, which ends at the end-of-text token")
     sa.add_argument("--checkpoint", metavar="PATH",
                     help="checkpoint file (default: the newest in RUN_DIR)")
     sa.add_argument("--run-dir", default="data/run",
@@ -4862,6 +4892,449 @@ def add_sample_parser(commands) -> None:
     sa.add_argument("--no-kv-cache", action="store_true",
                     help="recompute the whole sequence for every token (slow reference)")
     sa.set_defaults(run=cmd_sample, parser=sa)
+
+
+# ==================================================================================================
+# Fine-tuning: teaching a trained model to answer
+#
+# Fine-tuning trains a trained model further, on examples of what it should do: here, a user's
+# question-answer pairs. Each pair becomes one sequence of a fixed template that ends in the
+# end-of-text token, so the model learns where an answer stops, and the loss scores only the
+# answer and that end token (masked_cross_entropy, §4): the question is given, not written. The
+# run is §14's, started by start_finetune: the same loop, logs, checkpoints, signals and budget.
+# ==================================================================================================
+
+# One pair as the model sees it, from the end-of-text token <eot> that starts it (as it started
+# every story in pretraining) to the one that ends it:
+#     <eot>Question: {question}\nAnswer: {answer}<eot>
+# The prompt is everything up to "Answer:"; the answer follows it after one space.
+QA_PROMPT = "Question: {question}\nAnswer:"
+FINETUNE_VALID_FRACTION = 0.1  # pairs held out without --valid: every tenth
+ANSWER_TOKENS = 64             # longest sample answer at an evaluation: the example's are < 40
+# The recipe, from a trained laptop model and data/qa_example.json (the README's runs):
+FINETUNE_LR = 1e-3             # peak lr: a third of pretraining's
+FINETUNE_BATCH_SIZE = 8        # rows of context_length tokens: about 60 of the example's pairs
+FINETUNE_STEPS = 300
+FINETUNE_WARMUP = 20           # steps
+FINETUNE_EVAL_INTERVAL = 50    # steps
+
+
+def qa_prompt(question: str) -> str:
+    """Example: qa_prompt(" Who is Max? ") -> "Question: Who is Max?\\nAnswer:"."""
+    return QA_PROMPT.format(question=question.strip())
+
+
+def qa_sequence(tokenizer: BPETokenizer, question: str, answer: str, eot: int,
+                everything: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One pair as inputs and next-token targets (L,) each, IGNORE_INDEX where nothing is learned.
+
+    Example, with bytes as tokens and 256 as <eot>, question "Hi?" and answer "Yo.":
+        ids     = [256] + bytes of "Question: Hi?\\nAnswer:" (21) + bytes of " Yo." + [256]
+        inputs  = ids[:-1]: 256, Q, u, ..., r, :, ' ', Y, o, .
+        targets = ids[1:] with the prompt's 21 IGNORE_INDEX: -100 x 21, ' ', Y, o, ., 256
+    With everything=True the 21 are kept too. The prompt and the answer are encoded apart, so
+    the prompt's tokens are exactly those `sample --qa` gives the model.
+    """
+    prompt = [eot] + tokenizer.encode(qa_prompt(question))
+    ids = np.array(prompt + tokenizer.encode(" " + answer.strip()) + [eot], dtype=np.int64)
+    inputs, targets = ids[:-1], ids[1:].copy()
+    if not everything:
+        targets[:len(prompt) - 1] = IGNORE_INDEX  # the question: context, not to be learned
+    return inputs, targets
+
+
+def json_kind(value) -> str:
+    """The JSON name of a parsed value's type. Example: json_kind({}) -> "object"."""
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def check_qa_item(item, where: str) -> tuple[str, str]:
+    """An item's (question, answer), stripped of surrounding whitespace, or a ValueError."""
+    if not isinstance(item, dict):
+        raise ValueError(f'{where} is a JSON {json_kind(item)}, not an object with a "question" '
+                         f'and an "answer"')
+    for key in ("question", "answer"):
+        if key not in item:
+            raise ValueError(f'{where} has no "{key}"')
+        if not isinstance(item[key], str):
+            raise ValueError(f'{where}: its "{key}" is {shown(item[key])}, a JSON '
+                             f'{json_kind(item[key])}, not a string')
+        if not item[key].strip():
+            raise ValueError(f'{where}: its "{key}" is empty')
+    return item["question"].strip(), item["answer"].strip()
+
+
+def warn_repeated_ids(items: list, path: str) -> None:
+    """A repeated "id" is often a pair pasted twice, or an id not updated: say so, and go on."""
+    seen = defaultdict(list)
+    for i, item in enumerate(items):
+        if "id" in item:
+            seen[json.dumps(item["id"], sort_keys=True)].append(str(i))
+    repeated = [f"{key} (items {', '.join(where)})" for key, where in seen.items()
+                if len(where) > 1]
+    if repeated:
+        log(f"warning: {path}: repeated ids: {'; '.join(repeated[:5])}"
+            f"{' ...' if len(repeated) > 5 else ''}")
+
+
+def read_qa_file(path: str) -> list[tuple[str, str]]:
+    """The (question, answer) pairs of a JSON file that holds a list of objects such as
+        {"question": "Who is Max?", "answer": "Max is Lily's dog.", "id": 7, "category": "pets"}
+    ("id" and "category" are optional and ignored, but a repeated id is reported). A mistake is a
+    ValueError naming the item by its index from 0: qa.json[3] is the fourth."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    expected = 'a list of {"question": ..., "answer": ...} objects'
+    try:
+        items = json.loads(raw.decode("utf-8-sig"))  # -sig: the byte-order mark some editors add
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start})") from None
+    except json.JSONDecodeError as e:
+        what = "empty" if not raw.strip() else f"not JSON ({e.msg} at line {e.lineno}, column " \
+                                               f"{e.colno})"
+        raise ValueError(f"{path} is {what}: give {expected}") from None
+    if not isinstance(items, list) or not items:
+        what = "an empty list" if isinstance(items, list) else f"a JSON {json_kind(items)}"
+        raise ValueError(f"{path} holds {what}, not {expected}")
+    pairs = [check_qa_item(item, f"{path}[{i}]") for i, item in enumerate(items)]
+    warn_repeated_ids(items, path)
+    return pairs
+
+
+def hold_out_pairs(num_pairs: int, fraction: float, path: str) -> tuple[list[int], list[int]]:
+    """The indices of the pairs to train on and of those to hold out: round(fraction x num_pairs)
+    of them (at least one), evenly spread, so that every part of a file sorted by topic is
+    tested. Example: 20 pairs, fraction 0.1 -> hold out 9 and 19, the last of each ten."""
+    held = max(1, round(fraction * num_pairs))
+    if held >= num_pairs:
+        raise ValueError(f"{path} has {num_pairs} pair(s): too few to hold out {fraction:g} of "
+                         f"them and train on the rest; give --valid FILE")
+    held_out = [(i + 1) * num_pairs // held - 1 for i in range(held)]
+    return sorted(set(range(num_pairs)) - set(held_out)), held_out
+
+
+@dataclass
+class QAPairs:
+    """Pairs laid end to end, each as qa_sequence makes it: pair i is inputs[starts[i]:
+    starts[i + 1]], with its targets at the same positions."""
+    inputs: np.ndarray   # (P,) ids: "<eot>Question: ...\nAnswer: ..." of each pair in turn
+    targets: np.ndarray  # (P,) the next ids, IGNORE_INDEX where nothing is learned
+    starts: np.ndarray   # (N + 1,) where each pair begins, then where the last one ends
+    items: list[tuple[str, str]]  # (question, answer) of each pair
+
+    def __len__(self) -> int:
+        """The tokens of all the pairs, as len() of a token file: what the run's log counts."""
+        return len(self.inputs)
+
+
+def encode_pairs(pairs: list[tuple[str, str]], indices: list[int], tokenizer: Tokenizer,
+                 eot: int, context_length: int, everything: bool,
+                 path: str) -> tuple[QAPairs, list[int]]:
+    """The pairs at `indices` as QAPairs, and the indices of those left out: longer than the
+    context, where they could only be cut (and a cut answer never ends)."""
+    inputs, targets, kept, too_long = [], [], [], []
+    for i in indices:
+        question, answer = pairs[i]
+        for key, text in (("question", question), ("answer", answer)):
+            special = tokenizer.special_re and tokenizer.special_re.search(text)
+            if special:
+                raise ValueError(f'{path}[{i}]: its "{key}" holds the special token '
+                                 f'{special[0]!r}, which would cut the pair in two')
+        x, y = qa_sequence(tokenizer, question, answer, eot, everything)  # (L,) each
+        if len(x) > context_length:
+            too_long.append(i)
+            continue
+        inputs.append(x)
+        targets.append(y)
+        kept.append(pairs[i])
+    if not kept:
+        raise ValueError(f"{path}: every pair of the {len(indices)} is longer than the model's "
+                         f"{context_length}-token context")
+    starts = np.cumsum([0] + [len(x) for x in inputs])
+    return QAPairs(np.concatenate(inputs), np.concatenate(targets), starts, kept), too_long
+
+
+def pack_pairs(pairs: QAPairs, order: Iterable[int], rows: int,
+               context_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lay the pairs in `order` end to end in rows of context_length positions, as the stories
+    were laid in pretraining, until `rows` rows are full or the pairs run out. A pair that does
+    not fit at the end of a row starts the next, so none is ever cut. Returns inputs and targets
+    (R, T), R <= rows; positions after a row's last pair predict nothing.
+    Example: pairs of 3, 2 and 2 positions in rows of 5: row 0 = pairs 0 and 1; row 1 = pair 2,
+    then 3 empty positions.
+    """
+    x = np.zeros((rows, context_length), dtype=np.int64)  # (rows, T): an empty position's input
+    # is any id, as no position of a pair attends to the positions after it
+    y = np.full((rows, context_length), IGNORE_INDEX, dtype=np.int64)  # (rows, T)
+    row, col = 0, 0
+    for i in order:
+        start, end = pairs.starts[i], pairs.starts[i + 1]
+        if col + end - start > context_length:
+            row, col = row + 1, 0
+            if row == rows:
+                break
+        x[row, col:col + end - start] = pairs.inputs[start:end]
+        y[row, col:col + end - start] = pairs.targets[start:end]
+        col += end - start
+    return x[:row + 1], y[:row + 1]
+
+
+def qa_batch(pairs: QAPairs, batch_size: int, context_length: int, device: str | torch.device,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine-tuning's get_batch: up to batch_size rows of pairs drawn in a random order and
+    packed (pack_pairs); inputs and targets (B, T), IGNORE_INDEX where nothing is learned."""
+    order = torch.randperm(len(pairs.items), generator=generator).tolist()
+    x, y = pack_pairs(pairs, order, batch_size, context_length)  # (B, T) each
+    return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+
+
+def end_token(tokenizer: Tokenizer, name: str) -> int:
+    """The id that ends each answer: the tokenizer's first special token, the one that ended
+    the stories in pretraining (<|endoftext|>)."""
+    if not tokenizer.special_tokens:
+        raise ValueError(f"{name}: its tokenizer has no end-of-text token to end an answer with "
+                         f"(`tokenize` with --special-tokens '<|endoftext|>' makes one)")
+    return tokenizer.special_ids[tokenizer.special_tokens[0]]
+
+
+def show_answers(run: Run) -> None:
+    """Answer the first --show-answers held-out questions greedily; print and record them.
+    An answer that has not ended within ANSWER_TOKENS tokens ends in " ..."."""
+    eot, answers = end_token(run.tokenizer, "the run"), []
+    if run.args.show_answers:
+        run.say(f"held-out answers at step {run.step} (greedy):")
+    for question, expected in run.valid_data.items[:run.args.show_answers]:
+        prompt = [eot] + run.tokenizer.encode(qa_prompt(question))
+        tokens = list(generate(run.model, prompt, ANSWER_TOKENS, temperature=0, eos_id=eot))
+        answer = run.tokenizer.decode([t for t in tokens if t != eot]).strip()
+        answer += "" if tokens[-1] == eot else " ..."
+        answers.append(dict(question=question, answer=answer, expected=expected))
+        run.say(f"  {question} -> {answer!r} (held out: {expected!r})")
+    run.model.train()  # generate() left it in eval mode
+    if answers:
+        record(run, step=run.step, answers=answers)
+
+
+@torch.no_grad()
+def evaluate_answers(run: Run) -> float:
+    """Fine-tuning's evaluation: the mean loss over the held-out answers' tokens and end tokens
+    (also with --train-on-everything, so that the two compare), then a few sample answers."""
+    T, B = run.config.context_length, run.batch_size
+    x, y = pack_pairs(run.valid_data, run.eval_starts, len(run.eval_starts), T)  # (R, T) each
+    x, y = x[:run.args.eval_batches * B], y[:run.args.eval_batches * B]
+    run.eval_model.eval()
+    total, count = torch.zeros((), device=run.device), 0
+    for i in range(0, len(x), B):
+        xb, yb = (torch.from_numpy(a[i:i + B]).to(run.device) for a in (x, y))  # (b, T) each
+        with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
+            logits = run.eval_model(xb)  # (b, T, V)
+        scored = int((y[i:i + B] != IGNORE_INDEX).sum())
+        total += masked_cross_entropy(logits, yb) * scored  # the batch's mean, by its tokens
+        count += scored
+    run.eval_model.train()
+    show_answers(run)
+    return total.item() / count
+
+
+def check_finetune_args(args: argparse.Namespace) -> None:
+    """Refuse flags that contradict each other, before any work."""
+    if args.from_scratch and args.checkpoint:
+        raise ValueError("--checkpoint names the model to fine-tune and --from-scratch starts "
+                         "from random weights: give one or the other")
+    if args.valid and args.valid_fraction is not None:
+        raise ValueError("--valid gives the held-out pairs and --valid-fraction takes them "
+                         "from --data: give one or the other")
+    model_flags = ["preset"] + [field.name for field in fields(ModelConfig)]
+    given = [name for name in model_flags if getattr(args, name, None) is not None]
+    if given and not args.from_scratch:
+        raise ValueError(f"--{given[0].replace('_', '-')}: a fine-tuned model keeps its "
+                         f"checkpoint's architecture; model flags go with --from-scratch")
+
+
+def finetune_model(args: argparse.Namespace,
+                   resumed: dict | None) -> tuple[ModelConfig, Tokenizer, str]:
+    """The config and tokenizer of the model to fine-tune, and where they come from: the run
+    being resumed, a trained checkpoint (--checkpoint, or the newest in --run-dir), or with
+    --from-scratch the preset and the tokenizer in --data-dir."""
+    if resumed or not args.from_scratch:
+        path = (os.path.join(args.out_dir, "latest.pt") if resumed
+                else args.checkpoint or newest_checkpoint(args.run_dir))
+        checkpoint = resumed or read_checkpoint(path)
+        if not {"config", "tokenizer"} <= checkpoint.keys():
+            raise ValueError(f"{path}: no model config or tokenizer in it; was it written by "
+                             f"`python gpt.py train`?")
+        config = saved_config(checkpoint["config"], path)
+        tokenizer = saved_tokenizer(checkpoint["tokenizer"], path, config.vocab_size)
+        # A resumed run keeps its architecture: model flags, if given, must agree with it.
+        return resolve_config(args, config.vocab_size, asdict(config)), tokenizer, path
+    tokenizer_dir = os.path.join(args.data_dir, "tokenizer")
+    if not os.path.isdir(tokenizer_dir):
+        raise ValueError(f"{tokenizer_dir} not found: --from-scratch takes the tokenizer that "
+                         f"`python gpt.py tokenize` writes there (or give --data-dir)")
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    args.preset = args.preset or "laptop"
+    return resolve_config(args, max(tokenizer.vocab) + 1), tokenizer, tokenizer_dir
+
+
+def finetune_data(args: argparse.Namespace, pairs: list[tuple[str, str]],
+                  valid_pairs: list[tuple[str, str]] | None, tokenizer: Tokenizer, eot: int,
+                  context_length: int) -> tuple[QAPairs, QAPairs, list[str]]:
+    """The pairs to train on and the held-out ones (--valid's, or some of --data's), encoded,
+    and the lines that say what was done with them."""
+    if valid_pairs is not None:
+        valid_path, held_from = args.valid, args.valid
+        train_ids, held_ids = list(range(len(pairs))), list(range(len(valid_pairs)))
+    else:
+        fraction = args.valid_fraction or FINETUNE_VALID_FRACTION
+        valid_pairs, valid_path = pairs, args.data
+        train_ids, held_ids = hold_out_pairs(len(pairs), fraction, args.data)
+        held_from = (f"items {', '.join(map(str, held_ids[:3]))}{', ...' * (len(held_ids) > 3)}"
+                     f" of {args.data}")
+    train, long_train = encode_pairs(pairs, train_ids, tokenizer, eot, context_length,
+                                     args.train_on_everything, args.data)
+    valid, long_valid = encode_pairs(valid_pairs, held_ids, tokenizer, eot, context_length,
+                                     False, valid_path)
+    notes = [f"pairs: {len(train.items)} to train on, {len(valid.items)} held out ({held_from})",
+             f"loss on: {'every token' if args.train_on_everything else 'the answers'} and "
+             f"the end-of-text tokens"]
+    for path, left_out in ((args.data, long_train), (valid_path, long_valid)):
+        if left_out:
+            notes.append(f"left out {len(left_out)} pair(s) of {path} longer than the "
+                         f"{context_length}-token context: items "
+                         f"{', '.join(map(str, left_out[:10]))}{' ...' * (len(left_out) > 10)}")
+    return train, valid, notes
+
+
+def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
+    """start_run for fine-tuning: check every input first (the pairs before the checkpoint,
+    which takes longer to read), then settle the model to start from, the data and the recipe;
+    returns the run, the checkpoint to resume and the budget already used."""
+    device, rank, world_size = start_process(args)
+    check_finetune_args(args)
+    check_run_dir(args)
+    pairs = read_qa_file(args.data)
+    valid_pairs = read_qa_file(args.valid) if args.valid else None
+    checkpoint, total_steps, time_used = read_resume(args)
+    config, tokenizer, source = finetune_model(args, checkpoint)
+    start_from = None if checkpoint or args.from_scratch else source
+    if args.overwrite and start_from and (os.path.realpath(os.path.dirname(start_from))
+                                          == os.path.realpath(args.out_dir)):
+        raise ValueError(f"--overwrite would delete {start_from}, the checkpoint to fine-tune: "
+                         f"give another --out-dir")
+    T = config.context_length
+    train_pairs, valid_pairs, notes = finetune_data(args, pairs, valid_pairs, tokenizer,
+                                                    end_token(tokenizer, source), T)
+    if args.max_steps is None and args.max_time is None:
+        args.max_steps = FINETUNE_STEPS
+    if args.lr is not None:
+        max_lr = args.lr
+    else:  # from scratch, the preset's; a trained model needs smaller steps not to forget
+        max_lr = PRESETS[args.preset]["lr"] if args.preset else FINETUNE_LR
+    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
+    batch_size = args.batch_size or (PRESETS[args.preset]["batch_size"] if args.preset
+                                     else FINETUNE_BATCH_SIZE)
+    if not min_lr <= max_lr:
+        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
+    run = Run(args, device, rank, world_size, autocast_dtype(device, args.dtype), tokenizer,
+              train_pairs, valid_pairs, config, batch_size, max_lr, min_lr,
+              total_steps=total_steps, get_batch=qa_batch, loss=masked_cross_entropy,
+              evaluate=evaluate_answers, start_from=start_from,
+              eval_starts=np.arange(len(valid_pairs.items)))
+    check_batch_fits(run.batch_size, T, config.vocab_size, device, "--batch-size")
+    if rank == 0:
+        check_writable_dir(args.out_dir)
+        for path in remove_stale_temp_files(args.out_dir):
+            log(f"removed {path}, left by a run killed while saving")
+    run.say(f"fine-tuning {'random weights' if args.from_scratch and not checkpoint else source}"
+            f" on {args.data}")
+    for line in notes:
+        run.say(line)
+    return run, checkpoint, time_used
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """`python gpt.py finetune`: §14's training run, started by start_finetune."""
+    train(args, start=start_finetune)
+
+
+def qa_prompts(prompts: Iterable[str], eos_id: int | None, name: str) -> Iterator[str]:
+    """`sample --qa`: each prompt, a question, in the template (see QA_PROMPT); sample puts the
+    end-of-text token before it, and stops at the one that ends the answer."""
+    if eos_id is None:
+        raise ValueError(f"--qa: {name}'s tokenizer has no end-of-text token, so no answer "
+                         f"could end")
+    return map(qa_prompt, prompts)
+
+
+def add_finetune_parser(commands) -> None:
+    ft = commands.add_parser(
+        "finetune", help="teach a trained model to answer: fine-tune it on question-answer pairs",
+        conflict_handler="resolve",  # to give --batch-size and --lr their own defaults below
+        description="Fine-tune a trained model (the newest checkpoint in RUN_DIR, or "
+                    "--checkpoint) on a JSON list of question-answer pairs, scoring only the "
+                    "answers; checkpoints and metrics.jsonl go to OUT_DIR, as `train`'s do. "
+                    "Then: `python gpt.py sample --qa --run-dir OUT_DIR`.")
+    ft.add_argument("--data", required=True, metavar="FILE",
+                    help='JSON list of {"question": ..., "answer": ...} objects ("id" and '
+                         '"category" are optional and ignored)')
+    ft.add_argument("--valid", metavar="FILE",
+                    help="held-out pairs, in the same form (default: some of --data's, see "
+                         "--valid-fraction)")
+    ft.add_argument("--valid-fraction", type=number(float, 0.0, 1.0, low_open=True), metavar="F",
+                    help=f"without --valid: the share of --data's pairs held out, evenly spread "
+                         f"(default: {FINETUNE_VALID_FRACTION}, every tenth pair: items 9, "
+                         f"19, ...)")
+    ft.add_argument("--checkpoint", metavar="PATH",
+                    help="the trained model to fine-tune (default: the newest in RUN_DIR)")
+    ft.add_argument("--run-dir", default="data/run",
+                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    ft.add_argument("--from-scratch", action="store_true",
+                    help="start from random weights instead: a model of --preset and the model "
+                         "flags, with the tokenizer in DATA_DIR")
+    ft.add_argument("--data-dir", default="data",
+                    help="with --from-scratch: where `tokenize` wrote tokenizer/ "
+                         "(default: %(default)s)")
+    ft.add_argument("--train-on-everything", action="store_true",
+                    help="score every token, the questions' too (default: only the answers and "
+                         "their end tokens); the validation loss stays the answers'")
+    ft.add_argument("--show-answers", type=number(int, 0), default=3,
+                    help="held-out questions answered greedily at each evaluation "
+                         "(default: %(default)s)")
+    ft.add_argument("--out-dir", default="data/finetune",
+                    help="checkpoints latest.pt and best.pt, and metrics.jsonl "
+                         "(default: %(default)s)")
+    ft.add_argument("--resume", action="store_true",
+                    help="continue the fine-tuning run in OUT_DIR from its latest.pt")
+    ft.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an OUT_DIR that holds a run, deleting its checkpoints")
+    ft.add_argument("--max-steps", type=number(int, 1),
+                    help=f"optimizer steps (default: {FINETUNE_STEPS} unless --max-time)")
+    ft.add_argument("--max-time", metavar="DURATION", type=duration,
+                    help="time budget such as 90s or 10m, counted from the start")
+    ft.add_argument("--device", default="auto",
+                    help="cpu, cuda, cuda:1, mps, or auto (default: %(default)s)")
+    ft.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="bfloat16 autocast or float32 (default: %(default)s)")
+    ft.add_argument("--preset", choices=list(PRESETS),
+                    help="with --from-scratch: the model's size (default: laptop)")
+    add_optimization_flags(ft)
+    ft.add_argument("--batch-size", type=number(int, 1),
+                    help=f"rows of context_length tokens per micro-batch and rank (default: "
+                         f"{FINETUNE_BATCH_SIZE}; with --from-scratch, the preset's)")
+    ft.add_argument("--lr", type=number(float, 0.0, low_open=True),
+                    help=f"peak learning rate (default: {FINETUNE_LR:g}; with --from-scratch, "
+                         f"the preset's)")
+    add_model_flags(ft)
+    # Uncompiled: compile_model checks its gradients on pretraining windows, which fine-tuning
+    # has not. A step of a short list of pairs is quick anyway.
+    ft.set_defaults(run=cmd_finetune, parser=ft, compile=False, warmup_steps=FINETUNE_WARMUP,
+                    eval_interval=FINETUNE_EVAL_INTERVAL, log_interval=10)
 
 
 def raise_interrupt(signum, frame):

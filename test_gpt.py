@@ -3768,3 +3768,195 @@ def test_sample_bad_input_is_one_line_and_exit_2(tmp_path, trained_run, capsys, 
     capsys.readouterr()
     assert exit_code(args + [e.format(tmp=tmp_path) for e in extra]) == 2
     assert named.format(tmp=tmp_path) in one_error_line(capsys, "sample")
+
+
+# ==================================================================================================
+# Fine-tuning: question-answer pairs
+# ==================================================================================================
+
+def bytes_tokenizer() -> gpt.Tokenizer:
+    """Bytes as tokens (no merges) and <|endoftext|> as 256: every id can be worked by hand."""
+    return gpt.Tokenizer(BYTES_VOCAB, [], [EOT])
+
+
+def test_qa_sequence_template_and_mask_hand_example():
+    """<eot>Question: Hi?\\nAnswer: Yo.<eot>: the prompt's 21 targets are ignored, those of
+    " Yo." and of the end token count; with everything=True all 25 count."""
+    inputs, targets = gpt.qa_sequence(bytes_tokenizer(), " Hi? ", "Yo.\n", 256)
+    prompt = list(b"Question: Hi?\nAnswer:")
+    assert len(prompt) == 21
+    assert inputs.tolist() == [256] + prompt + list(b" Yo.")
+    assert targets.tolist() == [-100] * 21 + list(b" Yo.") + [256]
+    _, everything = gpt.qa_sequence(bytes_tokenizer(), "Hi?", "Yo.", 256, everything=True)
+    assert everything.tolist() == prompt + list(b" Yo.") + [256]
+
+
+def test_qa_sequence_prompt_is_what_sample_qa_gives(tokenizer):
+    """With merges, the pair still starts with exactly the ids `sample --qa` feeds the model
+    (<eot>, then the prompt encoded alone), and decodes back to the template."""
+    eot = tokenizer.special_ids[EOT]
+    inputs, targets = gpt.qa_sequence(tokenizer, "Where is the dog?", "The dog is in the park.",
+                                      eot)
+    prompt = [eot] + tokenizer.encode(gpt.qa_prompt("Where is the dog?"))
+    assert inputs[:len(prompt)].tolist() == prompt
+    assert (targets[:len(prompt) - 1] == gpt.IGNORE_INDEX).all()
+    assert (targets[len(prompt) - 1:] != gpt.IGNORE_INDEX).all() and targets[-1] == eot
+    assert tokenizer.decode(inputs[1:].tolist() + [int(targets[-1])]) == (
+        f"Question: Where is the dog?\nAnswer: The dog is in the park.{EOT}")
+
+
+@pytest.mark.parametrize("shape", [(7, 11), (2, 5, 13)])
+def test_masked_cross_entropy_equals_torch_ignore_index(shape):
+    """masked_cross_entropy equals F.cross_entropy(ignore_index=-100), value and gradient, and
+    equals cross_entropy on the scored positions alone."""
+    torch.manual_seed(0)
+    logits = torch.randn(*shape, requires_grad=True)
+    targets = torch.randint(0, shape[-1], shape[:-1])
+    targets[..., ::2] = gpt.IGNORE_INDEX
+    loss = gpt.masked_cross_entropy(logits, targets)
+    (grad,) = torch.autograd.grad(loss, logits)
+    flat_logits, flat_targets = logits.reshape(-1, shape[-1]), targets.reshape(-1)
+    reference = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+    (reference_grad,) = torch.autograd.grad(reference, logits)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(grad, reference_grad)
+    kept = flat_targets != gpt.IGNORE_INDEX
+    torch.testing.assert_close(loss, gpt.cross_entropy(flat_logits[kept], flat_targets[kept]))
+
+
+def test_masked_cross_entropy_gives_question_targets_no_gradient():
+    """The logits of positions whose target is ignored (the question's) get a gradient of
+    exactly zero, and what those targets are changes nothing."""
+    inputs, targets = gpt.qa_sequence(bytes_tokenizer(), "Hi?", "Yo.", 256)
+    model = gpt.TransformerLM(tiny_config(vocab_size=257, context_length=32))
+    logits = model(torch.from_numpy(inputs)[None])  # (1, T, V)
+    logits.retain_grad()
+    y = torch.from_numpy(targets)[None]
+    gpt.masked_cross_entropy(logits, y).backward()
+    ignored = y[0] == gpt.IGNORE_INDEX
+    assert ignored.sum() == 21
+    assert (logits.grad[0, ignored] == 0).all() and (logits.grad[0, ~ignored] != 0).any()
+    question_only = y.clone()
+    question_only[0, ignored] = 5  # scoring the question now: another loss
+    assert gpt.masked_cross_entropy(logits, question_only) != gpt.masked_cross_entropy(logits, y)
+
+
+def qa_pairs(lengths: list[int], eot: int = 9) -> gpt.QAPairs:
+    """Pairs of the given numbers of positions: pair i's inputs are eot, then 10i + 1, ...;
+    its targets the same ids plus 100."""
+    inputs = [[eot] + [10 * i + j for j in range(1, n)] for i, n in enumerate(lengths)]
+    flat = np.array(list(chain(*inputs)))
+    return gpt.QAPairs(flat, flat + 100, np.cumsum([0] + lengths),
+                       [(f"q{i}", f"a{i}") for i in range(len(lengths))])
+
+
+def test_pack_pairs_hand_example():
+    """Pairs of 3, 2 and 2 positions in rows of 5: row 0 holds pairs 0 and 1, row 1 pair 2
+    and 3 positions that predict nothing; with one row, pair 2 is left for another batch."""
+    pairs = qa_pairs([3, 2, 2])
+    x, y = gpt.pack_pairs(pairs, [0, 1, 2], rows=4, context_length=5)
+    assert x.tolist() == [[9, 1, 2, 9, 11], [9, 21, 0, 0, 0]]
+    assert y.tolist() == [[109, 101, 102, 109, 111], [109, 121, -100, -100, -100]]
+    x, y = gpt.pack_pairs(pairs, [2, 0, 1], rows=1, context_length=5)
+    assert x.tolist() == [[9, 21, 9, 1, 2]]
+
+
+def test_qa_batch_rows_hold_whole_pairs_only():
+    """Every row of a random batch is whole pairs end to end (each from its <eot>), then
+    positions that predict nothing; the draws follow the generator."""
+    pairs = qa_pairs([5, 3, 7, 2, 6, 4, 8, 3])
+    whole = {tuple(pairs.inputs[a:b]) for a, b in pairwise(pairs.starts)}
+    for seed in range(5):
+        x, y = gpt.qa_batch(pairs, 2, 10, "cpu", torch.Generator().manual_seed(seed))
+        again = gpt.qa_batch(pairs, 2, 10, "cpu", torch.Generator().manual_seed(seed))
+        assert torch.equal(x, again[0]) and torch.equal(y, again[1])
+        for row, targets in zip(x.tolist(), y.tolist()):
+            used = max(i for i, t in enumerate(targets) if t != gpt.IGNORE_INDEX) + 1
+            starts = [i for i in range(used) if row[i] == 9] + [used]
+            assert starts[0] == 0
+            assert all(tuple(row[a:b]) in whole for a, b in pairwise(starts))
+            assert all(t == gpt.IGNORE_INDEX for t in targets[used:])
+
+
+@pytest.mark.parametrize("num_pairs, fraction, held", [
+    (20, 0.1, [9, 19]), (220, 0.1, list(range(9, 220, 10))), (3, 0.5, [0, 2]), (2, 0.1, [1]),
+])
+def test_hold_out_pairs_evenly_spread(num_pairs, fraction, held):
+    """round(fraction x pairs) held out, at least one, the last of each stretch."""
+    train_ids, held_ids = gpt.hold_out_pairs(num_pairs, fraction, "qa.json")
+    assert held_ids == held and sorted(train_ids + held_ids) == list(range(num_pairs))
+
+
+QA_NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Tim", "Mia", "Sam", "Anna", "Bob"]
+QA_THINGS = ["a red ball", "the big tree", "his dog", "cake", "the park", "a blue kite",
+             "her cat", "the moon", "apples", "the sea"]
+QA_PLACES = ["home", "school", "the shop", "the farm", "the lake", "the zoo", "the beach",
+             "the hill", "the pond", "the woods"]
+QA_PAIRS = ([{"question": f"What does {n} like?", "answer": f"{n} likes {t}."}
+             for n, t in zip(QA_NAMES, QA_THINGS)]
+            + [{"question": f"Where is {n}?", "answer": f"{n} is at {p}.", "id": i}
+               for i, (n, p) in enumerate(zip(QA_NAMES, QA_PLACES))])
+
+
+def finetune_args(data, out_dir, *extra: str) -> list[str]:
+    """A few steps of fine-tuning: seconds on any CPU."""
+    return ["finetune", "--data", str(data), "--out-dir", str(out_dir), "--batch-size", "4",
+            "--eval-interval", "2", "--log-interval", "1", "--warmup-steps", "2", "--dtype",
+            "float32", "--device", "cpu", "--max-steps", "4", "--show-answers", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def qa_run(tmp_path_factory, token_dir):
+    """A tiny model fine-tuned from scratch on 20 pairs (2 held out) until it knows them."""
+    directory = tmp_path_factory.mktemp("qa")
+    data = directory / "qa.json"
+    data.write_text(json.dumps(QA_PAIRS), encoding="utf-8")
+    out = directory / "run"
+    assert gpt.main(finetune_args(
+        data, out, "--from-scratch", "--data-dir", token_dir, "--context-length", "64",
+        "--d-model", "64", "--num-layers", "2", "--num-heads", "4", "--d-ff", "128",
+        "--batch-size", "8", "--lr", "1e-2", "--max-steps", "80", "--eval-interval", "40")) == 0
+    return data, out
+
+
+def test_finetune_from_scratch_reproduces_the_trained_answers(qa_run, capsys):
+    """After fine-tuning, greedy decoding gives back each trained pair's answer exactly, and
+    `sample --qa` prints the template and the answer, and stops at the end token."""
+    data, out = qa_run
+    model, tokenizer = gpt.load_for_sampling(str(out / "latest.pt"), torch.device("cpu"))
+    eot = tokenizer.special_ids[EOT]
+    trained = [p for i, p in enumerate(QA_PAIRS) if i not in (9, 19)]
+    for pair in trained:
+        prompt = [eot] + tokenizer.encode(gpt.qa_prompt(pair["question"]))
+        answer = list(gpt.generate(model, prompt, 40, temperature=0, eos_id=eot))
+        assert tokenizer.decode(answer) == " " + pair["answer"] + EOT
+    capsys.readouterr()
+    assert gpt.main(["sample", "--qa", "--run-dir", str(out), "--prompt", "Where is Ben?",
+                     "--temperature", "0", "--max-new-tokens", "40"]) == 0
+    assert capsys.readouterr().out == "Question: Where is Ben?\nAnswer: Ben is at the shop.\n"
+
+
+def test_finetune_logs_held_out_answers_and_losses(qa_run):
+    """Each evaluation records the held-out answers' loss and a greedy answer to a held-out
+    question; the run's checkpoints and metrics are train's."""
+    data, out = qa_run
+    records = metrics(out)
+    assert [m["step"] for m in records if "val_loss" in m] == [0, 40, 80]
+    answers = [m["answers"] for m in records if "answers" in m]
+    assert len(answers) == 3 and answers[0][0]["question"] == QA_PAIRS[9]["question"]
+    assert answers[0][0]["expected"] == QA_PAIRS[9]["answer"]
+    val = [m["val_loss"] for m in records if "val_loss" in m]
+    assert val[-1] < val[0] - 1
+    assert sorted(os.listdir(out)) == ["best.pt", "latest.pt", "metrics.jsonl"]
+    checkpoint = torch.load(out / "latest.pt", weights_only=True)
+    assert checkpoint["args"]["data"] == str(data) and checkpoint["iteration"] == 80
+
+
+def test_sample_qa_interactive(qa_run, capsys, monkeypatch):
+    """With --qa and no --prompt, each line typed is a question, answered until the end token."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("What does Tom like?\nWhere is Sue?\n\n"))
+    assert gpt.main(["sample", "--qa", "--run-dir", str(qa_run[1]), "--temperature", "0",
+                     "--max-new-tokens", "40"]) == 0
+    assert capsys.readouterr().out == ("> Question: What does Tom like?\nAnswer: Tom likes "
+                                       "the big tree.\n> Question: Where is Sue?\nAnswer: Sue "
+                                       "is at the farm.\n> ")  # "> " asks for the next one
