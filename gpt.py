@@ -4433,11 +4433,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     model, tokenizer = load_for_sampling(path, device)
     eos_id = tokenizer.id_of.get(tokenizer.special_tokens[0].encode("utf-8")) \
         if tokenizer.special_tokens else None
+    if args.qa and eos_id is None:
+        raise ValueError(f"--qa: {path}'s tokenizer has no end-of-text token to end an answer")
     log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"device {device})")
     prompts = [args.prompt] if args.prompt is not None else interactive_prompts()
-    if args.qa:
-        prompts = qa_prompts(prompts, eos_id, path)
+    if args.qa:  # questions, in finetune's template; sample_prompt puts <eot> before each
+        prompts = map(qa_prompt, prompts)
     try:
         for prompt in prompts:
             started = time.perf_counter()
@@ -5261,15 +5263,6 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
 def cmd_finetune(args: argparse.Namespace) -> None:
     """`python gpt.py finetune`: §14's training run, started by start_finetune."""
     train(args, start=start_finetune)
-
-
-def qa_prompts(prompts: Iterable[str], eos_id: int | None, name: str) -> Iterator[str]:
-    """`sample --qa`: each prompt, a question, in the template (see QA_PROMPT); sample puts the
-    end-of-text token before it, and stops at the one that ends the answer."""
-    if eos_id is None:
-        raise ValueError(f"--qa: {name}'s tokenizer has no end-of-text token, so no answer "
-                         f"could end")
-    return map(qa_prompt, prompts)
 
 
 def add_finetune_parser(commands) -> None:

@@ -3960,3 +3960,150 @@ def test_sample_qa_interactive(qa_run, capsys, monkeypatch):
     assert capsys.readouterr().out == ("> Question: What does Tom like?\nAnswer: Tom likes "
                                        "the big tree.\n> Question: Where is Sue?\nAnswer: Sue "
                                        "is at the farm.\n> ")  # "> " asks for the next one
+
+
+def write_pairs(path, pairs) -> str:
+    path.write_text(json.dumps(pairs), encoding="utf-8")
+    return str(path)
+
+
+def test_finetune_starts_from_the_checkpoints_weights(tmp_path, qa_run):
+    """Fine-tuning a checkpoint starts from its weights: the first evaluation gives its last
+    one's loss on the same held-out pairs, and a step at a vanishing lr leaves them as they
+    were. The run writes train's files into its own directory."""
+    data, base = qa_run
+    out = tmp_path / "out"
+    assert gpt.main(finetune_args(data, out, "--checkpoint", str(base / "latest.pt"), "--lr",
+                                  "1e-12", "--weight-decay", "0", "--max-steps", "1")) == 0
+    val = [m["val_loss"] for m in metrics(out) if "val_loss" in m]
+    assert val[0] == [m["val_loss"] for m in metrics(base) if "val_loss" in m][-1]
+    assert_same_weights(final_weights(out), final_weights(base), exact=False)
+    assert {"latest.pt", "metrics.jsonl"} <= set(os.listdir(out))  # best.pt: not better
+
+
+def test_finetune_run_directory_is_safe_and_resumes(tmp_path, qa_run, capsys):
+    """A fresh fine-tuning run into a directory that holds one is refused, as train's is;
+    --resume continues it; --overwrite may not delete the checkpoint it starts from."""
+    data, base = qa_run
+    args = finetune_args(data, tmp_path, "--checkpoint", str(base / "latest.pt"))
+    assert gpt.main(args) == 0
+    capsys.readouterr()
+    assert gpt.main(args) == 2
+    assert "--resume" in one_error_line(capsys, "finetune")
+    assert gpt.main(args + ["--resume", "--max-steps", "6"]) == 0
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"] == 6
+    assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+    capsys.readouterr()
+    assert gpt.main(finetune_args(data, tmp_path, "--checkpoint", str(tmp_path / "latest.pt"),
+                                  "--overwrite")) == 2
+    assert "--overwrite would delete" in one_error_line(capsys, "finetune")
+
+
+def test_train_on_everything_changes_the_training_loss_not_the_validation_loss(tmp_path,
+                                                                              qa_run, capsys):
+    """--train-on-everything scores the questions too, so the training loss differs; the
+    validation loss stays that of the held-out answers, so the two runs compare."""
+    data, base = qa_run
+    for name, extra in (("answers", []), ("everything", ["--train-on-everything"])):
+        assert gpt.main(finetune_args(data, tmp_path / name, "--checkpoint",
+                                      str(base / "latest.pt"), "--max-steps", "1", *extra)) == 0
+    assert "loss on: every token and" in capsys.readouterr().out
+    first_val = [next(m["val_loss"] for m in metrics(tmp_path / name) if "val_loss" in m)
+                 for name in ("answers", "everything")]
+    assert first_val[0] == first_val[1]
+    assert train_losses(tmp_path / "answers")[1] != train_losses(tmp_path / "everything")[1]
+
+
+def test_finetune_valid_file_long_pairs_and_repeated_ids(tmp_path, qa_run, capsys):
+    """--valid holds out a second file; a pair longer than the context is left out with a
+    line naming it; a repeated id is a warning, not an error."""
+    data, base = qa_run
+    pairs = [dict(p, id="x") if i in (0, 4) else p for i, p in enumerate(QA_PAIRS)]
+    pairs[3] = {"question": "Why?", "answer": " ".join(["Because it is so."] * 30)}
+    valid = write_pairs(tmp_path / "valid.json", QA_PAIRS[:3])
+    capsys.readouterr()
+    assert gpt.main(finetune_args(write_pairs(tmp_path / "qa.json", pairs), tmp_path / "out",
+                                  "--checkpoint", str(base / "latest.pt"), "--valid", valid,
+                                  "--max-steps", "1")) == 0
+    out, err = capsys.readouterr()
+    assert f"pairs: 19 to train on, 3 held out ({valid})" in out
+    assert (f"left out 1 pair(s) of {tmp_path / 'qa.json'} longer than the 64-token context: "
+            f"items 3") in out
+    assert f'warning: {tmp_path / "qa.json"}: repeated ids: "x" (items 0, 4)' in err
+
+
+@pytest.mark.parametrize("content, named", [
+    (b"", "{data} is empty"),
+    (b'[{"question": "a",', "{data} is not JSON"),
+    (b'{"question": "a", "answer": "b"}', "{data} holds a JSON object, not a list"),
+    (b"[]", "{data} holds an empty list"),
+    (b'[{"question": "a", "answer": "b"}, ["c", "d"]]', "{data}[1] is a JSON array"),
+    (b'[{"question": "a", "answer": "b"}, {"answer": "c"}]', '{data}[1] has no "question"'),
+    (b'[{"question": "a", "answer": "b"}, {"question": "c"}]', '{data}[1] has no "answer"'),
+    (b'[{"question": " ", "answer": "b"}]', '{data}[0]: its "question" is empty'),
+    (b'[{"question": "a", "answer": "b"}, {"question": "c", "answer": ""}]',
+     '{data}[1]: its "answer" is empty'),
+    (b'[{"question": 42, "answer": "b"}]', '{data}[0]: its "question" is 42, a JSON number'),
+    (b'[{"question": "a", "answer": null}]', 'its "answer" is None, a JSON null, not a string'),
+    (b'\xff[]', "{data} is not UTF-8 text (byte 0xff"),
+    (b'[{"question": "a", "answer": "b"}, {"question": "c", "answer": "d<|endoftext|>"}]',
+     '{data}[1]: its "answer" holds the special token'),
+    (b'[{"question": "a", "answer": "b"}]', "{data} has 1 pair(s): too few to hold out"),
+], ids=["empty-file", "not-json", "not-a-list", "empty-list", "item-not-object",
+        "no-question", "no-answer", "empty-question", "empty-answer", "question-number",
+        "answer-null", "not-utf8", "special-token", "too-few"])
+def test_finetune_bad_pairs_are_one_line_and_exit_2(tmp_path, qa_run, capsys, content, named):
+    """Each mistake in the pairs gives exit code 2 and one line naming the file and the item's
+    index, before a checkpoint is written."""
+    data = tmp_path / "qa.json"
+    data.write_bytes(content)
+    capsys.readouterr()
+    args = finetune_args(data, tmp_path / "out", "--checkpoint", str(qa_run[1] / "latest.pt"))
+    assert exit_code(args) == 2
+    assert named.format(data=data) in one_error_line(capsys, "finetune")
+    assert not (tmp_path / "out" / "latest.pt").exists()
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--from-scratch", "--checkpoint", "{tmp}/x.pt"], "--from-scratch"),
+    (["--valid", "{data}", "--valid-fraction", "0.2"], "--valid-fraction"),
+    (["--d-model", "64"], "--d-model"),
+    (["--preset", "base"], "--preset"),
+    (["--checkpoint", "{tmp}/no-eot.pt"], "{tmp}/no-eot.pt: its tokenizer has no end-of-text"),
+    (["--checkpoint", "{tmp}/missing.pt"], "{tmp}/missing.pt"),
+    (["--run-dir", "{tmp}/empty"], "no checkpoint in {tmp}/empty"),
+    (["--checkpoint", "{short}"], "longer than the model's 16-token context"),
+    (["--from-scratch", "--data-dir", "{tmp}/empty"], "{tmp}/empty/tokenizer not found"),
+    (["--valid-fraction", "0"], "--valid-fraction"),
+    (["--show-answers", "-1"], "--show-answers"),
+    (["--data", "{tmp}/missing.json"], "{tmp}/missing.json: cannot read it"),
+], ids=["scratch-and-checkpoint", "valid-twice", "model-flag", "preset", "no-end-token",
+        "missing-checkpoint", "no-checkpoint", "context-too-short", "no-tokenizer",
+        "fraction-0", "answers-negative", "missing-data"])
+def test_finetune_bad_setup_is_one_line_and_exit_2(tmp_path, qa_run, trained_run, capsys, extra,
+                                                   named):
+    """Contradictory flags, a checkpoint or tokenizer that cannot serve, a missing file: exit
+    code 2 and one line naming it."""
+    data, base = qa_run
+    (tmp_path / "empty").mkdir()
+    checkpoint = torch.load(base / "latest.pt", weights_only=True)
+    checkpoint["tokenizer"]["special_tokens"] = []
+    torch.save(checkpoint, tmp_path / "no-eot.pt")
+    names = dict(tmp=tmp_path, data=data, short=trained_run / "latest.pt")
+    args = finetune_args(data, tmp_path / "out", *[e.format(**names) for e in extra])
+    if not {"--checkpoint", "--from-scratch", "--run-dir"} & set(args):
+        args += ["--run-dir", str(base)]
+    capsys.readouterr()
+    assert exit_code(args) == 2
+    assert named.format(**names) in one_error_line(capsys, "finetune")
+
+
+def test_sample_qa_needs_an_end_token(tmp_path, qa_run, capsys):
+    """sample --qa with a tokenizer that has no end-of-text token: one line and exit 2."""
+    checkpoint = torch.load(qa_run[1] / "latest.pt", weights_only=True)
+    checkpoint["tokenizer"]["special_tokens"] = []
+    torch.save(checkpoint, tmp_path / "no-eot.pt")
+    capsys.readouterr()
+    assert gpt.main(["sample", "--qa", "--checkpoint", str(tmp_path / "no-eot.pt"), "--prompt",
+                     "Hi?"]) == 2
+    assert "--qa" in one_error_line(capsys, "sample")
