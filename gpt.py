@@ -5106,9 +5106,9 @@ def end_token(tokenizer: Tokenizer, name: str) -> int:
 
 
 def show_answers(run: Run) -> None:
-    """Answer the first --show-answers held-out questions greedily; print and record them.
-    An answer that has not ended within ANSWER_TOKENS tokens ends in " ..."."""
-    eot, answers = end_token(run.tokenizer, "the run"), []
+    """Answer the first --show-answers held-out questions greedily, and print them. An answer
+    that has not ended within ANSWER_TOKENS tokens ends in " ..."."""
+    eot = end_token(run.tokenizer, "the run")
     if run.args.show_answers:
         run.say(f"held-out answers at step {run.step} (greedy):")
     for question, expected in run.valid_data.items[:run.args.show_answers]:
@@ -5116,11 +5116,8 @@ def show_answers(run: Run) -> None:
         tokens = list(generate(run.model, prompt, ANSWER_TOKENS, temperature=0, eos_id=eot))
         answer = run.tokenizer.decode([t for t in tokens if t != eot]).strip()
         answer += "" if tokens[-1] == eot else " ..."
-        answers.append(dict(question=question, answer=answer, expected=expected))
         run.say(f"  {question} -> {answer!r} (held out: {expected!r})")
     run.model.train()  # generate() left it in eval mode
-    if answers:
-        record(run, step=run.step, answers=answers)
 
 
 @torch.no_grad()

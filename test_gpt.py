@@ -3936,15 +3936,12 @@ def test_finetune_from_scratch_reproduces_the_trained_answers(qa_run, capsys):
     assert capsys.readouterr().out == "Question: Where is Ben?\nAnswer: Ben is at the shop.\n"
 
 
-def test_finetune_logs_held_out_answers_and_losses(qa_run):
-    """Each evaluation records the held-out answers' loss and a greedy answer to a held-out
-    question; the run's checkpoints and metrics are train's."""
+def test_finetune_records_the_held_out_answers_loss(qa_run):
+    """Each evaluation records the held-out answers' loss, which fine-tuning lowers; the run's
+    checkpoints and metrics are train's."""
     data, out = qa_run
     records = metrics(out)
     assert [m["step"] for m in records if "val_loss" in m] == [0, 40, 80]
-    answers = [m["answers"] for m in records if "answers" in m]
-    assert len(answers) == 3 and answers[0][0]["question"] == QA_PAIRS[9]["question"]
-    assert answers[0][0]["expected"] == QA_PAIRS[9]["answer"]
     val = [m["val_loss"] for m in records if "val_loss" in m]
     assert val[-1] < val[0] - 1
     assert sorted(os.listdir(out)) == ["best.pt", "latest.pt", "metrics.jsonl"]
@@ -3967,14 +3964,19 @@ def write_pairs(path, pairs) -> str:
     return str(path)
 
 
-def test_finetune_starts_from_the_checkpoints_weights(tmp_path, qa_run):
+def test_finetune_starts_from_the_checkpoints_weights(tmp_path, qa_run, capsys):
     """Fine-tuning a checkpoint starts from its weights: the first evaluation gives its last
     one's loss on the same held-out pairs, and a step at a vanishing lr leaves them as they
-    were. The run writes train's files into its own directory."""
+    were. Each evaluation prints a greedy answer to a held-out question."""
     data, base = qa_run
     out = tmp_path / "out"
+    capsys.readouterr()
     assert gpt.main(finetune_args(data, out, "--checkpoint", str(base / "latest.pt"), "--lr",
                                   "1e-12", "--weight-decay", "0", "--max-steps", "1")) == 0
+    log = capsys.readouterr().out
+    assert log.count("held-out answers at step") == 2
+    assert re.search(r"\n  What does Bob like\? -> '.+' \(held out: 'Bob likes the sea.'\)\n",
+                     log)
     val = [m["val_loss"] for m in metrics(out) if "val_loss" in m]
     assert val[0] == [m["val_loss"] for m in metrics(base) if "val_loss" in m][-1]
     assert_same_weights(final_weights(out), final_weights(base), exact=False)
