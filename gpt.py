@@ -39,6 +39,11 @@ The three commands, on the bundled TinyStories sample:
     python gpt.py train           # train the model, with progress, evaluation and checkpoints
     python gpt.py sample --prompt "Once upon a time"
 
+and, to teach the trained model to answer questions (Fine-tuning, the block before main()):
+
+    python gpt.py finetune --data data/qa_example.json
+    python gpt.py sample --qa --run-dir data/finetune --prompt "Who is Lily?"
+
 References:
     GPT-2        Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"
     BPE          Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword Units"
@@ -5233,7 +5238,7 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     train_pairs, valid_pairs, notes = finetune_data(args, pairs, valid_pairs, tokenizer,
                                                     end_token(tokenizer, source), T)
     if args.max_steps is None and args.max_time is None:
-        args.max_steps = FINETUNE_STEPS
+        args.max_steps = total_steps = FINETUNE_STEPS
     if args.lr is not None:
         max_lr = args.lr
     else:  # from scratch, the preset's; a trained model needs smaller steps not to forget

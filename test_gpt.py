@@ -3983,6 +3983,18 @@ def test_finetune_starts_from_the_checkpoints_weights(tmp_path, qa_run, capsys):
     assert {"latest.pt", "metrics.jsonl"} <= set(os.listdir(out))  # best.pt: not better
 
 
+def test_finetune_without_a_budget_runs_finetune_steps(tmp_path, qa_run, monkeypatch):
+    """Without --max-steps or --max-time, fine-tuning takes FINETUNE_STEPS steps, and its
+    schedule ends there."""
+    monkeypatch.setattr(gpt, "FINETUNE_STEPS", 3)
+    args = finetune_args(qa_run[0], tmp_path, "--checkpoint", str(qa_run[1] / "latest.pt"))
+    at = args.index("--max-steps")
+    assert gpt.main(args[:at] + args[at + 2:]) == 0
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert (checkpoint["iteration"], checkpoint["total_steps"]) == (3, 3)
+    assert sorted(train_losses(tmp_path)) == [1, 2, 3]
+
+
 def test_finetune_run_directory_is_safe_and_resumes(tmp_path, qa_run, capsys):
     """A fresh fine-tuning run into a directory that holds one is refused, as train's is;
     --resume continues it; --overwrite may not delete the checkpoint it starts from."""
