@@ -3072,10 +3072,11 @@ class Run:
     steps_since_log: int = 0
     announced: bool = False      # whether the time budget's plan has been printed
     meter: TrainingMeter | None = None  # the live line, on a terminal (rank 0)
-    # What fine-tuning (`finetune`) changes: its batches, its loss, its evaluation, its start.
-    get_batch: object = get_batch  # (train_data, B, T, device, generator) -> x, y (B, T) each
-    loss: object = cross_entropy   # (logits, targets) -> mean loss; loss_fn is it, maybe compiled
-    evaluate: object = None        # run -> validation loss; None: evaluate() on valid windows
+    # What fine-tuning (`finetune`) changes; None, for `train`: get_batch, cross_entropy,
+    # evaluate() on the valid windows, random weights.
+    get_batch: object = None       # (train_data, B, T, device, generator) -> x, y (B, T) each
+    loss: object = None            # (logits, targets) -> mean loss; loss_fn is it, maybe compiled
+    evaluate: object = None        # run -> validation loss
     start_from: str | None = None  # a checkpoint whose weights a fresh run starts from
 
     def say(self, message: str) -> None:
@@ -3167,14 +3168,14 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
 def compile_model(run: Run) -> None:
     """With --compile, torch.compile the model and the loss, once checked to give the eager
     gradients; else use them as they are."""
-    run.eval_model, run.loss_fn = run.model, run.loss
+    run.eval_model, run.loss_fn = run.model, run.loss or cross_entropy
     if not run.args.compile:
         return
     # torch.compile turns the model into a few generated kernels, fusing the many elementwise
     # operations (norms, RoPE, SwiGLU) into single passes over memory, backward included, and
     # the loss's formula into a few more. The first step pays for the compilation: typically
     # half a minute to a minute.
-    compiled, loss_fn = torch.compile(run.model), torch.compile(run.loss)
+    compiled, loss_fn = torch.compile(run.model), torch.compile(run.loss_fn)
     # A compiler bug would train a wrong model for hours without a sign (one did, on CUDA:
     # see the README). One batch, eager and compiled, must give the same gradients.
     x, y = batch_at(run.valid_data, run.eval_starts[:run.batch_size],
@@ -3340,7 +3341,7 @@ def plan_step(run: Run) -> bool:
 def train_loop(run: Run) -> None:
     """The loop: plan -> lr -> maybe evaluate and checkpoint -> train_step -> log."""
     args = run.args
-    next_batch = partial(run.get_batch, run.train_data, run.batch_size,
+    next_batch = partial(run.get_batch or get_batch, run.train_data, run.batch_size,
                          run.config.context_length, run.device, run.batch_rng)
     # Losses are summed on the device, so the GPU never waits for the CPU to read them.
     run.loss_sum = torch.zeros((), device=run.device)

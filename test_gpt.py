@@ -4013,6 +4013,33 @@ def test_finetune_run_directory_is_safe_and_resumes(tmp_path, qa_run, capsys):
     assert "--overwrite would delete" in one_error_line(capsys, "finetune")
 
 
+def test_finetune_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, qa_run, monkeypatch,
+                                                                 capsys):
+    """Ctrl-C in fine-tuning is train's: the step finishes, latest.pt is saved, exit code 2;
+    --resume then ends with the weights of a run never stopped."""
+    data, base = qa_run
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert gpt.main(finetune_args(data, straight, "--checkpoint", str(base / "latest.pt"))) == 0
+    qa_batch, calls = gpt.qa_batch, []
+
+    def interrupting_qa_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C in step 2
+        return qa_batch(*args, **kwargs)
+
+    monkeypatch.setattr(gpt, "qa_batch", interrupting_qa_batch)
+    args = finetune_args(data, stopped, "--checkpoint", str(base / "latest.pt"))
+    capsys.readouterr()
+    assert gpt.main(args) == 2
+    assert "interrupted at step 2" in capsys.readouterr().err
+    assert torch.load(stopped / "latest.pt", weights_only=True)["iteration"] == 2
+    monkeypatch.setattr(gpt, "qa_batch", qa_batch)
+    assert gpt.main(args + ["--resume"]) == 0
+    assert train_losses(straight) == train_losses(stopped)
+    assert_same_weights(final_weights(straight), final_weights(stopped))
+
+
 def test_train_on_everything_changes_the_training_loss_not_the_validation_loss(tmp_path,
                                                                               qa_run, capsys):
     """--train-on-everything scores the questions too, so the training loss differs; the
