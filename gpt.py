@@ -5279,32 +5279,7 @@ def add_finetune_parser(commands) -> None:
                     "--checkpoint) on a JSON list of question-answer pairs, scoring only the "
                     "answers; checkpoints and metrics.jsonl go to OUT_DIR, as `train`'s do. "
                     "Then: `python gpt.py sample --qa --run-dir OUT_DIR`.")
-    ft.add_argument("--data", required=True, metavar="FILE",
-                    help='JSON list of {"question": ..., "answer": ...} objects ("id" and '
-                         '"category" are optional and ignored)')
-    ft.add_argument("--valid", metavar="FILE",
-                    help="held-out pairs, in the same form (default: some of --data's, see "
-                         "--valid-fraction)")
-    ft.add_argument("--valid-fraction", type=number(float, 0.0, 1.0, low_open=True), metavar="F",
-                    help=f"without --valid: the share of --data's pairs held out, evenly spread "
-                         f"(default: {FINETUNE_VALID_FRACTION}, every tenth pair: items 9, "
-                         f"19, ...)")
-    ft.add_argument("--checkpoint", metavar="PATH",
-                    help="the trained model to fine-tune (default: the newest in RUN_DIR)")
-    ft.add_argument("--run-dir", default="data/run",
-                    help="where `train` wrote its checkpoints (default: %(default)s)")
-    ft.add_argument("--from-scratch", action="store_true",
-                    help="start from random weights instead: a model of --preset and the model "
-                         "flags, with the tokenizer in DATA_DIR")
-    ft.add_argument("--data-dir", default="data",
-                    help="with --from-scratch: where `tokenize` wrote tokenizer/ "
-                         "(default: %(default)s)")
-    ft.add_argument("--train-on-everything", action="store_true",
-                    help="score every token, the questions' too (default: only the answers and "
-                         "their end tokens); the validation loss stays the answers'")
-    ft.add_argument("--show-answers", type=number(int, 0), default=3,
-                    help="held-out questions answered greedily at each evaluation "
-                         "(default: %(default)s)")
+    add_finetune_data_flags(ft)
     ft.add_argument("--out-dir", default="data/finetune",
                     help="checkpoints latest.pt and best.pt, and metrics.jsonl "
                          "(default: %(default)s)")
@@ -5334,6 +5309,36 @@ def add_finetune_parser(commands) -> None:
     # has not. A step of a short list of pairs is quick anyway.
     ft.set_defaults(run=cmd_finetune, parser=ft, compile=False, warmup_steps=FINETUNE_WARMUP,
                     eval_interval=FINETUNE_EVAL_INTERVAL, log_interval=10)
+
+
+def add_finetune_data_flags(ft: argparse.ArgumentParser) -> None:
+    """What fine-tuning learns from: the pairs, the held-out ones, the model to start from."""
+    ft.add_argument("--data", required=True, metavar="FILE",
+                    help='JSON list of {"question": ..., "answer": ...} objects ("id" and '
+                         '"category" are optional and ignored)')
+    ft.add_argument("--valid", metavar="FILE",
+                    help="held-out pairs, in the same form (default: some of --data's, see "
+                         "--valid-fraction)")
+    ft.add_argument("--valid-fraction", type=number(float, 0.0, 1.0, low_open=True), metavar="F",
+                    help=f"without --valid: the share of --data's pairs held out, evenly spread "
+                         f"(default: {FINETUNE_VALID_FRACTION}, every tenth pair: items 9, "
+                         f"19, ...)")
+    ft.add_argument("--checkpoint", metavar="PATH",
+                    help="the trained model to fine-tune (default: the newest in RUN_DIR)")
+    ft.add_argument("--run-dir", default="data/run",
+                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    ft.add_argument("--from-scratch", action="store_true",
+                    help="start from random weights instead: a model of --preset and the model "
+                         "flags, with the tokenizer in DATA_DIR")
+    ft.add_argument("--data-dir", default="data",
+                    help="with --from-scratch: where `tokenize` wrote tokenizer/ "
+                         "(default: %(default)s)")
+    ft.add_argument("--train-on-everything", action="store_true",
+                    help="score every token, the questions' too (default: only the answers and "
+                         "their end tokens); the validation loss stays the answers'")
+    ft.add_argument("--show-answers", type=number(int, 0), default=3,
+                    help="held-out questions answered greedily at each evaluation "
+                         "(default: %(default)s)")
 
 
 def raise_interrupt(signum, frame):
