@@ -31,7 +31,8 @@ speeds up or protects:
     §15 tokenize      inputs checked first, outputs published together
     §16 Export        the Hugging Face format: config, safetensors, tokenizer files
     §17 Look inside   curves, attention maps, next-token tables, weight histograms, norms
-    §18 Command line  the subcommands and main()
+    §18 Fine-tuning   question-answer pairs: template, packing, answer-only loss
+    §19 Command line  the subcommands and main()
 
 The three commands, on the bundled TinyStories sample:
 
@@ -39,7 +40,7 @@ The three commands, on the bundled TinyStories sample:
     python gpt.py train           # train the model, with progress, evaluation and checkpoints
     python gpt.py sample --prompt "Once upon a time"
 
-and, to teach the trained model to answer questions (Fine-tuning, the block before main()):
+and, to teach the trained model to answer questions (§18):
 
     python gpt.py finetune --data data/qa_example.json
     python gpt.py sample --qa --run-dir data/finetune --prompt "Who is Lily?"
@@ -1854,6 +1855,34 @@ def map_jobs(func, jobs: list, num_workers: int, ordered: bool,
         yield from (pool.imap if ordered else pool.imap_unordered)(func, jobs)
 
 
+# Where a text without document markers can be cut: after a printable ASCII character and
+# before whitespace, a cut that GPT-2's pattern always makes (SAFE_CUT_RE's first kind, "word|\n"),
+# so both sides pre-tokenize as within the whole. Bytes are tested, not characters, so only ASCII
+# counts: a multi-byte character might be whitespace (U+00A0) that joins the run after it. The
+# first pattern ends a line (before its trailing spaces, "\r" and "\n"); the second, for text
+# without line breaks, any word.
+LINE_END_CUT_RE = re.compile(rb"[\x21-\x7e](?=[ \t\r]*\n)")
+WORD_END_CUT_RE = re.compile(rb"[\x21-\x7e](?=[ \t\n\r])")
+
+
+def whitespace_boundaries(path: str, start: int, end: int, chunk_bytes: int) -> list[int]:
+    """Byte offsets that cut a text without special tokens into chunks of about `chunk_bytes`:
+    at the first line end after each chunk_bytes, or else the first word end, or nowhere.
+    Example: b"one two\nthree\n" from 0 to 14 with chunk_bytes 4 -> [0, 7, 13, 14]."""
+    cuts = [start]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        pos = start + chunk_bytes
+        while pos < end:
+            # Lines are usually short: look for a line end in the next chunk's length first.
+            match = (LINE_END_CUT_RE.search(data, pos - 1, min(end, pos + chunk_bytes))
+                     or WORD_END_CUT_RE.search(data, pos - 1, end))
+            if not match or match.end() >= end:
+                break
+            cuts.append(match.end())
+            pos = match.end() + chunk_bytes
+    return cuts + [end]
+
+
 def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes: int
                      ) -> list[int]:
     """Byte offsets that cut a text into chunks of about `chunk_bytes`, each cut at the start of
@@ -1887,34 +1916,6 @@ def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes:
                 if cut > cuts[-1]:
                     cuts.append(cut)
                 pos = cut + chunk_bytes
-    return cuts + [end]
-
-
-# Where a text without document markers can be cut: after a printable ASCII character and
-# before whitespace, a cut that GPT-2's pattern always makes (SAFE_CUT_RE's first kind, "word|\n"),
-# so both sides pre-tokenize as within the whole. Bytes are tested, not characters, so only ASCII
-# counts: a multi-byte character might be whitespace (U+00A0) that joins the run after it. The
-# first pattern ends a line (before its trailing spaces, "\r" and "\n"); the second, for text
-# without line breaks, any word.
-LINE_END_CUT_RE = re.compile(rb"[\x21-\x7e](?=[ \t\r]*\n)")
-WORD_END_CUT_RE = re.compile(rb"[\x21-\x7e](?=[ \t\n\r])")
-
-
-def whitespace_boundaries(path: str, start: int, end: int, chunk_bytes: int) -> list[int]:
-    """Byte offsets that cut a text without special tokens into chunks of about `chunk_bytes`:
-    at the first line end after each chunk_bytes, or else the first word end, or nowhere.
-    Example: b"one two\nthree\n" from 0 to 14 with chunk_bytes 4 -> [0, 7, 13, 14]."""
-    cuts = [start]
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        pos = start + chunk_bytes
-        while pos < end:
-            # Lines are usually short: look for a line end in the next chunk's length first.
-            match = (LINE_END_CUT_RE.search(data, pos - 1, min(end, pos + chunk_bytes))
-                     or WORD_END_CUT_RE.search(data, pos - 1, end))
-            if not match or match.end() >= end:
-                break
-            cuts.append(match.end())
-            pos = match.end() + chunk_bytes
     return cuts + [end]
 
 
@@ -4304,606 +4305,7 @@ def draw_spectral_norms(stats: list[dict], initial: dict[str, float], path: str,
 
 
 # ==================================================================================================
-# §18 Command line
-#
-# Each subcommand is a plain function of its parsed arguments. A mistake in the user's input
-# (a missing file, an impossible size) raises ValueError or OSError with a message naming the
-# bad value; main() prints that one line and exits with code 2.
-# ==================================================================================================
-
-def cmd_tokenize(args: argparse.Namespace) -> None:
-    started = time.perf_counter()
-    # -- Check every input before writing anything: a mistake leaves the previous files as they
-    # were, and costs seconds, not the minutes of training BPE first.
-    if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    workers = args.workers or default_workers()
-    if args.tokenizer:
-        tokenizer = Tokenizer.load(args.tokenizer)
-        special_tokens = tokenizer.special_tokens
-    else:
-        special_tokens = args.special_tokens
-        check_special_tokens(special_tokens)
-        check_vocab_size(args.vocab_size, special_tokens)
-    sources = tokenize_inputs(args, special_tokens)
-    check_writable_dir(args.out_dir)
-    remove_leftovers(args.out_dir)
-    tokenizer_dir = os.path.join(args.out_dir, "tokenizer")
-
-    if args.tokenizer:
-        print(f"tokenizer: loaded from {args.tokenizer} ({len(tokenizer.vocab):,} tokens)")
-    else:
-        _, start, end = text_range(sources["train"])
-        vocab, merges = train_bpe(sources["train"], args.vocab_size, special_tokens, workers,
-                                  verbose=True)
-        tokenizer = Tokenizer(vocab, merges, special_tokens)
-        print(f"tokenizer: trained on {text_name(sources['train'])} ({(end - start) / 1e6:,.1f} "
-              f"MB) in {time.perf_counter() - started:.1f}s: {len(vocab):,} tokens, "
-              f"{len(merges):,} merges")
-    # The token files' directory always holds their tokenizer.
-    save_tokenizer = os.path.abspath(args.tokenizer or "") != os.path.abspath(tokenizer_dir)
-    write_outputs(tokenizer, sources, args.out_dir, workers, save_tokenizer)
-    longest = sorted((t for i, t in tokenizer.vocab.items()
-                      if t.decode("utf-8", "replace") not in tokenizer.special_tokens),
-                     key=len, reverse=True)[:5]
-    print("longest tokens: " + ", ".join(repr(t.decode("utf-8", "replace")) for t in longest))
-    print(f"done in {time.perf_counter() - started:.1f}s; tokenizer in {tokenizer_dir}")
-
-
-def check_prompt(prompt: str, source: str) -> str:
-    """Refuse a prompt that is not UTF-8 text. Python hands over bytes that are not UTF-8 as
-    surrogate escapes (b"\\xff" -> "\\udcff"), which have no UTF-8 encoding. We could decode
-    them as U+FFFD instead, but the model would then continue a prompt the user never typed;
-    better to say so (the usual cause is a terminal set to another encoding, such as Latin-1)."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        char = prompt[e.start]
-        what = (f"byte 0x{ord(char) - 0xDC00:02x}" if "\udc80" <= char <= "\udcff"
-                else f"character {char!r}")
-        raise ValueError(f"{source} is not valid UTF-8 text ({what} at position {e.start}): "
-                         f"is the terminal set to UTF-8?") from None
-    return prompt
-
-
-def interactive_prompts() -> Iterator[str]:
-    """Prompts typed at the terminal, until an empty line or Ctrl-D."""
-    log("type a prompt and press Enter; an empty line or Ctrl-D quits")
-    while True:
-        try:
-            prompt = input("> ")
-        except EOFError:
-            return
-        except UnicodeDecodeError as e:
-            raise ValueError(f"the prompt typed is not valid UTF-8 text (byte "
-                             f"0x{e.object[e.start]:02x}): is the terminal set to UTF-8?") from None
-        if not prompt:
-            return
-        yield check_prompt(prompt, "the prompt typed")
-
-
-def sample_prompt(model: TransformerLM, tokenizer: Tokenizer, prompt: str, eos_id: int | None,
-                  args: argparse.Namespace) -> int:
-    """Continue one prompt: a single sample is streamed to stdout as it is generated; several
-    are generated as one batch and printed at the end. Returns the number of tokens generated."""
-    # Stories follow an end-of-text token in training, so one before the prompt starts a
-    # fresh story.
-    prompt_ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
-    if not prompt_ids:
-        raise ValueError("the prompt is empty and the tokenizer has no end-of-text token "
-                         "to start from")
-    # The prompt repeated by torch, not as a Python list of rows: a batch too large for
-    # memory then fails at once, in one allocation.
-    device = next(model.parameters()).device
-    batch = torch.tensor([prompt_ids], device=device).repeat(args.num_samples, 1)  # (N, T0)
-    steps = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k,
-                           args.top_p, args.seed, use_cache=not args.no_kv_cache)
-    if args.num_samples == 1:
-        sampled = []
-
-        def tokens():
-            for next_ids in steps:
-                sampled.append(int(next_ids[0]))
-                yield sampled[-1]
-
-        sys.stdout.write(prompt)
-        for piece in decode_stream(tokens(), tokenizer, eos_id):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        return len(sampled)
-    columns, ended = [], torch.zeros(args.num_samples, dtype=torch.bool)  # (N,) each
-    for next_ids in steps:
-        columns.append(next_ids.cpu())
-        if eos_id is not None:
-            ended |= columns[-1] == eos_id
-            if ended.all():
-                break
-    for i, row in enumerate(torch.stack(columns, dim=1).tolist()):  # (N, steps)
-        text = tokenizer.decode(row[:row.index(eos_id)] if eos_id in row else row)
-        print(f"--- sample {i + 1} ---\n{prompt}{text}")
-    return len(columns) * args.num_samples
-
-
-def cmd_sample(args: argparse.Namespace) -> None:
-    if args.prompt is not None:
-        check_prompt(args.prompt, "--prompt")
-    # Python sets sys.stdout and sys.stdin to None when the shell closed them (`>&-`, `<&-`).
-    if sys.stdout is None:
-        raise ValueError("stdout is closed, so the samples have nowhere to go: redirect it "
-                         "(to a file, or to /dev/null) instead of closing it")
-    if args.prompt is None and sys.stdin is None:
-        raise ValueError("stdin is closed, so no prompt can be typed: give --prompt TEXT")
-    path = args.checkpoint or newest_checkpoint(args.run_dir)
-    device = pick_device(args.device)
-    model, tokenizer = load_for_sampling(path, device)
-    eos_id = tokenizer.id_of.get(tokenizer.special_tokens[0].encode("utf-8")) \
-        if tokenizer.special_tokens else None
-    if args.qa and eos_id is None:
-        raise ValueError(f"--qa: {path}'s tokenizer has no end-of-text token to end an answer")
-    log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"device {device})")
-    prompts = [args.prompt] if args.prompt is not None else interactive_prompts()
-    if args.qa:  # questions, in finetune's template; sample_prompt puts <eot> before each
-        prompts = map(qa_prompt, prompts)
-    try:
-        for prompt in prompts:
-            started = time.perf_counter()
-            count = sample_prompt(model, tokenizer, prompt, eos_id, args)
-            sys.stdout.flush()  # here, where a broken pipe is caught, not at exit
-            seconds = time.perf_counter() - started
-            log(f"[{count} tokens in {seconds:.2f}s: {count / seconds:.1f} tokens/s"
-                f"{'' if args.no_kv_cache else ', KV cache'}]")
-    except BrokenPipeError:
-        # Whoever reads stdout has stopped (`| head -1`): they have what they wanted, so we
-        # stop quietly, with exit code 0, like a run that ended. stdout is pointed at /dev/null
-        # so that Python's last flush of what is still buffered does not fail once more.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (RuntimeError, MemoryError) as e:
-        if not is_out_of_memory(e):
-            raise
-        advice = ("give a smaller --num-samples" if args.num_samples > 1
-                  else "give a shorter prompt")
-        raise ValueError(f"out of memory on {device} generating {args.num_samples:,} "
-                         f"sample{'s' * (args.num_samples > 1)} at once: {advice}") from None
-
-
-def cmd_export(args: argparse.Namespace) -> None:
-    path = args.checkpoint or newest_checkpoint(args.run_dir)
-    model, tokenizer, iteration = read_for_export(path)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a file: give a directory")
-    check_writable_dir(args.out)
-    out = lambda name: os.path.join(args.out, name)
-    write_safetensors(out("model.safetensors"), llama_state_dict(model))
-    files = {"config.json": llama_config(model.config, tokenizer)}
-    eos_id = end_of_text_id(tokenizer)
-    # generate() stops at the end of a story. No pad_token_id: a generate() told no eos would
-    # take the leading end-of-text token of a prompt for padding, and mask it out.
-    if eos_id is not None:
-        files["generation_config.json"] = {"bos_token_id": eos_id, "eos_token_id": eos_id}
-    for name, value in files.items():
-        write_atomically(out(name), (json.dumps(value, indent=2) + "\n").encode())
-    for name, data in hf_tokenizer_files(tokenizer, model.config.context_length).items():
-        write_atomically(out(name), data)
-    save_weights_only(model, tokenizer, iteration, out("gpt.pt"))
-    num_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {path} (step {iteration:,}, {num_params / 1e6:.1f}M parameters)")
-    print(f"wrote {args.out}: model.safetensors "
-          f"({os.path.getsize(out('model.safetensors')) / 1e6:.1f} MB), "
-          f"{', '.join(files)}, tokenizer files, gpt.pt "
-          f"({os.path.getsize(out('gpt.pt')) / 1e6:.1f} MB, for gpt.py sample)")
-    print(f'load it with AutoModelForCausalLM.from_pretrained("{args.out}") and '
-          f'AutoTokenizer.from_pretrained("{args.out}")')
-
-
-def cmd_plot(args: argparse.Namespace) -> None:
-    # Runs are named by their folder in the legend, or by the path as given when two share one.
-    names = [os.path.basename(os.path.normpath(d)) for d in args.run_dirs]
-    if len(set(names)) < len(names):
-        names = args.run_dirs
-    runs = [run_curves(d, name) for d, name in zip(args.run_dirs, names)]
-    out_dir = args.out_dir or args.run_dirs[0]
-    check_writable_dir(out_dir)
-    for run in runs:
-        print_run_table(run)
-    plt = pyplot()
-    if plt is not None:
-        for path in draw_curves(runs, out_dir, plt):
-            print(f"wrote {path}")
-
-
-def inspection_ids(tokenizer: Tokenizer, prompt: str, context_length: int) -> list[int]:
-    """The prompt's token ids after an end-of-text token, as `sample` feeds it (in training a
-    story follows one), checked to fit the context and to give attention two positions."""
-    check_prompt(prompt, "--prompt")
-    if not prompt:
-        raise ValueError("--prompt is empty: give the text whose attention and next tokens to "
-                         "show")
-    eos_id = tokenizer.id_of.get(tokenizer.special_tokens[0].encode("utf-8")) \
-        if tokenizer.special_tokens else None
-    ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
-    before = " with the end-of-text token before it" if eos_id is not None else ""
-    if len(ids) > context_length:
-        raise ValueError(f"--prompt is {len(ids)} tokens{before}, more than the model's context "
-                         f"of {context_length}: give a shorter one")
-    if len(ids) < 2:
-        raise ValueError("--prompt is 1 token, and attention needs 2 positions to show "
-                         "anything: give a longer one")
-    return ids
-
-
-def cmd_inspect(args: argparse.Namespace) -> None:
-    path = args.checkpoint or newest_checkpoint(args.run_dir)
-    out_dir = args.out_dir or os.path.dirname(path) or "."
-    check_writable_dir(out_dir)
-    device = pick_device(args.device)
-    model, tokenizer = load_for_sampling(path, device)
-    ids = inspection_ids(tokenizer, args.prompt, model.config.context_length)
-    if args.top_k > model.config.vocab_size:
-        raise ValueError(f"--top-k {args.top_k} is more than the model's {model.config.vocab_size} "
-                         f"tokens")
-    log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"device {device}); prompt: {len(ids)} tokens")
-    labels = [token_label(tokenizer, i) for i in ids]
-    token_ids = torch.tensor(ids, device=device)                       # (T,)
-    maps = [weights[0] for weights in attention_maps(model, token_ids[None])]  # (H, T, T) each
-    stats, initial = weight_stats(model, args.bins), initial_spectral_norms(model.config)
-    print_attention_table(maps, labels)
-    print_next_token_table(tokenizer, labels, next_token_table(model, token_ids, args.top_k))
-    print_weight_table(stats, initial)
-    plt = pyplot()
-    if plt is not None:
-        print(f"wrote {draw_attention(maps, labels, os.path.join(out_dir, 'attention.png'), plt)}")
-        print(f"wrote {draw_histograms(stats, os.path.join(out_dir, 'weights.png'), plt)}")
-        spectral = os.path.join(out_dir, "spectral_norms.png")
-        print(f"wrote {draw_spectral_norms(stats, initial, spectral, plt)}")
-
-
-def cmd_experiment(args: argparse.Namespace) -> None:
-    """`python gpt.py experiment NAME [train flags]`: train each arm of EXPERIMENTS[NAME] with
-    the same flags (budget, seed, data) into OUT_DIR/NAME/<arm>, then tabulate the results."""
-    if any(flag.split("=")[0] in ("--out-dir", "--resume") for flag in args.train_flags):
-        raise ValueError("experiment: give --out-dir before NAME (each arm trains into "
-                         "OUT_DIR/NAME/ARM), and no --resume")
-    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
-    runs = {}  # arm directory -> its train arguments, all parsed before any trains
-    for name in names:
-        for arm, flags in EXPERIMENTS[name]:
-            directory = arm_dir(args, name, flags, arm)
-            runs[directory] = build_parser().parse_args(
-                ["train", *args.train_flags, *flags, "--out-dir", directory])
-            check_run_dir(runs[directory])  # an earlier experiment's runs: refused unless
-                                            # --overwrite, before any arm trains
-    for directory, train_args in runs.items():  # the default recipe trains once for all
-        print(f"== {directory}", flush=True)
-        train(train_args)
-    plt = pyplot()  # the overlaid curves, when matplotlib is installed
-    for name in names:
-        out = os.path.join(args.out_dir, name)
-        write_results(out, [(arm, flags, arm_result(arm_dir(args, name, flags, arm)))
-                            for arm, flags in EXPERIMENTS[name]])
-        if plt is not None:
-            runs = [run_curves(arm_dir(args, name, flags, arm), arm)
-                    for arm, flags in EXPERIMENTS[name]]
-            for path in draw_curves(runs, out, plt):
-                print(f"wrote {path}")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a mistake on the command line is one line (not the usage, then the error)
-    and exit code 2, like every other bad input."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-    def parse_args(self, args=None, namespace=None):
-        """As argparse's, but an unknown flag is reported by the subcommand it was given to."""
-        parsed, extras = self.parse_known_args(args, namespace)
-        if extras:
-            getattr(parsed, "parser", self).error(f"unrecognized arguments: {' '.join(extras)}")
-        return parsed
-
-
-def number(kind, low: float = -math.inf, high: float = math.inf, low_open: bool = False):
-    """An argparse type: a finite int or float in [low, high] (or (low, high] if low_open).
-    Example: number(int, 1)("0") fails with "expected an integer >= 1, got '0'"."""
-    bounds = [f"{'>' if low_open else '>='} {low}"] if low > -math.inf else []
-    bounds += [f"<= {high}"] if high < math.inf else []
-    expected = " ".join(["an integer" if kind is int else "a number", " and ".join(bounds)])
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        finite = value is not None and (kind is int or math.isfinite(value))
-        if not (finite and value <= high and (value > low if low_open else value >= low)):
-            raise argparse.ArgumentTypeError(f"expected {expected.strip()}, got {text!r}")
-        return value
-
-    return parse
-
-
-def duration(text: str) -> float:
-    """An argparse type for --max-time: see parse_duration."""
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample; "
-                                  "experiment, export; plot, inspect.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_tokenize_parser(commands)
-    add_train_parser(commands)
-    add_sample_parser(commands)
-    add_experiment_parser(commands)
-    add_export_parser(commands)
-    add_look_inside_parsers(commands)
-    add_finetune_parser(commands)
-    return parser
-
-
-def add_tokenize_parser(commands) -> None:
-    tok = commands.add_parser(
-        "tokenize", help="train a BPE tokenizer and encode a corpus into token files",
-        description="Train byte-level BPE on the train text (or load a tokenizer), then encode "
-                    "the train and valid texts into OUT_DIR/train.bin and OUT_DIR/valid.bin. "
-                    "Every input is checked first, and OUT_DIR's files are replaced only once "
-                    "all the new ones are written.")
-    tok.add_argument("--train", metavar="PATH",
-                     help=f"UTF-8 text to train BPE on and to encode (default: {BUNDLED_TRAIN})")
-    tok.add_argument("--valid", metavar="PATH",
-                     help="UTF-8 text to encode as validation data (default: with --train, the "
-                          "end of that text, see --valid-fraction; without, "
-                          f"{BUNDLED_VALID})")
-    tok.add_argument("--valid-fraction", type=float, metavar="F",
-                     help="with --train and no --valid: the share of the train text held out "
-                          "for validation, taken from its end and cut after a special token "
-                          "(or else a line break); BPE never sees it (default: "
-                          f"{DEFAULT_VALID_FRACTION}, the usual tenth)")
-    tok.add_argument("--vocab-size", type=int, default=10_000,
-                     help="tokens in all: 256 bytes + special tokens + merges "
-                          "(default: %(default)s)")
-    tok.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"],
-                     help="strings that are always one token and delimit documents, each "
-                          "non-empty and given once (default: %(default)s; give none for no "
-                          "special tokens)")
-    tok.add_argument("--out-dir", default="data",
-                     help="where tokenizer/, train.bin and valid.bin go, each token file with "
-                          "a .json sidecar naming its tokenizer (default: %(default)s)")
-    tok.add_argument("--tokenizer", metavar="DIR",
-                     help="encode only, with the tokenizer saved in DIR (no BPE training; "
-                          "--vocab-size and --special-tokens are then ignored)")
-    tok.add_argument("--workers", type=int, default=None,
-                     help="worker processes (default: every available core)")
-    tok.set_defaults(run=cmd_tokenize, parser=tok)
-
-
-def add_train_parser(commands) -> None:
-    tr = commands.add_parser(
-        "train", help="train the model on the token files",
-        description="Train a transformer LM on DATA_DIR/train.bin, evaluating on valid.bin; "
-                    "checkpoints, metrics.jsonl and the tokenizer go to OUT_DIR. Under "
-                    "`torchrun --nproc_per_node=N` it trains on N processes (DDP).")
-    tr.add_argument("--preset", choices=list(PRESETS),
-                    help="model size and its batch size and learning rate (default: laptop, "
-                         "about 10 minutes on a 2-core CPU; on CUDA, base at batch 128 and "
-                         "compiled; on --resume, the run's own)")
-    tr.add_argument("--data-dir", default="data",
-                    help="where `tokenize` wrote train.bin, valid.bin and tokenizer/ "
-                         "(default: %(default)s)")
-    tr.add_argument("--out-dir", default="data/run",
-                    help="checkpoints latest.pt and best.pt, and metrics.jsonl "
-                         "(default: %(default)s)")
-    tr.add_argument("--resume", action="store_true",
-                    help="continue the run in OUT_DIR from its latest.pt: an interrupted run "
-                         "exactly where it stopped; a finished one for a new --max-steps or "
-                         "--max-time, at --min-lr")
-    tr.add_argument("--overwrite", action="store_true",
-                    help="start a fresh run in an OUT_DIR that holds one, deleting its "
-                         "checkpoints (without it, such an OUT_DIR is refused)")
-    tr.add_argument("--max-steps", type=number(int, 1), help="optimizer steps to train for")
-    tr.add_argument("--max-time", metavar="DURATION", type=duration,
-                    help="time budget such as 90s, 10m or 2h, counted from the start: the "
-                         "schedule is planned, and planned again as the run goes, to end when "
-                         "it runs out (default: 10m unless --max-steps is given)")
-    tr.add_argument("--device", default="auto",
-                    help="cpu, cuda, cuda:1, mps, or auto: CUDA, then MPS, then CPU "
-                         "(default: %(default)s)")
-    tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="bfloat16 autocast or plain float32; auto: bf16 on GPUs and on CPUs "
-                         "with bf16 instructions (default: %(default)s)")
-    tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                    help="torch.compile the model: faster steps after a slow first one "
-                         "(default: on CUDA on, elsewhere off)")
-    add_optimization_flags(tr)
-    add_model_flags(tr)
-    tr.set_defaults(run=train, parser=tr)
-
-
-def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
-    """The budget's and the optimizer's flags, and the bookkeeping's."""
-    tr.add_argument("--batch-size", type=number(int, 1),
-                    help="sequences per micro-batch and rank (default: from the preset)")
-    tr.add_argument("--grad-accum", type=number(int, 1), default=1,
-                    help="micro-batches per optimizer step (default: %(default)s)")
-    tr.add_argument("--lr", type=number(float, 0.0, low_open=True),
-                    help="peak learning rate (default: from the preset)")
-    tr.add_argument("--min-lr", type=number(float, 0.0),
-                    help="learning rate at the end of the cosine (default: lr / 10)")
-    tr.add_argument("--warmup-steps", type=number(int, 0), default=100,
-                    help="steps of linear warmup from 0 (default: %(default)s)")
-    tr.add_argument("--decay-steps", type=number(int, 1),
-                    help="step at which the cosine reaches --min-lr (default: the last step)")
-    # beta2 0.95 and weight decay 0.1 (where AdamW's own defaults are 0.999 and 0.01): the
-    # values of GPT-3 (Brown et al. 2020, appendix B) and LLaMA; a beta2 of 0.95 forgets old
-    # squared gradients sooner, which keeps large models' loss spikes rarer.
-    tr.add_argument("--weight-decay", type=number(float, 0.0), default=0.1,
-                    help="AdamW's decoupled weight decay of the matrices (default: %(default)s)")
-    tr.add_argument("--beta1", type=number(float, 0.0, 1.0), default=0.9,
-                    help="AdamW's gradient averaging (default: %(default)s)")
-    tr.add_argument("--beta2", type=number(float, 0.0, 1.0), default=0.95,
-                    help="AdamW's squared-gradient averaging (default: %(default)s)")
-    tr.add_argument("--grad-clip", type=number(float, 0.0, low_open=True), default=1.0,
-                    help="largest global gradient norm (default: %(default)s)")
-    tr.add_argument("--eval-interval", type=number(int, 1), default=250,
-                    help="steps between evaluations and checkpoints (default: %(default)s)")
-    tr.add_argument("--eval-batches", type=number(int, 1), default=20,
-                    help="validation batches per evaluation (default: %(default)s)")
-    tr.add_argument("--log-interval", type=number(int, 1), default=25,
-                    help="steps between log lines (default: %(default)s)")
-    tr.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0,
-                    help="random seed, 0 to 2**63 - 1 (default: %(default)s)")
-
-
-# A gloss per ModelConfig field, for --help; ModelConfig's comments say more.
-MODEL_FLAG_HELP = {
-    "context_length": "tokens the model reads at once", "d_model": "width of the residual stream",
-    "num_layers": "transformer blocks", "num_heads": "attention heads",
-    "d_ff": "hidden width of a gated feed-forward (plain kinds get 1.5x)",
-    "rope_theta": "RoPE's base", "norm_eps": "RMSNorm's epsilon",
-    "tie_embeddings": "one matrix for the token embeddings and the output layer",
-    "tie_init": "tied: keep the output layer's small init, or the embedding's std-1 init",
-    "use_norm": "--no-use-norm removes every RMSNorm (an ablation)",
-    "norm_position": "pre-norm (modern) or post-norm (the 2017 transformer)",
-    "position_encoding": "rotary, none, or learned or sinusoidal vectors added to the tokens'",
-    "ffn_kind": "gated (swiglu, geglu) or plain two-layer feed-forward (silu, gelu, relu)",
-    "dropout": "share of attention weights and branch outputs zeroed while training, in [0, 1)",
-}
-
-
-def add_model_flags(tr: argparse.ArgumentParser) -> None:
-    """One flag per ModelConfig field, each overriding the preset's value."""
-    model_flags = tr.add_argument_group(
-        "model", "each overrides the preset's value; see ModelConfig in gpt.py for their meaning")
-    for field in fields(ModelConfig):
-        if field.name == "vocab_size":
-            continue  # always the tokenizer's
-        flag, gloss = "--" + field.name.replace("_", "-"), MODEL_FLAG_HELP[field.name]
-        if field.type == "bool":
-            model_flags.add_argument(flag, action=argparse.BooleanOptionalAction, help=gloss)
-        else:
-            kind = {"int": number(int, 1), "float": number(float, 0.0, low_open=True)}
-            kind = number(float, 0.0, 1.0) if field.name == "dropout" else kind.get(field.type, str)
-            model_flags.add_argument(flag, type=kind, choices=MODEL_CHOICES.get(field.name),
-                                     help=gloss)
-
-
-def add_experiment_parser(commands) -> None:
-    ex = commands.add_parser(
-        "experiment", help="train the arms of a classic experiment and compare them",
-        description="Train each arm of an experiment on the same budget, seed and data (the "
-                    "train flags after NAME apply to every arm), then write a table of the "
-                    "results to OUT_DIR/NAME/results.md. Arms: " + "; ".join(
-                        f"{name}: {', '.join(arm for arm, _ in arms)}"
-                        for name, arms in EXPERIMENTS.items()))
-    ex.add_argument("name", choices=[*EXPERIMENTS, "all"], help="which experiment (all: each)")
-    ex.add_argument("--out-dir", default="data/experiments",
-                    help="each arm trains into OUT_DIR/NAME/ARM (default: %(default)s)")
-    ex.add_argument("train_flags", nargs=argparse.REMAINDER,
-                    help="train flags for every arm, e.g. --max-steps 300 (see train --help)")
-    ex.set_defaults(run=cmd_experiment, parser=ex)
-
-
-def add_export_parser(commands) -> None:
-    ex = commands.add_parser(
-        "export", help="write a checkpoint in the Hugging Face format (Llama)",
-        description="Write the model as a Llama model that Hugging Face transformers loads "
-                    "with no custom code (config.json, model.safetensors, the tokenizer), and a "
-                    "weights-only gpt.pt that `gpt.py sample --checkpoint` reads. Ablations "
-                    "Llama cannot compute (post-norm, no norm, NoPE, a feed-forward other than "
-                    "SwiGLU) are refused.")
-    ex.add_argument("--checkpoint", metavar="PATH",
-                    help="checkpoint file (default: the newest in RUN_DIR)")
-    ex.add_argument("--run-dir", default="data/run",
-                    help="where `train` wrote its checkpoints (default: %(default)s)")
-    ex.add_argument("--out", metavar="DIR", required=True,
-                    help="directory for the files, made if missing; files of an earlier export "
-                         "there are replaced")
-    ex.set_defaults(run=cmd_export, parser=ex)
-
-
-def add_look_inside_parsers(commands) -> None:
-    """The `plot` and `inspect` subcommands."""
-    pl = commands.add_parser(
-        "plot", help="draw the training curves of one or more runs",
-        description="Print each run's evaluations from RUN_DIR/metrics.jsonl and draw, with "
-                    "matplotlib if installed, curves.png (loss and validation perplexity "
-                    "against steps, tokens seen and wall time; several runs overlaid) and "
-                    "lr_and_grad_norm.png.")
-    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                    help="a directory `train` wrote (its --out-dir); several are overlaid, "
-                         "named by their folder")
-    pl.add_argument("--out-dir", help="where the PNG files go (default: the first RUN_DIR)")
-    pl.set_defaults(run=cmd_plot, parser=pl)
-
-    ins = commands.add_parser(
-        "inspect", help="show a trained model's attention, predictions and weights",
-        description="Run a prompt through a trained model and print, per layer and head, a "
-                    "summary of its attention; per position, the likeliest next tokens; per "
-                    "weight matrix, its spread and spectral norm. With matplotlib installed, "
-                    "also draw attention.png, weights.png and spectral_norms.png.")
-    ins.add_argument("--prompt", required=True,
-                     help="the text to run through the model, at most its context long")
-    ins.add_argument("--checkpoint", metavar="PATH",
-                     help="checkpoint file (default: the newest in RUN_DIR)")
-    ins.add_argument("--run-dir", default="data/run",
-                     help="where `train` wrote its checkpoints (default: %(default)s)")
-    ins.add_argument("--top-k", type=number(int, 1), default=5,
-                     help="next-token candidates shown per position (default: %(default)s)")
-    ins.add_argument("--bins", type=number(int, 1, 1000), default=60,
-                     help="histogram bins per weight matrix (default: %(default)s)")
-    ins.add_argument("--out-dir",
-                     help="where the PNG files go (default: the checkpoint's directory)")
-    ins.add_argument("--device", default="auto",
-                     help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
-    ins.set_defaults(run=cmd_inspect, parser=ins)
-
-
-def add_sample_parser(commands) -> None:
-    sa = commands.add_parser(
-        "sample", help="generate text from a trained checkpoint",
-        description="Continue a prompt with a trained model; without --prompt, read prompts "
-                    "interactively. The story goes to stdout, figures to stderr.")
-    sa.add_argument("--prompt", help="text to continue (default: ask interactively)")
-    sa.add_argument("--qa", action="store_true",
-                    help="the prompts are questions: wrap each in `finetune`'s template and "
-                         "print the answer, which ends at the end-of-text token")
-    sa.add_argument("--checkpoint", metavar="PATH",
-                    help="checkpoint file (default: the newest in RUN_DIR)")
-    sa.add_argument("--run-dir", default="data/run",
-                    help="where `train` wrote its checkpoints (default: %(default)s)")
-    sa.add_argument("--max-new-tokens", type=number(int, 1), default=256,
-                    help="most tokens to generate per sample (default: %(default)s)")
-    sa.add_argument("--temperature", type=number(float, 0.0), default=0.8,
-                    help="< 1 safer, > 1 wilder; 0 = always the likeliest token "
-                         "(default: %(default)s)")
-    sa.add_argument("--top-k", type=number(int, 1), help="sample among the k likeliest tokens only")
-    sa.add_argument("--top-p", type=number(float, 0.0, 1.0, low_open=True), default=0.95,
-                    help="sample among the fewest tokens that cover probability p; 1 = all "
-                         "(default: %(default)s)")
-    sa.add_argument("--num-samples", type=number(int, 1, 2**63 - 1), default=1,
-                    help="continuations of the prompt, generated as one batch "
-                         "(default: %(default)s)")
-    sa.add_argument("--seed", type=number(int, 0, 2**63 - 1),
-                    help="random seed, 0 to 2**63 - 1: the same seed gives the same text "
-                         "(default: random)")
-    sa.add_argument("--device", default="auto",
-                    help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
-    sa.add_argument("--no-kv-cache", action="store_true",
-                    help="recompute the whole sequence for every token (slow reference)")
-    sa.set_defaults(run=cmd_sample, parser=sa)
-
-
-# ==================================================================================================
-# Fine-tuning: teaching a trained model to answer
+# §18 Machinery: fine-tuning, teaching a trained model to answer
 #
 # Fine-tuning trains a trained model further, on examples of what it should do: here, a user's
 # question-answer pairs. Each pair becomes one sequence of a fixed template that ends in the
@@ -5266,9 +4668,573 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     return run, checkpoint, time_used
 
 
+# ==================================================================================================
+# §19 Command line
+#
+# Each subcommand is a plain function of its parsed arguments. A mistake in the user's input
+# (a missing file, an impossible size) raises ValueError or OSError with a message naming the
+# bad value; main() prints that one line and exits with code 2.
+# ==================================================================================================
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    # -- Check every input before writing anything: a mistake leaves the previous files as they
+    # were, and costs seconds, not the minutes of training BPE first.
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    workers = args.workers or default_workers()
+    if args.tokenizer:
+        tokenizer = Tokenizer.load(args.tokenizer)
+        special_tokens = tokenizer.special_tokens
+    else:
+        special_tokens = args.special_tokens
+        check_special_tokens(special_tokens)
+        check_vocab_size(args.vocab_size, special_tokens)
+    sources = tokenize_inputs(args, special_tokens)
+    check_writable_dir(args.out_dir)
+    remove_leftovers(args.out_dir)
+    tokenizer_dir = os.path.join(args.out_dir, "tokenizer")
+
+    if args.tokenizer:
+        print(f"tokenizer: loaded from {args.tokenizer} ({len(tokenizer.vocab):,} tokens)")
+    else:
+        _, start, end = text_range(sources["train"])
+        vocab, merges = train_bpe(sources["train"], args.vocab_size, special_tokens, workers,
+                                  verbose=True)
+        tokenizer = Tokenizer(vocab, merges, special_tokens)
+        print(f"tokenizer: trained on {text_name(sources['train'])} ({(end - start) / 1e6:,.1f} "
+              f"MB) in {time.perf_counter() - started:.1f}s: {len(vocab):,} tokens, "
+              f"{len(merges):,} merges")
+    # The token files' directory always holds their tokenizer.
+    save_tokenizer = os.path.abspath(args.tokenizer or "") != os.path.abspath(tokenizer_dir)
+    write_outputs(tokenizer, sources, args.out_dir, workers, save_tokenizer)
+    longest = sorted((t for i, t in tokenizer.vocab.items()
+                      if t.decode("utf-8", "replace") not in tokenizer.special_tokens),
+                     key=len, reverse=True)[:5]
+    print("longest tokens: " + ", ".join(repr(t.decode("utf-8", "replace")) for t in longest))
+    print(f"done in {time.perf_counter() - started:.1f}s; tokenizer in {tokenizer_dir}")
+
+
+def check_prompt(prompt: str, source: str) -> str:
+    """Refuse a prompt that is not UTF-8 text. Python hands over bytes that are not UTF-8 as
+    surrogate escapes (b"\\xff" -> "\\udcff"), which have no UTF-8 encoding. We could decode
+    them as U+FFFD instead, but the model would then continue a prompt the user never typed;
+    better to say so (the usual cause is a terminal set to another encoding, such as Latin-1)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = prompt[e.start]
+        what = (f"byte 0x{ord(char) - 0xDC00:02x}" if "\udc80" <= char <= "\udcff"
+                else f"character {char!r}")
+        raise ValueError(f"{source} is not valid UTF-8 text ({what} at position {e.start}): "
+                         f"is the terminal set to UTF-8?") from None
+    return prompt
+
+
+def interactive_prompts() -> Iterator[str]:
+    """Prompts typed at the terminal, until an empty line or Ctrl-D."""
+    log("type a prompt and press Enter; an empty line or Ctrl-D quits")
+    while True:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            return
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the prompt typed is not valid UTF-8 text (byte "
+                             f"0x{e.object[e.start]:02x}): is the terminal set to UTF-8?") from None
+        if not prompt:
+            return
+        yield check_prompt(prompt, "the prompt typed")
+
+
+def sample_prompt(model: TransformerLM, tokenizer: Tokenizer, prompt: str, eos_id: int | None,
+                  args: argparse.Namespace) -> int:
+    """Continue one prompt: a single sample is streamed to stdout as it is generated; several
+    are generated as one batch and printed at the end. Returns the number of tokens generated."""
+    # Stories follow an end-of-text token in training, so one before the prompt starts a
+    # fresh story.
+    prompt_ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty and the tokenizer has no end-of-text token "
+                         "to start from")
+    # The prompt repeated by torch, not as a Python list of rows: a batch too large for
+    # memory then fails at once, in one allocation.
+    device = next(model.parameters()).device
+    batch = torch.tensor([prompt_ids], device=device).repeat(args.num_samples, 1)  # (N, T0)
+    steps = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k,
+                           args.top_p, args.seed, use_cache=not args.no_kv_cache)
+    if args.num_samples == 1:
+        sampled = []
+
+        def tokens():
+            for next_ids in steps:
+                sampled.append(int(next_ids[0]))
+                yield sampled[-1]
+
+        sys.stdout.write(prompt)
+        for piece in decode_stream(tokens(), tokenizer, eos_id):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return len(sampled)
+    columns, ended = [], torch.zeros(args.num_samples, dtype=torch.bool)  # (N,) each
+    for next_ids in steps:
+        columns.append(next_ids.cpu())
+        if eos_id is not None:
+            ended |= columns[-1] == eos_id
+            if ended.all():
+                break
+    for i, row in enumerate(torch.stack(columns, dim=1).tolist()):  # (N, steps)
+        text = tokenizer.decode(row[:row.index(eos_id)] if eos_id in row else row)
+        print(f"--- sample {i + 1} ---\n{prompt}{text}")
+    return len(columns) * args.num_samples
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    if args.prompt is not None:
+        check_prompt(args.prompt, "--prompt")
+    # Python sets sys.stdout and sys.stdin to None when the shell closed them (`>&-`, `<&-`).
+    if sys.stdout is None:
+        raise ValueError("stdout is closed, so the samples have nowhere to go: redirect it "
+                         "(to a file, or to /dev/null) instead of closing it")
+    if args.prompt is None and sys.stdin is None:
+        raise ValueError("stdin is closed, so no prompt can be typed: give --prompt TEXT")
+    path = args.checkpoint or newest_checkpoint(args.run_dir)
+    device = pick_device(args.device)
+    model, tokenizer = load_for_sampling(path, device)
+    eos_id = tokenizer.id_of.get(tokenizer.special_tokens[0].encode("utf-8")) \
+        if tokenizer.special_tokens else None
+    if args.qa and eos_id is None:
+        raise ValueError(f"--qa: {path}'s tokenizer has no end-of-text token to end an answer")
+    log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"device {device})")
+    prompts = [args.prompt] if args.prompt is not None else interactive_prompts()
+    if args.qa:  # questions, in finetune's template; sample_prompt puts <eot> before each
+        prompts = map(qa_prompt, prompts)
+    try:
+        for prompt in prompts:
+            started = time.perf_counter()
+            count = sample_prompt(model, tokenizer, prompt, eos_id, args)
+            sys.stdout.flush()  # here, where a broken pipe is caught, not at exit
+            seconds = time.perf_counter() - started
+            log(f"[{count} tokens in {seconds:.2f}s: {count / seconds:.1f} tokens/s"
+                f"{'' if args.no_kv_cache else ', KV cache'}]")
+    except BrokenPipeError:
+        # Whoever reads stdout has stopped (`| head -1`): they have what they wanted, so we
+        # stop quietly, with exit code 0, like a run that ended. stdout is pointed at /dev/null
+        # so that Python's last flush of what is still buffered does not fail once more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        advice = ("give a smaller --num-samples" if args.num_samples > 1
+                  else "give a shorter prompt")
+        raise ValueError(f"out of memory on {device} generating {args.num_samples:,} "
+                         f"sample{'s' * (args.num_samples > 1)} at once: {advice}") from None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    path = args.checkpoint or newest_checkpoint(args.run_dir)
+    model, tokenizer, iteration = read_for_export(path)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file: give a directory")
+    check_writable_dir(args.out)
+    out = lambda name: os.path.join(args.out, name)
+    write_safetensors(out("model.safetensors"), llama_state_dict(model))
+    files = {"config.json": llama_config(model.config, tokenizer)}
+    eos_id = end_of_text_id(tokenizer)
+    # generate() stops at the end of a story. No pad_token_id: a generate() told no eos would
+    # take the leading end-of-text token of a prompt for padding, and mask it out.
+    if eos_id is not None:
+        files["generation_config.json"] = {"bos_token_id": eos_id, "eos_token_id": eos_id}
+    for name, value in files.items():
+        write_atomically(out(name), (json.dumps(value, indent=2) + "\n").encode())
+    for name, data in hf_tokenizer_files(tokenizer, model.config.context_length).items():
+        write_atomically(out(name), data)
+    save_weights_only(model, tokenizer, iteration, out("gpt.pt"))
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {path} (step {iteration:,}, {num_params / 1e6:.1f}M parameters)")
+    print(f"wrote {args.out}: model.safetensors "
+          f"({os.path.getsize(out('model.safetensors')) / 1e6:.1f} MB), "
+          f"{', '.join(files)}, tokenizer files, gpt.pt "
+          f"({os.path.getsize(out('gpt.pt')) / 1e6:.1f} MB, for gpt.py sample)")
+    print(f'load it with AutoModelForCausalLM.from_pretrained("{args.out}") and '
+          f'AutoTokenizer.from_pretrained("{args.out}")')
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    # Runs are named by their folder in the legend, or by the path as given when two share one.
+    names = [os.path.basename(os.path.normpath(d)) for d in args.run_dirs]
+    if len(set(names)) < len(names):
+        names = args.run_dirs
+    runs = [run_curves(d, name) for d, name in zip(args.run_dirs, names)]
+    out_dir = args.out_dir or args.run_dirs[0]
+    check_writable_dir(out_dir)
+    for run in runs:
+        print_run_table(run)
+    plt = pyplot()
+    if plt is not None:
+        for path in draw_curves(runs, out_dir, plt):
+            print(f"wrote {path}")
+
+
+def inspection_ids(tokenizer: Tokenizer, prompt: str, context_length: int) -> list[int]:
+    """The prompt's token ids after an end-of-text token, as `sample` feeds it (in training a
+    story follows one), checked to fit the context and to give attention two positions."""
+    check_prompt(prompt, "--prompt")
+    if not prompt:
+        raise ValueError("--prompt is empty: give the text whose attention and next tokens to "
+                         "show")
+    eos_id = tokenizer.id_of.get(tokenizer.special_tokens[0].encode("utf-8")) \
+        if tokenizer.special_tokens else None
+    ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
+    before = " with the end-of-text token before it" if eos_id is not None else ""
+    if len(ids) > context_length:
+        raise ValueError(f"--prompt is {len(ids)} tokens{before}, more than the model's context "
+                         f"of {context_length}: give a shorter one")
+    if len(ids) < 2:
+        raise ValueError("--prompt is 1 token, and attention needs 2 positions to show "
+                         "anything: give a longer one")
+    return ids
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    path = args.checkpoint or newest_checkpoint(args.run_dir)
+    out_dir = args.out_dir or os.path.dirname(path) or "."
+    check_writable_dir(out_dir)
+    device = pick_device(args.device)
+    model, tokenizer = load_for_sampling(path, device)
+    ids = inspection_ids(tokenizer, args.prompt, model.config.context_length)
+    if args.top_k > model.config.vocab_size:
+        raise ValueError(f"--top-k {args.top_k} is more than the model's {model.config.vocab_size} "
+                         f"tokens")
+    log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"device {device}); prompt: {len(ids)} tokens")
+    labels = [token_label(tokenizer, i) for i in ids]
+    token_ids = torch.tensor(ids, device=device)                       # (T,)
+    maps = [weights[0] for weights in attention_maps(model, token_ids[None])]  # (H, T, T) each
+    stats, initial = weight_stats(model, args.bins), initial_spectral_norms(model.config)
+    print_attention_table(maps, labels)
+    print_next_token_table(tokenizer, labels, next_token_table(model, token_ids, args.top_k))
+    print_weight_table(stats, initial)
+    plt = pyplot()
+    if plt is not None:
+        print(f"wrote {draw_attention(maps, labels, os.path.join(out_dir, 'attention.png'), plt)}")
+        print(f"wrote {draw_histograms(stats, os.path.join(out_dir, 'weights.png'), plt)}")
+        spectral = os.path.join(out_dir, "spectral_norms.png")
+        print(f"wrote {draw_spectral_norms(stats, initial, spectral, plt)}")
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     """`python gpt.py finetune`: §14's training run, started by start_finetune."""
     train(args, start=start_finetune)
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    """`python gpt.py experiment NAME [train flags]`: train each arm of EXPERIMENTS[NAME] with
+    the same flags (budget, seed, data) into OUT_DIR/NAME/<arm>, then tabulate the results."""
+    if any(flag.split("=")[0] in ("--out-dir", "--resume") for flag in args.train_flags):
+        raise ValueError("experiment: give --out-dir before NAME (each arm trains into "
+                         "OUT_DIR/NAME/ARM), and no --resume")
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    runs = {}  # arm directory -> its train arguments, all parsed before any trains
+    for name in names:
+        for arm, flags in EXPERIMENTS[name]:
+            directory = arm_dir(args, name, flags, arm)
+            runs[directory] = build_parser().parse_args(
+                ["train", *args.train_flags, *flags, "--out-dir", directory])
+            check_run_dir(runs[directory])  # an earlier experiment's runs: refused unless
+                                            # --overwrite, before any arm trains
+    for directory, train_args in runs.items():  # the default recipe trains once for all
+        print(f"== {directory}", flush=True)
+        train(train_args)
+    plt = pyplot()  # the overlaid curves, when matplotlib is installed
+    for name in names:
+        out = os.path.join(args.out_dir, name)
+        write_results(out, [(arm, flags, arm_result(arm_dir(args, name, flags, arm)))
+                            for arm, flags in EXPERIMENTS[name]])
+        if plt is not None:
+            runs = [run_curves(arm_dir(args, name, flags, arm), arm)
+                    for arm, flags in EXPERIMENTS[name]]
+            for path in draw_curves(runs, out, plt):
+                print(f"wrote {path}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (not the usage, then the error)
+    and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown flag is reported by the subcommand it was given to."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            getattr(parsed, "parser", self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
+def number(kind, low: float = -math.inf, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite int or float in [low, high] (or (low, high] if low_open).
+    Example: number(int, 1)("0") fails with "expected an integer >= 1, got '0'"."""
+    bounds = [f"{'>' if low_open else '>='} {low}"] if low > -math.inf else []
+    bounds += [f"<= {high}"] if high < math.inf else []
+    expected = " ".join(["an integer" if kind is int else "a number", " and ".join(bounds)])
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        finite = value is not None and (kind is int or math.isfinite(value))
+        if not (finite and value <= high and (value > low if low_open else value >= low)):
+            raise argparse.ArgumentTypeError(f"expected {expected.strip()}, got {text!r}")
+        return value
+
+    return parse
+
+
+def duration(text: str) -> float:
+    """An argparse type for --max-time: see parse_duration."""
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample; "
+                                  "experiment, export; plot, inspect.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_tokenize_parser(commands)
+    add_train_parser(commands)
+    add_sample_parser(commands)
+    add_experiment_parser(commands)
+    add_export_parser(commands)
+    add_look_inside_parsers(commands)
+    add_finetune_parser(commands)
+    return parser
+
+
+def add_tokenize_parser(commands) -> None:
+    tok = commands.add_parser(
+        "tokenize", help="train a BPE tokenizer and encode a corpus into token files",
+        description="Train byte-level BPE on the train text (or load a tokenizer), then encode "
+                    "the train and valid texts into OUT_DIR/train.bin and OUT_DIR/valid.bin. "
+                    "Every input is checked first, and OUT_DIR's files are replaced only once "
+                    "all the new ones are written.")
+    tok.add_argument("--train", metavar="PATH",
+                     help=f"UTF-8 text to train BPE on and to encode (default: {BUNDLED_TRAIN})")
+    tok.add_argument("--valid", metavar="PATH",
+                     help="UTF-8 text to encode as validation data (default: with --train, the "
+                          "end of that text, see --valid-fraction; without, "
+                          f"{BUNDLED_VALID})")
+    tok.add_argument("--valid-fraction", type=float, metavar="F",
+                     help="with --train and no --valid: the share of the train text held out "
+                          "for validation, taken from its end and cut after a special token "
+                          "(or else a line break); BPE never sees it (default: "
+                          f"{DEFAULT_VALID_FRACTION}, the usual tenth)")
+    tok.add_argument("--vocab-size", type=int, default=10_000,
+                     help="tokens in all: 256 bytes + special tokens + merges "
+                          "(default: %(default)s)")
+    tok.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"],
+                     help="strings that are always one token and delimit documents, each "
+                          "non-empty and given once (default: %(default)s; give none for no "
+                          "special tokens)")
+    tok.add_argument("--out-dir", default="data",
+                     help="where tokenizer/, train.bin and valid.bin go, each token file with "
+                          "a .json sidecar naming its tokenizer (default: %(default)s)")
+    tok.add_argument("--tokenizer", metavar="DIR",
+                     help="encode only, with the tokenizer saved in DIR (no BPE training; "
+                          "--vocab-size and --special-tokens are then ignored)")
+    tok.add_argument("--workers", type=int, default=None,
+                     help="worker processes (default: every available core)")
+    tok.set_defaults(run=cmd_tokenize, parser=tok)
+
+
+def add_train_parser(commands) -> None:
+    tr = commands.add_parser(
+        "train", help="train the model on the token files",
+        description="Train a transformer LM on DATA_DIR/train.bin, evaluating on valid.bin; "
+                    "checkpoints, metrics.jsonl and the tokenizer go to OUT_DIR. Under "
+                    "`torchrun --nproc_per_node=N` it trains on N processes (DDP).")
+    tr.add_argument("--preset", choices=list(PRESETS),
+                    help="model size and its batch size and learning rate (default: laptop, "
+                         "about 10 minutes on a 2-core CPU; on CUDA, base at batch 128 and "
+                         "compiled; on --resume, the run's own)")
+    tr.add_argument("--data-dir", default="data",
+                    help="where `tokenize` wrote train.bin, valid.bin and tokenizer/ "
+                         "(default: %(default)s)")
+    tr.add_argument("--out-dir", default="data/run",
+                    help="checkpoints latest.pt and best.pt, and metrics.jsonl "
+                         "(default: %(default)s)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in OUT_DIR from its latest.pt: an interrupted run "
+                         "exactly where it stopped; a finished one for a new --max-steps or "
+                         "--max-time, at --min-lr")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start a fresh run in an OUT_DIR that holds one, deleting its "
+                         "checkpoints (without it, such an OUT_DIR is refused)")
+    tr.add_argument("--max-steps", type=number(int, 1), help="optimizer steps to train for")
+    tr.add_argument("--max-time", metavar="DURATION", type=duration,
+                    help="time budget such as 90s, 10m or 2h, counted from the start: the "
+                         "schedule is planned, and planned again as the run goes, to end when "
+                         "it runs out (default: 10m unless --max-steps is given)")
+    tr.add_argument("--device", default="auto",
+                    help="cpu, cuda, cuda:1, mps, or auto: CUDA, then MPS, then CPU "
+                         "(default: %(default)s)")
+    tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="bfloat16 autocast or plain float32; auto: bf16 on GPUs and on CPUs "
+                         "with bf16 instructions (default: %(default)s)")
+    tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                    help="torch.compile the model: faster steps after a slow first one "
+                         "(default: on CUDA on, elsewhere off)")
+    add_optimization_flags(tr)
+    add_model_flags(tr)
+    tr.set_defaults(run=train, parser=tr)
+
+
+def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
+    """The budget's and the optimizer's flags, and the bookkeeping's."""
+    tr.add_argument("--batch-size", type=number(int, 1),
+                    help="sequences per micro-batch and rank (default: from the preset)")
+    tr.add_argument("--grad-accum", type=number(int, 1), default=1,
+                    help="micro-batches per optimizer step (default: %(default)s)")
+    tr.add_argument("--lr", type=number(float, 0.0, low_open=True),
+                    help="peak learning rate (default: from the preset)")
+    tr.add_argument("--min-lr", type=number(float, 0.0),
+                    help="learning rate at the end of the cosine (default: lr / 10)")
+    tr.add_argument("--warmup-steps", type=number(int, 0), default=100,
+                    help="steps of linear warmup from 0 (default: %(default)s)")
+    tr.add_argument("--decay-steps", type=number(int, 1),
+                    help="step at which the cosine reaches --min-lr (default: the last step)")
+    # beta2 0.95 and weight decay 0.1 (where AdamW's own defaults are 0.999 and 0.01): the
+    # values of GPT-3 (Brown et al. 2020, appendix B) and LLaMA; a beta2 of 0.95 forgets old
+    # squared gradients sooner, which keeps large models' loss spikes rarer.
+    tr.add_argument("--weight-decay", type=number(float, 0.0), default=0.1,
+                    help="AdamW's decoupled weight decay of the matrices (default: %(default)s)")
+    tr.add_argument("--beta1", type=number(float, 0.0, 1.0), default=0.9,
+                    help="AdamW's gradient averaging (default: %(default)s)")
+    tr.add_argument("--beta2", type=number(float, 0.0, 1.0), default=0.95,
+                    help="AdamW's squared-gradient averaging (default: %(default)s)")
+    tr.add_argument("--grad-clip", type=number(float, 0.0, low_open=True), default=1.0,
+                    help="largest global gradient norm (default: %(default)s)")
+    tr.add_argument("--eval-interval", type=number(int, 1), default=250,
+                    help="steps between evaluations and checkpoints (default: %(default)s)")
+    tr.add_argument("--eval-batches", type=number(int, 1), default=20,
+                    help="validation batches per evaluation (default: %(default)s)")
+    tr.add_argument("--log-interval", type=number(int, 1), default=25,
+                    help="steps between log lines (default: %(default)s)")
+    tr.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0,
+                    help="random seed, 0 to 2**63 - 1 (default: %(default)s)")
+
+
+# A gloss per ModelConfig field, for --help; ModelConfig's comments say more.
+MODEL_FLAG_HELP = {
+    "context_length": "tokens the model reads at once", "d_model": "width of the residual stream",
+    "num_layers": "transformer blocks", "num_heads": "attention heads",
+    "d_ff": "hidden width of a gated feed-forward (plain kinds get 1.5x)",
+    "rope_theta": "RoPE's base", "norm_eps": "RMSNorm's epsilon",
+    "tie_embeddings": "one matrix for the token embeddings and the output layer",
+    "tie_init": "tied: keep the output layer's small init, or the embedding's std-1 init",
+    "use_norm": "--no-use-norm removes every RMSNorm (an ablation)",
+    "norm_position": "pre-norm (modern) or post-norm (the 2017 transformer)",
+    "position_encoding": "rotary, none, or learned or sinusoidal vectors added to the tokens'",
+    "ffn_kind": "gated (swiglu, geglu) or plain two-layer feed-forward (silu, gelu, relu)",
+    "dropout": "share of attention weights and branch outputs zeroed while training, in [0, 1)",
+}
+
+
+def add_model_flags(tr: argparse.ArgumentParser) -> None:
+    """One flag per ModelConfig field, each overriding the preset's value."""
+    model_flags = tr.add_argument_group(
+        "model", "each overrides the preset's value; see ModelConfig in gpt.py for their meaning")
+    for field in fields(ModelConfig):
+        if field.name == "vocab_size":
+            continue  # always the tokenizer's
+        flag, gloss = "--" + field.name.replace("_", "-"), MODEL_FLAG_HELP[field.name]
+        if field.type == "bool":
+            model_flags.add_argument(flag, action=argparse.BooleanOptionalAction, help=gloss)
+        else:
+            kind = {"int": number(int, 1), "float": number(float, 0.0, low_open=True)}
+            kind = number(float, 0.0, 1.0) if field.name == "dropout" else kind.get(field.type, str)
+            model_flags.add_argument(flag, type=kind, choices=MODEL_CHOICES.get(field.name),
+                                     help=gloss)
+
+
+def add_experiment_parser(commands) -> None:
+    ex = commands.add_parser(
+        "experiment", help="train the arms of a classic experiment and compare them",
+        description="Train each arm of an experiment on the same budget, seed and data (the "
+                    "train flags after NAME apply to every arm), then write a table of the "
+                    "results to OUT_DIR/NAME/results.md. Arms: " + "; ".join(
+                        f"{name}: {', '.join(arm for arm, _ in arms)}"
+                        for name, arms in EXPERIMENTS.items()))
+    ex.add_argument("name", choices=[*EXPERIMENTS, "all"], help="which experiment (all: each)")
+    ex.add_argument("--out-dir", default="data/experiments",
+                    help="each arm trains into OUT_DIR/NAME/ARM (default: %(default)s)")
+    ex.add_argument("train_flags", nargs=argparse.REMAINDER,
+                    help="train flags for every arm, e.g. --max-steps 300 (see train --help)")
+    ex.set_defaults(run=cmd_experiment, parser=ex)
+
+
+def add_export_parser(commands) -> None:
+    ex = commands.add_parser(
+        "export", help="write a checkpoint in the Hugging Face format (Llama)",
+        description="Write the model as a Llama model that Hugging Face transformers loads "
+                    "with no custom code (config.json, model.safetensors, the tokenizer), and a "
+                    "weights-only gpt.pt that `gpt.py sample --checkpoint` reads. Ablations "
+                    "Llama cannot compute (post-norm, no norm, NoPE, a feed-forward other than "
+                    "SwiGLU) are refused.")
+    ex.add_argument("--checkpoint", metavar="PATH",
+                    help="checkpoint file (default: the newest in RUN_DIR)")
+    ex.add_argument("--run-dir", default="data/run",
+                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    ex.add_argument("--out", metavar="DIR", required=True,
+                    help="directory for the files, made if missing; files of an earlier export "
+                         "there are replaced")
+    ex.set_defaults(run=cmd_export, parser=ex)
+
+
+def add_look_inside_parsers(commands) -> None:
+    """The `plot` and `inspect` subcommands."""
+    pl = commands.add_parser(
+        "plot", help="draw the training curves of one or more runs",
+        description="Print each run's evaluations from RUN_DIR/metrics.jsonl and draw, with "
+                    "matplotlib if installed, curves.png (loss and validation perplexity "
+                    "against steps, tokens seen and wall time; several runs overlaid) and "
+                    "lr_and_grad_norm.png.")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                    help="a directory `train` wrote (its --out-dir); several are overlaid, "
+                         "named by their folder")
+    pl.add_argument("--out-dir", help="where the PNG files go (default: the first RUN_DIR)")
+    pl.set_defaults(run=cmd_plot, parser=pl)
+
+    ins = commands.add_parser(
+        "inspect", help="show a trained model's attention, predictions and weights",
+        description="Run a prompt through a trained model and print, per layer and head, a "
+                    "summary of its attention; per position, the likeliest next tokens; per "
+                    "weight matrix, its spread and spectral norm. With matplotlib installed, "
+                    "also draw attention.png, weights.png and spectral_norms.png.")
+    ins.add_argument("--prompt", required=True,
+                     help="the text to run through the model, at most its context long")
+    ins.add_argument("--checkpoint", metavar="PATH",
+                     help="checkpoint file (default: the newest in RUN_DIR)")
+    ins.add_argument("--run-dir", default="data/run",
+                     help="where `train` wrote its checkpoints (default: %(default)s)")
+    ins.add_argument("--top-k", type=number(int, 1), default=5,
+                     help="next-token candidates shown per position (default: %(default)s)")
+    ins.add_argument("--bins", type=number(int, 1, 1000), default=60,
+                     help="histogram bins per weight matrix (default: %(default)s)")
+    ins.add_argument("--out-dir",
+                     help="where the PNG files go (default: the checkpoint's directory)")
+    ins.add_argument("--device", default="auto",
+                     help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
+    ins.set_defaults(run=cmd_inspect, parser=ins)
 
 
 def add_finetune_parser(commands) -> None:
@@ -5339,6 +5305,41 @@ def add_finetune_data_flags(ft: argparse.ArgumentParser) -> None:
     ft.add_argument("--show-answers", type=number(int, 0), default=3,
                     help="held-out questions answered greedily at each evaluation "
                          "(default: %(default)s)")
+
+
+def add_sample_parser(commands) -> None:
+    sa = commands.add_parser(
+        "sample", help="generate text from a trained checkpoint",
+        description="Continue a prompt with a trained model; without --prompt, read prompts "
+                    "interactively. The story goes to stdout, figures to stderr.")
+    sa.add_argument("--prompt", help="text to continue (default: ask interactively)")
+    sa.add_argument("--qa", action="store_true",
+                    help="the prompts are questions: wrap each in `finetune`'s template and "
+                         "print the answer, which ends at the end-of-text token")
+    sa.add_argument("--checkpoint", metavar="PATH",
+                    help="checkpoint file (default: the newest in RUN_DIR)")
+    sa.add_argument("--run-dir", default="data/run",
+                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    sa.add_argument("--max-new-tokens", type=number(int, 1), default=256,
+                    help="most tokens to generate per sample (default: %(default)s)")
+    sa.add_argument("--temperature", type=number(float, 0.0), default=0.8,
+                    help="< 1 safer, > 1 wilder; 0 = always the likeliest token "
+                         "(default: %(default)s)")
+    sa.add_argument("--top-k", type=number(int, 1), help="sample among the k likeliest tokens only")
+    sa.add_argument("--top-p", type=number(float, 0.0, 1.0, low_open=True), default=0.95,
+                    help="sample among the fewest tokens that cover probability p; 1 = all "
+                         "(default: %(default)s)")
+    sa.add_argument("--num-samples", type=number(int, 1, 2**63 - 1), default=1,
+                    help="continuations of the prompt, generated as one batch "
+                         "(default: %(default)s)")
+    sa.add_argument("--seed", type=number(int, 0, 2**63 - 1),
+                    help="random seed, 0 to 2**63 - 1: the same seed gives the same text "
+                         "(default: random)")
+    sa.add_argument("--device", default="auto",
+                    help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
+    sa.add_argument("--no-kv-cache", action="store_true",
+                    help="recompute the whole sequence for every token (slow reference)")
+    sa.set_defaults(run=cmd_sample, parser=sa)
 
 
 def raise_interrupt(signum, frame):

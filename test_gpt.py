@@ -3631,147 +3631,7 @@ def test_train_meter_only_on_a_terminal(tmp_path, token_dir, capsys, monkeypatch
 
 
 # ==================================================================================================
-# §18 Command line: sample
-# ==================================================================================================
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, token_dir):
-    """A tiny model trained for a few steps: the checkpoint `sample` reads."""
-    run = tmp_path_factory.mktemp("run")
-    assert gpt.main(train_args(token_dir, run, "--max-steps", "30", "--lr", "1e-2",
-                               "--eval-interval", "30")) == 0
-    return run
-
-
-def test_sample_command_end_to_end(trained_run, capsys):
-    """`sample` continues the prompt on stdout, reports tokens/s on stderr, and a seed
-    makes it reproducible."""
-    args = ["sample", "--run-dir", str(trained_run), "--prompt", "Once upon a time",
-            "--max-new-tokens", "20", "--seed", "3"]
-    assert gpt.main(args) == 0
-    first = capsys.readouterr()
-    assert first.out.startswith("Once upon a time") and len(first.out) > len("Once upon a time")
-    assert "tokens/s" in first.err and "tokens/s" not in first.out
-    assert gpt.main(args) == 0
-    assert capsys.readouterr().out == first.out
-    assert gpt.main(args + ["--no-kv-cache"]) == 0  # the same tokens, the slow way
-    assert capsys.readouterr().out == first.out
-
-
-def test_sample_num_samples(trained_run, capsys):
-    """--num-samples N prints N continuations, generated as one batch."""
-    assert gpt.main(["sample", "--checkpoint", str(trained_run / "best.pt"), "--prompt", "The",
-                     "--max-new-tokens", "8", "--num-samples", "3", "--seed", "0"]) == 0
-    out = capsys.readouterr().out
-    assert [line for line in out.splitlines() if line.startswith("--- sample")] == [
-        "--- sample 1 ---", "--- sample 2 ---", "--- sample 3 ---"]
-
-
-def test_sample_interactive(trained_run, capsys, monkeypatch):
-    """Without --prompt, each line typed is a prompt, until an empty line."""
-    monkeypatch.setattr("sys.stdin", io.StringIO("Tom\nThe dog\n\nnever read\n"))
-    assert gpt.main(["sample", "--run-dir", str(trained_run), "--max-new-tokens", "5"]) == 0
-    out = capsys.readouterr().out
-    assert "Tom" in out and "The dog" in out and "never read" not in out
-
-
-def test_sample_interactive_prompt_not_utf8_is_one_line_and_exit_2(trained_run, capsys,
-                                                                   monkeypatch):
-    """A typed prompt that is not UTF-8 (a byte Python escapes as a surrogate) is refused."""
-    monkeypatch.setattr("sys.stdin", io.StringIO("\udcff\n"))
-    assert gpt.main(["sample", "--run-dir", str(trained_run), "--max-new-tokens", "5"]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    assert err.splitlines()[-1].startswith("gpt.py sample: error: the prompt typed is not valid")
-
-
-# 10**17 samples of a 2-token prompt take 1.6e18 bytes, more than any address space: the
-# allocation fails at once, even where the system promises memory it lacks (overcommit). On a
-# GPU, torch raises torch.OutOfMemoryError instead.
-@pytest.mark.parametrize("num_samples, gpu", [(10**17, False), (1000, True)],
-                         ids=["cpu-allocation", "gpu-error"])
-def test_sample_out_of_memory_is_one_line_and_exit_2(trained_run, capsys, monkeypatch,
-                                                     num_samples, gpu):
-    """Running out of memory ends sample with one line suggesting fewer samples."""
-    def out_of_gpu_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    if gpu:
-        monkeypatch.setattr(gpt, "generate_batch", out_of_gpu_memory)
-    assert gpt.main(["sample", "--run-dir", str(trained_run), "--prompt", "Hi", "--device", "cpu",
-                     "--num-samples", str(num_samples)]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    assert err.splitlines()[-1] == (f"gpt.py sample: error: out of memory on cpu generating "
-                                    f"{num_samples:,} samples at once: give a smaller "
-                                    f"--num-samples")
-
-
-def sample_in_shell(trained_run, shell: str, *extra: str) -> subprocess.CompletedProcess:
-    """Run `python gpt.py sample ARGS` as "$@" in a bash command line, which can close
-    streams: capture_output or stdin=DEVNULL would give open ones."""
-    command = [sys.executable, os.path.join(HERE, "gpt.py"), "sample", "--run-dir",
-               str(trained_run), "--max-new-tokens", "20", *extra]
-    return subprocess.run(["bash", "-c", shell, "bash", *command], capture_output=True,
-                          text=True, timeout=120)
-
-
-@pytest.mark.skipif(os.name != "posix", reason="bash closes the streams")
-@pytest.mark.parametrize("shell, extra, named", [
-    ('"$@" <&-', [], "stdin is closed"),
-    ('"$@" >&-', ["--prompt", "Hi"], "stdout is closed"),
-], ids=["stdin", "stdout"])
-def test_sample_with_a_closed_stream_is_one_line_and_exit_2(trained_run, shell, extra, named):
-    """With stdin closed and no --prompt, or stdout closed, sample says so in one line."""
-    result = sample_in_shell(trained_run, shell, *extra)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("gpt.py sample: error:") and named in lines[0]
-
-
-# `| true` reads nothing and has ended long before gpt.py, importing torch, writes a byte:
-# the first write to stdout then fails, as it does after `| head -1` has its line.
-@pytest.mark.skipif(os.name != "posix", reason="bash makes the pipe")
-@pytest.mark.parametrize("num_samples", ["1", "3"], ids=["streamed", "batch"])
-def test_sample_into_a_closed_pipe_stops_quietly(trained_run, num_samples):
-    """When the reader of stdout has gone, sample stops with exit code 0 and no traceback,
-    no error and no "Exception ignored" message."""
-    result = sample_in_shell(trained_run, '"$@" | true; exit "${PIPESTATUS[0]}"', "--prompt",
-                             "Hi", "--num-samples", num_samples)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.startswith("model:") and "error" not in result.stderr
-    assert "Traceback" not in result.stderr and "Exception" not in result.stderr
-
-
-@pytest.mark.parametrize("extra, named", [
-    (["--run-dir", "{tmp}/empty"], "gpt.py train"),
-    (["--checkpoint", "{tmp}/corrupt.pt"], "{tmp}/corrupt.pt"),
-    (["--checkpoint", "{tmp}/missing.pt"], "{tmp}/missing.pt"),
-    (["--checkpoint", "{tmp}/bare.pt"], "no model config"),
-    (["--temperature", "-1"], "-1"),
-    (["--top-p", "0"], "top-p"),
-    (["--top-p", "1.5"], "1.5"),
-    (["--top-k", "0"], "top-k"),
-    (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--seed", "-1"], "--seed"),
-    (["--seed", str(10**23)], "--seed"),
-    (["--num-samples", str(10**23)], "--num-samples"),
-    (["--prompt", "\udcff"], "--prompt"),  # what Python makes of the byte 0xff in argv
-], ids=["no-checkpoint", "corrupt", "missing", "bare", "temperature", "top-p-0", "top-p-big",
-        "top-k", "no-tokens", "seed-negative", "seed-huge", "samples-huge", "prompt-not-utf8"])
-def test_sample_bad_input_is_one_line_and_exit_2(tmp_path, trained_run, capsys, extra, named):
-    """A bad checkpoint or setting gives exit code 2 and one stderr line naming it."""
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    model = gpt.TransformerLM(tiny_config())
-    gpt.save_checkpoint(model, gpt.AdamW(model.parameters()), 0, str(tmp_path / "bare.pt"))
-    args = ["sample", "--run-dir", str(trained_run), "--prompt", "Hi"]
-    capsys.readouterr()
-    assert exit_code(args + [e.format(tmp=tmp_path) for e in extra]) == 2
-    assert named.format(tmp=tmp_path) in one_error_line(capsys, "sample")
-
-
-# ==================================================================================================
-# Fine-tuning: question-answer pairs
+# §18 Fine-tuning: question-answer pairs
 # ==================================================================================================
 
 def bytes_tokenizer() -> gpt.Tokenizer:
@@ -4148,3 +4008,143 @@ def test_sample_qa_needs_an_end_token(tmp_path, qa_run, capsys):
     assert gpt.main(["sample", "--qa", "--checkpoint", str(tmp_path / "no-eot.pt"), "--prompt",
                      "Hi?"]) == 2
     assert "--qa" in one_error_line(capsys, "sample")
+
+
+# ==================================================================================================
+# §19 Command line: sample
+# ==================================================================================================
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, token_dir):
+    """A tiny model trained for a few steps: the checkpoint `sample` reads."""
+    run = tmp_path_factory.mktemp("run")
+    assert gpt.main(train_args(token_dir, run, "--max-steps", "30", "--lr", "1e-2",
+                               "--eval-interval", "30")) == 0
+    return run
+
+
+def test_sample_command_end_to_end(trained_run, capsys):
+    """`sample` continues the prompt on stdout, reports tokens/s on stderr, and a seed
+    makes it reproducible."""
+    args = ["sample", "--run-dir", str(trained_run), "--prompt", "Once upon a time",
+            "--max-new-tokens", "20", "--seed", "3"]
+    assert gpt.main(args) == 0
+    first = capsys.readouterr()
+    assert first.out.startswith("Once upon a time") and len(first.out) > len("Once upon a time")
+    assert "tokens/s" in first.err and "tokens/s" not in first.out
+    assert gpt.main(args) == 0
+    assert capsys.readouterr().out == first.out
+    assert gpt.main(args + ["--no-kv-cache"]) == 0  # the same tokens, the slow way
+    assert capsys.readouterr().out == first.out
+
+
+def test_sample_num_samples(trained_run, capsys):
+    """--num-samples N prints N continuations, generated as one batch."""
+    assert gpt.main(["sample", "--checkpoint", str(trained_run / "best.pt"), "--prompt", "The",
+                     "--max-new-tokens", "8", "--num-samples", "3", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("--- sample")] == [
+        "--- sample 1 ---", "--- sample 2 ---", "--- sample 3 ---"]
+
+
+def test_sample_interactive(trained_run, capsys, monkeypatch):
+    """Without --prompt, each line typed is a prompt, until an empty line."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tom\nThe dog\n\nnever read\n"))
+    assert gpt.main(["sample", "--run-dir", str(trained_run), "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "Tom" in out and "The dog" in out and "never read" not in out
+
+
+def test_sample_interactive_prompt_not_utf8_is_one_line_and_exit_2(trained_run, capsys,
+                                                                   monkeypatch):
+    """A typed prompt that is not UTF-8 (a byte Python escapes as a surrogate) is refused."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("\udcff\n"))
+    assert gpt.main(["sample", "--run-dir", str(trained_run), "--max-new-tokens", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("gpt.py sample: error: the prompt typed is not valid")
+
+
+# 10**17 samples of a 2-token prompt take 1.6e18 bytes, more than any address space: the
+# allocation fails at once, even where the system promises memory it lacks (overcommit). On a
+# GPU, torch raises torch.OutOfMemoryError instead.
+@pytest.mark.parametrize("num_samples, gpu", [(10**17, False), (1000, True)],
+                         ids=["cpu-allocation", "gpu-error"])
+def test_sample_out_of_memory_is_one_line_and_exit_2(trained_run, capsys, monkeypatch,
+                                                     num_samples, gpu):
+    """Running out of memory ends sample with one line suggesting fewer samples."""
+    def out_of_gpu_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    if gpu:
+        monkeypatch.setattr(gpt, "generate_batch", out_of_gpu_memory)
+    assert gpt.main(["sample", "--run-dir", str(trained_run), "--prompt", "Hi", "--device", "cpu",
+                     "--num-samples", str(num_samples)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"gpt.py sample: error: out of memory on cpu generating "
+                                    f"{num_samples:,} samples at once: give a smaller "
+                                    f"--num-samples")
+
+
+def sample_in_shell(trained_run, shell: str, *extra: str) -> subprocess.CompletedProcess:
+    """Run `python gpt.py sample ARGS` as "$@" in a bash command line, which can close
+    streams: capture_output or stdin=DEVNULL would give open ones."""
+    command = [sys.executable, os.path.join(HERE, "gpt.py"), "sample", "--run-dir",
+               str(trained_run), "--max-new-tokens", "20", *extra]
+    return subprocess.run(["bash", "-c", shell, "bash", *command], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="bash closes the streams")
+@pytest.mark.parametrize("shell, extra, named", [
+    ('"$@" <&-', [], "stdin is closed"),
+    ('"$@" >&-', ["--prompt", "Hi"], "stdout is closed"),
+], ids=["stdin", "stdout"])
+def test_sample_with_a_closed_stream_is_one_line_and_exit_2(trained_run, shell, extra, named):
+    """With stdin closed and no --prompt, or stdout closed, sample says so in one line."""
+    result = sample_in_shell(trained_run, shell, *extra)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("gpt.py sample: error:") and named in lines[0]
+
+
+# `| true` reads nothing and has ended long before gpt.py, importing torch, writes a byte:
+# the first write to stdout then fails, as it does after `| head -1` has its line.
+@pytest.mark.skipif(os.name != "posix", reason="bash makes the pipe")
+@pytest.mark.parametrize("num_samples", ["1", "3"], ids=["streamed", "batch"])
+def test_sample_into_a_closed_pipe_stops_quietly(trained_run, num_samples):
+    """When the reader of stdout has gone, sample stops with exit code 0 and no traceback,
+    no error and no "Exception ignored" message."""
+    result = sample_in_shell(trained_run, '"$@" | true; exit "${PIPESTATUS[0]}"', "--prompt",
+                             "Hi", "--num-samples", num_samples)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("model:") and "error" not in result.stderr
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--run-dir", "{tmp}/empty"], "gpt.py train"),
+    (["--checkpoint", "{tmp}/corrupt.pt"], "{tmp}/corrupt.pt"),
+    (["--checkpoint", "{tmp}/missing.pt"], "{tmp}/missing.pt"),
+    (["--checkpoint", "{tmp}/bare.pt"], "no model config"),
+    (["--temperature", "-1"], "-1"),
+    (["--top-p", "0"], "top-p"),
+    (["--top-p", "1.5"], "1.5"),
+    (["--top-k", "0"], "top-k"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(10**23)], "--seed"),
+    (["--num-samples", str(10**23)], "--num-samples"),
+    (["--prompt", "\udcff"], "--prompt"),  # what Python makes of the byte 0xff in argv
+], ids=["no-checkpoint", "corrupt", "missing", "bare", "temperature", "top-p-0", "top-p-big",
+        "top-k", "no-tokens", "seed-negative", "seed-huge", "samples-huge", "prompt-not-utf8"])
+def test_sample_bad_input_is_one_line_and_exit_2(tmp_path, trained_run, capsys, extra, named):
+    """A bad checkpoint or setting gives exit code 2 and one stderr line naming it."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    model = gpt.TransformerLM(tiny_config())
+    gpt.save_checkpoint(model, gpt.AdamW(model.parameters()), 0, str(tmp_path / "bare.pt"))
+    args = ["sample", "--run-dir", str(trained_run), "--prompt", "Hi"]
+    capsys.readouterr()
+    assert exit_code(args + [e.format(tmp=tmp_path) for e in extra]) == 2
+    assert named.format(tmp=tmp_path) in one_error_line(capsys, "sample")
