@@ -1805,56 +1805,6 @@ class Progress:
                 log(line)
 
 
-def default_workers() -> int:
-    """The CPU cores this process may use (a container may allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def worker_pool(num_workers: int, initializer=None, initargs=()):
-    """A process pool whose workers leave Ctrl-C to the main process (which then stops them).
-
-    On Linux we fork: a forked worker starts in milliseconds with gpt.py already imported, while
-    a spawned one would spend a second re-importing torch. macOS's system libraries are not safe
-    to fork, so there (and on Windows) Python's default, spawn, is used.
-    """
-    method = "fork" if sys.platform == "linux" else None
-    return multiprocessing.get_context(method).Pool(
-        num_workers, initializer=_init_worker, initargs=(os.getpid(), initializer, initargs))
-
-
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal Linux sends a process when its parent dies
-
-
-def _init_worker(parent_pid: int, initializer, initargs) -> None:
-    # Ctrl-C reaches every process of the terminal: the main process alone handles it and stops
-    # the workers. It stops them with SIGTERM, which must end a worker at once, not run a handler
-    # inherited from the main process (main() makes SIGTERM raise KeyboardInterrupt there).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if sys.platform == "linux":
-        # A main process killed with kill -9 cannot stop its workers, which would run on and
-        # die later on a broken pipe, with a traceback: have the kernel kill them with it.
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the parent died before prctl: nobody will signal us
-            os._exit(1)
-    if initializer is not None:
-        initializer(*initargs)
-
-
-def map_jobs(func, jobs: list, num_workers: int, ordered: bool,
-             initializer=None, initargs=()) -> Iterator:
-    """func(job) for every job: in this process when one worker (or one job) suffices, else in a
-    pool, in job order if `ordered` or as they finish. The pool stops when iteration ends, is
-    abandoned or fails; wrap the call in contextlib.closing to stop it at a known moment."""
-    if num_workers == 1 or len(jobs) <= 1:
-        if initializer is not None:
-            initializer(*initargs)
-        yield from map(func, jobs)
-        return
-    with worker_pool(min(num_workers, len(jobs)), initializer, initargs) as pool:
-        yield from (pool.imap if ordered else pool.imap_unordered)(func, jobs)
-
-
 # Where a text without document markers can be cut: after a printable ASCII character and
 # before whitespace, a cut that GPT-2's pattern always makes (SAFE_CUT_RE's first kind, "word|\n"),
 # so both sides pre-tokenize as within the whole. Bytes are tested, not characters, so only ASCII
