@@ -3426,6 +3426,15 @@ def arm_result(out_dir: str) -> dict:
                 final=evals[-1]["val_loss"])
 
 
+def arm_is_done(directory: str, argv: list[str]) -> bool:
+    """Whether an arm's directory holds a finished run of exactly these train flags."""
+    try:
+        with open(os.path.join(directory, "experiment.json"), encoding="utf-8") as f:
+            return json.load(f) == argv and os.path.exists(os.path.join(directory, "latest.pt"))
+    except (OSError, ValueError):
+        return False
+
+
 def arm_dir(args: argparse.Namespace, name: str, flags: list[str], arm: str) -> str:
     """Where an arm trains: OUT_DIR/NAME/ARM, or OUT_DIR/default for the default recipe, which
     every experiment shares."""
@@ -4889,17 +4898,24 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         raise ValueError("experiment: give --out-dir before NAME (each arm trains into "
                          "OUT_DIR/NAME/ARM), and no --resume")
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
-    runs = {}  # arm directory -> its train arguments, all parsed before any trains
+    runs = {}  # arm directory -> its train flags and arguments, all parsed before any trains
     for name in names:
         for arm, flags in EXPERIMENTS[name]:
             directory = arm_dir(args, name, flags, arm)
-            runs[directory] = build_parser().parse_args(
-                ["train", *args.train_flags, *flags, "--out-dir", directory])
-            check_run_dir(runs[directory])  # an earlier experiment's runs: refused unless
-                                            # --overwrite, before any arm trains
-    for directory, train_args in runs.items():  # the default recipe trains once for all
+            argv = ["train", *args.train_flags, *flags, "--out-dir", directory]
+            runs[directory] = argv, build_parser().parse_args(argv)
+    # An arm already trained with the same flags (by an earlier or an interrupted experiment)
+    # is kept; any other run in an arm's directory is refused unless --overwrite.
+    todo = {d: run for d, run in runs.items() if not arm_is_done(d, run[0])}
+    for argv, train_args in todo.values():
+        check_run_dir(train_args)
+    for directory, (argv, train_args) in runs.items():  # the default recipe trains once for all
+        if directory not in todo:
+            print(f"== {directory}: trained already with these flags, kept", flush=True)
+            continue
         print(f"== {directory}", flush=True)
         train(train_args)
+        write_atomically(os.path.join(directory, "experiment.json"), json.dumps(argv).encode())
     plt = pyplot()  # the overlaid curves, when matplotlib is installed
     for name in names:
         out = os.path.join(args.out_dir, name)

@@ -2729,6 +2729,15 @@ def test_experiment_runs_each_arm_and_tabulates(tmp_path, token_dir, capsys):
     assert exit_code(["experiment", "--out-dir", str(tmp_path / "x"), "lr", *flags,
                       "--out-dir", "y"]) == 2
     assert not (tmp_path / "x").exists()
+    # Run again with the same flags, the arms are kept, not trained again; with other flags,
+    # their directories are refused (--overwrite would replace them).
+    capsys.readouterr()
+    assert gpt.main(["experiment", "--out-dir", str(tmp_path), "dropout", *flags]) == 0
+    assert capsys.readouterr().out.count("trained already with these flags, kept") == 2
+    assert (tmp_path / "dropout" / "results.md").read_text().splitlines() == table
+    assert exit_code(["experiment", "--out-dir", str(tmp_path), "dropout", *flags,
+                      "--seed", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_resume_of_a_checkpoint_from_before_newer_model_fields(tmp_path, token_dir):
