@@ -573,6 +573,12 @@ class BPETokenizer:
         return cls(vocab, merges, special_tokens)
 
 
+def end_of_text_id(tokenizer: BPETokenizer) -> int | None:
+    """The id of the first special token, which `sample` (and training data) use to end a story
+    and to start a fresh one; None without special tokens."""
+    return tokenizer.special_ids[tokenizer.special_tokens[0]] if tokenizer.special_tokens else None
+
+
 # ==================================================================================================
 # §2 Data: token files and batches
 #
@@ -2583,8 +2589,9 @@ def saved_tokenizer(saved, name: str, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def load_for_sampling(path: str, device: torch.device) -> tuple[TransformerLM, Tokenizer]:
-    """Rebuild the model and the tokenizer from a training checkpoint alone."""
+def read_model(path: str) -> tuple[TransformerLM, Tokenizer, dict]:
+    """The model (on the CPU, in evaluation mode), the tokenizer and the checkpoint they were
+    rebuilt from, a training checkpoint or a weights-only one, each part checked."""
     checkpoint = read_checkpoint(path)
     if not {"config", "tokenizer"} <= checkpoint.keys():
         raise ValueError(f"{path}: no model config or tokenizer in it; was it written by "
@@ -2593,7 +2600,13 @@ def load_for_sampling(path: str, device: torch.device) -> tuple[TransformerLM, T
     tokenizer = saved_tokenizer(checkpoint["tokenizer"], path, config.vocab_size)
     model = TransformerLM(config)
     load_model_state(model, checkpoint["model"], path)
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer, checkpoint
+
+
+def load_for_sampling(path: str, device: torch.device) -> tuple[TransformerLM, Tokenizer]:
+    """Rebuild the model and the tokenizer from a checkpoint alone."""
+    model, tokenizer, _ = read_model(path)
+    return model.to(device), tokenizer
 
 
 def newest_checkpoint(run_dir: str) -> str:
@@ -3698,12 +3711,6 @@ def llama_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
     return out
 
 
-def end_of_text_id(tokenizer: Tokenizer) -> int | None:
-    """The id of the first special token, which `sample` (and training data) use to end a story
-    and to start a fresh one; None without special tokens."""
-    return tokenizer.special_ids[tokenizer.special_tokens[0]] if tokenizer.special_tokens else None
-
-
 def llama_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
     """config.json: our ModelConfig in the words of `transformers`' LlamaConfig."""
     eos_id = end_of_text_id(tokenizer)
@@ -3819,17 +3826,10 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
 
 def read_for_export(path: str) -> tuple[TransformerLM, Tokenizer, int]:
     """The model, the tokenizer and the step count of a checkpoint, each checked as for
-    sampling (load_for_sampling), on the CPU."""
-    checkpoint = read_checkpoint(path)
-    if not {"config", "tokenizer"} <= checkpoint.keys():
-        raise ValueError(f"{path}: no model config or tokenizer in it; was it written by "
-                         f"`python gpt.py train`?")
-    config = saved_config(checkpoint["config"], path)
-    check_exportable(config)
-    tokenizer = saved_tokenizer(checkpoint["tokenizer"], path, config.vocab_size)
-    model = TransformerLM(config)
-    load_model_state(model, checkpoint["model"], path)
-    return model.eval(), tokenizer, checkpoint["iteration"]
+    sampling, on the CPU; a model Llama cannot express is refused."""
+    model, tokenizer, checkpoint = read_model(path)
+    check_exportable(model.config)
+    return model, tokenizer, checkpoint["iteration"]
 
 
 def save_weights_only(model: TransformerLM, tokenizer: Tokenizer, iteration: int,
@@ -4469,10 +4469,11 @@ def qa_batch(pairs: QAPairs, batch_size: int, context_length: int, device: str |
 def end_token(tokenizer: Tokenizer, name: str) -> int:
     """The id that ends each answer: the tokenizer's first special token, the one that ended
     the stories in pretraining (<|endoftext|>)."""
-    if not tokenizer.special_tokens:
+    eot = end_of_text_id(tokenizer)
+    if eot is None:
         raise ValueError(f"{name}: its tokenizer has no end-of-text token to end an answer with "
                          f"(`tokenize` with --special-tokens '<|endoftext|>' makes one)")
-    return tokenizer.special_ids[tokenizer.special_tokens[0]]
+    return eot
 
 
 def show_answers(run: Run) -> None:
@@ -4761,8 +4762,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     path = args.checkpoint or newest_checkpoint(args.run_dir)
     device = pick_device(args.device)
     model, tokenizer = load_for_sampling(path, device)
-    eos_id = tokenizer.id_of.get(tokenizer.special_tokens[0].encode("utf-8")) \
-        if tokenizer.special_tokens else None
+    eos_id = end_of_text_id(tokenizer)
     if args.qa and eos_id is None:
         raise ValueError(f"--qa: {path}'s tokenizer has no end-of-text token to end an answer")
     log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -4846,8 +4846,7 @@ def inspection_ids(tokenizer: Tokenizer, prompt: str, context_length: int) -> li
     if not prompt:
         raise ValueError("--prompt is empty: give the text whose attention and next tokens to "
                          "show")
-    eos_id = tokenizer.id_of.get(tokenizer.special_tokens[0].encode("utf-8")) \
-        if tokenizer.special_tokens else None
+    eos_id = end_of_text_id(tokenizer)
     ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
     before = " with the end-of-text token before it" if eos_id is not None else ""
     if len(ids) > context_length:
