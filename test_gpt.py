@@ -980,6 +980,18 @@ def test_dropout_zeroes_a_share_p_keeps_the_mean_and_is_off_in_eval():
     assert torch.equal(model(tokens), model(tokens))
 
 
+def test_no_attention_dropout_drops_only_the_branches():
+    """attention_dropout False: attention weights are whole (the same output as with dropout
+    off), while the branches' outputs still lose a share p."""
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config(dropout=0.5, attention_dropout=False))
+    block = model.layers[0]
+    assert block.attn.dropout_p == 0.0 and block.dropout_p == 0.5
+    x = torch.randn(2, 16, model.config.d_model)
+    assert torch.equal(block.attn(x), block.attn(x))  # no mask drawn on the weights
+    assert not torch.equal(block(x), block(x))
+
+
 def test_sampling_with_dropout_is_deterministic_with_a_seed():
     """Sampling runs the model in evaluation mode: dropout is off, the seed decides."""
     torch.manual_seed(0)
@@ -2333,9 +2345,24 @@ def test_train_compile_falls_back_to_eager_when_gradients_differ(tmp_path, token
     assert said == falls_back
 
 
+def test_train_goes_on_uncompiled_when_the_compiler_fails(token_dir, tmp_path, monkeypatch,
+                                                          capsys):
+    """A compiler that fails (no C++ compiler, say) costs one line, not the run."""
+    def fail(*args):
+        raise RuntimeError("InductorError: no working C++ compiler found. Install one")
+    monkeypatch.setattr(torch, "compile", lambda f: f)
+    monkeypatch.setattr(gpt, "compiled_gradient_error", fail)
+    assert gpt.main(train_args(token_dir, tmp_path, "--compile", "--max-steps", "2")) == 0
+    assert ("torch.compile failed (RuntimeError: InductorError: no working C++ compiler found); "
+            "training without it") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("device, given, expected, explained", [
     ("cpu", {}, dict(preset="laptop", batch_size=None, compile=False), False),
     ("cpu", dict(compile=True), dict(preset="laptop", batch_size=None, compile=True), False),
+    ("cpu", dict(max_time=600.0), dict(preset="laptop", batch_size=None, compile=True), False),
+    ("cpu", dict(max_time=60.0), dict(preset="laptop", batch_size=None, compile=False), False),
+    ("cpu", dict(max_time=600.0, compile=False), dict(compile=False), False),
     ("cuda", {}, dict(preset="base", batch_size=128, compile=True), True),
     ("cuda", dict(batch_size=64, compile=False), dict(preset="base", batch_size=64,
                                                       compile=False), True),
@@ -2343,9 +2370,10 @@ def test_train_compile_falls_back_to_eager_when_gradients_differ(tmp_path, token
     ("mps", {}, dict(preset="laptop", batch_size=None, compile=False), False),
 ])
 def test_pick_recipe_by_device(device, given, expected, explained):
-    """The laptop recipe on CPUs and Macs; on CUDA the GPU recipe, unless a --preset is given;
-    what the user gives always stands."""
-    args = argparse.Namespace(**{**dict(preset=None, batch_size=None, compile=None), **given})
+    """The laptop recipe on CPUs and Macs, compiled on a CPU for time budgets of 5 minutes or
+    more; on CUDA the GPU recipe, unless a --preset is given; what the user gives always stands."""
+    args = argparse.Namespace(**{**dict(preset=None, batch_size=None, compile=None,
+                                        max_time=None), **given})
     said = gpt.pick_recipe(args, torch.device(device))
     assert {k: getattr(args, k) for k in expected} == expected
     assert (said is not None) == explained
