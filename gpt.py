@@ -5080,7 +5080,7 @@ def add_train_parser(commands) -> None:
                          "with bf16 instructions (default: %(default)s)")
     tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="torch.compile the model: faster steps after a slow first one "
-                         "(default: on CUDA on, elsewhere off)")
+                         "(default: on on CUDA, and on a CPU for a --max-time of 5m or more)")
     add_optimization_flags(tr)
     add_model_flags(tr)
     tr.set_defaults(run=train, parser=tr)
