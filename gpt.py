@@ -1889,6 +1889,22 @@ def plan_chunks(source: TextSource, special_tokens: list[str], num_workers: int,
     return [(path, a, b) for a, b in zip(cuts, cuts[1:])]
 
 
+# GPT-2's pattern, for ASCII text only, in the standard library's `re`: about twice as fast as
+# `regex` on the same text (31 against 15 MB/s on the Python standard library's source here),
+# and exact, because on ASCII the classes are small and known: \p{L} is A-Z and a-z, \p{N} is
+# 0-9, and `regex`'s \s is tab, newline, vertical tab, form feed, carriage return and space
+# (not \x1c-\x1f, which `re`'s \s would add; hence the explicit class). A test checks every
+# ASCII character's class and every short string against PRETOKEN_RE.
+_WS = r"\t\n\x0b\x0c\r "
+ASCII_PRETOKEN_RE = re.compile(rf"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+"""
+                               rf"""|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
+
+
+def fast_pretokenize(text: str) -> list[str]:
+    """pretokenize(text), with `re` on ASCII text (str.isascii() is a flag: it costs nothing)."""
+    return (ASCII_PRETOKEN_RE if text.isascii() else PRETOKEN_RE).findall(text)
+
+
 # Splitting text into words at spaces makes encoding fast: each word is pre-tokenized and merged
 # once, and every later occurrence is a dictionary lookup. The split is exact wherever the space
 # starts a pre-token of its own in GPT-2's pattern, which almost every space does. The exceptions

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -1560,6 +1561,27 @@ def test_split_words_exact_on_every_short_string():
     texts = ["".join(t) for n in range(6) for t in product(alphabet, repeat=n)]
     assert all(pretokenize_words(gpt.split_words(t)) == gpt.pretokenize(t) for t in texts)
     assert any(pretokenize_words(t.split(" ")) != gpt.pretokenize(t) for t in texts)
+
+
+def test_ascii_pattern_classes_are_those_of_regex():
+    """On each of the 128 ASCII characters, the `re` pattern's classes agree with `regex`'s
+    \\p{L}, \\p{N} and \\s, the three classes of GPT-2's pattern."""
+    for c in map(chr, range(128)):
+        for pattern, cls in (("[A-Za-z]", r"\p{L}"), ("[0-9]", r"\p{N}"), ("[\t\n\x0b\x0c\r ]", r"\s")):
+            assert bool(re.fullmatch(pattern, c)) == bool(regex.fullmatch(cls, c)), (c, cls)
+
+
+def test_fast_pretokenize_exact_on_every_short_ascii_string():
+    """Every string of up to 5 characters from letters (those of contractions among them),
+    digits, punctuation, an apostrophe and four kinds of whitespace pre-tokenizes as GPT-2's
+    pattern does; and longer random ASCII strings, and non-ASCII text (which takes `regex`)."""
+    alphabet = ["a", "s", "l", "1", ".", "'", " ", "\n", "\t", "\x1c", "\x0b"]
+    texts = ["".join(t) for n in range(6) for t in product(alphabet, repeat=n)]
+    rng = random.Random(0)
+    texts += ["".join(rng.choices(string.printable + "\x1c\x1f'", k=rng.randint(1, 60)))
+              for _ in range(3000)]
+    texts += TRICKY_TEXTS
+    assert all(gpt.fast_pretokenize(t) == gpt.pretokenize(t) for t in texts)
 
 
 def documents_file(path, seed: int = 0, num_docs: int = 400) -> str:
