@@ -1896,8 +1896,8 @@ def plan_chunks(source: TextSource, special_tokens: list[str], num_workers: int,
 # (not \x1c-\x1f, which `re`'s \s would add; hence the explicit class). A test checks every
 # ASCII character's class and every short string against PRETOKEN_RE.
 _WS = r"\t\n\x0b\x0c\r "
-ASCII_PRETOKEN_RE = re.compile(rf"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+"""
-                               rf"""|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
+ASCII_PRETOKEN_RE = re.compile(rf"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+"""
+                               rf"""| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
 
 
 def fast_pretokenize(text: str) -> list[str]:

@@ -1567,7 +1567,8 @@ def test_ascii_pattern_classes_are_those_of_regex():
     """On each of the 128 ASCII characters, the `re` pattern's classes agree with `regex`'s
     \\p{L}, \\p{N} and \\s, the three classes of GPT-2's pattern."""
     for c in map(chr, range(128)):
-        for pattern, cls in (("[A-Za-z]", r"\p{L}"), ("[0-9]", r"\p{N}"), ("[\t\n\x0b\x0c\r ]", r"\s")):
+        for pattern, cls in (("[A-Za-z]", r"\p{L}"), ("[0-9]", r"\p{N}"),
+                             ("[\t\n\x0b\x0c\r ]", r"\s")):
             assert bool(re.fullmatch(pattern, c)) == bool(regex.fullmatch(cls, c)), (c, cls)
 
 
