@@ -1900,9 +1900,44 @@ ASCII_PRETOKEN_RE = re.compile(rf"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+"""
                                rf"""| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
 
 
+NON_ASCII_RE = re.compile(r"[^\x00-\x7f]+")
+
+
 def fast_pretokenize(text: str) -> list[str]:
-    """pretokenize(text), with `re` on ASCII text (str.isascii() is a flag: it costs nothing)."""
-    return (ASCII_PRETOKEN_RE if text.isascii() else PRETOKEN_RE).findall(text)
+    """pretokenize(text), with `re` on the text's ASCII stretches: all of it, usually (and
+    str.isascii() costs nothing: Python strings carry it as a flag). A line that holds other
+    characters goes to `regex`, cut out at line breaks where the pattern always cuts."""
+    if text.isascii():
+        return ASCII_PRETOKEN_RE.findall(text)
+    pretokens: list[str] = []
+    done = 0  # text[:done] is pre-tokenized
+    for run in NON_ASCII_RE.finditer(text):
+        if run.start() < done:
+            continue  # on a line already given to `regex`
+        start, end = line_cut_before(text, run.start(), done), line_cut_after(text, run.end())
+        pretokens += ASCII_PRETOKEN_RE.findall(text, done, start)
+        pretokens += PRETOKEN_RE.findall(text, start, end)
+        done = end
+    pretokens += ASCII_PRETOKEN_RE.findall(text, done)
+    return pretokens
+
+
+# A line break after a visible ASCII character is a cut of GPT-2's pattern (SAFE_CUT_RE, below):
+# no pre-token holds a non-space and whitespace side by side.
+def line_cut_before(text: str, i: int, lo: int) -> int:
+    """The last such line break in text[lo:i], or lo."""
+    cut = text.rfind("\n", lo, i)
+    while cut > lo and not "!" <= text[cut - 1] <= "~":
+        cut = text.rfind("\n", lo, cut)
+    return max(cut, lo)
+
+
+def line_cut_after(text: str, j: int) -> int:
+    """The first such line break at or after j, or the end of the text."""
+    cut = text.find("\n", j)
+    while cut != -1 and not "!" <= text[cut - 1] <= "~":
+        cut = text.find("\n", cut + 1)
+    return len(text) if cut == -1 else cut
 
 
 # Splitting text into words at spaces makes encoding fast: each word is pre-tokenized and merged
@@ -2036,8 +2071,10 @@ class _Cache(dict):
     def __init__(self, encode, max_size: int = 1 << 20):
         super().__init__()
         self.encode, self.max_size = encode, max_size
+        self.misses = 0
 
     def __missing__(self, text: str) -> tuple[int, ...]:
+        self.misses += 1
         if len(self) >= self.max_size:
             self.clear()
         ids = self[text] = tuple(self.encode(text))
@@ -2061,6 +2098,7 @@ class Tokenizer(BPETokenizer):
         # every lookup.
         self.cache = _Cache(self.encode_piece)
         self.after_space = _Cache(self._encode_after_space)
+        self.words_looked_up = 0  # by encode, through after_space
 
     def merge(self, ids: list[int]) -> list[int]:
         """BPETokenizer.merge, with a heap for long pre-tokens: the same merges."""
@@ -2112,7 +2150,7 @@ class Tokenizer(BPETokenizer):
         """
         if text.isalpha() or (text[:1] == " " and text[1:].isalpha()):
             return self.encode_word(text)
-        pretokens = pretokenize(text)
+        pretokens = fast_pretokenize(text)
         if len(pretokens) == 1:
             return self.encode_word(text)
         return list(chain.from_iterable(map(self.cache.__getitem__, pretokens)))
@@ -2133,21 +2171,43 @@ class Tokenizer(BPETokenizer):
             return self.after_space[head] + self.cache["\n"] + self.cache[tail]
         return self.encode_piece(" " + word)
 
+    # Two ways to cut text for the caches. Words (split at spaces by str.split, several times
+    # faster than the pattern) pay off when they repeat: 1 in 30 of TinyStories' words is new.
+    # In code, 1 in 4 is ("self._buffer.pop()", or a line's end, the next line's indentation
+    # and a name joined), and each new one costs the pattern anyway, and more: there pre-tokens,
+    # found by the pattern (`re` on ASCII text) and looked up one by one, win by 2x, as they
+    # repeat like prose's words (1 in 60 is new). Text with runs of spaces (code, indented
+    # documents) takes pre-tokens; the rest words, until more than WORD_MISS_RATE of the words
+    # looked up were new (a small corpus of short documents; mixed kinds of text).
+    WORD_MISS_RATE = 0.1
+
     def encode(self, text: str) -> list[int]:
         """The ids BPETokenizer.encode gives, from the caches: split the text into words at
-        spaces, and look each word up."""
+        spaces, or into pre-tokens, and look each one up."""
         ids: list[int] = []
         with cycle_collector_paused():
             for i, piece in enumerate(split_on_special_tokens(text, self.special_re)):
                 if i % 2:
                     ids.append(self.special_ids[piece])
-                elif piece:
+                elif not piece:
+                    continue
+                elif UNSAFE_SPACE_RE.search(piece) or self.words_miss_too_often():
+                    # The hot loop, all in C: look each pre-token up, extend with its ids.
+                    ids.extend(chain.from_iterable(
+                        map(self.cache.__getitem__, fast_pretokenize(piece))))
+                else:
                     words = split_words(piece)
+                    self.words_looked_up += len(words)
                     ids.extend(self.cache[words[0]])
-                    # The hot loop, all in C: look each word up, extend the list with its ids.
                     ids.extend(chain.from_iterable(
                         map(self.after_space.__getitem__, islice(words, 1, None))))
         return ids
+
+    def words_miss_too_often(self) -> bool:
+        """Whether more than WORD_MISS_RATE of the words looked up so far were new (after the
+        first thousand, which say little)."""
+        return (self.words_looked_up > 1000 and self.after_space.misses
+                > self.WORD_MISS_RATE * self.words_looked_up)
 
     def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
         """Encode a stream of strings (say, the lines of a large file) lazily, giving exactly the

@@ -1585,6 +1585,18 @@ def test_fast_pretokenize_exact_on_every_short_ascii_string():
     assert all(gpt.fast_pretokenize(t) == gpt.pretokenize(t) for t in texts)
 
 
+def test_fast_pretokenize_exact_on_mixed_ascii_and_other_text():
+    """Text with a few non-ASCII characters: its ASCII lines go to `re`, the others to `regex`,
+    cut at line breaks; every short string of line breaks, spaces, letters and non-ASCII
+    characters (a letter, a no-break space, an ideographic space, NEL), and random mixes."""
+    alphabet = ["a", ".", " ", "\n", "\n", "é", "\xa0", "\u3000", "\x85", "1"]
+    texts = ["".join(t) for n in range(6) for t in product(alphabet, repeat=n)]
+    rng = random.Random(1)
+    texts += ["".join(rng.choices(alphabet + ["x.\n", "y\n  ", "中文"], k=rng.randint(1, 80)))
+              for _ in range(3000)]
+    assert all(gpt.fast_pretokenize(t) == gpt.pretokenize(t) for t in texts)
+
+
 def documents_file(path, seed: int = 0, num_docs: int = 400) -> str:
     """Write ASCII documents of random length, separated by runs of 1 to 3 <|endoftext|>."""
     rng = random.Random(seed)
@@ -1733,9 +1745,11 @@ def test_unsafe_space_regex_knows_all_of_regexs_whitespace():
     assert all(re.fullmatch(r"\s", c) for c in whitespace)
 
 
-def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path):
-    """encode() (words from split_words, their shortcuts, two caches) gives the plain encode's
-    ids (each pre-token of the whole text merged on its own), for every text of up to 4 pieces
+@pytest.mark.parametrize("cut", ["words", "pre-tokens"])
+def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path, cut):
+    """encode() (words from split_words and their shortcuts, or pre-tokens from
+    fast_pretokenize; two caches) gives the plain encode's ids (each pre-token of the whole
+    text merged on its own), for every text of up to 4 pieces
     drawn from words, punctuation, digits, a contraction, a non-ASCII letter and whitespace. The
     tokenizer learns from random texts of these pieces, so that runs of whitespace are tokens
     too."""
@@ -1750,19 +1764,42 @@ def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path)
     vocab.update({len(vocab) + i: left + right for i, (left, right) in enumerate(cross)})
     merges = cross + merges
     tokenizer, plain = gpt.Tokenizer(vocab, merges), gpt.BPETokenizer(vocab, merges)
+    tokenizer.words_miss_too_often = lambda: cut == "pre-tokens"
     assert {b"\n\t", b"\t\t", b" the"} <= set(tokenizer.vocab.values())
     for n in range(5):
         for text in map("".join, product(pieces, repeat=n)):
             assert tokenizer.encode(text) == plain.encode(text), repr(text)
 
 
-def test_fast_encode_equals_the_plain_encode_on_stories(tokenizer, corpus_path):
+@pytest.mark.parametrize("cut", ["words", "pre-tokens"])
+def test_fast_encode_equals_the_plain_encode_on_stories(tokenizer, corpus_path, cut):
     """Tokenizer.encode (caches, shortcuts) equals BPETokenizer.encode (a merge loop per
-    pre-token) on real stories with their document markers."""
+    pre-token) on real stories with their document markers, cut into words or pre-tokens."""
     text = open(corpus_path, encoding="utf-8").read()
+    fast = gpt.Tokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
+    fast.words_miss_too_often = lambda: cut == "pre-tokens"
     plain = gpt.BPETokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
     assert EOT in text
-    assert tokenizer.encode(text) == plain.encode(text)
+    assert fast.encode(text) == plain.encode(text)
+
+
+def test_encode_cuts_words_while_they_repeat_and_pre_tokens_after():
+    """Prose whose words repeat keeps the words; once more than a tenth of the words looked up
+    were new, pre-tokens; runs of spaces (code) take pre-tokens at once. The ids are the same."""
+    vocab = {**BYTES_VOCAB, 256: b" t", 257: b"he", 258: b" the"}
+    merges = [(b" ", b"t"), (b"h", b"e"), (b" t", b"he")]
+    tokenizer, plain = gpt.Tokenizer(vocab, merges), gpt.BPETokenizer(vocab, merges)
+    code = "def f(x):\n    return the(x)\n"
+    assert tokenizer.encode(code) == plain.encode(code) and tokenizer.words_looked_up == 0
+    prose = " ".join(["the cat and the dog"] * 500)
+    assert tokenizer.encode(prose) == plain.encode(prose) and not tokenizer.words_miss_too_often()
+    rng = random.Random(0)
+    new_words = " ".join("".join(rng.choices("abcdefgh", k=8)) for _ in range(2000))
+    assert tokenizer.encode(new_words) == plain.encode(new_words)
+    assert tokenizer.words_miss_too_often()
+    looked_up = tokenizer.words_looked_up
+    assert tokenizer.encode(prose) == plain.encode(prose)
+    assert tokenizer.words_looked_up == looked_up  # pre-tokens from now on
 
 
 def test_isalpha_letters_are_regex_letters():
