@@ -2071,10 +2071,8 @@ class _Cache(dict):
     def __init__(self, encode, max_size: int = 1 << 20):
         super().__init__()
         self.encode, self.max_size = encode, max_size
-        self.misses = 0
 
     def __missing__(self, text: str) -> tuple[int, ...]:
-        self.misses += 1
         if len(self) >= self.max_size:
             self.clear()
         ids = self[text] = tuple(self.encode(text))
@@ -2098,7 +2096,6 @@ class Tokenizer(BPETokenizer):
         # every lookup.
         self.cache = _Cache(self.encode_piece)
         self.after_space = _Cache(self._encode_after_space)
-        self.words_looked_up = 0  # by encode, through after_space
 
     def merge(self, ids: list[int]) -> list[int]:
         """BPETokenizer.merge, with a heap for long pre-tokens: the same merges."""
@@ -2172,15 +2169,12 @@ class Tokenizer(BPETokenizer):
         return self.encode_piece(" " + word)
 
     # Two ways to cut text for the caches. Words (split at spaces by str.split, several times
-    # faster than the pattern) pay off when they repeat: 1 in 30 of TinyStories' words is new.
-    # In code, 1 in 4 is ("self._buffer.pop()", or a line's end, the next line's indentation
-    # and a name joined), and each new one costs the pattern anyway, and more: there pre-tokens,
-    # found by the pattern (`re` on ASCII text) and looked up one by one, win by 2x, as they
-    # repeat like prose's words (1 in 60 is new). Text with runs of spaces (code, indented
-    # documents) takes pre-tokens; the rest words, until more than WORD_MISS_RATE of the words
-    # looked up were new (a small corpus of short documents; mixed kinds of text).
-    WORD_MISS_RATE = 0.1
-
+    # faster than the pattern) pay off where they repeat, as in prose: 1 in 30 of TinyStories'
+    # words is new. In code, 1 in 4 is ("self._buffer.pop()", or a line's end, the next line's
+    # indentation and a name joined), and each new one costs the pattern anyway, and more. There
+    # pre-tokens, found by the pattern (`re` on ASCII text) and looked up one by one, are twice
+    # as fast, as they repeat like prose's words (1 in 60 is new). Runs of spaces tell code (and
+    # indented documents) from prose.
     def encode(self, text: str) -> list[int]:
         """The ids BPETokenizer.encode gives, from the caches: split the text into words at
         spaces, or into pre-tokens, and look each one up."""
@@ -2191,23 +2185,16 @@ class Tokenizer(BPETokenizer):
                     ids.append(self.special_ids[piece])
                 elif not piece:
                     continue
-                elif UNSAFE_SPACE_RE.search(piece) or self.words_miss_too_often():
+                elif UNSAFE_SPACE_RE.search(piece):
                     # The hot loop, all in C: look each pre-token up, extend with its ids.
                     ids.extend(chain.from_iterable(
                         map(self.cache.__getitem__, fast_pretokenize(piece))))
                 else:
                     words = split_words(piece)
-                    self.words_looked_up += len(words)
                     ids.extend(self.cache[words[0]])
                     ids.extend(chain.from_iterable(
                         map(self.after_space.__getitem__, islice(words, 1, None))))
         return ids
-
-    def words_miss_too_often(self) -> bool:
-        """Whether more than WORD_MISS_RATE of the words looked up so far were new (after the
-        first thousand, which say little)."""
-        return (self.words_looked_up > 1000 and self.after_space.misses
-                > self.WORD_MISS_RATE * self.words_looked_up)
 
     def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
         """Encode a stream of strings (say, the lines of a large file) lazily, giving exactly the

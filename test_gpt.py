@@ -1745,8 +1745,15 @@ def test_unsafe_space_regex_knows_all_of_regexs_whitespace():
     assert all(re.fullmatch(r"\s", c) for c in whitespace)
 
 
+def cut_into(cut: str, monkeypatch) -> None:
+    """Make Tokenizer.encode cut all text into pre-tokens, or (as now) prose into words."""
+    if cut == "pre-tokens":
+        monkeypatch.setattr(gpt, "UNSAFE_SPACE_RE", re.compile(""))  # matches any text
+
+
 @pytest.mark.parametrize("cut", ["words", "pre-tokens"])
-def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path, cut):
+def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path, cut,
+                                                                       monkeypatch):
     """encode() (words from split_words and their shortcuts, or pre-tokens from
     fast_pretokenize; two caches) gives the plain encode's ids (each pre-token of the whole
     text merged on its own), for every text of up to 4 pieces
@@ -1764,7 +1771,7 @@ def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path,
     vocab.update({len(vocab) + i: left + right for i, (left, right) in enumerate(cross)})
     merges = cross + merges
     tokenizer, plain = gpt.Tokenizer(vocab, merges), gpt.BPETokenizer(vocab, merges)
-    tokenizer.words_miss_too_often = lambda: cut == "pre-tokens"
+    cut_into(cut, monkeypatch)
     assert {b"\n\t", b"\t\t", b" the"} <= set(tokenizer.vocab.values())
     for n in range(5):
         for text in map("".join, product(pieces, repeat=n)):
@@ -1772,34 +1779,29 @@ def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path,
 
 
 @pytest.mark.parametrize("cut", ["words", "pre-tokens"])
-def test_fast_encode_equals_the_plain_encode_on_stories(tokenizer, corpus_path, cut):
+def test_fast_encode_equals_the_plain_encode_on_stories(tokenizer, corpus_path, cut,
+                                                       monkeypatch):
     """Tokenizer.encode (caches, shortcuts) equals BPETokenizer.encode (a merge loop per
     pre-token) on real stories with their document markers, cut into words or pre-tokens."""
     text = open(corpus_path, encoding="utf-8").read()
     fast = gpt.Tokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
-    fast.words_miss_too_often = lambda: cut == "pre-tokens"
+    cut_into(cut, monkeypatch)
     plain = gpt.BPETokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
     assert EOT in text
     assert fast.encode(text) == plain.encode(text)
 
 
-def test_encode_cuts_words_while_they_repeat_and_pre_tokens_after():
-    """Prose whose words repeat keeps the words; once more than a tenth of the words looked up
-    were new, pre-tokens; runs of spaces (code) take pre-tokens at once. The ids are the same."""
-    vocab = {**BYTES_VOCAB, 256: b" t", 257: b"he", 258: b" the"}
-    merges = [(b" ", b"t"), (b"h", b"e"), (b" t", b"he")]
+def test_encode_cuts_code_into_pre_tokens_and_prose_into_words():
+    """Text with runs of spaces (code) is cut into pre-tokens, other text into words (the
+    word cache fills); both give the plain encode's ids."""
+    vocab = {**BYTES_VOCAB, 256: b" t", 257: b"he", 258: b" the", 259: b"  "}
+    merges = [(b" ", b"t"), (b"h", b"e"), (b" t", b"he"), (b" ", b" ")]
     tokenizer, plain = gpt.Tokenizer(vocab, merges), gpt.BPETokenizer(vocab, merges)
     code = "def f(x):\n    return the(x)\n"
-    assert tokenizer.encode(code) == plain.encode(code) and tokenizer.words_looked_up == 0
-    prose = " ".join(["the cat and the dog"] * 500)
-    assert tokenizer.encode(prose) == plain.encode(prose) and not tokenizer.words_miss_too_often()
-    rng = random.Random(0)
-    new_words = " ".join("".join(rng.choices("abcdefgh", k=8)) for _ in range(2000))
-    assert tokenizer.encode(new_words) == plain.encode(new_words)
-    assert tokenizer.words_miss_too_often()
-    looked_up = tokenizer.words_looked_up
+    assert tokenizer.encode(code) == plain.encode(code) and not tokenizer.after_space
+    prose = "the cat and the dog"
     assert tokenizer.encode(prose) == plain.encode(prose)
-    assert tokenizer.words_looked_up == looked_up  # pre-tokens from now on
+    assert set(tokenizer.after_space) == {"cat", "and", "the", "dog"}
 
 
 def test_isalpha_letters_are_regex_letters():
