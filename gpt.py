@@ -2096,6 +2096,7 @@ class Tokenizer(BPETokenizer):
         # every lookup.
         self.cache = _Cache(self.encode_piece)
         self.after_space = _Cache(self._encode_after_space)
+        self.pretokens = _Cache(self.encode_word)
 
     def merge(self, ids: list[int]) -> list[int]:
         """BPETokenizer.merge, with a heap for long pre-tokens: the same merges."""
@@ -2188,7 +2189,7 @@ class Tokenizer(BPETokenizer):
                 elif UNSAFE_SPACE_RE.search(piece):
                     # The hot loop, all in C: look each pre-token up, extend with its ids.
                     ids.extend(chain.from_iterable(
-                        map(self.cache.__getitem__, fast_pretokenize(piece))))
+                        map(self.pretokens.__getitem__, fast_pretokenize(piece))))
                 else:
                     words = split_words(piece)
                     ids.extend(self.cache[words[0]])
