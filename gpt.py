@@ -1934,16 +1934,26 @@ def count_pretokens_in_chunk(path: str, start: int, end: int,
     (they delimit documents and never take part in merges).
     Example: "the cat<|endoftext|>the" -> Counter({'the': 2, ' cat': 1})."""
     special_re = special_tokens_regex(special_tokens)
+    counts: Counter[str] = Counter()
     first_words: Counter[str] = Counter()  # the first word of each document
     words: Counter[str] = Counter()        # the others, each standing for " " + word
     for i, piece in enumerate(split_on_special_tokens(read_text(path, start, end), special_re)):
-        if i % 2 == 0:
-            piece_words = split_words(piece)
+        if i % 2 == 1:
+            continue
+        # Two ways to count, each the faster on its kind of text. Prose repeats its words
+        # (TinyStories: 38k distinct space-separated words of 1.1M), so counting words in C and
+        # pre-tokenizing each distinct one once is fastest. Code has a distinct word in four
+        # (names, literals, indentation) and is pre-tokenized whole in one findall: 2x faster
+        # there. Runs of spaces (indentation), which split_words must treat apart, tell code
+        # from prose.
+        if UNSAFE_SPACE_RE.search(piece):
+            counts.update(fast_pretokenize(piece))
+        else:  # every space starts a pre-token: split_words would split at each of them
+            piece_words = piece.split(" ")
             first_words[piece_words[0]] += 1
             words.update(islice(piece_words, 1, None))
-    counts: Counter[str] = Counter()
     for text, n in chain(first_words.items(), ((" " + w, n) for w, n in words.items())):
-        for pretoken in pretokenize(text):
+        for pretoken in fast_pretokenize(text):
             counts[pretoken] += n
     return counts
 

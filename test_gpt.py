@@ -1585,6 +1585,27 @@ def test_fast_pretokenize_exact_on_every_short_ascii_string():
     assert all(gpt.fast_pretokenize(t) == gpt.pretokenize(t) for t in texts)
 
 
+# Code (indented: runs of spaces) and prose, ASCII or not, empty, and spaces at the edges.
+CODE_AND_PROSE = [
+    "def f(x):\n    if x:\n        return 'a'  # it's\n\n\n",
+    "Once upon a time, a cat sat. It's 42!\n",
+    "    x = 1\n\ty\t= 'é'  \n  \u3000z\n",
+    "Tom  ran. Hé said: ¡hola! 日本語\n",
+    "",
+    " a  \n  ",
+]
+
+
+def test_count_pretokens_of_code_and_prose_documents(tmp_path):
+    """Counting pre-tokens document by document, code pre-tokenized whole and prose word by word,
+    gives the counts of pretokenize on each document."""
+    docs = CODE_AND_PROSE * 3
+    path = tmp_path / "docs.txt"
+    path.write_bytes(EOT.join(docs).encode("utf-8"))
+    counts = gpt.count_pretokens_in_chunk(str(path), 0, path.stat().st_size, [EOT])
+    assert counts == Counter(p for doc in docs for p in gpt.pretokenize(doc))
+
+
 def documents_file(path, seed: int = 0, num_docs: int = 400) -> str:
     """Write ASCII documents of random length, separated by runs of 1 to 3 <|endoftext|>."""
     rng = random.Random(seed)
