@@ -272,6 +272,18 @@ TRICKY_TEXTS = [
 ]
 
 
+def test_reverse_keys_sort_pairs_greatest_first():
+    """Pairs of tokens sorted by their tokens' reverse_keys, one after the other, come in the
+    reverse order of (left, right): prefixes after their extensions, bytes 0 and 255 included."""
+    rng = random.Random(0)
+    tokens = [b"\x00", b"\xff", b"a", b"ab", b"abc", b"b", b"\xff\x00", b"\x00\xff"]
+    tokens += [bytes(rng.choices([0, 1, 97, 98, 254, 255], k=rng.randint(1, 4)))
+               for _ in range(60)]
+    token_pairs = [(rng.choice(tokens), rng.choice(tokens)) for _ in range(3000)]
+    by_key = sorted(token_pairs, key=lambda p: gpt.reverse_key(p[0]) + gpt.reverse_key(p[1]))
+    assert by_key == sorted(token_pairs, reverse=True)
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_train_bpe_equals_naive(tmp_path, seed):
     """The fast trainer learns exactly the naive reference's vocab and merges."""
@@ -303,16 +315,31 @@ def test_train_bpe_equals_naive_with_long_pretokens(tmp_path, monkeypatch, seed,
     assert fast == gpt.train_bpe_naive(text, vocab_size, [EOT])
 
 
+def test_train_bpe_on_python_source_equals_naive(tmp_path):
+    """On code (indentation, comment rules over LONG_PRETOKEN_BYTES, string literals), here the
+    start of gpt.py cut into documents, the fast trainer learns the naive reference's merges."""
+    source = open(gpt.__file__, encoding="utf-8").read()[:30_000]
+    text = EOT.join(source.split("\n\n\n"))  # each top-level definition a document
+    assert "    " in text and "# " + "=" * 98 in text
+    path = tmp_path / "source.txt"
+    path.write_bytes(text.encode("utf-8"))
+    fast = gpt.train_bpe(str(path), 256 + 1 + 500, [EOT], num_workers=1)
+    assert fast == gpt.train_bpe_naive(text, 256 + 1 + 500, [EOT])
+
+
 def test_train_bpe_on_a_huge_pretoken(tmp_path, monkeypatch):
     """A 300 KB line of letters (one pre-token) learns 1,000 merges with work bounded by its
     length: at most two pairs replaced per merged occurrence, and never the whole word re-spelled,
     which took 20 s here (hours for 3 MB)."""
-    replaced, respelled = [], []
-    replace, merge_pair = gpt._LinkedWords._replace, gpt.merge_pair
+    replaced, respelled = [], []  # one entry per pair replaced, one per word re-spelled
+    replace, respell = gpt._LinkedWords._replace, gpt.respell
+
+    def respell_and_record(words, freqs, pair, new, pair_count, pair_words):
+        respelled.extend(len(words[i]) for i in pair_words.get(pair, ()))
+        return respell(words, freqs, pair, new, pair_count, pair_words)
     monkeypatch.setattr(gpt._LinkedWords, "_replace",
                         lambda self, *args: replaced.append(1) or replace(self, *args))
-    monkeypatch.setattr(gpt, "merge_pair",
-                        lambda word, *args: respelled.append(len(word)) or merge_pair(word, *args))
+    monkeypatch.setattr(gpt, "respell", respell_and_record)
     rng = random.Random(0)
     text = "".join(rng.choice(["once", "upon", "a", "time", "there", "was"]) for _ in range(75_000))
     path = tmp_path / "line.txt"
@@ -1595,6 +1622,27 @@ def test_fast_pretokenize_exact_on_mixed_ascii_and_other_text():
     texts += ["".join(rng.choices(alphabet + ["x.\n", "y\n  ", "中文"], k=rng.randint(1, 80)))
               for _ in range(3000)]
     assert all(gpt.fast_pretokenize(t) == gpt.pretokenize(t) for t in texts)
+
+
+# Code (indented: runs of spaces) and prose, ASCII or not, empty, and spaces at the edges.
+CODE_AND_PROSE = [
+    "def f(x):\n    if x:\n        return 'a'  # it's\n\n\n",
+    "Once upon a time, a cat sat. It's 42!\n",
+    "    x = 1\n\ty\t= 'é'  \n  \u3000z\n",
+    "Tom  ran. Hé said: ¡hola! 日本語\n",
+    "",
+    " a  \n  ",
+]
+
+
+def test_count_pretokens_of_code_and_prose_documents(tmp_path):
+    """Counting pre-tokens document by document, code pre-tokenized whole and prose word by word,
+    gives the counts of pretokenize on each document."""
+    docs = CODE_AND_PROSE * 3
+    path = tmp_path / "docs.txt"
+    path.write_bytes(EOT.join(docs).encode("utf-8"))
+    counts = gpt.count_pretokens_in_chunk(str(path), 0, path.stat().st_size, [EOT])
+    assert counts == Counter(p for doc in docs for p in gpt.pretokenize(doc))
 
 
 def documents_file(path, seed: int = 0, num_docs: int = 400) -> str:
