@@ -2232,8 +2232,8 @@ class Tokenizer(BPETokenizer):
                     # The hot loop, all in C: look each pre-token up, extend with its ids.
                     ids.extend(chain.from_iterable(
                         map(self.pretokens.__getitem__, fast_pretokenize(piece))))
-                else:
-                    words = split_words(piece)
+                else:  # every space starts a pre-token: split_words would split at each
+                    words = piece.split(" ")
                     ids.extend(self.cache[words[0]])
                     ids.extend(chain.from_iterable(
                         map(self.after_space.__getitem__, islice(words, 1, None))))
