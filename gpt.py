@@ -2150,10 +2150,11 @@ class Tokenizer(BPETokenizer):
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
                  special_tokens: list[str] | None = None):
         super().__init__(vocab, merges, special_tokens)
-        # Two caches: text -> ids, for text that pre-tokenizes on its own (pre-tokens, the first
-        # word of a text, what follows a newline); and word -> ids of " " + word, for the words
-        # that split_words cut before a space (nearly all), which saves building " " + word at
-        # every lookup.
+        # Three caches. For prose cut into words: text -> ids, for text that pre-tokenizes on
+        # its own (pre-tokens, the first word of a text, what follows a newline); and word ->
+        # ids of " " + word, for the words cut before a space (nearly all), which saves building
+        # " " + word at every lookup. For code cut into pre-tokens: pre-token -> ids, filled by
+        # encode_word directly (encode_piece would run the pattern again on each new one).
         self.cache = _Cache(self.encode_piece)
         self.after_space = _Cache(self._encode_after_space)
         self.pretokens = _Cache(self.encode_word)
