@@ -2467,6 +2467,17 @@ def test_train_goes_on_uncompiled_when_the_compiler_fails(token_dir, tmp_path, m
             "training without it") in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("given, expected", [([], 0.3), (["--preset", "base"], 0.1),
+                                             (["--weight-decay", "0.05"], 0.05)])
+def test_weight_decay_comes_from_the_preset_unless_given(token_dir, tmp_path, given, expected):
+    """The laptop preset decays its matrices by 0.3, the others by GPT-3's 0.1; the flag wins.
+    The norms' gains are never decayed."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "1", *given)) == 0
+    saved = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [expected, 0.0]
+    assert saved["args"]["weight_decay"] == expected
+
+
 @pytest.mark.parametrize("device, given, expected, explained", [
     ("cpu", {}, dict(preset="laptop", batch_size=None, compile=False), False),
     ("cpu", dict(compile=True), dict(preset="laptop", batch_size=None, compile=True), False),
