@@ -2467,15 +2467,19 @@ def test_train_goes_on_uncompiled_when_the_compiler_fails(token_dir, tmp_path, m
             "training without it") in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("given, expected", [([], 0.3), (["--preset", "base"], 0.1),
-                                             (["--weight-decay", "0.05"], 0.05)])
-def test_weight_decay_comes_from_the_preset_unless_given(token_dir, tmp_path, given, expected):
-    """The laptop preset decays its matrices by 0.3, the others by GPT-3's 0.1; the flag wins.
-    The norms' gains are never decayed."""
+@pytest.mark.parametrize("given, decay, beta2", [
+    ([], 0.3, 0.99), (["--preset", "base"], 0.1, 0.95),
+    (["--weight-decay", "0.05", "--beta2", "0.9"], 0.05, 0.9)])
+def test_weight_decay_and_beta2_come_from_the_preset_unless_given(token_dir, tmp_path, given,
+                                                                  decay, beta2):
+    """The laptop preset decays its matrices by 0.3 and averages squared gradients with beta2
+    0.99; the others take GPT-3's 0.1 and 0.95; the flags win. Norms' gains are never decayed."""
     assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "1", *given)) == 0
     saved = torch.load(tmp_path / "latest.pt", weights_only=True)
-    assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [expected, 0.0]
-    assert saved["args"]["weight_decay"] == expected
+    groups = saved["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [decay, 0.0]
+    assert [g["betas"][1] for g in groups] == [beta2, beta2]
+    assert (saved["args"]["weight_decay"], saved["args"]["beta2"]) == (decay, beta2)
 
 
 @pytest.mark.parametrize("device, given, expected, explained", [
