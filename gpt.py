@@ -2784,8 +2784,7 @@ def pick_recipe(args: argparse.Namespace, device: torch.device) -> str | None:
         # On a GPU, fused kernels are worth the minute of compiling. On a CPU, for a time
         # budget of some minutes (a step budget says nothing about time). Not on MPS, where
         # the compiler's Metal backend is still young.
-        long_on_cpu = device.type == "cpu" and (getattr(args, "max_time", None) or 0.0) \
-            >= CPU_COMPILE_MIN_TIME
+        long_on_cpu = device.type == "cpu" and (args.max_time or 0.0) >= CPU_COMPILE_MIN_TIME
         args.compile = on_gpu or long_on_cpu
     if args.preset is not None or not on_gpu:
         args.preset = args.preset or "laptop"
@@ -3237,6 +3236,14 @@ def read_resume(args: argparse.Namespace) -> tuple[dict | None, int | None, floa
     return checkpoint, total_steps, time_used
 
 
+def fill_optimizer_flags(args: argparse.Namespace) -> None:
+    """--weight-decay and --beta2 left open: the preset's, or without a preset (fine-tuning a
+    trained model) GPT-3's 0.1 and 0.95."""
+    for name, usual in (("weight_decay", 0.1), ("beta2", 0.95)):
+        if getattr(args, name) is None:
+            setattr(args, name, PRESETS[args.preset][name] if args.preset else usual)
+
+
 def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     """Check every input before any work (a mistake should cost seconds, not an hour) and
     settle the recipe; returns the run, the checkpoint to resume and the budget already used."""
@@ -3256,9 +3263,7 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     config = resolve_config(args, vocab_size, checkpoint and checkpoint["config"])
     preset = PRESETS[args.preset]
     max_lr = preset["lr"] if args.lr is None else args.lr
-    for name in ("weight_decay", "beta2"):
-        if getattr(args, name) is None:
-            setattr(args, name, preset[name])
+    fill_optimizer_flags(args)
     min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
     if not min_lr <= max_lr:
         raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
@@ -4766,9 +4771,7 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     else:  # from scratch, the preset's; a trained model needs smaller steps not to forget
         max_lr = PRESETS[args.preset]["lr"] if args.preset else FINETUNE_LR
     min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
-    for name, usual in (("weight_decay", 0.1), ("beta2", 0.95)):
-        if getattr(args, name) is None:
-            setattr(args, name, PRESETS[args.preset][name] if args.preset else usual)
+    fill_optimizer_flags(args)
     batch_size = args.batch_size or (PRESETS[args.preset]["batch_size"] if args.preset
                                      else FINETUNE_BATCH_SIZE)
     if not min_lr <= max_lr:

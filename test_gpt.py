@@ -2591,21 +2591,28 @@ def test_time_budget_is_planned_again_when_the_machine_slows_down(tmp_path, toke
     assert logged[-1]["step"] < first_plan - 10
 
 
+def press_ctrl_c_at_call(monkeypatch, name: str, n: int):
+    """Make the n-th call of gpt.<name> (a batch sampler, say) first raise SIGINT, as if the
+    user pressed Ctrl-C just then. Returns the original, to put back."""
+    original, calls = getattr(gpt, name), []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gpt, name, interrupting)
+    return original
+
+
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, token_dir, monkeypatch,
                                                         capsys):
     """Ctrl-C finishes the step, saves, exits 2 with one line; --resume then matches a straight
     run."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert gpt.main(train_args(token_dir, straight, "--decay-steps", "6")) == 0
-    get_batch, calls = gpt.get_batch, []
-
-    def interrupting_get_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C in step 4
-        return get_batch(*args, **kwargs)
-
-    monkeypatch.setattr(gpt, "get_batch", interrupting_get_batch)
+    get_batch = press_ctrl_c_at_call(monkeypatch, "get_batch", 4)  # in step 4
     capsys.readouterr()
     assert gpt.main(train_args(token_dir, stopped, "--decay-steps", "6")) == 2
     err = capsys.readouterr().err
@@ -2653,14 +2660,8 @@ def test_second_ctrl_c_while_reporting_still_exits_2(tmp_path, token_dir, monkey
             signal.raise_signal(signal.SIGINT)
         log(message, end)
 
-    get_batch = gpt.get_batch
-
-    def interrupting_get_batch(*args, **kwargs):
-        signal.raise_signal(signal.SIGINT)
-        return get_batch(*args, **kwargs)
-
     monkeypatch.setattr(gpt, "log", log_and_interrupt)
-    monkeypatch.setattr(gpt, "get_batch", interrupting_get_batch)
+    press_ctrl_c_at_call(monkeypatch, "get_batch", 1)
     assert gpt.main(train_args(token_dir, tmp_path)) == 2
     assert "interrupted at step 1" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after main
@@ -4042,15 +4043,7 @@ def test_finetune_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, qa_ru
     data, base = qa_run
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert gpt.main(finetune_args(data, straight, "--checkpoint", str(base / "latest.pt"))) == 0
-    qa_batch, calls = gpt.qa_batch, []
-
-    def interrupting_qa_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C in step 2
-        return qa_batch(*args, **kwargs)
-
-    monkeypatch.setattr(gpt, "qa_batch", interrupting_qa_batch)
+    qa_batch = press_ctrl_c_at_call(monkeypatch, "qa_batch", 2)  # in step 2
     args = finetune_args(data, stopped, "--checkpoint", str(base / "latest.pt"))
     capsys.readouterr()
     assert gpt.main(args) == 2
