@@ -32,7 +32,8 @@ speeds up or protects:
     §16 Export        the Hugging Face format: config, safetensors, tokenizer files
     §17 Look inside   curves, attention maps, next-token tables, weight histograms, norms
     §18 Fine-tuning   question-answer pairs: template, packing, answer-only loss
-    §19 Command line  the subcommands and main()
+    §19 Twins         the fast twins switched in for the readable forms, in one place
+    §20 Command line  the subcommands and main()
 
 The three commands, on the bundled TinyStories sample:
 
@@ -4794,7 +4795,32 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
 
 
 # ==================================================================================================
-# §19 Command line
+# §19 Machinery: the fast twins, switched in from one place
+#
+# §1-§7 define each idea once, in its readable form, under its plain name. The machinery above
+# defines a fast twin for some of them (named fast_<name>, or Fast<Name> for a class), tested
+# equal. Here the plain names are pointed at the twins: the ideas call each other by module-level
+# name, so rebinding a name here changes what every caller runs, with no flag inside the ideas.
+# Importing gpt.py leaves the fast twins in place; `--readable` puts the readable forms back, so
+# a reader stepping through a run in a debugger sees exactly the code of §1-§7.
+# ==================================================================================================
+
+# plain name in §1-§7 -> its fast twin in the machinery
+FAST_TWINS: dict[str, object] = {
+}
+READABLE_FORMS: dict[str, object] = {name: globals()[name] for name in FAST_TWINS}
+
+
+def use_fast_twins(fast: bool = True) -> None:
+    """Run the fast twins (the default) or, with fast=False, the readable forms of §1-§7."""
+    globals().update(FAST_TWINS if fast else READABLE_FORMS)
+
+
+use_fast_twins(True)
+
+
+# ==================================================================================================
+# §20 Command line
 #
 # Each subcommand is a plain function of its parsed arguments. A mistake in the user's input
 # (a missing file, an impossible size) raises ValueError or OSError with a message naming the
@@ -5186,6 +5212,10 @@ def add_tokenize_parser(commands) -> None:
     tok.set_defaults(run=cmd_tokenize, parser=tok)
 
 
+READABLE_HELP = ("run the readable code of §1-§7 instead of the fast twins of §19 (same "
+                 "results, slower): for stepping through the book in a debugger")
+
+
 def add_train_parser(commands) -> None:
     tr = commands.add_parser(
         "train", help="train the model on the token files",
@@ -5223,6 +5253,7 @@ def add_train_parser(commands) -> None:
     tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="torch.compile the model: faster steps after a slow first one "
                          "(default: on on CUDA, and on a CPU for a --max-time of 5m or more)")
+    tr.add_argument("--readable", action="store_true", help=READABLE_HELP)
     add_optimization_flags(tr)
     add_model_flags(tr)
     tr.set_defaults(run=train, parser=tr)
@@ -5473,6 +5504,7 @@ def add_sample_parser(commands) -> None:
                     help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
     sa.add_argument("--no-kv-cache", action="store_true",
                     help="recompute the whole sequence for every token (slow reference)")
+    sa.add_argument("--readable", action="store_true", help=READABLE_HELP)
     sa.set_defaults(run=cmd_sample, parser=sa)
 
 
@@ -5487,6 +5519,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = {name: signal.getsignal(name) for name in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, raise_interrupt)
+    use_fast_twins(not getattr(args, "readable", False))
     try:
         try:
             args.run(args)
@@ -5502,6 +5535,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C while the first error was being reported
         return 2
     finally:
+        use_fast_twins(True)
         for name, handler in previous.items():
             signal.signal(name, handler)
     return 0
