@@ -1588,24 +1588,26 @@ def check_writable_dir(directory: str) -> None:
     os.remove(probe)
 
 
-# Text to read is a whole file, or a byte range (path, start, end) of one: the train part of a
-# file whose end is held out for validation, say.
-TextSource = str | tuple[str, int, int]
+# Text to read is a whole file (its path, a str or a pathlib.Path), or a byte range (path, start,
+# end) of one: the train part of a file whose end is held out for validation, say.
+TextSource = str | os.PathLike | tuple[str | os.PathLike, int, int]
 
 
 def text_range(source: TextSource) -> tuple[str, int, int]:
-    """Example: "stories.txt" -> ("stories.txt", 0, 5956704); a range is returned as it is."""
-    if isinstance(source, str):
-        return source, 0, os.path.getsize(source)
-    return source
+    """Example: "stories.txt" or Path("stories.txt") -> ("stories.txt", 0, 5956704); a range
+    keeps its bounds, its path given as a str."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source), 0, os.path.getsize(source)
+    path, start, end = source
+    return os.fspath(path), start, end
 
 
 def text_name(source: TextSource) -> str:
     """Example: ("stories.txt", 0, 900) -> "stories.txt[0:900]", "stories.txt" -> itself."""
-    if isinstance(source, str):
-        return source
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
     path, start, end = source
-    return f"{path}[{start}:{end}]"
+    return f"{os.fspath(path)}[{start}:{end}]"
 
 
 @contextmanager
@@ -2450,8 +2452,8 @@ def _encode_chunk_in_worker(job: tuple[str, int, int, np.dtype]) -> tuple[int, n
     return end - start, np.array(ids, dtype=dtype)
 
 
-def encode_files(tokenizer: Tokenizer, files: list[tuple[TextSource, str]], num_workers: int,
-                 verbose: bool = False) -> Iterator[int]:
+def encode_files(tokenizer: Tokenizer, files: list[tuple[TextSource, str | os.PathLike]],
+                 num_workers: int, verbose: bool = False) -> Iterator[int]:
     """Encode texts into token files, given as (text, token path) pairs, a text being a file or
     a byte range of one; yields each file's number of tokens once it is written.
 
@@ -2489,23 +2491,26 @@ def encode_files(tokenizer: Tokenizer, files: list[tuple[TextSource, str]], num_
             yield num_tokens
 
 
-def write_token_info(path: str, fingerprint: str, dtype: np.dtype, num_tokens: int,
+def write_token_info(path: str | os.PathLike, fingerprint: str, dtype: np.dtype, num_tokens: int,
                      source: TextSource) -> None:
     """Write the sidecar of the token file `path`: which tokenizer (its fingerprint), type and
     text made it.
     Example: train.bin.json = {"tokenizer_sha256": "9f2c...", "dtype": "uint16",
     "num_tokens": 1431520, "text": "/home/me/data/tinystories_train.txt",
     "text_bytes": [0, 5956704]}."""
+    path = os.fspath(path)
     text_path, start, end = text_range(source)
     info = {"tokenizer_sha256": fingerprint, "dtype": dtype.name, "num_tokens": num_tokens,
             "text": os.path.abspath(text_path), "text_bytes": [start, end]}
     write_atomically(path + ".json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
 
 
-def check_token_info(path: str, dtype: np.dtype, tokenizer: Tokenizer | None) -> None:
+def check_token_info(path: str | os.PathLike, dtype: np.dtype, tokenizer: Tokenizer | None
+                     ) -> None:
     """Refuse a token file whose sidecar names another tokenizer (when `tokenizer` is given),
     another type, or another length. A file without a sidecar, written by an older gpt.py, is
     accepted with a note."""
+    path = os.fspath(path)
     info_path = path + ".json"
     if not os.path.exists(info_path):
         log(f"note: {path} has no {os.path.basename(info_path)} (an older gpt.py wrote it), so "
@@ -2528,9 +2533,11 @@ def check_token_info(path: str, dtype: np.dtype, tokenizer: Tokenizer | None) ->
                          f"{num_tokens:,} {saved_dtype}: {again}")
 
 
-def open_tokens(path: str, vocab_size: int, tokenizer: Tokenizer | None = None) -> np.memmap:
+def open_tokens(path: str | os.PathLike, vocab_size: int, tokenizer: Tokenizer | None = None
+                ) -> np.memmap:
     """Memory-map a token file written by `tokenize`, checking that it fits the tokenizer: by its
     sidecar (see check_token_info), and by its largest id."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: run `python gpt.py tokenize` first")
     dtype = token_dtype(vocab_size)

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import signal
@@ -512,6 +513,24 @@ def test_save_load_round_trip(tmp_path, tokenizer, which):
     assert loaded.fingerprint() == original.fingerprint()
     text = "abc é! Once upon a time<|fin|>" + EOT + "".join(TRICKY_TEXTS)
     assert loaded.encode(text) == original.encode(text)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_tokenizer_files_take_paths(tmp_path, tokenizer, fast):
+    """save, load and from_files take a pathlib.Path as well as a str, and give the class they
+    are called on."""
+    cls = gpt.Tokenizer if fast else PlainTokenizer
+    directory = tmp_path / "tok"
+    cls(tokenizer.vocab, tokenizer.merges, [EOT]).save(directory)
+    loaded = cls.load(directory)
+    from_files = cls.from_files(directory / "vocab.json", directory / "merges.txt", [EOT])
+    for t in (loaded, from_files):
+        assert type(t) is cls and t.fingerprint() == tokenizer.fingerprint()
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'none.txt'}: no such file")):
+        cls.from_files(directory / "vocab.json", tmp_path / "none.txt")
+    (directory / "merges.txt").write_text("#version: 0.2\na b c\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="merges.txt: every line must be two tokens"):
+        cls.load(directory)
 
 
 def test_fingerprint_is_the_sha256_of_the_saved_files(tmp_path, tokenizer, gpt2_tokenizer):
@@ -1775,6 +1794,15 @@ def test_train_bpe_in_parallel_equals_naive(tmp_path):
     assert fast == gpt.train_bpe_naive(text, 400, [EOT])
 
 
+def test_train_bpe_takes_a_path(corpus_path):
+    """train_bpe takes a pathlib.Path (as CS336's tests pass it), or a byte range of one, as
+    well as a str."""
+    path = pathlib.Path(corpus_path)
+    expected = gpt.train_bpe(corpus_path, 300, [EOT], num_workers=1)
+    assert gpt.train_bpe(path, 300, [EOT], num_workers=1) == expected
+    assert gpt.train_bpe((path, 0, path.stat().st_size), 300, [EOT], num_workers=1) == expected
+
+
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_encode_and_train_on_a_byte_range_equal_a_copy_of_it(tmp_path, corpus_path, tokenizer,
                                                             num_workers):
@@ -2069,6 +2097,16 @@ def test_encode_file_error_leaves_no_file(tmp_path, tokenizer, corpus_path, num_
     assert os.listdir(tmp_path) == ["bad.txt"]
 
 
+def test_token_files_take_paths(tmp_path, tokenizer, corpus_path, capsys):
+    """encode_files, write_token_info and open_tokens take a pathlib.Path for every path."""
+    text, out = pathlib.Path(corpus_path), tmp_path / "tokens.bin"
+    (num_tokens,) = gpt.encode_files(tokenizer, [(text, out)], 1, verbose=True)
+    assert f"encode {corpus_path}:" in capsys.readouterr().err
+    gpt.write_token_info(out, tokenizer.fingerprint(), np.dtype(np.uint16), num_tokens, text)
+    assert json.loads((tmp_path / "tokens.bin.json").read_text())["text"] == corpus_path
+    assert len(gpt.open_tokens(out, len(tokenizer.vocab), tokenizer)) == num_tokens
+
+
 @pytest.fixture
 def token_file(tmp_path, token_dir):
     """A copy of a token file written by `tokenize`, with its sidecar, and its tokenizer."""
@@ -2216,6 +2254,26 @@ def full_checkpoint() -> dict:
             "tokenizer": dict(vocab=BYTES_VOCAB, merges=[], special_tokens=[EOT]),
             "args": {"preset": "laptop", "batch_size": 4, "lr": 1e-3, "min_lr": None},
             "best_val_loss": 5.5, "total_steps": 10, "rng": [torch.Generator().get_state()]}
+
+
+def test_checkpoint_functions_take_paths(tmp_path):
+    """save_checkpoint, load_checkpoint, load_for_sampling, newest_checkpoint and
+    remove_stale_temp_files take a pathlib.Path as well as a str."""
+    saved = full_checkpoint()
+    config = gpt.ModelConfig(**saved["config"])
+    model, optimizer, _ = trained_model(config, steps=1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / "latest.pt"
+    gpt.save_checkpoint(model, optimizer, 1, path, config=saved["config"],
+                        tokenizer=saved["tokenizer"])
+    assert gpt.newest_checkpoint(run_dir) == str(path)
+    assert gpt.load_checkpoint(path, gpt.TransformerLM(config)) == 1
+    restored, tokenizer = gpt.load_for_sampling(path, torch.device("cpu"))
+    assert torch.equal(restored.state_dict()[next(iter(saved["model"]))],
+                       model.state_dict()[next(iter(saved["model"]))])
+    assert tokenizer.encode("hi" + EOT) == [104, 105, 256]
+    assert gpt.remove_stale_temp_files(run_dir) == [] and os.listdir(run_dir) == ["latest.pt"]
 
 
 def load_as(use: str, path: str):
