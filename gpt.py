@@ -275,6 +275,7 @@ def train_bpe_incremental(counts: dict[str, int], vocab_size: int, special_token
         vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
         merges.append((vocab[pair[0]], vocab[pair[1]]))
         for i in pair_words.pop(pair):
+            # The word's pairs before the merge leave the counts, its pairs after it come in.
             old = words[i]
             words[i] = merge(old, pair, new_id)
             for p in zip(old, old[1:]):

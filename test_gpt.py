@@ -1700,12 +1700,13 @@ CODE_AND_PROSE = [
 
 def test_count_pretokens_of_code_and_prose_documents(tmp_path):
     """Counting pre-tokens document by document, code pre-tokenized whole and prose word by word,
-    gives the counts of pretokenize on each document."""
+    gives the counts of pretokenize on each document, those of §1's pretoken_counts."""
     docs = CODE_AND_PROSE * 3
     path = tmp_path / "docs.txt"
     path.write_bytes(EOT.join(docs).encode("utf-8"))
     counts = gpt.count_pretokens_in_chunk(str(path), 0, path.stat().st_size, [EOT])
     assert counts == Counter(p for doc in docs for p in gpt.pretokenize(doc))
+    assert counts == gpt.pretoken_counts(EOT.join(docs), [EOT])  # the twin of §1's counts
 
 
 def documents_file(path, seed: int = 0, num_docs: int = 400) -> str:
@@ -2274,6 +2275,23 @@ def test_checkpoint_functions_take_paths(tmp_path):
                        model.state_dict()[next(iter(saved["model"]))])
     assert tokenizer.encode("hi" + EOT) == [104, 105, 256]
     assert gpt.remove_stale_temp_files(run_dir) == [] and os.listdir(run_dir) == ["latest.pt"]
+
+
+def test_sample_readable_encodes_with_the_plain_tokenizer(tmp_path, capsys, monkeypatch):
+    """`sample --readable` encodes the prompt with §1's plain Tokenizer, `sample` with its fast
+    twin, and afterwards the name Tokenizer stands for the fast twin again."""
+    torch.save(full_checkpoint(), tmp_path / "ckpt.pt")
+    used = []
+    for cls in (PlainTokenizer, gpt.FastTokenizer):
+        monkeypatch.setattr(cls, "encode", lambda self, text, cls=cls, encode=cls.encode:
+                            used.append(cls) or encode(self, text))
+    for flags, expected in ((["--readable"], PlainTokenizer), ([], gpt.FastTokenizer)):
+        used.clear()
+        assert gpt.main(["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--prompt", "Hi",
+                         "--max-new-tokens", "2", "--device", "cpu", *flags]) == 0
+        assert used and set(used) == {expected}
+        assert gpt.Tokenizer is gpt.FastTokenizer
+    capsys.readouterr()
 
 
 def load_as(use: str, path: str):
