@@ -22,7 +22,8 @@ Then the machinery that makes the ideas fast, safe and usable, each part naming 
 speeds up or protects:
 
     §8  Files         atomic writes, UTF-8 checks
-    §9  Parallel BPE  worker processes, chunks cut at document boundaries, train_bpe
+    §9  Parallel BPE  worker processes, chunks cut at document boundaries, the fast
+                      incremental trainer, train_bpe
     §10 Fast encoder  cached encoding (FastTokenizer), parallel encoding to token files
     §11 Checkpoints   save, validate, resume, load for sampling
     §12 Devices       CUDA/MPS/CPU, bf16, torch.compile (checked), torchrun
