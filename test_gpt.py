@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import signal
@@ -111,11 +112,24 @@ def tokenizer(corpus_path):
     return gpt.Tokenizer(vocab, merges, [EOT])
 
 
-@pytest.fixture(params=["train_bpe", "train_bpe_naive"])
+# §1's readable forms; after `import gpt` the plain names stand for their fast twins (§19).
+PlainTokenizer = gpt.READABLE_FORMS["Tokenizer"]
+plain_train_bpe_incremental = gpt.READABLE_FORMS["train_bpe_incremental"]
+
+
+def train_incrementally(text: str, vocab_size: int, special_tokens: list[str]):
+    """§1's readable incremental trainer on the pre-token counts of text."""
+    counts = gpt.pretoken_counts(text, special_tokens)
+    return plain_train_bpe_incremental(counts, vocab_size, special_tokens)
+
+
+@pytest.fixture(params=["train_bpe", "train_bpe_naive", "train_bpe_incremental"])
 def train(request, tmp_path):
-    """Both trainers behind one signature: train(text, vocab_size, special_tokens)."""
+    """The three trainers behind one signature: train(text, vocab_size, special_tokens)."""
     if request.param == "train_bpe_naive":
         return gpt.train_bpe_naive
+    if request.param == "train_bpe_incremental":
+        return train_incrementally
 
     def train_from_file(text, vocab_size, special_tokens):
         path = tmp_path / "corpus.txt"
@@ -136,17 +150,34 @@ def test_pretokenize_hand_examples(text, expected):
     assert gpt.pretokenize(text) == expected
 
 
-@pytest.mark.parametrize("word, pair, expected", [
-    ((1, 2, 2, 2), (2, 2), (1, 9, 2)),  # overlapping occurrences: leftmost first
-    ((2, 2, 2, 2), (2, 2), (9, 9)),
-    ((1, 2, 3), (3, 4), (1, 2, 3)),     # pair absent
-    ((1, 2, 1, 2), (1, 2), (9, 9)),
-    ((), (1, 2), ()),
-    ([3, 1, 2], (1, 2), [3, 9]),        # a list stays a list
+@pytest.mark.parametrize("ids, pair, expected", [
+    ([1, 2, 2, 2], (2, 2), [1, 9, 2]),  # overlapping occurrences: leftmost first
+    ([2, 2, 2, 2], (2, 2), [9, 9]),
+    ([1, 2, 3], (3, 4), [1, 2, 3]),     # pair absent
+    ([1, 2, 1, 2], (1, 2), [9, 9]),
+    ([], (1, 2), []),
+    ([3, 1, 2], (1, 2), [3, 9]),
 ])
-def test_merge_pair_hand_examples(word, pair, expected):
-    """merge_pair replaces non-overlapping occurrences left to right, keeping the type."""
-    assert gpt.merge_pair(word, pair, 9) == expected
+def test_merge_hand_examples(ids, pair, expected):
+    """merge replaces non-overlapping occurrences left to right."""
+    assert gpt.merge(ids, pair, 9) == expected
+
+
+def test_pretoken_counts_hand_example():
+    """The trainers' input: each distinct pre-token with its count, special tokens cut out."""
+    text = "the cat" + EOT + "the cat sat" + EOT
+    assert gpt.pretoken_counts(text, [EOT]) == {"the": 2, " cat": 2, " sat": 1}
+    assert gpt.pretoken_counts("a" + EOT, [])["|>"] == 1  # not special: plain text
+
+
+def test_count_pairs_and_most_frequent_pair_hand_examples():
+    """Pairs are counted once per occurrence times the word's count; ties go to the greatest
+    (left bytes, right bytes), not to the greatest ids."""
+    assert gpt.count_pairs([[1, 2, 3], [1, 2]], [2, 5]) == {(1, 2): 7, (2, 3): 2}
+    assert gpt.count_pairs([[7], []], [3, 4]) == {}
+    vocab = {**BYTES_VOCAB, 256: b"zz", 257: b"a"}
+    assert gpt.most_frequent_pair({(97, 98): 2, (98, 99): 2, (1, 1): 1}, vocab) == (98, 99)
+    assert gpt.most_frequent_pair({(256, 97): 4, (257, 98): 4, (99, 1): 3}, vocab) == (256, 97)
 
 
 def test_bytes_to_unicode_matches_gpt2():
@@ -286,14 +317,25 @@ def test_reverse_keys_sort_pairs_greatest_first():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_train_bpe_equals_naive(tmp_path, seed):
-    """The fast trainer learns exactly the naive reference's vocab and merges."""
+    """The fast trainer and the readable incremental one learn exactly the naive reference's
+    vocab and merges."""
     text = random_text(seed, num_words=400)
     special_tokens = [EOT] if seed % 4 else []  # without it, "<|endoftext|>" is plain text
     vocab_size = 1000 if seed % 5 == 0 else 256 + len(special_tokens) + 5 + 3 * seed
     path = tmp_path / "corpus.txt"
     path.write_bytes(text.encode("utf-8"))
     fast = gpt.train_bpe(str(path), vocab_size, special_tokens, num_workers=1)
-    assert fast == gpt.train_bpe_naive(text, vocab_size, special_tokens)
+    naive = gpt.train_bpe_naive(text, vocab_size, special_tokens)
+    assert fast == naive == train_incrementally(text, vocab_size, special_tokens)
+
+
+def test_fast_incremental_trainer_is_the_default_twin():
+    """After import, train_bpe_incremental is the fast twin, and both learn the same merges
+    from the same counts, with the same progress flag."""
+    assert gpt.train_bpe_incremental is gpt.fast_train_bpe_incremental
+    counts = gpt.pretoken_counts(random_text(7, num_words=2000), [EOT])
+    assert (gpt.fast_train_bpe_incremental(counts, 600, [EOT], verbose=False)
+            == plain_train_bpe_incremental(counts, 600, [EOT], verbose=False))
 
 
 @pytest.mark.parametrize("long_bytes", [gpt.LONG_PRETOKEN_BYTES, 0], ids=["long", "all-linked"])
@@ -332,14 +374,14 @@ def test_train_bpe_on_a_huge_pretoken(tmp_path, monkeypatch):
     length: at most two pairs replaced per merged occurrence, and never the whole word re-spelled,
     which took 20 s here (hours for 3 MB)."""
     replaced, respelled = [], []  # one entry per pair replaced, one per word re-spelled
-    replace, respell = gpt._LinkedWords._replace, gpt.respell
+    replace, merge_words = gpt._LinkedWords._replace, gpt.fast_merge_words
 
-    def respell_and_record(words, freqs, pair, new, pair_count, pair_words):
+    def merge_words_and_record(words, freqs, pair, new, pair_count, pair_words):
         respelled.extend(len(words[i]) for i in pair_words.get(pair, ()))
-        return respell(words, freqs, pair, new, pair_count, pair_words)
+        return merge_words(words, freqs, pair, new, pair_count, pair_words)
     monkeypatch.setattr(gpt._LinkedWords, "_replace",
                         lambda self, *args: replaced.append(1) or replace(self, *args))
-    monkeypatch.setattr(gpt, "respell", respell_and_record)
+    monkeypatch.setattr(gpt, "fast_merge_words", merge_words_and_record)
     rng = random.Random(0)
     text = "".join(rng.choice(["once", "upon", "a", "time", "there", "was"]) for _ in range(75_000))
     path = tmp_path / "line.txt"
@@ -372,18 +414,21 @@ def encode_by_replaying_merges(tokenizer: gpt.Tokenizer, text: str) -> list[int]
     pre-token (slow, but obviously right)."""
     ids = []
     for pretoken in gpt.pretokenize(text):
-        word = tuple(bytes([b]) for b in pretoken.encode("utf-8"))
+        word = [bytes([b]) for b in pretoken.encode("utf-8")]
         for left, right in tokenizer.merges:
-            word = gpt.merge_pair(word, (left, right), left + right)
+            word = gpt.merge(word, (left, right), left + right)
         ids += [tokenizer.id_of[token] for token in word]
     return ids
 
 
 def test_encode_equals_replaying_merges(tokenizer, corpus_path):
-    """encode() gives the ids of applying the merges one by one in the order they were learned."""
+    """encode(), plain and fast, gives the ids of applying the merges one by one in the order
+    they were learned."""
     with open(corpus_path, encoding="utf-8") as f:
         text = f.read(3000).replace(EOT, "") + "".join(TRICKY_TEXTS)
-    assert tokenizer.encode(text) == encode_by_replaying_merges(tokenizer, text)
+    replayed = encode_by_replaying_merges(tokenizer, text)
+    plain = PlainTokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
+    assert tokenizer.encode(text) == replayed and plain.encode(text) == replayed
 
 
 @pytest.mark.parametrize("specials", [[EOT, EOT * 2], [EOT * 2, EOT]], ids=["short-first",
@@ -468,6 +513,24 @@ def test_save_load_round_trip(tmp_path, tokenizer, which):
     assert loaded.fingerprint() == original.fingerprint()
     text = "abc é! Once upon a time<|fin|>" + EOT + "".join(TRICKY_TEXTS)
     assert loaded.encode(text) == original.encode(text)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_tokenizer_files_take_paths(tmp_path, tokenizer, fast):
+    """save, load and from_files take a pathlib.Path as well as a str, and give the class they
+    are called on."""
+    cls = gpt.Tokenizer if fast else PlainTokenizer
+    directory = tmp_path / "tok"
+    cls(tokenizer.vocab, tokenizer.merges, [EOT]).save(directory)
+    loaded = cls.load(directory)
+    from_files = cls.from_files(directory / "vocab.json", directory / "merges.txt", [EOT])
+    for t in (loaded, from_files):
+        assert type(t) is cls and t.fingerprint() == tokenizer.fingerprint()
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'none.txt'}: no such file")):
+        cls.from_files(directory / "vocab.json", tmp_path / "none.txt")
+    (directory / "merges.txt").write_text("#version: 0.2\na b c\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="merges.txt: every line must be two tokens"):
+        cls.load(directory)
 
 
 def test_fingerprint_is_the_sha256_of_the_saved_files(tmp_path, tokenizer, gpt2_tokenizer):
@@ -1637,12 +1700,13 @@ CODE_AND_PROSE = [
 
 def test_count_pretokens_of_code_and_prose_documents(tmp_path):
     """Counting pre-tokens document by document, code pre-tokenized whole and prose word by word,
-    gives the counts of pretokenize on each document."""
+    gives the counts of pretokenize on each document, those of §1's pretoken_counts."""
     docs = CODE_AND_PROSE * 3
     path = tmp_path / "docs.txt"
     path.write_bytes(EOT.join(docs).encode("utf-8"))
     counts = gpt.count_pretokens_in_chunk(str(path), 0, path.stat().st_size, [EOT])
     assert counts == Counter(p for doc in docs for p in gpt.pretokenize(doc))
+    assert counts == gpt.pretoken_counts(EOT.join(docs), [EOT])  # the twin of §1's counts
 
 
 def documents_file(path, seed: int = 0, num_docs: int = 400) -> str:
@@ -1729,6 +1793,15 @@ def test_train_bpe_in_parallel_equals_naive(tmp_path):
     assert len(gpt.plan_chunks(str(path), [EOT], num_workers=2)) > 2
     fast = gpt.train_bpe(str(path), 400, [EOT], num_workers=2)
     assert fast == gpt.train_bpe_naive(text, 400, [EOT])
+
+
+def test_train_bpe_takes_a_path(corpus_path):
+    """train_bpe takes a pathlib.Path (as CS336's tests pass it), or a byte range of one, as
+    well as a str."""
+    path = pathlib.Path(corpus_path)
+    expected = gpt.train_bpe(corpus_path, 300, [EOT], num_workers=1)
+    assert gpt.train_bpe(path, 300, [EOT], num_workers=1) == expected
+    assert gpt.train_bpe((path, 0, path.stat().st_size), 300, [EOT], num_workers=1) == expected
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
@@ -1818,7 +1891,7 @@ def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path,
     cross = [(b"e", b"7"), (b"e", b","), (b",", b"t"), (b"\n", b"t"), (b"\t", b" ")]
     vocab.update({len(vocab) + i: left + right for i, (left, right) in enumerate(cross)})
     merges = cross + merges
-    tokenizer, plain = gpt.Tokenizer(vocab, merges), gpt.BPETokenizer(vocab, merges)
+    tokenizer, plain = gpt.Tokenizer(vocab, merges), PlainTokenizer(vocab, merges)
     cut_into(cut, monkeypatch)
     assert {b"\n\t", b"\t\t", b" the"} <= set(tokenizer.vocab.values())
     for n in range(5):
@@ -1829,12 +1902,12 @@ def test_encode_equals_pretokens_merged_one_by_one_on_every_short_text(tmp_path,
 @pytest.mark.parametrize("cut", ["words", "pre-tokens"])
 def test_fast_encode_equals_the_plain_encode_on_stories(tokenizer, corpus_path, cut,
                                                        monkeypatch):
-    """Tokenizer.encode (caches, shortcuts) equals BPETokenizer.encode (a merge loop per
+    """FastTokenizer.encode (caches, shortcuts) equals §1's Tokenizer.encode (a merge loop per
     pre-token) on real stories with their document markers, cut into words or pre-tokens."""
     text = open(corpus_path, encoding="utf-8").read()
     fast = gpt.Tokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
     cut_into(cut, monkeypatch)
-    plain = gpt.BPETokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
+    plain = PlainTokenizer(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
     assert EOT in text
     assert fast.encode(text) == plain.encode(text)
 
@@ -1844,7 +1917,7 @@ def test_encode_cuts_code_into_pre_tokens_and_prose_into_words():
     word cache fills); both give the plain encode's ids."""
     vocab = {**BYTES_VOCAB, 256: b" t", 257: b"he", 258: b" the", 259: b"  "}
     merges = [(b" ", b"t"), (b"h", b"e"), (b" t", b"he"), (b" ", b" ")]
-    tokenizer, plain = gpt.Tokenizer(vocab, merges), gpt.BPETokenizer(vocab, merges)
+    tokenizer, plain = gpt.Tokenizer(vocab, merges), PlainTokenizer(vocab, merges)
     code = "def f(x):\n    return the(x)\n"
     assert tokenizer.encode(code) == plain.encode(code) and not tokenizer.after_space
     prose = "the cat and the dog"
@@ -1871,9 +1944,9 @@ def merging_every_pair_tokenizer(text: str, special_tokens: list[str]) -> gpt.To
 
 @pytest.mark.parametrize("which", ["tokenizer", "gpt2_tokenizer", "every-pair"])
 def test_long_pretokens_merge_with_a_heap_as_the_plain_loop(request, which, monkeypatch):
-    """Above LONG_PRETOKEN_BYTES, encode_word merges with a heap: exactly as the plain loop does,
-    on random long words spelled from the vocabulary's own tokens and on runs of one character
-    (where every pair ties, so the leftmost must win)."""
+    """Above LONG_PRETOKEN_BYTES, encode_word merges with a heap: exactly as the fast loop and
+    §1's plain encode_word do, on random long words spelled from the vocabulary's own tokens and
+    on runs of one character (where every pair ties, so the leftmost must win)."""
     rng = random.Random(0)
     if which == "every-pair":
         tok = merging_every_pair_tokenizer("".join(rng.choices("aabé日", k=500)), [])
@@ -1885,6 +1958,8 @@ def test_long_pretokens_merge_with_a_heap_as_the_plain_loop(request, which, monk
     words += ["a" * 600, "é" * 200, " " * 599, "\n" * 300, "ab" * 250]
     assert all(len(w.encode("utf-8")) > gpt.LONG_PRETOKEN_BYTES for w in words)
     with_heap = [tok.encode_word(w) for w in words]
+    plain = PlainTokenizer(tok.vocab, tok.merges, tok.special_tokens)
+    assert [plain.encode_word(w) for w in words] == with_heap
     monkeypatch.setattr(gpt, "LONG_PRETOKEN_BYTES", math.inf)
     assert [tok.encode_word(w) for w in words] == with_heap
 
@@ -2021,6 +2096,16 @@ def test_encode_file_error_leaves_no_file(tmp_path, tokenizer, corpus_path, num_
     with pytest.raises(ValueError, match="not UTF-8"):
         list(gpt.encode_files(tokenizer, files, num_workers))
     assert os.listdir(tmp_path) == ["bad.txt"]
+
+
+def test_token_files_take_paths(tmp_path, tokenizer, corpus_path, capsys):
+    """encode_files, write_token_info and open_tokens take a pathlib.Path for every path."""
+    text, out = pathlib.Path(corpus_path), tmp_path / "tokens.bin"
+    (num_tokens,) = gpt.encode_files(tokenizer, [(text, out)], 1, verbose=True)
+    assert f"encode {corpus_path}:" in capsys.readouterr().err
+    gpt.write_token_info(out, tokenizer.fingerprint(), np.dtype(np.uint16), num_tokens, text)
+    assert json.loads((tmp_path / "tokens.bin.json").read_text())["text"] == corpus_path
+    assert len(gpt.open_tokens(out, len(tokenizer.vocab), tokenizer)) == num_tokens
 
 
 @pytest.fixture
@@ -2170,6 +2255,43 @@ def full_checkpoint() -> dict:
             "tokenizer": dict(vocab=BYTES_VOCAB, merges=[], special_tokens=[EOT]),
             "args": {"preset": "laptop", "batch_size": 4, "lr": 1e-3, "min_lr": None},
             "best_val_loss": 5.5, "total_steps": 10, "rng": [torch.Generator().get_state()]}
+
+
+def test_checkpoint_functions_take_paths(tmp_path):
+    """save_checkpoint, load_checkpoint, load_for_sampling, newest_checkpoint and
+    remove_stale_temp_files take a pathlib.Path as well as a str."""
+    saved = full_checkpoint()
+    config = gpt.ModelConfig(**saved["config"])
+    model, optimizer, _ = trained_model(config, steps=1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / "latest.pt"
+    gpt.save_checkpoint(model, optimizer, 1, path, config=saved["config"],
+                        tokenizer=saved["tokenizer"])
+    assert gpt.newest_checkpoint(run_dir) == str(path)
+    assert gpt.load_checkpoint(path, gpt.TransformerLM(config)) == 1
+    restored, tokenizer = gpt.load_for_sampling(path, torch.device("cpu"))
+    assert torch.equal(restored.state_dict()[next(iter(saved["model"]))],
+                       model.state_dict()[next(iter(saved["model"]))])
+    assert tokenizer.encode("hi" + EOT) == [104, 105, 256]
+    assert gpt.remove_stale_temp_files(run_dir) == [] and os.listdir(run_dir) == ["latest.pt"]
+
+
+def test_sample_readable_encodes_with_the_plain_tokenizer(tmp_path, capsys, monkeypatch):
+    """`sample --readable` encodes the prompt with §1's plain Tokenizer, `sample` with its fast
+    twin, and afterwards the name Tokenizer stands for the fast twin again."""
+    torch.save(full_checkpoint(), tmp_path / "ckpt.pt")
+    used = []
+    for cls in (PlainTokenizer, gpt.FastTokenizer):
+        monkeypatch.setattr(cls, "encode", lambda self, text, cls=cls, encode=cls.encode:
+                            used.append(cls) or encode(self, text))
+    for flags, expected in ((["--readable"], PlainTokenizer), ([], gpt.FastTokenizer)):
+        used.clear()
+        assert gpt.main(["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--prompt", "Hi",
+                         "--max-new-tokens", "2", "--device", "cpu", *flags]) == 0
+        assert used and set(used) == {expected}
+        assert gpt.Tokenizer is gpt.FastTokenizer
+    capsys.readouterr()
 
 
 def load_as(use: str, path: str):
