@@ -4447,8 +4447,7 @@ class ModulesLM(nn.Module):
 
 @pytest.mark.benchmark
 def test_benchmark_model_against_pytorch_modules():
-    """The laptop model built from PyTorch's modules, given gpt.py's weights, gives its logits;
-    prints the training-step throughput of both (forward, loss, backward, clip, AdamW)."""
+    """The laptop model from PyTorch's modules, given gpt.py's weights, gives gpt.py's logits."""
     laptop = gpt.PRESETS["laptop"]
     config = gpt.ModelConfig(vocab_size=10_000, **{f.name: laptop[f.name] for f in
                                                    dataclasses.fields(gpt.ModelConfig)
@@ -4464,6 +4463,7 @@ def test_benchmark_model_against_pytorch_modules():
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
 
+    # Then the speed of a training step of each: forward, loss, backward, clipping, AdamW.
     def step(model, optimizer, loss_fn, clip):
         loss = loss_fn(model(x).flatten(0, 1), y.flatten())
         loss.backward()
