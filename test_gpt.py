@@ -40,7 +40,7 @@ import gpt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINYSTORIES = os.path.join(HERE, "data", "tinystories_train.txt")
-GPT2_DIR = os.path.join(HERE, "data", "gpt2")  # OpenAI's GPT-2 tokenizer files (MIT licence)
+GPT2_DIR = os.path.join(HERE, "data", "gpt2")  # OpenAI's GPT-2 tokenizer files (modified MIT)
 EOT = "<|endoftext|>"
 BYTES_VOCAB = {i: bytes([i]) for i in range(256)}  # a tokenizer with no merges at all
 
@@ -4425,3 +4425,192 @@ def test_sample_bad_input_is_one_line_and_exit_2(tmp_path, trained_run, capsys, 
     capsys.readouterr()
     assert exit_code(args + [e.format(tmp=tmp_path) for e in extra]) == 2
     assert named.format(tmp=tmp_path) in one_error_line(capsys, "sample")
+
+
+# ==================================================================================================
+# Benchmarks (opt-in): python -m pytest -m benchmark -s
+#
+# gpt.py against the libraries people would otherwise use: tiktoken's encoder, Hugging Face
+# tokenizers' BPE trainer, and the same model built from PyTorch's modules. Each checks that the
+# two agree, then prints how fast gpt.py is next to the other (never asserted: it depends on the
+# machine). pytest.ini leaves them out of a plain run; each skips where its library is missing.
+# ==================================================================================================
+
+def timed(work) -> tuple[object, float]:
+    """work()'s result and the seconds it took."""
+    start = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - start
+
+
+def report(*lines: str) -> None:
+    """The figures of a benchmark, with the versions that made them (shown under -s)."""
+    print(f"\n[python {sys.version.split()[0]}, torch {torch.__version__}, "
+          f"{os.cpu_count()} cores]", *lines, sep="\n  ")
+
+
+@pytest.mark.benchmark
+def test_benchmark_encode_against_tiktoken():
+    """Encoding the bundled stories gives tiktoken's ids; prints gpt.py's throughput next to it."""
+    tiktoken = pytest.importorskip("tiktoken")
+    vocab, merges = gpt.train_bpe(TINYSTORIES, 10_000, [EOT])
+    # tiktoken ranks tokens instead of listing merges: the lower rank merges first, so the 256
+    # single bytes then each merge's result, in the order learned, give the same merges.
+    ranks = {bytes([b]): b for b in range(256)}
+    for a, b in merges:
+        ranks.setdefault(a + b, len(ranks))
+    reference = tiktoken.Encoding("gpt-py-bench", pat_str=gpt.GPT2_PATTERN,
+                                  mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+    id_of = {token: i for i, token in vocab.items()}
+    ours_of_rank = {rank: id_of[token] for token, rank in ranks.items()}
+    ours_of_rank[len(ranks)] = id_of[EOT.encode()]
+    with open(TINYSTORIES, encoding="utf-8") as f:
+        text = f.read()
+    megabytes = len(text.encode()) / 1e6
+    # A fresh Tokenizer: its first call, which fills the word cache, as `tokenize` pays it.
+    ours, ours_s = timed(lambda: gpt.Tokenizer(vocab, merges, [EOT]).encode(text))
+    theirs, theirs_s = timed(lambda: reference.encode(text, allowed_special={EOT}))
+    assert ours == [ours_of_rank[rank] for rank in theirs]
+    report(f"encode {megabytes:.1f} MB, {len(ours):,} tokens, identical ids",
+           f"gpt.py Tokenizer.encode (first call): {megabytes / ours_s:.1f} MB/s",
+           f"tiktoken {tiktoken.__version__} (one thread): {megabytes / theirs_s:.1f} MB/s",
+           f"gpt.py / tiktoken: {theirs_s / ours_s:.2f}")
+
+
+@pytest.mark.benchmark
+def test_benchmark_bpe_training_against_tokenizers():
+    """Both trainers learn a 10,000-token vocabulary from the stories; prints their time ratio."""
+    hf = pytest.importorskip("tokenizers")
+    vocab_size = 10_000
+    (vocab, merges), ours_s = timed(lambda: gpt.train_bpe(TINYSTORIES, vocab_size, [EOT]))
+    # GPT-2's byte-level BPE in `tokenizers`: its ByteLevel pre-tokenizer splits with GPT-2's
+    # pattern, and the 256 bytes are the initial alphabet, as in gpt.py.
+    reference = hf.Tokenizer(hf.models.BPE())
+    reference.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = hf.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
+                                     initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(),
+                                     show_progress=False)
+    _, theirs_s = timed(lambda: reference.train([TINYSTORIES], trainer))
+    assert len(vocab) == reference.get_vocab_size() == vocab_size
+    # Both spell bytes with GPT-2's printable table, so their vocabularies compare as strings;
+    # ties between equally frequent pairs are broken differently, so a few tokens differ.
+    spell = gpt.bytes_to_unicode()
+    spelled = {"".join(spell[b] for b in token) for token in vocab.values()}
+    shared = spelled & set(reference.get_vocab())
+    report(f"BPE training on {os.path.basename(TINYSTORIES)}, vocabulary {vocab_size:,}",
+           f"gpt.py train_bpe: {ours_s:.2f} s, {len(merges):,} merges",
+           f"tokenizers {hf.__version__} BpeTrainer: {theirs_s:.2f} s",
+           f"tokens in both vocabularies: {len(shared) / vocab_size:.1%}",
+           f"gpt.py / tokenizers (time): {ours_s / theirs_s:.2f}")
+
+
+
+class ModulesAttention(nn.Module):
+    """Causal self-attention from PyTorch's parts: nn.Linear and F.scaled_dot_product_attention,
+    with RoPE written as complex multiplication (pair (x1, x2) is x1 + i x2, turned by e^(i a))."""
+
+    def __init__(self, config: gpt.ModelConfig):
+        super().__init__()
+        C, self.H, D = config.d_model, config.num_heads, config.head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.output_proj = (
+            nn.Linear(C, C, bias=False) for _ in range(4))
+        frequencies = config.rope_theta ** (-torch.arange(0, D, 2).float() / D)  # (D/2,)
+        angles = torch.outer(torch.arange(config.context_length).float(), frequencies)
+        self.register_buffer("turns", torch.polar(torch.ones_like(angles), angles),
+                             persistent=False)  # (T, D/2), complex
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, D/2)
+        return torch.view_as_real(pairs * self.turns[:x.shape[2]]).flatten(-2).type_as(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.H, -1).transpose(1, 2)  # each (B, H, T, D)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(self.rotate(q), self.rotate(k), v, is_causal=True)
+        return self.output_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class ModulesBlock(nn.Module):
+    """A pre-norm block: nn.RMSNorm, the attention above, SwiGLU from three nn.Linear."""
+
+    def __init__(self, config: gpt.ModelConfig):
+        super().__init__()
+        C, hidden = config.d_model, config.d_ff
+        self.ln1, self.ln2 = (nn.RMSNorm(C, eps=config.norm_eps) for _ in range(2))
+        self.attn = ModulesAttention(config)
+        self.ffn = nn.Module()  # a bare container, so that the names read ffn.w1, as gpt.py's
+        self.ffn.w1, self.ffn.w3 = (nn.Linear(C, hidden, bias=False) for _ in range(2))
+        self.ffn.w2 = nn.Linear(hidden, C, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        h = self.ln2(x)
+        return x + self.ffn.w2(F.silu(self.ffn.w1(h)) * self.ffn.w3(h))
+
+
+class ModulesLM(nn.Module):
+    """gpt.TransformerLM (pre-norm, RoPE, SwiGLU, untied) from PyTorch's modules, under the same
+    parameter names, so that it loads a gpt.py state dict as it is."""
+
+    def __init__(self, config: gpt.ModelConfig):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(ModulesBlock(config) for _ in range(config.num_layers))
+        self.ln_final = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        x = self.token_embeddings(token_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.ln_final(x))
+
+
+@pytest.mark.benchmark
+def test_benchmark_model_against_pytorch_modules():
+    """The laptop model from PyTorch's modules, given gpt.py's weights, gives gpt.py's logits."""
+    laptop = gpt.PRESETS["laptop"]
+    config = gpt.ModelConfig(vocab_size=10_000, **{f.name: laptop[f.name] for f in
+                                                   dataclasses.fields(gpt.ModelConfig)
+                                                   if f.name in laptop})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    ours = gpt.TransformerLM(config).to(device)
+    theirs = ModulesLM(config).to(device)
+    theirs.load_state_dict(ours.state_dict())
+    batch = laptop["batch_size"]
+    tokens = torch.randint(config.vocab_size, (batch, config.context_length + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
+
+    # Then the speed of a training step of each: forward, loss, backward, clipping, AdamW.
+    def step(model, optimizer, loss_fn, clip):
+        loss = loss_fn(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        clip(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    hyper = dict(lr=laptop["lr"], betas=(0.9, laptop["beta2"]), weight_decay=0.1)
+    runs = {"gpt.py": (ours, gpt.AdamW(ours.parameters(), **hyper), gpt.cross_entropy,
+                       gpt.clip_grad_norm),
+            "modules": (theirs, torch.optim.AdamW(theirs.parameters(), **hyper),
+                        F.cross_entropy, nn.utils.clip_grad_norm_)}
+    seconds = {name: [] for name in runs}
+    for i in range(8):  # alternated, so that a busy moment of the machine slows both
+        for name, run in runs.items():
+            _, s = timed(lambda: step(*run))
+            if i > 0:  # the first step allocates the optimizer's state
+                seconds[name].append(s)
+    rate = {name: batch * config.context_length / np.median(s) for name, s in seconds.items()}
+    report(f"laptop model ({sum(p.numel() for p in ours.parameters()):,} parameters), "
+           f"batch {batch} x {config.context_length}, float32, {device.type}; logits agree",
+           f"gpt.py (TransformerLM, cross_entropy, AdamW, clip_grad_norm): "
+           f"{rate['gpt.py']:,.0f} tokens/s",
+           f"torch.nn modules (F.cross_entropy, torch.optim.AdamW, clip_grad_norm_): "
+           f"{rate['modules']:,.0f} tokens/s",
+           f"gpt.py / modules: {rate['gpt.py'] / rate['modules']:.2f}")
