@@ -3813,7 +3813,7 @@ def test_plot_command_end_to_end(tmp_path, trained_run, capsys):
     printed = capsys.readouterr().out
     for name in (trained_run.name, "other"):
         assert f"{name} (" in printed and "30 steps, 1,920 tokens" in printed
-    assert re.search(r"^ +30 +1,920 +\d+s +\d\.\d{4} +\d\.\d{4} +\d+\.\d\d$", printed, re.M)
+    assert re.search(r"^ +30 +1,920 +(\d+m)?\d+s +\d\.\d{4} +\d\.\d{4} +\d+\.\d\d$", printed, re.M)
     assert f"wrote {out / 'curves.png'}" in printed
     assert_valid_pngs(out, ["curves.png", "lr_and_grad_norm.png"])
 
