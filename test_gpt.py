@@ -1155,8 +1155,7 @@ def test_cross_entropy_bf16_logits(form):
 
 
 def test_cross_entropy_over_several_chunks():
-    """The fast twin over more rows than one slice (20 rows of V = 50,000 on a CPU), the last
-    one partial."""
+    """The fast twin over more rows than one slice (20 rows of V = 50,000), the last partial."""
     torch.manual_seed(0)
     logits = torch.randn(45, 50_000)
     check_cross_entropy(logits, torch.randint(0, 50_000, (45,)))
@@ -1219,8 +1218,7 @@ def test_adamw_equals_torch_adamw(groups, form):
 
 
 def test_fast_adamw_equals_the_per_parameter_one():
-    """The vectorised AdamW equals adamw_update applied to each parameter in turn, for 50 steps
-    of two groups with their own hyperparameters: the same parameters and the same state."""
+    """FastAdamW's parameters and state equal the per-parameter AdamW's over 50 steps."""
     torch.manual_seed(0)
     start = [torch.randn(shape) for shape in PARAM_SHAPES]
     fast, plain = [nn.Parameter(p.clone()) for p in start], [nn.Parameter(p.clone()) for p in start]
@@ -1236,8 +1234,7 @@ def test_fast_adamw_equals_the_per_parameter_one():
 
 @pytest.mark.parametrize("restored_form", ADAMW_FORMS)
 def test_adamw_state_dict_round_trip(restored_form):
-    """An AdamW restored from a state_dict continues exactly as the original; the readable
-    one restored from the fast one's (a run resumed with --readable), to float rounding."""
+    """A restored AdamW continues as the original: exactly, or readable from fast's state."""
     torch.manual_seed(0)
     groups = ADAMW_GROUPS["two-groups"]
     params = [nn.Parameter(torch.randn(shape)) for shape in PARAM_SHAPES]
@@ -1516,8 +1513,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected, form):
                                                  (3.0, 0.5, 100), (0.1, 0.95, 300)],
                          ids=["flat", "peaked", "with-top-k", "flat-with-top-k"])
 def test_fast_filter_logits_equals_the_readable_one(scale, top_p, top_k):
-    """The fast twin keeps the same logits as filter_logits, whether the nucleus lies within
-    the 64 likeliest tokens (peaked) or beyond them (flat: it then sorts everything)."""
+    """The fast twin keeps filter_logits' logits, the nucleus within the top 64 or beyond."""
     torch.manual_seed(0)
     logits = torch.randn(3, 500) * scale
     kept = gpt.fast_filter_logits(logits, 0.8, top_k, top_p)
@@ -4245,8 +4241,7 @@ def call_shape(function) -> list[tuple]:
 
 @pytest.mark.parametrize("name", gpt.FAST_TWINS)
 def test_importing_gpt_runs_the_fast_twins_with_the_readable_signatures(name):
-    """After `import gpt` each plain name of §1-§7 with a twin runs the twin, which a caller
-    uses exactly as the readable form (classes: the constructor and every public method)."""
+    """After `import gpt` a plain name runs its twin, called exactly as the readable form."""
     fast, plain = gpt.FAST_TWINS[name], readable(name)
     assert getattr(gpt, name) is fast and fast is not plain
     if isinstance(plain, type):
@@ -4323,15 +4318,13 @@ PENDING_3 = pytest.mark.xfail(strict=True, reason="§3's twins are not switched 
     ("sample", "function"),
 ])
 def test_readable_commands_run_only_the_readable_forms(readable_runs, command, fast_path):
-    """`train --readable` and `sample --readable` call no F.scaled_dot_product_attention, no
-    torch._foreach_*, no autograd Function of ours, and train no torch.compile."""
+    """--readable calls no sdpa, torch._foreach_*, autograd Function of ours or torch.compile."""
     calls, _, _ = readable_runs
     assert fast_path not in calls[command]
 
 
 def test_fast_twins_are_back_after_a_readable_command(readable_runs, token_dir, tmp_path, capsys):
-    """After main() returns, from a readable run or a refused one (--readable with --compile,
-    named in one line), every plain name runs its fast twin again."""
+    """After a readable main() returns, or refuses --readable --compile, the twins are back."""
     assert all(getattr(gpt, name) is twin for name, twin in gpt.FAST_TWINS.items())
     capsys.readouterr()
     assert gpt.main(train_args(token_dir, tmp_path, "--readable", "--compile")) == 2
@@ -4340,8 +4333,7 @@ def test_fast_twins_are_back_after_a_readable_command(readable_runs, token_dir, 
 
 
 def test_readable_and_fast_training_give_the_same_losses(readable_runs, token_dir, tmp_path):
-    """The same run trained by the readable forms and by the fast twins logs the same training
-    and validation losses, to float rounding."""
+    """The readable forms and the fast twins train to the same losses, to float rounding."""
     _, readable_dir, _ = readable_runs
     assert gpt.main(train_args(token_dir, tmp_path, "--max-time", "10m", "--no-compile")) == 0
     fast, plain = metrics(tmp_path), metrics(readable_dir)
@@ -4353,7 +4345,7 @@ def test_readable_and_fast_training_give_the_same_losses(readable_runs, token_di
 
 
 def test_readable_and_fast_sampling_give_the_same_text(readable_runs, trained_run, capsys):
-    """`sample` with the same seed and top-p writes the same text with or without --readable."""
+    """`sample` with a seed and top-p writes the same text with or without --readable."""
     _, _, readable_text = readable_runs
     assert gpt.main(["sample", "--run-dir", str(trained_run), "--prompt", "Once upon a time",
                      "--max-new-tokens", "20", "--top-p", "0.9", "--seed", "1"]) == 0
