@@ -13,7 +13,7 @@ The ideas come first, each in its readable form; a reader can stop after §7 hav
     §2 Data           token files on disk; random windows as batches
     §3 Model          config, Linear/Embedding, RMSNorm, RoPE, attention (plain, tiled, fast),
                       SwiGLU, the block, the LM
-    §4 Loss, AdamW    cross-entropy and AdamW: the formulas, then the fast versions
+    §4 Loss, AdamW    cross-entropy and AdamW as formulas; weight decay for matrices only
     §5 Schedule       warmup + cosine learning rate, gradient clipping
     §6 Training       the presets, one training step, evaluation
     §7 Sampling       temperature, top-k, top-p, a KV cache, a sliding window
@@ -512,7 +512,8 @@ def batch_at(data: np.ndarray, starts: np.ndarray, context_length: int,
     windows = torch.from_numpy(windows.astype(np.int64))
     x, y = windows[:, :-1], windows[:, 1:]  # (B, T) each
     if torch.device(device).type == "cuda":
-        # Page-locked memory lets the copy to the GPU run while the GPU is still busy.
+        # Machinery for CUDA (§12): page-locked memory lets the copy to the GPU run while the
+        # GPU is still busy with the last step; on other devices a plain copy.
         return (x.pin_memory().to(device, non_blocking=True),
                 y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
@@ -1091,69 +1092,21 @@ class TransformerLM(nn.Module):
 #
 # Cross-entropy scores the logits against the true next tokens; AdamW (Loshchilov & Hutter
 # 2019) turns gradients into updates with per-parameter step sizes and decoupled weight decay.
-# Each comes as its plain formula first, then the fast version the training uses.
+# Both are written here as their formulas; training runs their fast twins (§19) unless told
+# --readable.
 # ==================================================================================================
 
-def cross_entropy_formula(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The mean over positions of -log softmax(z)[y], as written: logits (N, V), targets (N,).
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean over positions of -log softmax(z)[y], for logits z (..., V) and targets y (...).
 
     -log softmax(z)[y] = -log(exp(z_y) / sum_j exp(z_j)) = logsumexp(z) - z_y, and
     logsumexp(z) = m + log(sum_j exp(z_j - m)) with m = max(z), so exp never overflows.
     A model that guesses uniformly scores ln(V) (9.21 for V = 10,000); lower is better.
     """
-    m = logits.amax(-1, keepdim=True)                              # (N, 1)
-    lse = m + torch.exp(logits - m).sum(-1, keepdim=True).log()    # (N, 1)
-    return (lse - logits.gather(-1, targets[:, None])).mean()
-
-
-class _CrossEntropy(torch.autograd.Function):
-    """Forward and backward of the mean cross-entropy, written out by hand.
-
-    The gradient is simple enough to write directly: d loss / d logits = (softmax - onehot) / N.
-    Both passes walk the (N, V) logits in slices of about a million values. Whole-size
-    temporaries would cost more than the arithmetic: on a CPU every fresh 80 MB buffer is paged in
-    from the OS, while a 4 MB one is reused from cache. A GPU has no such cost, so it takes big
-    slices there and launches few kernels.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        N, V = logits.shape
-        rows = max(1, (1 << 20 if logits.device.type == "cpu" else 1 << 28) // V)
-        lse = torch.empty(N, 1, device=logits.device)  # (N, 1)
-        for i in range(0, N, rows):
-            z = logits[i:i + rows]  # (rows, V)
-            # logsumexp(z) = m + log(sum_j exp(z_j - m)), m = max(z): exp never overflows
-            m = z.amax(dim=-1, keepdim=True)
-            lse[i:i + rows] = m + torch.exp(z - m).sum(dim=-1, keepdim=True).log()
-        # loss_i = -log softmax(z_i)[y_i] = logsumexp(z_i) - z_i[y_i]
-        target_logits = logits.gather(-1, targets[:, None])  # (N, 1)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.rows = rows
-        return (lse - target_logits).mean()
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        logits, targets, lse = ctx.saved_tensors
-        rows = ctx.rows
-        grad = torch.empty_like(logits)  # (N, V)
-        for i in range(0, len(logits), rows):
-            # softmax(z) = exp(z - logsumexp(z)), written straight into the gradient
-            torch.sub(logits[i:i + rows], lse[i:i + rows], out=grad[i:i + rows]).exp_()
-        grad[torch.arange(len(targets), device=grad.device), targets] -= 1  # - onehot(y)
-        grad *= grad_loss / len(targets)  # (N, V): the mean's 1/N, times the upstream gradient
-        return grad, None
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """cross_entropy_formula for logits (..., V) and targets (...) of ids, computed in float32
-    (bf16 logits would round the loss to 2-3 significant digits) by _CrossEntropy; under
-    torch.compile by the formula itself, which the compiler fuses, backward included."""
-    logits = logits.float().reshape(-1, logits.shape[-1])  # (N, V), N = all positions
-    targets = targets.reshape(-1)                          # (N,)
-    if torch.compiler.is_compiling():
-        return cross_entropy_formula(logits, targets)
-    return _CrossEntropy.apply(logits, targets)
+    logits = logits.float()  # in float32: bf16 would round the loss to 2-3 significant digits
+    m = logits.amax(-1, keepdim=True)                                # (..., 1)
+    lse = m + torch.exp(logits - m).sum(-1, keepdim=True).log()      # (..., 1)
+    return (lse - logits.gather(-1, targets[..., None])).mean()
 
 
 # The target of a position that is not scored. Fine-tuning (`finetune`) scores an answer but
@@ -1185,14 +1138,15 @@ def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
 
 
 class AdamW(torch.optim.Optimizer):
-    """adamw_update for every parameter, vectorised: the torch._foreach_* calls apply each line to
-    all parameters at once, a few kernel launches per step rather than a few per parameter.
+    """adamw_update for every parameter that has a gradient, one after the other.
 
     For each parameter p with gradient g, at step t (from 1), with learning rate lr:
         p = p - lr * weight_decay * p            decay the weight, independent of g
         m = beta1 * m + (1 - beta1) * g          running mean of gradients
         v = beta2 * v + (1 - beta2) * g^2        running mean of squared gradients
         p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    torch.optim.Optimizer holds the parameter groups (each may set its own lr, betas, eps,
+    weight_decay) and each parameter's state, and saves both in state_dict().
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -1208,39 +1162,37 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Update every parameter once; closure (PyTorch's convention) recomputes the loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-            for p in params:
-                if not self.state[p]:  # the first step: moments start at zero
-                    self.state[p].update(step=0, exp_avg=torch.zeros_like(p),
-                                         exp_avg_sq=torch.zeros_like(p))
-                self.state[p]["step"] += 1
-            states = [self.state[p] for p in params]
-            grads = [p.grad for p in params]
-            m = [s["exp_avg"] for s in states]
-            v = [s["exp_avg_sq"] for s in states]
-            if group["weight_decay"]:
-                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            torch._foreach_lerp_(m, grads, 1 - beta1)  # m + (1 - beta1) (g - m), the same as above
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
-            # Parameters may differ in step count (one that had no gradient for a while),
-            # hence one bias correction per parameter. With c = sqrt(1 - beta2^t), the update
-            # m / (sqrt(v) / c + eps) equals c * m / (sqrt(v) + eps * c): one pass less.
-            steps = [s["step"] for s in states]
-            c = [math.sqrt(1 - beta2 ** t) for t in steps]
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_add_(denom, [eps * c_t for c_t in c])
-            step_sizes = [-lr * c_t / (1 - beta1 ** t) for c_t, t in zip(c, steps)]
-            torch._foreach_addcdiv_(params, m, denom, step_sizes)
+            for p in group["params"]:
+                if p.grad is None:  # no gradient this step: neither moved nor decayed
+                    continue
+                state = self.state[p]
+                if not state:  # the first step: both moments start at zero
+                    state.update(step=0, exp_avg=torch.zeros_like(p),
+                                 exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                             group["lr"], group["betas"], group["eps"], group["weight_decay"])
         return loss
+
+
+def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay for the matrices, none for the 1-D parameters
+    (the norms' gains).
+
+    Decay pulls weights toward zero, which keeps the matrices (nearly all the parameters) from
+    growing to memorise the training text. A gain only sets the scale of its norm's output, one
+    number per channel: pulling it toward zero would shrink what the norm just normalised, for
+    no protection against memorising. (nanoGPT draws the same line.)
+    """
+    params = list(model.parameters())
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 # ==================================================================================================
@@ -1258,6 +1210,8 @@ def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
 
     Example: max_lr 1, min_lr 0.1, warmup 10, cycle 110: it 0 -> 0, 5 -> 0.5, 10 -> 1,
     60 -> 0.55 (halfway down the cosine), 110 -> 0.1, 200 -> 0.1.
+    So the first step (it 0) trains at learning rate 0: it moves no weight, but AdamW's moments
+    take in its gradient, and later steps' updates start from it.
     """
     if it < warmup_iters:
         return max_lr * it / warmup_iters
@@ -1266,6 +1220,14 @@ def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
     # lr = min + (max - min) * (1 + cos(pi * progress)) / 2, progress from 0 to 1
     progress = (it - warmup_iters) / max(1, cosine_cycle_iters - warmup_iters)
     return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of the next step. An optimizer reads "lr" from each parameter
+    group at every step(), so the schedule needs no hook into it: before each step the run
+    (§14) writes lr_cosine_schedule(step) there."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -1277,11 +1239,12 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    # ||g|| = sqrt(sum over tensors of ||g_i||^2)
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    # ||g|| = sqrt(sum over tensors of ||g_i||^2): the norm of all gradients as one long vector
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     # min(1, max_norm / (norm + eps)), as a tensor: no sync with the GPU to decide whether to clip
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, scale)
+    for g in grads:
+        g.mul_(scale)
     return norm
 
 
@@ -1289,29 +1252,23 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
 # §6 Training: recipes, the step and evaluation
 #
 # A training step draws a batch, runs the model, scores it, backpropagates, clips and updates.
-# The run around it (§14) sets the learning rate of each step, evaluates on held-out tokens,
-# saves checkpoints and logs; the presets say which model and recipe it trains.
+# The run around it (§14) repeats it: each step's learning rate first (lr_cosine_schedule, set
+# with set_lr), then every so often an evaluation on fixed held-out windows and a checkpoint.
+# The presets say which model and recipe it trains.
 # ==================================================================================================
 
 # Named configurations, each a model and the batch size (in sequences) and peak learning rate
-# it trains with; every value has its own flag. What each was tuned on:
-# - laptop (the default): tuned here, on a 2-core CPU, with 4-minute runs (the README's table):
-#   batch 8 and lr 3e-3 gave the lowest validation loss in a fixed time. d_ff 688 is 8/3 x 256
-#   (SwiGLU's width for the parameters of a 4x MLP) rounded up to a multiple of 16. Weight decay
-#   0.3 and beta2 0.99, from 10-minute runs (README): weight decay 0.1 gave a validation loss of
-#   2.465, 0.3 2.424 (0.5: 2.428, 1.0: 2.462), for 10 minutes are 3.3 passes over the bundled
-#   1.4M tokens and the model starts to memorise them, which stronger decay holds back; then
-#   beta2 0.99 2.379, as batches of 8 sequences give noisy gradients, whose squares AdamW then
-#   averages over about 100 steps instead of 20.
-# - the others: weight decay 0.1 and beta2 0.95, GPT-3's and LLaMA's (Brown et al. 2020,
-#   appendix B).
+# it trains with; every value has its own flag. Why these values (the README has the runs):
+# - laptop (the default): batch 8 and lr 3e-3 gave the lowest validation loss in a fixed time
+#   on a 2-core CPU. Weight decay 0.3, as 10 minutes are 3.3 passes over the bundled 1.4M
+#   tokens and stronger decay holds back memorising them; beta2 0.99, as batches of 8 give
+#   noisy gradients, whose squares AdamW then averages over about 100 steps instead of 20.
+#   d_ff 688 is 8/3 x 256 (SwiGLU's width for the parameters of a 4x MLP), rounded up to 16.
 # - base: the 23M TinyStories model of Stanford CS336's assignment 1 (d_ff 1344 = 8/3 x 512,
-#   rounded to a multiple of 64 as there), lr 1e-3 from that course's learning-rate sweeps (best
-#   near 1e-3, divergence near 1e-2); batch 32 on any device, 128 in the GPU recipe (§12).
-# - small, medium, large: GPT-2's widths and depths (Radford et al. 2019) with the peak learning
-#   rates of the same sizes in the GPT-3 paper's Table 2.1 (6e-4, 3e-4, 2.5e-4); with a gated
-#   d_ff of 4C and an untied output layer, 191M, 506M and 1.07B parameters at GPT-2's 50,257-token
-#   vocabulary. Not tuned here.
+#   rounded to 64), lr 1e-3 from that course's sweeps; batch 128 in the GPU recipe (§12).
+# - small, medium, large: GPT-2's widths and depths (Radford et al. 2019), with the GPT-3
+#   paper's peak learning rates for those sizes (Table 2.1). Not tuned here.
+# - all but laptop: weight decay 0.1 and beta2 0.95, GPT-3's and LLaMA's (Brown et al. 2020).
 PRESETS = {
     "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
                    batch_size=8, lr=3e-3, weight_decay=0.3, beta2=0.99),
@@ -1328,16 +1285,20 @@ PRESETS = {
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, next_batch, grad_accum: int,
                grad_clip: float, amp: torch.dtype | None = None,
-               loss_fn=cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+               loss_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: forward, loss and backward for each of `grad_accum` micro-batches
-    (drawn by next_batch()), then clip and update. Returns the mean loss, as a tensor on the
-    device (reading it would make the CPU wait for the GPU), and the gradient norm."""
+    (drawn by next_batch()), then clip and update. The loss is cross_entropy unless loss_fn
+    says otherwise (fine-tuning's). Returns the mean loss, as a tensor on the device (reading
+    it would make the CPU wait for the GPU), and the gradient norm before clipping."""
+    loss_fn = loss_fn or cross_entropy
     loss_sum = 0.0
     for micro in range(grad_accum):
         x, y = next_batch()  # (B, T) each
-        # DistributedDataParallel: exchange gradients only in the last micro-batch's backward.
+        # Machinery for several processes (§12): DistributedDataParallel's no_sync holds back
+        # the exchange of gradients until the last micro-batch's backward. Alone: nothing.
         last = micro == grad_accum - 1
         with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            # Machinery for speed (§12): amp bfloat16 runs the matmuls in bf16; None: float32.
             with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x)  # (B, T, V)
             # Each micro-batch adds mean_loss / accum: the gradients sum to those of the mean
@@ -1351,15 +1312,26 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, next_batch, g
     return loss_sum, grad_norm
 
 
+def evaluation_starts(num_tokens: int, context_length: int, count: int) -> np.ndarray:
+    """Where the validation windows begin: `count` starts spread evenly over a file of
+    num_tokens tokens (fewer if it is short). The same windows at every evaluation, so that
+    two evaluations differ only by the model; random ones would add their own noise.
+    Example: 10 tokens, context_length 2, count 3 -> [0, 3, 7] (the last ends at token 9).
+    """
+    last = num_tokens - context_length - 1  # the last start that leaves room for a target
+    return np.linspace(0, last, min(count, last + 1)).astype(np.int64)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: np.ndarray, starts: np.ndarray, batch_size: int,
              context_length: int, device: torch.device, amp: torch.dtype | None) -> float:
-    """The mean loss over a fixed set of windows, so that evaluations are comparable."""
-    model.eval()
+    """The mean loss over the windows of `data` at `starts` (evaluation_starts): held-out text
+    the model never trains on, so it measures what generalises rather than what is memorised."""
+    model.eval()  # no dropout
     total = torch.zeros((), device=device)
     for i in range(0, len(starts), batch_size):
         x, y = batch_at(data, starts[i:i + batch_size], context_length, device)  # (b, T) each
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):  # as train_step
             logits = model(x)  # (b, T, V)
         total += cross_entropy(logits, y) * len(x)  # the batch's mean, weighted by its rows
     model.train()
@@ -1389,17 +1361,12 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = 
         top = logits.topk(top_k, dim=-1)  # exactly k survivors, even among equal logits
         logits = torch.full_like(logits, -math.inf).scatter(-1, top.indices, top.values)
     if top_p is not None and top_p < 1:
-        probs = softmax(logits, dim=-1)  # (B, V)
-        # Sorting all V probabilities is the slowest part of a generation step, but the nucleus
-        # is nearly always among the few likeliest tokens: take the top 64, and sort everything
-        # only when their mass falls short of p (any token beyond them is dropped either way).
-        top, order = probs.topk(min(64, probs.shape[-1]), dim=-1)  # (B, 64), descending
-        if (top.sum(dim=-1) < top_p).any():
-            top, order = probs.sort(dim=-1, descending=True)       # (B, V)
+        probs = softmax(logits, dim=-1)                       # (B, V)
+        top, order = probs.sort(dim=-1, descending=True)      # (B, V) each, likeliest first
         # Drop a token when the tokens before it already reach p; the first one always stays.
-        mass_before = top.cumsum(dim=-1) - top  # (B, K), K = 64 or V
-        kept = logits.gather(-1, order).masked_fill(mass_before >= top_p, -math.inf)  # (B, K)
-        logits = torch.full_like(logits, -math.inf).scatter(-1, order, kept)  # (B, V)
+        mass_before = top.cumsum(dim=-1) - top                # (B, V)
+        kept = logits.gather(-1, order).masked_fill(mass_before >= top_p, -math.inf)  # (B, V)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, kept)  # original order
     return logits
 
 
@@ -1431,8 +1398,14 @@ class KVCache:
     """One layer's keys and values of the tokens seen so far, for generation (§7).
 
     Holds at most `capacity` (the context length) positions, as a ring: token p goes to slot
-    p % capacity, overwriting the token that has just left the window. Attention sums over keys
-    in any order, so the ring never needs shifting.
+    p % capacity, overwriting the token that has just left the window. The ring never needs
+    shifting because the keys are stored after RoPE has rotated them (§3): each carries its own
+    position, and a score q . k depends on the two positions, not on the slot. Attention then
+    sums over the keys in any order.
+
+    A new token's query may attend to every cached key: all are in its past, or itself. So the
+    attention runs with is_causal=False. A causal mask would be wrong here: for 1 query and S
+    keys, PyTorch's is_causal keeps only the first key (its mask is aligned top-left).
     """
 
     def __init__(self, capacity: int):
@@ -2899,6 +2872,12 @@ def pick_recipe(args: argparse.Namespace, device: torch.device) -> str | None:
     """Fill in the preset, batch size and --compile the user left open, by device; return a
     line saying why when the device chose the recipe, else None."""
     on_gpu = device.type == "cuda"
+    if args.readable:
+        # A debugger cannot step into the code torch.compile generates: --readable is eager.
+        if args.compile:
+            raise ValueError("--readable runs eagerly, so that a debugger can step through it: "
+                             "drop --compile")
+        args.compile = False
     if args.compile is None:
         # On a GPU, fused kernels are worth the minute of compiling. On a CPU, for a time
         # budget of some minutes (a step budget says nothing about time). Not on MPS, where
@@ -3440,12 +3419,8 @@ def build_model(run: Run, checkpoint: dict | None) -> None:
     args = run.args
     torch.manual_seed(args.seed)
     run.model = TransformerLM(run.config).to(run.device)
-    params = list(run.model.parameters())
-    # Weight decay pulls the matrices toward zero; the norms' gains (1-D) are left alone.
-    run.optimizer = AdamW([{"params": [p for p in params if p.ndim >= 2]},
-                           {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                          lr=run.max_lr, betas=(args.beta1, args.beta2),
-                          weight_decay=args.weight_decay)
+    run.optimizer = AdamW(adamw_groups(run.model, args.weight_decay), lr=run.max_lr,
+                          betas=(args.beta1, args.beta2))
     # Each rank draws its own batches from its own generator, saved in every checkpoint.
     run.batch_rng = torch.Generator().manual_seed(args.seed + run.rank)
     if checkpoint:
@@ -3461,11 +3436,8 @@ def build_model(run: Run, checkpoint: dict | None) -> None:
     elif run.start_from:  # fine-tuning: a trained model's weights, with a fresh optimizer
         load_checkpoint(run.start_from, run.model)
     if run.eval_starts is None:  # fine-tuning brings its own: the held-out pairs
-        # Evaluation windows evenly spread over the valid file: the same ones every time.
-        T, valid = run.config.context_length, run.valid_data
-        run.eval_starts = np.linspace(0, len(valid) - T - 1,
-                                      min(args.eval_batches * run.batch_size, len(valid) - T))
-        run.eval_starts = run.eval_starts.astype(np.int64)
+        run.eval_starts = evaluation_starts(len(run.valid_data), run.config.context_length,
+                                            args.eval_batches * run.batch_size)
     compile_model(run)
     run.fast_model = run.eval_model
     if run.world_size > 1:
@@ -3598,8 +3570,7 @@ def train_loop(run: Run) -> None:
             decay_end = args.decay_steps or run.total_steps or 10 ** 9  # no plan yet: warmup
             lr = lr_cosine_schedule(run.step, run.max_lr, run.min_lr,
                                     min(args.warmup_steps, decay_end), decay_end)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(run.optimizer, lr)
             if run.step % args.eval_interval == 0 or done:
                 evaluate_and_save(run, finished=done)
             if done:
@@ -4915,18 +4886,151 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
 # ==================================================================================================
 # §19 Machinery: the fast twins, switched in from one place
 #
-# §1-§7 define each idea once, in its readable form, under its plain name. The machinery above
+# §1-§7 define each idea once, in its readable form, under its plain name. The machinery
 # defines a fast twin for some of them (named fast_<name>, or Fast<Name> for a class), tested
-# equal. Here the plain names are pointed at the twins: the ideas call each other by module-level
-# name, so rebinding a name here changes what every caller runs, with no flag inside the ideas.
+# equal; those of the loss, AdamW, clipping and top-p are just below. Here the plain names are
+# pointed at the twins: the ideas call each other by module-level name, so rebinding a name here
+# changes what every caller runs, with no flag inside the ideas.
 # Importing gpt.py leaves the fast twins in place; `--readable` puts the readable forms back, so
 # a reader stepping through a run in a debugger sees exactly the code of §1-§7.
 # ==================================================================================================
+
+class SlicedCrossEntropy(torch.autograd.Function):
+    """Forward and backward of §4's mean cross-entropy, written out by hand, for logits (N, V).
+
+    The gradient is simple enough to write directly: d loss / d logits = (softmax - onehot) / N.
+    Both passes walk the (N, V) logits in slices of about a million values. Whole-size
+    temporaries would cost more than the arithmetic: on a CPU every fresh 80 MB buffer is paged in
+    from the OS, while a 4 MB one is reused from cache. A GPU has no such cost, so it takes big
+    slices there and launches few kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        N, V = logits.shape
+        rows = max(1, (1 << 20 if logits.device.type == "cpu" else 1 << 28) // V)
+        lse = torch.empty(N, 1, device=logits.device)  # (N, 1)
+        for i in range(0, N, rows):
+            z = logits[i:i + rows]  # (rows, V)
+            # logsumexp(z) = m + log(sum_j exp(z_j - m)), m = max(z): exp never overflows
+            m = z.amax(dim=-1, keepdim=True)
+            lse[i:i + rows] = m + torch.exp(z - m).sum(dim=-1, keepdim=True).log()
+        # loss_i = -log softmax(z_i)[y_i] = logsumexp(z_i) - z_i[y_i]
+        target_logits = logits.gather(-1, targets[:, None])  # (N, 1)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows = rows
+        return (lse - target_logits).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        rows = ctx.rows
+        grad = torch.empty_like(logits)  # (N, V)
+        for i in range(0, len(logits), rows):
+            # softmax(z) = exp(z - logsumexp(z)), written straight into the gradient
+            torch.sub(logits[i:i + rows], lse[i:i + rows], out=grad[i:i + rows]).exp_()
+        grad[torch.arange(len(targets), device=grad.device), targets] -= 1  # - onehot(y)
+        grad *= grad_loss / len(targets)  # (N, V): the mean's 1/N, times the upstream gradient
+        return grad, None
+
+
+# The fast twin of §4's cross_entropy.
+def fast_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """cross_entropy for logits (..., V) and targets (...), in float32, by SlicedCrossEntropy;
+    under torch.compile by the readable formula itself, which the compiler fuses, backward
+    included (a hand-written backward would keep it from fusing)."""
+    logits = logits.float().reshape(-1, logits.shape[-1])  # (N, V), N = all positions
+    targets = targets.reshape(-1)                          # (N,)
+    if torch.compiler.is_compiling():
+        return READABLE_FORMS["cross_entropy"](logits, targets)
+    return SlicedCrossEntropy.apply(logits, targets)
+
+
+# The fast twin of §4's AdamW.
+class FastAdamW(AdamW):
+    """AdamW, vectorised: the torch._foreach_* calls apply each line of adamw_update to all
+    parameters at once, a few kernel launches per step rather than a few per parameter."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update every parameter once; closure (PyTorch's convention) recomputes the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            for p in params:
+                if not self.state[p]:  # the first step: moments start at zero
+                    self.state[p].update(step=0, exp_avg=torch.zeros_like(p),
+                                         exp_avg_sq=torch.zeros_like(p))
+                self.state[p]["step"] += 1
+            states = [self.state[p] for p in params]
+            grads = [p.grad for p in params]
+            m = [s["exp_avg"] for s in states]
+            v = [s["exp_avg_sq"] for s in states]
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            torch._foreach_lerp_(m, grads, 1 - beta1)  # m + (1 - beta1)(g - m), adamw_update's m
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+            # Parameters may differ in step count (one that had no gradient for a while),
+            # hence one bias correction per parameter. With c = sqrt(1 - beta2^t), the update
+            # m / (sqrt(v) / c + eps) equals c * m / (sqrt(v) + eps * c): one pass less.
+            steps = [s["step"] for s in states]
+            c = [math.sqrt(1 - beta2 ** t) for t in steps]
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, [eps * c_t for c_t in c])
+            step_sizes = [-lr * c_t / (1 - beta1 ** t) for c_t, t in zip(c, steps)]
+            torch._foreach_addcdiv_(params, m, denom, step_sizes)
+        return loss
+
+
+# The fast twin of §5's clip_grad_norm.
+def fast_clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm with the norms and the scaling of all gradients in two foreach calls."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale)
+    return norm
+
+
+# The fast twin of §7's filter_logits.
+def fast_filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                       top_p: float | None = None) -> torch.Tensor:
+    """filter_logits, with top-p's sort cut short. Sorting all V probabilities is the slowest
+    part of a generation step, but the nucleus is nearly always among the few likeliest tokens:
+    take the top 64, and sort everything only when their mass falls short of p (any token
+    beyond them is dropped either way)."""
+    logits = logits / temperature  # (B, V)
+    if top_k is not None and top_k < logits.shape[-1]:
+        top = logits.topk(top_k, dim=-1)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, top.indices, top.values)
+    if top_p is not None and top_p < 1:
+        probs = softmax(logits, dim=-1)  # (B, V)
+        top, order = probs.topk(min(64, probs.shape[-1]), dim=-1)  # (B, 64), descending
+        if (top.sum(dim=-1) < top_p).any():
+            top, order = probs.sort(dim=-1, descending=True)       # (B, V)
+        mass_before = top.cumsum(dim=-1) - top  # (B, K), K = 64 or V
+        kept = logits.gather(-1, order).masked_fill(mass_before >= top_p, -math.inf)  # (B, K)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, kept)  # (B, V)
+    return logits
+
 
 # plain name in §1-§7 -> its fast twin in the machinery
 FAST_TWINS: dict[str, object] = {
     "train_bpe_incremental": fast_train_bpe_incremental,
     "Tokenizer": FastTokenizer,
+    "cross_entropy": fast_cross_entropy,
+    "AdamW": FastAdamW,
+    "clip_grad_norm": fast_clip_grad_norm,
+    "filter_logits": fast_filter_logits,
 }
 READABLE_FORMS: dict[str, object] = {name: globals()[name] for name in FAST_TWINS}
 
@@ -5373,7 +5477,9 @@ def add_train_parser(commands) -> None:
     tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="torch.compile the model: faster steps after a slow first one "
                          "(default: on on CUDA, and on a CPU for a --max-time of 5m or more)")
-    tr.add_argument("--readable", action="store_true", help=READABLE_HELP)
+    tr.add_argument("--readable", action="store_true",
+                    help=f"{READABLE_HELP}; eagerly, as a debugger cannot step into the code "
+                         f"torch.compile generates (so not with --compile)")
     add_optimization_flags(tr)
     add_model_flags(tr)
     tr.set_defaults(run=train, parser=tr)

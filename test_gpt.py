@@ -7,11 +7,13 @@ Everything a test writes goes under pytest's tmp_path, never into the working di
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -1169,12 +1171,21 @@ def test_tiny_model_overfits_one_batch():
 # §4 Loss and AdamW
 # ==================================================================================================
 
+def readable(name: str):
+    """The readable form of §1-§7 behind a plain name, whichever form the name runs now."""
+    return gpt.READABLE_FORMS[name]
+
+
+# §4's cross_entropy as written, and its fast twin (§19): both are checked against torch.
+CROSS_ENTROPY_FORMS = {"readable": readable("cross_entropy"), "fast": gpt.fast_cross_entropy}
+
+
 def check_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, atol=1e-6, rtol=1e-5,
-                        loss_atol=1e-6):
+                        loss_atol=1e-6, cross_entropy=gpt.fast_cross_entropy):
     """cross_entropy's value and gradient equal F.cross_entropy's on the float32 logits."""
     logits = logits.detach().requires_grad_()
     reference = logits.detach().float().requires_grad_()
-    loss = gpt.cross_entropy(logits, targets)
+    loss = cross_entropy(logits, targets)
     expected = F.cross_entropy(reference.reshape(-1, reference.shape[-1]), targets.reshape(-1))
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss, expected, atol=loss_atol, rtol=1e-6)
@@ -1184,44 +1195,47 @@ def check_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, atol=1e-6, 
     torch.testing.assert_close(logits.grad.float(), reference.grad, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("form", CROSS_ENTROPY_FORMS)
 @pytest.mark.parametrize("shape", [(6, 11), (2, 5, 11)], ids=["2d", "3d"])
 @pytest.mark.parametrize("shift", [0.0, 1000.0], ids=["plain", "shifted-by-1000"])
-def test_cross_entropy_equals_torch(shape, shift):
+def test_cross_entropy_equals_torch(shape, shift, form):
     """cross_entropy equals F.cross_entropy for (N, V) and (B, T, V) logits, even around +1000."""
     torch.manual_seed(0)
     logits = 3 * torch.randn(shape) + shift
     # float32 numbers near 1000 are 6e-5 apart: the loss can only agree to about that much.
     tolerances = dict(atol=1e-5, loss_atol=1e-4) if shift else {}
-    check_cross_entropy(logits, torch.randint(0, 11, shape[:-1]), **tolerances)
+    check_cross_entropy(logits, torch.randint(0, 11, shape[:-1]), **tolerances,
+                        cross_entropy=CROSS_ENTROPY_FORMS[form])
 
 
-def test_cross_entropy_bf16_logits():
+@pytest.mark.parametrize("form", CROSS_ENTROPY_FORMS)
+def test_cross_entropy_bf16_logits(form):
     """bf16 logits give the float32 loss of their values, and a bf16 gradient."""
     torch.manual_seed(0)
     logits = (3 * torch.randn(4, 7, 50)).bfloat16()
-    check_cross_entropy(logits, torch.randint(0, 50, (4, 7)), atol=1e-4, rtol=1e-2)
+    check_cross_entropy(logits, torch.randint(0, 50, (4, 7)), atol=1e-4, rtol=1e-2,
+                        cross_entropy=CROSS_ENTROPY_FORMS[form])
 
 
 def test_cross_entropy_over_several_chunks():
-    """More rows than one chunk (20 rows of V = 50,000 on a CPU), the last one partial."""
+    """The fast twin over more rows than one slice (20 rows of V = 50,000), the last partial."""
     torch.manual_seed(0)
     logits = torch.randn(45, 50_000)
     check_cross_entropy(logits, torch.randint(0, 50_000, (45,)))
 
 
 @pytest.mark.parametrize("shift", [0.0, 1000.0], ids=["plain", "shifted-by-1000"])
-def test_cross_entropy_formula_equals_torch_and_the_fast_one(shift):
-    """The plain formula equals F.cross_entropy, and the sliced fast version, loss and gradient."""
+def test_fast_cross_entropy_equals_the_formula(shift):
+    """The fast twin equals the readable formula, loss and gradient."""
     torch.manual_seed(0)
     logits = 3 * torch.randn(40, 30) + shift
     targets = torch.randint(0, 30, (40,))
     plain = logits.clone().requires_grad_()
     fast = logits.clone().requires_grad_()
-    loss = gpt.cross_entropy_formula(plain, targets)
-    torch.testing.assert_close(loss, F.cross_entropy(logits, targets), atol=1e-4, rtol=1e-6)
-    torch.testing.assert_close(loss, gpt.cross_entropy(fast, targets), atol=1e-4, rtol=1e-6)
+    loss = readable("cross_entropy")(plain, targets)
+    torch.testing.assert_close(loss, gpt.fast_cross_entropy(fast, targets), atol=1e-4, rtol=1e-6)
     loss.backward()
-    gpt.cross_entropy(fast, targets).backward()
+    gpt.fast_cross_entropy(fast, targets).backward()
     torch.testing.assert_close(plain.grad, fast.grad)
 
 
@@ -1247,50 +1261,50 @@ ADAMW_GROUPS = {
 }
 
 
+# §4's per-parameter AdamW, and its vectorised twin (§19)
+ADAMW_FORMS = {"readable": readable("AdamW"), "fast": gpt.FastAdamW}
+
+
+@pytest.mark.parametrize("form", ADAMW_FORMS)
 @pytest.mark.parametrize("groups", ADAMW_GROUPS.values(), ids=ADAMW_GROUPS.keys())
-def test_adamw_equals_torch_adamw(groups):
+def test_adamw_equals_torch_adamw(groups, form):
     """100 steps of AdamW (with weight decay, one or two parameter groups) equal torch's."""
     torch.manual_seed(0)
     start = [torch.randn(shape) for shape in PARAM_SHAPES]
     ours = [nn.Parameter(p.clone()) for p in start]
     theirs = [nn.Parameter(p.clone()) for p in start]
-    run_adamw(gpt.AdamW, ours, groups, steps=100)
+    run_adamw(ADAMW_FORMS[form], ours, groups, steps=100)
     run_adamw(torch.optim.AdamW, theirs, groups, steps=100)
     for a, b, p in zip(ours, theirs, start):
         assert not torch.allclose(a, p)  # the parameters did move
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_adamw_equals_its_per_parameter_formula():
-    """The vectorised AdamW equals adamw_update applied to each parameter in turn, for 50 steps
-    of two groups with their own hyperparameters."""
+def test_fast_adamw_equals_the_per_parameter_one():
+    """FastAdamW's parameters and state equal the per-parameter AdamW's over 50 steps."""
     torch.manual_seed(0)
     start = [torch.randn(shape) for shape in PARAM_SHAPES]
-    ours = [nn.Parameter(p.clone()) for p in start]
-    optimizer = run_adamw(gpt.AdamW, ours, ADAMW_GROUPS["two-groups"], steps=50)
-    plain = [p.clone() for p in start]
-    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in plain]
-    generator = torch.Generator().manual_seed(0)  # run_adamw's gradients, in the same order
-    for t in range(1, 51):
-        grads = [torch.randn(p.shape, generator=generator) for p in plain]
-        for i, (p, g, (m, v)) in enumerate(zip(plain, grads, moments)):
-            group = optimizer.param_groups[0 if i < 2 else 1]
-            gpt.adamw_update(p, g, m, v, t, group["lr"], group["betas"], group["eps"],
-                             group["weight_decay"])
-    for a, b, p in zip(ours, plain, start):
+    fast, plain = [nn.Parameter(p.clone()) for p in start], [nn.Parameter(p.clone()) for p in start]
+    fast_optimizer = run_adamw(gpt.FastAdamW, fast, ADAMW_GROUPS["two-groups"], steps=50)
+    plain_optimizer = run_adamw(readable("AdamW"), plain, ADAMW_GROUPS["two-groups"], steps=50)
+    for a, b, p in zip(fast, plain, start):
         assert not torch.allclose(a, p)
-        torch.testing.assert_close(a.detach(), b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        state_a, state_b = fast_optimizer.state[a], plain_optimizer.state[b]
+        assert state_a["step"] == state_b["step"] == 50
+        torch.testing.assert_close(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
 
 
-def test_adamw_state_dict_round_trip():
-    """An AdamW restored from a state_dict continues exactly as the original."""
+@pytest.mark.parametrize("restored_form", ADAMW_FORMS)
+def test_adamw_state_dict_round_trip(restored_form):
+    """A restored AdamW continues as the original: exactly, or readable from fast's state."""
     torch.manual_seed(0)
     groups = ADAMW_GROUPS["two-groups"]
     params = [nn.Parameter(torch.randn(shape)) for shape in PARAM_SHAPES]
-    original = run_adamw(gpt.AdamW, params, groups, steps=5)
+    original = run_adamw(gpt.FastAdamW, params, groups, steps=5)
     saved = copy.deepcopy(original.state_dict())
     copies = [nn.Parameter(p.detach().clone()) for p in params]
-    restored = gpt.AdamW(groups(copies))
+    restored = ADAMW_FORMS[restored_form](groups(copies))
     restored.load_state_dict(saved)
     for optimizer, ps in [(original, params), (restored, copies)]:
         generator = torch.Generator().manual_seed(1)
@@ -1299,15 +1313,19 @@ def test_adamw_state_dict_round_trip():
                 p.grad = torch.randn(p.shape, generator=generator)
             optimizer.step()
     for a, b in zip(params, copies):
-        assert torch.equal(a, b)
+        if restored_form == "fast":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_adamw_skips_parameters_without_gradient():
+@pytest.mark.parametrize("form", ADAMW_FORMS)
+def test_adamw_skips_parameters_without_gradient(form):
     """A parameter whose grad is None is neither moved nor given optimizer state."""
     torch.manual_seed(0)
     used, unused = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
     before = unused.detach().clone()
-    optimizer = gpt.AdamW([used, unused], lr=0.1, weight_decay=0.5)
+    optimizer = ADAMW_FORMS[form]([used, unused], lr=0.1, weight_decay=0.5)
     for _ in range(3):
         used.grad = torch.randn(3)
         optimizer.step()
@@ -1323,6 +1341,18 @@ def test_adamw_rejects_bad_hyperparameters(kwargs, named):
     """A negative or NaN learning rate, or a beta outside [0, 1), is a ValueError naming it."""
     with pytest.raises(ValueError, match=re.escape(named)):
         gpt.AdamW([nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_adamw_groups_decay_the_matrices_only():
+    """Every parameter is in one group: the matrices with the weight decay, the gains without."""
+    model = gpt.TransformerLM(tiny_config())
+    decayed, plain = gpt.adamw_groups(model, 0.3)
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (0.3, 0.0)
+    assert all(p.ndim == 2 for p in decayed["params"]) and plain["params"]
+    assert all(p.ndim == 1 for p in plain["params"])
+    grouped = {id(p) for p in decayed["params"] + plain["params"]}
+    assert grouped == {id(p) for p in model.parameters()}
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
 # ==================================================================================================
@@ -1343,8 +1373,10 @@ def test_lr_cosine_schedule_hand_table(it, expected):
     assert gpt.lr_cosine_schedule(it, 1.0, 0.1, 10, 110) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("clip_grad_norm", [readable("clip_grad_norm"), gpt.fast_clip_grad_norm],
+                         ids=["readable", "fast"])
 @pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clipped", "below-max"])
-def test_clip_grad_norm_equals_torch(max_norm):
+def test_clip_grad_norm_equals_torch(max_norm, clip_grad_norm):
     """The returned norm and the clipped gradients equal clip_grad_norm_'s; grad None ignored."""
     torch.manual_seed(0)
     shapes = [(4, 3), (5,), (2, 2, 2), (3,)]
@@ -1354,7 +1386,7 @@ def test_clip_grad_norm_equals_torch(max_norm):
         a.grad = torch.randn(a.shape)
         b.grad = a.grad.clone()
     grads_before = [p.grad.clone() for p in ours[:-1]]
-    norm = gpt.clip_grad_norm(ours, max_norm)
+    norm = clip_grad_norm(ours, max_norm)
     expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
     torch.testing.assert_close(norm, expected)
     assert (norm.item() > max_norm) == (max_norm == 0.5)  # each case tests what its id says
@@ -1371,6 +1403,16 @@ def test_clip_grad_norm_equals_torch(max_norm):
 # ==================================================================================================
 # §6 Training
 # ==================================================================================================
+
+@pytest.mark.parametrize("num_tokens, count, expected", [
+    (10, 3, [0, 3, 7]),          # the docstring's example: 7 is the last start with a target
+    (10, 100, list(range(8))),   # a short file: each of its 8 starts once
+    (1000, 2, [0, 997]),
+])
+def test_evaluation_starts_spread_evenly(num_tokens, count, expected):
+    """The validation windows start evenly from the first token to the last that has a target."""
+    assert gpt.evaluation_starts(num_tokens, 2, count).tolist() == expected
+
 
 # --- the training loop ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -1499,12 +1541,18 @@ def test_temperature_0_is_argmax():
         assert first == int(model(torch.tensor([prompt]))[0, -1].argmax())
 
 
-def test_top_k_keeps_exactly_k_even_with_ties():
+# §7's filter_logits as written, and its fast twin (§19), which sorts only the top 64 for top-p
+FILTER_FORMS = {"readable": readable("filter_logits"), "fast": gpt.fast_filter_logits}
+
+
+@pytest.mark.parametrize("form", FILTER_FORMS)
+def test_top_k_keeps_exactly_k_even_with_ties(form):
     """top-k leaves exactly k finite logits, even where equal logits straddle the cut."""
+    filter_logits = FILTER_FORMS[form]
     logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0, 0.0]])
-    kept = gpt.filter_logits(logits, 1.0, top_k=3)
+    kept = filter_logits(logits, 1.0, top_k=3)
     assert torch.isfinite(kept).sum() == 3 and torch.isfinite(kept[0, 1])
-    torch.testing.assert_close(gpt.filter_logits(logits, 2.0, top_k=6), logits / 2)
+    torch.testing.assert_close(filter_logits(logits, 2.0, top_k=6), logits / 2)
 
 
 @pytest.mark.parametrize("top_p, expected", [
@@ -1515,19 +1563,33 @@ def test_top_k_keeps_exactly_k_even_with_ties():
     (0.01, [0]),            # always at least one token
     (1.0, [0, 1, 2, 3]),
 ])
-def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+@pytest.mark.parametrize("form", FILTER_FORMS)
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected, form):
     """top-p keeps the likeliest tokens whose probabilities first reach p, at least one."""
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     order = torch.tensor([2, 0, 3, 1])  # shuffled, so that sorting matters
-    kept = gpt.filter_logits(probs[:, order].log(), 1.0, top_p=top_p)
+    kept = FILTER_FORMS[form](probs[:, order].log(), 1.0, top_p=top_p)
     assert sorted(order[torch.isfinite(kept[0])].tolist()) == expected
 
 
-def test_top_p_beyond_the_top_64_equals_sorting_everything():
+@pytest.mark.parametrize("scale, top_p, top_k", [(0.1, 0.9, None), (3.0, 0.9, None),
+                                                 (3.0, 0.5, 100), (0.1, 0.95, 300)],
+                         ids=["flat", "peaked", "with-top-k", "flat-with-top-k"])
+def test_fast_filter_logits_equals_the_readable_one(scale, top_p, top_k):
+    """The fast twin keeps filter_logits' logits, the nucleus within the top 64 or beyond."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 500) * scale
+    kept = gpt.fast_filter_logits(logits, 0.8, top_k, top_p)
+    torch.testing.assert_close(kept, readable("filter_logits")(logits, 0.8, top_k, top_p))
+    within_64 = (torch.isfinite(kept).sum(dim=-1) <= 64).tolist()
+    assert within_64 == [scale == 3.0] * 3  # each case tests the branch its id says
+
+
+def test_top_p_beyond_the_top_64_keeps_the_right_set():
     """When the 64 likeliest tokens hold less than p, top-p still keeps the right set."""
     torch.manual_seed(0)
     logits = torch.randn(3, 500) * 0.1  # nearly flat: the nucleus holds hundreds of tokens
-    kept = gpt.filter_logits(logits, 1.0, top_p=0.9)
+    kept = gpt.fast_filter_logits(logits, 1.0, top_p=0.9)
     probs = torch.softmax(logits, dim=-1)
     for row, kept_row in zip(probs, kept):
         sorted_probs, order = row.sort(descending=True)
@@ -1546,11 +1608,12 @@ def test_sample_from_follows_the_distribution():
     torch.testing.assert_close(counts, probs[0], atol=0.015, rtol=0)
 
 
-def test_filters_apply_in_order_temperature_top_k_top_p():
+@pytest.mark.parametrize("form", FILTER_FORMS)
+def test_filters_apply_in_order_temperature_top_k_top_p(form):
     """Temperature reshapes the distribution before top-p measures it."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    sharp = gpt.filter_logits(logits, 0.25, top_k=3, top_p=0.9)
-    flat = gpt.filter_logits(logits, 4.0, top_k=3, top_p=0.9)
+    sharp = FILTER_FORMS[form](logits, 0.25, top_k=3, top_p=0.9)
+    flat = FILTER_FORMS[form](logits, 4.0, top_k=3, top_p=0.9)
     assert torch.isfinite(sharp).sum() == 1 and torch.isfinite(flat).sum() == 3
 
 
@@ -2615,12 +2678,14 @@ def test_weight_decay_and_beta2_come_from_the_preset_unless_given(token_dir, tmp
                                                       compile=False), True),
     ("cuda", dict(preset="laptop"), dict(preset="laptop", batch_size=None, compile=True), False),
     ("mps", {}, dict(preset="laptop", batch_size=None, compile=False), False),
+    ("cuda", dict(readable=True), dict(preset="base", batch_size=128, compile=False), True),
 ])
 def test_pick_recipe_by_device(device, given, expected, explained):
     """The laptop recipe on CPUs and Macs, compiled on a CPU for time budgets of 5 minutes or
-    more; on CUDA the GPU recipe, unless a --preset is given; what the user gives always stands."""
+    more; on CUDA the GPU recipe, unless a --preset is given; what the user gives always stands;
+    --readable is never compiled."""
     args = argparse.Namespace(**{**dict(preset=None, batch_size=None, compile=None,
-                                        max_time=None), **given})
+                                        max_time=None, readable=False), **given})
     said = gpt.pick_recipe(args, torch.device(device))
     assert {k: getattr(args, k) for k in expected} == expected
     assert (said is not None) == explained
@@ -4285,6 +4350,128 @@ def test_sample_qa_needs_an_end_token(tmp_path, qa_run, capsys):
     assert gpt.main(["sample", "--qa", "--checkpoint", str(tmp_path / "no-eot.pt"), "--prompt",
                      "Hi?"]) == 2
     assert "--qa" in one_error_line(capsys, "sample")
+
+
+# ==================================================================================================
+# §19 The fast twins, switched in from one place
+# ==================================================================================================
+
+def call_shape(function) -> list[tuple]:
+    """A callable's parameters as (name, kind, default): its signature, annotations aside."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+@pytest.mark.parametrize("name", gpt.FAST_TWINS)
+def test_importing_gpt_runs_the_fast_twins_with_the_readable_signatures(name):
+    """After `import gpt` a plain name runs its twin, called exactly as the readable form."""
+    fast, plain = gpt.FAST_TWINS[name], readable(name)
+    assert getattr(gpt, name) is fast and fast is not plain
+    if isinstance(plain, type):
+        methods = ["__init__"] + [m for m in vars(plain) if not m.startswith("_")]
+        for method in methods:
+            assert call_shape(getattr(fast, method)) == call_shape(getattr(plain, method)), method
+    else:
+        assert call_shape(fast) == call_shape(plain)
+
+
+def test_use_fast_twins_switches_every_name_and_back():
+    """use_fast_twins(False) puts every readable form under its plain name; True the twins."""
+    try:
+        gpt.use_fast_twins(False)
+        assert all(getattr(gpt, name) is readable(name) for name in gpt.FAST_TWINS)
+    finally:
+        gpt.use_fast_twins(True)
+    assert all(getattr(gpt, name) is twin for name, twin in gpt.FAST_TWINS.items())
+
+
+def record_fast_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make F.scaled_dot_product_attention, every torch._foreach_* function, torch.compile and
+    the apply of every torch.autograd.Function subclass in gpt.py add their name to the list
+    returned, each time they are called (and still run)."""
+    calls = []
+
+    def recording(name, function):
+        def record(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+        return record
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        recording("sdpa", F.scaled_dot_product_attention))
+    monkeypatch.setattr(torch, "compile", recording("compile", torch.compile))
+    for name in dir(torch):
+        if name.startswith("_foreach_"):
+            monkeypatch.setattr(torch, name, recording("foreach", getattr(torch, name)))
+    for value in vars(gpt).values():
+        if isinstance(value, type) and issubclass(value, torch.autograd.Function):
+            monkeypatch.setattr(value, "apply", recording("function", value.apply))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def readable_runs(tmp_path_factory, token_dir, trained_run):
+    """`train --readable` (with a 10-minute budget, which would otherwise compile on a CPU) and
+    `sample --readable` with top-p, each run once: the fast paths they called, train's output
+    directory and sample's text."""
+    out = tmp_path_factory.mktemp("readable")
+    sample_args = ["sample", "--run-dir", str(trained_run), "--prompt", "Once upon a time",
+                   "--max-new-tokens", "20", "--top-p", "0.9", "--seed", "1", "--readable"]
+    calls, text = {}, io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls["train"] = record_fast_paths(monkeypatch)
+        assert gpt.main(train_args(token_dir, out, "--max-time", "10m", "--readable")) == 0
+        monkeypatch.undo()
+        calls["sample"] = record_fast_paths(monkeypatch)
+        with contextlib.redirect_stdout(text):
+            assert gpt.main(sample_args) == 0
+    return calls, out, text.getvalue()
+
+
+# §3's attention and RMSNorm get their twins in another branch of the same change; until they
+# are switched by §19 a readable run still calls sdpa and RMSNorm's autograd Function. Strict:
+# the merge that switches them must remove these marks.
+PENDING_3 = pytest.mark.xfail(strict=True, reason="§3's twins are not switched by §19 yet")
+
+
+@pytest.mark.parametrize("command, fast_path", [
+    pytest.param("train", "sdpa", marks=PENDING_3), ("train", "foreach"),
+    pytest.param("train", "function", marks=PENDING_3), ("train", "compile"),
+    pytest.param("sample", "sdpa", marks=PENDING_3), ("sample", "foreach"),
+    ("sample", "function"),
+])
+def test_readable_commands_run_only_the_readable_forms(readable_runs, command, fast_path):
+    """--readable calls no sdpa, torch._foreach_*, autograd Function of ours or torch.compile."""
+    calls, _, _ = readable_runs
+    assert fast_path not in calls[command]
+
+
+def test_fast_twins_are_back_after_a_readable_command(readable_runs, token_dir, tmp_path, capsys):
+    """After a readable main() returns, or refuses --readable --compile, the twins are back."""
+    assert all(getattr(gpt, name) is twin for name, twin in gpt.FAST_TWINS.items())
+    capsys.readouterr()
+    assert gpt.main(train_args(token_dir, tmp_path, "--readable", "--compile")) == 2
+    assert "--compile" in one_error_line(capsys, "train")
+    assert all(getattr(gpt, name) is twin for name, twin in gpt.FAST_TWINS.items())
+
+
+def test_readable_and_fast_training_give_the_same_losses(readable_runs, token_dir, tmp_path):
+    """The readable forms and the fast twins train to the same losses, to float rounding."""
+    _, readable_dir, _ = readable_runs
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-time", "10m", "--no-compile")) == 0
+    fast, plain = metrics(tmp_path), metrics(readable_dir)
+    assert [m["step"] for m in fast] == [m["step"] for m in plain]
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        values = [(f[key], p[key]) for f, p in zip(fast, plain) if key in f]
+        assert len(values) >= 2
+        assert [f for f, _ in values] == pytest.approx([p for _, p in values], rel=1e-4)
+
+
+def test_readable_and_fast_sampling_give_the_same_text(readable_runs, trained_run, capsys):
+    """`sample` with a seed and top-p writes the same text with or without --readable."""
+    _, _, readable_text = readable_runs
+    assert gpt.main(["sample", "--run-dir", str(trained_run), "--prompt", "Once upon a time",
+                     "--max-new-tokens", "20", "--top-p", "0.9", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == readable_text
 
 
 # ==================================================================================================
