@@ -2726,6 +2726,47 @@ def saved_tokenizer(saved, name: str, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+# What each kind of run is continued with: a checkpoint records its kind, so that `--resume`
+# cannot carry a fine-tuned model back into pretraining, or the other way round.
+RUN_KINDS = {"pretraining": "train", "fine-tuning": "finetune"}
+
+
+def run_kind(checkpoint: dict, name: str) -> str:
+    """"pretraining" or "fine-tuning". A checkpoint from before gpt.py recorded it tells by its
+    settings: only `finetune` has --train-on-everything."""
+    kind = checkpoint.get("kind")
+    if kind is None:
+        return "fine-tuning" if "train_on_everything" in checkpoint["args"] else "pretraining"
+    if kind not in RUN_KINDS:
+        raise ValueError(f"{name}: its kind is {shown(kind)}, not one of {', '.join(RUN_KINDS)}")
+    return kind
+
+
+def check_same_run(checkpoint: dict, name: str, kind: str, tokenizer: Tokenizer | None = None,
+                   tokenizer_source: str = "") -> None:
+    """Refuse to resume a run of the other kind, or with another tokenizer than it learned (the
+    same ids would then mean other tokens). A checkpoint from before gpt.py recorded the
+    tokenizer's fingerprint has it computed from the tokenizer it stores."""
+    saved_kind = run_kind(checkpoint, name)
+    if saved_kind != kind:
+        raise ValueError(f"{name} is a {saved_kind} run, not a {kind} one: continue it with "
+                         f"`python gpt.py {RUN_KINDS[saved_kind]} --resume`, or give another "
+                         f"--out-dir")
+    if tokenizer is None:
+        return
+    saved = checkpoint.get("tokenizer_fingerprint")
+    if saved is None and "tokenizer" in checkpoint:
+        vocab_size = checkpoint["config"]["vocab_size"]
+        saved = saved_tokenizer(checkpoint["tokenizer"], name, vocab_size).fingerprint()
+    if saved is not None and not isinstance(saved, str):
+        raise ValueError(f"{name}: its tokenizer_fingerprint is {shown(saved)}, not a string")
+    here = tokenizer.fingerprint()
+    if saved not in (None, here):
+        raise ValueError(f"{name} was trained with another tokenizer than {tokenizer_source} "
+                         f"(fingerprint {saved[:12]}... there, {here[:12]}... here): resume "
+                         f"with the tokenizer it was trained with, or give another --out-dir")
+
+
 def read_model(path: str) -> tuple[TransformerLM, Tokenizer, dict]:
     """The model (on the CPU, in evaluation mode), the tokenizer and the checkpoint they were
     rebuilt from, a training checkpoint or a weights-only one, each part checked."""
@@ -3189,6 +3230,7 @@ class Run:
     loss: object = None            # (logits, targets) -> mean loss; loss_fn is it, maybe compiled
     evaluate: object = None        # run -> validation loss
     start_from: str | None = None  # a checkpoint whose weights a fresh run starts from
+    kind: str = "pretraining"      # or "fine-tuning": recorded in checkpoints (see RUN_KINDS)
 
     def say(self, message: str) -> None:
         if self.rank == 0:  # one process talks for all
@@ -3258,6 +3300,9 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     train_data = open_tokens(os.path.join(args.data_dir, "train.bin"), vocab_size, tokenizer)
     valid_data = open_tokens(os.path.join(args.data_dir, "valid.bin"), vocab_size, tokenizer)
     checkpoint, total_steps, time_used = read_resume(args)
+    if checkpoint:
+        check_same_run(checkpoint, os.path.join(args.out_dir, "latest.pt"), "pretraining",
+                       tokenizer, tokenizer_dir)
     if args.max_steps is None and args.max_time is None:
         args.max_time = 600.0  # the default budget: 10 minutes
     recipe = pick_recipe(args, device)
@@ -3394,6 +3439,7 @@ def save_run(run: Run, path: str, finished: bool = False) -> None:
                               if isinstance(v, (str, int, float, bool, type(None)))},
                         tokenizer=dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
                                        special_tokens=tokenizer.special_tokens),
+                        tokenizer_fingerprint=tokenizer.fingerprint(), kind=run.kind,
                         best_val_loss=run.best_val_loss, total_steps=run.total_steps,
                         finished=finished, elapsed=run.budget.elapsed(), rng=rng_states)
     run.budget.save_seconds = time.perf_counter() - started
@@ -4756,6 +4802,8 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     pairs = read_qa_file(args.data)
     valid_pairs = read_qa_file(args.valid) if args.valid else None
     checkpoint, total_steps, time_used = read_resume(args)
+    if checkpoint:  # its tokenizer is the one it stores: only the kind can differ
+        check_same_run(checkpoint, os.path.join(args.out_dir, "latest.pt"), "fine-tuning")
     config, tokenizer, source = finetune_model(args, checkpoint)
     start_from = None if checkpoint or args.from_scratch else source
     if args.overwrite and start_from and (os.path.realpath(os.path.dirname(start_from))
@@ -4780,7 +4828,7 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     run = Run(args, device, rank, world_size, autocast_dtype(device, args.dtype), tokenizer,
               train_pairs, valid_pairs, config, batch_size, max_lr, min_lr,
               total_steps=total_steps, get_batch=qa_batch, loss=masked_cross_entropy,
-              evaluate=evaluate_answers, start_from=start_from,
+              evaluate=evaluate_answers, start_from=start_from, kind="fine-tuning",
               eval_starts=np.arange(len(valid_pairs.items)))
     check_batch_fits(run.batch_size, T, config.vocab_size, device, "--batch-size")
     if rank == 0:

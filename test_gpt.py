@@ -2865,6 +2865,44 @@ def test_resume_with_another_configuration_is_refused(tmp_path, token_dir, capsy
     assert (tmp_path / "latest.pt").read_bytes() == before
 
 
+def edit_checkpoint(path, change) -> None:
+    """Load the checkpoint at `path`, let `change` edit its dict, save it back."""
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+
+
+def swap_first_merges(checkpoint: dict) -> None:
+    merges = checkpoint["tokenizer"]["merges"]
+    merges[0], merges[1] = merges[1], merges[0]
+
+
+@pytest.mark.parametrize("change, refused", [
+    (lambda c: c.update(tokenizer_fingerprint="0" * 64), True),
+    (lambda c: [c.pop(k) for k in ("tokenizer_fingerprint", "kind")], False),
+    (lambda c: [c.pop("tokenizer_fingerprint"), swap_first_merges(c)], True)],
+    ids=["another-tokenizer", "old-checkpoint-same-tokenizer", "old-checkpoint-other-merges"])
+def test_resume_refuses_another_tokenizer(tmp_path, token_dir, capsys, change, refused):
+    """A checkpoint records its tokenizer's fingerprint and --resume refuses another tokenizer
+    with one line; a checkpoint from before the field has it computed from the tokenizer it
+    stores, and resumes when that is the same (recording the fields at its next save)."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=True)
+    tokenizer = gpt.Tokenizer.load(os.path.join(token_dir, "tokenizer"))
+    assert checkpoint["tokenizer_fingerprint"] == tokenizer.fingerprint()
+    assert checkpoint["kind"] == "pretraining"
+    edit_checkpoint(tmp_path / "latest.pt", change)
+    capsys.readouterr()
+    assert exit_code(train_args(token_dir, tmp_path, "--resume", "--max-steps", "5")) == (
+        2 if refused else 0)
+    if refused:
+        assert "another tokenizer" in one_error_line(capsys, "train")
+    else:
+        resumed = torch.load(tmp_path / "latest.pt", weights_only=True)
+        assert resumed["iteration"] == 5 and resumed["kind"] == "pretraining"
+        assert resumed["tokenizer_fingerprint"] == tokenizer.fingerprint()
+
+
 def test_experiment_runs_each_arm_and_tabulates(tmp_path, token_dir, capsys):
     """`experiment dropout` trains its two arms with the same flags and writes their table;
     a train flag that does not fit is refused before any arm trains."""
@@ -4034,6 +4072,29 @@ def test_finetune_run_directory_is_safe_and_resumes(tmp_path, qa_run, capsys):
     assert gpt.main(finetune_args(data, tmp_path, "--checkpoint", str(tmp_path / "latest.pt"),
                                   "--overwrite")) == 2
     assert "--overwrite would delete" in one_error_line(capsys, "finetune")
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["recorded-kind", "old-checkpoint"])
+def test_resume_refuses_a_run_of_the_other_kind(tmp_path, token_dir, qa_run, capsys, old):
+    """`finetune --resume` on a pretraining run and `train --resume` on a fine-tuning run are
+    refused with one line naming the kind and the command that continues it; a checkpoint from
+    before the kind was recorded is known by its settings."""
+    data, _ = qa_run
+    pretrained, finetuned = tmp_path / "pretrained", tmp_path / "finetuned"
+    assert gpt.main(train_args(token_dir, pretrained, "--max-steps", "3",
+                               "--context-length", "64")) == 0
+    assert gpt.main(finetune_args(data, finetuned, "--checkpoint",
+                                  str(pretrained / "latest.pt"), "--max-steps", "2")) == 0
+    assert torch.load(finetuned / "latest.pt", weights_only=True)["kind"] == "fine-tuning"
+    if old:
+        for run in (pretrained, finetuned):
+            edit_checkpoint(run / "latest.pt", lambda c: c.pop("kind"))
+    capsys.readouterr()
+    assert gpt.main(finetune_args(data, pretrained, "--resume", "--max-steps", "4")) == 2
+    assert "is a pretraining run" in one_error_line(capsys, "finetune")
+    assert gpt.main(train_args(token_dir, finetuned, "--resume", "--max-steps", "4")) == 2
+    line = one_error_line(capsys, "train")
+    assert "is a fine-tuning run" in line and "finetune --resume" in line
 
 
 def test_finetune_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, qa_run, monkeypatch,
