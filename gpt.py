@@ -82,6 +82,7 @@ import multiprocessing
 import operator
 import os
 import re
+import shlex
 import shutil
 import signal
 import string
@@ -89,7 +90,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from itertools import chain, islice, repeat
@@ -1693,12 +1694,27 @@ def write_all(f, data, path: str) -> None:
         raise OSError(f"cannot write {path}: {reason} ({e.strerror or e})") from None
 
 
+def open_for_writing(path: str, mode: str = "wb"):
+    """open(path, mode) for "wb", "ab", "w" or "a", except that a symbolic link at `path` is
+    refused, not followed: a link planted there (metrics.jsonl -> ~/notes.txt, say) would have
+    us overwrite the file it names."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise OSError(f"{path} is a symbolic link: gpt.py writes only files of its own, never "
+                      f"through a link; remove it or give another directory") from None
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
 def write_atomically(path: str, data: bytes) -> None:
     """Write a file so that a crash leaves either the old file or the new one, never half. The
     temporary file's name holds our process id, for cleaning up after a kill -9."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with open_for_writing(tmp) as f:
             write_all(f, data, path)
         os.replace(tmp, path)
     finally:
@@ -1710,9 +1726,83 @@ def check_writable_dir(directory: str) -> None:
     """Fail now, not after an hour of work, if results cannot be written to `directory`."""
     os.makedirs(directory, exist_ok=True)
     probe = os.path.join(directory, f".write-test-{os.getpid()}")
-    with open(probe, "wb"):
+    with open_for_writing(probe):
         pass
     os.remove(probe)
+
+
+def process_is_running(pid: int) -> bool:
+    """Whether a process exists: signal 0 asks without disturbing it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it runs, as another user
+    return True
+
+
+LOCK_NAME = "gpt.lock"  # in a run's --out-dir while a command writes there: its process id
+LOCK_BEING_WRITTEN = 10.0  # seconds: an empty lock this young is being taken, not stale
+
+
+def lock_owner(path: str) -> int | None:
+    """The process id a lock file holds, 0 for a lock being written (no number yet), None for a
+    stale one (its process is dead, or it holds no number long after it was made)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(32).decode("ascii", "replace").strip()
+        age = time.time() - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return None  # released while we looked
+    if not text.isdigit():
+        return 0 if age < LOCK_BEING_WRITTEN else None
+    pid = int(text)
+    return pid if 0 < pid < 1 << 22 and process_is_running(pid) else None
+
+
+def take_lock(path: str) -> None:
+    """Create the lock file at `path` holding our process id, or say who holds it. O_CREAT with
+    O_EXCL is atomic: of two processes that try at once, exactly one creates the file."""
+    for _ in range(3):  # after a stale lock is cleared, try again
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            owner = lock_owner(path)
+            if owner is not None:
+                who = f"process {owner}" if owner else "a run starting now"
+                raise ValueError(f"{os.path.dirname(path)} is in use by another run ({who}): "
+                                 f"wait for it to end, or give another --out-dir (if no run "
+                                 f"uses it, remove {path})") from None
+            with suppress(FileNotFoundError):
+                os.remove(path)  # left by a process that was killed (kill -9, a power cut)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise ValueError(f"could not take the lock {path}: other runs keep taking it")
+
+
+@contextmanager
+def directory_lock(directory: str, taken: bool = True) -> Iterator[None]:
+    """One writer at a time in `directory`, a run's --out-dir: its lock file is held while the
+    block runs and removed when it ends, by an error or Ctrl-C too. `taken` False (the other
+    ranks under torchrun, which write nothing there) takes none. A directory made for the lock
+    and left empty is removed again, so a refused command leaves nothing behind."""
+    if not taken:
+        yield
+        return
+    made = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_NAME)
+    take_lock(path)
+    try:
+        yield
+    finally:
+        with suppress(FileNotFoundError):
+            os.remove(path)
+        if made and not os.listdir(directory):
+            os.rmdir(directory)
 
 
 # Text to read is a whole file, or a byte range (path, start, end) of one: the train part of a
@@ -2476,7 +2566,7 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteratio
         return
     tmp_path = f"{out}.tmp-{os.getpid()}"  # the pid in the name: see remove_stale_temp_files
     try:
-        with open(tmp_path, "wb") as f:
+        with open_for_writing(tmp_path) as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -3113,6 +3203,10 @@ def check_run_dir(args: argparse.Namespace) -> None:
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in OUT_DIR and --overwrite replaces it: "
                          "give one or the other")
+    metrics = os.path.join(args.out_dir, "metrics.jsonl")
+    if os.path.islink(metrics):  # open_for_writing refuses it too; this says so before any work
+        raise ValueError(f"{metrics} is a symbolic link: gpt.py writes only files of its own, "
+                         f"never through a link; remove it or give another --out-dir")
     existing = [name for name in ("latest.pt", "best.pt")
                 if os.path.exists(os.path.join(args.out_dir, name))]
     if existing and not (args.resume or args.overwrite):
@@ -3579,7 +3673,7 @@ def train(args: argparse.Namespace, start=start_run) -> None:
             for name in ("latest.pt", "best.pt"):
                 if os.path.exists(run.path(name)):
                     os.remove(run.path(name))
-        run.metrics = open(run.path("metrics.jsonl"), "a" if checkpoint else "w")
+        run.metrics = open_for_writing(run.path("metrics.jsonl"), "a" if checkpoint else "w")
     # The time budget counts from the start of the command (and, on resume, what the run used).
     run.budget = TimeBudget(args.max_time or math.inf,
                             time_used + time.perf_counter() - command_started)
@@ -3636,27 +3730,43 @@ EXPERIMENTS = {
 
 
 def arm_result(out_dir: str) -> dict:
-    """What a finished arm reached, from its metrics.jsonl and latest.pt."""
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
-    evals = [r for r in records if "val_loss" in r]
+    """What a finished arm reached, from its latest.pt and metrics.jsonl; a line there that is no
+    record, or lacks a field (a killed run's half line), is passed over."""
+    records = []
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
+        for line in f:
+            with suppress(ValueError, RecursionError):
+                records.append(json.loads(line))
+    records = [r for r in records if isinstance(r, dict)]
+    evals = [r["val_loss"] for r in records if is_number(r.get("val_loss"))]
+    times = [r["elapsed"] for r in records if is_number(r.get("elapsed"))]
     checkpoint = read_checkpoint(os.path.join(out_dir, "latest.pt"))
     config, args = ModelConfig(**checkpoint["config"]), checkpoint["args"]
     step = checkpoint["iteration"]
     batch = args["batch_size"] or PRESETS[args["preset"]]["batch_size"]
     return dict(parameters=sum(p.numel() for p in TransformerLM(config).parameters()), steps=step,
                 tokens=step * batch * args["grad_accum"] * config.context_length,
-                seconds=records[-1]["elapsed"], best=min(r["val_loss"] for r in evals),
-                final=evals[-1]["val_loss"])
+                seconds=times[-1] if times else checkpoint.get("elapsed", 0.0),
+                best=min(evals, default=checkpoint.get("best_val_loss", math.nan)),
+                final=evals[-1] if evals else math.nan)
 
 
-def arm_is_done(directory: str, argv: list[str]) -> bool:
-    """Whether an arm's directory holds a finished run of exactly these train flags."""
+def arm_state(directory: str, argv: list[str]) -> str:
+    """What an arm's directory holds of a run of exactly these train flags: "done" (finished),
+    "interrupted" (to resume), or "new" (nothing of theirs). experiment.json, written before
+    the arm trains, records its flags."""
     try:
         with open(os.path.join(directory, "experiment.json"), encoding="utf-8") as f:
-            return json.load(f) == argv and os.path.exists(os.path.join(directory, "latest.pt"))
-    except (OSError, ValueError):
-        return False
+            same = json.load(f) == argv
+    except (OSError, ValueError, RecursionError):
+        return "new"
+    path = os.path.join(directory, "latest.pt")
+    if not (same and os.path.isfile(path)):
+        return "new"
+    checkpoint = read_checkpoint(path)
+    total = checkpoint.get("total_steps")
+    finished = checkpoint.get("finished", total is not None and checkpoint["iteration"] >= total)
+    return "done" if finished else "interrupted"
 
 
 def arm_dir(args: argparse.Namespace, name: str, flags: list[str], arm: str) -> str:
@@ -3746,17 +3856,6 @@ def tokenize_inputs(args: argparse.Namespace, special_tokens: list[str]) -> dict
 # files of an older gpt.py, and check_writable_dir's probe.
 LEFTOVER_RE = re.compile(r"(?:\.tokenize-|\.write-test-|(?:train|valid)\.bin(?:\.json)?\.tmp"
                          r"|(?:vocab\.json|merges\.txt|special_tokens\.json)\.tmp)(\d{1,9})")
-
-
-def process_is_running(pid: int) -> bool:
-    """Whether a process exists: signal 0 asks without disturbing it."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it runs, as another user
-    return True
 
 
 def remove_leftovers(out_dir: str) -> None:
@@ -4007,7 +4106,7 @@ def replaced(path: str) -> Iterator:
     leaves the old file or the new one, never half (write_atomically, for data in pieces)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with open_for_writing(tmp) as f:
             yield f
         os.replace(tmp, path)
     finally:
@@ -5124,44 +5223,98 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"wrote {draw_spectral_norms(stats, initial, spectral, plt)}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """`python gpt.py train`: §14's training run. One run at a time writes into OUT_DIR: the
+    process that writes there (rank 0 under torchrun) holds its lock."""
+    with directory_lock(args.out_dir, taken=os.environ.get("RANK", "0") == "0"):
+        train(args)
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
-    """`python gpt.py finetune`: §14's training run, started by start_finetune."""
-    train(args, start=start_finetune)
+    """`python gpt.py finetune`: §14's training run, started by start_finetune, OUT_DIR locked
+    as for train."""
+    with directory_lock(args.out_dir, taken=os.environ.get("RANK", "0") == "0"):
+        train(args, start=start_finetune)
+
+
+def arm_labels(name: str, common: list[str]) -> list[str]:
+    """The arms' names for the results table, except where the flags given to every arm change
+    what the experiment varies: such an arm is labelled with the values it really trained with.
+    Example: `experiment batch --batch-size 4` -> ["batch_size 4", "batch 16"]."""
+    parse = lambda flags: {key: value for key, value in
+                           vars(build_parser().parse_args(["train", *flags])).items()
+                           if key not in ("run", "parser")}  # the command, not a setting
+    plain = parse([])
+    declared = [parse(flags) for _, flags in EXPERIMENTS[name]]
+    varied = sorted({key for own in declared for key in own if own[key] != plain[key]})
+    labels = []
+    for (arm, flags), own in zip(EXPERIMENTS[name], declared):
+        trained = parse([*common, *flags])
+        if all(trained[key] == own[key] for key in varied):
+            labels.append(arm)
+        else:
+            labels.append(", ".join(f"{key} {trained[key]}" for key in varied
+                                    if trained[key] != plain[key]))
+    return labels
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
     """`python gpt.py experiment NAME [train flags]`: train each arm of EXPERIMENTS[NAME] with
-    the same flags (budget, seed, data) into OUT_DIR/NAME/<arm>, then tabulate the results."""
+    the same flags (budget, seed, data) into OUT_DIR/NAME/<arm>, then tabulate the results.
+    Run again with the same flags, it keeps the finished arms and resumes an interrupted one."""
     if any(flag.split("=")[0] in ("--out-dir", "--resume") for flag in args.train_flags):
         raise ValueError("experiment: give --out-dir before NAME (each arm trains into "
                          "OUT_DIR/NAME/ARM), and no --resume")
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
-    runs = {}  # arm directory -> its train flags and arguments, all parsed before any trains
+    runs = {}  # arm directory -> its train flags, arguments and state, before any trains
     for name in names:
         for arm, flags in EXPERIMENTS[name]:
             directory = arm_dir(args, name, flags, arm)
-            argv = ["train", *args.train_flags, *flags, "--out-dir", directory]
-            runs[directory] = argv, build_parser().parse_args(argv)
-    # An arm already trained with the same flags (by an earlier or an interrupted experiment)
-    # is kept; any other run in an arm's directory is refused unless --overwrite.
-    todo = {d: run for d, run in runs.items() if not arm_is_done(d, run[0])}
-    for argv, train_args in todo.values():
-        check_run_dir(train_args)
-    for directory, (argv, train_args) in runs.items():  # the default recipe trains once for all
-        if directory not in todo:
-            print(f"== {directory}: trained already with these flags, kept", flush=True)
-            continue
-        print(f"== {directory}", flush=True)
-        train(train_args)
-        write_atomically(os.path.join(directory, "experiment.json"), json.dumps(argv).encode())
+            # The arm's flags, as recorded: --overwrite says what to do, not what to train.
+            argv = [a for a in ["train", *args.train_flags, *flags, "--out-dir", directory]
+                    if a != "--overwrite"]
+            runs[directory] = argv, build_parser().parse_args(argv), arm_state(directory, argv)
+    again = shlex.join(["python", "gpt.py", "experiment", "--out-dir", args.out_dir, args.name,
+                        *args.train_flags])
+    with directory_lock(args.out_dir):
+        # Any other run in an arm's directory is refused unless --overwrite.
+        for directory, (argv, train_args, state) in runs.items():
+            train_args.overwrite = "--overwrite" in args.train_flags and state == "new"
+            train_args.resume = state == "interrupted"
+            if state == "new" and not train_args.overwrite and os.path.isfile(
+                    os.path.join(directory, "latest.pt")):
+                raise ValueError(f"{directory} holds a run of other train flags than these: "
+                                 f"give its flags again to go on with it, train into another "
+                                 f"--out-dir, or replace it with --overwrite")
+            if state != "done":
+                check_run_dir(train_args)
+        for directory, (argv, train_args, state) in runs.items():
+            if state == "done":  # by an earlier experiment, or the default shared by all
+                print(f"== {directory}: trained already with these flags, kept", flush=True)
+                continue
+            print(f"== {directory}{': resuming it' * (state == 'interrupted')}", flush=True)
+            os.makedirs(directory, exist_ok=True)
+            write_atomically(os.path.join(directory, "experiment.json"), json.dumps(argv).encode())
+            try:
+                cmd_train(train_args)
+            except KeyboardInterrupt as e:
+                said = str(e).removesuffix("; continue with --resume") or "interrupted"
+                raise KeyboardInterrupt(f"{said}; finished arms are kept, and this one resumes "
+                                        f"when the same command runs again: {again}") from None
+        write_experiments(args, names)
+
+
+def write_experiments(args: argparse.Namespace, names: list[str]) -> None:
+    """Each experiment's results table and overlaid curves, in OUT_DIR/NAME."""
     plt = pyplot()  # the overlaid curves, when matplotlib is installed
     for name in names:
         out = os.path.join(args.out_dir, name)
-        write_results(out, [(arm, flags, arm_result(arm_dir(args, name, flags, arm)))
-                            for arm, flags in EXPERIMENTS[name]])
+        arms = [arm_dir(args, name, flags, arm) for arm, flags in EXPERIMENTS[name]]
+        labels = arm_labels(name, args.train_flags)
+        write_results(out, [(label, flags, arm_result(directory)) for label, (_, flags), directory
+                            in zip(labels, EXPERIMENTS[name], arms)])
         if plt is not None:
-            runs = [run_curves(arm_dir(args, name, flags, arm), arm)
-                    for arm, flags in EXPERIMENTS[name]]
+            runs = [run_curves(directory, label) for directory, label in zip(arms, labels)]
             for path in draw_curves(runs, out, plt):
                 print(f"wrote {path}")
 
@@ -5304,7 +5457,7 @@ def add_train_parser(commands) -> None:
     tr.add_argument("--readable", action="store_true", help=READABLE_HELP)
     add_optimization_flags(tr)
     add_model_flags(tr)
-    tr.set_defaults(run=train, parser=tr)
+    tr.set_defaults(run=cmd_train, parser=tr)
 
 
 def add_optimization_flags(tr: argparse.ArgumentParser) -> None:

@@ -1553,6 +1553,64 @@ def test_check_text_file_finds_the_first_bad_byte_anywhere(tmp_path, data, block
         assert gpt.check_text_file(str(path), block_bytes) == len(data)
 
 
+def test_open_for_writing_refuses_a_symbolic_link(tmp_path):
+    """A file we write is never written through a symbolic link someone planted at its name: the
+    link is refused with an OSError naming it, and the file it points to is unchanged."""
+    target, link = tmp_path / "notes.txt", tmp_path / "metrics.jsonl"
+    target.write_text("mine")
+    link.symlink_to(target)
+    for mode in ("w", "a", "wb"):
+        with pytest.raises(OSError, match=f"{link} is a symbolic link"):
+            gpt.open_for_writing(str(link), mode)
+    assert target.read_text() == "mine"
+    with gpt.open_for_writing(str(tmp_path / "new.txt"), "a") as f:
+        f.write("é")
+    assert (tmp_path / "new.txt").read_text(encoding="utf-8") == "é"
+
+
+def test_directory_lock_one_holder_released_on_errors(tmp_path):
+    """The lock holds our pid while its block runs; a second taker is refused with one line
+    naming the holder; it is released by an error or Ctrl-C too; a directory made for it and
+    left empty is removed again; not taken, it writes nothing."""
+    run = tmp_path / "run"
+    with gpt.directory_lock(str(run)):
+        assert (run / "gpt.lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(ValueError, match=f"{run} is in use by another run \\(process "
+                                             f"{os.getpid()}\\)"):
+            with gpt.directory_lock(str(run)):
+                pass
+        assert (run / "gpt.lock").exists()  # a refused taker leaves the holder's lock alone
+    assert not run.exists()
+    for error in (KeyboardInterrupt, ValueError):
+        with pytest.raises(error):
+            with gpt.directory_lock(str(tmp_path)):
+                raise error()
+        assert not (tmp_path / "gpt.lock").exists() and tmp_path.exists()
+    with gpt.directory_lock(str(run), taken=False):
+        assert not run.exists()
+
+
+@pytest.mark.parametrize("content, age, busy", [
+    ("dead", 0, False), ("", 0, True), ("", 60, False), ("garbage", 60, False),
+    ("99999999999", 0, False)], ids=["dead-pid", "being-written", "empty-and-old", "garbage",
+                                     "huge-number"])
+def test_directory_lock_clears_a_stale_lock(tmp_path, content, age, busy):
+    """A lock of a dead process (kill -9), or one holding no pid long after it was made, is
+    cleared and taken; an empty lock made a moment ago is being taken by another run: busy."""
+    lock = tmp_path / "gpt.lock"
+    lock.write_text(str(dead_pid()) if content == "dead" else content)
+    made = time.time() - age
+    os.utime(lock, (made, made))
+    if busy:
+        with pytest.raises(ValueError, match="in use by another run \\(a run starting now"):
+            with gpt.directory_lock(str(tmp_path)):
+                pass
+        return
+    with gpt.directory_lock(str(tmp_path)):
+        assert lock.read_text().strip() == str(os.getpid())
+    assert not lock.exists()
+
+
 # ==================================================================================================
 # §9 Parallel BPE
 # ==================================================================================================
@@ -2641,6 +2699,7 @@ def test_signal_finishes_the_step_saves_and_exits_2(tmp_path, token_dir, signum)
     """SIGTERM (kill, schedulers, preemption) is treated like Ctrl-C: the step finishes, latest.pt
     is saved, the process exits 2 with one line, and --resume goes on from there."""
     process = start_training(token_dir, tmp_path)
+    assert (tmp_path / "gpt.lock").read_text().strip() == str(process.pid)
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 2, err
@@ -2648,6 +2707,7 @@ def test_signal_finishes_the_step_saves_and_exits_2(tmp_path, token_dir, signum)
     assert "Traceback" not in err and f"{signal.Signals(signum).name}: interrupted" in lines[-1]
     step = torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"]
     assert f"at step {step}: saved" in lines[-1] and step >= 1
+    assert not (tmp_path / "gpt.lock").exists()  # released on the way out
 
 
 def test_second_ctrl_c_while_reporting_still_exits_2(tmp_path, token_dir, monkeypatch, capsys):
@@ -2855,6 +2915,38 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_d
     assert not os.path.exists(tmp_path / "run" / "latest.pt")
 
 
+@pytest.mark.parametrize("command", ["train", "finetune", "experiment"])
+def test_a_busy_out_dir_is_refused(tmp_path, token_dir, capsys, command):
+    """train, finetune and experiment into an --out-dir another run holds stop with one line
+    naming it, before writing anything there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "gpt.lock").write_text(f"{os.getpid()}\n")  # held by a live process: this one
+    (tmp_path / "qa.json").write_text(json.dumps(QA_PAIRS))
+    argv = {"train": train_args(token_dir, out),
+            "finetune": finetune_args(tmp_path / "qa.json", out, "--from-scratch",
+                                      "--data-dir", token_dir),
+            "experiment": ["experiment", "--out-dir", str(out), "dropout", "--max-steps", "1"]}
+    capsys.readouterr()
+    assert exit_code(argv[command]) == 2
+    assert f"{out} is in use by another run (process {os.getpid()})" in one_error_line(capsys,
+                                                                                      command)
+    assert os.listdir(out) == ["gpt.lock"]
+
+
+def test_train_never_writes_through_a_planted_link(tmp_path, token_dir, capsys):
+    """A metrics.jsonl that is a symbolic link to a user's file, in a fresh --out-dir, is
+    refused with one line; the user's file is unchanged."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to(mine)
+    capsys.readouterr()
+    assert exit_code(train_args(token_dir, tmp_path / "run")) == 2
+    assert "metrics.jsonl is a symbolic link" in one_error_line(capsys, "train")
+    assert mine.read_text() == "my notes"
+
+
 def test_resume_with_another_configuration_is_refused(tmp_path, token_dir, capsys):
     """--resume with a different architecture names the difference and keeps the checkpoint."""
     assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
@@ -2930,6 +3022,34 @@ def test_experiment_runs_each_arm_and_tabulates(tmp_path, token_dir, capsys):
     assert exit_code(["experiment", "--out-dir", str(tmp_path), "dropout", *flags,
                       "--seed", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_interrupted_experiment_goes_on_with_the_same_command(tmp_path, token_dir, capsys,
+                                                              monkeypatch):
+    """Ctrl-C in an arm says to run the same command again, which keeps the finished arm and
+    resumes the interrupted one; a metrics line without `elapsed` gives no error; an arm whose
+    varied flag the common flags override is labelled with what it trained with."""
+    flags = train_args(token_dir, tmp_path)[1:]  # with --batch-size 4, which `batch` varies
+    flags = flags[:flags.index("--out-dir")] + flags[flags.index("--out-dir") + 2:]
+    command = ["experiment", "--out-dir", str(tmp_path), "batch", *flags]
+    get_batch = press_ctrl_c_at_call(monkeypatch, "get_batch", 8)  # the second arm's step 2
+    capsys.readouterr()
+    assert gpt.main(command) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "interrupted at step 2" in line and "--resume" not in line
+    assert f"same command runs again: python gpt.py experiment --out-dir {tmp_path} batch" in line
+    monkeypatch.setattr(gpt, "get_batch", get_batch)
+    default, records = tmp_path / "default" / "metrics.jsonl", metrics(tmp_path / "default")
+    del records[-1]["elapsed"]  # the last line: the one the table's time was read from
+    default.write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert gpt.main(command) == 0
+    out = capsys.readouterr().out
+    assert "default: trained already" in out and "batch-16: resuming it" in out
+    assert sorted(train_losses(tmp_path / "batch" / "batch-16")) == [1, 2, 3, 4, 5, 6]
+    table = (tmp_path / "batch" / "results.md").read_text().splitlines()
+    assert table[2].startswith("| batch_size 4 | `(the default)` |")
+    assert table[3].startswith("| batch 16 | `--batch-size 16` |")
+    assert [row.split(" | ")[4] for row in table[2:]] == [f"{6 * 4 * 16:,}", f"{6 * 16 * 16:,}"]
 
 
 def test_resume_of_a_checkpoint_from_before_newer_model_fields(tmp_path, token_dir):
