@@ -3886,17 +3886,60 @@ def staging_dir(out_dir: str) -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def check_destinations(staging: str, out_dir: str, names: list[str]) -> None:
+    """Fail before the first file moves if any of them could not: a destination that is a
+    directory, a folder we may not write in, or one on another file system than the staging
+    directory (os.replace renames; it cannot move a file between file systems)."""
+    device = os.stat(staging).st_dev
+    for name in names:
+        path = os.path.join(out_dir, name)
+        folder = os.path.dirname(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise OSError(f"cannot publish {path}: it is a directory; remove it")
+        if os.stat(folder).st_dev != device:
+            raise OSError(f"cannot publish into {folder}: it is on another file system than "
+                          f"{out_dir} (a mount or a link?)")
+        if not os.access(folder, os.W_OK):
+            raise OSError(f"cannot publish into {folder}: no permission to write there")
+
+
+def keep_previous(path: str, backup: str) -> None:
+    """A second name (a hard link, else a copy) for the file at `path`, if there is one, so that
+    publish can put it back. A link costs no space and no time."""
+    if not os.path.lexists(path):
+        return
+    os.makedirs(os.path.dirname(backup), exist_ok=True)
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, backup, follow_symlinks=False)
+
+
 def publish(staging: str, out_dir: str, names: list[str]) -> None:
-    """Move staged files into out_dir, holding Ctrl-C and SIGTERM back until all have moved.
-    The tokenizer goes first and each token file before its sidecar, so that a crash in the
-    middle (kill -9, a power cut) leaves old token files whose sidecars name the old tokenizer,
-    or a new token file with its old sidecar: training refuses both rather than mix them."""
+    """Move staged files into out_dir, all or none: every destination is checked first, each
+    previous file is kept under a second name until all have moved, and a failure on the way
+    puts them back. Ctrl-C and SIGTERM are held back meanwhile. The tokenizer goes first and
+    each token file before its sidecar, so that a kill -9 or a power cut in the middle leaves
+    old token files whose sidecars name the old tokenizer, or a new token file with its old
+    sidecar: training refuses both rather than mix them."""
+    check_destinations(staging, out_dir, names)
+    backups = os.path.join(staging, ".previous")
     held = {signal.SIGINT, signal.SIGTERM}
     can_hold = hasattr(signal, "pthread_sigmask")  # not on Windows
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if can_hold else None
+    moved = []  # the names in place, newest last
     try:
         for name in names:
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+            path = os.path.join(out_dir, name)
+            keep_previous(path, os.path.join(backups, name))
+            os.replace(os.path.join(staging, name), path)
+            moved.append(name)
+    except OSError as e:
+        for done in reversed(moved):
+            backup, placed = os.path.join(backups, done), os.path.join(out_dir, done)
+            os.replace(backup, placed) if os.path.lexists(backup) else os.remove(placed)
+        raise OSError(f"cannot publish {path}: {e.strerror or e}; the previous files in "
+                      f"{out_dir} are put back") from None
     finally:
         if can_hold:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -9,6 +9,7 @@ Everything a test writes goes under pytest's tmp_path, never into the working di
 import argparse
 import copy
 import dataclasses
+import errno
 import gc
 import hashlib
 import importlib.util
@@ -3373,6 +3374,61 @@ def test_disk_full_names_the_file_and_keeps_the_previous_files(tmp_path, small_t
             for p in out.rglob("*") if p.is_file()} == previous
     assert sorted(os.listdir(out)) == ["tokenizer", "train.bin", "train.bin.json", "valid.bin",
                                        "valid.bin.json"]
+
+
+PUBLISHED = ["tokenizer/merges.txt", "tokenizer/vocab.json", "train.bin", "train.bin.json"]
+
+
+def files_under(directory) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("had", [PUBLISHED, PUBLISHED[1:3], []], ids=["all", "some", "none"])
+def test_publish_failing_at_any_step_puts_the_previous_files_back(tmp_path, monkeypatch, had):
+    """Whichever of publish's renames fails, out_dir holds exactly its previous files after,
+    every one of them, and none of the new ones; the error names the file and says so."""
+    calls = 1 + len(PUBLISHED)  # a run with no failure: count the renames
+    for k in range(1, calls):
+        out, staging = tmp_path / f"out{k}", tmp_path / f"out{k}" / ".tokenize-1"
+        (out / "tokenizer").mkdir(parents=True)  # as write_outputs makes it
+        for name in PUBLISHED:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_text(f"new {name}")
+        for name in had:
+            (out / name).write_text(f"old {name}")
+        previous = {n: b for n, b in files_under(out).items() if not n.startswith(".tokenize")}
+        replace, count = os.replace, []
+
+        def failing_replace(src, dst, k=k):
+            count.append(1)
+            if len(count) == k:
+                raise OSError(errno.EIO, "Input/output error")
+            return replace(src, dst)
+        monkeypatch.setattr(os, "replace", failing_replace)
+        with pytest.raises(OSError, match=f"cannot publish {out}/{PUBLISHED[k - 1]}: "
+                                          f"Input/output error; the previous files"):
+            gpt.publish(str(staging), str(out), PUBLISHED)
+        monkeypatch.setattr(os, "replace", replace)
+        assert {n: b for n, b in files_under(out).items()
+                if not n.startswith(".tokenize")} == previous, f"failed at rename {k}"
+
+
+def test_tokenize_checks_every_destination_before_moving_one(tmp_path, small_texts, capsys):
+    """A destination that cannot be written (valid.bin.json a directory) is found before any
+    file moves: exit 2, one line naming it, and the previous tokenizer and files untouched."""
+    out = tmp_path / "out"
+    previous = previous_outputs(out, small_texts)
+    (out / "valid.bin.json").unlink()
+    (out / "valid.bin.json").mkdir()
+    del previous["valid.bin.json"]
+    train, valid = small_texts
+    capsys.readouterr()
+    assert exit_code(["tokenize", "--train", str(train), "--valid", str(valid), "--out-dir",
+                      str(out), "--vocab-size", "280", "--workers", "1"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"cannot publish {out}/valid.bin.json: it is a directory" in line
+    assert files_under(out) == previous
 
 
 # ==================================================================================================
