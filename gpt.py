@@ -3915,18 +3915,29 @@ def keep_previous(path: str, backup: str) -> None:
         shutil.copy2(path, backup, follow_symlinks=False)
 
 
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back until the block ends (not on Windows), for steps that must
+    not stop halfway: they arrive once it has."""
+    can_hold = hasattr(signal, "pthread_sigmask")
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if can_hold else None
+    try:
+        yield
+    finally:
+        if can_hold:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def publish(staging: str, out_dir: str, names: list[str]) -> None:
     """Move staged files into out_dir, all or none: every destination is checked first, each
     previous file is kept under a second name until all have moved, and a failure on the way
-    puts them back. Ctrl-C and SIGTERM are held back meanwhile. The tokenizer goes first and
+    puts them back (the caller holds Ctrl-C and SIGTERM back). The tokenizer goes first and
     each token file before its sidecar, so that a kill -9 or a power cut in the middle leaves
     old token files whose sidecars name the old tokenizer, or a new token file with its old
     sidecar: training refuses both rather than mix them."""
     check_destinations(staging, out_dir, names)
     backups = os.path.join(staging, ".previous")
-    held = {signal.SIGINT, signal.SIGTERM}
-    can_hold = hasattr(signal, "pthread_sigmask")  # not on Windows
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if can_hold else None
     moved = []  # the names in place, newest last
     try:
         for name in names:
@@ -3940,9 +3951,6 @@ def publish(staging: str, out_dir: str, names: list[str]) -> None:
             os.replace(backup, placed) if os.path.lexists(backup) else os.remove(placed)
         raise OSError(f"cannot publish {path}: {e.strerror or e}; the previous files in "
                       f"{out_dir} are put back") from None
-    finally:
-        if can_hold:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir: str,
@@ -3973,7 +3981,8 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
         except OSError as e:
             raise OSError(f"{e}; the previous files in {out_dir} are kept") from None
         os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
-        publish(staging, out_dir, names)
+        with signals_held():
+            publish(staging, out_dir, names)
     seconds = time.perf_counter() - started
     total = sum(end - start for _, start, end in map(text_range, sources.values()))
     print(f"encoded {total / 1e6:,.1f} MB in {seconds:.2f}s with {workers} "
@@ -4198,6 +4207,71 @@ def save_weights_only(model: TransformerLM, tokenizer: Tokenizer, iteration: int
     except RuntimeError as e:  # torch's zip writer stops so when the disk is full
         raise OSError(f"cannot write {path}: the write stopped partway, is the disk full? "
                       f"({first_line(e)})") from None
+
+
+# An export's own file, listing the files it wrote: a later export recognizes its directory by
+# it, and replaces it only when asked (--overwrite) and only when it holds nothing else.
+EXPORT_MARKER = ".gpt-export.json"
+
+
+def export_sibling(out: str, what: str, pid: int | None = None) -> str:
+    """A directory beside `out`, on its file system: "new" for an export being written, "old"
+    for the one it replaces. Example: ("hf/llama", "new") -> "hf/.llama.export-new-4242"."""
+    parent, base = os.path.split(out)
+    return os.path.join(parent, f".{base}.export-{what}-{os.getpid() if pid is None else pid}")
+
+
+def remove_export_leftovers(out: str) -> None:
+    """Clean up after an export killed on the way (kill -9, a power cut): its half-written
+    directory goes, and a previous export it had moved aside but not yet replaced comes back."""
+    parent, base = os.path.split(out)
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        match = re.fullmatch(rf"\.{re.escape(base)}\.export-(new|old)-(\d{{1,9}})", name)
+        if not match or process_is_running(int(match[2])):
+            continue
+        path = os.path.join(parent, name)
+        if match[1] == "old" and not os.path.lexists(out):
+            os.rename(path, out)
+            log(f"put back {out}, the export a killed run had moved aside")
+        else:
+            shutil.rmtree(path)
+            log(f"removed {path}, left by a run that was killed")
+
+
+def check_export_dir(out: str, overwrite: bool) -> None:
+    """`export` writes only into a new or empty directory, or, with --overwrite, one that holds
+    an earlier export and nothing else: never into a tokenizer's, data or run directory."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file: give a directory")
+    names = set(os.listdir(out)) if os.path.isdir(out) else set()
+    if not names:
+        return
+    try:
+        with open(os.path.join(out, EXPORT_MARKER), encoding="utf-8") as f:
+            ours = set(json.load(f)["files"]) | {EXPORT_MARKER}
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise ValueError(f"--out {out} holds files that no export wrote "
+                         f"({', '.join(sorted(names)[:3])}{', ...' * (len(names) > 3)}): give "
+                         f"a new or empty directory") from None
+    if names - ours:
+        raise ValueError(f"--out {out} holds an earlier export and other files "
+                         f"({', '.join(sorted(names - ours)[:3])}): give a new or empty "
+                         f"directory")
+    if not overwrite:
+        raise ValueError(f"--out {out} holds an earlier export: replace it with --overwrite, or "
+                         f"give a new or empty directory")
+
+
+def publish_export(staging: str, out: str) -> None:
+    """Put a complete export in place of `out` by renaming directories, so that a kill leaves
+    the previous export or the new one, never a mix. An earlier export is moved aside first
+    (a rename cannot replace a directory that holds files), then removed."""
+    old = export_sibling(out, "old")
+    with signals_held():
+        if os.path.isdir(out) and os.listdir(out):
+            os.rename(out, old)
+        os.rename(staging, out)  # onto a missing or an empty directory
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ==================================================================================================
@@ -5175,13 +5249,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
                          f"sample{'s' * (args.num_samples > 1)} at once: {advice}") from None
 
 
-def cmd_export(args: argparse.Namespace) -> None:
-    path = args.checkpoint or newest_checkpoint(args.run_dir)
-    model, tokenizer, iteration = read_for_export(path)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a file: give a directory")
-    check_writable_dir(args.out)
-    out = lambda name: os.path.join(args.out, name)
+def write_export(staging: str, model: TransformerLM, tokenizer: Tokenizer, iteration: int,
+                 source: str) -> None:
+    """Write every file of an export into `staging`, the marker that lists them last."""
+    out = lambda name: os.path.join(staging, name)
     write_safetensors(out("model.safetensors"), llama_state_dict(model))
     files = {"config.json": llama_config(model.config, tokenizer)}
     eos_id = end_of_text_id(tokenizer)
@@ -5194,12 +5265,29 @@ def cmd_export(args: argparse.Namespace) -> None:
     for name, data in hf_tokenizer_files(tokenizer, model.config.context_length).items():
         write_atomically(out(name), data)
     save_weights_only(model, tokenizer, iteration, out("gpt.pt"))
+    marker = {"files": sorted(os.listdir(staging)), "checkpoint": source, "step": iteration}
+    write_atomically(out(EXPORT_MARKER), (json.dumps(marker, indent=2) + "\n").encode())
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    path = args.checkpoint or newest_checkpoint(args.run_dir)
+    model, tokenizer, iteration = read_for_export(path)
+    out = os.path.realpath(args.out)  # a link given as --out: the directory it names
+    remove_export_leftovers(out)
+    check_export_dir(out, args.overwrite)
+    # Staged beside OUT, on its file system, then renamed into place.
+    staging = export_sibling(out, "new")
+    check_writable_dir(staging)
+    try:
+        write_export(staging, model, tokenizer, iteration, path)
+        publish_export(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     num_params = sum(p.numel() for p in model.parameters())
+    size = lambda name: os.path.getsize(os.path.join(out, name)) / 1e6
     print(f"model: {path} (step {iteration:,}, {num_params / 1e6:.1f}M parameters)")
-    print(f"wrote {args.out}: model.safetensors "
-          f"({os.path.getsize(out('model.safetensors')) / 1e6:.1f} MB), "
-          f"{', '.join(files)}, tokenizer files, gpt.pt "
-          f"({os.path.getsize(out('gpt.pt')) / 1e6:.1f} MB, for gpt.py sample)")
+    print(f"wrote {args.out}: model.safetensors ({size('model.safetensors'):.1f} MB), the "
+          f"config and tokenizer files, gpt.pt ({size('gpt.pt'):.1f} MB, for gpt.py sample)")
     print(f'load it with AutoModelForCausalLM.from_pretrained("{args.out}") and '
           f'AutoTokenizer.from_pretrained("{args.out}")')
 
@@ -5604,8 +5692,9 @@ def add_export_parser(commands) -> None:
     ex.add_argument("--run-dir", default="data/run",
                     help="where `train` wrote its checkpoints (default: %(default)s)")
     ex.add_argument("--out", metavar="DIR", required=True,
-                    help="directory for the files, made if missing; files of an earlier export "
-                         "there are replaced")
+                    help="a new or empty directory for the files (made if missing)")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier export in DIR (one that holds nothing else)")
     ex.set_defaults(run=cmd_export, parser=ex)
 
 

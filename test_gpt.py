@@ -3655,7 +3655,8 @@ def test_export_command_writes_every_file_and_a_weights_only_checkpoint(tmp_path
     assert gpt.main(["export", "--checkpoint", path, "--out", str(tmp_path / "hf")]) == 0
     assert "model.safetensors" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "hf")) == [
-        "config.json", "generation_config.json", "gpt.pt", "merges.txt", "model.safetensors",
+        ".gpt-export.json", "config.json", "generation_config.json", "gpt.pt", "merges.txt",
+        "model.safetensors",
         "special_tokens.json", "special_tokens_map.json", "tokenizer.json",
         "tokenizer_config.json", "vocab.json"]
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
@@ -3668,9 +3669,60 @@ def test_export_command_writes_every_file_and_a_weights_only_checkpoint(tmp_path
     assert gpt.main(["export", "--checkpoint", str(tmp_path / "hf" / "gpt.pt"),
                      "--out", str(tmp_path / "again")]) == 0
     for name in os.listdir(tmp_path / "hf"):
-        if name != "gpt.pt":  # torch.save's zip records the file's own name
+        if name not in ("gpt.pt", ".gpt-export.json"):  # these name their sources
             assert (tmp_path / "again" / name).read_bytes() == (
                 tmp_path / "hf" / name).read_bytes(), name
+
+
+def test_export_writes_only_into_a_new_empty_or_earlier_export_directory(tmp_path, capsys):
+    """export refuses a directory holding files it did not write (a user's, a tokenizer's),
+    and an earlier export unless --overwrite, which replaces it, but not when a file of the
+    user's has joined it; each refusal is one line and leaves every file as it was."""
+    path = write_export_checkpoint(tmp_path)
+    export = lambda out, *extra: exit_code(["export", "--checkpoint", path, "--out", str(out),
+                                            *extra])
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "vocab.json").write_text("{}")
+    capsys.readouterr()
+    assert export(tokenizer_dir) == 2
+    assert "holds files that no export wrote (vocab.json)" in one_error_line(capsys, "export")
+    assert os.listdir(tokenizer_dir) == ["vocab.json"]
+    assert (tokenizer_dir / "vocab.json").read_text() == "{}"
+    hf = tmp_path / "hf"
+    hf.mkdir()  # empty: taken
+    assert export(hf) == 0
+    before = files_under(hf)
+    capsys.readouterr()
+    assert export(hf) == 2
+    assert "--overwrite" in one_error_line(capsys, "export")
+    (hf / "model.safetensors").write_bytes(b"old")
+    assert export(hf, "--overwrite") == 0
+    assert files_under(hf) == before
+    (hf / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert export(hf, "--overwrite") == 2
+    assert "other files (notes.txt)" in one_error_line(capsys, "export")
+    assert (hf / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["hf", "model.pt", "tokenizer"]  # nothing staged left
+
+
+def test_export_cleans_up_after_a_killed_export(tmp_path, capsys):
+    """A killed export's half-written directory is removed by the next export, and an earlier
+    export it had moved aside (killed between the two renames) is put back in place."""
+    path = write_export_checkpoint(tmp_path)
+    hf = tmp_path / "hf"
+    assert gpt.main(["export", "--checkpoint", path, "--out", str(hf)]) == 0
+    previous = files_under(hf)
+    dead = dead_pid()
+    hf.rename(tmp_path / f".hf.export-old-{dead}")
+    (tmp_path / f".hf.export-new-{dead}").mkdir()
+    (tmp_path / f".hf.export-new-{dead}" / "model.safetensors").write_bytes(b"half")
+    capsys.readouterr()
+    assert exit_code(["export", "--checkpoint", path, "--out", str(hf)]) == 2  # no --overwrite
+    assert "earlier export" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert sorted(os.listdir(tmp_path)) == ["hf", "model.pt"]
+    assert files_under(hf) == previous
 
 
 def test_sample_from_the_weights_only_file_gives_the_same_story(tmp_path, trained_run, capsys):
