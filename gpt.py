@@ -4400,7 +4400,8 @@ def pyplot():
 
 
 def save_figure(fig, path: str, plt) -> str:
-    fig.savefig(path, dpi=80)  # 80 dots per inch: sharp on a screen, tens of KB per file
+    with open_for_writing(path) as f:  # never through a link planted at the picture's name
+        fig.savefig(f, format="png", dpi=80)  # 80 dots per inch: sharp on a screen, tens of KB
     plt.close(fig)
     return path
 

@@ -3962,6 +3962,20 @@ def test_plot_command_end_to_end(tmp_path, trained_run, capsys):
     assert_valid_pngs(out, ["curves.png", "lr_and_grad_norm.png"])
 
 
+def test_plot_never_draws_through_a_planted_link(tmp_path, trained_run, capsys):
+    """A curves.png that is a symbolic link to a user's file is refused with one line, and the
+    user's file is unchanged."""
+    pytest.importorskip("matplotlib")
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my file")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "curves.png").symlink_to(mine)
+    capsys.readouterr()
+    assert exit_code(["plot", str(trained_run), "--out-dir", str(tmp_path / "figures")]) == 2
+    assert "curves.png is a symbolic link" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert mine.read_text() == "my file"
+
+
 def test_inspect_command_end_to_end(tmp_path, trained_run, capsys):
     """`inspect` prints a row per head, per position and per matrix, and draws valid PNGs."""
     pytest.importorskip("matplotlib")
