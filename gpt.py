@@ -2832,18 +2832,20 @@ def run_kind(checkpoint: dict, name: str) -> str:
     return kind
 
 
-def check_same_run(checkpoint: dict, name: str, kind: str, tokenizer: Tokenizer | None = None,
-                   tokenizer_source: str = "") -> None:
-    """Refuse to resume a run of the other kind, or with another tokenizer than it learned (the
-    same ids would then mean other tokens). A checkpoint from before gpt.py recorded the
-    tokenizer's fingerprint has it computed from the tokenizer it stores."""
-    saved_kind = run_kind(checkpoint, name)
-    if saved_kind != kind:
-        raise ValueError(f"{name} is a {saved_kind} run, not a {kind} one: continue it with "
-                         f"`python gpt.py {RUN_KINDS[saved_kind]} --resume`, or give another "
+def check_run_kind(checkpoint: dict, name: str, kind: str) -> None:
+    """Refuse to resume a run of the other kind: `train` continues pretraining only, and
+    `finetune` fine-tuning only."""
+    saved = run_kind(checkpoint, name)
+    if saved != kind:
+        raise ValueError(f"{name} is a {saved} run, not a {kind} one: continue it with "
+                         f"`python gpt.py {RUN_KINDS[saved]} --resume`, or give another "
                          f"--out-dir")
-    if tokenizer is None:
-        return
+
+
+def check_same_tokenizer(checkpoint: dict, name: str, tokenizer: Tokenizer, source: str) -> None:
+    """Refuse to resume a run with another tokenizer than it learned (the same ids would then
+    mean other tokens). A checkpoint from before gpt.py recorded the tokenizer's fingerprint
+    has it computed from the tokenizer it stores."""
     saved = checkpoint.get("tokenizer_fingerprint")
     if saved is None and "tokenizer" in checkpoint:
         vocab_size = checkpoint["config"]["vocab_size"]
@@ -2852,7 +2854,7 @@ def check_same_run(checkpoint: dict, name: str, kind: str, tokenizer: Tokenizer 
         raise ValueError(f"{name}: its tokenizer_fingerprint is {shown(saved)}, not a string")
     here = tokenizer.fingerprint()
     if saved not in (None, here):
-        raise ValueError(f"{name} was trained with another tokenizer than {tokenizer_source} "
+        raise ValueError(f"{name} was trained with another tokenizer than {source} "
                          f"(fingerprint {saved[:12]}... there, {here[:12]}... here): resume "
                          f"with the tokenizer it was trained with, or give another --out-dir")
 
@@ -3355,9 +3357,11 @@ def start_process(args: argparse.Namespace) -> tuple[torch.device, int, int]:
     return device, rank, world_size
 
 
-def read_resume(args: argparse.Namespace) -> tuple[dict | None, int | None, float]:
-    """With --resume: the checkpoint to continue, where its schedule ends and the seconds of its
-    budget used; what the user does not give again is what the run was started with."""
+def read_resume(args: argparse.Namespace,
+                kind: str = "pretraining") -> tuple[dict | None, int | None, float]:
+    """With --resume: the checkpoint to continue (a run of this kind), where its schedule ends
+    and the seconds of its budget used; what the user does not give again is what the run was
+    started with."""
     if not args.resume:
         return None, args.max_steps, 0.0
     path = os.path.join(args.out_dir, "latest.pt")
@@ -3365,6 +3369,7 @@ def read_resume(args: argparse.Namespace) -> tuple[dict | None, int | None, floa
         raise ValueError(f"--resume: there is no {path} to resume from")
     checkpoint = read_checkpoint(path)
     check_resumable(checkpoint, path)
+    check_run_kind(checkpoint, path, kind)
     for name, value in checkpoint["args"].items():
         if (name in ("preset", "batch_size", "lr", "min_lr", "weight_decay", "beta2")
                 and getattr(args, name) is None):
@@ -3395,8 +3400,8 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     valid_data = open_tokens(os.path.join(args.data_dir, "valid.bin"), vocab_size, tokenizer)
     checkpoint, total_steps, time_used = read_resume(args)
     if checkpoint:
-        check_same_run(checkpoint, os.path.join(args.out_dir, "latest.pt"), "pretraining",
-                       tokenizer, tokenizer_dir)
+        check_same_tokenizer(checkpoint, os.path.join(args.out_dir, "latest.pt"), tokenizer,
+                             tokenizer_dir)
     if args.max_steps is None and args.max_time is None:
         args.max_time = 600.0  # the default budget: 10 minutes
     recipe = pick_recipe(args, device)
@@ -5018,9 +5023,7 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     check_run_dir(args)
     pairs = read_qa_file(args.data)
     valid_pairs = read_qa_file(args.valid) if args.valid else None
-    checkpoint, total_steps, time_used = read_resume(args)
-    if checkpoint:  # its tokenizer is the one it stores: only the kind can differ
-        check_same_run(checkpoint, os.path.join(args.out_dir, "latest.pt"), "fine-tuning")
+    checkpoint, total_steps, time_used = read_resume(args, "fine-tuning")
     config, tokenizer, source = finetune_model(args, checkpoint)
     start_from = None if checkpoint or args.from_scratch else source
     if args.overwrite and start_from and (os.path.realpath(os.path.dirname(start_from))
@@ -5413,6 +5416,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         for directory, (argv, train_args, state) in runs.items():
             train_args.overwrite = "--overwrite" in args.train_flags and state == "new"
             train_args.resume = state == "interrupted"
+            if train_args.resume:  # within the budget it started with, like a plain --resume
+                train_args.max_steps = train_args.max_time = None
             if state == "new" and not train_args.overwrite and os.path.isfile(
                     os.path.join(directory, "latest.pt")):
                 raise ValueError(f"{directory} holds a run of other train flags than these: "
