@@ -1757,7 +1757,7 @@ def lock_owner(path: str) -> int | None:
         return None  # released while we looked
     if not text.isdigit():
         return 0 if age < LOCK_BEING_WRITTEN else None
-    pid = int(text)
+    pid = int(text)  # Linux's pids stay below 2^22: a larger number names no process
     return pid if 0 < pid < 1 << 22 and process_is_running(pid) else None
 
 
