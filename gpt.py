@@ -83,6 +83,7 @@ import multiprocessing
 import operator
 import os
 import re
+import shlex
 import shutil
 import signal
 import string
@@ -90,7 +91,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from itertools import chain, islice, repeat
@@ -1541,12 +1542,27 @@ def write_all(f, data, path: str) -> None:
         raise OSError(f"cannot write {path}: {reason} ({e.strerror or e})") from None
 
 
+def open_for_writing(path: str, mode: str = "wb"):
+    """open(path, mode) for "wb", "ab", "w" or "a", except that a symbolic link at `path` is
+    refused, not followed: a link planted there (metrics.jsonl -> ~/notes.txt, say) would have
+    us overwrite the file it names."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise OSError(f"{path} is a symbolic link: gpt.py writes only files of its own, never "
+                      f"through a link; remove it or give another directory") from None
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
 def write_atomically(path: str, data: bytes) -> None:
     """Write a file so that a crash leaves either the old file or the new one, never half. The
     temporary file's name holds our process id, for cleaning up after a kill -9."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with open_for_writing(tmp) as f:
             write_all(f, data, path)
         os.replace(tmp, path)
     finally:
@@ -1558,9 +1574,83 @@ def check_writable_dir(directory: str) -> None:
     """Fail now, not after an hour of work, if results cannot be written to `directory`."""
     os.makedirs(directory, exist_ok=True)
     probe = os.path.join(directory, f".write-test-{os.getpid()}")
-    with open(probe, "wb"):
+    with open_for_writing(probe):
         pass
     os.remove(probe)
+
+
+def process_is_running(pid: int) -> bool:
+    """Whether a process exists: signal 0 asks without disturbing it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it runs, as another user
+    return True
+
+
+LOCK_NAME = "gpt.lock"  # in a run's --out-dir while a command writes there: its process id
+LOCK_BEING_WRITTEN = 10.0  # seconds: an empty lock this young is being taken, not stale
+
+
+def lock_owner(path: str) -> int | None:
+    """The process id a lock file holds, 0 for a lock being written (no number yet), None for a
+    stale one (its process is dead, or it holds no number long after it was made)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(32).decode("ascii", "replace").strip()
+        age = time.time() - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return None  # released while we looked
+    if not text.isdigit():
+        return 0 if age < LOCK_BEING_WRITTEN else None
+    pid = int(text)  # Linux's pids stay below 2^22: a larger number names no process
+    return pid if 0 < pid < 1 << 22 and process_is_running(pid) else None
+
+
+def take_lock(path: str) -> None:
+    """Create the lock file at `path` holding our process id, or say who holds it. O_CREAT with
+    O_EXCL is atomic: of two processes that try at once, exactly one creates the file."""
+    for _ in range(3):  # after a stale lock is cleared, try again
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            owner = lock_owner(path)
+            if owner is not None:
+                who = f"process {owner}" if owner else "a run starting now"
+                raise ValueError(f"{os.path.dirname(path)} is in use by another run ({who}): "
+                                 f"wait for it to end, or give another --out-dir (if no run "
+                                 f"uses it, remove {path})") from None
+            with suppress(FileNotFoundError):
+                os.remove(path)  # left by a process that was killed (kill -9, a power cut)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise ValueError(f"could not take the lock {path}: other runs keep taking it")
+
+
+@contextmanager
+def directory_lock(directory: str, taken: bool = True) -> Iterator[None]:
+    """One writer at a time in `directory`, a run's --out-dir: its lock file is held while the
+    block runs and removed when it ends, by an error or Ctrl-C too. `taken` False (the other
+    ranks under torchrun, which write nothing there) takes none. A directory made for the lock
+    and left empty is removed again, so a refused command leaves nothing behind."""
+    if not taken:
+        yield
+        return
+    made = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_NAME)
+    take_lock(path)
+    try:
+        yield
+    finally:
+        with suppress(FileNotFoundError):
+            os.remove(path)
+        if made and not os.listdir(directory):
+            os.rmdir(directory)
 
 
 # Text to read is a whole file (its path, a str or a pathlib.Path), or a byte range (path, start,
@@ -2567,7 +2657,7 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteratio
         return
     tmp_path = f"{out}.tmp-{os.getpid()}"  # the pid in the name: see remove_stale_temp_files
     try:
-        with open(tmp_path, "wb") as f:
+        with open_for_writing(tmp_path) as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -2815,6 +2905,49 @@ def saved_tokenizer(saved, name: str, vocab_size: int) -> Tokenizer:
         raise ValueError(f"{name}: its tokenizer's ids go up to {max(tokenizer.vocab)}, but its "
                          f"model has a {vocab_size}-token vocabulary")
     return tokenizer
+
+
+# What each kind of run is continued with: a checkpoint records its kind, so that `--resume`
+# cannot carry a fine-tuned model back into pretraining, or the other way round.
+RUN_KINDS = {"pretraining": "train", "fine-tuning": "finetune"}
+
+
+def run_kind(checkpoint: dict, name: str) -> str:
+    """"pretraining" or "fine-tuning". A checkpoint from before gpt.py recorded it tells by its
+    settings: only `finetune` has --train-on-everything."""
+    kind = checkpoint.get("kind")
+    if kind is None:
+        return "fine-tuning" if "train_on_everything" in checkpoint["args"] else "pretraining"
+    if kind not in RUN_KINDS:
+        raise ValueError(f"{name}: its kind is {shown(kind)}, not one of {', '.join(RUN_KINDS)}")
+    return kind
+
+
+def check_run_kind(checkpoint: dict, name: str, kind: str) -> None:
+    """Refuse to resume a run of the other kind: `train` continues pretraining only, and
+    `finetune` fine-tuning only."""
+    saved = run_kind(checkpoint, name)
+    if saved != kind:
+        raise ValueError(f"{name} is a {saved} run, not a {kind} one: continue it with "
+                         f"`python gpt.py {RUN_KINDS[saved]} --resume`, or give another "
+                         f"--out-dir")
+
+
+def check_same_tokenizer(checkpoint: dict, name: str, tokenizer: Tokenizer, source: str) -> None:
+    """Refuse to resume a run with another tokenizer than it learned (the same ids would then
+    mean other tokens). A checkpoint from before gpt.py recorded the tokenizer's fingerprint
+    has it computed from the tokenizer it stores."""
+    saved = checkpoint.get("tokenizer_fingerprint")
+    if saved is None and "tokenizer" in checkpoint:
+        vocab_size = checkpoint["config"]["vocab_size"]
+        saved = saved_tokenizer(checkpoint["tokenizer"], name, vocab_size).fingerprint()
+    if saved is not None and not isinstance(saved, str):
+        raise ValueError(f"{name}: its tokenizer_fingerprint is {shown(saved)}, not a string")
+    here = tokenizer.fingerprint()
+    if saved not in (None, here):
+        raise ValueError(f"{name} was trained with another tokenizer than {source} "
+                         f"(fingerprint {saved[:12]}... there, {here[:12]}... here): resume "
+                         f"with the tokenizer it was trained with, or give another --out-dir")
 
 
 def read_model(path: str) -> tuple[TransformerLM, Tokenizer, dict]:
@@ -3169,6 +3302,10 @@ def check_run_dir(args: argparse.Namespace) -> None:
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in OUT_DIR and --overwrite replaces it: "
                          "give one or the other")
+    metrics = os.path.join(args.out_dir, "metrics.jsonl")
+    if os.path.islink(metrics):  # open_for_writing refuses it too; this says so before any work
+        raise ValueError(f"{metrics} is a symbolic link: gpt.py writes only files of its own, "
+                         f"never through a link; remove it or give another --out-dir")
     existing = [name for name in ("latest.pt", "best.pt")
                 if os.path.exists(os.path.join(args.out_dir, name))]
     if existing and not (args.resume or args.overwrite):
@@ -3286,6 +3423,7 @@ class Run:
     loss: object = None            # (logits, targets) -> mean loss; loss_fn is it, maybe compiled
     evaluate: object = None        # run -> validation loss
     start_from: str | None = None  # a checkpoint whose weights a fresh run starts from
+    kind: str = "pretraining"      # or "fine-tuning": recorded in checkpoints (see RUN_KINDS)
 
     def say(self, message: str) -> None:
         if self.rank == 0:  # one process talks for all
@@ -3316,9 +3454,11 @@ def start_process(args: argparse.Namespace) -> tuple[torch.device, int, int]:
     return device, rank, world_size
 
 
-def read_resume(args: argparse.Namespace) -> tuple[dict | None, int | None, float]:
-    """With --resume: the checkpoint to continue, where its schedule ends and the seconds of its
-    budget used; what the user does not give again is what the run was started with."""
+def read_resume(args: argparse.Namespace,
+                kind: str = "pretraining") -> tuple[dict | None, int | None, float]:
+    """With --resume: the checkpoint to continue (a run of this kind), where its schedule ends
+    and the seconds of its budget used; what the user does not give again is what the run was
+    started with."""
     if not args.resume:
         return None, args.max_steps, 0.0
     path = os.path.join(args.out_dir, "latest.pt")
@@ -3326,6 +3466,7 @@ def read_resume(args: argparse.Namespace) -> tuple[dict | None, int | None, floa
         raise ValueError(f"--resume: there is no {path} to resume from")
     checkpoint = read_checkpoint(path)
     check_resumable(checkpoint, path)
+    check_run_kind(checkpoint, path, kind)
     for name, value in checkpoint["args"].items():
         if (name in ("preset", "batch_size", "lr", "min_lr", "weight_decay", "beta2")
                 and getattr(args, name) is None):
@@ -3355,6 +3496,9 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     train_data = open_tokens(os.path.join(args.data_dir, "train.bin"), vocab_size, tokenizer)
     valid_data = open_tokens(os.path.join(args.data_dir, "valid.bin"), vocab_size, tokenizer)
     checkpoint, total_steps, time_used = read_resume(args)
+    if checkpoint:
+        check_same_tokenizer(checkpoint, os.path.join(args.out_dir, "latest.pt"), tokenizer,
+                             tokenizer_dir)
     if args.max_steps is None and args.max_time is None:
         args.max_time = 600.0  # the default budget: 10 minutes
     recipe = pick_recipe(args, device)
@@ -3484,6 +3628,7 @@ def save_run(run: Run, path: str, finished: bool = False) -> None:
                               if isinstance(v, (str, int, float, bool, type(None)))},
                         tokenizer=dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
                                        special_tokens=tokenizer.special_tokens),
+                        tokenizer_fingerprint=tokenizer.fingerprint(), kind=run.kind,
                         best_val_loss=run.best_val_loss, total_steps=run.total_steps,
                         finished=finished, elapsed=run.budget.elapsed(), rng=rng_states)
     run.budget.save_seconds = time.perf_counter() - started
@@ -3622,7 +3767,7 @@ def train(args: argparse.Namespace, start=start_run) -> None:
             for name in ("latest.pt", "best.pt"):
                 if os.path.exists(run.path(name)):
                     os.remove(run.path(name))
-        run.metrics = open(run.path("metrics.jsonl"), "a" if checkpoint else "w")
+        run.metrics = open_for_writing(run.path("metrics.jsonl"), "a" if checkpoint else "w")
     # The time budget counts from the start of the command (and, on resume, what the run used).
     run.budget = TimeBudget(args.max_time or math.inf,
                             time_used + time.perf_counter() - command_started)
@@ -3679,27 +3824,43 @@ EXPERIMENTS = {
 
 
 def arm_result(out_dir: str) -> dict:
-    """What a finished arm reached, from its metrics.jsonl and latest.pt."""
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
-    evals = [r for r in records if "val_loss" in r]
+    """What a finished arm reached, from its latest.pt and metrics.jsonl; a line there that is no
+    record, or lacks a field (a killed run's half line), is passed over."""
+    records = []
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
+        for line in f:
+            with suppress(ValueError, RecursionError):
+                records.append(json.loads(line))
+    records = [r for r in records if isinstance(r, dict)]
+    evals = [r["val_loss"] for r in records if is_number(r.get("val_loss"))]
+    times = [r["elapsed"] for r in records if is_number(r.get("elapsed"))]
     checkpoint = read_checkpoint(os.path.join(out_dir, "latest.pt"))
     config, args = ModelConfig(**checkpoint["config"]), checkpoint["args"]
     step = checkpoint["iteration"]
     batch = args["batch_size"] or PRESETS[args["preset"]]["batch_size"]
     return dict(parameters=sum(p.numel() for p in TransformerLM(config).parameters()), steps=step,
                 tokens=step * batch * args["grad_accum"] * config.context_length,
-                seconds=records[-1]["elapsed"], best=min(r["val_loss"] for r in evals),
-                final=evals[-1]["val_loss"])
+                seconds=times[-1] if times else checkpoint.get("elapsed", 0.0),
+                best=min(evals, default=checkpoint.get("best_val_loss", math.nan)),
+                final=evals[-1] if evals else math.nan)
 
 
-def arm_is_done(directory: str, argv: list[str]) -> bool:
-    """Whether an arm's directory holds a finished run of exactly these train flags."""
+def arm_state(directory: str, argv: list[str]) -> str:
+    """What an arm's directory holds of a run of exactly these train flags: "done" (finished),
+    "interrupted" (to resume), or "new" (nothing of theirs). experiment.json, written before
+    the arm trains, records its flags."""
     try:
         with open(os.path.join(directory, "experiment.json"), encoding="utf-8") as f:
-            return json.load(f) == argv and os.path.exists(os.path.join(directory, "latest.pt"))
-    except (OSError, ValueError):
-        return False
+            same = json.load(f) == argv
+    except (OSError, ValueError, RecursionError):
+        return "new"
+    path = os.path.join(directory, "latest.pt")
+    if not (same and os.path.isfile(path)):
+        return "new"
+    checkpoint = read_checkpoint(path)
+    total = checkpoint.get("total_steps")
+    finished = checkpoint.get("finished", total is not None and checkpoint["iteration"] >= total)
+    return "done" if finished else "interrupted"
 
 
 def arm_dir(args: argparse.Namespace, name: str, flags: list[str], arm: str) -> str:
@@ -3791,17 +3952,6 @@ LEFTOVER_RE = re.compile(r"(?:\.tokenize-|\.write-test-|(?:train|valid)\.bin(?:\
                          r"|(?:vocab\.json|merges\.txt|special_tokens\.json)\.tmp)(\d{1,9})")
 
 
-def process_is_running(pid: int) -> bool:
-    """Whether a process exists: signal 0 asks without disturbing it."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it runs, as another user
-    return True
-
-
 def remove_leftovers(out_dir: str) -> None:
     """Remove what killed runs of `tokenize` left in out_dir and out_dir/tokenizer, unless the
     process named in it still runs: that is a tokenize at work."""
@@ -3830,20 +3980,71 @@ def staging_dir(out_dir: str) -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def publish(staging: str, out_dir: str, names: list[str]) -> None:
-    """Move staged files into out_dir, holding Ctrl-C and SIGTERM back until all have moved.
-    The tokenizer goes first and each token file before its sidecar, so that a crash in the
-    middle (kill -9, a power cut) leaves old token files whose sidecars name the old tokenizer,
-    or a new token file with its old sidecar: training refuses both rather than mix them."""
+def check_destinations(staging: str, out_dir: str, names: list[str]) -> None:
+    """Fail before the first file moves if any of them could not: a destination that is a
+    directory, a folder we may not write in, or one on another file system than the staging
+    directory (os.replace renames; it cannot move a file between file systems)."""
+    device = os.stat(staging).st_dev
+    for name in names:
+        path = os.path.join(out_dir, name)
+        folder = os.path.dirname(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise OSError(f"cannot publish {path}: it is a directory; remove it")
+        if os.stat(folder).st_dev != device:
+            raise OSError(f"cannot publish into {folder}: it is on another file system than "
+                          f"{out_dir} (a mount or a link?)")
+        if not os.access(folder, os.W_OK):
+            raise OSError(f"cannot publish into {folder}: no permission to write there")
+
+
+def keep_previous(path: str, backup: str) -> None:
+    """A second name (a hard link, else a copy) for the file at `path`, if there is one, so that
+    publish can put it back. A link costs no space and no time."""
+    if not os.path.lexists(path):
+        return
+    os.makedirs(os.path.dirname(backup), exist_ok=True)
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, backup, follow_symlinks=False)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back until the block ends (not on Windows), for steps that must
+    not stop halfway: they arrive once it has."""
+    can_hold = hasattr(signal, "pthread_sigmask")
     held = {signal.SIGINT, signal.SIGTERM}
-    can_hold = hasattr(signal, "pthread_sigmask")  # not on Windows
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if can_hold else None
     try:
-        for name in names:
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        yield
     finally:
         if can_hold:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def publish(staging: str, out_dir: str, names: list[str]) -> None:
+    """Move staged files into out_dir, all or none: every destination is checked first, each
+    previous file is kept under a second name until all have moved, and a failure on the way
+    puts them back (the caller holds Ctrl-C and SIGTERM back). The tokenizer goes first and
+    each token file before its sidecar, so that a kill -9 or a power cut in the middle leaves
+    old token files whose sidecars name the old tokenizer, or a new token file with its old
+    sidecar: training refuses both rather than mix them."""
+    check_destinations(staging, out_dir, names)
+    backups = os.path.join(staging, ".previous")
+    moved = []  # the names in place, newest last
+    try:
+        for name in names:
+            path = os.path.join(out_dir, name)
+            keep_previous(path, os.path.join(backups, name))
+            os.replace(os.path.join(staging, name), path)
+            moved.append(name)
+    except OSError as e:
+        for done in reversed(moved):
+            backup, placed = os.path.join(backups, done), os.path.join(out_dir, done)
+            os.replace(backup, placed) if os.path.lexists(backup) else os.remove(placed)
+        raise OSError(f"cannot publish {path}: {e.strerror or e}; the previous files in "
+                      f"{out_dir} are put back") from None
 
 
 def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir: str,
@@ -3874,7 +4075,8 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
         except OSError as e:
             raise OSError(f"{e}; the previous files in {out_dir} are kept") from None
         os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
-        publish(staging, out_dir, names)
+        with signals_held():
+            publish(staging, out_dir, names)
     seconds = time.perf_counter() - started
     total = sum(end - start for _, start, end in map(text_range, sources.values()))
     print(f"encoded {total / 1e6:,.1f} MB in {seconds:.2f}s with {workers} "
@@ -4050,7 +4252,7 @@ def replaced(path: str) -> Iterator:
     leaves the old file or the new one, never half (write_atomically, for data in pieces)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with open_for_writing(tmp) as f:
             yield f
         os.replace(tmp, path)
     finally:
@@ -4099,6 +4301,71 @@ def save_weights_only(model: TransformerLM, tokenizer: Tokenizer, iteration: int
     except RuntimeError as e:  # torch's zip writer stops so when the disk is full
         raise OSError(f"cannot write {path}: the write stopped partway, is the disk full? "
                       f"({first_line(e)})") from None
+
+
+# An export's own file, listing the files it wrote: a later export recognizes its directory by
+# it, and replaces it only when asked (--overwrite) and only when it holds nothing else.
+EXPORT_MARKER = ".gpt-export.json"
+
+
+def export_sibling(out: str, what: str, pid: int | None = None) -> str:
+    """A directory beside `out`, on its file system: "new" for an export being written, "old"
+    for the one it replaces. Example: ("hf/llama", "new") -> "hf/.llama.export-new-4242"."""
+    parent, base = os.path.split(out)
+    return os.path.join(parent, f".{base}.export-{what}-{os.getpid() if pid is None else pid}")
+
+
+def remove_export_leftovers(out: str) -> None:
+    """Clean up after an export killed on the way (kill -9, a power cut): its half-written
+    directory goes, and a previous export it had moved aside but not yet replaced comes back."""
+    parent, base = os.path.split(out)
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        match = re.fullmatch(rf"\.{re.escape(base)}\.export-(new|old)-(\d{{1,9}})", name)
+        if not match or process_is_running(int(match[2])):
+            continue
+        path = os.path.join(parent, name)
+        if match[1] == "old" and not os.path.lexists(out):
+            os.rename(path, out)
+            log(f"put back {out}, the export a killed run had moved aside")
+        else:
+            shutil.rmtree(path)
+            log(f"removed {path}, left by a run that was killed")
+
+
+def check_export_dir(out: str, overwrite: bool) -> None:
+    """`export` writes only into a new or empty directory, or, with --overwrite, one that holds
+    an earlier export and nothing else: never into a tokenizer's, data or run directory."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file: give a directory")
+    names = set(os.listdir(out)) if os.path.isdir(out) else set()
+    if not names:
+        return
+    try:
+        with open(os.path.join(out, EXPORT_MARKER), encoding="utf-8") as f:
+            ours = set(json.load(f)["files"]) | {EXPORT_MARKER}
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise ValueError(f"--out {out} holds files that no export wrote "
+                         f"({', '.join(sorted(names)[:3])}{', ...' * (len(names) > 3)}): give "
+                         f"a new or empty directory") from None
+    if names - ours:
+        raise ValueError(f"--out {out} holds an earlier export and other files "
+                         f"({', '.join(sorted(names - ours)[:3])}): give a new or empty "
+                         f"directory")
+    if not overwrite:
+        raise ValueError(f"--out {out} holds an earlier export: replace it with --overwrite, or "
+                         f"give a new or empty directory")
+
+
+def publish_export(staging: str, out: str) -> None:
+    """Put a complete export in place of `out` by renaming directories, so that a kill leaves
+    the previous export or the new one, never a mix. An earlier export is moved aside first
+    (a rename cannot replace a directory that holds files), then removed."""
+    old = export_sibling(out, "old")
+    with signals_held():
+        if os.path.isdir(out) and os.listdir(out):
+            os.rename(out, old)
+        os.rename(staging, out)  # onto a missing or an empty directory
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ==================================================================================================
@@ -4227,7 +4494,8 @@ def pyplot():
 
 
 def save_figure(fig, path: str, plt) -> str:
-    fig.savefig(path, dpi=80)  # 80 dots per inch: sharp on a screen, tens of KB per file
+    with open_for_writing(path) as f:  # never through a link planted at the picture's name
+        fig.savefig(f, format="png", dpi=80)  # 80 dots per inch: sharp on a screen, tens of KB
     plt.close(fig)
     return path
 
@@ -4844,7 +5112,7 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     check_run_dir(args)
     pairs = read_qa_file(args.data)
     valid_pairs = read_qa_file(args.valid) if args.valid else None
-    checkpoint, total_steps, time_used = read_resume(args)
+    checkpoint, total_steps, time_used = read_resume(args, "fine-tuning")
     config, tokenizer, source = finetune_model(args, checkpoint)
     start_from = None if checkpoint or args.from_scratch else source
     if args.overwrite and start_from and (os.path.realpath(os.path.dirname(start_from))
@@ -4869,7 +5137,7 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     run = Run(args, device, rank, world_size, autocast_dtype(device, args.dtype), tokenizer,
               train_pairs, valid_pairs, config, batch_size, max_lr, min_lr,
               total_steps=total_steps, get_batch=qa_batch, loss=masked_cross_entropy,
-              evaluate=evaluate_answers, start_from=start_from,
+              evaluate=evaluate_answers, start_from=start_from, kind="fine-tuning",
               eval_starts=np.arange(len(valid_pairs.items)))
     check_batch_fits(run.batch_size, T, config.vocab_size, device, "--batch-size")
     if rank == 0:
@@ -5209,13 +5477,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
                          f"sample{'s' * (args.num_samples > 1)} at once: {advice}") from None
 
 
-def cmd_export(args: argparse.Namespace) -> None:
-    path = args.checkpoint or newest_checkpoint(args.run_dir)
-    model, tokenizer, iteration = read_for_export(path)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a file: give a directory")
-    check_writable_dir(args.out)
-    out = lambda name: os.path.join(args.out, name)
+def write_export(staging: str, model: TransformerLM, tokenizer: Tokenizer, iteration: int,
+                 source: str) -> None:
+    """Write every file of an export into `staging`, the marker that lists them last."""
+    out = lambda name: os.path.join(staging, name)
     write_safetensors(out("model.safetensors"), llama_state_dict(model))
     files = {"config.json": llama_config(model.config, tokenizer)}
     eos_id = end_of_text_id(tokenizer)
@@ -5228,12 +5493,29 @@ def cmd_export(args: argparse.Namespace) -> None:
     for name, data in hf_tokenizer_files(tokenizer, model.config.context_length).items():
         write_atomically(out(name), data)
     save_weights_only(model, tokenizer, iteration, out("gpt.pt"))
+    marker = {"files": sorted(os.listdir(staging)), "checkpoint": source, "step": iteration}
+    write_atomically(out(EXPORT_MARKER), (json.dumps(marker, indent=2) + "\n").encode())
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    path = args.checkpoint or newest_checkpoint(args.run_dir)
+    model, tokenizer, iteration = read_for_export(path)
+    out = os.path.realpath(args.out)  # a link given as --out: the directory it names
+    remove_export_leftovers(out)
+    check_export_dir(out, args.overwrite)
+    # Staged beside OUT, on its file system, then renamed into place.
+    staging = export_sibling(out, "new")
+    check_writable_dir(staging)
+    try:
+        write_export(staging, model, tokenizer, iteration, path)
+        publish_export(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     num_params = sum(p.numel() for p in model.parameters())
+    size = lambda name: os.path.getsize(os.path.join(out, name)) / 1e6
     print(f"model: {path} (step {iteration:,}, {num_params / 1e6:.1f}M parameters)")
-    print(f"wrote {args.out}: model.safetensors "
-          f"({os.path.getsize(out('model.safetensors')) / 1e6:.1f} MB), "
-          f"{', '.join(files)}, tokenizer files, gpt.pt "
-          f"({os.path.getsize(out('gpt.pt')) / 1e6:.1f} MB, for gpt.py sample)")
+    print(f"wrote {args.out}: model.safetensors ({size('model.safetensors'):.1f} MB), the "
+          f"config and tokenizer files, gpt.pt ({size('gpt.pt'):.1f} MB, for gpt.py sample)")
     print(f'load it with AutoModelForCausalLM.from_pretrained("{args.out}") and '
           f'AutoTokenizer.from_pretrained("{args.out}")')
 
@@ -5300,44 +5582,100 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"wrote {draw_spectral_norms(stats, initial, spectral, plt)}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """`python gpt.py train`: §14's training run. One run at a time writes into OUT_DIR: the
+    process that writes there (rank 0 under torchrun) holds its lock."""
+    with directory_lock(args.out_dir, taken=os.environ.get("RANK", "0") == "0"):
+        train(args)
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
-    """`python gpt.py finetune`: §14's training run, started by start_finetune."""
-    train(args, start=start_finetune)
+    """`python gpt.py finetune`: §14's training run, started by start_finetune, OUT_DIR locked
+    as for train."""
+    with directory_lock(args.out_dir, taken=os.environ.get("RANK", "0") == "0"):
+        train(args, start=start_finetune)
+
+
+def arm_labels(name: str, common: list[str]) -> list[str]:
+    """The arms' names for the results table, except where the flags given to every arm change
+    what the experiment varies: such an arm is labelled with the values it really trained with.
+    Example: `experiment batch --batch-size 4` -> ["batch_size 4", "batch 16"]."""
+    parse = lambda flags: {key: value for key, value in
+                           vars(build_parser().parse_args(["train", *flags])).items()
+                           if key not in ("run", "parser")}  # the command, not a setting
+    plain = parse([])
+    declared = [parse(flags) for _, flags in EXPERIMENTS[name]]
+    varied = sorted({key for own in declared for key in own if own[key] != plain[key]})
+    labels = []
+    for (arm, flags), own in zip(EXPERIMENTS[name], declared):
+        trained = parse([*common, *flags])
+        if all(trained[key] == own[key] for key in varied):
+            labels.append(arm)
+        else:
+            labels.append(", ".join(f"{key} {trained[key]}" for key in varied
+                                    if trained[key] != plain[key]))
+    return labels
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
     """`python gpt.py experiment NAME [train flags]`: train each arm of EXPERIMENTS[NAME] with
-    the same flags (budget, seed, data) into OUT_DIR/NAME/<arm>, then tabulate the results."""
+    the same flags (budget, seed, data) into OUT_DIR/NAME/<arm>, then tabulate the results.
+    Run again with the same flags, it keeps the finished arms and resumes an interrupted one."""
     if any(flag.split("=")[0] in ("--out-dir", "--resume") for flag in args.train_flags):
         raise ValueError("experiment: give --out-dir before NAME (each arm trains into "
                          "OUT_DIR/NAME/ARM), and no --resume")
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
-    runs = {}  # arm directory -> its train flags and arguments, all parsed before any trains
+    runs = {}  # arm directory -> its train flags, arguments and state, before any trains
     for name in names:
         for arm, flags in EXPERIMENTS[name]:
             directory = arm_dir(args, name, flags, arm)
-            argv = ["train", *args.train_flags, *flags, "--out-dir", directory]
-            runs[directory] = argv, build_parser().parse_args(argv)
-    # An arm already trained with the same flags (by an earlier or an interrupted experiment)
-    # is kept; any other run in an arm's directory is refused unless --overwrite.
-    todo = {d: run for d, run in runs.items() if not arm_is_done(d, run[0])}
-    for argv, train_args in todo.values():
-        check_run_dir(train_args)
-    for directory, (argv, train_args) in runs.items():  # the default recipe trains once for all
-        if directory not in todo:
-            print(f"== {directory}: trained already with these flags, kept", flush=True)
-            continue
-        print(f"== {directory}", flush=True)
-        train(train_args)
-        write_atomically(os.path.join(directory, "experiment.json"), json.dumps(argv).encode())
+            # The arm's flags, as recorded: --overwrite says what to do, not what to train.
+            argv = [a for a in ["train", *args.train_flags, *flags, "--out-dir", directory]
+                    if a != "--overwrite"]
+            runs[directory] = argv, build_parser().parse_args(argv), arm_state(directory, argv)
+    again = shlex.join(["python", "gpt.py", "experiment", "--out-dir", args.out_dir, args.name,
+                        *args.train_flags])
+    with directory_lock(args.out_dir):
+        # Any other run in an arm's directory is refused unless --overwrite.
+        for directory, (argv, train_args, state) in runs.items():
+            train_args.overwrite = "--overwrite" in args.train_flags and state == "new"
+            train_args.resume = state == "interrupted"
+            if train_args.resume:  # within the budget it started with, like a plain --resume
+                train_args.max_steps = train_args.max_time = None
+            if state == "new" and not train_args.overwrite and os.path.isfile(
+                    os.path.join(directory, "latest.pt")):
+                raise ValueError(f"{directory} holds a run of other train flags than these: "
+                                 f"give its flags again to go on with it, train into another "
+                                 f"--out-dir, or replace it with --overwrite")
+            if state != "done":
+                check_run_dir(train_args)
+        for directory, (argv, train_args, state) in runs.items():
+            if state == "done":  # by an earlier experiment, or the default shared by all
+                print(f"== {directory}: trained already with these flags, kept", flush=True)
+                continue
+            print(f"== {directory}{': resuming it' * (state == 'interrupted')}", flush=True)
+            os.makedirs(directory, exist_ok=True)
+            write_atomically(os.path.join(directory, "experiment.json"), json.dumps(argv).encode())
+            try:
+                cmd_train(train_args)
+            except KeyboardInterrupt as e:
+                said = str(e).removesuffix("; continue with --resume") or "interrupted"
+                raise KeyboardInterrupt(f"{said}; finished arms are kept, and this one resumes "
+                                        f"when the same command runs again: {again}") from None
+        write_experiments(args, names)
+
+
+def write_experiments(args: argparse.Namespace, names: list[str]) -> None:
+    """Each experiment's results table and overlaid curves, in OUT_DIR/NAME."""
     plt = pyplot()  # the overlaid curves, when matplotlib is installed
     for name in names:
         out = os.path.join(args.out_dir, name)
-        write_results(out, [(arm, flags, arm_result(arm_dir(args, name, flags, arm)))
-                            for arm, flags in EXPERIMENTS[name]])
+        arms = [arm_dir(args, name, flags, arm) for arm, flags in EXPERIMENTS[name]]
+        labels = arm_labels(name, args.train_flags)
+        write_results(out, [(label, flags, arm_result(directory)) for label, (_, flags), directory
+                            in zip(labels, EXPERIMENTS[name], arms)])
         if plt is not None:
-            runs = [run_curves(arm_dir(args, name, flags, arm), arm)
-                    for arm, flags in EXPERIMENTS[name]]
+            runs = [run_curves(directory, label) for directory, label in zip(arms, labels)]
             for path in draw_curves(runs, out, plt):
                 print(f"wrote {path}")
 
@@ -5482,7 +5820,7 @@ def add_train_parser(commands) -> None:
                          f"torch.compile generates (so not with --compile)")
     add_optimization_flags(tr)
     add_model_flags(tr)
-    tr.set_defaults(run=train, parser=tr)
+    tr.set_defaults(run=cmd_train, parser=tr)
 
 
 def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
@@ -5586,8 +5924,9 @@ def add_export_parser(commands) -> None:
     ex.add_argument("--run-dir", default="data/run",
                     help="where `train` wrote its checkpoints (default: %(default)s)")
     ex.add_argument("--out", metavar="DIR", required=True,
-                    help="directory for the files, made if missing; files of an earlier export "
-                         "there are replaced")
+                    help="a new or empty directory for the files (made if missing)")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier export in DIR (one that holds nothing else)")
     ex.set_defaults(run=cmd_export, parser=ex)
 
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import gc
 import hashlib
 import importlib.util
@@ -1679,6 +1680,64 @@ def test_check_text_file_finds_the_first_bad_byte_anywhere(tmp_path, data, block
         assert gpt.check_text_file(str(path), block_bytes) == len(data)
 
 
+def test_open_for_writing_refuses_a_symbolic_link(tmp_path):
+    """A file we write is never written through a symbolic link someone planted at its name: the
+    link is refused with an OSError naming it, and the file it points to is unchanged."""
+    target, link = tmp_path / "notes.txt", tmp_path / "metrics.jsonl"
+    target.write_text("mine")
+    link.symlink_to(target)
+    for mode in ("w", "a", "wb"):
+        with pytest.raises(OSError, match=f"{link} is a symbolic link"):
+            gpt.open_for_writing(str(link), mode)
+    assert target.read_text() == "mine"
+    with gpt.open_for_writing(str(tmp_path / "new.txt"), "a") as f:
+        f.write("é")
+    assert (tmp_path / "new.txt").read_text(encoding="utf-8") == "é"
+
+
+def test_directory_lock_one_holder_released_on_errors(tmp_path):
+    """The lock holds our pid while its block runs; a second taker is refused with one line
+    naming the holder; it is released by an error or Ctrl-C too; a directory made for it and
+    left empty is removed again; not taken, it writes nothing."""
+    run = tmp_path / "run"
+    with gpt.directory_lock(str(run)):
+        assert (run / "gpt.lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(ValueError, match=f"{run} is in use by another run \\(process "
+                                             f"{os.getpid()}\\)"):
+            with gpt.directory_lock(str(run)):
+                pass
+        assert (run / "gpt.lock").exists()  # a refused taker leaves the holder's lock alone
+    assert not run.exists()
+    for error in (KeyboardInterrupt, ValueError):
+        with pytest.raises(error):
+            with gpt.directory_lock(str(tmp_path)):
+                raise error()
+        assert not (tmp_path / "gpt.lock").exists() and tmp_path.exists()
+    with gpt.directory_lock(str(run), taken=False):
+        assert not run.exists()
+
+
+@pytest.mark.parametrize("content, age, busy", [
+    ("dead", 0, False), ("", 0, True), ("", 60, False), ("garbage", 60, False),
+    ("99999999999", 0, False)], ids=["dead-pid", "being-written", "empty-and-old", "garbage",
+                                     "huge-number"])
+def test_directory_lock_clears_a_stale_lock(tmp_path, content, age, busy):
+    """A lock of a dead process (kill -9), or one holding no pid long after it was made, is
+    cleared and taken; an empty lock made a moment ago is being taken by another run: busy."""
+    lock = tmp_path / "gpt.lock"
+    lock.write_text(str(dead_pid()) if content == "dead" else content)
+    made = time.time() - age
+    os.utime(lock, (made, made))
+    if busy:
+        with pytest.raises(ValueError, match="in use by another run \\(a run starting now"):
+            with gpt.directory_lock(str(tmp_path)):
+                pass
+        return
+    with gpt.directory_lock(str(tmp_path)):
+        assert lock.read_text().strip() == str(os.getpid())
+    assert not lock.exists()
+
+
 # ==================================================================================================
 # §9 Parallel BPE
 # ==================================================================================================
@@ -2828,6 +2887,7 @@ def test_signal_finishes_the_step_saves_and_exits_2(tmp_path, token_dir, signum)
     """SIGTERM (kill, schedulers, preemption) is treated like Ctrl-C: the step finishes, latest.pt
     is saved, the process exits 2 with one line, and --resume goes on from there."""
     process = start_training(token_dir, tmp_path)
+    assert (tmp_path / "gpt.lock").read_text().strip() == str(process.pid)
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 2, err
@@ -2835,6 +2895,7 @@ def test_signal_finishes_the_step_saves_and_exits_2(tmp_path, token_dir, signum)
     assert "Traceback" not in err and f"{signal.Signals(signum).name}: interrupted" in lines[-1]
     step = torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"]
     assert f"at step {step}: saved" in lines[-1] and step >= 1
+    assert not (tmp_path / "gpt.lock").exists()  # released on the way out
 
 
 def test_second_ctrl_c_while_reporting_still_exits_2(tmp_path, token_dir, monkeypatch, capsys):
@@ -3042,6 +3103,38 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_d
     assert not os.path.exists(tmp_path / "run" / "latest.pt")
 
 
+@pytest.mark.parametrize("command", ["train", "finetune", "experiment"])
+def test_a_busy_out_dir_is_refused(tmp_path, token_dir, capsys, command):
+    """train, finetune and experiment into an --out-dir another run holds stop with one line
+    naming it, before writing anything there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "gpt.lock").write_text(f"{os.getpid()}\n")  # held by a live process: this one
+    (tmp_path / "qa.json").write_text(json.dumps(QA_PAIRS))
+    argv = {"train": train_args(token_dir, out),
+            "finetune": finetune_args(tmp_path / "qa.json", out, "--from-scratch",
+                                      "--data-dir", token_dir),
+            "experiment": ["experiment", "--out-dir", str(out), "dropout", "--max-steps", "1"]}
+    capsys.readouterr()
+    assert exit_code(argv[command]) == 2
+    assert f"{out} is in use by another run (process {os.getpid()})" in one_error_line(capsys,
+                                                                                      command)
+    assert os.listdir(out) == ["gpt.lock"]
+
+
+def test_train_never_writes_through_a_planted_link(tmp_path, token_dir, capsys):
+    """A metrics.jsonl that is a symbolic link to a user's file, in a fresh --out-dir, is
+    refused with one line; the user's file is unchanged."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to(mine)
+    capsys.readouterr()
+    assert exit_code(train_args(token_dir, tmp_path / "run")) == 2
+    assert "metrics.jsonl is a symbolic link" in one_error_line(capsys, "train")
+    assert mine.read_text() == "my notes"
+
+
 def test_resume_with_another_configuration_is_refused(tmp_path, token_dir, capsys):
     """--resume with a different architecture names the difference and keeps the checkpoint."""
     assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
@@ -3050,6 +3143,44 @@ def test_resume_with_another_configuration_is_refused(tmp_path, token_dir, capsy
     assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--d-model", "64")) == 2
     assert "d_model 32 -> 64" in one_error_line(capsys, "train")
     assert (tmp_path / "latest.pt").read_bytes() == before
+
+
+def edit_checkpoint(path, change) -> None:
+    """Load the checkpoint at `path`, let `change` edit its dict, save it back."""
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+
+
+def swap_first_merges(checkpoint: dict) -> None:
+    merges = checkpoint["tokenizer"]["merges"]
+    merges[0], merges[1] = merges[1], merges[0]
+
+
+@pytest.mark.parametrize("change, refused", [
+    (lambda c: c.update(tokenizer_fingerprint="0" * 64), True),
+    (lambda c: [c.pop(k) for k in ("tokenizer_fingerprint", "kind")], False),
+    (lambda c: [c.pop("tokenizer_fingerprint"), swap_first_merges(c)], True)],
+    ids=["another-tokenizer", "old-checkpoint-same-tokenizer", "old-checkpoint-other-merges"])
+def test_resume_refuses_another_tokenizer(tmp_path, token_dir, capsys, change, refused):
+    """A checkpoint records its tokenizer's fingerprint and --resume refuses another tokenizer
+    with one line; a checkpoint from before the field has it computed from the tokenizer it
+    stores, and resumes when that is the same (recording the fields at its next save)."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3")) == 0
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=True)
+    tokenizer = gpt.Tokenizer.load(os.path.join(token_dir, "tokenizer"))
+    assert checkpoint["tokenizer_fingerprint"] == tokenizer.fingerprint()
+    assert checkpoint["kind"] == "pretraining"
+    edit_checkpoint(tmp_path / "latest.pt", change)
+    capsys.readouterr()
+    assert exit_code(train_args(token_dir, tmp_path, "--resume", "--max-steps", "5")) == (
+        2 if refused else 0)
+    if refused:
+        assert "another tokenizer" in one_error_line(capsys, "train")
+    else:
+        resumed = torch.load(tmp_path / "latest.pt", weights_only=True)
+        assert resumed["iteration"] == 5 and resumed["kind"] == "pretraining"
+        assert resumed["tokenizer_fingerprint"] == tokenizer.fingerprint()
 
 
 def test_experiment_runs_each_arm_and_tabulates(tmp_path, token_dir, capsys):
@@ -3079,6 +3210,34 @@ def test_experiment_runs_each_arm_and_tabulates(tmp_path, token_dir, capsys):
     assert exit_code(["experiment", "--out-dir", str(tmp_path), "dropout", *flags,
                       "--seed", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_interrupted_experiment_goes_on_with_the_same_command(tmp_path, token_dir, capsys,
+                                                              monkeypatch):
+    """Ctrl-C in an arm says to run the same command again, which keeps the finished arm and
+    resumes the interrupted one; a metrics line without `elapsed` gives no error; an arm whose
+    varied flag the common flags override is labelled with what it trained with."""
+    flags = train_args(token_dir, tmp_path)[1:]  # with --batch-size 4, which `batch` varies
+    flags = flags[:flags.index("--out-dir")] + flags[flags.index("--out-dir") + 2:]
+    command = ["experiment", "--out-dir", str(tmp_path), "batch", *flags]
+    get_batch = press_ctrl_c_at_call(monkeypatch, "get_batch", 8)  # the second arm's step 2
+    capsys.readouterr()
+    assert gpt.main(command) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "interrupted at step 2" in line and "--resume" not in line
+    assert f"same command runs again: python gpt.py experiment --out-dir {tmp_path} batch" in line
+    monkeypatch.setattr(gpt, "get_batch", get_batch)
+    default, records = tmp_path / "default" / "metrics.jsonl", metrics(tmp_path / "default")
+    del records[-1]["elapsed"]  # the last line: the one the table's time was read from
+    default.write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert gpt.main(command) == 0
+    out = capsys.readouterr().out
+    assert "default: trained already" in out and "batch-16: resuming it" in out
+    assert sorted(train_losses(tmp_path / "batch" / "batch-16")) == [1, 2, 3, 4, 5, 6]
+    table = (tmp_path / "batch" / "results.md").read_text().splitlines()
+    assert table[2].startswith("| batch_size 4 | `(the default)` |")
+    assert table[3].startswith("| batch 16 | `--batch-size 16` |")
+    assert [row.split(" | ")[4] for row in table[2:]] == [f"{6 * 4 * 16:,}", f"{6 * 16 * 16:,}"]
 
 
 def test_resume_of_a_checkpoint_from_before_newer_model_fields(tmp_path, token_dir):
@@ -3404,6 +3563,61 @@ def test_disk_full_names_the_file_and_keeps_the_previous_files(tmp_path, small_t
                                        "valid.bin.json"]
 
 
+PUBLISHED = ["tokenizer/merges.txt", "tokenizer/vocab.json", "train.bin", "train.bin.json"]
+
+
+def files_under(directory) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("had", [PUBLISHED, PUBLISHED[1:3], []], ids=["all", "some", "none"])
+def test_publish_failing_at_any_step_puts_the_previous_files_back(tmp_path, monkeypatch, had):
+    """Whichever of publish's renames fails, out_dir holds exactly its previous files after,
+    every one of them, and none of the new ones; the error names the file and says so."""
+    calls = 1 + len(PUBLISHED)  # a run with no failure: count the renames
+    for k in range(1, calls):
+        out, staging = tmp_path / f"out{k}", tmp_path / f"out{k}" / ".tokenize-1"
+        (out / "tokenizer").mkdir(parents=True)  # as write_outputs makes it
+        for name in PUBLISHED:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_text(f"new {name}")
+        for name in had:
+            (out / name).write_text(f"old {name}")
+        previous = {n: b for n, b in files_under(out).items() if not n.startswith(".tokenize")}
+        replace, count = os.replace, []
+
+        def failing_replace(src, dst, k=k):
+            count.append(1)
+            if len(count) == k:
+                raise OSError(errno.EIO, "Input/output error")
+            return replace(src, dst)
+        monkeypatch.setattr(os, "replace", failing_replace)
+        with pytest.raises(OSError, match=f"cannot publish {out}/{PUBLISHED[k - 1]}: "
+                                          f"Input/output error; the previous files"):
+            gpt.publish(str(staging), str(out), PUBLISHED)
+        monkeypatch.setattr(os, "replace", replace)
+        assert {n: b for n, b in files_under(out).items()
+                if not n.startswith(".tokenize")} == previous, f"failed at rename {k}"
+
+
+def test_tokenize_checks_every_destination_before_moving_one(tmp_path, small_texts, capsys):
+    """A destination that cannot be written (valid.bin.json a directory) is found before any
+    file moves: exit 2, one line naming it, and the previous tokenizer and files untouched."""
+    out = tmp_path / "out"
+    previous = previous_outputs(out, small_texts)
+    (out / "valid.bin.json").unlink()
+    (out / "valid.bin.json").mkdir()
+    del previous["valid.bin.json"]
+    train, valid = small_texts
+    capsys.readouterr()
+    assert exit_code(["tokenize", "--train", str(train), "--valid", str(valid), "--out-dir",
+                      str(out), "--vocab-size", "280", "--workers", "1"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"cannot publish {out}/valid.bin.json: it is a directory" in line
+    assert files_under(out) == previous
+
+
 # ==================================================================================================
 # §16 Export: the Hugging Face format
 # ==================================================================================================
@@ -3628,7 +3842,8 @@ def test_export_command_writes_every_file_and_a_weights_only_checkpoint(tmp_path
     assert gpt.main(["export", "--checkpoint", path, "--out", str(tmp_path / "hf")]) == 0
     assert "model.safetensors" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "hf")) == [
-        "config.json", "generation_config.json", "gpt.pt", "merges.txt", "model.safetensors",
+        ".gpt-export.json", "config.json", "generation_config.json", "gpt.pt", "merges.txt",
+        "model.safetensors",
         "special_tokens.json", "special_tokens_map.json", "tokenizer.json",
         "tokenizer_config.json", "vocab.json"]
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
@@ -3641,9 +3856,60 @@ def test_export_command_writes_every_file_and_a_weights_only_checkpoint(tmp_path
     assert gpt.main(["export", "--checkpoint", str(tmp_path / "hf" / "gpt.pt"),
                      "--out", str(tmp_path / "again")]) == 0
     for name in os.listdir(tmp_path / "hf"):
-        if name != "gpt.pt":  # torch.save's zip records the file's own name
+        if name not in ("gpt.pt", ".gpt-export.json"):  # these name their sources
             assert (tmp_path / "again" / name).read_bytes() == (
                 tmp_path / "hf" / name).read_bytes(), name
+
+
+def test_export_writes_only_into_a_new_empty_or_earlier_export_directory(tmp_path, capsys):
+    """export refuses a directory holding files it did not write (a user's, a tokenizer's),
+    and an earlier export unless --overwrite, which replaces it, but not when a file of the
+    user's has joined it; each refusal is one line and leaves every file as it was."""
+    path = write_export_checkpoint(tmp_path)
+    export = lambda out, *extra: exit_code(["export", "--checkpoint", path, "--out", str(out),
+                                            *extra])
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "vocab.json").write_text("{}")
+    capsys.readouterr()
+    assert export(tokenizer_dir) == 2
+    assert "holds files that no export wrote (vocab.json)" in one_error_line(capsys, "export")
+    assert os.listdir(tokenizer_dir) == ["vocab.json"]
+    assert (tokenizer_dir / "vocab.json").read_text() == "{}"
+    hf = tmp_path / "hf"
+    hf.mkdir()  # empty: taken
+    assert export(hf) == 0
+    before = files_under(hf)
+    capsys.readouterr()
+    assert export(hf) == 2
+    assert "--overwrite" in one_error_line(capsys, "export")
+    (hf / "model.safetensors").write_bytes(b"old")
+    assert export(hf, "--overwrite") == 0
+    assert files_under(hf) == before
+    (hf / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert export(hf, "--overwrite") == 2
+    assert "other files (notes.txt)" in one_error_line(capsys, "export")
+    assert (hf / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["hf", "model.pt", "tokenizer"]  # nothing staged left
+
+
+def test_export_cleans_up_after_a_killed_export(tmp_path, capsys):
+    """A killed export's half-written directory is removed by the next export, and an earlier
+    export it had moved aside (killed between the two renames) is put back in place."""
+    path = write_export_checkpoint(tmp_path)
+    hf = tmp_path / "hf"
+    assert gpt.main(["export", "--checkpoint", path, "--out", str(hf)]) == 0
+    previous = files_under(hf)
+    dead = dead_pid()
+    hf.rename(tmp_path / f".hf.export-old-{dead}")
+    (tmp_path / f".hf.export-new-{dead}").mkdir()
+    (tmp_path / f".hf.export-new-{dead}" / "model.safetensors").write_bytes(b"half")
+    capsys.readouterr()
+    assert exit_code(["export", "--checkpoint", path, "--out", str(hf)]) == 2  # no --overwrite
+    assert "earlier export" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert sorted(os.listdir(tmp_path)) == ["hf", "model.pt"]
+    assert files_under(hf) == previous
 
 
 def test_sample_from_the_weights_only_file_gives_the_same_story(tmp_path, trained_run, capsys):
@@ -3881,6 +4147,20 @@ def test_plot_command_end_to_end(tmp_path, trained_run, capsys):
     assert re.search(r"^ +30 +1,920 +(\d+m)?\d+s +\d\.\d{4} +\d\.\d{4} +\d+\.\d\d$", printed, re.M)
     assert f"wrote {out / 'curves.png'}" in printed
     assert_valid_pngs(out, ["curves.png", "lr_and_grad_norm.png"])
+
+
+def test_plot_never_draws_through_a_planted_link(tmp_path, trained_run, capsys):
+    """A curves.png that is a symbolic link to a user's file is refused with one line, and the
+    user's file is unchanged."""
+    pytest.importorskip("matplotlib")
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my file")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "curves.png").symlink_to(mine)
+    capsys.readouterr()
+    assert exit_code(["plot", str(trained_run), "--out-dir", str(tmp_path / "figures")]) == 2
+    assert "curves.png is a symbolic link" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert mine.read_text() == "my file"
 
 
 def test_inspect_command_end_to_end(tmp_path, trained_run, capsys):
@@ -4221,6 +4501,29 @@ def test_finetune_run_directory_is_safe_and_resumes(tmp_path, qa_run, capsys):
     assert gpt.main(finetune_args(data, tmp_path, "--checkpoint", str(tmp_path / "latest.pt"),
                                   "--overwrite")) == 2
     assert "--overwrite would delete" in one_error_line(capsys, "finetune")
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["recorded-kind", "old-checkpoint"])
+def test_resume_refuses_a_run_of_the_other_kind(tmp_path, token_dir, qa_run, capsys, old):
+    """`finetune --resume` on a pretraining run and `train --resume` on a fine-tuning run are
+    refused with one line naming the kind and the command that continues it; a checkpoint from
+    before the kind was recorded is known by its settings."""
+    data, _ = qa_run
+    pretrained, finetuned = tmp_path / "pretrained", tmp_path / "finetuned"
+    assert gpt.main(train_args(token_dir, pretrained, "--max-steps", "3",
+                               "--context-length", "64")) == 0
+    assert gpt.main(finetune_args(data, finetuned, "--checkpoint",
+                                  str(pretrained / "latest.pt"), "--max-steps", "2")) == 0
+    assert torch.load(finetuned / "latest.pt", weights_only=True)["kind"] == "fine-tuning"
+    if old:
+        for run in (pretrained, finetuned):
+            edit_checkpoint(run / "latest.pt", lambda c: c.pop("kind"))
+    capsys.readouterr()
+    assert gpt.main(finetune_args(data, pretrained, "--resume", "--max-steps", "4")) == 2
+    assert "is a pretraining run" in one_error_line(capsys, "finetune")
+    assert gpt.main(train_args(token_dir, finetuned, "--resume", "--max-steps", "4")) == 2
+    line = one_error_line(capsys, "train")
+    assert "is a fine-tuning run" in line and "finetune --resume" in line
 
 
 def test_finetune_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, qa_run, monkeypatch,
