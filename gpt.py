@@ -808,9 +808,10 @@ class RotaryEmbedding(nn.Module):
     positions, not absolute ones. The cos and sin tables are computed once for every position
     (and extended if generation runs past them).
 
-    Adjacent pairs are the paper's layout and the CS336 assignment's. Llama's code (and Hugging
-    Face's) pairs dimension i with i + D/2 instead ("rotate half"): the same rotations with the
-    dimensions listed in another order, so export (§16) reorders the query and key rows.
+    Adjacent pairs are the layout of the paper, of Meta's Llama code and of the CS336 assignment.
+    Hugging Face's Llama, the format export writes (§16), pairs dimension i with i + D/2 instead
+    ("rotate half"): the same rotations of the dimensions listed in another order, so export
+    reorders the rows of the query and key projections.
     """
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
