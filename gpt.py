@@ -11,8 +11,8 @@ The ideas come first, each in its readable form; a reader can stop after §7 hav
     §1 Tokenizer      byte-level BPE: pre-tokenize, merge, train (naive, then incremental),
                       encode and decode, GPT-2's file format
     §2 Data           token files on disk; random windows as batches
-    §3 Model          config, Linear/Embedding, RMSNorm, RoPE, attention (plain, tiled, fast),
-                      SwiGLU, the block, the LM
+    §3 Model          config, Linear/Embedding, RMSNorm, RoPE, attention, SwiGLU, the block,
+                      the LM; then the variants of the classic ablations
     §4 Loss, AdamW    cross-entropy and AdamW as formulas; weight decay for matrices only
     §5 Schedule       warmup + cosine learning rate, gradient clipping
     §6 Training       the presets, one training step, evaluation
@@ -26,7 +26,8 @@ speeds up or protects:
                       incremental trainer, train_bpe
     §10 Fast encoder  cached encoding (FastTokenizer), parallel encoding to token files
     §11 Checkpoints   save, validate, resume, load for sampling
-    §12 Devices       CUDA/MPS/CPU, bf16, torch.compile (checked), torchrun
+    §12 Devices       the model's fast twins (fused RMSNorm, projections and attention),
+                      CUDA/MPS/CPU, bf16, torch.compile (checked), torchrun
     §13 Budgets       time budgets, Ctrl-C and SIGTERM
     §14 The run       the training run: inputs, model, the loop, logs, checkpoints
     §15 tokenize      inputs checked first, outputs published together
@@ -538,15 +539,9 @@ def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: st
 # Token ids -> embeddings -> N blocks of (RMSNorm -> causal self-attention with RoPE -> add,
 # RMSNorm -> SwiGLU feed-forward -> add) -> RMSNorm -> a linear map to next-token logits.
 # The architecture of GPT-2 (Radford et al. 2019) with LLaMA's updates: RMSNorm (Zhang &
-# Sennrich 2019), rotary positions (Su et al. 2021), SwiGLU (Shazeer 2020), no biases.
+# Sennrich 2019), rotary positions (Su et al. 2021), SwiGLU (Shazeer 2020), no biases. The
+# modern model comes first; the variants of the classic ablations follow it, labelled.
 # ==================================================================================================
-
-# The allowed values of ModelConfig's switches.
-MODEL_CHOICES = {"norm_position": ("pre", "post"),
-                 "position_encoding": ("rope", "nope", "learned", "sinusoidal"),
-                 "ffn_kind": ("swiglu", "geglu", "silu", "gelu", "relu"),
-                 "tie_init": ("output", "embedding")}
-
 
 @dataclass
 class ModelConfig:
@@ -560,9 +555,11 @@ class ModelConfig:
     d_ff: int              # hidden width of a gated feed-forward (non-gated kinds get 1.5x)
     rope_theta: float = 10000.0  # RoPE base: pair i turns by position * theta^(-2i/D)
     norm_eps: float = 1e-5       # added to the mean square in RMSNorm, so 0 never divides
+    # Switches for the classic ablations, whose variants follow TransformerLM. The defaults
+    # give the modern model; MODEL_CHOICES lists the values of the string switches.
     tie_embeddings: bool = False  # share one matrix between token embeddings and output logits
     tie_init: str = "output"     # tied: keep lm_head's small init ("output") or the embedding's
-    use_norm: bool = True        # ablation: False removes every RMSNorm
+    use_norm: bool = True        # False removes every RMSNorm
     norm_position: str = "pre"   # "pre": x + f(norm(x)) (modern); "post": norm(x + f(x)) (2017)
     # "rope": rotate queries and keys (Su et al. 2021); "nope": no position information at all
     # (Kazemnejad et al. 2023); "learned": a trained vector per position, added to the token's
@@ -575,33 +572,7 @@ class ModelConfig:
     attention_dropout: bool = True
 
     def __post_init__(self):
-        sizes = {name: getattr(self, name) for name in
-                 ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")}
-        for name, value in sizes.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads "
-                             f"{self.num_heads}")
-        if self.position_encoding == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE rotates pairs of dimensions, so the head width d_model / "
-                             f"num_heads = {self.d_model} / {self.num_heads} = {self.head_dim} "
-                             f"must be even")
-        if not (self.rope_theta > 0 and self.norm_eps > 0):
-            raise ValueError(f"rope_theta ({self.rope_theta}) and norm_eps ({self.norm_eps}) "
-                             f"must be positive")
-        for name, allowed in MODEL_CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
-                                 f"got {getattr(self, name)!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.tie_init != "output" and not self.tie_embeddings:
-            raise ValueError(f"tie_init {self.tie_init!r} chooses the init of tied embeddings: "
-                             f"it needs tie_embeddings")
-        if self.norm_position == "post" and not self.use_norm:
-            raise ValueError("norm_position 'post' places norms that use_norm False removes: "
-                             "give one or the other")
+        check_model_config(self)
 
     @property
     def head_dim(self) -> int:
@@ -617,6 +588,41 @@ class ModelConfig:
     def absolute_positions(self) -> bool:
         """Position vectors added to the token's, one per position up to context_length."""
         return self.position_encoding in ("learned", "sinusoidal")
+
+
+# The values of ModelConfig's string switches (the command line offers the same choices).
+MODEL_CHOICES = {"norm_position": ("pre", "post"),
+                 "position_encoding": ("rope", "nope", "learned", "sinusoidal"),
+                 "ffn_kind": ("swiglu", "geglu", "silu", "gelu", "relu"),
+                 "tie_init": ("output", "embedding")}
+
+
+def check_model_config(c: ModelConfig) -> None:
+    """Raise a ValueError naming the bad value if the architecture cannot be built."""
+    for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, allowed in MODEL_CHOICES.items():
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
+                             f"got {getattr(c, name)!r}")
+    rules = [  # (holds, what to say when it does not), checked in this order
+        (c.d_model % c.num_heads == 0,
+         f"d_model {c.d_model} is not divisible by num_heads {c.num_heads}"),
+        (c.position_encoding != "rope" or c.head_dim % 2 == 0,
+         f"RoPE rotates pairs of dimensions, so the head width d_model / num_heads = "
+         f"{c.d_model} / {c.num_heads} = {c.head_dim} must be even"),
+        (c.rope_theta > 0 and c.norm_eps > 0,
+         f"rope_theta ({c.rope_theta}) and norm_eps ({c.norm_eps}) must be positive"),
+        (0 <= c.dropout < 1, f"dropout must be in [0, 1), got {c.dropout!r}"),
+        (c.tie_embeddings or c.tie_init == "output",
+         f"tie_init {c.tie_init!r} chooses the init of tied embeddings: it needs tie_embeddings"),
+        (c.use_norm or c.norm_position == "pre",
+         "norm_position 'post' places norms that use_norm False removes: give one or the other")]
+    for holds, message in rules:
+        if not holds:
+            raise ValueError(message)
 
 
 class Linear(nn.Module):
@@ -641,79 +647,33 @@ class Embedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(
             torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
-        # N(0, 1) cut at 3: nn.Embedding's own initialisation (and the CS336 assignment's). The
-        # scale matters little: the first block's RMSNorm divides it out.
+        # N(0, 1) cut at +-3, as the CS336 assignment asks (nn.Embedding draws N(0, 1) with no
+        # cut); the cut only keeps rare outliers out. The scale matters little to the blocks,
+        # which read the residual stream through an RMSNorm; the stream itself keeps it.
         nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # Plain indexing: the compiler writes its own kernel for the backward's sum of rows.
-            return self.weight[token_ids]  # (B, T) -> (B, T, C)
-        # weight[token_ids], written as index_select: its backward sums the gradient rows with
-        # index_add, several times faster on a CPU than the scatter behind plain indexing.
-        rows = self.weight.index_select(0, token_ids.reshape(-1))  # (B*T, C)
-        return rows.view(*token_ids.shape, -1)                      # (B, T, C)
-
-
-def rms_norm(x: torch.Tensor, gain: torch.Tensor,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """rmsnorm(x) = x / sqrt(mean(x^2) + eps) * g; returns it and r = 1 / sqrt(mean(x^2) + eps).
-
-    In float32 (or wider) even under bf16 autocast: a mean of squares loses too much in bf16's
-    8 mantissa bits. The result is cast back to x's dtype.
-    """
-    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-    r = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)  # (..., 1)
-    return (x32 * r).mul_(gain).to(x.dtype), r                  # (..., C), (..., 1)
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm's forward and its backward, derived by hand.
-
-    With r = 1 / sqrt(mean(x^2) + eps), xhat = x * r and y = xhat * g, for an upstream gradient
-    dy and u = dy * g:
-        dL/dg = sum over positions of dy * xhat
-        dL/dx = r * (u - xhat * mean(u * xhat))       (the second term is the path through r)
-    Autograd would keep and walk every intermediate of the forward; this needs about half the
-    passes over memory, which makes the model's dozen norms noticeably cheaper.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-        y, r = rms_norm(x, gain, eps)
-        ctx.save_for_backward(x, gain, r)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, gain, r = ctx.saved_tensors
-        xhat = x.to(r.dtype) * r          # recomputed: cheaper than keeping it from the forward
-        dy = dy.to(r.dtype)
-        dgain = (dy * xhat).flatten(0, -2).sum(0)  # (C,)
-        u = dy * gain                                                         # (..., C)
-        dx = (u - xhat.mul_((u * xhat).mean(-1, keepdim=True))).mul_(r)       # (..., C)
-        return dx.to(x.dtype), dgain, None
+        return self.weight[token_ids]  # (B, T) -> (B, T, C)
 
 
 class RMSNorm(nn.Module):
     """Scale each vector to unit root-mean-square, then by a learned gain per channel.
 
-    rmsnorm(x) = x / sqrt(mean(x^2) + eps) * g. Unlike LayerNorm it neither subtracts the mean
-    nor adds a bias: cheaper, and as good.
+    Unlike LayerNorm it neither subtracts the mean nor adds a bias: cheaper, and as good.
     """
 
     def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))  # g, (C,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            # Evaluation and generation: no backward, so skip the autograd.Function, whose
-            # bookkeeping is a large share of a one-token generation step. Under torch.compile
-            # the compiler derives the backward of the plain formula and fuses it itself.
-            return rms_norm(x, self.weight, self.eps)[0]
-        return _RMSNormFunction.apply(x, self.weight, self.eps)  # (..., C) -> (..., C)
+        # In float32 (or wider) even when the model runs in bf16 (autocast, §12): a mean of
+        # squares loses too much in bf16's 8 mantissa bits. The result goes back to x's dtype.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))          # (..., C)
+        # rmsnorm(x) = x / sqrt(mean(x^2) + eps) * g
+        r = torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)  # (..., 1)
+        return (x32 * r * self.weight).to(x.dtype)                        # (..., C)
 
 
 class RotaryEmbedding(nn.Module):
@@ -724,6 +684,11 @@ class RotaryEmbedding(nn.Module):
     angle a and a key rotated by angle b depends only on a - b: attention scores see relative
     positions, not absolute ones. The cos and sin tables are computed once for every position
     (and extended if generation runs past them).
+
+    Adjacent pairs are the layout of the paper, of Meta's Llama code and of the CS336 assignment.
+    Hugging Face's Llama, the format export writes (§16), pairs dimension i with i + D/2 instead
+    ("rotate half"): the same rotations of the dimensions listed in another order, so export
+    reorders the rows of the query and key projections.
     """
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
@@ -750,57 +715,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)  # (positions, D)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (..., T, D) at `positions` (T,), rotated. Attention passes queries and keys stacked,
-        (2, B, H, T, D), to turn both in one call."""
+        """x (..., T, D) at `positions` (T,), rotated."""
         # A pair (x1, x2) turned by angle a is (x1 cos a - x2 sin a, x1 sin a + x2 cos a):
         # x * cos + swapped * sin, with swapped = (-x2, x1) for every pair.
         cos = self.cos[positions].to(x.dtype)  # (T, D); x's dtype, so bf16 stays bf16
-        sin = self.sin[positions].to(x.dtype)
+        sin = self.sin[positions].to(x.dtype)  # (T, D)
         x1, x2 = x[..., 0::2], x[..., 1::2]                         # (..., T, D/2)
         swapped = torch.stack((-x2, x1), dim=-1).flatten(-2)        # (..., T, D)
-        return x * cos + swapped * sin
-
-
-def sinusoidal_positions(num_positions: int, d_model: int) -> torch.Tensor:
-    """The fixed position vectors of the original transformer (Vaswani et al. 2017):
-        pe[p, 2i] = sin(p / 10000^(2i/C)),   pe[p, 2i+1] = cos(p / 10000^(2i/C))
-    Each pair of channels is a clock of its own speed; nearby positions get similar vectors.
-    Example: pe[0] = [0, 1, 0, 1, ...]."""
-    positions = torch.arange(num_positions).float()[:, None]                    # (T, 1)
-    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2).float() / d_model)      # (C/2,)
-    angles = positions * inv_freq                                               # (T, C/2)
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, :d_model]  # (T, C)
-
-
-class AbsolutePositions(nn.Module):
-    """One vector per position 0 .. context_length - 1, added to the token embeddings: learned
-    (GPT-2, initialised N(0, 0.01) as there) or the fixed sinusoids. Unlike RoPE, they say where
-    a token is, not how far apart two are, and there is no vector past the last position."""
-
-    def __init__(self, context_length: int, d_model: int, learned: bool):
-        super().__init__()
-        if learned:
-            self.weight = nn.Parameter(torch.empty(context_length, d_model))
-            nn.init.trunc_normal_(self.weight, mean=0.0, std=0.01, a=-0.03, b=0.03)
-        else:  # a function of the config: a buffer, not saved
-            self.register_buffer("weight", sinusoidal_positions(context_length, d_model),
-                                 persistent=False)
-
-    def forward(self, start_pos: int, T: int) -> torch.Tensor:
-        if start_pos + T > len(self.weight):
-            raise ValueError(f"position {start_pos + T - 1} is past the last of the "
-                             f"{len(self.weight)} absolute position vectors (context_length)")
-        return self.weight[start_pos:start_pos + T]  # (T, C)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Zero each value with probability p and scale the others by 1 / (1 - p), so the expected
-    value is unchanged (Srivastava et al. 2014): units cannot rely on each other, which fights
-    memorising a small corpus. In evaluation and sampling, the identity."""
-    if not training or p == 0:
-        return x
-    keep = torch.rand(x.shape, device=x.device) >= p  # (same shape as x) True with prob. 1 - p
-    return x * keep / (1 - p)
+        return x * cos + swapped * sin                              # (..., T, D)
 
 
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -816,9 +738,9 @@ def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
                                  mask: torch.Tensor | None = None,
                                  dropout_p: float = 0.0) -> torch.Tensor:
-    """The readable attention: softmax(Q K^T / sqrt(D)) V, where `mask` is True where a query
-    may attend to a key. The model's fast path, F.scaled_dot_product_attention, computes the
-    same thing without ever storing the (T, T) score matrix; a test checks that they agree.
+    """The attention of the transformer: softmax(Q K^T / sqrt(D)) V, where `mask` is True where
+    a query may attend to a key. The fast twin (§12) runs F.scaled_dot_product_attention, which
+    computes the same without ever storing the (T, S) score matrix (tiled_attention shows how).
     """
     # Dividing by sqrt(D) keeps scores near unit variance, so softmax does not saturate.
     # (.., T, D) @ (.., D, S) -> (.., T, S)
@@ -829,69 +751,18 @@ def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tens
     return weights @ V  # (.., T, S) @ (.., S, D) -> (.., T, D)
 
 
-def tiled_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, causal: bool = True,
-                    block: int = 64) -> torch.Tensor:
-    """The same softmax(Q K^T / sqrt(D)) V, one (block, block) tile of scores at a time: the idea
-    of FlashAttention (Dao et al. 2022; FlashAttention-2, Dao 2023), written out to be read.
-
-    The plain version writes the whole (T, S) score matrix to memory and reads it back twice
-    (softmax, then @ V); at T = 1024 that is 4 MB per head, far more traffic than Q, K and V
-    themselves. Here each query block walks the key blocks keeping, per query, a running max m,
-    a running sum l of exp(score - m) and an unnormalised output o. When a new block raises the
-    max, the old l and o were summed against a smaller m and are rescaled by exp(m_old - m_new):
-        o = o * exp(m_old - m_new) + exp(s - m_new) @ V_j,   l = l * exp(..) + sum exp(s - m_new)
-    and o / l at the end is exactly the softmax-weighted sum. A GPU kernel keeps a tile in fast
-    on-chip memory, so scores never reach main memory. With causal=True, T == S and query i
-    sees keys 0..i; key blocks wholly in a query block's future are skipped.
-    """
-    T, S, D = Q.shape[-2], K.shape[-2], Q.shape[-1]
-    out = torch.empty_like(Q)
-    for i in range(0, T, block):
-        q = Q[..., i:i + block, :] / math.sqrt(D)                        # (.., Tq, D)
-        m = q.new_full((*q.shape[:-1], 1), -math.inf)                    # running max (.., Tq, 1)
-        l = q.new_zeros(*q.shape[:-1], 1)                                # running sum (.., Tq, 1)
-        o = torch.zeros_like(q)                                          # output (.., Tq, D)
-        for j in range(0, min(S, i + block) if causal else S, block):
-            s = q @ K[..., j:j + block, :].transpose(-2, -1)  # (.., Tq, D) @ (.., D, Tk)
-            if causal:
-                query = torch.arange(i, i + s.shape[-2], device=s.device)[:, None]
-                key = torch.arange(j, j + s.shape[-1], device=s.device)[None, :]
-                s = s.masked_fill(key > query, -math.inf)                # (.., Tq, Tk)
-            # The first key block holds key 0, which every query sees: m is finite from here.
-            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-            p = torch.exp(s - m_new)                                     # (.., Tq, Tk)
-            rescale = torch.exp(m - m_new)                               # (.., Tq, 1)
-            l = l * rescale + p.sum(-1, keepdim=True)
-            o = o * rescale + p @ V[..., j:j + block, :]  # (.., Tq, Tk) @ (.., Tk, D)
-            m = m_new
-        out[..., i:i + block, :] = o / l
-    return out
-
-
-def sliding_causal_mask(T: int, window: int, device=None) -> torch.Tensor:
-    """(T, T) booleans: query i may attend to key j when i - window < j <= i.
+def sliding_causal_mask(T: int, window: int, device=None,
+                        num_keys: int | None = None) -> torch.Tensor:
+    """(T, S) booleans for T queries that are the last T of S = num_keys positions (default T):
+    query i, at position p = S - T + i, may attend to key j when p - window < j <= p.
 
     Example: T = 4, window = 2 -> rows [1 0 0 0], [1 1 0 0], [0 1 1 0], [0 0 1 1].
     Training never needs the window (T <= window); generation past the context length does.
     """
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & (j > i - window)
-
-
-def project(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """x @ [W1; W2; ...]^T: x times several weight matrices, the results side by side.
-
-    For many rows (training), one product with the stacked weights keeps the cores busier than
-    several small ones; for a few rows (generation, one token at a time), stacking the weights
-    would cost more than the products. Either way the weights stay separate matrices, as in the
-    state dict.
-    """
-    # 64 rows: a training batch has thousands (B x T), generation one per sample; the cut lies
-    # anywhere between, and 64 leaves room for batched sampling.
-    if x.numel() >= 64 * x.shape[-1]:
-        return x @ torch.cat(weights).T               # (..., C) @ (C, sum of d_out)
-    return torch.cat([x @ w.T for w in weights], dim=-1)
+    S = T if num_keys is None else num_keys
+    p = torch.arange(S - T, S, device=device)[:, None]  # (T, 1): the queries' positions
+    j = torch.arange(S, device=device)[None, :]         # (1, S): the keys'
+    return (j <= p) & (j > p - window)                  # (T, S)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -912,47 +783,49 @@ class MultiHeadSelfAttention(nn.Module):
         self.v_proj = Linear(d_model, d_model)
         self.output_proj = Linear(d_model, d_model)
         self.rope = rope
-        self.fast = True  # F.scaled_dot_product_attention; False: the readable version above
 
     def forward(self, x: torch.Tensor, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, C) holds positions start_pos .. start_pos + T - 1. With a cache, either the
-        first call (the prompt) or one new token at a time."""
+        """x (B, T, C) holds positions start_pos .. start_pos + T - 1. With a cache (§7), either
+        the first call (the prompt) or one new token at a time."""
+        B, T, C = x.shape
+        q, k, v = self.queries_keys_values(x, start_pos)  # each (B, H, T, D)
+        if cache is not None and cache.length > 0:
+            # One new token after the prompt: it attends to every cached key and its own. The
+            # keys were stored rotated, each carrying its position, so their order is free.
+            assert T == 1, "after the prompt, feed one token at a time"
+            k, v = cache.append(k, v)  # (B, H, S, D), S <= context_length
+        elif cache is not None:
+            cache.append(k, v)  # the prompt's keys and values, kept for the tokens after it
+        # A query sees its own position and the context_length - 1 before it (with no
+        # context_length, every earlier one): the span the model was trained on.
+        y = self.attend(q, k, v, self.context_length or k.shape[-2])  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, H*D)
+        return self.output_proj(y)              # (B, T, C)
+
+    def queries_keys_values(self, x: torch.Tensor,
+                            start_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The heads' queries, keys and values for x (B, T, C), each (B, H, T, D), head h being
+        slice h of the C channels; queries and keys rotated to their positions."""
         B, T, C = x.shape
         H, D = self.num_heads, C // self.num_heads
-        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-        qkv = project(x, weights)                                  # (B, T, C) -> (B, T, 3C)
-        qkv = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)     # (3, B, H, T, D)
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
+        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         if self.rope is not None:
-            positions = torch.arange(start_pos, start_pos + T, device=x.device)
-            # Queries and keys rotate alike, so one call turns both; values carry content only.
-            q, k = self.rope(qkv[:2], positions)                  # each (B, H, T, D)
-            v = qkv[2]
-        else:
-            q, k, v = qkv
+            # Queries and keys turn by their positions; values carry content only.
+            positions = torch.arange(start_pos, start_pos + T, device=x.device)  # (T,)
+            q, k = self.rope(q, positions), self.rope(k, positions)             # (B, H, T, D)
+        return q, k, v
 
-        causal, mask = True, None  # plain causal attention among the T new positions
-        if cache is not None and cache.length > 0:
-            # One new token after the prompt: it may attend to every cached token and itself.
-            assert T == 1, "after the prompt, feed one token at a time"
-            k, v = cache.append(k, v)                             # (B, H, S, D), S <= window
-            causal = False
-        else:
-            if cache is not None:
-                cache.append(k, v)
-            if self.context_length and T > self.context_length:
-                causal, mask = False, sliding_causal_mask(T, self.context_length, x.device)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int) -> torch.Tensor:
+        """q (B, H, T, D), the last T of the S positions of k and v (B, H, S, D): each query
+        takes from the keys at its own position and the window - 1 before it. -> (B, H, T, D)"""
+        T, S = q.shape[-2], k.shape[-2]
+        mask = sliding_causal_mask(T, window, q.device, num_keys=S)  # (T, S)
         p = self.dropout_p if self.training else 0.0
-        if self.fast:
-            # (B, H, T, D): the same as below, with flash-attention kernels
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               dropout_p=p)
-        else:
-            if causal:
-                mask = sliding_causal_mask(T, T, x.device)  # (T, T): a window as long as T
-            y = scaled_dot_product_attention(q, k, v, mask=mask, dropout_p=p)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, H*D)
-        return self.output_proj(y)
+        return scaled_dot_product_attention(q, k, v, mask, p)         # (B, H, T, D)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -962,16 +835,6 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     the backward pass; a test checks it against x * sigmoid(x).
     """
     return F.silu(x)
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """gelu(x) = x * Phi(x), Phi the standard normal CDF (GPT-2's activation), fused like silu."""
-    return F.gelu(x)
-
-
-def relu(x: torch.Tensor) -> torch.Tensor:
-    """relu(x) = max(x, 0): the original transformer's activation (Vaswani et al. 2017)."""
-    return x.clamp_min(0)
 
 
 class SwiGLU(nn.Module):
@@ -986,66 +849,36 @@ class SwiGLU(nn.Module):
         self.w1 = Linear(d_model, d_ff)
         self.w2 = Linear(d_ff, d_model)
         self.w3 = Linear(d_model, d_ff)
-        self.activation = activation
+        self.activation = activation  # silu; GeGLU, an ablation, passes gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d_ff = self.w1.weight.shape[0]
-        gate, up = project(x, (self.w1.weight, self.w3.weight)).split(d_ff, -1)  # (B, T, F)
-        return self.w2(self.activation(gate) * up)  # (B, T, F) -> (B, T, C)
-
-
-class MLP(nn.Module):
-    """The plain feed-forward of the ablations: w2(act(w1 x)), no gate."""
-
-    def __init__(self, d_model: int, d_hidden: int, activation=silu):
-        super().__init__()
-        self.w1 = Linear(d_model, d_hidden)
-        self.w2 = Linear(d_hidden, d_model)
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.activation(self.w1(x)))  # (B, T, C) -> (B, T, F) -> (B, T, C)
-
-
-def feed_forward(config: ModelConfig) -> nn.Module:
-    activation = {"geglu": gelu, "gelu": gelu, "relu": relu}.get(config.ffn_kind, silu)
-    if config.ffn_kind in ("swiglu", "geglu"):
-        return SwiGLU(config.d_model, config.ffn_hidden, activation)
-    return MLP(config.d_model, config.ffn_hidden, activation)
-
-
-def norm_layer(config: ModelConfig) -> nn.Module:
-    """RMSNorm, or a no-op for the no-normalisation ablation."""
-    return RMSNorm(config.d_model, config.norm_eps) if config.use_norm else nn.Identity()
+        # (B, T, C) -> (B, T, F) twice, gated, -> (B, T, C)
+        return self.w2(self.activation(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
-    """Attention then feed-forward, each added to the residual stream x.
+    """Attention then feed-forward, each added to the residual stream x: x = x + f(norm(x)).
 
     Pre-norm (GPT-2 onwards) normalises each sublayer's input and leaves the residual path
-    untouched, so gradients flow straight from the loss to every layer; post-norm (the original
-    2017 transformer) normalises after each addition and needs a careful warmup to train.
+    untouched, so gradients flow straight from the loss to every layer.
     """
 
     def __init__(self, config: ModelConfig, rope: RotaryEmbedding | None = None):
         super().__init__()
-        self.pre_norm = config.norm_position == "pre"
-        self.ln1 = norm_layer(config)
+        self.ln1 = norm_layer(config)  # RMSNorm (or none, an ablation below)
         self.attn = MultiHeadSelfAttention(config.d_model, config.num_heads, rope,
                                            config.context_length,
                                            config.dropout if config.attention_dropout else 0.0)
         self.ln2 = norm_layer(config)
-        self.ffn = feed_forward(config)
+        self.ffn = feed_forward(config)  # SwiGLU (or a variant below)
         self.dropout_p = config.dropout  # of each branch's output, before it joins the residual
 
     def forward(self, x: torch.Tensor, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
+        # dropout (an ablation, below) is the identity at the default p = 0
         p, training = self.dropout_p, self.training
-        if self.pre_norm:
-            x = x + dropout(self.attn(self.ln1(x), start_pos, cache), p, training)  # (B, T, C)
-            return x + dropout(self.ffn(self.ln2(x)), p, training)
-        x = self.ln1(x + dropout(self.attn(x, start_pos, cache), p, training))
-        return self.ln2(x + dropout(self.ffn(x), p, training))
+        x = x + dropout(self.attn(self.ln1(x), start_pos, cache), p, training)  # (B, T, C)
+        return x + dropout(self.ffn(self.ln2(x)), p, training)                 # (B, T, C)
 
 
 class TransformerLM(nn.Module):
@@ -1058,11 +891,12 @@ class TransformerLM(nn.Module):
         # One RoPE table shared by every layer: it depends only on the config.
         self.rope = (RotaryEmbedding(config.rope_theta, config.head_dim, config.context_length)
                      if config.position_encoding == "rope" else None)
+        # Learned or sinusoidal position vectors: an ablation, below.
         self.positions = (AbsolutePositions(config.context_length, config.d_model,
                                             learned=config.position_encoding == "learned")
                           if config.absolute_positions else None)
-        self.layers = nn.ModuleList(TransformerBlock(config, self.rope)
-                                    for _ in range(config.num_layers))
+        block = PostNormBlock if config.norm_position == "post" else TransformerBlock
+        self.layers = nn.ModuleList(block(config, self.rope) for _ in range(config.num_layers))
         self.ln_final = norm_layer(config)
         self.lm_head = Linear(config.d_model, config.vocab_size)
         if config.tie_embeddings and config.tie_init == "output":
@@ -1086,6 +920,102 @@ class TransformerLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, start_pos, caches[i] if caches else None)  # (B, T, C)
         return self.lm_head(self.ln_final(x))  # (B, T, C) -> (B, T, V)
+
+
+# --- Variants for the classic ablations -----------------------------------------------------------
+# Each is switched on by a field of ModelConfig and the model above is built by default. NoPE
+# (position_encoding "nope") needs no code: no RoPE, and nothing added to the embeddings.
+
+def norm_layer(config: ModelConfig) -> nn.Module:
+    """RMSNorm, or a no-op for the no-normalisation ablation (use_norm False)."""
+    return RMSNorm(config.d_model, config.norm_eps) if config.use_norm else nn.Identity()
+
+
+class PostNormBlock(TransformerBlock):
+    """The original transformer's block (Vaswani et al. 2017): x = norm(x + f(x)).
+
+    Normalising after each addition puts a norm on the residual path itself, so gradients pass
+    through every norm on their way down; it needs a careful warmup to train (Xiong et al. 2020).
+    """
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
+        p, training = self.dropout_p, self.training
+        x = self.ln1(x + dropout(self.attn(x, start_pos, cache), p, training))  # (B, T, C)
+        return self.ln2(x + dropout(self.ffn(x), p, training))                 # (B, T, C)
+
+
+def sinusoidal_positions(num_positions: int, d_model: int) -> torch.Tensor:
+    """The fixed position vectors of the original transformer (Vaswani et al. 2017):
+        pe[p, 2i] = sin(p / 10000^(2i/C)),   pe[p, 2i+1] = cos(p / 10000^(2i/C))
+    Each pair of channels is a clock of its own speed; nearby positions get similar vectors.
+    Example: pe[0] = [0, 1, 0, 1, ...]."""
+    positions = torch.arange(num_positions).float()[:, None]                    # (T, 1)
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2).float() / d_model)      # (C/2,)
+    angles = positions * inv_freq                                               # (T, C/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, :d_model]  # (T, C)
+
+
+class AbsolutePositions(nn.Module):
+    """One vector per position 0 .. context_length - 1, added to the token embeddings: learned
+    (GPT-2, initialised N(0, 0.01) as there) or the fixed sinusoids. Unlike RoPE, they say where
+    a token is, not how far apart two are, and there is no vector past the last position."""
+
+    def __init__(self, context_length: int, d_model: int, learned: bool):
+        super().__init__()
+        if learned:
+            self.weight = nn.Parameter(torch.empty(context_length, d_model))  # (T, C)
+            nn.init.trunc_normal_(self.weight, mean=0.0, std=0.01, a=-0.03, b=0.03)
+        else:  # a function of the config: a buffer, not saved
+            self.register_buffer("weight", sinusoidal_positions(context_length, d_model),
+                                 persistent=False)
+
+    def forward(self, start_pos: int, T: int) -> torch.Tensor:
+        if start_pos + T > len(self.weight):
+            raise ValueError(f"position {start_pos + T - 1} is past the last of the "
+                             f"{len(self.weight)} absolute position vectors (context_length)")
+        return self.weight[start_pos:start_pos + T]  # (T, C)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """gelu(x) = x * Phi(x), Phi the standard normal CDF (GPT-2's activation), fused like silu."""
+    return F.gelu(x)
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x) = max(x, 0): the original transformer's activation (Vaswani et al. 2017)."""
+    return x.clamp_min(0)
+
+
+class MLP(nn.Module):
+    """The plain feed-forward of the ablations: w2(act(w1 x)), no gate."""
+
+    def __init__(self, d_model: int, d_hidden: int, activation=silu):
+        super().__init__()
+        self.w1 = Linear(d_model, d_hidden)
+        self.w2 = Linear(d_hidden, d_model)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.activation(self.w1(x)))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+
+
+def feed_forward(config: ModelConfig) -> nn.Module:
+    """The feed-forward that ffn_kind names: SwiGLU or GeGLU (gated), or a plain MLP."""
+    activation = {"geglu": gelu, "gelu": gelu, "relu": relu}.get(config.ffn_kind, silu)
+    if config.ffn_kind in ("swiglu", "geglu"):
+        return SwiGLU(config.d_model, config.ffn_hidden, activation)
+    return MLP(config.d_model, config.ffn_hidden, activation)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Zero each value with probability p and scale the others by 1 / (1 - p), so the expected
+    value is unchanged (Srivastava et al. 2014): units cannot rely on each other, which fights
+    memorising a small corpus. In evaluation and sampling, the identity."""
+    if not training or p == 0:
+        return x
+    keep = torch.rand(x.shape, device=x.device) >= p  # (same shape as x) True with prob. 1 - p
+    return x * keep / (1 - p)
 
 
 # ==================================================================================================
@@ -2986,7 +2916,8 @@ def newest_checkpoint(run_dir: str) -> str:
 #
 # Speeds up §3-§6 where the hardware allows: CUDA, then Apple's MPS, then the CPU; bf16
 # autocast where it is fast; torch.compile, checked against eager gradients; and torchrun's
-# processes, one per GPU, averaging gradients with DistributedDataParallel.
+# processes, one per GPU, averaging gradients with DistributedDataParallel. Last, the fast twins
+# of §3's modules: the same functions in fewer passes over memory and fused kernels.
 # ==================================================================================================
 
 # What `train` picks on a CUDA GPU when no --preset is given. The laptop recipe keeps a GPU
@@ -3167,6 +3098,165 @@ def compiled_gradient_error(model: nn.Module, compiled: nn.Module, compiled_loss
               for name, g in eager.items()}
     worst = max(errors, key=errors.get)
     return errors[worst], worst
+
+
+# --- The model's fast twins (§3) ------------------------------------------------------------------
+# Each subclasses its readable form in §3 and overrides how it computes, never what it holds, so
+# a fast and a readable model have the same parameters and state-dict keys: a checkpoint from
+# one loads in the other. §19 switches them in; tests check each against its readable form.
+
+# The fast twin of §3's Embedding.
+class FastEmbedding(Embedding):
+    """weight[token_ids], written as index_select: its backward sums the gradient rows with
+    index_add, several times faster on a CPU than the scatter behind plain indexing."""
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Plain indexing: the compiler writes its own kernel for the backward's sum of rows.
+            return super().forward(token_ids)  # (B, T) -> (B, T, C)
+        rows = self.weight.index_select(0, token_ids.reshape(-1))  # (B*T, C)
+        return rows.view(*token_ids.shape, -1)                      # (B, T, C)
+
+
+# For the fast twin of §3's RMSNorm, in training: its backward, derived by hand.
+class FastRMSNormFunction(torch.autograd.Function):
+    """RMSNorm's forward and its backward, derived by hand.
+
+    With r = 1 / sqrt(mean(x^2) + eps), xhat = x * r and y = xhat * g, for an upstream gradient
+    dy and u = dy * g:
+        dL/dg = sum over positions of dy * xhat
+        dL/dx = r * (u - xhat * mean(u * xhat))       (the second term is the path through r)
+    Autograd would keep and walk every intermediate of the forward; this needs about half the
+    passes over memory, which makes the model's dozen norms noticeably cheaper.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))     # (..., C), as in RMSNorm
+        r = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, gain, r)
+        return (x32 * r).mul_(gain).to(x.dtype)                      # (..., C)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, gain, r = ctx.saved_tensors
+        xhat = x.to(r.dtype) * r          # recomputed: cheaper than keeping it from the forward
+        dy = dy.to(r.dtype)
+        dgain = (dy * xhat).flatten(0, -2).sum(0)  # (C,)
+        u = dy * gain                                                         # (..., C)
+        dx = (u - xhat.mul_((u * xhat).mean(-1, keepdim=True))).mul_(r)       # (..., C)
+        return dx.to(x.dtype), dgain, None
+
+
+# The fast twin of §3's RMSNorm.
+class FastRMSNorm(RMSNorm):
+    """RMSNorm through FastRMSNormFunction when a backward will follow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # Evaluation and generation: no backward, so skip the autograd.Function, whose
+            # bookkeeping is a large share of a one-token generation step. Under torch.compile
+            # the compiler derives the backward of the plain formula and fuses it itself.
+            return super().forward(x)
+        return FastRMSNormFunction.apply(x, self.weight, self.eps)  # (..., C) -> (..., C)
+
+
+# For the fast twins of §3's attention and SwiGLU: several projections of x in one product.
+def fast_project(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x @ [W1; W2; ...]^T: x times several weight matrices, the results side by side.
+
+    For many rows (training), one product with the stacked weights keeps the cores busier than
+    several small ones; for a few rows (generation, one token at a time), stacking the weights
+    would cost more than the products. Either way the weights stay separate matrices, as in the
+    state dict.
+    """
+    # 64 rows: a training batch has thousands (B x T), generation one per sample; the cut lies
+    # anywhere between, and 64 leaves room for batched sampling.
+    if x.numel() >= 64 * x.shape[-1]:
+        return x @ torch.cat(weights).T               # (..., C) @ (C, sum of d_out)
+    return torch.cat([x @ w.T for w in weights], dim=-1)
+
+
+# The fast twin of §3's MultiHeadSelfAttention.
+class FastMultiHeadSelfAttention(MultiHeadSelfAttention):
+    """One product for the three projections, and F.scaled_dot_product_attention's fused
+    kernels, which never store the (T, S) scores (tiled_attention, below, shows how)."""
+
+    def queries_keys_values(self, x: torch.Tensor,
+                            start_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        H, D = self.num_heads, C // self.num_heads
+        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        qkv = fast_project(x, weights)                           # (B, T, C) -> (B, T, 3C)
+        qkv = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)     # (3, B, H, T, D)
+        if self.rope is None:
+            return qkv.unbind(0)                                 # each (B, H, T, D)
+        positions = torch.arange(start_pos, start_pos + T, device=x.device)  # (T,)
+        # Queries and keys rotate alike, so one call turns both, stacked: (2, B, H, T, D).
+        q, k = self.rope(qkv[:2], positions)
+        return q, k, qkv[2]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int) -> torch.Tensor:
+        T, S = q.shape[-2], k.shape[-2]
+        p = self.dropout_p if self.training else 0.0
+        if T == S and T <= window:  # plain causal attention: the kernels need no mask
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        if T == 1 and S <= window:  # one new token, which sees every cached key
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        mask = sliding_causal_mask(T, window, q.device, num_keys=S)  # (T, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+
+
+# The fast twin of §3's SwiGLU.
+class FastSwiGLU(SwiGLU):
+    """SwiGLU with w1 x and w3 x in one product."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d_ff = self.w1.weight.shape[0]
+        gate, up = fast_project(x, (self.w1.weight, self.w3.weight)).split(d_ff, -1)  # (B, T, F)
+        return self.w2(self.activation(gate) * up)  # (B, T, F) -> (B, T, C)
+
+
+# What F.scaled_dot_product_attention does inside, written out to be read (and tested): a
+# memory trick rather than a new idea, and far too slow in Python for the model to use.
+def tiled_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, causal: bool = True,
+                    block: int = 64) -> torch.Tensor:
+    """The same softmax(Q K^T / sqrt(D)) V, one (block, block) tile of scores at a time: the idea
+    of FlashAttention (Dao et al. 2022; FlashAttention-2, Dao 2023), written out to be read.
+
+    The plain version writes the whole (T, S) score matrix to memory and reads it back twice
+    (softmax, then @ V); at T = 1024 that is 4 MB per head, far more traffic than Q, K and V
+    themselves. Here each query block walks the key blocks keeping, per query, a running max m,
+    a running sum l of exp(score - m) and an unnormalised output o. When a new block raises the
+    max, the old l and o were summed against a smaller m and are rescaled by exp(m_old - m_new):
+        o = o * exp(m_old - m_new) + exp(s - m_new) @ V_j,   l = l * exp(..) + sum exp(s - m_new)
+    and o / l at the end is exactly the softmax-weighted sum. A GPU kernel keeps a tile in fast
+    on-chip memory, so scores never reach main memory. With causal=True, T == S and query i
+    sees keys 0..i; key blocks wholly in a query block's future are skipped.
+    """
+    T, S, D = Q.shape[-2], K.shape[-2], Q.shape[-1]
+    out = torch.empty_like(Q)
+    for i in range(0, T, block):
+        q = Q[..., i:i + block, :] / math.sqrt(D)                        # (.., Tq, D)
+        m = q.new_full((*q.shape[:-1], 1), -math.inf)                    # running max (.., Tq, 1)
+        l = q.new_zeros(*q.shape[:-1], 1)                                # running sum (.., Tq, 1)
+        o = torch.zeros_like(q)                                          # output (.., Tq, D)
+        for j in range(0, min(S, i + block) if causal else S, block):
+            s = q @ K[..., j:j + block, :].transpose(-2, -1)  # (.., Tq, D) @ (.., D, Tk)
+            if causal:
+                query = torch.arange(i, i + s.shape[-2], device=s.device)[:, None]
+                key = torch.arange(j, j + s.shape[-1], device=s.device)[None, :]
+                s = s.masked_fill(key > query, -math.inf)                # (.., Tq, Tk)
+            # The first key block holds key 0, which every query sees: m is finite from here.
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            p = torch.exp(s - m_new)                                     # (.., Tq, Tk)
+            rescale = torch.exp(m - m_new)                               # (.., Tq, 1)
+            l = l * rescale + p.sum(-1, keepdim=True)
+            o = o * rescale + p @ V[..., j:j + block, :]  # (.., Tq, Tk) @ (.., Tk, D)
+            m = m_new
+        out[..., i:i + block, :] = o / l
+    return out
 
 
 # ==================================================================================================
@@ -5299,6 +5389,10 @@ FAST_TWINS: dict[str, object] = {
     "AdamW": FastAdamW,
     "clip_grad_norm": fast_clip_grad_norm,
     "filter_logits": fast_filter_logits,
+    "Embedding": FastEmbedding,
+    "RMSNorm": FastRMSNorm,
+    "MultiHeadSelfAttention": FastMultiHeadSelfAttention,
+    "SwiGLU": FastSwiGLU,
 }
 READABLE_FORMS: dict[str, object] = {name: globals()[name] for name in FAST_TWINS}
 

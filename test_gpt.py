@@ -684,6 +684,15 @@ def train_on_batch(model, optimizer, x, y, steps: int) -> list[float]:
     return losses
 
 
+def readable_model(config: gpt.ModelConfig) -> gpt.TransformerLM:
+    """A model built from §3's readable forms, as `train --readable` builds it."""
+    gpt.use_fast_twins(False)
+    try:
+        return gpt.TransformerLM(config)
+    finally:
+        gpt.use_fast_twins(True)
+
+
 def truncated_normal_std(std: float, cut: float = 3.0) -> float:
     """The standard deviation of N(0, std^2) cut at +-cut std: a little below std."""
     pdf = math.exp(-cut * cut / 2) / math.sqrt(2 * math.pi)
@@ -714,10 +723,13 @@ def test_linear_init_is_glorot_truncated_at_3_std():
     assert weight.abs().max().item() > 2.9 * std  # cut at 3 std, not closer in
 
 
-def test_embedding_equals_f_embedding_with_gradients():
-    """Embedding looks up rows as F.embedding does, and sums the gradients of repeated ids."""
+@pytest.mark.parametrize("form", ["readable", "fast"])
+def test_embedding_equals_f_embedding_with_gradients(form):
+    """Embedding and its fast twin look up rows as F.embedding does, and sum the gradients of
+    repeated ids."""
     torch.manual_seed(0)
-    embedding = gpt.Embedding(10, 4)
+    forms = {"readable": gpt.READABLE_FORMS["Embedding"], "fast": gpt.FastEmbedding}
+    embedding = forms[form](10, 4)
     ids = torch.tensor([[1, 2, 1, 7], [3, 1, 2, 1]])
     reference = embedding.weight.detach().clone().requires_grad_()
     out, expected = embedding(ids), F.embedding(ids, reference)
@@ -739,11 +751,16 @@ def test_embedding_init_is_unit_normal_truncated_at_3():
 
 
 # --- RMSNorm --------------------------------------------------------------------------------------
+RMSNORMS = {"readable": gpt.READABLE_FORMS["RMSNorm"], "fast": gpt.FastRMSNorm}
+
+
+@pytest.mark.parametrize("form", RMSNORMS)
 @pytest.mark.parametrize("eps", [1e-5, 0.1])
-def test_rmsnorm_equals_torch_rmsnorm(eps):
-    """RMSNorm's output and its gradients for input and gain equal torch.nn.RMSNorm's."""
+def test_rmsnorm_equals_torch_rmsnorm(eps, form):
+    """RMSNorm's output and its gradients for input and gain equal torch.nn.RMSNorm's, in the
+    readable form and the fast twin."""
     torch.manual_seed(0)
-    norm, reference = gpt.RMSNorm(16, eps), torch.nn.RMSNorm(16, eps=eps)
+    norm, reference = RMSNORMS[form](16, eps), torch.nn.RMSNorm(16, eps=eps)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(16))
         reference.weight.copy_(norm.weight)
@@ -758,10 +775,11 @@ def test_rmsnorm_equals_torch_rmsnorm(eps):
     torch.testing.assert_close(norm.weight.grad, reference.weight.grad)
 
 
-def test_rmsnorm_bf16_input_gives_bf16_close_to_float32():
+@pytest.mark.parametrize("form", RMSNORMS)
+def test_rmsnorm_bf16_input_gives_bf16_close_to_float32(form):
     """A bf16 input gives a bf16 output (and input gradient) close to the float32 result."""
     torch.manual_seed(0)
-    norm = gpt.RMSNorm(64)
+    norm = RMSNORMS[form](64)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(64))
     x = torch.randn(4, 64).bfloat16().requires_grad_()
@@ -777,11 +795,11 @@ def test_rmsnorm_bf16_input_gives_bf16_close_to_float32():
 
 
 def test_rmsnorm_function_gradcheck():
-    """The hand-derived backward of _RMSNormFunction matches finite differences in float64."""
+    """The hand-derived backward of FastRMSNormFunction matches finite differences in float64."""
     torch.manual_seed(0)
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     gain = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, g: gpt._RMSNormFunction.apply(x, g, 1e-5),
+    assert torch.autograd.gradcheck(lambda x, g: gpt.FastRMSNormFunction.apply(x, g, 1e-5),
                                     (x, gain))
 
 
@@ -874,34 +892,52 @@ def test_tiled_attention_equals_the_plain_attention(causal, T, S, block):
 
 
 @pytest.mark.parametrize("rows", [2, 200], ids=["separate-products", "one-stacked-product"])
-def test_project_equals_separate_projections(rows):
-    """project(x, (Wq, Wk, Wv)) is [x Wq^T, x Wk^T, x Wv^T] side by side, on both of its paths."""
+def test_fast_project_equals_separate_projections(rows):
+    """fast_project(x, (Wq, Wk, Wv)) is [x Wq^T, x Wk^T, x Wv^T] side by side, on both of its
+    paths."""
     torch.manual_seed(0)
     x = torch.randn(rows, 16)
     weights = tuple(torch.randn(d_out, 16) for d_out in (16, 8, 24))
     expected = torch.cat([x @ w.T for w in weights], dim=-1)
-    torch.testing.assert_close(gpt.project(x, weights), expected)
+    torch.testing.assert_close(gpt.fast_project(x, weights), expected)
 
 
+@pytest.mark.parametrize("context_length", [None, 16, 4], ids=["no-window", "causal", "window"])
 @pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "nope"])
-def test_attention_fast_path_equals_readable_path(use_rope):
-    """Multi-head attention with F.scaled_dot_product_attention equals the masked softmax."""
+def test_fast_attention_equals_readable_attention(use_rope, context_length):
+    """FastMultiHeadSelfAttention (one stacked projection, F.scaled_dot_product_attention)
+    equals the readable attention with the same weights, in output and gradients, whether each
+    query sees all its past or a sliding window of it."""
     torch.manual_seed(0)
     rope = gpt.RotaryEmbedding(10000.0, 8, 16) if use_rope else None
-    attention = gpt.MultiHeadSelfAttention(32, 4, rope)
-    x = torch.randn(2, 11, 32)
-    fast = attention(x)
-    attention.fast = False
-    torch.testing.assert_close(attention(x), fast)
+    readable = gpt.READABLE_FORMS["MultiHeadSelfAttention"](32, 4, rope, context_length)
+    fast = gpt.FastMultiHeadSelfAttention(32, 4, rope, context_length)
+    fast.load_state_dict(readable.state_dict())
+    x = torch.randn(2, 11, 32, requires_grad=True)
+    x_fast = x.detach().clone().requires_grad_()
+    out, out_fast = readable(x), fast(x_fast)
+    torch.testing.assert_close(out_fast, out)
+    out.square().sum().backward()
+    out_fast.square().sum().backward()
+    torch.testing.assert_close(x_fast.grad, x.grad)
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "readable"])
-def test_model_is_causal(fast):
+@pytest.mark.parametrize("activation", [gpt.silu, gpt.gelu], ids=["swiglu", "geglu"])
+def test_fast_swiglu_equals_readable_swiglu(activation):
+    """FastSwiGLU (w1 and w3 in one product) equals the readable SwiGLU with the same weights."""
+    torch.manual_seed(0)
+    readable = gpt.READABLE_FORMS["SwiGLU"](16, 40, activation)
+    fast = gpt.FastSwiGLU(16, 40, activation)
+    fast.load_state_dict(readable.state_dict())
+    x = torch.randn(4, 50, 16)  # 200 rows: the stacked product
+    torch.testing.assert_close(fast(x), readable(x))
+
+
+@pytest.mark.parametrize("form", ["fast", "readable"])
+def test_model_is_causal(form):
     """Changing token t leaves the logits before t unchanged and changes those from t on."""
     torch.manual_seed(0)
-    model = gpt.TransformerLM(tiny_config())
-    for layer in model.layers:
-        layer.attn.fast = fast
+    model = gpt.TransformerLM(tiny_config()) if form == "fast" else readable_model(tiny_config())
     tokens = torch.randint(0, 64, (2, 12))
     changed = tokens.clone()
     changed[:, 5] = (tokens[:, 5] + 1) % 64
@@ -975,6 +1011,54 @@ def test_model_state_dict_has_cs336_names():
     expected = {"token_embeddings.weight", "ln_final.weight", "lm_head.weight"}
     expected |= {f"layers.{i}.{name}" for i in range(2) for name in per_layer}
     assert set(model.state_dict()) == expected
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(norm_position="post", ffn_kind="geglu")],
+                         ids=["default", "post-norm-geglu"])
+def test_readable_and_fast_models_share_checkpoints_and_train_alike(overrides):
+    """A readable and a fast model of one seed start with the same state dict (same keys and
+    values; each loads the other's), and three training steps give the same losses: the
+    readable ones with every readable form of §1-§7, as under --readable."""
+    config = tiny_config(**overrides)
+    tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    losses, states = {}, {}
+    for form in ("readable", "fast"):
+        torch.manual_seed(0)
+        gpt.use_fast_twins(form == "fast")
+        try:
+            model = gpt.TransformerLM(config)
+            states[form] = {name: t.clone() for name, t in model.state_dict().items()}
+            losses[form] = train_on_batch(model, gpt.AdamW(model.parameters(), lr=3e-3),
+                                          tokens[:, :-1], tokens[:, 1:], steps=3)
+        finally:
+            gpt.use_fast_twins(True)
+    readable_state, fast_state = states["readable"], states["fast"]
+    assert readable_state.keys() == fast_state.keys()
+    assert all(torch.equal(readable_state[name], fast_state[name]) for name in fast_state)
+    readable_model(config).load_state_dict(fast_state)
+    gpt.TransformerLM(config).load_state_dict(readable_state)
+    assert losses["readable"] == pytest.approx(losses["fast"], rel=1e-5)
+    assert losses["fast"][-1] < losses["fast"][0] - 0.5  # it did train
+
+
+def test_readable_model_runs_no_fused_kernel_and_no_autograd_function(monkeypatch):
+    """The readable model's forward and backward call neither F.scaled_dot_product_attention nor
+    FastRMSNormFunction, and hold no fast twin; the fast model calls both."""
+    torch.manual_seed(0)
+    readable, fast = readable_model(tiny_config()), gpt.TransformerLM(tiny_config())
+    fast_classes = tuple(c for c in gpt.FAST_TWINS.values() if isinstance(c, type))
+    assert not any(isinstance(m, fast_classes) for m in readable.modules())
+    called = []
+    sdpa, rms_apply = F.scaled_dot_product_attention, gpt.FastRMSNormFunction.apply
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: called.append("sdpa") or sdpa(*a, **k))
+    monkeypatch.setattr(gpt.FastRMSNormFunction, "apply",
+                        lambda *a: called.append("rmsnorm") or rms_apply(*a))
+    tokens = torch.randint(0, 64, (2, 12))
+    readable(tokens).sum().backward()
+    assert called == []
+    fast(tokens).sum().backward()
+    assert {"sdpa", "rmsnorm"} <= set(called)
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -1491,12 +1575,14 @@ def sampling_model(context_length: int = 8, seed: int = 0) -> gpt.TransformerLM:
     return gpt.TransformerLM(tiny_config(context_length=context_length)).eval()
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_kv_cache_equals_recomputing_past_the_context_length(fast):
+@pytest.mark.parametrize("form", ["fast", "readable"])
+def test_kv_cache_equals_recomputing_past_the_context_length(form):
     """Cached logits equal full recomputation within 1e-4, for 3x the context length."""
     model = sampling_model(context_length=8)
-    for layer in model.layers:
-        layer.attn.fast = fast
+    if form == "readable":
+        readable = readable_model(model.config).eval()
+        readable.load_state_dict(model.state_dict())
+        model = readable
     tokens = torch.randint(0, model.config.vocab_size, (2, 24))
     with torch.no_grad():
         full = model(tokens)  # (B, 24, V): every position sees its last 8 tokens
@@ -4026,7 +4112,7 @@ def test_attention_maps_give_the_fast_path_output(overrides):
     for weights, (x, output), layer in zip(maps, captured_attention(model, token_ids),
                                            model.layers):
         attn = layer.attn
-        assert attn.fast
+        assert isinstance(attn, gpt.FastMultiHeadSelfAttention)
         v = (x @ attn.v_proj.weight.T).view(2, 12, 4, 8).transpose(1, 2)  # (B, H, T, D)
         mixed = (weights @ v).transpose(1, 2).reshape(2, 12, 32)
         torch.testing.assert_close(mixed @ attn.output_proj.weight.T, output)
@@ -4730,17 +4816,9 @@ def readable_runs(tmp_path_factory, token_dir, trained_run):
     return calls, out, text.getvalue()
 
 
-# §3's attention and RMSNorm get their twins in another branch of the same change; until they
-# are switched by §19 a readable run still calls sdpa and RMSNorm's autograd Function. Strict:
-# the merge that switches them must remove these marks.
-PENDING_3 = pytest.mark.xfail(strict=True, reason="§3's twins are not switched by §19 yet")
-
-
 @pytest.mark.parametrize("command, fast_path", [
-    pytest.param("train", "sdpa", marks=PENDING_3), ("train", "foreach"),
-    pytest.param("train", "function", marks=PENDING_3), ("train", "compile"),
-    pytest.param("sample", "sdpa", marks=PENDING_3), ("sample", "foreach"),
-    ("sample", "function"),
+    ("train", "sdpa"), ("train", "foreach"), ("train", "function"), ("train", "compile"),
+    ("sample", "sdpa"), ("sample", "foreach"), ("sample", "function"),
 ])
 def test_readable_commands_run_only_the_readable_forms(readable_runs, command, fast_path):
     """--readable calls no sdpa, torch._foreach_*, autograd Function of ours or torch.compile."""
