@@ -83,10 +83,12 @@ import mmap
 import multiprocessing
 import operator
 import os
+import pickle
 import re
 import shlex
 import shutil
 import signal
+import stat
 import string
 import sys
 import time
@@ -96,6 +98,18 @@ from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from itertools import chain, islice, repeat
+
+
+def interrupted_at_start(signum, frame):
+    """Ctrl-C before main() takes over (while torch loads, a second or more) ends the command
+    with one line and exit code 2, as at any later moment; nothing has been written yet."""
+    print("\ngpt.py: interrupted while starting; nothing was done", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
+# Set before the slow imports below, so that Ctrl-C during them is one line too.
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted_at_start)
 
 import numpy as np
 import regex
@@ -109,6 +123,80 @@ from torch.nn.parallel import DistributedDataParallel
 def log(message: str, end: str = "\n") -> None:
     """Progress meters, notes and errors go to stderr; stdout holds a command's results."""
     print(message, end=end, file=sys.stderr, flush=True)
+
+
+# Every JSON file gpt.py reads (tokenizer files, token-file sidecars, metrics lines, Q&A data)
+# goes through read_json or parse_json, so that a broken or hostile file is one line naming it
+# and the problem, never a RecursionError, an OverflowError or all memory used. Our own files
+# nest three deep at most and the largest, a vocabulary of 10^6 tokens, holds some 30 MB.
+JSON_MAX_DEPTH = 32
+JSON_MAX_BYTES = 1 << 28  # 256 MB
+
+
+def finite_float(text: str) -> float:
+    """parse_float for json: 1e999 would become inf, which no file of ours holds."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is too large")
+    return value
+
+
+def refuse_constant(name: str):
+    """parse_constant for json: Python's json takes NaN and Infinity, which JSON does not."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_depth(value) -> int:
+    """How deeply arrays and objects nest, counted level by level (no recursion).
+    Example: json_depth([1, {"a": [2]}]) -> 3; json_depth(7) -> 0."""
+    depth, level = 0, [value]
+    while any(isinstance(v, (list, tuple, dict)) for v in level):
+        depth += 1
+        level = [child for v in level if isinstance(v, (list, tuple, dict))
+                 for child in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+def parse_json(text: str, where: str, object_pairs_hook=None):
+    """The value of a JSON text, or a ValueError naming `where`: NaN, Infinity, a number too
+    large for a float, and nesting deeper than JSON_MAX_DEPTH are refused."""
+    too_deep = f"{where}: JSON nested more than {JSON_MAX_DEPTH} levels deep"
+    try:
+        value = json.loads(text, parse_float=finite_float, parse_constant=refuse_constant,
+                           object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as e:
+        what = f"not JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+        raise ValueError(f"{where} is {what if text.strip() else 'empty'}") from None
+    except ValueError as e:  # from the two hooks, or an integer of over 4,300 digits
+        raise ValueError(f"{where} is not JSON we can use ({e})") from None
+    except RecursionError:  # json's parser recurses once a level, so it gives up first
+        raise ValueError(too_deep) from None
+    if json_depth(value) > JSON_MAX_DEPTH:
+        raise ValueError(too_deep)
+    return value
+
+
+def read_json(path: str | os.PathLike, object_pairs_hook=None):
+    """The value of the JSON file `path` (through parse_json), or a ValueError naming it: a file
+    that is missing, not a regular file (/dev/zero, a pipe), over JSON_MAX_BYTES or not UTF-8."""
+    path = os.fspath(path)
+    try:
+        # O_NONBLOCK: opening a pipe would otherwise wait for a writer that may never come.
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError(f"{path} is not a regular file")
+            raw = f.read(JSON_MAX_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    if len(raw) > JSON_MAX_BYTES:
+        raise ValueError(f"{path} is larger than {JSON_MAX_BYTES >> 20} MB, too large to be one "
+                         f"of our JSON files")
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: the byte-order mark some editors add
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start})") from None
+    return parse_json(text, path, object_pairs_hook)
 
 
 # ==================================================================================================
@@ -160,11 +248,30 @@ def split_on_special_tokens(text: str, special_re: regex.Pattern | None) -> list
     return special_re.split(text) if special_re else [text]
 
 
+# The largest vocabulary a tokenizer file or a checkpoint may hold: four times the largest in
+# use today (Gemma's 262,144), and small enough to refuse before memory is allocated for it.
+MAX_VOCAB_SIZE = 1 << 20
+
+
 def check_vocab_size(vocab_size: int, special_tokens: list[str]) -> None:
     if vocab_size < 256 + len(special_tokens):
         raise ValueError(f"vocab size {vocab_size} is too small: it must hold the 256 bytes and "
                          f"{len(special_tokens)} special token(s), at least "
                          f"{256 + len(special_tokens)}")
+
+
+def check_tokenizer_files(pairs, special_tokens, paths: dict[str, str]) -> None:
+    """Refuse what a vocab.json (read as [(token, id), ...]) or special_tokens.json must not
+    hold: ids that are not integers from 0 to MAX_VOCAB_SIZE - 1, tokens or special tokens that
+    are not strings."""
+    if not (isinstance(pairs, list) and all(isinstance(p, tuple) for p in pairs)):
+        raise ValueError(f"{paths['vocab.json']} is not a JSON object of tokens and their ids")
+    for token, i in pairs:
+        if not (type(i) is int and 0 <= i < MAX_VOCAB_SIZE and isinstance(token, str)):
+            raise ValueError(f"{paths['vocab.json']}: {str(token)[:30]!r}: {str(i)[:30]} is not "
+                             f"an id from 0 to {MAX_VOCAB_SIZE - 1:,}")
+    if not (isinstance(special_tokens, list) and all(isinstance(s, str) for s in special_tokens)):
+        raise ValueError(f"{paths['special_tokens.json']} is not a JSON list of strings")
 
 
 # How text becomes what the trainers take. A merge never crosses a pre-token, so a pre-token is
@@ -446,10 +553,13 @@ class Tokenizer:
                    special_tokens: list[str] | None = None) -> Tokenizer:
         """A tokenizer from a vocab.json and a merges.txt in GPT-2's format (ours or OpenAI's)."""
         unspell = {c: b for b, c in bytes_to_unicode().items()}
+        # Pairs, not a dict: GPT-2's format may spell one string twice, under two ids.
+        entries = read_json(vocab_path, object_pairs_hook=list)
+        check_tokenizer_files(entries, special_tokens or [],
+                              {"vocab.json": os.fspath(vocab_path),
+                               "special_tokens.json": "the special tokens"})
         try:
-            with open(vocab_path, encoding="utf-8") as f:
-                entries = json.load(f, object_pairs_hook=list)  # a list keeps duplicate tokens
-            vocab = {int(i): bytes(unspell[c] for c in token) for token, i in entries}
+            vocab = {i: bytes(unspell[c] for c in token) for token, i in entries}
             with open(merges_path, encoding="utf-8") as f:
                 lines = [line.rstrip("\n") for line in f]
             merges = [tuple(bytes(unspell[c] for c in part) for part in line.split(" "))
@@ -473,13 +583,9 @@ class Tokenizer:
             if not os.path.isfile(paths[name]):
                 raise ValueError(f"{directory} holds no tokenizer ({name} is missing); "
                                  "run `python gpt.py tokenize` first")
-        special_tokens = []
-        if os.path.isfile(paths["special_tokens.json"]):
-            try:
-                with open(paths["special_tokens.json"], encoding="utf-8") as f:
-                    special_tokens = json.load(f)
-            except ValueError as e:
-                raise ValueError(f"{paths['special_tokens.json']}: corrupt ({e})") from None
+        special_tokens = (read_json(paths["special_tokens.json"])
+                          if os.path.isfile(paths["special_tokens.json"]) else [])
+        check_tokenizer_files([], special_tokens, paths)
         return cls.from_files(paths["vocab.json"], paths["merges.txt"], special_tokens)
 
 
@@ -2513,10 +2619,11 @@ def check_token_info(path: str | os.PathLike, dtype: np.dtype, tokenizer: Tokeni
         return
     again = "run `python gpt.py tokenize` again"
     try:
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
+        info = read_json(info_path)
         fingerprint, saved_dtype, num_tokens = (
             info["tokenizer_sha256"], info["dtype"], int(info["num_tokens"]))
+        if not (isinstance(fingerprint, str) and isinstance(saved_dtype, str)):
+            raise TypeError("tokenizer_sha256 and dtype must be strings")
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{info_path} is corrupt ({type(e).__name__}: {e}): {again}") from None
     if tokenizer is not None and fingerprint != tokenizer.fingerprint():
@@ -2548,6 +2655,19 @@ def open_tokens(path: str | os.PathLike, vocab_size: int, tokenizer: Tokenizer |
         raise ValueError(f"{path} holds token id {largest:,}, but the tokenizer has only "
                          f"{vocab_size:,} tokens: was it encoded with another tokenizer?")
     return data
+
+
+def find_story_start(data: np.ndarray, tokenizer: Tokenizer) -> str:
+    """What the training text puts between an end-of-text token and the document after it, if
+    it is whitespace: "\\n" in the bundled TinyStories files. `sample` puts it after the end
+    token before a prompt, so that a story starts as in training (a trained model gave "Once"
+    a loss of 12.8 nats right after the end token, 0.68 after "\\n"). The whitespace found most
+    often after the end token in the first 1M tokens decides."""
+    if end_of_text_id(tokenizer) is None:
+        return ""
+    text = tokenizer.decode(data[:1 << 20])
+    after = Counter(re.findall(re.escape(tokenizer.special_tokens[0]) + r"(\s*)", text))
+    return after.most_common(1)[0][0] if after else ""
 
 
 # ==================================================================================================
@@ -2647,8 +2767,17 @@ def shown(value) -> str:
     return text if len(text) <= 40 else f"a {type(value).__name__}"
 
 
-def saved_config(saved, name: str) -> ModelConfig:
-    """The ModelConfig that a checkpoint stores as a dict, or a ValueError saying what is wrong.
+# The largest architecture a checkpoint may ask for, beyond anything this file trains. With
+# the weights' own shapes (check_state_fits) it refuses a config that would allocate without
+# bound before a single tensor is made; context_length is in no weight's shape under RoPE.
+CONFIG_LIMITS = {"vocab_size": MAX_VOCAB_SIZE, "context_length": 1 << 17,  # Llama 3.1's 128k
+                 "d_model": 1 << 16, "num_layers": 1 << 10, "num_heads": 1 << 10,
+                 "d_ff": 1 << 18}
+
+
+def saved_config(saved, name: str, state: dict[str, torch.Tensor]) -> ModelConfig:
+    """The ModelConfig that a checkpoint stores as a dict, checked to be within CONFIG_LIMITS and
+    to fit the checkpoint's weights `state`, or a ValueError saying what is wrong.
 
     Each field must have its annotated type: ModelConfig itself would take tie_embeddings="no"
     (a true value) or a float width, and fail later in a way that names neither.
@@ -2665,9 +2794,20 @@ def saved_config(saved, name: str) -> ModelConfig:
             raise ValueError(f"{name}: its model config's {key} should be of type "
                              f"{kinds[key]}, got {shown(value)}")
     try:
-        return ModelConfig(**saved)
+        config = ModelConfig(**saved)
     except (TypeError, ValueError) as e:  # a missing field, or a value out of range
         raise ValueError(f"{name}: invalid model config ({e})") from None
+    for key, limit in CONFIG_LIMITS.items():
+        if getattr(config, key) > limit:
+            raise ValueError(f"{name}: its model config asks for {key} {getattr(config, key):,}, "
+                             f"more than the {limit:,} gpt.py allows")
+    layers = {key.split(".")[1] for key in state if key.startswith("layers.")}
+    if len(layers) != config.num_layers:
+        raise ValueError(f"{name}: its model config asks for {config.num_layers:,} layers, but "
+                         f"its weights hold {len(layers):,}")
+    with torch.device("meta"):  # the shapes of the model, without allocating its memory
+        check_state_fits(TransformerLM(config).state_dict(), state, name)
+    return config
 
 
 def check_optimizer_state(saved, name: str) -> None:
@@ -2705,12 +2845,14 @@ def read_checkpoint(src) -> dict:
     except (IsADirectoryError, PermissionError) as e:
         raise ValueError(f"{name}: cannot read it ({e.strerror})") from None
     except Exception as e:  # a damaged file fails in many ways: zip, pickle, I/O, indexing
-        # weights_only's refusals give their reason on a line of their own.
-        refusal = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
-        unsafe = re.match(r"Unsupported global: GLOBAL (\S+)", refusal[1]) if refusal else None
+        # weights_only refuses a file that asks for a function or a class by name (a GLOBAL),
+        # in one of two wordings; other refusals give their reason on a line of their own.
+        unsafe = (re.search(r"GLOBAL (\S+?)\.? ", str(e))
+                  if isinstance(e, pickle.UnpicklingError) else None)
         if unsafe:
             raise ValueError(f"{name} holds a Python object ({unsafe[1]}) besides tensors and "
                              f"plain data: refused, as loading it could run code") from None
+        refusal = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
         reason = f"{type(e).__name__}: {refusal[1]}" if refusal else first_line(e)
         raise ValueError(f"{name} is damaged or truncated, or not a checkpoint at all "
                          f"({reason})") from None
@@ -2737,7 +2879,7 @@ def check_resumable(checkpoint: dict, name: str) -> None:
     if missing:
         raise ValueError(f"{name} lacks {', '.join(sorted(missing))}: not written "
                          f"by `python gpt.py train`, so it cannot be resumed")
-    saved_config(checkpoint["config"], name)
+    saved_config(checkpoint["config"], name, checkpoint["model"])
     check_optimizer_state(checkpoint["optimizer"], name)
     settings, best, total, rng = (checkpoint[key] for key in
                                   ("args", "best_val_loss", "total_steps", "rng"))
@@ -2766,9 +2908,10 @@ def check_resumable(checkpoint: dict, name: str) -> None:
                              f"it cannot be resumed")
 
 
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
-    """Copy `state` into `model`, or say exactly how the two architectures differ."""
-    expected = unwrap(model).state_dict()
+def check_state_fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                     name: str) -> None:
+    """Check that `state` has the names and shapes of a model's state dict `expected`, or say
+    exactly how the two architectures differ."""
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
@@ -2778,6 +2921,11 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], name: str
         if state[key].shape != tensor.shape:
             raise ValueError(f"{name} is for a different architecture: {key} has shape "
                              f"{tuple(state[key].shape)} there, {tuple(tensor.shape)} here")
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Copy `state` into `model`, or say exactly how the two architectures differ."""
+    check_state_fits(unwrap(model).state_dict(), state, name)
     unwrap(model).load_state_dict(state)
 
 
@@ -2880,6 +3028,16 @@ def check_same_tokenizer(checkpoint: dict, name: str, tokenizer: Tokenizer, sour
                          f"with the tokenizer it was trained with, or give another --out-dir")
 
 
+def saved_story_start(checkpoint: dict, name: str) -> str:
+    """The text a checkpoint's training data puts after the end-of-text token (see
+    find_story_start); "" for a checkpoint of an older gpt.py, whose prompts follow the bare
+    end token as they always did."""
+    start = checkpoint.get("story_start", "")
+    if start != "" and not (isinstance(start, str) and len(start) <= 16 and start.isspace()):
+        raise ValueError(f"{name}: its story_start is {shown(start)}, not a little whitespace")
+    return start
+
+
 def read_model(path: str) -> tuple[TransformerLM, Tokenizer, dict]:
     """The model (on the CPU, in evaluation mode), the tokenizer and the checkpoint they were
     rebuilt from, a training checkpoint or a weights-only one, each part checked."""
@@ -2887,7 +3045,7 @@ def read_model(path: str) -> tuple[TransformerLM, Tokenizer, dict]:
     if not {"config", "tokenizer"} <= checkpoint.keys():
         raise ValueError(f"{path}: no model config or tokenizer in it; was it written by "
                          f"`python gpt.py train`?")
-    config = saved_config(checkpoint["config"], path)
+    config = saved_config(checkpoint["config"], path, checkpoint["model"])
     tokenizer = saved_tokenizer(checkpoint["tokenizer"], path, config.vocab_size)
     model = TransformerLM(config)
     load_model_state(model, checkpoint["model"], path)
@@ -3514,6 +3672,7 @@ class Run:
     evaluate: object = None        # run -> validation loss
     start_from: str | None = None  # a checkpoint whose weights a fresh run starts from
     kind: str = "pretraining"      # or "fine-tuning": recorded in checkpoints (see RUN_KINDS)
+    story_start: str = ""          # what the data puts after the end token: find_story_start
 
     def say(self, message: str) -> None:
         if self.rank == 0:  # one process talks for all
@@ -3601,7 +3760,8 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
         raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
     run = Run(args, device, rank, world_size, autocast_dtype(device, args.dtype), tokenizer,
               train_data, valid_data, config, args.batch_size or preset["batch_size"], max_lr,
-              min_lr, total_steps=total_steps)
+              min_lr, total_steps=total_steps,
+              story_start=find_story_start(train_data, tokenizer))
     T = config.context_length
     check_batch_fits(run.batch_size, T, vocab_size, device, "--batch-size")
     for name, data in (("train.bin", train_data), ("valid.bin", valid_data)):
@@ -3720,7 +3880,8 @@ def save_run(run: Run, path: str, finished: bool = False) -> None:
                                        special_tokens=tokenizer.special_tokens),
                         tokenizer_fingerprint=tokenizer.fingerprint(), kind=run.kind,
                         best_val_loss=run.best_val_loss, total_steps=run.total_steps,
-                        finished=finished, elapsed=run.budget.elapsed(), rng=rng_states)
+                        finished=finished, elapsed=run.budget.elapsed(), rng=rng_states,
+                        story_start=run.story_start)
     run.budget.save_seconds = time.perf_counter() - started
 
 
@@ -3919,13 +4080,14 @@ def arm_result(out_dir: str) -> dict:
     records = []
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
         for line in f:
-            with suppress(ValueError, RecursionError):
-                records.append(json.loads(line))
+            with suppress(ValueError):
+                records.append(parse_json(line, out_dir))
     records = [r for r in records if isinstance(r, dict)]
     evals = [r["val_loss"] for r in records if is_number(r.get("val_loss"))]
     times = [r["elapsed"] for r in records if is_number(r.get("elapsed"))]
-    checkpoint = read_checkpoint(os.path.join(out_dir, "latest.pt"))
-    config, args = ModelConfig(**checkpoint["config"]), checkpoint["args"]
+    path = os.path.join(out_dir, "latest.pt")
+    checkpoint = read_checkpoint(path)
+    config, args = saved_config(checkpoint["config"], path, checkpoint["model"]), checkpoint["args"]
     step = checkpoint["iteration"]
     batch = args["batch_size"] or PRESETS[args["preset"]]["batch_size"]
     return dict(parameters=sum(p.numel() for p in TransformerLM(config).parameters()), steps=step,
@@ -4370,16 +4532,16 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
             write_all(f, little_endian_bytes(tensor), path)
 
 
-def read_for_export(path: str) -> tuple[TransformerLM, Tokenizer, int]:
-    """The model, the tokenizer and the step count of a checkpoint, each checked as for
-    sampling, on the CPU; a model Llama cannot express is refused."""
+def read_for_export(path: str) -> tuple[TransformerLM, Tokenizer, int, str]:
+    """The model, the tokenizer, the step count and the story_start of a checkpoint, each
+    checked as for sampling, on the CPU; a model Llama cannot express is refused."""
     model, tokenizer, checkpoint = read_model(path)
     check_exportable(model.config)
-    return model, tokenizer, checkpoint["iteration"]
+    return model, tokenizer, checkpoint["iteration"], saved_story_start(checkpoint, path)
 
 
 def save_weights_only(model: TransformerLM, tokenizer: Tokenizer, iteration: int,
-                      path: str) -> None:
+                      path: str, story_start: str = "") -> None:
     """A checkpoint with what load_for_sampling reads and nothing else: no optimizer state (two
     thirds of a training checkpoint), nothing that resuming needs."""
     try:
@@ -4387,7 +4549,8 @@ def save_weights_only(model: TransformerLM, tokenizer: Tokenizer, iteration: int
             torch.save({"model": model.state_dict(), "iteration": iteration,
                         "config": asdict(model.config),
                         "tokenizer": dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
-                                          special_tokens=tokenizer.special_tokens)}, f)
+                                          special_tokens=tokenizer.special_tokens),
+                        "story_start": story_start}, f)
     except RuntimeError as e:  # torch's zip writer stops so when the disk is full
         raise OSError(f"cannot write {path}: the write stopped partway, is the disk full? "
                       f"({first_line(e)})") from None
@@ -4473,13 +4636,21 @@ def publish_export(staging: str, out: str) -> None:
 METRIC_KINDS = {"val": ("val_loss",), "train": ("train_loss", "lr", "grad_norm")}
 
 
+# The largest number a record may hold, above any real run's: plot shows perplexity, e^loss,
+# which overflows a float past e^709, and matplotlib turns every number into a float.
+METRIC_LIMITS = {"train_loss": 700, "val_loss": 700}
+METRIC_MAX = 1e18
+
+
 def is_metric_record(record) -> bool:
     """A line written by `train`: a dict with an integer step, the elapsed seconds and the
-    numbers of one of METRIC_KINDS."""
+    numbers of one of METRIC_KINDS, each within its limit."""
     return (isinstance(record, dict) and is_int(record.get("step"))
             and is_number(record.get("elapsed"))
             and any(all(is_number(record.get(key)) for key in keys)
-                    for keys in METRIC_KINDS.values()))
+                    for keys in METRIC_KINDS.values())
+            and all(abs(value) <= METRIC_LIMITS.get(key, METRIC_MAX)
+                    for key, value in record.items() if is_number(value)))
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -4493,8 +4664,8 @@ def read_metrics(run_dir: str) -> list[dict]:
     with open(path, encoding="utf-8", errors="replace") as f:
         for line_number, line in enumerate(f, 1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = parse_json(line, f"{path} line {line_number}")
+            except ValueError:
                 record = None
             if is_metric_record(record):
                 records.append(record)
@@ -4533,7 +4704,8 @@ def tokens_per_step_of(run_dir: str) -> int:
         raise ValueError(f"{run_dir}/metrics.jsonl has no token counts (it predates them) and "
                          f"there is no checkpoint in {run_dir} to work them out from")
     checkpoint = read_checkpoint(max(paths, key=os.path.getmtime))
-    config, args = saved_config(checkpoint.get("config"), paths[0]), checkpoint.get("args")
+    config = saved_config(checkpoint.get("config"), paths[0], checkpoint["model"])
+    args = checkpoint.get("args")
     if not (isinstance(args, dict) and args.get("preset") in PRESETS):
         raise ValueError(f"{paths[0]}: no training arguments in it to count tokens with")
     batch = args.get("batch_size") or PRESETS[args["preset"]]["batch_size"]
@@ -4968,21 +5140,11 @@ def read_qa_file(path: str) -> list[tuple[str, str]]:
         {"question": "Who is Max?", "answer": "Max is Lily's dog.", "id": 7, "category": "pets"}
     ("id" and "category" are optional and ignored, but a repeated id is reported). A mistake is a
     ValueError naming the item by its index from 0: qa.json[3] is the fourth."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
     expected = 'a list of {"question": ..., "answer": ...} objects'
     try:
-        items = json.loads(raw.decode("utf-8-sig"))  # -sig: the byte-order mark some editors add
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
-                         f"{e.start})") from None
-    except json.JSONDecodeError as e:
-        what = (f"not JSON ({e.msg} at line {e.lineno}, column {e.colno})" if raw.strip()
-                else "empty")
-        raise ValueError(f"{path} is {what}: give {expected}") from None
+        items = read_json(path)
+    except ValueError as e:
+        raise ValueError(f"{e}: give {expected}") from None
     if not isinstance(items, list) or not items:
         what = "an empty list" if isinstance(items, list) else f"a JSON {json_kind(items)}"
         raise ValueError(f"{path} holds {what}, not {expected}")
@@ -5140,10 +5302,10 @@ def check_finetune_args(args: argparse.Namespace) -> None:
 
 
 def finetune_model(args: argparse.Namespace,
-                   resumed: dict | None) -> tuple[ModelConfig, Tokenizer, str]:
-    """The config and tokenizer of the model to fine-tune, and where they come from: the run
+                   resumed: dict | None) -> tuple[ModelConfig, Tokenizer, str, str]:
+    """The config and tokenizer of the model to fine-tune, where they come from (the run
     being resumed, a trained checkpoint (--checkpoint, or the newest in --run-dir), or with
-    --from-scratch the preset and the tokenizer in --data-dir."""
+    --from-scratch the preset and the tokenizer in --data-dir) and its story_start."""
     if resumed or not args.from_scratch:
         path = (os.path.join(args.out_dir, "latest.pt") if resumed
                 else args.checkpoint or newest_checkpoint(args.run_dir))
@@ -5151,17 +5313,18 @@ def finetune_model(args: argparse.Namespace,
         if not {"config", "tokenizer"} <= checkpoint.keys():
             raise ValueError(f"{path}: no model config or tokenizer in it; was it written by "
                              f"`python gpt.py train`?")
-        config = saved_config(checkpoint["config"], path)
+        config = saved_config(checkpoint["config"], path, checkpoint["model"])
         tokenizer = saved_tokenizer(checkpoint["tokenizer"], path, config.vocab_size)
         # A resumed run keeps its architecture: model flags, if given, must agree with it.
-        return resolve_config(args, config.vocab_size, asdict(config)), tokenizer, path
+        return (resolve_config(args, config.vocab_size, asdict(config)), tokenizer, path,
+                saved_story_start(checkpoint, path))
     tokenizer_dir = os.path.join(args.data_dir, "tokenizer")
     if not os.path.isdir(tokenizer_dir):
         raise ValueError(f"{tokenizer_dir} not found: --from-scratch takes the tokenizer that "
                          f"`python gpt.py tokenize` writes there (or give --data-dir)")
     tokenizer = Tokenizer.load(tokenizer_dir)
     args.preset = args.preset or "laptop"
-    return resolve_config(args, max(tokenizer.vocab) + 1), tokenizer, tokenizer_dir
+    return resolve_config(args, max(tokenizer.vocab) + 1), tokenizer, tokenizer_dir, ""
 
 
 def finetune_data(args: argparse.Namespace, pairs: list[tuple[str, str]],
@@ -5203,7 +5366,7 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     pairs = read_qa_file(args.data)
     valid_pairs = read_qa_file(args.valid) if args.valid else None
     checkpoint, total_steps, time_used = read_resume(args, "fine-tuning")
-    config, tokenizer, source = finetune_model(args, checkpoint)
+    config, tokenizer, source, story_start = finetune_model(args, checkpoint)
     start_from = None if checkpoint or args.from_scratch else source
     if args.overwrite and start_from and (os.path.realpath(os.path.dirname(start_from))
                                           == os.path.realpath(args.out_dir)):
@@ -5228,6 +5391,7 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
               train_pairs, valid_pairs, config, batch_size, max_lr, min_lr,
               total_steps=total_steps, get_batch=qa_batch, loss=masked_cross_entropy,
               evaluate=evaluate_answers, start_from=start_from, kind="fine-tuning",
+              story_start=story_start,
               eval_starts=np.arange(len(valid_pairs.items)))
     check_batch_fits(run.batch_size, T, config.vocab_size, device, "--batch-size")
     if rank == 0:
@@ -5484,13 +5648,21 @@ def interactive_prompts() -> Iterator[str]:
         yield check_prompt(prompt, "the prompt typed")
 
 
+def story_ids(tokenizer: Tokenizer, prompt: str, story_start: str) -> list[int]:
+    """The prompt's ids as a fresh story in the training data: after the end-of-text token and
+    what the data puts after it (story_start), encoded together with the prompt as training
+    encoded them. Example (TinyStories): "Once" -> [<|endoftext|>, '\\n', 'Once']."""
+    eos_id = end_of_text_id(tokenizer)
+    if eos_id is None:
+        return tokenizer.encode(prompt)
+    return [eos_id] + tokenizer.encode(story_start + prompt)
+
+
 def sample_prompt(model: TransformerLM, tokenizer: Tokenizer, prompt: str, eos_id: int | None,
-                  args: argparse.Namespace) -> int:
+                  args: argparse.Namespace, story_start: str = "") -> int:
     """Continue one prompt: a single sample is streamed to stdout as it is generated; several
     are generated as one batch and printed at the end. Returns the number of tokens generated."""
-    # Stories follow an end-of-text token in training, so one before the prompt starts a
-    # fresh story.
-    prompt_ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
+    prompt_ids = story_ids(tokenizer, prompt, story_start)
     if not prompt_ids:
         raise ValueError("the prompt is empty and the tokenizer has no end-of-text token "
                          "to start from")
@@ -5538,7 +5710,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise ValueError("stdin is closed, so no prompt can be typed: give --prompt TEXT")
     path = args.checkpoint or newest_checkpoint(args.run_dir)
     device = pick_device(args.device)
-    model, tokenizer = load_for_sampling(path, device)
+    model, tokenizer, checkpoint = read_model(path)
+    model = model.to(device)
+    # Fine-tuning's template puts a question right after the end token: --qa keeps to it.
+    story_start = "" if args.qa else saved_story_start(checkpoint, path)
     eos_id = end_of_text_id(tokenizer)
     if args.qa and eos_id is None:
         raise ValueError(f"--qa: {path}'s tokenizer has no end-of-text token to end an answer")
@@ -5550,7 +5725,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     try:
         for prompt in prompts:
             started = time.perf_counter()
-            count = sample_prompt(model, tokenizer, prompt, eos_id, args)
+            count = sample_prompt(model, tokenizer, prompt, eos_id, args, story_start)
             sys.stdout.flush()  # here, where a broken pipe is caught, not at exit
             seconds = time.perf_counter() - started
             log(f"[{count} tokens in {seconds:.2f}s: {count / seconds:.1f} tokens/s"
@@ -5572,7 +5747,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def write_export(staging: str, model: TransformerLM, tokenizer: Tokenizer, iteration: int,
-                 source: str) -> None:
+                 source: str, story_start: str) -> None:
     """Write every file of an export into `staging`, the marker that lists them last."""
     out = lambda name: os.path.join(staging, name)
     write_safetensors(out("model.safetensors"), llama_state_dict(model))
@@ -5586,14 +5761,14 @@ def write_export(staging: str, model: TransformerLM, tokenizer: Tokenizer, itera
         write_atomically(out(name), (json.dumps(value, indent=2) + "\n").encode())
     for name, data in hf_tokenizer_files(tokenizer, model.config.context_length).items():
         write_atomically(out(name), data)
-    save_weights_only(model, tokenizer, iteration, out("gpt.pt"))
+    save_weights_only(model, tokenizer, iteration, out("gpt.pt"), story_start)
     marker = {"files": sorted(os.listdir(staging)), "checkpoint": source, "step": iteration}
     write_atomically(out(EXPORT_MARKER), (json.dumps(marker, indent=2) + "\n").encode())
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     path = args.checkpoint or newest_checkpoint(args.run_dir)
-    model, tokenizer, iteration = read_for_export(path)
+    model, tokenizer, iteration, story_start = read_for_export(path)
     out = os.path.realpath(args.out)  # a link given as --out: the directory it names
     remove_export_leftovers(out)
     check_export_dir(out, args.overwrite)
@@ -5601,7 +5776,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     staging = export_sibling(out, "new")
     check_writable_dir(staging)
     try:
-        write_export(staging, model, tokenizer, iteration, path)
+        write_export(staging, model, tokenizer, iteration, path, story_start)
         publish_export(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -5630,15 +5805,16 @@ def cmd_plot(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
 
 
-def inspection_ids(tokenizer: Tokenizer, prompt: str, context_length: int) -> list[int]:
-    """The prompt's token ids after an end-of-text token, as `sample` feeds it (in training a
-    story follows one), checked to fit the context and to give attention two positions."""
+def inspection_ids(tokenizer: Tokenizer, prompt: str, context_length: int,
+                   story_start: str = "") -> list[int]:
+    """The prompt's token ids as `sample` feeds them (story_ids), checked to fit the context and
+    to give attention two positions."""
     check_prompt(prompt, "--prompt")
     if not prompt:
         raise ValueError("--prompt is empty: give the text whose attention and next tokens to "
                          "show")
     eos_id = end_of_text_id(tokenizer)
-    ids = ([eos_id] if eos_id is not None else []) + tokenizer.encode(prompt)
+    ids = story_ids(tokenizer, prompt, story_start)
     before = " with the end-of-text token before it" if eos_id is not None else ""
     if len(ids) > context_length:
         raise ValueError(f"--prompt is {len(ids)} tokens{before}, more than the model's context "
@@ -5654,8 +5830,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     out_dir = args.out_dir or os.path.dirname(path) or "."
     check_writable_dir(out_dir)
     device = pick_device(args.device)
-    model, tokenizer = load_for_sampling(path, device)
-    ids = inspection_ids(tokenizer, args.prompt, model.config.context_length)
+    model, tokenizer, checkpoint = read_model(path)
+    model = model.to(device)
+    ids = inspection_ids(tokenizer, args.prompt, model.config.context_length,
+                         saved_story_start(checkpoint, path))
     if args.top_k > model.config.vocab_size:
         raise ValueError(f"--top-k {args.top_k} is more than the model's {model.config.vocab_size} "
                          f"tokens")
@@ -6175,8 +6353,15 @@ def raise_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     previous = {name: signal.getsignal(name) for name in (signal.SIGINT, signal.SIGTERM)}
+    # From here on Ctrl-C raises KeyboardInterrupt, caught below (interrupted_at_start ends).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        log("\ngpt.py: interrupted while starting; nothing was done")
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
+        return 2
     signal.signal(signal.SIGTERM, raise_interrupt)
     use_fast_twins(not getattr(args, "readable", False))
     try:

@@ -94,6 +94,82 @@ def test_source_compiles_without_warnings():
         compile(source, "gpt.py", "exec")
 
 
+@pytest.mark.parametrize("value, depth", [(7, 0), ("[", 0), ([], 1), ([1, {"a": [2]}], 3),
+                                          ({"a": {"b": {}}}, 3), ([("x", [1])], 3)])
+def test_json_depth_counts_nesting(value, depth):
+    """json_depth counts levels of arrays and objects (and the tuples of object_pairs_hook)."""
+    assert gpt.json_depth(value) == depth
+
+
+@pytest.mark.parametrize("content, named", [
+    (b"[" * 100_000 + b"]" * 100_000, "JSON nested more than 32 levels deep"),
+    (b"[" * 33 + b"]" * 33, "JSON nested more than 32 levels deep"),
+    (b'{"a": Infinity}', "Infinity is not a JSON number"),
+    (b"[NaN]", "NaN is not a JSON number"),
+    (b"[1e999]", "the number 1e999 is too large"),
+    (b"[" + b"9" * 5000 + b"]", "is not JSON we can use"),
+    (b"{not json", "is not JSON (Expecting"),
+    (b"  ", "is empty"),
+    (b"\xff[]", "is not UTF-8 text (byte 0xff at offset 0)"),
+], ids=["deep", "33-deep", "infinity", "nan", "overflow", "long-int", "not-json", "empty",
+        "not-utf8"])
+def test_read_json_refuses_what_no_file_of_ours_holds(tmp_path, content, named):
+    """read_json refuses deep nesting, non-finite and huge numbers, broken JSON and bytes that
+    are not UTF-8, with one ValueError line that names the file."""
+    path = tmp_path / "f.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        gpt.read_json(path)
+    message = str(error.value)
+    assert message.startswith(str(path)) and named in message and "\n" not in message, message
+
+
+def test_read_json_refuses_special_and_large_files(tmp_path, monkeypatch):
+    """A device, a directory, a pipe (without waiting for a writer) and a file over
+    JSON_MAX_BYTES are refused before they are read; 32 levels and the limit itself pass."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo)):
+        with pytest.raises(ValueError, match=f"^{path} is not a regular file$"):
+            gpt.read_json(path)
+    with pytest.raises(ValueError, match=f"^{tmp_path}: cannot read it \\(Is a directory\\)$"):
+        gpt.read_json(tmp_path)
+    monkeypatch.setattr(gpt, "JSON_MAX_BYTES", 64)
+    (tmp_path / "big.json").write_text("[" + " " * 62 + "]")
+    assert gpt.read_json(tmp_path / "big.json") == []
+    (tmp_path / "big.json").write_text("[" + " " * 63 + "]")
+    with pytest.raises(ValueError, match="big.json is larger than"):
+        gpt.read_json(tmp_path / "big.json")
+    (tmp_path / "deep.json").write_text("[" * 32 + "]" * 32)
+    assert gpt.json_depth(gpt.read_json(str(tmp_path / "deep.json"))) == 32
+
+
+def test_ctrl_c_while_parsing_arguments_is_one_line(monkeypatch, capsys):
+    """Ctrl-C before a command starts (here, in argument parsing) is one line and exit code 2."""
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gpt, "build_parser", interrupted)
+    assert gpt.main(["sample"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "gpt.py: interrupted while starting; nothing was done"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="watches /proc/PID/maps")
+def test_ctrl_c_while_importing_is_one_line(tmp_path):
+    """Ctrl-C while `python gpt.py` still imports its libraries is one line and exit code 2."""
+    process = subprocess.Popen([sys.executable, "-B", os.path.join(HERE, "gpt.py"), "sample",
+                                "--checkpoint", str(tmp_path / "missing.pt")],
+                               cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    # numpy's library is mapped once `import numpy` runs: the handler is set before it.
+    while process.poll() is None and "numpy" not in open(f"/proc/{process.pid}/maps").read():
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err
+
+
 # ==================================================================================================
 # §1 Tokenizer
 # ==================================================================================================
@@ -534,6 +610,33 @@ def test_tokenizer_files_take_paths(tmp_path, tokenizer, fast):
     (directory / "merges.txt").write_text("#version: 0.2\na b c\n", encoding="utf-8")
     with pytest.raises(ValueError, match="merges.txt: every line must be two tokens"):
         cls.load(directory)
+
+
+@pytest.mark.parametrize("vocab, specials, named", [
+    ('{"a": Infinity}', None, "Infinity is not a JSON number"),
+    ('{"a": {"b": 1}}', None, "is not an id from 0"),
+    ('{"a": -1}', None, "'a': -1 is not an id from 0"),
+    ('{"a": 1048576}', None, "'a': 1048576 is not an id from 0 to 1,048,575"),
+    ('{"a": 1.0}', None, "is not an id"),
+    ('["a", 0]', None, "is not a JSON object of tokens"),
+    ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", None, "JSON nested more than"),
+    (None, "[1, 2]", "special_tokens.json is not a JSON list of strings"),
+    (None, '"<|endoftext|>"', "special_tokens.json is not a JSON list of strings"),
+], ids=["infinite-id", "nested", "byte-id-minus-1", "huge-id", "float-id", "array", "deep",
+        "int-specials", "str-specials"])
+def test_tokenizer_files_with_bad_values_are_refused(tmp_path, tokenizer, vocab, specials,
+                                                     named):
+    """A vocab.json or special_tokens.json holding what no tokenizer file holds is one
+    ValueError naming the file, not an OverflowError, RecursionError or AttributeError."""
+    tokenizer.save(str(tmp_path))
+    if vocab is not None:
+        (tmp_path / "vocab.json").write_text(vocab)
+    if specials is not None:
+        (tmp_path / "special_tokens.json").write_text(specials)
+    with pytest.raises(ValueError) as error:
+        gpt.Tokenizer.load(str(tmp_path))
+    message = str(error.value)
+    assert str(tmp_path) in message and named in message and "\n" not in message, message
 
 
 def test_fingerprint_is_the_sha256_of_the_saved_files(tmp_path, tokenizer, gpt2_tokenizer):
@@ -2344,6 +2447,37 @@ def test_open_tokens_checks_the_sidecar(token_file, tokenizer, capsys):
         gpt.open_tokens(path, len(own.vocab), own)
 
 
+@pytest.mark.parametrize("sidecar", ['{"tokenizer_sha256": 5, "dtype": "uint16", '
+                                     '"num_tokens": 3}',
+                                     '{"tokenizer_sha256": "ab", "dtype": "uint16", '
+                                     '"num_tokens": Infinity}',
+                                     "[" * 3000 + "]" * 3000],
+                         ids=["number-fingerprint", "infinite-count", "deep"])
+def test_open_tokens_refuses_a_hostile_sidecar(token_file, sidecar):
+    """A sidecar with a value of the wrong type, a non-finite number or deep nesting is called
+    corrupt in one line, not a TypeError, OverflowError or RecursionError."""
+    path, own = token_file
+    with open(path + ".json", "w") as f:
+        f.write(sidecar)
+    with pytest.raises(ValueError, match=f"^{path}.json is corrupt.*again$"):
+        gpt.open_tokens(path, len(own.vocab), own)
+
+
+@pytest.mark.parametrize("text, start", [
+    (f"{EOT}\nOnce.{EOT}\nTwo.{EOT} Three{EOT}\n", "\n"),
+    (f"{EOT}\n\nOnce.{EOT}\n\nTwo.{EOT}\nThree", "\n\n"),
+    (f"{EOT}Once.{EOT}Two.{EOT}\nThree", ""),
+    ("no end token here\n", ""),
+], ids=["newline", "blank-line", "nothing", "no-end-token"])
+def test_find_story_start_is_the_commonest_whitespace_after_the_end_token(text, start):
+    """find_story_start gives the whitespace that most often follows the end token, "" when
+    it is nothing or there is no end token."""
+    tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], [EOT])
+    assert gpt.find_story_start(np.array(tokenizer.encode(text)), tokenizer) == start
+    no_specials = gpt.Tokenizer(BYTES_VOCAB, [])
+    assert gpt.find_story_start(np.array(no_specials.encode(text)), no_specials) == ""
+
+
 def test_open_tokens_without_sidecar_is_accepted_with_a_note(token_file, capsys):
     """A token file from an older gpt.py, without a sidecar, loads, with one note on stderr."""
     path, own = token_file
@@ -2559,6 +2693,18 @@ BAD_STRUCTURES = {
                            "tokenizer"),
     "tokenizer-larger": ("sample", "tokenizer", lambda v: {**v, "special_tokens": [EOT, "<x>"]},
                          "vocabulary"),
+    "config-million-layers": ("sample", "config", lambda v: {**v, "num_layers": 10**6},
+                              "num_layers 1,000,000, more than"),
+    "config-huge-vocab": ("sample", "config", lambda v: {**v, "vocab_size": 10**9},
+                          "vocab_size 1,000,000,000"),
+    "config-huge-context": ("resume", "config", lambda v: {**v, "context_length": 10**7},
+                            "context_length"),
+    "config-more-layers": ("sample", "config", lambda v: {**v, "num_layers": 2},
+                           "asks for 2 layers, but its weights hold 1"),
+    "config-larger-vocab": ("sample", "config", lambda v: {**v, "vocab_size": 70_000},
+                            "different architecture"),
+    "config-wider": ("resume", "config", lambda v: {**v, "d_model": 64, "num_heads": 2},
+                     "different architecture"),
     "sample-config": ("sample", "config", lambda v: {**v, "ffn_kind": 3}, "ffn_kind"),
 }
 
@@ -2576,6 +2722,35 @@ def test_checkpoint_of_wrong_structure_is_refused(tmp_path, use, key, change, na
         load_as(use, path)
     message = str(error.value)
     assert path in message and named in message and "\n" not in message, message
+
+
+def test_config_is_checked_against_the_weights_before_allocating(tmp_path, monkeypatch):
+    """A config that disagrees with the weights is refused before a model is built."""
+    checkpoint = full_checkpoint()
+    checkpoint["config"]["d_ff"] *= 1000
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    built, build = [], gpt.TransformerLM.__init__
+
+    def recording_build(self, config):
+        built.append(torch.empty(0).device.type)  # where tensors would be made
+        build(self, config)
+    monkeypatch.setattr(gpt.TransformerLM, "__init__", recording_build)
+    with pytest.raises(ValueError, match="different architecture"):
+        gpt.load_for_sampling(str(tmp_path / "ckpt.pt"), torch.device("cpu"))
+    assert built == ["meta"]  # the only model made: the shapes, without memory
+
+
+@pytest.mark.parametrize("value, expected", [(None, ""), ("\n", "\n"), ("", ""),
+                                             ("Once", None), (7, None), ("\n" * 17, None)])
+def test_saved_story_start_is_a_little_whitespace(value, expected):
+    """A checkpoint's story_start is whitespace of 16 characters at most; one without it (an
+    older gpt.py's) starts prompts right after the end token, as before."""
+    checkpoint = {} if value is None else {"story_start": value}
+    if expected is None:
+        with pytest.raises(ValueError, match="^ckpt.pt: its story_start is"):
+            gpt.saved_story_start(checkpoint, "ckpt.pt")
+    else:
+        assert gpt.saved_story_start(checkpoint, "ckpt.pt") == expected
 
 
 def test_optimizer_state_of_another_shape_is_refused(tmp_path):
@@ -2609,14 +2784,25 @@ class CodeOnLoad:
         return (_record_unpickling, ())
 
 
-def test_checkpoint_with_arbitrary_object_is_refused(tmp_path):
-    """A pickle of an arbitrary object is refused (weights_only=True), and runs no code."""
+class SystemCallOnLoad:
+    """An object whose unpickling calls a function of a module torch blocks by name (posix)."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+@pytest.mark.parametrize("payload, named", [(CodeOnLoad(), "_record_unpickling"),
+                                            (SystemCallOnLoad(), "posix.getpid")])
+def test_checkpoint_with_arbitrary_object_is_refused(tmp_path, payload, named):
+    """A pickle of an arbitrary object is refused (weights_only=True), runs no code, and the
+    message says it could have, naming the function, not that the file is damaged."""
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": {}, "iteration": 0, "payload": CodeOnLoad()}, path)
+    torch.save({"model": {}, "iteration": 0, "payload": payload}, path)
     with pytest.raises(ValueError) as error:
         gpt.read_checkpoint(str(path))
     assert str(path) in str(error.value) and "\n" not in str(error.value)
-    assert "could run code" in str(error.value)
+    assert "could run code" in str(error.value) and named in str(error.value)
+    assert "damaged" not in str(error.value)
     assert UNPICKLED == []
 
 
@@ -4249,6 +4435,23 @@ def test_plot_never_draws_through_a_planted_link(tmp_path, trained_run, capsys):
     assert mine.read_text() == "my file"
 
 
+def test_read_metrics_skips_infinite_and_huge_numbers(tmp_path, capsys):
+    """Lines holding Infinity, NaN, a loss whose perplexity overflows or a number too large for
+    a float are skipped with a note, and the table of the rest prints."""
+    good = {"step": 1, "elapsed": 2.0, "val_loss": 3.0, "tokens": 64}
+    lines = ['{"step": 2, "elapsed": 3.0, "val_loss": Infinity, "tokens": 96}',
+             '{"step": 2, "elapsed": 3.0, "val_loss": NaN, "tokens": 96}',
+             json.dumps({**good, "step": 3, "val_loss": 1e300}),
+             json.dumps({**good, "step": 4, "tokens": 10**400}),
+             "[" * 10_000 + "]" * 10_000]
+    (tmp_path / "metrics.jsonl").write_text("\n".join([json.dumps(good)] + lines) + "\n")
+    assert gpt.read_metrics(str(tmp_path)) == [good]
+    assert "skipped 5 line(s) that are no metrics record, the first is line 2" in (
+        capsys.readouterr().err)
+    gpt.print_run_table(gpt.run_curves(str(tmp_path), "run"))
+    assert "1 steps, 64 tokens" in capsys.readouterr().out
+
+
 def test_inspect_command_end_to_end(tmp_path, trained_run, capsys):
     """`inspect` prints a row per head, per position and per matrix, and draws valid PNGs."""
     pytest.importorskip("matplotlib")
@@ -4678,12 +4881,14 @@ def test_finetune_valid_file_long_pairs_and_repeated_ids(tmp_path, qa_run, capsy
     (b'[{"question": 42, "answer": "b"}]', '{data}[0]: its "question" is 42, a JSON number'),
     (b'[{"question": "a", "answer": null}]', 'its "answer" is None, a JSON null, not a string'),
     (b'\xff[]', "{data} is not UTF-8 text (byte 0xff"),
+    (b"[" * 100_000 + b"]" * 100_000, "{data}: JSON nested more than 32 levels deep"),
+    (b'[{"question": "a", "answer": "b", "id": 1e999}]', "{data} is not JSON we can use"),
     (b'[{"question": "a", "answer": "b"}, {"question": "c", "answer": "d<|endoftext|>"}]',
      '{data}[1]: its "answer" holds the special token'),
     (b'[{"question": "a", "answer": "b"}]', "{data} has 1 pair(s): too few to hold out"),
 ], ids=["empty-file", "not-json", "not-a-list", "empty-list", "item-not-object",
         "no-question", "no-answer", "empty-question", "empty-answer", "question-number",
-        "answer-null", "not-utf8", "special-token", "too-few"])
+        "answer-null", "not-utf8", "deep", "huge-number", "special-token", "too-few"])
 def test_finetune_bad_pairs_are_one_line_and_exit_2(tmp_path, qa_run, capsys, content, named):
     """Each mistake in the pairs gives exit code 2 and one line naming the file and the item's
     index, before a checkpoint is written."""
@@ -4709,9 +4914,11 @@ def test_finetune_bad_pairs_are_one_line_and_exit_2(tmp_path, qa_run, capsys, co
     (["--valid-fraction", "0"], "--valid-fraction"),
     (["--show-answers", "-1"], "--show-answers"),
     (["--data", "{tmp}/missing.json"], "{tmp}/missing.json: cannot read it"),
+    (["--data", "/dev/zero"], "/dev/zero is not a regular file"),
+    (["--valid", "/dev/zero"], "/dev/zero is not a regular file"),
 ], ids=["scratch-and-checkpoint", "valid-twice", "model-flag", "preset", "no-end-token",
         "missing-checkpoint", "no-checkpoint", "context-too-short", "no-tokenizer",
-        "fraction-0", "answers-negative", "missing-data"])
+        "fraction-0", "answers-negative", "missing-data", "data-dev-zero", "valid-dev-zero"])
 def test_finetune_bad_setup_is_one_line_and_exit_2(tmp_path, qa_run, trained_run, capsys, extra,
                                                    named):
     """Contradictory flags, a checkpoint or tokenizer that cannot serve, a missing file: exit
@@ -4881,6 +5088,24 @@ def test_sample_command_end_to_end(trained_run, capsys):
     assert capsys.readouterr().out == first.out
     assert gpt.main(args + ["--no-kv-cache"]) == 0  # the same tokens, the slow way
     assert capsys.readouterr().out == first.out
+
+
+def test_sample_starts_a_story_as_training_did(trained_run, monkeypatch, capsys):
+    """The checkpoint records what its data puts after the end token (a newline in
+    TinyStories); `sample` and `inspect` put it between the end token and the prompt, and
+    `sample --qa` keeps fine-tuning's template, the question right after the end token."""
+    checkpoint = gpt.read_checkpoint(str(trained_run / "latest.pt"))
+    assert checkpoint["story_start"] == "\n"
+    _, tokenizer = gpt.load_for_sampling(str(trained_run / "latest.pt"), torch.device("cpu"))
+    eot = gpt.end_of_text_id(tokenizer)
+    fed = []
+    monkeypatch.setattr(gpt, "generate_batch", lambda model, prompts, *rest, **kw:
+                        fed.append(prompts[0].tolist()) or iter([]))
+    base = ["sample", "--run-dir", str(trained_run), "--prompt", "Once upon"]
+    assert gpt.main(base) == 0 and gpt.main(base + ["--qa"]) == 0
+    assert fed == [[eot] + tokenizer.encode("\nOnce upon"),
+                   [eot] + tokenizer.encode(gpt.qa_prompt("Once upon"))]
+    assert gpt.inspection_ids(tokenizer, "Once upon", 64, "\n") == fed[0]
 
 
 def test_sample_num_samples(trained_run, capsys):
