@@ -13,7 +13,7 @@ The ideas come first, each in its readable form; a reader can stop after §7 hav
     §2 Data           token files on disk; random windows as batches
     §3 Model          config, Linear/Embedding, RMSNorm, RoPE, attention (plain, tiled, fast),
                       SwiGLU, the block, the LM
-    §4 Loss, AdamW    cross-entropy and AdamW: the formulas, then the fast versions
+    §4 Loss, AdamW    cross-entropy and AdamW: the formulas, then the fast versions; Muon
     §5 Schedule       warmup + cosine learning rate, gradient clipping
     §6 Training       the presets, one training step, evaluation
     §7 Sampling       temperature, top-k, top-p, a KV cache, a sliding window
@@ -53,6 +53,9 @@ References:
     RoPE         Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding"
     SwiGLU       Shazeer 2020, "GLU Variants Improve Transformer"
     AdamW        Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"
+    Muon         Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"
+                 (kellerjordan.github.io/posts/muon); Liu et al. 2025, "Muon is Scalable for
+                 LLM Training"
     cosine       Loshchilov & Hutter 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts"
     top-p        Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration"
     Flash        Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention
@@ -1216,7 +1219,8 @@ class TransformerLM(nn.Module):
 #
 # Cross-entropy scores the logits against the true next tokens; AdamW (Loshchilov & Hutter
 # 2019) turns gradients into updates with per-parameter step sizes and decoupled weight decay.
-# Each comes as its plain formula first, then the fast version the training uses.
+# Each comes as its plain formula first, then the fast version the training uses. Muon (Jordan
+# et al. 2024) orthogonalizes a matrix's momentum, so that every direction moves by the same step.
 # ==================================================================================================
 
 def cross_entropy_formula(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -1365,6 +1369,114 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_add_(denom, [eps * c_t for c_t in c])
             step_sizes = [-lr * c_t / (1 - beta1 ** t) for c_t, t in zip(c, steps)]
             torch._foreach_addcdiv_(params, m, denom, step_sizes)
+        return loss
+
+
+# Muon's quintic, from Keller Jordan's 2024 Muon write-up: the coefficients that make the slope at
+# 0 as steep as possible (a = 3.4445: a small singular value grows 3.4x a step) while 5 steps still
+# leave every singular value of (0, 1] in a band around 1 (about 0.7 to 1.2) rather than exactly
+# on it, which trains as well as exactly orthogonal updates do.
+MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+@torch.no_grad()
+def newton_schulz(G: torch.Tensor, steps: int = 5,
+                  coefficients: tuple[float, float, float] = MUON_COEFFICIENTS, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """About U V^T for the SVD G = U S V^T, without an SVD: every singular value of G (m, n)
+    pushed toward 1, its singular vectors kept. Returns (m, n), in `dtype`.
+
+    Since X X^T = U S^2 U^T, the step X <- a X + b (X X^T) X + c (X X^T)^2 X maps each singular
+    value s to a s + b s^3 + c s^5, on all of them at once: small ones grow about a-fold, large
+    ones are pulled back. bf16 is the precision of Jordan's and torch's Muon: the iteration
+    forgives its rounding, as it only has to land near 1. torch.addmm(C, P, Q, beta=x, alpha=y)
+    is x C + y P Q in one pass, rounded once: as torch.optim.Muon computes it, bit for bit.
+    """
+    a, b, c = coefficients
+    X = G.to(dtype)
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.mT  # (n, m): X X^T is then the smaller of the two square products
+    # The Frobenius norm is at least the largest singular value: they all start in [0, 1].
+    X = X / X.norm().clamp(min=eps)
+    for _ in range(steps):
+        A = X @ X.mT                                # (m, n) @ (n, m) -> (m, m)
+        B = torch.addmm(A, A, A, beta=b, alpha=c)   # B = b A + c A^2
+        X = torch.addmm(X, B, X, beta=a)            # X = a X + B X: (m, m) @ (m, n) -> (m, n)
+    return X.mT if tall else X
+
+
+def muon_lr_scale(shape: torch.Size, adjust_lr_fn: str | None) -> float:
+    """How much Muon scales its learning rate for a matrix of `shape` (A out, B in).
+
+    An orthogonal (A, B) update has entries of RMS 1 / sqrt(max(A, B)).
+    "original" (Jordan, also for None): sqrt(max(1, A / B)), so a tall matrix's update (a narrow
+    input read into a wide output) has the RMS of a square one's, 1 / sqrt(B).
+    "match_rms_adamw" (Liu et al. 2025, Moonlight): 0.2 * sqrt(max(A, B)), an RMS of 0.2, about
+    that of AdamW's updates, so that AdamW's learning rate and weight decay carry over.
+    """
+    A, B = shape
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(A, B))
+    return math.sqrt(max(1.0, A / B))
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024): momentum whose update is orthogonalized, for the 2-D weight
+    matrices of the hidden layers. A gradient matrix is dominated by a few directions; giving
+    each direction the same step lets the rare ones learn too. It takes torch.optim.Muon's
+    arguments, and ns_dtype, the dtype of the Newton-Schulz iteration.
+
+    For each matrix W (A, B) with gradient G, momentum mu, at learning rate lr:
+        M = mu * M + (1 - mu) * G             running mean of gradients
+        U = (1 - mu) * G + mu * M             Nesterov: G pushed on by the momentum (else M)
+        O = newton_schulz(U)                  U's directions, every singular value near 1
+        W = W - lr * weight_decay * W         decay the weight, independent of G
+        W = W - lr * muon_lr_scale(A, B) * O
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = True,
+                 ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
+                 ns_dtype: torch.dtype = torch.bfloat16):
+        if not lr >= 0 or not weight_decay >= 0:
+            raise ValueError(f"lr ({lr}) and weight_decay ({weight_decay}) must be >= 0")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got "
+                             f"{adjust_lr_fn!r}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, ns_coefficients=tuple(ns_coefficients),
+                                      eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn))
+        self.ns_dtype = ns_dtype
+        for p in (p for group in self.param_groups for p in group["params"]):
+            if p.ndim != 2:
+                raise ValueError(f"Muon updates matrices; a parameter of shape "
+                                 f"{tuple(p.shape)} needs another optimizer, such as AdamW")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                G, state = p.grad, self.state[p]
+                if not state:  # the first step: the momentum starts at zero
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                M = state["momentum_buffer"]
+                M.lerp_(G, 1 - mu)                             # M = mu M + (1 - mu) G
+                U = G.lerp(M, mu) if group["nesterov"] else M  # U = (1 - mu) G + mu M
+                # O: U orthogonalized, (A, B) like W
+                O = newton_schulz(U, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                  self.ns_dtype)
+                p.mul_(1 - lr * group["weight_decay"])         # W = W - lr weight_decay W
+                # W = W - lr * muon_lr_scale(A, B) * O: the step, sized for W's shape
+                p.add_(O, alpha=-lr * muon_lr_scale(p.shape, group["adjust_lr_fn"]))
         return loss
 
 

@@ -1262,6 +1262,82 @@ def test_adamw_rejects_bad_hyperparameters(kwargs, named):
         gpt.AdamW([nn.Parameter(torch.zeros(2))], **kwargs)
 
 
+# --- Muon -----------------------------------------------------------------------------------------
+MUON_SHAPES = [(32, 32), (16, 48), (48, 16)]  # square, wide, tall
+
+
+def muon_groups(params, **settings) -> list[dict]:
+    """Two groups: the square and wide matrices with `settings`, the tall one on its own."""
+    return [dict(params=params[:2], lr=0.02, **settings),
+            dict(params=params[2:], lr=0.05, momentum=0.9, weight_decay=0.0)]
+
+
+@pytest.mark.parametrize("nesterov", [True, False], ids=["nesterov", "plain-momentum"])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+def test_muon_equals_torch_muon(adjust_lr_fn, nesterov):
+    """Five steps of Muon on a square, a wide and a tall matrix, in two groups (weight decay in
+    one, another momentum in the other), equal torch.optim.Muon's, parameter by parameter after
+    every step, for each learning-rate adjustment, with and without Nesterov."""
+    torch.manual_seed(0)
+    start = [torch.randn(shape) for shape in MUON_SHAPES]
+    ours, theirs = ([nn.Parameter(p.clone()) for p in start] for _ in range(2))
+    settings = dict(weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    optimizers = [gpt.Muon(muon_groups(ours, **settings)),
+                  torch.optim.Muon(muon_groups(theirs, **settings))]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    for a, p in zip(ours, start):
+        assert not torch.allclose(a, p, atol=1e-3)  # the parameters did move
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
+@pytest.mark.parametrize("shape", MUON_SHAPES, ids=["square", "wide", "tall"])
+def test_muon_step_is_orthogonal(shape, ns_dtype):
+    """A first Muon step moves W by lr x scale x O, O about U V^T for the gradient U S V^T:
+    from singular values spread over 1 to 10, O's all lie in the quintic's band, 0.65 to 1.2,
+    and O is within 0.35 of U V^T (spectral norm), in bf16 and in float32."""
+    generator = torch.Generator().manual_seed(0)
+    k = min(shape)
+    U = torch.linalg.qr(torch.randn(shape[0], k, generator=generator))[0]  # (A, k)
+    V = torch.linalg.qr(torch.randn(shape[1], k, generator=generator))[0]  # (B, k)
+    W = nn.Parameter(torch.zeros(shape))
+    W.grad = U @ torch.diag(torch.linspace(1, 10, k)) @ V.T
+    gpt.Muon([W], lr=1.0, weight_decay=0.0, ns_dtype=ns_dtype).step()
+    O = -W.detach() / gpt.muon_lr_scale(W.shape, None)
+    singular_values = torch.linalg.svdvals(O)
+    assert 0.65 < singular_values.min() and singular_values.max() < 1.2
+    assert torch.linalg.matrix_norm(O - U @ V.T, ord=2) < 0.35
+
+
+@pytest.mark.parametrize("shape, adjust_lr_fn, expected", [
+    ((256, 256), None, 1.0), ((688, 256), "original", math.sqrt(688 / 256)),
+    ((256, 688), None, 1.0), ((256, 688), "match_rms_adamw", 0.2 * math.sqrt(688))])
+def test_muon_lr_scale_hand_values(shape, adjust_lr_fn, expected):
+    """Jordan's scale sqrt(max(1, A / B)) lifts only tall matrices; Moonlight's is
+    0.2 sqrt(max(A, B)) for any shape."""
+    assert gpt.muon_lr_scale(torch.Size(shape), adjust_lr_fn) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("params, kwargs, named", [
+    ([nn.Parameter(torch.zeros(4))], {}, "(4,)"),
+    ([nn.Parameter(torch.zeros(2, 2))], dict(momentum=1.0), "1.0"),
+    ([nn.Parameter(torch.zeros(2, 2))], dict(lr=-0.5), "-0.5"),
+    ([nn.Parameter(torch.zeros(2, 2))], dict(adjust_lr_fn="spectral"), "spectral"),
+], ids=["vector", "momentum-1", "negative-lr", "unknown-adjustment"])
+def test_muon_rejects_what_it_cannot_update(params, kwargs, named):
+    """A parameter that is not a matrix, a momentum of 1, a negative learning rate or an
+    unknown learning-rate adjustment is a ValueError naming it."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        gpt.Muon(params, **kwargs)
+
+
 # ==================================================================================================
 # §5 Schedule and clipping
 # ==================================================================================================
