@@ -1549,9 +1549,11 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
 #   rates of the same sizes in the GPT-3 paper's Table 2.1 (6e-4, 3e-4, 2.5e-4); with a gated
 #   d_ff of 4C and an untied output layer, 191M, 506M and 1.07B parameters at GPT-2's 50,257-token
 #   vocabulary. Not tuned here.
+# - optimizer: AdamW where a preset names none; "muon" trains the blocks' matrices with Muon
+#   (§4) at the preset's muon_lr, else at MUON_LR.
 PRESETS = {
     "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
-                   batch_size=8, lr=3e-3, weight_decay=0.3, beta2=0.99),
+                   batch_size=8, lr=3e-3, weight_decay=0.3, beta2=0.99, optimizer="adamw"),
     "base": dict(context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344,
                  batch_size=32, lr=1e-3, weight_decay=0.1, beta2=0.95),
     "small": dict(context_length=1024, d_model=768, num_layers=12, num_heads=12, d_ff=3072,
@@ -1561,6 +1563,12 @@ PRESETS = {
     "large": dict(context_length=1024, d_model=1280, num_layers=36, num_heads=20, d_ff=5120,
                   batch_size=16, lr=2.5e-4, weight_decay=0.1, beta2=0.95),
 }
+
+
+# Muon's peak learning rate where a preset names none: Jordan's 0.02 for GPT-2 small in the
+# NanoGPT speedrun. Its updates have a set spectral norm at any width, so one rate goes further
+# across sizes than AdamW's does.
+MUON_LR = 0.02
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, next_batch, grad_accum: int,
@@ -2674,21 +2682,25 @@ def saved_config(saved, name: str) -> ModelConfig:
 def check_optimizer_state(saved, name: str) -> None:
     """Check that `saved` has the shape of AdamW.state_dict(): {"state": {index: {"step": int,
     "exp_avg": tensor, "exp_avg_sq": tensor}}, "param_groups": [{"params": [index, ...],
-    "lr", "betas", "eps", "weight_decay"}, ...]}."""
+    "lr", "betas", "eps", "weight_decay"}, ...]}; or, with Muon (Optimizers), also groups
+    marked "optimizer": "muon" with a "momentum" for betas, and states of a "momentum_buffer"."""
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     states = saved.get("state") if isinstance(saved, dict) else None
+    good_betas = lambda g: (isinstance(g.get("betas"), (tuple, list)) and len(g["betas"]) == 2
+                            and all(map(is_number, g["betas"])))
     good_group = lambda g: (isinstance(g, dict) and isinstance(g.get("params"), list)
                             and all(map(is_int, g["params"]))
                             and all(is_number(g.get(k)) for k in ("lr", "eps", "weight_decay"))
-                            and isinstance(g.get("betas"), (tuple, list)) and len(g["betas"]) == 2
-                            and all(map(is_number, g["betas"])))
-    good_state = lambda s: (isinstance(s, dict) and is_int(s.get("step"))
-                            and all(isinstance(s.get(k), torch.Tensor)
-                                    for k in ("exp_avg", "exp_avg_sq")))
+                            and (is_number(g.get("momentum")) if g.get("optimizer") == "muon"
+                                 else good_betas(g)))
+    adamw_state = lambda s: (is_int(s.get("step")) and all(isinstance(s.get(k), torch.Tensor)
+                                                           for k in ("exp_avg", "exp_avg_sq")))
+    good_state = lambda s: (isinstance(s, dict) and (
+        isinstance(s.get("momentum_buffer"), torch.Tensor) or adamw_state(s)))
     if not (isinstance(groups, list) and all(map(good_group, groups))
             and isinstance(states, dict) and all(map(good_state, states.values()))):
-        raise ValueError(f"{name}: its optimizer state is damaged or not AdamW's; it cannot be "
-                         f"resumed")
+        raise ValueError(f"{name}: its optimizer state is damaged or not that of AdamW or Muon; "
+                         f"it cannot be resumed")
 
 
 def read_checkpoint(src) -> dict:
@@ -2757,7 +2769,9 @@ def check_resumable(checkpoint: dict, name: str) -> None:
     taken_over = {"preset": (f"one of {', '.join(PRESETS)}",
                              lambda v: isinstance(v, str) and v in PRESETS),
                   "batch_size": ("a positive integer", lambda v: is_int(v) and v >= 1),
-                  "lr": ("a number", is_number), "min_lr": ("a number", is_number)}
+                  "lr": ("a number", is_number), "min_lr": ("a number", is_number),
+                  "optimizer": ("adamw or muon", lambda v: v in ("adamw", "muon")),
+                  "muon_lr": ("a number", is_number)}
     for key, (kind, check) in taken_over.items():
         value = settings.get(key) if isinstance(settings, dict) else None
         checks.append((f"args[{key!r}]", value, kind, value is None or check(value)))
@@ -3283,7 +3297,7 @@ class Run:
     fast_model: nn.Module = None  # what steps call: the model, compiled and/or DDP-wrapped
     eval_model: nn.Module = None  # what evaluation calls: compiled, never DDP-wrapped
     loss_fn: object = None       # cross_entropy, maybe compiled
-    optimizer: AdamW = None
+    optimizer: torch.optim.Optimizer = None  # AdamW, or Optimizers of Muon and AdamW
     batch_rng: torch.Generator = None
     eval_starts: np.ndarray = None  # the validation windows, the same at every evaluation
     step: int = 0
@@ -3341,8 +3355,16 @@ def read_resume(args: argparse.Namespace) -> tuple[dict | None, int | None, floa
         raise ValueError(f"--resume: there is no {path} to resume from")
     checkpoint = read_checkpoint(path)
     check_resumable(checkpoint, path)
+    # The optimizer's state is that of the optimizer the run started with (every run before
+    # Muon came used AdamW).
+    optimizer = checkpoint["args"].get("optimizer") or "adamw"
+    if args.optimizer not in (None, optimizer):
+        raise ValueError(f"--optimizer {args.optimizer}: the run in {path} trains with "
+                         f"{optimizer}, whose state its checkpoint holds; resume it without "
+                         f"--optimizer, or train into another --out-dir")
+    args.optimizer = optimizer
     for name, value in checkpoint["args"].items():
-        if (name in ("preset", "batch_size", "lr", "min_lr", "weight_decay", "beta2")
+        if (name in ("preset", "batch_size", "lr", "min_lr", "weight_decay", "beta2", "muon_lr")
                 and getattr(args, name) is None):
             setattr(args, name, value)
     total_steps, time_used = plan_resume(args, checkpoint, path)
@@ -3350,11 +3372,18 @@ def read_resume(args: argparse.Namespace) -> tuple[dict | None, int | None, floa
 
 
 def fill_optimizer_flags(args: argparse.Namespace) -> None:
-    """--weight-decay and --beta2 left open: the preset's, or without a preset (fine-tuning a
-    trained model) GPT-3's 0.1 and 0.95."""
-    for name, usual in (("weight_decay", 0.1), ("beta2", 0.95)):
+    """--weight-decay, --beta2 and --optimizer left open: the preset's, or without a preset
+    (fine-tuning a trained model) GPT-3's 0.1 and 0.95, and AdamW; with Muon, --muon-lr too."""
+    usual = dict(weight_decay=0.1, beta2=0.95, optimizer="adamw")
+    for name in usual:
         if getattr(args, name) is None:
-            setattr(args, name, PRESETS[args.preset][name] if args.preset else usual)
+            setattr(args, name, PRESETS[args.preset].get(name, usual[name]) if args.preset
+                    else usual[name])
+    if args.optimizer == "adamw" and args.muon_lr is not None:
+        raise ValueError(f"--muon-lr {args.muon_lr:g} is Muon's learning rate, and the optimizer "
+                         f"is AdamW alone: drop it, or give --optimizer muon")
+    if args.optimizer == "muon" and args.muon_lr is None:
+        args.muon_lr = PRESETS[args.preset].get("muon_lr", MUON_LR) if args.preset else MUON_LR
 
 
 def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
@@ -3429,17 +3458,60 @@ def compile_model(run: Run) -> None:
     run.eval_model, run.loss_fn = compiled, loss_fn
 
 
+class Optimizers(torch.optim.Optimizer):
+    """Several optimizers stepping as one, for `train --optimizer muon` (§4's Muon and AdamW):
+    one list of param groups, each naming its optimizer under "optimizer", and one state, so the
+    schedule, the checkpoints and --resume see a single optimizer. Each step lends every
+    optimizer its own groups and the shared state, the two attributes any torch optimizer steps
+    from: nothing else of their insides is assumed."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        super().__init__([{**group, "optimizer": name} for name, optimizer in optimizers.items()
+                          for group in optimizer.param_groups], {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "train_step computes the loss itself"
+        for name, optimizer in self.optimizers.items():
+            optimizer.param_groups = [g for g in self.param_groups if g["optimizer"] == name]
+            optimizer.state = self.state  # keyed by parameter: no two optimizers share one
+            optimizer.step()
+
+
+def make_optimizer(run: Run) -> torch.optim.Optimizer:
+    """AdamW for every parameter; with --optimizer muon, Muon for the weight matrices inside the
+    blocks and AdamW for the rest (the token embeddings, the output layer, the gains)."""
+    args, params = run.args, list(run.model.parameters())
+    # Muon is for the matrices that map one hidden space to another (Jordan 2024): an embedding
+    # is a lookup table whose rows each see few gradients, and the output layer's rows are one
+    # token each, so those stay with AdamW.
+    hidden = ([p for p in run.model.layers.parameters() if p.ndim == 2]
+              if args.optimizer == "muon" else [])
+    rest = [p for p in params if all(p is not q for q in hidden)]
+    # Weight decay pulls the matrices toward zero; the norms' gains (1-D) are left alone.
+    adamw = AdamW([{"params": [p for p in rest if p.ndim >= 2]},
+                   {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}],
+                  lr=run.max_lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    if not hidden:
+        return adamw
+    # Decoupled decay shrinks W by lr * weight_decay a step: Muon's, at its larger learning
+    # rate, is set for the same shrink as AdamW's, and the schedule keeps the two in step.
+    # Newton-Schulz runs in bf16 where the run computes in bf16 (as Jordan's and torch's Muon
+    # do), in float32 where bf16 matmuls are emulated, and slower.
+    decay = args.weight_decay * run.max_lr / args.muon_lr
+    muon = Muon(hidden, lr=args.muon_lr, weight_decay=decay, ns_dtype=run.amp or torch.float32)
+    # Under torchrun, DDP has averaged the gradients before the step: every rank holds the same
+    # gradient and momentum, so computes the same update, and the weights stay identical.
+    return Optimizers({"muon": muon, "adamw": adamw})
+
+
 def build_model(run: Run, checkpoint: dict | None) -> None:
     """The model, its optimizer and the random state: fresh, or as the checkpoint left them."""
     args = run.args
     torch.manual_seed(args.seed)
     run.model = TransformerLM(run.config).to(run.device)
-    params = list(run.model.parameters())
-    # Weight decay pulls the matrices toward zero; the norms' gains (1-D) are left alone.
-    run.optimizer = AdamW([{"params": [p for p in params if p.ndim >= 2]},
-                           {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                          lr=run.max_lr, betas=(args.beta1, args.beta2),
-                          weight_decay=args.weight_decay)
+    run.optimizer = make_optimizer(run)
     # Each rank draws its own batches from its own generator, saved in every checkpoint.
     run.batch_rng = torch.Generator().manual_seed(args.seed + run.rank)
     if checkpoint:
@@ -3482,6 +3554,12 @@ def describe(run: Run, num_params: int) -> None:
             f"{tokens_per_step:,} tokens per step ({run.batch_size} x {T} x {args.grad_accum} "
             f"accum{ranks}) | lr {run.max_lr:g} -> {run.min_lr:g}, warmup {args.warmup_steps} "
             f"steps")
+    muon = [p for g in run.optimizer.param_groups if g.get("optimizer") == "muon"
+            for p in g["params"]]
+    if muon:
+        run.say(f"optimizer: Muon for the {len(muon)} weight matrices of the blocks (lr "
+                f"{args.muon_lr:g} -> {run.min_lr * args.muon_lr / run.max_lr:g}), AdamW for "
+                f"the rest")
 
 
 def record(run: Run, **fields) -> None:
@@ -3593,7 +3671,9 @@ def train_loop(run: Run) -> None:
             lr = lr_cosine_schedule(run.step, run.max_lr, run.min_lr,
                                     min(args.warmup_steps, decay_end), decay_end)
             for group in run.optimizer.param_groups:
-                group["lr"] = lr
+                # Muon's group peaks at --muon-lr: the schedule scales both peaks alike.
+                muon = group.get("optimizer") == "muon"
+                group["lr"] = lr * args.muon_lr / run.max_lr if muon else lr
             if run.step % args.eval_interval == 0 or done:
                 evaluate_and_save(run, finished=done)
             if done:
@@ -5378,7 +5458,8 @@ def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--grad-accum", type=number(int, 1), default=1,
                     help="micro-batches per optimizer step (default: %(default)s)")
     tr.add_argument("--lr", type=number(float, 0.0, low_open=True),
-                    help="peak learning rate (default: from the preset)")
+                    help="peak learning rate; with --optimizer muon, AdamW's (default: from "
+                         "the preset)")
     tr.add_argument("--min-lr", type=number(float, 0.0),
                     help="learning rate at the end of the cosine (default: lr / 10)")
     tr.add_argument("--warmup-steps", type=number(int, 0), default=100,
@@ -5390,8 +5471,18 @@ def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
     # squared gradients sooner, which keeps large models' loss spikes rarer. The laptop preset
     # decays more and averages longer (see PRESETS).
     tr.add_argument("--weight-decay", type=number(float, 0.0),
-                    help="AdamW's decoupled weight decay of the matrices (default: from the "
-                         "preset: 0.3 for laptop, else 0.1)")
+                    help="AdamW's decoupled weight decay of the matrices; Muon's is set to "
+                         "shrink them as much per step (default: from the preset: 0.3 for "
+                         "laptop, else 0.1)")
+    tr.add_argument("--optimizer", choices=("adamw", "muon"),
+                    help="adamw: AdamW for every parameter; muon: Muon (§4) for the weight "
+                         "matrices inside the blocks, AdamW at --lr for the embeddings, the "
+                         "output layer and the gains (default: from the preset: adamw; on "
+                         "--resume, the run's own)")
+    tr.add_argument("--muon-lr", type=number(float, 0.0, low_open=True),
+                    help=f"Muon's peak learning rate, scaled by the schedule as --lr is; its "
+                         f"weight decay is --weight-decay x lr / muon-lr, for AdamW's shrink "
+                         f"per step (default: {MUON_LR:g}, with --optimizer muon only)")
     tr.add_argument("--beta1", type=number(float, 0.0, 1.0), default=0.9,
                     help="AdamW's gradient averaging (default: %(default)s)")
     tr.add_argument("--beta2", type=number(float, 0.0, 1.0),

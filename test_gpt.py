@@ -2282,6 +2282,9 @@ BAD_STRUCTURES = {
         {**v["param_groups"][0], "lr": "fast"}]}, "optimizer"),
     "optimizer-no-moments": ("resume", "optimizer", lambda v: {**v, "state": {0: {"step": 1}}},
                              "optimizer"),
+    "optimizer-muon-no-momentum": ("resume", "optimizer", lambda v: {**v, "param_groups": [
+        {**v["param_groups"][0], "optimizer": "muon"}]}, "optimizer"),
+    "args-optimizer": ("resume", "args", lambda v: {**v, "optimizer": "sgd"}, "optimizer"),
     "config-str": ("resume", "config", lambda v: "tiny", "config"),
     "config-unknown": ("resume", "config", lambda v: {**v, "colour": "red"}, "colour"),
     "config-float-width": ("resume", "config", lambda v: {**v, "d_model": 32.0}, "d_model"),
@@ -2590,11 +2593,13 @@ def test_rank_device_one_gpu_per_process(monkeypatch):
         gpt.rank_device(torch.device("cuda"), 0, 2)
 
 
-def test_torchrun_two_cpu_processes_train_and_agree(tmp_path, token_dir):
-    """Under torchrun, 2 gloo ranks train together and end with identical weights."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torchrun_two_cpu_processes_train_and_agree(tmp_path, token_dir, optimizer):
+    """Under torchrun, 2 gloo ranks train together and end with identical weights, with AdamW
+    or with Muon (each rank orthogonalizes the same averaged gradient)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", os.path.join(HERE, "gpt.py"),
-               *train_args(token_dir, tmp_path, "--max-steps", "4")]
+               *train_args(token_dir, tmp_path, "--max-steps", "4", "--optimizer", optimizer)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -2771,12 +2776,15 @@ def test_two_seeded_runs_are_identical(tmp_path, token_dir):
                            final_weights(tmp_path / "c")["lm_head.weight"])
 
 
-def test_resume_is_bit_identical(tmp_path, token_dir):
-    """N steps, then --resume for N more, equals 2N steps in one run, loss by loss, bit by bit."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_identical(tmp_path, token_dir, optimizer):
+    """N steps, then --resume for N more, equals 2N steps in one run, loss by loss, bit by bit,
+    with AdamW or Muon (which the resumed run keeps without being told)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert gpt.main(train_args(token_dir, straight, "--max-steps", "8",
-                               "--decay-steps", "8")) == 0
-    assert gpt.main(train_args(token_dir, split, "--max-steps", "4", "--decay-steps", "8")) == 0
+    assert gpt.main(train_args(token_dir, straight, "--max-steps", "8", "--decay-steps", "8",
+                               "--optimizer", optimizer)) == 0
+    assert gpt.main(train_args(token_dir, split, "--max-steps", "4", "--decay-steps", "8",
+                               "--optimizer", optimizer)) == 0
     assert gpt.main(train_args(token_dir, split, "--max-steps", "8", "--decay-steps", "8",
                                "--resume")) == 0
     assert train_losses(straight) == train_losses(split)
@@ -2914,11 +2922,15 @@ def bad_token_dirs(tmp_path, token_dir):
     (["--batch-size", str(10**12)], "--batch-size"),
     (["--preset", "huge"], "--preset"),
     (["--no-such-flag"], "--no-such-flag"),
+    (["--muon-lr", "0.01"], "--muon-lr 0.01"),
+    (["--optimizer", "sgd"], "--optimizer"),
+    (["--optimizer", "muon", "--muon-lr", "0"], "--muon-lr"),
 ], ids=["no-data", "ids-too-big", "odd-bytes", "too-short", "no-valid", "d-model", "heads",
         "batch", "steps", "time", "clip", "unwritable", "device", "nothing-to-resume",
         "time-inf", "time-overflow", "time-empty", "time-zero", "lr-inf", "lr-nan",
         "min-lr-above-lr", "beta2", "seed-too-big", "seed-negative", "d-model-float",
-        "rope-theta-inf", "out-of-memory", "unknown-preset", "unknown-flag"])
+        "rope-theta-inf", "out-of-memory", "unknown-preset", "unknown-flag",
+        "muon-lr-without-muon", "unknown-optimizer", "muon-lr-zero"])
 def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_dirs, capsys,
                                                 extra, named):
     """A user mistake gives exit code 2 and one stderr line naming it, before any training."""
@@ -2929,6 +2941,40 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_d
     assert exit_code(args) == 2
     assert named.format(tmp=tmp_path) in one_error_line(capsys, "train")
     assert not os.path.exists(tmp_path / "run" / "latest.pt")
+
+
+def test_muon_trains_the_blocks_matrices_and_adamw_the_rest(tmp_path, token_dir, capsys):
+    """--optimizer muon: Muon for the 14 matrices of the 2 blocks, at --muon-lr scaled by the
+    schedule as --lr is, with the weight decay that shrinks as AdamW's does; AdamW for the
+    embeddings, the output layer and the gains; one optimizer state in the checkpoint."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--optimizer", "muon", "--muon-lr", "0.05",
+                               "--max-steps", "2")) == 0
+    assert "Muon for the 14 weight matrices of the blocks" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "latest.pt", weights_only=True)
+    muon, decayed, gains = saved["optimizer"]["param_groups"]
+    assert [g["optimizer"] for g in (muon, decayed, gains)] == ["muon", "adamw", "adamw"]
+    assert [len(g["params"]) for g in (muon, decayed, gains)] == [14, 2, 5]
+    assert muon["lr"] == pytest.approx(decayed["lr"] * 0.05 / 3e-3)
+    assert muon["weight_decay"] == pytest.approx(0.3 * 3e-3 / 0.05)
+    states = saved["optimizer"]["state"]
+    assert ({tuple(states[i]["momentum_buffer"].shape) for i in muon["params"]}
+            == {(32, 32), (64, 32), (32, 64)})
+    # The token embeddings and the output layer: one row per token each.
+    assert [tuple(states[i]["exp_avg"].shape) for i in decayed["params"]] == [(300, 32)] * 2
+    assert saved["args"]["optimizer"] == "muon" and saved["args"]["muon_lr"] == 0.05
+
+
+@pytest.mark.parametrize("first, then", [("adamw", "muon"), ("muon", "adamw")])
+def test_resume_with_another_optimizer_is_refused(tmp_path, token_dir, capsys, first, then):
+    """--resume with another --optimizer than the run's is one line, the checkpoint intact."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3", "--optimizer",
+                               first)) == 0
+    before = (tmp_path / "latest.pt").read_bytes()
+    capsys.readouterr()
+    assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--optimizer", then)) == 2
+    line = one_error_line(capsys, "train")
+    assert f"--optimizer {then}" in line and f"trains with {first}" in line
+    assert (tmp_path / "latest.pt").read_bytes() == before
 
 
 def test_resume_with_another_configuration_is_refused(tmp_path, token_dir, capsys):
