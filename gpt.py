@@ -3759,6 +3759,9 @@ def train(args: argparse.Namespace, start=start_run) -> None:
 # - tying: one matrix for input and output, with either initialisation (Press & Wolf 2017)
 # - dropout: 0.1 on attention weights and branch outputs, against none
 # - batch, size: two batch sizes; three model sizes around the laptop model
+# - optimizer: AdamW alone against Muon for the blocks' matrices (Jordan et al. 2024) at three
+#   learning rates. Give --max-steps for equal steps (and --compile for a CPU's speed); the
+#   table's loss at equal time reads the other comparison off the same runs.
 EXPERIMENTS = {
     "lr": [("lr 3e-3", []), ("lr 1e-4", ["--lr", "1e-4"]), ("lr 1e-3", ["--lr", "1e-3"]),
            ("lr 1e-2", ["--lr", "1e-2"])],
@@ -3778,6 +3781,8 @@ EXPERIMENTS = {
                                      "--d-ff", "352"]),
              ("384 wide, 6 layers", ["--d-model", "384", "--num-layers", "6", "--num-heads", "6",
                                      "--d-ff", "1024"])],
+    "optimizer": [("adamw", []), *((f"muon lr {lr}", ["--optimizer", "muon", "--muon-lr", lr])
+                                   for lr in ("0.01", "0.02", "0.04"))],
 }
 
 
@@ -3793,7 +3798,17 @@ def arm_result(out_dir: str) -> dict:
     return dict(parameters=sum(p.numel() for p in TransformerLM(config).parameters()), steps=step,
                 tokens=step * batch * args["grad_accum"] * config.context_length,
                 seconds=records[-1]["elapsed"], best=min(r["val_loss"] for r in evals),
-                final=evals[-1]["val_loss"])
+                final=evals[-1]["val_loss"], evals=[(r["elapsed"], r["val_loss"]) for r in evals])
+
+
+def loss_at(evals: list[tuple[float, float]], seconds: float) -> float:
+    """The validation loss `seconds` into a run, from its (elapsed, val_loss) evaluations:
+    read on the straight line between the two around it (evaluate often for a close reading).
+    Example: evaluations (10 s, 4.0) and (30 s, 3.0): at 25 s, 3.25."""
+    for (t0, loss0), (t1, loss1) in zip(evals, evals[1:]):
+        if t0 <= seconds <= t1:
+            return loss0 + (loss1 - loss0) * (seconds - t0) / max(t1 - t0, 1e-9)
+    return evals[0][1] if seconds < evals[0][0] else evals[-1][1]
 
 
 def arm_is_done(directory: str, argv: list[str]) -> bool:
@@ -3816,12 +3831,16 @@ def arm_dir(args: argparse.Namespace, name: str, flags: list[str], arm: str) -> 
 def write_results(out: str, results: list[tuple[str, list[str], dict]]) -> None:
     """The comparison table of an experiment's arms, printed and written to OUT/results.md."""
     rows = [(arm, " ".join(flags) or "(the default)", r) for arm, flags, r in results]
+    # Equal time: where the quickest arm ended. Under a time budget that is about every arm's
+    # end; under --max-steps (equal steps) it is the loss the slower arms had by then.
+    seconds = min(r["evals"][-1][0] for _, _, r in rows)
     table = ["| arm | flags | parameters | steps | tokens | time | best val loss | "
-             "final val loss |", "|---|---|---|---|---|---|---|---|"]
+             f"final val loss | val loss at {format_duration(seconds)} |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm, flags, r in rows:
         table.append(f"| {arm} | `{flags}` | {r['parameters']:,} | {r['steps']:,} | "
                      f"{r['tokens']:,} | {format_duration(r['seconds'])} | "
-                     f"{r['best']:.3f} | {r['final']:.3f} |")
+                     f"{r['best']:.3f} | {r['final']:.3f} | {loss_at(r['evals'], seconds):.3f} |")
     os.makedirs(out, exist_ok=True)
     write_atomically(os.path.join(out, "results.md"), ("\n".join(table) + "\n").encode())
     print("\n".join(table))

@@ -3016,6 +3016,39 @@ def test_experiment_runs_each_arm_and_tabulates(tmp_path, token_dir, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seconds, expected", [(0, 9.0), (10, 4.0), (25, 3.25), (30, 3.0),
+                                               (99, 3.0)])
+def test_loss_at_reads_between_evaluations(seconds, expected):
+    """The loss at a time is read on the line between the evaluations around it; before the
+    first and after the last, theirs."""
+    evals = [(2.0, 9.0), (10.0, 4.0), (30.0, 3.0)]
+    assert gpt.loss_at(evals, seconds) == pytest.approx(expected)
+
+
+def test_results_table_compares_arms_at_equal_time(tmp_path, capsys):
+    """The table's last column is each arm's loss when the quickest arm ended: its own final
+    loss, and the slower arm's loss by then, read between its evaluations."""
+    common = dict(parameters=10, steps=100, tokens=1000, best=3.0)
+    quick = dict(common, seconds=20.0, final=3.5, evals=[(1.0, 9.0), (20.0, 3.5)])
+    slow = dict(common, seconds=40.0, final=3.0, evals=[(1.0, 9.0), (10.0, 5.0), (30.0, 3.0)])
+    gpt.write_results(str(tmp_path), [("adamw", [], quick),
+                                      ("muon lr 0.02", ["--optimizer", "muon"], slow)])
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[0].endswith("| val loss at 20s |")
+    assert table[2].endswith("| 3.500 | 3.500 |") and table[3].endswith("| 3.000 | 4.000 |")
+
+
+def test_optimizer_experiment_tries_muon_at_three_learning_rates():
+    """`experiment optimizer` sets AdamW (the default recipe) against Muon at each learning rate
+    its arm names, and every arm's flags parse."""
+    arms = gpt.EXPERIMENTS["optimizer"]
+    assert arms[0] == ("adamw", [])
+    for arm, flags in arms[1:]:
+        args = gpt.build_parser().parse_args(["train", *flags])
+        assert args.optimizer == "muon" and arm == f"muon lr {args.muon_lr:g}"
+    assert len(arms) == 4
+
+
 def test_resume_of_a_checkpoint_from_before_newer_model_fields(tmp_path, token_dir):
     """A checkpoint whose config lacks fields added since (dropout, tie_init) resumes with
     their defaults."""
