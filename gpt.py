@@ -13,7 +13,7 @@ The ideas come first, each in its readable form; a reader can stop after §7 hav
     §2 Data           token files on disk; random windows as batches
     §3 Model          config, Linear/Embedding, RMSNorm, RoPE, attention, SwiGLU, the block,
                       the LM; then the variants of the classic ablations
-    §4 Loss, AdamW    cross-entropy and AdamW as formulas; weight decay for matrices only
+    §4 Loss, AdamW    cross-entropy and AdamW as formulas; weight decay for matrices only; Muon
     §5 Schedule       warmup + cosine learning rate, gradient clipping
     §6 Training       the presets, one training step, evaluation
     §7 Sampling       temperature, top-k, top-p, a KV cache, a sliding window
@@ -55,6 +55,9 @@ References:
     RoPE         Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding"
     SwiGLU       Shazeer 2020, "GLU Variants Improve Transformer"
     AdamW        Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"
+    Muon         Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"
+                 (kellerjordan.github.io/posts/muon); Liu et al. 2025, "Muon is Scalable for
+                 LLM Training"
     cosine       Loshchilov & Hutter 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts"
     top-p        Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration"
     Flash        Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention
@@ -1130,7 +1133,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 # Cross-entropy scores the logits against the true next tokens; AdamW (Loshchilov & Hutter
 # 2019) turns gradients into updates with per-parameter step sizes and decoupled weight decay.
 # Both are written here as their formulas; training runs their fast twins (§19) unless told
-# --readable.
+# --readable. Muon (Jordan et al. 2024) orthogonalizes a matrix's momentum, so that every
+# direction moves by the same step.
 # ==================================================================================================
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -1218,7 +1222,7 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
 
-def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def adamw_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
     """AdamW's parameter groups: weight decay for the matrices, none for the 1-D parameters
     (the norms' gains).
 
@@ -1227,9 +1231,117 @@ def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     number per channel: pulling it toward zero would shrink what the norm just normalised, for
     no protection against memorising. (nanoGPT draws the same line.)
     """
-    params = list(model.parameters())
+    params = list(params)
     return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+# Muon's quintic, from Keller Jordan's 2024 Muon write-up: the coefficients that make the slope at
+# 0 as steep as possible (a = 3.4445: a small singular value grows 3.4x a step) while 5 steps still
+# leave every singular value of (0, 1] in a band around 1 (about 0.7 to 1.2) rather than exactly
+# on it, which trains as well as exactly orthogonal updates do.
+MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+@torch.no_grad()
+def newton_schulz(G: torch.Tensor, steps: int = 5,
+                  coefficients: tuple[float, float, float] = MUON_COEFFICIENTS, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """About U V^T for the SVD G = U S V^T, without an SVD: every singular value of G (m, n)
+    pushed toward 1, its singular vectors kept. Returns (m, n), in `dtype`.
+
+    Since X X^T = U S^2 U^T, the step X <- a X + b (X X^T) X + c (X X^T)^2 X maps each singular
+    value s to a s + b s^3 + c s^5, on all of them at once: small ones grow about a-fold, large
+    ones are pulled back. bf16 is the precision of Jordan's and torch's Muon: the iteration
+    forgives its rounding, as it only has to land near 1. torch.addmm(C, P, Q, beta=x, alpha=y)
+    is x C + y P Q in one pass, rounded once: as torch.optim.Muon computes it, bit for bit.
+    """
+    a, b, c = coefficients
+    X = G.to(dtype)
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.mT  # (n, m): X X^T is then the smaller of the two square products
+    # The Frobenius norm is at least the largest singular value: they all start in [0, 1].
+    X = X / X.norm().clamp(min=eps)
+    for _ in range(steps):
+        A = X @ X.mT                                # (m, n) @ (n, m) -> (m, m)
+        B = torch.addmm(A, A, A, beta=b, alpha=c)   # B = b A + c A^2
+        X = torch.addmm(X, B, X, beta=a)            # X = a X + B X: (m, m) @ (m, n) -> (m, n)
+    return X.mT if tall else X
+
+
+def muon_lr_scale(shape: torch.Size, adjust_lr_fn: str | None) -> float:
+    """How much Muon scales its learning rate for a matrix of `shape` (A out, B in).
+
+    An orthogonal (A, B) update has entries of RMS 1 / sqrt(max(A, B)).
+    "original" (Jordan, also for None): sqrt(max(1, A / B)), so a tall matrix's update (a narrow
+    input read into a wide output) has the RMS of a square one's, 1 / sqrt(B).
+    "match_rms_adamw" (Liu et al. 2025, Moonlight): 0.2 * sqrt(max(A, B)), an RMS of 0.2, about
+    that of AdamW's updates, so that AdamW's learning rate and weight decay carry over.
+    """
+    A, B = shape
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(A, B))
+    return math.sqrt(max(1.0, A / B))
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024): momentum whose update is orthogonalized, for the 2-D weight
+    matrices of the hidden layers. A gradient matrix is dominated by a few directions; giving
+    each direction the same step lets the rare ones learn too. It takes torch.optim.Muon's
+    arguments, and ns_dtype, the dtype of the Newton-Schulz iteration.
+
+    For each matrix W (A, B) with gradient G, momentum mu, at learning rate lr:
+        M = mu * M + (1 - mu) * G             running mean of gradients
+        U = (1 - mu) * G + mu * M             Nesterov: G pushed on by the momentum (else M)
+        O = newton_schulz(U)                  U's directions, every singular value near 1
+        W = W - lr * weight_decay * W         decay the weight, independent of G
+        W = W - lr * muon_lr_scale(A, B) * O
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = True,
+                 ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
+                 ns_dtype: torch.dtype = torch.bfloat16):
+        if not lr >= 0 or not weight_decay >= 0:
+            raise ValueError(f"lr ({lr}) and weight_decay ({weight_decay}) must be >= 0")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got "
+                             f"{adjust_lr_fn!r}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, ns_coefficients=tuple(ns_coefficients),
+                                      eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn))
+        self.ns_dtype = ns_dtype
+        for p in (p for group in self.param_groups for p in group["params"]):
+            if p.ndim != 2:
+                raise ValueError(f"Muon updates matrices; a parameter of shape "
+                                 f"{tuple(p.shape)} needs another optimizer, such as AdamW")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                G, state = p.grad, self.state[p]
+                if not state:  # the first step: the momentum starts at zero
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                M = state["momentum_buffer"]
+                M.lerp_(G, 1 - mu)                             # M = mu M + (1 - mu) G
+                U = G.lerp(M, mu) if group["nesterov"] else M  # U = (1 - mu) G + mu M
+                # O: U orthogonalized, (A, B) like W
+                O = newton_schulz(U, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                  self.ns_dtype)
+                p.mul_(1 - lr * group["weight_decay"])         # W = W - lr weight_decay W
+                # W = W - lr * muon_lr_scale(A, B) * O: the step, sized for W's shape
+                p.add_(O, alpha=-lr * muon_lr_scale(p.shape, group["adjust_lr_fn"]))
+        return loss
 
 
 # ==================================================================================================
@@ -1262,9 +1374,10 @@ def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of the next step. An optimizer reads "lr" from each parameter
     group at every step(), so the schedule needs no hook into it: before each step the run
-    (§14) writes lr_cosine_schedule(step) there."""
+    (§14) writes lr_cosine_schedule(step) there. A group with an "lr_scale" follows the same
+    schedule from its own peak (Muon's, §14)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -1295,7 +1408,7 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
 # ==================================================================================================
 
 # Named configurations, each a model and the batch size (in sequences) and peak learning rate
-# it trains with; every value has its own flag. Why these values (the README has the runs):
+# it trains with; every value has its own flag. Why these values (data/results.md has the runs):
 # - laptop (the default): batch 8 and lr 3e-3 gave the lowest validation loss in a fixed time
 #   on a 2-core CPU. Weight decay 0.3, as 10 minutes are 3.3 passes over the bundled 1.4M
 #   tokens and stronger decay holds back memorising them; beta2 0.99, as batches of 8 give
@@ -1306,9 +1419,11 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
 # - small, medium, large: GPT-2's widths and depths (Radford et al. 2019), with the GPT-3
 #   paper's peak learning rates for those sizes (Table 2.1). Not tuned here.
 # - all but laptop: weight decay 0.1 and beta2 0.95, GPT-3's and LLaMA's (Brown et al. 2020).
+# - optimizer: AdamW where a preset names none; "muon" trains the blocks' matrices with Muon
+#   (§4) at the preset's muon_lr, else at MUON_LR.
 PRESETS = {
     "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
-                   batch_size=8, lr=3e-3, weight_decay=0.3, beta2=0.99),
+                   batch_size=8, lr=3e-3, weight_decay=0.3, beta2=0.99, optimizer="adamw"),
     "base": dict(context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344,
                  batch_size=32, lr=1e-3, weight_decay=0.1, beta2=0.95),
     "small": dict(context_length=1024, d_model=768, num_layers=12, num_heads=12, d_ff=3072,
@@ -1318,6 +1433,12 @@ PRESETS = {
     "large": dict(context_length=1024, d_model=1280, num_layers=36, num_heads=20, d_ff=5120,
                   batch_size=16, lr=2.5e-4, weight_decay=0.1, beta2=0.95),
 }
+
+
+# Muon's peak learning rate where a preset names none: Jordan's 0.02 for GPT-2 small in the
+# NanoGPT speedrun. Its updates have a set spectral norm at any width, so one rate goes further
+# across sizes than AdamW's does.
+MUON_LR = 0.02
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, next_batch, grad_accum: int,
@@ -2813,21 +2934,25 @@ def saved_config(saved, name: str, state: dict[str, torch.Tensor]) -> ModelConfi
 def check_optimizer_state(saved, name: str) -> None:
     """Check that `saved` has the shape of AdamW.state_dict(): {"state": {index: {"step": int,
     "exp_avg": tensor, "exp_avg_sq": tensor}}, "param_groups": [{"params": [index, ...],
-    "lr", "betas", "eps", "weight_decay"}, ...]}."""
+    "lr", "betas", "eps", "weight_decay"}, ...]}; or, with Muon (Optimizers), also groups
+    marked "optimizer": "muon" with a "momentum" for betas, and states of a "momentum_buffer"."""
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     states = saved.get("state") if isinstance(saved, dict) else None
+    good_betas = lambda g: (isinstance(g.get("betas"), (tuple, list)) and len(g["betas"]) == 2
+                            and all(map(is_number, g["betas"])))
     good_group = lambda g: (isinstance(g, dict) and isinstance(g.get("params"), list)
                             and all(map(is_int, g["params"]))
                             and all(is_number(g.get(k)) for k in ("lr", "eps", "weight_decay"))
-                            and isinstance(g.get("betas"), (tuple, list)) and len(g["betas"]) == 2
-                            and all(map(is_number, g["betas"])))
-    good_state = lambda s: (isinstance(s, dict) and is_int(s.get("step"))
-                            and all(isinstance(s.get(k), torch.Tensor)
-                                    for k in ("exp_avg", "exp_avg_sq")))
+                            and (is_number(g.get("momentum")) if g.get("optimizer") == "muon"
+                                 else good_betas(g)))
+    adamw_state = lambda s: (is_int(s.get("step")) and all(isinstance(s.get(k), torch.Tensor)
+                                                           for k in ("exp_avg", "exp_avg_sq")))
+    good_state = lambda s: (isinstance(s, dict) and (
+        isinstance(s.get("momentum_buffer"), torch.Tensor) or adamw_state(s)))
     if not (isinstance(groups, list) and all(map(good_group, groups))
             and isinstance(states, dict) and all(map(good_state, states.values()))):
-        raise ValueError(f"{name}: its optimizer state is damaged or not AdamW's; it cannot be "
-                         f"resumed")
+        raise ValueError(f"{name}: its optimizer state is damaged or not that of AdamW or Muon; "
+                         f"it cannot be resumed")
 
 
 def read_checkpoint(src) -> dict:
@@ -2898,7 +3023,9 @@ def check_resumable(checkpoint: dict, name: str) -> None:
     taken_over = {"preset": (f"one of {', '.join(PRESETS)}",
                              lambda v: isinstance(v, str) and v in PRESETS),
                   "batch_size": ("a positive integer", lambda v: is_int(v) and v >= 1),
-                  "lr": ("a number", is_number), "min_lr": ("a number", is_number)}
+                  "lr": ("a number", is_number), "min_lr": ("a number", is_number),
+                  "optimizer": ("adamw or muon", lambda v: v in ("adamw", "muon")),
+                  "muon_lr": ("a number", is_number)}
     for key, (kind, check) in taken_over.items():
         value = settings.get(key) if isinstance(settings, dict) else None
         checks.append((f"args[{key!r}]", value, kind, value is None or check(value)))
@@ -3653,7 +3780,7 @@ class Run:
     fast_model: nn.Module = None  # what steps call: the model, compiled and/or DDP-wrapped
     eval_model: nn.Module = None  # what evaluation calls: compiled, never DDP-wrapped
     loss_fn: object = None       # cross_entropy, maybe compiled
-    optimizer: AdamW = None
+    optimizer: torch.optim.Optimizer = None  # AdamW, or Optimizers of Muon and AdamW
     batch_rng: torch.Generator = None
     eval_starts: np.ndarray = None  # the validation windows, the same at every evaluation
     step: int = 0
@@ -3716,8 +3843,16 @@ def read_resume(args: argparse.Namespace,
     checkpoint = read_checkpoint(path)
     check_resumable(checkpoint, path)
     check_run_kind(checkpoint, path, kind)
+    # The optimizer's state is that of the optimizer the run started with (every run before
+    # Muon came used AdamW).
+    optimizer = checkpoint["args"].get("optimizer") or "adamw"
+    if args.optimizer not in (None, optimizer):
+        raise ValueError(f"--optimizer {args.optimizer}: the run in {path} trains with "
+                         f"{optimizer}, whose state its checkpoint holds; resume it without "
+                         f"--optimizer, or train into another --out-dir")
+    args.optimizer = optimizer
     for name, value in checkpoint["args"].items():
-        if (name in ("preset", "batch_size", "lr", "min_lr", "weight_decay", "beta2")
+        if (name in ("preset", "batch_size", "lr", "min_lr", "weight_decay", "beta2", "muon_lr")
                 and getattr(args, name) is None):
             setattr(args, name, value)
     total_steps, time_used = plan_resume(args, checkpoint, path)
@@ -3725,11 +3860,18 @@ def read_resume(args: argparse.Namespace,
 
 
 def fill_optimizer_flags(args: argparse.Namespace) -> None:
-    """--weight-decay and --beta2 left open: the preset's, or without a preset (fine-tuning a
-    trained model) GPT-3's 0.1 and 0.95."""
-    for name, usual in (("weight_decay", 0.1), ("beta2", 0.95)):
+    """--weight-decay, --beta2 and --optimizer left open: the preset's, or without a preset
+    (fine-tuning a trained model) GPT-3's 0.1 and 0.95, and AdamW; with Muon, --muon-lr too."""
+    usual = dict(weight_decay=0.1, beta2=0.95, optimizer="adamw")
+    for name in usual:
         if getattr(args, name) is None:
-            setattr(args, name, PRESETS[args.preset][name] if args.preset else usual)
+            setattr(args, name, PRESETS[args.preset].get(name, usual[name]) if args.preset
+                    else usual[name])
+    if args.optimizer == "adamw" and args.muon_lr is not None:
+        raise ValueError(f"--muon-lr {args.muon_lr:g} is Muon's learning rate, and the optimizer "
+                         f"is AdamW alone: drop it, or give --optimizer muon")
+    if args.optimizer == "muon" and args.muon_lr is None:
+        args.muon_lr = PRESETS[args.preset].get("muon_lr", MUON_LR) if args.preset else MUON_LR
 
 
 def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
@@ -3808,13 +3950,60 @@ def compile_model(run: Run) -> None:
     run.eval_model, run.loss_fn = compiled, loss_fn
 
 
+class Optimizers(torch.optim.Optimizer):
+    """Several optimizers stepping as one, for `train --optimizer muon` (§4's Muon and AdamW):
+    one list of param groups, each naming its optimizer under "optimizer", and one state, so the
+    schedule, the checkpoints and --resume see a single optimizer. Each step lends every
+    optimizer its own groups and the shared state, the two attributes any torch optimizer steps
+    from: nothing else of their insides is assumed."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        super().__init__([{**group, "optimizer": name} for name, optimizer in optimizers.items()
+                          for group in optimizer.param_groups], {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "train_step computes the loss itself"
+        for name, optimizer in self.optimizers.items():
+            optimizer.param_groups = [g for g in self.param_groups if g["optimizer"] == name]
+            optimizer.state = self.state  # keyed by parameter: no two optimizers share one
+            optimizer.step()
+
+
+def make_optimizer(run: Run) -> torch.optim.Optimizer:
+    """AdamW for every parameter; with --optimizer muon, Muon for the weight matrices inside the
+    blocks and AdamW for the rest (the token embeddings, the output layer, the gains)."""
+    args, params = run.args, list(run.model.parameters())
+    # Muon is for the matrices that map one hidden space to another (Jordan 2024): an embedding
+    # is a lookup table whose rows each see few gradients, and the output layer's rows are one
+    # token each, so those stay with AdamW.
+    hidden = ([p for p in run.model.layers.parameters() if p.ndim == 2]
+              if args.optimizer == "muon" else [])
+    rest = [p for p in params if all(p is not q for q in hidden)]
+    adamw = AdamW(adamw_groups(rest, args.weight_decay), lr=run.max_lr,
+                  betas=(args.beta1, args.beta2))
+    if not hidden:
+        return adamw
+    # Decoupled decay shrinks W by lr * weight_decay a step: Muon's, at its larger learning
+    # rate, is set for the same shrink as AdamW's, and the schedule keeps the two in step.
+    # Newton-Schulz runs in bf16 where the run computes in bf16 (as Jordan's and torch's Muon
+    # do), in float32 where bf16 matmuls are emulated, and slower.
+    decay = args.weight_decay * run.max_lr / args.muon_lr
+    # Its group peaks at --muon-lr: set_lr scales the one schedule to both peaks.
+    muon = Muon([{"params": hidden, "lr_scale": args.muon_lr / run.max_lr}], lr=args.muon_lr,
+                weight_decay=decay, ns_dtype=run.amp or torch.float32)
+    # Under torchrun, DDP has averaged the gradients before the step: every rank holds the same
+    # gradient and momentum, so computes the same update, and the weights stay identical.
+    return Optimizers({"muon": muon, "adamw": adamw})
+
+
 def build_model(run: Run, checkpoint: dict | None) -> None:
     """The model, its optimizer and the random state: fresh, or as the checkpoint left them."""
     args = run.args
     torch.manual_seed(args.seed)
     run.model = TransformerLM(run.config).to(run.device)
-    run.optimizer = AdamW(adamw_groups(run.model, args.weight_decay), lr=run.max_lr,
-                          betas=(args.beta1, args.beta2))
+    run.optimizer = make_optimizer(run)
     # Each rank draws its own batches from its own generator, saved in every checkpoint.
     run.batch_rng = torch.Generator().manual_seed(args.seed + run.rank)
     if checkpoint:
@@ -3854,6 +4043,12 @@ def describe(run: Run, num_params: int) -> None:
             f"{tokens_per_step:,} tokens per step ({run.batch_size} x {T} x {args.grad_accum} "
             f"accum{ranks}) | lr {run.max_lr:g} -> {run.min_lr:g}, warmup {args.warmup_steps} "
             f"steps")
+    muon = [p for g in run.optimizer.param_groups if g.get("optimizer") == "muon"
+            for p in g["params"]]
+    if muon:
+        run.say(f"optimizer: Muon for the {len(muon)} weight matrices of the blocks (lr "
+                f"{args.muon_lr:g} -> {run.min_lr * args.muon_lr / run.max_lr:g}), AdamW for "
+                f"the rest")
 
 
 def record(run: Run, **fields) -> None:
@@ -4052,6 +4247,9 @@ def train(args: argparse.Namespace, start=start_run) -> None:
 # - tying: one matrix for input and output, with either initialisation (Press & Wolf 2017)
 # - dropout: 0.1 on attention weights and branch outputs, against none
 # - batch, size: two batch sizes; three model sizes around the laptop model
+# - optimizer: AdamW alone against Muon for the blocks' matrices (Jordan et al. 2024) at three
+#   learning rates. Give --max-steps for equal steps (and --compile for a CPU's speed); the
+#   table's loss at equal time reads the other comparison off the same runs.
 EXPERIMENTS = {
     "lr": [("lr 3e-3", []), ("lr 1e-4", ["--lr", "1e-4"]), ("lr 1e-3", ["--lr", "1e-3"]),
            ("lr 1e-2", ["--lr", "1e-2"])],
@@ -4071,6 +4269,8 @@ EXPERIMENTS = {
                                      "--d-ff", "352"]),
              ("384 wide, 6 layers", ["--d-model", "384", "--num-layers", "6", "--num-heads", "6",
                                      "--d-ff", "1024"])],
+    "optimizer": [("adamw", []), *((f"muon lr {lr}", ["--optimizer", "muon", "--muon-lr", lr])
+                                   for lr in ("0.01", "0.02", "0.04"))],
 }
 
 
@@ -4094,7 +4294,22 @@ def arm_result(out_dir: str) -> dict:
                 tokens=step * batch * args["grad_accum"] * config.context_length,
                 seconds=times[-1] if times else checkpoint.get("elapsed", 0.0),
                 best=min(evals, default=checkpoint.get("best_val_loss", math.nan)),
-                final=evals[-1] if evals else math.nan)
+                final=evals[-1] if evals else math.nan,
+                evals=[(r["elapsed"], r["val_loss"]) for r in records
+                       if is_number(r.get("elapsed")) and is_number(r.get("val_loss"))])
+
+
+def loss_at(evals: list[tuple[float, float]], seconds: float) -> float:
+    """The validation loss `seconds` into a run, from its (elapsed, val_loss) evaluations:
+    read on the straight line between the two around it (evaluate often for a close reading);
+    nan for a run without any.
+    Example: evaluations (10 s, 4.0) and (30 s, 3.0): at 25 s, 3.25."""
+    if not evals:
+        return math.nan
+    for (t0, loss0), (t1, loss1) in zip(evals, evals[1:]):
+        if t0 <= seconds <= t1:
+            return loss0 + (loss1 - loss0) * (seconds - t0) / max(t1 - t0, 1e-9)
+    return evals[0][1] if seconds < evals[0][0] else evals[-1][1]
 
 
 def arm_state(directory: str, argv: list[str]) -> str:
@@ -4126,12 +4341,16 @@ def arm_dir(args: argparse.Namespace, name: str, flags: list[str], arm: str) -> 
 def write_results(out: str, results: list[tuple[str, list[str], dict]]) -> None:
     """The comparison table of an experiment's arms, printed and written to OUT/results.md."""
     rows = [(arm, " ".join(flags) or "(the default)", r) for arm, flags, r in results]
+    # Equal time: where the quickest arm ended. Under a time budget that is about every arm's
+    # end; under --max-steps (equal steps) it is the loss the slower arms had by then.
+    seconds = min(r["evals"][-1][0] for _, _, r in rows)
     table = ["| arm | flags | parameters | steps | tokens | time | best val loss | "
-             "final val loss |", "|---|---|---|---|---|---|---|---|"]
+             f"final val loss | val loss at {format_duration(seconds)} |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm, flags, r in rows:
         table.append(f"| {arm} | `{flags}` | {r['parameters']:,} | {r['steps']:,} | "
                      f"{r['tokens']:,} | {format_duration(r['seconds'])} | "
-                     f"{r['best']:.3f} | {r['final']:.3f} |")
+                     f"{r['best']:.3f} | {r['final']:.3f} | {loss_at(r['evals'], seconds):.3f} |")
     os.makedirs(out, exist_ok=True)
     write_atomically(os.path.join(out, "results.md"), ("\n".join(table) + "\n").encode())
     print("\n".join(table))
@@ -6102,7 +6321,8 @@ def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--grad-accum", type=number(int, 1), default=1,
                     help="micro-batches per optimizer step (default: %(default)s)")
     tr.add_argument("--lr", type=number(float, 0.0, low_open=True),
-                    help="peak learning rate (default: from the preset)")
+                    help="peak learning rate; with --optimizer muon, AdamW's (default: from "
+                         "the preset)")
     tr.add_argument("--min-lr", type=number(float, 0.0),
                     help="learning rate at the end of the cosine (default: lr / 10)")
     tr.add_argument("--warmup-steps", type=number(int, 0), default=100,
@@ -6114,8 +6334,18 @@ def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
     # squared gradients sooner, which keeps large models' loss spikes rarer. The laptop preset
     # decays more and averages longer (see PRESETS).
     tr.add_argument("--weight-decay", type=number(float, 0.0),
-                    help="AdamW's decoupled weight decay of the matrices (default: from the "
-                         "preset: 0.3 for laptop, else 0.1)")
+                    help="AdamW's decoupled weight decay of the matrices; Muon's is set to "
+                         "shrink them as much per step (default: from the preset: 0.3 for "
+                         "laptop, else 0.1)")
+    tr.add_argument("--optimizer", choices=("adamw", "muon"),
+                    help="adamw: AdamW for every parameter; muon: Muon (§4) for the weight "
+                         "matrices inside the blocks, AdamW at --lr for the embeddings, the "
+                         "output layer and the gains (default: from the preset: adamw; on "
+                         "--resume, the run's own)")
+    tr.add_argument("--muon-lr", type=number(float, 0.0, low_open=True),
+                    help=f"Muon's peak learning rate, scaled by the schedule as --lr is; its "
+                         f"weight decay is --weight-decay x lr / muon-lr, for AdamW's shrink "
+                         f"per step (default: {MUON_LR:g}, with --optimizer muon only)")
     tr.add_argument("--beta1", type=number(float, 0.0, 1.0), default=0.9,
                     help="AdamW's gradient averaging (default: %(default)s)")
     tr.add_argument("--beta2", type=number(float, 0.0, 1.0),

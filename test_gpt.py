@@ -1534,13 +1534,89 @@ def test_adamw_rejects_bad_hyperparameters(kwargs, named):
 def test_adamw_groups_decay_the_matrices_only():
     """Every parameter is in one group: the matrices with the weight decay, the gains without."""
     model = gpt.TransformerLM(tiny_config())
-    decayed, plain = gpt.adamw_groups(model, 0.3)
+    decayed, plain = gpt.adamw_groups(model.parameters(), 0.3)
     assert (decayed["weight_decay"], plain["weight_decay"]) == (0.3, 0.0)
     assert all(p.ndim == 2 for p in decayed["params"]) and plain["params"]
     assert all(p.ndim == 1 for p in plain["params"])
     grouped = {id(p) for p in decayed["params"] + plain["params"]}
     assert grouped == {id(p) for p in model.parameters()}
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+# --- Muon -----------------------------------------------------------------------------------------
+MUON_SHAPES = [(32, 32), (16, 48), (48, 16)]  # square, wide, tall
+
+
+def muon_groups(params, **settings) -> list[dict]:
+    """Two groups: the square and wide matrices with `settings`, the tall one on its own."""
+    return [dict(params=params[:2], lr=0.02, **settings),
+            dict(params=params[2:], lr=0.05, momentum=0.9, weight_decay=0.0)]
+
+
+@pytest.mark.parametrize("nesterov", [True, False], ids=["nesterov", "plain-momentum"])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+def test_muon_equals_torch_muon(adjust_lr_fn, nesterov):
+    """Five steps of Muon on a square, a wide and a tall matrix, in two groups (weight decay in
+    one, another momentum in the other), equal torch.optim.Muon's, parameter by parameter after
+    every step, for each learning-rate adjustment, with and without Nesterov."""
+    torch.manual_seed(0)
+    start = [torch.randn(shape) for shape in MUON_SHAPES]
+    ours, theirs = ([nn.Parameter(p.clone()) for p in start] for _ in range(2))
+    settings = dict(weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    optimizers = [gpt.Muon(muon_groups(ours, **settings)),
+                  torch.optim.Muon(muon_groups(theirs, **settings))]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    for a, p in zip(ours, start):
+        assert not torch.allclose(a, p, atol=1e-3)  # the parameters did move
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
+@pytest.mark.parametrize("shape", MUON_SHAPES, ids=["square", "wide", "tall"])
+def test_muon_step_is_orthogonal(shape, ns_dtype):
+    """A first Muon step moves W by lr x scale x O, O about U V^T for the gradient U S V^T:
+    from singular values spread over 1 to 10, O's all lie in the quintic's band, 0.65 to 1.2,
+    and O is within 0.35 of U V^T (spectral norm), in bf16 and in float32."""
+    generator = torch.Generator().manual_seed(0)
+    k = min(shape)
+    U = torch.linalg.qr(torch.randn(shape[0], k, generator=generator))[0]  # (A, k)
+    V = torch.linalg.qr(torch.randn(shape[1], k, generator=generator))[0]  # (B, k)
+    W = nn.Parameter(torch.zeros(shape))
+    W.grad = U @ torch.diag(torch.linspace(1, 10, k)) @ V.T
+    gpt.Muon([W], lr=1.0, weight_decay=0.0, ns_dtype=ns_dtype).step()
+    O = -W.detach() / gpt.muon_lr_scale(W.shape, None)
+    singular_values = torch.linalg.svdvals(O)
+    assert 0.65 < singular_values.min() and singular_values.max() < 1.2
+    assert torch.linalg.matrix_norm(O - U @ V.T, ord=2) < 0.35
+
+
+@pytest.mark.parametrize("shape, adjust_lr_fn, expected", [
+    ((256, 256), None, 1.0), ((688, 256), "original", math.sqrt(688 / 256)),
+    ((256, 688), None, 1.0), ((256, 688), "match_rms_adamw", 0.2 * math.sqrt(688))])
+def test_muon_lr_scale_hand_values(shape, adjust_lr_fn, expected):
+    """Jordan's scale sqrt(max(1, A / B)) lifts only tall matrices; Moonlight's is
+    0.2 sqrt(max(A, B)) for any shape."""
+    assert gpt.muon_lr_scale(torch.Size(shape), adjust_lr_fn) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("params, kwargs, named", [
+    ([nn.Parameter(torch.zeros(4))], {}, "(4,)"),
+    ([nn.Parameter(torch.zeros(2, 2))], dict(momentum=1.0), "1.0"),
+    ([nn.Parameter(torch.zeros(2, 2))], dict(lr=-0.5), "-0.5"),
+    ([nn.Parameter(torch.zeros(2, 2))], dict(adjust_lr_fn="spectral"), "spectral"),
+], ids=["vector", "momentum-1", "negative-lr", "unknown-adjustment"])
+def test_muon_rejects_what_it_cannot_update(params, kwargs, named):
+    """A parameter that is not a matrix, a momentum of 1, a negative learning rate or an
+    unknown learning-rate adjustment is a ValueError naming it."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        gpt.Muon(params, **kwargs)
 
 
 # ==================================================================================================
@@ -2670,6 +2746,9 @@ BAD_STRUCTURES = {
         {**v["param_groups"][0], "lr": "fast"}]}, "optimizer"),
     "optimizer-no-moments": ("resume", "optimizer", lambda v: {**v, "state": {0: {"step": 1}}},
                              "optimizer"),
+    "optimizer-muon-no-momentum": ("resume", "optimizer", lambda v: {**v, "param_groups": [
+        {**v["param_groups"][0], "optimizer": "muon"}]}, "optimizer"),
+    "args-optimizer": ("resume", "args", lambda v: {**v, "optimizer": "sgd"}, "optimizer"),
     "config-str": ("resume", "config", lambda v: "tiny", "config"),
     "config-unknown": ("resume", "config", lambda v: {**v, "colour": "red"}, "colour"),
     "config-float-width": ("resume", "config", lambda v: {**v, "d_model": 32.0}, "d_model"),
@@ -3032,11 +3111,13 @@ def test_rank_device_one_gpu_per_process(monkeypatch):
         gpt.rank_device(torch.device("cuda"), 0, 2)
 
 
-def test_torchrun_two_cpu_processes_train_and_agree(tmp_path, token_dir):
-    """Under torchrun, 2 gloo ranks train together and end with identical weights."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torchrun_two_cpu_processes_train_and_agree(tmp_path, token_dir, optimizer):
+    """Under torchrun, 2 gloo ranks train together and end with identical weights, with AdamW
+    or with Muon (each rank orthogonalizes the same averaged gradient)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", os.path.join(HERE, "gpt.py"),
-               *train_args(token_dir, tmp_path, "--max-steps", "4")]
+               *train_args(token_dir, tmp_path, "--max-steps", "4", "--optimizer", optimizer)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -3215,12 +3296,15 @@ def test_two_seeded_runs_are_identical(tmp_path, token_dir):
                            final_weights(tmp_path / "c")["lm_head.weight"])
 
 
-def test_resume_is_bit_identical(tmp_path, token_dir):
-    """N steps, then --resume for N more, equals 2N steps in one run, loss by loss, bit by bit."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_identical(tmp_path, token_dir, optimizer):
+    """N steps, then --resume for N more, equals 2N steps in one run, loss by loss, bit by bit,
+    with AdamW or Muon (which the resumed run keeps without being told)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert gpt.main(train_args(token_dir, straight, "--max-steps", "8",
-                               "--decay-steps", "8")) == 0
-    assert gpt.main(train_args(token_dir, split, "--max-steps", "4", "--decay-steps", "8")) == 0
+    assert gpt.main(train_args(token_dir, straight, "--max-steps", "8", "--decay-steps", "8",
+                               "--optimizer", optimizer)) == 0
+    assert gpt.main(train_args(token_dir, split, "--max-steps", "4", "--decay-steps", "8",
+                               "--optimizer", optimizer)) == 0
     assert gpt.main(train_args(token_dir, split, "--max-steps", "8", "--decay-steps", "8",
                                "--resume")) == 0
     assert train_losses(straight) == train_losses(split)
@@ -3358,11 +3442,15 @@ def bad_token_dirs(tmp_path, token_dir):
     (["--batch-size", str(10**12)], "--batch-size"),
     (["--preset", "huge"], "--preset"),
     (["--no-such-flag"], "--no-such-flag"),
+    (["--muon-lr", "0.01"], "--muon-lr 0.01"),
+    (["--optimizer", "sgd"], "--optimizer"),
+    (["--optimizer", "muon", "--muon-lr", "0"], "--muon-lr"),
 ], ids=["no-data", "ids-too-big", "odd-bytes", "too-short", "no-valid", "d-model", "heads",
         "batch", "steps", "time", "clip", "unwritable", "device", "nothing-to-resume",
         "time-inf", "time-overflow", "time-empty", "time-zero", "lr-inf", "lr-nan",
         "min-lr-above-lr", "beta2", "seed-too-big", "seed-negative", "d-model-float",
-        "rope-theta-inf", "out-of-memory", "unknown-preset", "unknown-flag"])
+        "rope-theta-inf", "out-of-memory", "unknown-preset", "unknown-flag",
+        "muon-lr-without-muon", "unknown-optimizer", "muon-lr-zero"])
 def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_dirs, capsys,
                                                 extra, named):
     """A user mistake gives exit code 2 and one stderr line naming it, before any training."""
@@ -3405,6 +3493,40 @@ def test_train_never_writes_through_a_planted_link(tmp_path, token_dir, capsys):
     assert exit_code(train_args(token_dir, tmp_path / "run")) == 2
     assert "metrics.jsonl is a symbolic link" in one_error_line(capsys, "train")
     assert mine.read_text() == "my notes"
+
+
+def test_muon_trains_the_blocks_matrices_and_adamw_the_rest(tmp_path, token_dir, capsys):
+    """--optimizer muon: Muon for the 14 matrices of the 2 blocks, at --muon-lr scaled by the
+    schedule as --lr is, with the weight decay that shrinks as AdamW's does; AdamW for the
+    embeddings, the output layer and the gains; one optimizer state in the checkpoint."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--optimizer", "muon", "--muon-lr", "0.05",
+                               "--max-steps", "2")) == 0
+    assert "Muon for the 14 weight matrices of the blocks" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "latest.pt", weights_only=True)
+    muon, decayed, gains = saved["optimizer"]["param_groups"]
+    assert [g["optimizer"] for g in (muon, decayed, gains)] == ["muon", "adamw", "adamw"]
+    assert [len(g["params"]) for g in (muon, decayed, gains)] == [14, 2, 5]
+    assert muon["lr"] == pytest.approx(decayed["lr"] * 0.05 / 3e-3)
+    assert muon["weight_decay"] == pytest.approx(0.3 * 3e-3 / 0.05)
+    states = saved["optimizer"]["state"]
+    assert ({tuple(states[i]["momentum_buffer"].shape) for i in muon["params"]}
+            == {(32, 32), (64, 32), (32, 64)})
+    # The token embeddings and the output layer: one row per token each.
+    assert [tuple(states[i]["exp_avg"].shape) for i in decayed["params"]] == [(300, 32)] * 2
+    assert saved["args"]["optimizer"] == "muon" and saved["args"]["muon_lr"] == 0.05
+
+
+@pytest.mark.parametrize("first, then", [("adamw", "muon"), ("muon", "adamw")])
+def test_resume_with_another_optimizer_is_refused(tmp_path, token_dir, capsys, first, then):
+    """--resume with another --optimizer than the run's is one line, the checkpoint intact."""
+    assert gpt.main(train_args(token_dir, tmp_path, "--max-steps", "3", "--optimizer",
+                               first)) == 0
+    before = (tmp_path / "latest.pt").read_bytes()
+    capsys.readouterr()
+    assert gpt.main(train_args(token_dir, tmp_path, "--resume", "--optimizer", then)) == 2
+    line = one_error_line(capsys, "train")
+    assert f"--optimizer {then}" in line and f"trains with {first}" in line
+    assert (tmp_path / "latest.pt").read_bytes() == before
 
 
 def test_resume_with_another_configuration_is_refused(tmp_path, token_dir, capsys):
@@ -3510,6 +3632,39 @@ def test_interrupted_experiment_goes_on_with_the_same_command(tmp_path, token_di
     assert table[2].startswith("| batch_size 4 | `(the default)` |")
     assert table[3].startswith("| batch 16 | `--batch-size 16` |")
     assert [row.split(" | ")[4] for row in table[2:]] == [f"{6 * 4 * 16:,}", f"{6 * 16 * 16:,}"]
+
+
+@pytest.mark.parametrize("seconds, expected", [(0, 9.0), (10, 4.0), (25, 3.25), (30, 3.0),
+                                               (99, 3.0)])
+def test_loss_at_reads_between_evaluations(seconds, expected):
+    """The loss at a time is read on the line between the evaluations around it; before the
+    first and after the last, theirs."""
+    evals = [(2.0, 9.0), (10.0, 4.0), (30.0, 3.0)]
+    assert gpt.loss_at(evals, seconds) == pytest.approx(expected)
+
+
+def test_results_table_compares_arms_at_equal_time(tmp_path, capsys):
+    """The table's last column is each arm's loss when the quickest arm ended: its own final
+    loss, and the slower arm's loss by then, read between its evaluations."""
+    common = dict(parameters=10, steps=100, tokens=1000, best=3.0)
+    quick = dict(common, seconds=20.0, final=3.5, evals=[(1.0, 9.0), (20.0, 3.5)])
+    slow = dict(common, seconds=40.0, final=3.0, evals=[(1.0, 9.0), (10.0, 5.0), (30.0, 3.0)])
+    gpt.write_results(str(tmp_path), [("adamw", [], quick),
+                                      ("muon lr 0.02", ["--optimizer", "muon"], slow)])
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[0].endswith("| val loss at 20s |")
+    assert table[2].endswith("| 3.500 | 3.500 |") and table[3].endswith("| 3.000 | 4.000 |")
+
+
+def test_optimizer_experiment_tries_muon_at_three_learning_rates():
+    """`experiment optimizer` sets AdamW (the default recipe) against Muon at each learning rate
+    its arm names, and every arm's flags parse."""
+    arms = gpt.EXPERIMENTS["optimizer"]
+    assert arms[0] == ("adamw", [])
+    for arm, flags in arms[1:]:
+        args = gpt.build_parser().parse_args(["train", *flags])
+        assert args.optimizer == "muon" and arm == f"muon lr {args.muon_lr:g}"
+    assert len(arms) == 4
 
 
 def test_resume_of_a_checkpoint_from_before_newer_model_fields(tmp_path, token_dir):
