@@ -3385,7 +3385,7 @@ def compiled_gradient_error(model: nn.Module, compiled: nn.Module, compiled_loss
     return errors[worst], worst
 
 
-# --- The model's fast twins (§3) ------------------------------------------------------------------
+# --- The model's fast twins (§3) -----------------------------------------------------------------
 # Each subclasses its readable form in §3 and overrides how it computes, never what it holds, so
 # a fast and a readable model have the same parameters and state-dict keys: a checkpoint from
 # one loads in the other. §19 switches them in; tests check each against its readable form.
