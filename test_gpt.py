@@ -3657,11 +3657,13 @@ def test_results_table_compares_arms_at_equal_time(tmp_path, capsys):
 
 
 def test_optimizer_experiment_tries_muon_at_three_learning_rates():
-    """`experiment optimizer` sets AdamW (the default recipe) against Muon at each learning rate
-    its arm names, and every arm's flags parse."""
+    """`experiment optimizer` sets the default recipe (Muon at the laptop preset's rate) against
+    AdamW alone and Muon at each other learning rate its arm names; every arm's flags parse."""
     arms = gpt.EXPERIMENTS["optimizer"]
-    assert arms[0] == ("adamw", [])
-    for arm, flags in arms[1:]:
+    laptop = gpt.PRESETS["laptop"]
+    assert arms[0] == (f"muon lr {laptop['muon_lr']:g}", []) and laptop["optimizer"] == "muon"
+    assert arms[1] == ("adamw", ["--optimizer", "adamw"])
+    for arm, flags in arms[2:]:
         args = gpt.build_parser().parse_args(["train", *flags])
         assert args.optimizer == "muon" and arm == f"muon lr {args.muon_lr:g}"
     assert len(arms) == 4
