@@ -6596,7 +6596,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, previous[signal.SIGINT])
         return 2
     signal.signal(signal.SIGTERM, raise_interrupt)
-    use_fast_twins(not getattr(args, "readable", False))
+    readable = getattr(args, "readable", False)
+    if readable:
+        use_fast_twins(False)
     try:
         try:
             args.run(args)
@@ -6612,7 +6614,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C while the first error was being reported
         return 2
     finally:
-        use_fast_twins(True)
+        if readable:
+            use_fast_twins(True)
         for name, handler in previous.items():
             signal.signal(name, handler)
     return 0
