@@ -6220,7 +6220,7 @@ def duration(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample; "
-                                  "experiment, export; plot, inspect.")
+                                  "finetune, experiment, export; plot, inspect.")
     commands = parser.add_subparsers(dest="command", required=True)
     add_tokenize_parser(commands)
     add_train_parser(commands)
