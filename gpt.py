@@ -1178,6 +1178,15 @@ def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
     p.sub_(lr * m_hat / (v_hat.sqrt() + eps))   # p = p - lr * m_hat / (sqrt(v_hat) + eps)
 
 
+def closure_loss(closure) -> torch.Tensor | None:
+    """PyTorch's optimizer convention: step(closure) first recomputes the loss, with gradients
+    on (step itself runs under no_grad); None without a closure."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class AdamW(torch.optim.Optimizer):
     """adamw_update for every parameter that has a gradient, one after the other.
 
@@ -1204,10 +1213,7 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Update every parameter once; closure (PyTorch's convention) recomputes the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:  # no gradient this step: neither moved nor decayed
@@ -1322,10 +1328,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
             for p in (p for p in group["params"] if p.grad is not None):
@@ -5698,10 +5701,7 @@ class FastAdamW(AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         """Update every parameter once; closure (PyTorch's convention) recomputes the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
