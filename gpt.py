@@ -95,6 +95,7 @@ import stat
 import string
 import sys
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager, nullcontext, suppress
@@ -221,10 +222,27 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 PRETOKEN_RE = regex.compile(GPT2_PATTERN)
 
 
-def pretokenize(text: str) -> list[str]:
-    """Example: pretokenize("Hi  there, it's 42!") -> ['Hi', ' ', ' there', ',', ' it', "'s",
+def split_isolated(text: str, pattern: regex.Pattern) -> list[str]:
+    """Cut text around every match of pattern, keeping the matches and the text between them
+    (an "Isolated" split, in the words of Hugging Face's tokenizers).
+    Example: split_isolated("ab12", regex.compile(r"\p{N}")) -> ['ab', '1', '2']."""
+    pieces, done = [], 0
+    for match in pattern.finditer(text):
+        pieces += [text[done:match.start()], match[0]]
+        done = match.end()
+    return [piece for piece in pieces + [text[done:]] if piece]
+
+
+def pretokenize(text: str, patterns: Iterable[regex.Pattern] = (PRETOKEN_RE,)) -> list[str]:
+    """Cut text by each pattern in turn, each cutting the pieces of the one before. Ours is
+    GPT-2's pattern alone; SmolLM's cuts out each digit first (\\p{N}), then applies GPT-2's;
+    Llama 3's and Qwen's are one pattern of their own (they keep up to 3 digits, or 1, together).
+    Example: pretokenize("Hi  there, it's 42!") -> ['Hi', ' ', ' there', ',', ' it', "'s",
     ' 42', '!']"""
-    return PRETOKEN_RE.findall(text)
+    pieces = [text]
+    for pattern in patterns:
+        pieces = [part for piece in pieces for part in split_isolated(piece, pattern)]
+    return pieces
 
 
 def special_tokens_regex(special_tokens: Iterable[str]) -> regex.Pattern | None:
@@ -275,6 +293,24 @@ def check_tokenizer_files(pairs, special_tokens, paths: dict[str, str]) -> None:
                              f"an id from 0 to {MAX_VOCAB_SIZE - 1:,}")
     if not (isinstance(special_tokens, list) and all(isinstance(s, str) for s in special_tokens)):
         raise ValueError(f"{paths['special_tokens.json']} is not a JSON list of strings")
+
+
+# The settings by which other byte-level BPE tokenizers (Llama 3's, Qwen's, SmolLM's) differ
+# from ours, with what each must be; ours have the defaults, and files and checkpoints hold only
+# settings that differ from them.
+TOKENIZER_SETTINGS = {"split_patterns": "a list of regular expressions",
+                      "normalizer": '"NFC" or null', "ignore_merges": "true or false"}
+
+
+def check_tokenizer_settings(settings, where: str) -> dict:
+    """Refuse settings that are not a dict of TOKENIZER_SETTINGS, each of its kind."""
+    ok = {"split_patterns": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
+          "normalizer": lambda v: v in (None, "NFC"), "ignore_merges": lambda v: v in (True, False)}
+    for key, value in settings.items() if isinstance(settings, dict) else [("", settings)]:
+        if key not in ok or not ok[key](value):
+            raise ValueError(f"{where}: tokenizer setting {key!r} is {str(value)[:40]!r}; the "
+                             f"settings are {TOKENIZER_SETTINGS}")
+    return settings
 
 
 # How text becomes what the trainers take. A merge never crosses a pre-token, so a pre-token is
@@ -424,17 +460,30 @@ class Tokenizer:
     it is what the name Tokenizer stands for after `import gpt` (§19).
 
     vocab: {id: bytes}; merges: [(left, right), ...] in the order learned; special_tokens:
-    strings that always become one token of their own (added to vocab if missing).
+    strings that always become one token of their own (added to vocab if missing). The other
+    settings are GPT-2's unless given (models we import differ, see read_hf_tokenizer, §16):
+    split_patterns, the pre-tokenizer's patterns (pretokenize); normalizer "NFC", to compose
+    each accented letter into one character first (Qwen); ignore_merges, to take a pre-token
+    that is a token whole, without merging (Llama 3).
     """
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
-                 special_tokens: list[str] | None = None):
+                 special_tokens: list[str] | None = None,
+                 split_patterns: Iterable[str] = (GPT2_PATTERN,), normalizer: str | None = None,
+                 ignore_merges: bool = False):
         self.vocab = dict(vocab)
         self.merges = list(merges)
         self.special_tokens = list(special_tokens or [])
         check_special_tokens(self.special_tokens)
+        self.split_patterns, self.normalizer = list(split_patterns), normalizer
+        self.ignore_merges = ignore_merges
+        try:
+            self.split_res = [regex.compile(p) for p in self.split_patterns]
+        except regex.error as e:
+            raise ValueError(f"a split pattern is not a regular expression ({e})") from None
+        known = set(self.vocab.values())
         for s in self.special_tokens:
-            if s.encode("utf-8") not in self.vocab.values():
+            if s.encode("utf-8") not in known:
                 self.vocab[max(self.vocab) + 1] = s.encode("utf-8")
         # bytes -> id. If two ids spell the same bytes (BPE can build one string two ways), the
         # first id wins, as in every byte-level BPE encoder.
@@ -465,15 +514,22 @@ class Tokenizer:
         ... -> [b' there'] -> [id of ' there'].
 
         Taking the earliest-learned pair present at each step replays the merges in the order
-        they were learned: a pair that holds a token made by this merge was learned later.
+        they were learned: a pair that holds a token made by this merge was learned later. Only
+        its leftmost occurrence is merged, as in Hugging Face's tokenizers: the others follow
+        unless an earlier merge takes one of their tokens first, which lists converted from
+        tiktoken's ranks (Llama 3's) allow.
         """
-        ids = [self.byte_ids[b] for b in pretoken.encode("utf-8")]
+        word = pretoken.encode("utf-8")
+        if self.ignore_merges and word in self.id_of:
+            return [self.id_of[word]]
+        ids = [self.byte_ids[b] for b in word]
         while len(ids) >= 2:
-            # The pair learned first; a pair that is no merge ranks after every merge.
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.merge_rank.get(p, math.inf))
-            if pair not in self.merge_rank:
+            # The pair learned first, leftmost; a pair that is no merge ranks after every merge.
+            rank, i = min((self.merge_rank.get(p, math.inf), i)
+                          for i, p in enumerate(zip(ids, ids[1:])))
+            if rank == math.inf:
                 break  # no pair left is a merge
-            ids = merge(ids, pair, self.merged_id[self.merge_rank[pair]])
+            ids[i:i + 2] = [self.merged_id[rank]]
         return ids
 
     def encode(self, text: str) -> list[int]:
@@ -485,7 +541,9 @@ class Tokenizer:
             if i % 2:
                 ids.append(self.special_ids[piece])  # a special token: one id of its own
             else:
-                for pretoken in pretokenize(piece):
+                if self.normalizer:
+                    piece = unicodedata.normalize(self.normalizer, piece)
+                for pretoken in pretokenize(piece, self.split_res):
                     ids.extend(self.encode_word(pretoken))
         return ids
 
@@ -530,10 +588,19 @@ class Tokenizer:
         vocab_json = "{\n" + ",\n".join(entries) + "\n}\n"
         merges_txt = "#version: 0.2\n" + "".join(f"{spelled(a)} {spelled(b)}\n"
                                                  for a, b in self.merges)
-        return {"vocab.json": vocab_json.encode("utf-8"),
-                "merges.txt": merges_txt.encode("utf-8"),
-                "special_tokens.json": json.dumps(self.special_tokens,
-                                                  ensure_ascii=False).encode("utf-8")}
+        files = {"vocab.json": vocab_json.encode("utf-8"),
+                 "merges.txt": merges_txt.encode("utf-8"),
+                 "special_tokens.json": json.dumps(self.special_tokens,
+                                                   ensure_ascii=False).encode("utf-8")}
+        if self.settings():  # only where they differ from ours: our files stay as they were
+            files["tokenizer_settings.json"] = json.dumps(self.settings()).encode("utf-8")
+        return files
+
+    def settings(self) -> dict:
+        """The settings that differ from GPT-2's, as the constructor takes them; {} for ours."""
+        defaults = {"split_patterns": [GPT2_PATTERN], "normalizer": None, "ignore_merges": False}
+        return {key: getattr(self, key) for key, value in defaults.items()
+                if getattr(self, key) != value}
 
     def fingerprint(self) -> str:
         """The sha256 of saved_files(): token files record it to name the tokenizer that made
@@ -553,7 +620,7 @@ class Tokenizer:
 
     @classmethod
     def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
-                   special_tokens: list[str] | None = None) -> Tokenizer:
+                   special_tokens: list[str] | None = None, **settings) -> Tokenizer:
         """A tokenizer from a vocab.json and a merges.txt in GPT-2's format (ours or OpenAI's)."""
         unspell = {c: b for b, c in bytes_to_unicode().items()}
         # Pairs, not a dict: GPT-2's format may spell one string twice, under two ids.
@@ -574,7 +641,7 @@ class Tokenizer:
                              f"tokenizer files ({type(e).__name__}: {e})") from None
         if any(len(m) != 2 for m in merges):
             raise ValueError(f"{os.fspath(merges_path)}: every line must be two tokens")
-        return cls(vocab, merges, special_tokens)
+        return cls(vocab, merges, special_tokens, **settings)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
@@ -589,7 +656,11 @@ class Tokenizer:
         special_tokens = (read_json(paths["special_tokens.json"])
                           if os.path.isfile(paths["special_tokens.json"]) else [])
         check_tokenizer_files([], special_tokens, paths)
-        return cls.from_files(paths["vocab.json"], paths["merges.txt"], special_tokens)
+        settings_path = os.path.join(directory, "tokenizer_settings.json")
+        settings = (check_tokenizer_settings(read_json(settings_path), settings_path)
+                    if os.path.isfile(settings_path) else {})
+        return cls.from_files(paths["vocab.json"], paths["merges.txt"], special_tokens,
+                              **settings)
 
 
 def end_of_text_id(tokenizer: Tokenizer) -> int | None:
@@ -2003,22 +2074,24 @@ def whitespace_boundaries(path: str, start: int, end: int, chunk_bytes: int) -> 
     return cuts + [end]
 
 
-def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes: int
-                     ) -> list[int]:
+def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes: int,
+                     whitespace_cuts: bool = True) -> list[int]:
     """Byte offsets that cut a text into chunks of about `chunk_bytes`, each cut at the start of
     a special token, so no document (and no pre-token) is split between two workers.
 
     A cut is refused where an occurrence of a special token starts before it and reaches it
     (overlapping it, or ending right there): in a run such as `<|endoftext|><|endoftext|>`,
     which may be one longer special token, the cut could split what encode() would match.
-    Without special tokens, see whitespace_boundaries. Offsets are the file's, start to end.
+    Without special tokens, see whitespace_boundaries (cuts of GPT-2's pattern only: without
+    whitespace_cuts, no cut). Offsets are the file's, start to end.
     Example: a 10 MB file with a document break every few KB, chunk_bytes=4e6 ->
     [0, 4000231, 8000514, 10000000].
     """
     path, start, end = text_range(source)
     specials = [s.encode("utf-8") for s in special_tokens]
     if not specials:
-        return whitespace_boundaries(path, start, end, chunk_bytes)
+        return (whitespace_boundaries(path, start, end, chunk_bytes) if whitespace_cuts
+                else [start, end])
     cuts = [start]
     if end - start > chunk_bytes:
         with mapped(path) as data:
@@ -2041,12 +2114,13 @@ def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes:
 
 
 def plan_chunks(source: TextSource, special_tokens: list[str], num_workers: int,
-                max_chunk_bytes: int = 4 << 20) -> list[tuple[str, int, int]]:
+                max_chunk_bytes: int = 4 << 20, whitespace_cuts: bool = True
+                ) -> list[tuple[str, int, int]]:
     """(path, start, end) pieces of a text for the workers: a few MB each, and at least four per
     worker on a small text, so every core stays busy until the end."""
     path, start, end = text_range(source)
     chunk = max(min(max_chunk_bytes, (end - start) // (4 * num_workers)), 1 << 16)
-    cuts = chunk_boundaries((path, start, end), special_tokens, chunk)
+    cuts = chunk_boundaries((path, start, end), special_tokens, chunk, whitespace_cuts)
     return [(path, a, b) for a, b in zip(cuts, cuts[1:])]
 
 
@@ -2472,8 +2546,12 @@ class FastTokenizer(Tokenizer):
     """
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
-                 special_tokens: list[str] | None = None):
-        super().__init__(vocab, merges, special_tokens)
+                 special_tokens: list[str] | None = None,
+                 split_patterns: Iterable[str] = (GPT2_PATTERN,), normalizer: str | None = None,
+                 ignore_merges: bool = False):
+        super().__init__(vocab, merges, special_tokens, split_patterns, normalizer, ignore_merges)
+        # The shortcuts below know GPT-2's pattern; other settings take encode_pretokens.
+        self.gpt2_split = not self.settings().keys() - {"ignore_merges"}
         # Three caches. For prose cut into words: text -> ids, for text that pre-tokenizes on
         # its own (pre-tokens, the first word of a text, what follows a newline); and word ->
         # ids of " " + word, for the words cut before a space (nearly all), which saves building
@@ -2485,15 +2563,18 @@ class FastTokenizer(Tokenizer):
 
     def encode_word(self, pretoken: str) -> list[int]:
         """§1's encode_word, the same ids: fast_merge's loop, or for a long pre-token a heap."""
-        ids = [self.byte_ids[b] for b in pretoken.encode("utf-8")]
+        word = pretoken.encode("utf-8")
+        if self.ignore_merges and word in self.id_of:
+            return [self.id_of[word]]
+        ids = [self.byte_ids[b] for b in word]
         if len(ids) > LONG_PRETOKEN_BYTES:
             return self.fast_merge_with_heap(ids)
         return self.fast_merge(ids)
 
     def fast_merge(self, ids: list[int]) -> list[int]:
         """§1's merge loop in encode_word, on the ids of a pre-token's bytes: the leftmost
-        occurrence of the earliest-learned pair is merged at each step (the same ids as merging
-        them all), and each pair's rank is kept in a list, updated only beside the merge."""
+        occurrence of the earliest-learned pair is merged at each step, and each pair's rank is
+        kept in a list, updated only beside the merge."""
         rank = self.merge_rank.get
         ranks = list(map(rank, zip(ids, ids[1:]), repeat(_NOT_A_MERGE)))  # ranks[i]: ids[i:i+2]
         while ranks:
@@ -2592,6 +2673,9 @@ class FastTokenizer(Tokenizer):
                     ids.append(self.special_ids[piece])
                 elif not piece:
                     continue
+                elif not self.gpt2_split:
+                    ids.extend(chain.from_iterable(
+                        map(self.pretokens.__getitem__, self.fast_pretokenize(piece))))
                 elif UNSAFE_SPACE_RE.search(piece):
                     # The hot loop, all in C: look each pre-token up, extend with its ids.
                     ids.extend(chain.from_iterable(
@@ -2603,12 +2687,27 @@ class FastTokenizer(Tokenizer):
                         map(self.after_space.__getitem__, islice(words, 1, None))))
         return ids
 
+    def fast_pretokenize(self, text: str) -> list[str]:
+        """§1's normalization and pretokenize(text, self.split_res), for settings other than
+        GPT-2's. A pattern whose matches cover the text leaves no gaps to keep (as Llama 3's,
+        Qwen's and GPT-2's do on any text): findall, in C, then gives the pieces."""
+        pieces = [unicodedata.normalize(self.normalizer, text) if self.normalizer else text]
+        for pattern in self.split_res:
+            found = []
+            for piece in pieces:
+                matches = pattern.findall(piece) if not pattern.groups else []
+                found += (matches if sum(map(len, matches)) == len(piece)
+                          else split_isolated(piece, pattern))
+            pieces = found
+        return pieces
+
     def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
         """Encode a stream of strings (say, the lines of a large file) lazily, giving exactly the
         ids that encode() gives for their concatenation.
 
         Pieces are joined in a buffer, and everything before the buffer's last safe cut (see
-        SAFE_CUT_RE) is encoded: what follows such a cut cannot change what precedes it. Only
+        SAFE_CUT_RE; with other settings than GPT-2's, only before a special token) is
+        encoded: what follows such a cut cannot change what precedes it. Only
         newly arrived text is searched for cuts, so the time is linear in the text. Memory holds
         the text since the last cut, usually a line or less; but a single pre-token (a megabyte
         of letters, or of whitespace) has no cut inside, and must be held whole to be encoded
@@ -2645,8 +2744,12 @@ class FastTokenizer(Tokenizer):
             return 0
         # SAFE_CUT_RE searches backwards, and in that mode its lookbehind sees nothing before
         # pos: pos = start - 1 lets it see the character before a cut at start.
-        for match in SAFE_CUT_RE.finditer(buffer, max(start, 1) - 1, end):
-            cut = match.start()
+        cuts = (match.start() for match in SAFE_CUT_RE.finditer(buffer, max(start, 1) - 1, end))
+        if not self.gpt2_split:  # other patterns may join any two characters: cut at specials
+            found = self.special_re.finditer(buffer, max(start - longest_special, 0), end,
+                                             overlapped=True) if self.special_re else ()
+            cuts = reversed([match.start() for match in found])
+        for cut in cuts:
             # Refuse a cut that an occurrence of a special token spans, at any alignment: a
             # special token may hold cuts of its own, like "<|" + "endoftext" + "|>".
             nearby = (self.special_re.finditer(buffer, max(cut - longest_special, 0),
@@ -2691,7 +2794,10 @@ def encode_files(tokenizer: Tokenizer, files: list[tuple[TextSource, str | os.Pa
     looks complete.
     """
     dtype = token_dtype(max(tokenizer.vocab) + 1)
-    plans = [(source, out_path, plan_chunks(source, tokenizer.special_tokens, num_workers))
+    # Other pre-tokenizers than GPT-2's may join text across a line break: cut at specials only.
+    whitespace_cuts = not tokenizer.settings().keys() - {"ignore_merges"}
+    plans = [(source, out_path, plan_chunks(source, tokenizer.special_tokens, num_workers,
+                                            whitespace_cuts=whitespace_cuts))
              for source, out_path in files]
     jobs = [(path, start, end, dtype) for _, _, chunks in plans for path, start, end in chunks]
     results = map_jobs(_encode_chunk_in_worker, jobs, num_workers, ordered=True,
