@@ -225,7 +225,7 @@ PRETOKEN_RE = regex.compile(GPT2_PATTERN)
 def split_isolated(text: str, pattern: regex.Pattern) -> list[str]:
     """Cut text around every match of pattern, keeping the matches and the text between them
     (an "Isolated" split, in the words of Hugging Face's tokenizers).
-    Example: split_isolated("ab12", regex.compile(r"\p{N}")) -> ['ab', '1', '2']."""
+    Example: split_isolated("ab12", regex.compile(r"\\p{N}")) -> ['ab', '1', '2']."""
     pieces, done = [], 0
     for match in pattern.finditer(text):
         pieces += [text[done:match.start()], match[0]]
@@ -3199,10 +3199,18 @@ def load_checkpoint(src, model: nn.Module, optimizer: torch.optim.Optimizer | No
     return restore_checkpoint(read_checkpoint(src), model, optimizer, name)
 
 
+def tokenizer_state(tokenizer: Tokenizer) -> dict:
+    """The tokenizer as checkpoints store it (saved_tokenizer reads it back): vocab, merges,
+    special tokens and, only where they differ from GPT-2's, its settings."""
+    return dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
+                special_tokens=tokenizer.special_tokens, **tokenizer.settings())
+
+
 def saved_tokenizer(saved, name: str, vocab_size: int) -> Tokenizer:
     """The tokenizer stored in a checkpoint: {"vocab": {id: bytes}, "merges": [(bytes, bytes),
-    ...], "special_tokens": [str, ...]}, checked before it is rebuilt, and checked to cover
-    exactly the ids 0 .. vocab_size - 1 that the model gives."""
+    ...], "special_tokens": [str, ...]} and any TOKENIZER_SETTINGS, checked before it is
+    rebuilt, and checked to give only ids 0 .. vocab_size - 1, those the model scores (all of
+    them, but for an imported model's padding, like Qwen's)."""
     vocab, merges, specials = (saved.get(key) if isinstance(saved, dict) else None
                                for key in ("vocab", "merges", "special_tokens"))
     if not (isinstance(vocab, dict) and vocab
@@ -3213,14 +3221,36 @@ def saved_tokenizer(saved, name: str, vocab_size: int) -> Tokenizer:
             and isinstance(specials, list) and all(isinstance(s, str) for s in specials)):
         raise ValueError(f"{name}: its tokenizer is damaged or not in gpt.py's form (vocab "
                          f"{{id: bytes}}, merges [(bytes, bytes)], special_tokens [str])")
+    settings = check_tokenizer_settings({key: value for key, value in saved.items() if key
+                                         not in ("vocab", "merges", "special_tokens")}, name)
     try:
-        tokenizer = Tokenizer(vocab, merges, specials)
+        tokenizer = Tokenizer(vocab, merges, specials, **settings)
     except ValueError as e:  # a merge of unknown tokens, a missing byte, a non-UTF-8 special
         raise ValueError(f"{name}: its tokenizer is inconsistent ({e})") from None
-    if max(tokenizer.vocab) + 1 != vocab_size:
+    if max(tokenizer.vocab) >= vocab_size:
         raise ValueError(f"{name}: its tokenizer's ids go up to {max(tokenizer.vocab)}, but its "
                          f"model has a {vocab_size}-token vocabulary")
     return tokenizer
+
+
+def saved_generation(generation, tokenizer: Tokenizer, name: str) -> dict | None:
+    """An imported model's generation settings, checked to be as hf_generation (§16) makes
+    them and to name tokens of `tokenizer`; None, for our own models, which have none."""
+    if generation is None:
+        return None
+    ids = lambda v: isinstance(v, list) and all(is_int(i) and i in tokenizer.vocab for i in v)
+    chat = generation.get("chat") if isinstance(generation, dict) else None
+    texts = lambda c: [c["before"], c["after"], c["end"], c["template"]]
+    chatml = lambda c: (all(isinstance(t, str) for t in texts(c))
+                        and c["end"] in tokenizer.special_ids)
+    other = lambda c: texts(c)[:3] == [None] * 3 and isinstance(c["template"], str)
+    good_chat = chat is None or (isinstance(chat, dict) and chat.keys() == {
+        "before", "after", "end", "template"} and (chatml(chat) or other(chat)))
+    if not (isinstance(generation, dict) and generation.keys() == {"bos_ids", "eos_ids", "chat"}
+            and ids(generation["bos_ids"]) and ids(generation["eos_ids"]) and good_chat):
+        raise ValueError(f"{name}: its generation settings are damaged, or name tokens its "
+                         f"tokenizer lacks")
+    return generation
 
 
 # What each kind of run is continued with: a checkpoint records its kind, so that `--resume`
@@ -3851,7 +3881,7 @@ class TrainingMeter:
             return
         self.last = now
         budget, recent = run.budget, run.budget.step_seconds[-10:]  # the current speed
-        tokens = run.batch_size * run.args.grad_accum * run.config.context_length * run.world_size
+        tokens = run.batch_size * run.args.grad_accum * run.row_length * run.world_size
         eta = "?"  # until the time budget has planned the steps
         if run.total_steps:
             mean_step = sum(budget.step_seconds) / len(budget.step_seconds)
@@ -3911,6 +3941,11 @@ class Run:
     start_from: str | None = None  # a checkpoint whose weights a fresh run starts from
     kind: str = "pretraining"      # or "fine-tuning": recorded in checkpoints (see RUN_KINDS)
     story_start: str = ""          # what the data puts after the end token: find_story_start
+    generation: dict | None = None  # an imported model's (saved_generation): kept in checkpoints
+    row_length: int = 0            # positions per row: the context, or fine-tuning's shorter rows
+
+    def __post_init__(self):
+        self.row_length = self.row_length or self.config.context_length
 
     def say(self, message: str) -> None:
         if self.rank == 0:  # one process talks for all
@@ -4143,7 +4178,7 @@ def build_model(run: Run, checkpoint: dict | None) -> None:
 
 def describe(run: Run, num_params: int) -> None:
     """The lines that open a run's log: model, device and precision, data and recipe."""
-    args, T = run.args, run.config.context_length
+    args, T = run.args, run.row_length
     tokens_per_step = run.batch_size * args.grad_accum * T * run.world_size
     precision = "float32" if run.amp is None else f"{str(run.amp).replace('torch.', '')} autocast"
     ranks = f" x {run.world_size} ranks" if run.world_size > 1 else ""
@@ -4165,7 +4200,7 @@ def describe(run: Run, num_params: int) -> None:
 def record(run: Run, **fields) -> None:
     """One line of metrics.jsonl, for plotting."""
     if run.metrics:
-        tokens = run.batch_size * run.args.grad_accum * run.config.context_length * run.world_size
+        tokens = run.batch_size * run.args.grad_accum * run.row_length * run.world_size
         run.metrics.write(json.dumps({**fields, "tokens": run.step * tokens}) + "\n")
         run.metrics.flush()
 
@@ -4182,12 +4217,12 @@ def save_run(run: Run, path: str, finished: bool = False) -> None:
         save_checkpoint(run.model, run.optimizer, run.step, path, config=asdict(run.config),
                         args={k: v for k, v in vars(run.args).items()
                               if isinstance(v, (str, int, float, bool, type(None)))},
-                        tokenizer=dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
-                                       special_tokens=tokenizer.special_tokens),
+                        tokenizer=tokenizer_state(tokenizer),
                         tokenizer_fingerprint=tokenizer.fingerprint(), kind=run.kind,
                         best_val_loss=run.best_val_loss, total_steps=run.total_steps,
                         finished=finished, elapsed=run.budget.elapsed(), rng=rng_states,
-                        story_start=run.story_start)
+                        story_start=run.story_start,
+                        **({"generation": run.generation} if run.generation else {}))
     run.budget.save_seconds = time.perf_counter() - started
 
 
@@ -4224,7 +4259,7 @@ def log_progress(run: Run, lr: float, grad_norm: torch.Tensor) -> None:
     train_loss = rank_mean(run.loss_sum, run.world_size) / run.steps_since_log
     check_finite(run, train_loss, "training loss")
     recent = budget.step_seconds[-run.steps_since_log:]
-    tokens = run.batch_size * args.grad_accum * run.config.context_length * run.world_size
+    tokens = run.batch_size * args.grad_accum * run.row_length * run.world_size
     tokens_per_s = tokens * run.steps_since_log / sum(recent)
     elapsed = budget.elapsed()
     # Time left: the mean step so far times the steps to go, within the budget.
@@ -4263,7 +4298,7 @@ def train_loop(run: Run) -> None:
     """The loop: plan -> lr -> maybe evaluate and checkpoint -> train_step -> log."""
     args = run.args
     next_batch = partial(run.get_batch or get_batch, run.train_data, run.batch_size,
-                         run.config.context_length, run.device, run.batch_rng)
+                         run.row_length, run.device, run.batch_rng)
     # Losses are summed on the device, so the GPU never waits for the CPU to read them.
     run.loss_sum = torch.zeros((), device=run.device)
     with stop_requests(enabled=run.world_size == 1) as stop_requested:
@@ -4335,7 +4370,7 @@ def train(args: argparse.Namespace, start=start_run) -> None:
         if not is_out_of_memory(e):
             raise
         raise ValueError(f"out of memory on {run.device} with --batch-size {run.batch_size} (and "
-                         f"context length {run.config.context_length}): try a smaller "
+                         f"rows of {run.row_length} positions): try a smaller "
                          f"--batch-size, with --grad-accum to keep the tokens per step") from None
     finally:
         if run.metrics:
@@ -4767,16 +4802,18 @@ def llama_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
             "torch_dtype": "float32", "use_cache": True}
 
 
-def tokenizer_json(tokenizer: Tokenizer) -> dict:
+def tokenizer_json(tokenizer: Tokenizer, bos_ids: list[int] = ()) -> dict:
     """tokenizer.json, the file AutoTokenizer loads as a fast tokenizer (Hugging Face's
-    `tokenizers`): byte-level BPE with GPT-2's pre-tokenizer, which is ours, our merges in
-    order, and the special tokens cut out first. It gives the ids Tokenizer.encode gives.
+    `tokenizers`): byte-level BPE with GPT-2's pre-tokenizer, which is ours (or the tokenizer's
+    split patterns, each an Isolated Split, and its normalizer), our merges in order, and the
+    special tokens cut out first; bos_ids, if any, put before every text. It gives the ids
+    Tokenizer.encode gives.
 
     The special tokens are in the vocabulary as they are written, not spelled: `tokenizers`
     gives a special token the id it has there (one missing there would get a new id past the
     end). If BPE built one string twice, its first id is the one our encoder produces, and the
-    only one here. `ignore_merges` is off, or a word found whole in the vocabulary would skip
-    the merges that our encoder applies.
+    only one here. `ignore_merges` is off for ours, or a word found whole in the vocabulary
+    would skip the merges that our encoder applies.
     """
     spell = bytes_to_unicode()
     spelled = lambda token: "".join(spell[b] for b in token)
@@ -4786,36 +4823,243 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict:
             vocab.setdefault(spelled(tokenizer.vocab[i]), i)
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                   "use_regex": True}
+    pre_tokenizer, post_processor = byte_level, byte_level
+    if tokenizer.split_patterns != [GPT2_PATTERN]:
+        splits = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated",
+                   "invert": False} for p in tokenizer.split_patterns]
+        pre_tokenizer = {"type": "Sequence",
+                         "pretokenizers": [*splits, {**byte_level, "use_regex": False}]}
+    if bos_ids:
+        names = [tokenizer.vocab[i].decode("utf-8") for i in bos_ids]
+        bos = [{"SpecialToken": {"id": name, "type_id": 0}} for name in names]
+        text = lambda name, type_id: [{"Sequence": {"id": name, "type_id": type_id}}]
+        post_processor = {"type": "TemplateProcessing", "single": bos + text("A", 0),
+                          "pair": bos + text("A", 0) + bos + text("B", 1),
+                          "special_tokens": {name: {"id": name, "ids": [i], "tokens": [name]}
+                                             for name, i in zip(names, bos_ids)}}
     added = [{"id": tokenizer.special_ids[s], "content": s, "single_word": False,
               "lstrip": False, "rstrip": False, "normalized": False, "special": True}
              for s in tokenizer.special_tokens]
     model = {"type": "BPE", "dropout": None, "unk_token": None,
              "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
-             "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
+             "byte_fallback": False, "ignore_merges": tokenizer.ignore_merges, "vocab": vocab,
              "merges": [f"{spelled(a)} {spelled(b)}" for a, b in tokenizer.merges]}
+    normalizer = {"type": tokenizer.normalizer} if tokenizer.normalizer else None
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-            "normalizer": None, "pre_tokenizer": byte_level, "post_processor": byte_level,
-            "decoder": byte_level, "model": model}
+            "normalizer": normalizer, "pre_tokenizer": pre_tokenizer,
+            "post_processor": post_processor, "decoder": byte_level, "model": model}
 
 
-def hf_tokenizer_files(tokenizer: Tokenizer, context_length: int) -> dict[str, bytes]:
+def hf_tokenizer_files(tokenizer: Tokenizer, context_length: int,
+                       generation: dict | None = None) -> dict[str, bytes]:
     """The tokenizer as files, by name: ours (vocab.json, merges.txt, special_tokens.json, which
     Tokenizer.load reads), tokenizer.json, and the two configuration files that tell
-    AutoTokenizer which tokens are special."""
-    specials = {}
-    if tokenizer.special_tokens:
+    AutoTokenizer which tokens are special (an imported model's bos and eos, and its chat
+    template, are those it came with)."""
+    specials, names = {}, tokenizer.special_tokens
+    if generation:
+        bos, eos = ([tokenizer.vocab[i].decode("utf-8") for i in generation[key][:1]]
+                    for key in ("bos_ids", "eos_ids"))
+        specials = {key: ids[0] for key, ids in (("bos_token", bos), ("eos_token", eos)) if ids}
+        names = [s for s in names if s not in bos + eos]
+    elif tokenizer.special_tokens:
         eos = tokenizer.special_tokens[0]
         specials = {"bos_token": eos, "eos_token": eos}
-        if tokenizer.special_tokens[1:]:
-            specials["additional_special_tokens"] = tokenizer.special_tokens[1:]
+        names = names[1:]
+    if names:
+        specials["additional_special_tokens"] = names
     # model_max_length: longer inputs get a warning. Cleaning up spaces would turn the text
     # " ." that the model wrote into ".".
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
                 "clean_up_tokenization_spaces": False, **specials}
+    if generation and generation["chat"]:
+        settings["chat_template"] = generation["chat"]["template"]
     as_json = lambda value: (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
-    return {**tokenizer.saved_files(), "tokenizer.json": as_json(tokenizer_json(tokenizer)),
+    bos_ids = generation["bos_ids"] if generation else []
+    return {**tokenizer.saved_files(),
+            "tokenizer.json": as_json(tokenizer_json(tokenizer, bos_ids)),
             "tokenizer_config.json": as_json(settings),
             "special_tokens_map.json": as_json(specials)}
+
+
+# --- Reading a Hugging Face tokenizer, for `import` -----------------------------------------------
+# tokenizer.json describes a pipeline: normalizer, pre-tokenizer, model, post-processor, decoder.
+# Llama 3's, Qwen's and SmolLM's are byte-level BPE, which §1's Tokenizer computes with its
+# settings; anything else is refused, naming it, rather than encoded into other ids than
+# Hugging Face's `tokenizers` give.
+
+def hf_split_patterns(spec, where: str) -> list[str]:
+    """tokenizer.json's pre_tokenizer as §1's split_patterns. Examples: ByteLevel(use_regex)
+    -> [GPT2_PATTERN]; Sequence [Digits(individual_digits), ByteLevel(use_regex)] (SmolLM) ->
+    [r"\\p{N}", GPT2_PATTERN]; Sequence [Split(pattern, Isolated), ByteLevel] -> [pattern]."""
+    steps = spec["pretokenizers"] if spec and spec.get("type") == "Sequence" else [spec]
+    patterns = []
+    for i, step in enumerate(steps):
+        kind, last = (step or {}).get("type"), i == len(steps) - 1
+        isolated = kind == "Split" and step["behavior"] == "Isolated" and not step["invert"]
+        if isolated and not last:
+            given = step["pattern"]
+            patterns.append(given["Regex"] if "Regex" in given else regex.escape(given["String"]))
+        elif kind == "Digits" and not last:
+            patterns.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
+        elif kind == "ByteLevel" and last and step.get("add_prefix_space") is False:
+            patterns += [GPT2_PATTERN] if step.get("use_regex", True) else []
+        else:
+            raise ValueError(f"{where}: its pre-tokenizer {kind} is not supported here: gpt.py "
+                             f"reads Split (Isolated, not inverted) and Digits, then ByteLevel "
+                             f"without add_prefix_space")
+    return patterns
+
+
+def hf_bpe(model: dict, where: str) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """tokenizer.json's model: byte-level BPE's vocabulary (spelled as GPT-2's files spell bytes,
+    bytes_to_unicode) and its merges, each "a b" or ["a", "b"]."""
+    if model.get("type") != "BPE":
+        raise ValueError(f"{where}: its model is {shown(model.get('type'))}, not BPE; WordPiece "
+                         f"and Unigram (SentencePiece) models are not supported")
+    for key, plain in (("dropout", None), ("byte_fallback", False),
+                       ("continuing_subword_prefix", ""), ("end_of_word_suffix", "")):
+        if model.get(key) not in (None, plain):
+            raise ValueError(f"{where}: BPE with {key} {shown(model[key])} is not supported")
+    unspell = {c: b for b, c in bytes_to_unicode().items()}
+    vocab, merges = {}, []
+    for token, i in model["vocab"].items():
+        if not (is_int(i) and 0 <= i < MAX_VOCAB_SIZE and set(token) <= unspell.keys()):
+            raise ValueError(f"{where}: token {token[:30]!r} with id {shown(i)} is not byte-level "
+                             f"BPE's")
+        vocab[i] = bytes(unspell[c] for c in token)
+    for merge_ in model["merges"]:
+        parts = merge_.split(" ") if isinstance(merge_, str) else merge_
+        if len(parts) != 2 or not all(set(part) <= unspell.keys() for part in parts):
+            raise ValueError(f"{where}: merge {shown(merge_)} is not two byte-level tokens")
+        merges.append(tuple(bytes(unspell[c] for c in part) for part in parts))
+    return vocab, merges
+
+
+def hf_added_tokens(added: list, vocab: dict[int, bytes], normalizer: bool,
+                    where: str) -> list[str]:
+    """Place tokenizer.json's added_tokens in vocab at their ids, and return their contents in
+    the order of their ids: §1's special tokens, which `tokenizers` splits out whole (special or
+    not, like Qwen3's <think>) before normalizing the text between them (a token matched in
+    normalized text is refused, as are those that take spaces around them)."""
+    id_of = {token: i for i, token in vocab.items()}
+    contents = []
+    for token in sorted(added, key=lambda t: t["id"]):
+        content, i = token["content"], token["id"]
+        data = content.encode("utf-8")
+        for flag in ("lstrip", "rstrip", "single_word", "normalized")[:3 + normalizer]:
+            if token.get(flag):
+                raise ValueError(f"{where}: added token {content!r} has {flag} set, which is not "
+                                 f"supported")
+        if not is_int(i) or vocab.get(i, data) != data or id_of.get(data, i) != i:
+            raise ValueError(f"{where}: added token {content!r} (id {shown(i)}) has another "
+                             f"token's id or spelling")
+        vocab[i] = data
+        contents.append(content)
+    return contents
+
+
+def hf_bos_ids(post, where: str) -> list[int]:
+    """The ids tokenizer.json's post_processor puts before every text: Llama 3's
+    TemplateProcessing, <|begin_of_text|>; ByteLevel (SmolLM2's, Qwen's) none."""
+    steps = [post] if post else []
+    if post and post.get("type") == "Sequence":
+        steps = post["processors"]
+    bos = []
+    for step in steps:
+        items = [next(iter(item)) for item in step.get("single", [])]  # SpecialToken, Sequence
+        text_last = items.count("Sequence") == 1 and items[-1:] == ["Sequence"]
+        if step["type"] == "TemplateProcessing" and text_last:
+            bos += [i for item in step["single"][:-1]
+                    for i in step["special_tokens"][item["SpecialToken"]["id"]]["ids"]]
+        elif step["type"] != "ByteLevel":
+            raise ValueError(f"{where}: its post-processor {step['type']} is not supported: "
+                             f"gpt.py reads ByteLevel, and TemplateProcessing that only puts "
+                             f"tokens before the text")
+    return bos
+
+
+def read_hf_tokenizer(hf_dir: str) -> tuple[Tokenizer, dict]:
+    """A Hugging Face model directory's tokenizer, from its tokenizer.json, that encodes every
+    text to the ids `tokenizers` gives; and its generation settings (hf_generation), which
+    `import` keeps in the checkpoint under "generation"."""
+    path = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{hf_dir} holds no tokenizer.json, the only tokenizer format gpt.py "
+                         f"reads")
+    spec = read_json(path)
+    try:
+        normalizer = (spec["normalizer"] or {"type": None})["type"]
+        for what, kind, ok in (("normalizer", normalizer, (None, "NFC")),
+                               ("decoder", spec["decoder"]["type"], ("ByteLevel",))):
+            if kind not in ok:
+                raise ValueError(f"{path}: its {what} {kind} is not supported (only NFC and "
+                                 f"ByteLevel)")
+        vocab, merges = hf_bpe(spec["model"], path)
+        split_patterns = hf_split_patterns(spec["pre_tokenizer"], path)
+        special_tokens = hf_added_tokens(spec["added_tokens"], vocab, bool(normalizer), path)
+        bos_ids = hf_bos_ids(spec["post_processor"], path)
+    except (AttributeError, KeyError, TypeError, StopIteration) as e:
+        raise ValueError(f"{path} is not laid out as tokenizer.json files are "
+                         f"({first_line(e)})") from None
+    try:
+        tokenizer = Tokenizer(vocab, merges, special_tokens, split_patterns, normalizer,
+                              spec["model"].get("ignore_merges") is True)
+    except ValueError as e:  # a merge of tokens not in the vocabulary, a missing byte
+        raise ValueError(f"{path}: {e}") from None
+    return tokenizer, hf_generation(hf_dir, tokenizer, bos_ids)
+
+
+def chat_format(template, tokenizer: Tokenizer) -> dict | None:
+    """A chat_template read without a template engine, where it is ChatML, SmolLM2-Instruct's
+    and Qwen's format: each turn <|im_start|>{role}\\n{text}<|im_end|>\\n. Gives the text
+    before and after a user's question, up to the assistant's turn, and the token that ends
+    it. Other templates are kept, for export, with None for those three.
+    Example (SmolLM2-Instruct): {"before": "<|im_start|>system\\nYou are a helpful AI ...
+    <|im_end|>\\n<|im_start|>user\\n", "after": "<|im_end|>\\n<|im_start|>assistant\\n",
+    "end": "<|im_end|>", "template": template}."""
+    if template is None:
+        return None
+    chat = {"before": None, "after": None, "end": None, "template": template}
+    if not ({"<|im_start|>", "<|im_end|>"} <= tokenizer.special_ids.keys()
+            and "<|im_start|>" in template and "bos_token" not in template):
+        return chat
+    # A system turn written out in the template is put first when none is given (SmolLM2's).
+    found = regex.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}\\]*)<\|im_end\|>", template)
+    system = f"<|im_start|>system\n{found[1]}<|im_end|>\n" if found else ""
+    # Qwen3's template has the model think aloud first unless enable_thinking=False, which
+    # renders an empty thinking block: so do we, for the answer to come at once (a small
+    # model would spend --max-new-tokens thinking, and finetune's answers hold no thoughts).
+    thinking = "<think>\n\n</think>\n\n" if "enable_thinking" in template else ""
+    return {**chat, "before": system + "<|im_start|>user\n",
+            "after": "<|im_end|>\n<|im_start|>assistant\n" + thinking, "end": "<|im_end|>"}
+
+
+def hf_generation(hf_dir: str, tokenizer: Tokenizer, bos_ids: list[int]) -> dict:
+    """How a model directory's prompts start and generations end: {"bos_ids": the ids before
+    every prompt (tokenizer.json's post-processor), "eos_ids": the ids that end a generation
+    (generation_config.json's, else config.json's, else tokenizer_config.json's eos_token),
+    "chat": its chat format, chat_format of chat_template.jinja or tokenizer_config.json's}."""
+    files = {}
+    for name in ("generation_config.json", "config.json", "tokenizer_config.json"):
+        path = os.path.join(hf_dir, name)
+        files[name] = read_json(path) if os.path.isfile(path) else {}
+        if not isinstance(files[name], dict):
+            raise ValueError(f"{path} is not a JSON object")
+    settings = files["tokenizer_config.json"]
+    eos = files["generation_config.json"].get("eos_token_id",
+                                              files["config.json"].get("eos_token_id"))
+    if eos is None and settings.get("eos_token"):  # a name, or {"content": name, ...}
+        name = settings["eos_token"]
+        eos = tokenizer.special_ids.get(name["content"] if isinstance(name, dict) else name)
+    jinja = os.path.join(hf_dir, "chat_template.jinja")
+    template = read_text(jinja) if os.path.isfile(jinja) else settings.get("chat_template")
+    if not isinstance(template, (str, type(None))):
+        raise ValueError(f"{hf_dir}: its chat_template is {shown(template)}, not one template")
+    eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    generation = {"bos_ids": bos_ids, "eos_ids": eos_ids,
+                  "chat": chat_format(template, tokenizer)}
+    return saved_generation(generation, tokenizer, hf_dir)
 
 
 def little_endian_bytes(tensor: torch.Tensor) -> bytes:
@@ -4863,25 +5107,27 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
             write_all(f, little_endian_bytes(tensor), path)
 
 
-def read_for_export(path: str) -> tuple[TransformerLM, Tokenizer, int, str]:
-    """The model, the tokenizer, the step count and the story_start of a checkpoint, each
-    checked as for sampling, on the CPU; a model Llama cannot express is refused."""
+def read_for_export(path: str) -> tuple[TransformerLM, Tokenizer, int, str, dict | None]:
+    """The model, the tokenizer, the step count, the story_start and the generation settings
+    (an imported model's) of a checkpoint, each checked as for sampling, on the CPU; a model
+    Llama cannot express is refused."""
     model, tokenizer, checkpoint = read_model(path)
     check_exportable(model.config)
-    return model, tokenizer, checkpoint["iteration"], saved_story_start(checkpoint, path)
+    return (model, tokenizer, checkpoint["iteration"], saved_story_start(checkpoint, path),
+            saved_generation(checkpoint.get("generation"), tokenizer, path))
 
 
 def save_weights_only(model: TransformerLM, tokenizer: Tokenizer, iteration: int,
-                      path: str, story_start: str = "") -> None:
+                      path: str, story_start: str = "", generation: dict | None = None) -> None:
     """A checkpoint with what load_for_sampling reads and nothing else: no optimizer state (two
-    thirds of a training checkpoint), nothing that resuming needs."""
+    thirds of a training checkpoint), nothing that resuming needs; an imported model's
+    generation settings (read_hf_tokenizer's) if given."""
     try:
         with replaced(path) as f:
             torch.save({"model": model.state_dict(), "iteration": iteration,
-                        "config": asdict(model.config),
-                        "tokenizer": dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
-                                          special_tokens=tokenizer.special_tokens),
-                        "story_start": story_start}, f)
+                        "config": asdict(model.config), "tokenizer": tokenizer_state(tokenizer),
+                        "story_start": story_start,
+                        **({"generation": generation} if generation else {})}, f)
     except RuntimeError as e:  # torch's zip writer stops so when the disk is full
         raise OSError(f"cannot write {path}: the write stopped partway, is the disk full? "
                       f"({first_line(e)})") from None
@@ -5391,7 +5637,8 @@ def draw_spectral_norms(stats: list[dict], initial: dict[str, float], path: str,
 # One pair as the model sees it, from the end-of-text token <eot> that starts it (as it started
 # every story in pretraining) to the one that ends it:
 #     <eot>Question: {question}\nAnswer: {answer}<eot>
-# The prompt is everything up to "Answer:"; the answer follows it after one space.
+# The prompt is everything up to "Answer:"; the answer follows it after one space. An imported
+# model that chats answers in its own format instead (qa_template).
 QA_PROMPT = "Question: {question}\nAnswer:"
 FINETUNE_VALID_FRACTION = 0.1  # pairs held out without --valid: every tenth
 ANSWER_TOKENS = 64             # longest sample answer at an evaluation: the example's are < 40
@@ -5400,18 +5647,53 @@ ANSWER_TOKENS = 64             # longest sample answer at an evaluation: the exa
 # 0.60), by step 100; 100 steps of its own cosine end there too (0.50). A batch of 8 rows of 256
 # tokens holds about 70 of the example's pairs, so 100 steps are some 36 passes over them.
 FINETUNE_LR = 1e-3
-FINETUNE_BATCH_SIZE = 8        # rows of context_length tokens
+FINETUNE_BATCH_SIZE = 8        # rows of context_length tokens, or of FINETUNE_ROW_TOKENS
+# Rows of an imported model's context (8,192 tokens or more) would hold a hundred pairs each,
+# and their logits alone, 8 x 8,192 x 49,152 floats for SmolLM2, 13 GB: 512 keep 0.8 GB.
+FINETUNE_ROW_TOKENS = 512
 FINETUNE_STEPS = 100
 FINETUNE_WARMUP = 20           # steps
 FINETUNE_EVAL_INTERVAL = 25    # steps
 
 
-def qa_prompt(question: str) -> str:
-    """Example: qa_prompt(" Who is Max? ") -> "Question: Who is Max?\\nAnswer:"."""
-    return QA_PROMPT.format(question=question.strip())
+@dataclass
+class QATemplate:
+    """How a model reads a question and writes its answer: the ids `start`, then the text
+    before + question + after (the prompt), then answer_prefix + answer, then the id `end`."""
+    start: list[int]
+    before: str
+    after: str
+    answer_prefix: str
+    end: int
+
+    def prompt(self, question: str) -> str:
+        """Example (ours): " Who is Max? " -> "Question: Who is Max?\\nAnswer:"."""
+        return self.before + question.strip() + self.after
+
+    def prompt_ids(self, tokenizer: Tokenizer, question: str) -> list[int]:
+        return self.start + tokenizer.encode(self.prompt(question))
 
 
-def qa_sequence(tokenizer: Tokenizer, question: str, answer: str, eot: int,
+def qa_template(tokenizer: Tokenizer, generation: dict | None, name: str) -> QATemplate:
+    """Our models' QA_PROMPT between end-of-text tokens; for an imported model (`generation`,
+    see hf_generation) its chat format where it has one, else QA_PROMPT after its bos_ids,
+    ended by its first eos id."""
+    chat = generation and generation["chat"]
+    if chat and chat["end"] is None:
+        raise ValueError(f"{name}: its chat template is not ChatML (<|im_start|>...<|im_end|>), "
+                         f"the one chat format gpt.py writes")
+    if chat:  # no bos_ids: a template writes any itself, and its text is encoded without them
+        return QATemplate([], chat["before"], chat["after"], "", tokenizer.special_ids[chat["end"]])
+    before, after = QA_PROMPT.split("{question}")
+    if generation is None:
+        return QATemplate([end_token(tokenizer, name)], before, after, " ",
+                          end_token(tokenizer, name))
+    if not generation["eos_ids"]:
+        raise ValueError(f"{name}: the model has no end-of-text token to end an answer with")
+    return QATemplate(generation["bos_ids"], before, after, " ", generation["eos_ids"][0])
+
+
+def qa_sequence(tokenizer: Tokenizer, question: str, answer: str, template: QATemplate,
                 everything: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One pair as inputs and next-token targets (L,) each, IGNORE_INDEX where nothing is learned.
 
@@ -5422,8 +5704,9 @@ def qa_sequence(tokenizer: Tokenizer, question: str, answer: str, eot: int,
     With everything=True the 21 are kept too. The prompt and the answer are encoded apart, so
     the prompt's tokens are exactly those `sample --qa` gives the model.
     """
-    prompt = [eot] + tokenizer.encode(qa_prompt(question))
-    ids = np.array(prompt + tokenizer.encode(" " + answer.strip()) + [eot], dtype=np.int64)
+    prompt = template.prompt_ids(tokenizer, question)
+    ids = np.array(prompt + tokenizer.encode(template.answer_prefix + answer.strip())
+                   + [template.end], dtype=np.int64)
     inputs, targets = ids[:-1], ids[1:].copy()
     if not everything:
         targets[:len(prompt) - 1] = IGNORE_INDEX  # the question: context, not to be learned
@@ -5511,7 +5794,7 @@ class QAPairs:
 
 
 def encode_pairs(pairs: list[tuple[str, str]], indices: list[int], tokenizer: Tokenizer,
-                 eot: int, context_length: int, everything: bool,
+                 template: QATemplate, context_length: int, everything: bool,
                  path: str) -> tuple[QAPairs, list[int]]:
     """The pairs at `indices` as QAPairs, and the indices of those left out: longer than the
     context, where they could only be cut (and a cut answer never ends)."""
@@ -5523,7 +5806,7 @@ def encode_pairs(pairs: list[tuple[str, str]], indices: list[int], tokenizer: To
             if special:
                 raise ValueError(f'{path}[{i}]: its "{key}" holds the special token '
                                  f'{special[0]!r}, which would cut the pair in two')
-        x, y = qa_sequence(tokenizer, question, answer, eot, everything)  # (L,) each
+        x, y = qa_sequence(tokenizer, question, answer, template, everything)  # (L,) each
         if len(x) > context_length:
             too_long.append(i)
             continue
@@ -5584,14 +5867,15 @@ def end_token(tokenizer: Tokenizer, name: str) -> int:
 def show_answers(run: Run) -> None:
     """Answer the first --show-answers held-out questions greedily, and print them. An answer
     that has not ended within ANSWER_TOKENS tokens ends in " ..."."""
-    eot = end_token(run.tokenizer, "the run")
+    template = qa_template(run.tokenizer, run.generation, "the run")
     if run.args.show_answers:
         run.say(f"held-out answers at step {run.step} (greedy):")
     for question, expected in run.valid_data.items[:run.args.show_answers]:
-        prompt = [eot] + run.tokenizer.encode(qa_prompt(question))
-        tokens = list(generate(run.model, prompt, ANSWER_TOKENS, temperature=0, eos_id=eot))
-        answer = run.tokenizer.decode([t for t in tokens if t != eot]).strip()
-        answer += "" if tokens[-1] == eot else " ..."
+        prompt = template.prompt_ids(run.tokenizer, question)
+        end = template.end
+        tokens = list(generate(run.model, prompt, ANSWER_TOKENS, temperature=0, eos_id=end))
+        answer = run.tokenizer.decode([t for t in tokens if t != end]).strip()
+        answer += "" if tokens[-1] == end else " ..."
         run.say(f"  {question} -> {answer!r} (held out: {expected!r})")
     run.model.train()  # generate() left it in eval mode
 
@@ -5600,7 +5884,7 @@ def show_answers(run: Run) -> None:
 def evaluate_answers(run: Run) -> float:
     """Fine-tuning's evaluation: the mean loss over the held-out answers' tokens and end tokens
     (also with --train-on-everything, so that the two compare), then a few sample answers."""
-    T, B = run.config.context_length, run.batch_size
+    T, B = run.row_length, run.batch_size
     x, y = pack_pairs(run.valid_data, run.eval_starts, len(run.eval_starts), T)  # (R, T) each
     x, y = x[:run.args.eval_batches * B], y[:run.args.eval_batches * B]
     run.eval_model.eval()
@@ -5632,11 +5916,12 @@ def check_finetune_args(args: argparse.Namespace) -> None:
                          f"checkpoint's architecture; model flags go with --from-scratch")
 
 
-def finetune_model(args: argparse.Namespace,
-                   resumed: dict | None) -> tuple[ModelConfig, Tokenizer, str, str]:
+def finetune_model(args: argparse.Namespace, resumed: dict | None
+                   ) -> tuple[ModelConfig, Tokenizer, str, str, dict | None]:
     """The config and tokenizer of the model to fine-tune, where they come from (the run
     being resumed, a trained checkpoint (--checkpoint, or the newest in --run-dir), or with
-    --from-scratch the preset and the tokenizer in --data-dir) and its story_start."""
+    --from-scratch the preset and the tokenizer in --data-dir), its story_start and, for an
+    imported model, its generation settings."""
     if resumed or not args.from_scratch:
         path = (os.path.join(args.out_dir, "latest.pt") if resumed
                 else args.checkpoint or newest_checkpoint(args.run_dir))
@@ -5648,19 +5933,21 @@ def finetune_model(args: argparse.Namespace,
         tokenizer = saved_tokenizer(checkpoint["tokenizer"], path, config.vocab_size)
         # A resumed run keeps its architecture: model flags, if given, must agree with it.
         return (resolve_config(args, config.vocab_size, asdict(config)), tokenizer, path,
-                saved_story_start(checkpoint, path))
+                saved_story_start(checkpoint, path),
+                saved_generation(checkpoint.get("generation"), tokenizer, path))
     tokenizer_dir = os.path.join(args.data_dir, "tokenizer")
     if not os.path.isdir(tokenizer_dir):
         raise ValueError(f"{tokenizer_dir} not found: --from-scratch takes the tokenizer that "
                          f"`python gpt.py tokenize` writes there (or give --data-dir)")
     tokenizer = Tokenizer.load(tokenizer_dir)
     args.preset = args.preset or "laptop"
-    return resolve_config(args, max(tokenizer.vocab) + 1), tokenizer, tokenizer_dir, ""
+    return resolve_config(args, max(tokenizer.vocab) + 1), tokenizer, tokenizer_dir, "", None
 
 
 def finetune_data(args: argparse.Namespace, pairs: list[tuple[str, str]],
-                  valid_pairs: list[tuple[str, str]] | None, tokenizer: Tokenizer, eot: int,
-                  context_length: int) -> tuple[QAPairs, QAPairs, list[str]]:
+                  valid_pairs: list[tuple[str, str]] | None, tokenizer: Tokenizer,
+                  template: QATemplate, context_length: int
+                  ) -> tuple[QAPairs, QAPairs, list[str]]:
     """The pairs to train on and the held-out ones (--valid's, or some of --data's), encoded,
     and the lines that say what was done with them."""
     if valid_pairs is not None:
@@ -5672,13 +5959,13 @@ def finetune_data(args: argparse.Namespace, pairs: list[tuple[str, str]],
         train_ids, held_ids = hold_out_pairs(len(pairs), fraction, args.data)
         held_from = (f"items {', '.join(map(str, held_ids[:3]))}{', ...' * (len(held_ids) > 3)}"
                      f" of {args.data}")
-    train, long_train = encode_pairs(pairs, train_ids, tokenizer, eot, context_length,
+    train, long_train = encode_pairs(pairs, train_ids, tokenizer, template, context_length,
                                      args.train_on_everything, args.data)
-    valid, long_valid = encode_pairs(valid_pairs, held_ids, tokenizer, eot, context_length,
+    valid, long_valid = encode_pairs(valid_pairs, held_ids, tokenizer, template, context_length,
                                      False, valid_path)
     notes = [f"pairs: {len(train.items)} to train on, {len(valid.items)} held out ({held_from})",
              f"loss on: {'every token' if args.train_on_everything else 'the answers'} and "
-             f"the end-of-text tokens"]
+             f"the tokens that end them"]
     for path, left_out in ((args.data, long_train), (valid_path, long_valid)):
         if left_out:
             notes.append(f"left out {len(left_out)} pair(s) of {path} longer than the "
@@ -5697,15 +5984,15 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     pairs = read_qa_file(args.data)
     valid_pairs = read_qa_file(args.valid) if args.valid else None
     checkpoint, total_steps, time_used = read_resume(args, "fine-tuning")
-    config, tokenizer, source, story_start = finetune_model(args, checkpoint)
+    config, tokenizer, source, story_start, generation = finetune_model(args, checkpoint)
     start_from = None if checkpoint or args.from_scratch else source
     if args.overwrite and start_from and (os.path.realpath(os.path.dirname(start_from))
                                           == os.path.realpath(args.out_dir)):
         raise ValueError(f"--overwrite would delete {start_from}, the checkpoint to fine-tune: "
                          f"give another --out-dir")
-    T = config.context_length
+    T = min(config.context_length, FINETUNE_ROW_TOKENS)
     train_pairs, valid_pairs, notes = finetune_data(args, pairs, valid_pairs, tokenizer,
-                                                    end_token(tokenizer, source), T)
+                                                    qa_template(tokenizer, generation, source), T)
     if args.max_steps is None and args.max_time is None:
         args.max_steps = total_steps = FINETUNE_STEPS
     if args.lr is not None:
@@ -5722,7 +6009,7 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
               train_pairs, valid_pairs, config, batch_size, max_lr, min_lr,
               total_steps=total_steps, get_batch=qa_batch, loss=masked_cross_entropy,
               evaluate=evaluate_answers, start_from=start_from, kind="fine-tuning",
-              story_start=story_start,
+              story_start=story_start, generation=generation, row_length=T,
               eval_starts=np.arange(len(valid_pairs.items)))
     check_batch_fits(run.batch_size, T, config.vocab_size, device, "--batch-size")
     if rank == 0:
@@ -5976,21 +6263,25 @@ def interactive_prompts() -> Iterator[str]:
         yield check_prompt(prompt, "the prompt typed")
 
 
-def story_ids(tokenizer: Tokenizer, prompt: str, story_start: str) -> list[int]:
+def story_ids(tokenizer: Tokenizer, prompt: str, story_start: str,
+              generation: dict | None = None) -> list[int]:
     """The prompt's ids as a fresh story in the training data: after the end-of-text token and
     what the data puts after it (story_start), encoded together with the prompt as training
-    encoded them. Example (TinyStories): "Once" -> [<|endoftext|>, '\\n', 'Once']."""
+    encoded them. Example (TinyStories): "Once" -> [<|endoftext|>, '\\n', 'Once']. An imported
+    model's prompt starts with its bos_ids instead (see hf_generation)."""
+    if generation is not None:
+        return generation["bos_ids"] + tokenizer.encode(prompt)
     eos_id = end_of_text_id(tokenizer)
     if eos_id is None:
         return tokenizer.encode(prompt)
     return [eos_id] + tokenizer.encode(story_start + prompt)
 
 
-def sample_prompt(model: TransformerLM, tokenizer: Tokenizer, prompt: str, eos_id: int | None,
-                  args: argparse.Namespace, story_start: str = "") -> int:
-    """Continue one prompt: a single sample is streamed to stdout as it is generated; several
-    are generated as one batch and printed at the end. Returns the number of tokens generated."""
-    prompt_ids = story_ids(tokenizer, prompt, story_start)
+def sample_prompt(model: TransformerLM, tokenizer: Tokenizer, prompt: str, prompt_ids: list[int],
+                  stop_ids: set[int], args: argparse.Namespace) -> int:
+    """Continue one prompt, the text `prompt` fed as prompt_ids, up to a token of stop_ids: a
+    single sample is streamed to stdout as it is generated; several are generated as one batch
+    and printed at the end. Returns the number of tokens generated."""
     if not prompt_ids:
         raise ValueError("the prompt is empty and the tokenizer has no end-of-text token "
                          "to start from")
@@ -6006,23 +6297,26 @@ def sample_prompt(model: TransformerLM, tokenizer: Tokenizer, prompt: str, eos_i
         def tokens():
             for next_ids in steps:
                 sampled.append(int(next_ids[0]))
+                if sampled[-1] in stop_ids:
+                    return
                 yield sampled[-1]
 
         sys.stdout.write(prompt)
-        for piece in decode_stream(tokens(), tokenizer, eos_id):
+        for piece in decode_stream(tokens(), tokenizer):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return len(sampled)
     columns, ended = [], torch.zeros(args.num_samples, dtype=torch.bool)  # (N,) each
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long)
     for next_ids in steps:
         columns.append(next_ids.cpu())
-        if eos_id is not None:
-            ended |= columns[-1] == eos_id
-            if ended.all():
-                break
+        ended |= torch.isin(columns[-1], stops)
+        if ended.all():
+            break
     for i, row in enumerate(torch.stack(columns, dim=1).tolist()):  # (N, steps)
-        text = tokenizer.decode(row[:row.index(eos_id)] if eos_id in row else row)
+        text = tokenizer.decode(row[:next((j for j, t in enumerate(row) if t in stop_ids),
+                                          len(row))])
         print(f"--- sample {i + 1} ---\n{prompt}{text}")
     return len(columns) * args.num_samples
 
@@ -6040,20 +6334,22 @@ def cmd_sample(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     model, tokenizer, checkpoint = read_model(path)
     model = model.to(device)
-    # Fine-tuning's template puts a question right after the end token: --qa keeps to it.
-    story_start = "" if args.qa else saved_story_start(checkpoint, path)
-    eos_id = end_of_text_id(tokenizer)
-    if args.qa and eos_id is None:
-        raise ValueError(f"--qa: {path}'s tokenizer has no end-of-text token to end an answer")
+    story_start = saved_story_start(checkpoint, path)
+    generation = saved_generation(checkpoint.get("generation"), tokenizer, path)
+    # Questions, in finetune's template (qa_template), which also ends the answers.
+    template = qa_template(tokenizer, generation, path) if args.qa else None
+    stop_ids = set(generation["eos_ids"]) if generation else {end_of_text_id(tokenizer)}
+    stop_ids |= {template.end} if template else set()
     log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"device {device})")
     prompts = [args.prompt] if args.prompt is not None else interactive_prompts()
-    if args.qa:  # questions, in finetune's template; sample_prompt puts <eot> before each
-        prompts = map(qa_prompt, prompts)
     try:
         for prompt in prompts:
             started = time.perf_counter()
-            count = sample_prompt(model, tokenizer, prompt, eos_id, args, story_start)
+            ids = (template.prompt_ids(tokenizer, prompt) if template
+                   else story_ids(tokenizer, prompt, story_start, generation))
+            count = sample_prompt(model, tokenizer, template.prompt(prompt) if template
+                                  else prompt, ids, stop_ids - {None}, args)
             sys.stdout.flush()  # here, where a broken pipe is caught, not at exit
             seconds = time.perf_counter() - started
             log(f"[{count} tokens in {seconds:.2f}s: {count / seconds:.1f} tokens/s"
@@ -6075,7 +6371,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def write_export(staging: str, model: TransformerLM, tokenizer: Tokenizer, iteration: int,
-                 source: str, story_start: str) -> None:
+                 source: str, story_start: str, generation: dict | None = None) -> None:
     """Write every file of an export into `staging`, the marker that lists them last."""
     out = lambda name: os.path.join(staging, name)
     write_safetensors(out("model.safetensors"), llama_state_dict(model))
@@ -6085,18 +6381,25 @@ def write_export(staging: str, model: TransformerLM, tokenizer: Tokenizer, itera
     # take the leading end-of-text token of a prompt for padding, and mask it out.
     if eos_id is not None:
         files["generation_config.json"] = {"bos_token_id": eos_id, "eos_token_id": eos_id}
+    if generation:  # an imported model's own, as it came
+        bos, eos = generation["bos_ids"], generation["eos_ids"]
+        ids = {"bos_token_id": bos[0] if bos else None,
+               "eos_token_id": eos if len(eos) > 1 else eos[0] if eos else None}
+        files["config.json"].update(ids)
+        files["generation_config.json"] = ids
     for name, value in files.items():
         write_atomically(out(name), (json.dumps(value, indent=2) + "\n").encode())
-    for name, data in hf_tokenizer_files(tokenizer, model.config.context_length).items():
+    for name, data in hf_tokenizer_files(tokenizer, model.config.context_length,
+                                         generation).items():
         write_atomically(out(name), data)
-    save_weights_only(model, tokenizer, iteration, out("gpt.pt"), story_start)
+    save_weights_only(model, tokenizer, iteration, out("gpt.pt"), story_start, generation)
     marker = {"files": sorted(os.listdir(staging)), "checkpoint": source, "step": iteration}
     write_atomically(out(EXPORT_MARKER), (json.dumps(marker, indent=2) + "\n").encode())
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     path = args.checkpoint or newest_checkpoint(args.run_dir)
-    model, tokenizer, iteration, story_start = read_for_export(path)
+    model, tokenizer, iteration, story_start, generation = read_for_export(path)
     out = os.path.realpath(args.out)  # a link given as --out: the directory it names
     remove_export_leftovers(out)
     check_export_dir(out, args.overwrite)
@@ -6104,7 +6407,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     staging = export_sibling(out, "new")
     check_writable_dir(staging)
     try:
-        write_export(staging, model, tokenizer, iteration, path, story_start)
+        write_export(staging, model, tokenizer, iteration, path, story_start, generation)
         publish_export(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -6134,7 +6437,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def inspection_ids(tokenizer: Tokenizer, prompt: str, context_length: int,
-                   story_start: str = "") -> list[int]:
+                   story_start: str = "", generation: dict | None = None) -> list[int]:
     """The prompt's token ids as `sample` feeds them (story_ids), checked to fit the context and
     to give attention two positions."""
     check_prompt(prompt, "--prompt")
@@ -6142,7 +6445,7 @@ def inspection_ids(tokenizer: Tokenizer, prompt: str, context_length: int,
         raise ValueError("--prompt is empty: give the text whose attention and next tokens to "
                          "show")
     eos_id = end_of_text_id(tokenizer)
-    ids = story_ids(tokenizer, prompt, story_start)
+    ids = story_ids(tokenizer, prompt, story_start, generation)
     before = " with the end-of-text token before it" if eos_id is not None else ""
     if len(ids) > context_length:
         raise ValueError(f"--prompt is {len(ids)} tokens{before}, more than the model's context "
@@ -6161,7 +6464,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     model, tokenizer, checkpoint = read_model(path)
     model = model.to(device)
     ids = inspection_ids(tokenizer, args.prompt, model.config.context_length,
-                         saved_story_start(checkpoint, path))
+                         saved_story_start(checkpoint, path),
+                         saved_generation(checkpoint.get("generation"), tokenizer, path))
     if args.top_k > model.config.vocab_size:
         raise ValueError(f"--top-k {args.top_k} is more than the model's {model.config.vocab_size} "
                          f"tokens")

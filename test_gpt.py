@@ -4716,15 +4716,22 @@ def bytes_tokenizer() -> gpt.Tokenizer:
     return gpt.Tokenizer(BYTES_VOCAB, [], [EOT])
 
 
+def our_template(tokenizer: gpt.Tokenizer) -> gpt.QATemplate:
+    """Our models' Q&A layout: <eot>Question: ...\nAnswer: ...<eot>."""
+    return gpt.qa_template(tokenizer, None, "the test")
+
+
 def test_qa_sequence_template_and_mask_hand_example():
     """<eot>Question: Hi?\\nAnswer: Yo.<eot>: the prompt's 21 targets are ignored, those of
     " Yo." and of the end token count; with everything=True all 25 count."""
-    inputs, targets = gpt.qa_sequence(bytes_tokenizer(), " Hi? ", "Yo.\n", 256)
+    inputs, targets = gpt.qa_sequence(bytes_tokenizer(), " Hi? ", "Yo.\n",
+                                      our_template(bytes_tokenizer()))
     prompt = list(b"Question: Hi?\nAnswer:")
     assert len(prompt) == 21
     assert inputs.tolist() == [256] + prompt + list(b" Yo.")
     assert targets.tolist() == [-100] * 21 + list(b" Yo.") + [256]
-    _, everything = gpt.qa_sequence(bytes_tokenizer(), "Hi?", "Yo.", 256, everything=True)
+    _, everything = gpt.qa_sequence(bytes_tokenizer(), "Hi?", "Yo.",
+                                    our_template(bytes_tokenizer()), everything=True)
     assert everything.tolist() == prompt + list(b" Yo.") + [256]
 
 
@@ -4732,9 +4739,10 @@ def test_qa_sequence_prompt_is_what_sample_qa_gives(tokenizer):
     """With merges, the pair still starts with exactly the ids `sample --qa` feeds the model
     (<eot>, then the prompt encoded alone), and decodes back to the template."""
     eot = tokenizer.special_ids[EOT]
+    template = our_template(tokenizer)
     inputs, targets = gpt.qa_sequence(tokenizer, "Where is the dog?", "The dog is in the park.",
-                                      eot)
-    prompt = [eot] + tokenizer.encode(gpt.qa_prompt("Where is the dog?"))
+                                      template)
+    prompt = [eot] + tokenizer.encode(template.prompt("Where is the dog?"))
     assert inputs[:len(prompt)].tolist() == prompt
     assert (targets[:len(prompt) - 1] == gpt.IGNORE_INDEX).all()
     assert (targets[len(prompt) - 1:] != gpt.IGNORE_INDEX).all() and targets[-1] == eot
@@ -4764,7 +4772,8 @@ def test_masked_cross_entropy_equals_torch_ignore_index(shape):
 def test_masked_cross_entropy_gives_question_targets_no_gradient():
     """The logits of positions whose target is ignored (the question's) get a gradient of
     exactly zero, and what those targets are changes nothing."""
-    inputs, targets = gpt.qa_sequence(bytes_tokenizer(), "Hi?", "Yo.", 256)
+    inputs, targets = gpt.qa_sequence(bytes_tokenizer(), "Hi?", "Yo.",
+                                      our_template(bytes_tokenizer()))
     model = gpt.TransformerLM(tiny_config(vocab_size=257, context_length=32))
     logits = model(torch.from_numpy(inputs)[None])  # (1, T, V)
     logits.retain_grad()
@@ -4864,7 +4873,7 @@ def test_finetune_from_scratch_reproduces_the_trained_answers(qa_run, capsys):
     eot = tokenizer.special_ids[EOT]
     trained = [p for i, p in enumerate(QA_PAIRS) if i not in (9, 19)]
     for pair in trained:
-        prompt = [eot] + tokenizer.encode(gpt.qa_prompt(pair["question"]))
+        prompt = [eot] + tokenizer.encode(our_template(tokenizer).prompt(pair["question"]))
         answer = list(gpt.generate(model, prompt, 40, temperature=0, eos_id=eot))
         assert tokenizer.decode(answer) == " " + pair["answer"] + EOT
     capsys.readouterr()
@@ -5103,7 +5112,7 @@ def test_sample_qa_needs_an_end_token(tmp_path, qa_run, capsys):
     capsys.readouterr()
     assert gpt.main(["sample", "--qa", "--checkpoint", str(tmp_path / "no-eot.pt"), "--prompt",
                      "Hi?"]) == 2
-    assert "--qa" in one_error_line(capsys, "sample")
+    assert "no end-of-text token to end an answer" in one_error_line(capsys, "sample")
 
 
 # ==================================================================================================
@@ -5262,7 +5271,7 @@ def test_sample_starts_a_story_as_training_did(trained_run, monkeypatch, capsys)
     base = ["sample", "--run-dir", str(trained_run), "--prompt", "Once upon"]
     assert gpt.main(base) == 0 and gpt.main(base + ["--qa"]) == 0
     assert fed == [[eot] + tokenizer.encode("\nOnce upon"),
-                   [eot] + tokenizer.encode(gpt.qa_prompt("Once upon"))]
+                   [eot] + tokenizer.encode(our_template(tokenizer).prompt("Once upon"))]
     assert gpt.inspection_ids(tokenizer, "Once upon", 64, "\n") == fed[0]
 
 
