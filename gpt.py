@@ -295,21 +295,14 @@ def check_tokenizer_files(pairs, special_tokens, paths: dict[str, str]) -> None:
         raise ValueError(f"{paths['special_tokens.json']} is not a JSON list of strings")
 
 
-# The settings by which other byte-level BPE tokenizers (Llama 3's, Qwen's, SmolLM's) differ
-# from ours, with what each must be; ours have the defaults, and files and checkpoints hold only
-# settings that differ from them.
-TOKENIZER_SETTINGS = {"split_patterns": "a list of regular expressions",
-                      "normalizer": '"NFC" or null', "ignore_merges": "true or false"}
-
-
 def check_tokenizer_settings(settings, where: str) -> dict:
-    """Refuse settings that are not a dict of TOKENIZER_SETTINGS, each of its kind."""
+    """Refuse what a tokenizer_settings.json or a checkpoint must not hold: Tokenizer's other
+    settings (below) of other kinds, or any other key."""
     ok = {"split_patterns": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
-          "normalizer": lambda v: v in (None, "NFC"), "ignore_merges": lambda v: v in (True, False)}
-    for key, value in settings.items() if isinstance(settings, dict) else [("", settings)]:
-        if key not in ok or not ok[key](value):
-            raise ValueError(f"{where}: tokenizer setting {key!r} is {str(value)[:40]!r}; the "
-                             f"settings are {TOKENIZER_SETTINGS}")
+          "normalizer": lambda v: v in (None, "NFC"),
+          "ignore_merges": lambda v: isinstance(v, bool)}
+    if not (isinstance(settings, dict) and all(k in ok and ok[k](v) for k, v in settings.items())):
+        raise ValueError(f"{where}: damaged tokenizer settings {str(settings)[:60]}")
     return settings
 
 
@@ -2074,24 +2067,22 @@ def whitespace_boundaries(path: str, start: int, end: int, chunk_bytes: int) -> 
     return cuts + [end]
 
 
-def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes: int,
-                     whitespace_cuts: bool = True) -> list[int]:
+def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes: int
+                     ) -> list[int]:
     """Byte offsets that cut a text into chunks of about `chunk_bytes`, each cut at the start of
     a special token, so no document (and no pre-token) is split between two workers.
 
     A cut is refused where an occurrence of a special token starts before it and reaches it
     (overlapping it, or ending right there): in a run such as `<|endoftext|><|endoftext|>`,
     which may be one longer special token, the cut could split what encode() would match.
-    Without special tokens, see whitespace_boundaries (cuts of GPT-2's pattern only: without
-    whitespace_cuts, no cut). Offsets are the file's, start to end.
+    Without special tokens, see whitespace_boundaries. Offsets are the file's, start to end.
     Example: a 10 MB file with a document break every few KB, chunk_bytes=4e6 ->
     [0, 4000231, 8000514, 10000000].
     """
     path, start, end = text_range(source)
     specials = [s.encode("utf-8") for s in special_tokens]
     if not specials:
-        return (whitespace_boundaries(path, start, end, chunk_bytes) if whitespace_cuts
-                else [start, end])
+        return whitespace_boundaries(path, start, end, chunk_bytes)
     cuts = [start]
     if end - start > chunk_bytes:
         with mapped(path) as data:
@@ -2114,13 +2105,12 @@ def chunk_boundaries(source: TextSource, special_tokens: list[str], chunk_bytes:
 
 
 def plan_chunks(source: TextSource, special_tokens: list[str], num_workers: int,
-                max_chunk_bytes: int = 4 << 20, whitespace_cuts: bool = True
-                ) -> list[tuple[str, int, int]]:
+                max_chunk_bytes: int = 4 << 20) -> list[tuple[str, int, int]]:
     """(path, start, end) pieces of a text for the workers: a few MB each, and at least four per
     worker on a small text, so every core stays busy until the end."""
     path, start, end = text_range(source)
     chunk = max(min(max_chunk_bytes, (end - start) // (4 * num_workers)), 1 << 16)
-    cuts = chunk_boundaries((path, start, end), special_tokens, chunk, whitespace_cuts)
+    cuts = chunk_boundaries((path, start, end), special_tokens, chunk)
     return [(path, a, b) for a, b in zip(cuts, cuts[1:])]
 
 
@@ -2532,6 +2522,16 @@ class _Cache(dict):
         return ids
 
 
+# The fast twin of §1's split_isolated.
+def fast_split_isolated(text: str, pattern: regex.Pattern) -> list[str]:
+    """split_isolated, by findall (in C) where the matches cover the whole text, as those of
+    GPT-2's, Llama 3's and Qwen's patterns always do: there are no gaps to keep."""
+    matches = pattern.findall(text) if not pattern.groups else []
+    if sum(map(len, matches)) == len(text):
+        return list(filter(None, matches))  # without the empty matches, as split_isolated
+    return READABLE_FORMS["split_isolated"](text, pattern)
+
+
 # The rank of a pair that is no merge: after every real rank.
 _NOT_A_MERGE = sys.maxsize
 
@@ -2550,7 +2550,7 @@ class FastTokenizer(Tokenizer):
                  split_patterns: Iterable[str] = (GPT2_PATTERN,), normalizer: str | None = None,
                  ignore_merges: bool = False):
         super().__init__(vocab, merges, special_tokens, split_patterns, normalizer, ignore_merges)
-        # The shortcuts below know GPT-2's pattern; other settings take encode_pretokens.
+        # The shortcuts below know GPT-2's pattern; with other settings encode() goes §1's way.
         self.gpt2_split = not self.settings().keys() - {"ignore_merges"}
         # Three caches. For prose cut into words: text -> ids, for text that pre-tokenizes on
         # its own (pre-tokens, the first word of a text, what follows a newline); and word ->
@@ -2673,9 +2673,11 @@ class FastTokenizer(Tokenizer):
                     ids.append(self.special_ids[piece])
                 elif not piece:
                     continue
-                elif not self.gpt2_split:
+                elif not self.gpt2_split:  # §1's way, each pre-token looked up
+                    if self.normalizer:
+                        piece = unicodedata.normalize(self.normalizer, piece)
                     ids.extend(chain.from_iterable(
-                        map(self.pretokens.__getitem__, self.fast_pretokenize(piece))))
+                        map(self.pretokens.__getitem__, pretokenize(piece, self.split_res))))
                 elif UNSAFE_SPACE_RE.search(piece):
                     # The hot loop, all in C: look each pre-token up, extend with its ids.
                     ids.extend(chain.from_iterable(
@@ -2686,20 +2688,6 @@ class FastTokenizer(Tokenizer):
                     ids.extend(chain.from_iterable(
                         map(self.after_space.__getitem__, islice(words, 1, None))))
         return ids
-
-    def fast_pretokenize(self, text: str) -> list[str]:
-        """§1's normalization and pretokenize(text, self.split_res), for settings other than
-        GPT-2's. A pattern whose matches cover the text leaves no gaps to keep (as Llama 3's,
-        Qwen's and GPT-2's do on any text): findall, in C, then gives the pieces."""
-        pieces = [unicodedata.normalize(self.normalizer, text) if self.normalizer else text]
-        for pattern in self.split_res:
-            found = []
-            for piece in pieces:
-                matches = pattern.findall(piece) if not pattern.groups else []
-                found += (matches if sum(map(len, matches)) == len(piece)
-                          else split_isolated(piece, pattern))
-            pieces = found
-        return pieces
 
     def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
         """Encode a stream of strings (say, the lines of a large file) lazily, giving exactly the
@@ -2794,10 +2782,10 @@ def encode_files(tokenizer: Tokenizer, files: list[tuple[TextSource, str | os.Pa
     looks complete.
     """
     dtype = token_dtype(max(tokenizer.vocab) + 1)
-    # Other pre-tokenizers than GPT-2's may join text across a line break: cut at specials only.
-    whitespace_cuts = not tokenizer.settings().keys() - {"ignore_merges"}
-    plans = [(source, out_path, plan_chunks(source, tokenizer.special_tokens, num_workers,
-                                            whitespace_cuts=whitespace_cuts))
+    # Without special tokens, chunks are cut at line ends, safe for GPT-2's pattern only.
+    whole = not tokenizer.special_tokens and tokenizer.settings().keys() - {"ignore_merges"}
+    plans = [(source, out_path, [text_range(source)] if whole
+              else plan_chunks(source, tokenizer.special_tokens, num_workers))
              for source, out_path in files]
     jobs = [(path, start, end, dtype) for _, _, chunks in plans for path, start, end in chunks]
     results = map_jobs(_encode_chunk_in_worker, jobs, num_workers, ordered=True,
@@ -4896,8 +4884,7 @@ def hf_split_patterns(spec, where: str) -> list[str]:
     patterns = []
     for i, step in enumerate(steps):
         kind, last = (step or {}).get("type"), i == len(steps) - 1
-        isolated = kind == "Split" and step["behavior"] == "Isolated" and not step["invert"]
-        if isolated and not last:
+        if kind == "Split" and not last and step["behavior"] == "Isolated" and not step["invert"]:
             given = step["pattern"]
             patterns.append(given["Regex"] if "Regex" in given else regex.escape(given["String"]))
         elif kind == "Digits" and not last:
@@ -4925,57 +4912,50 @@ def hf_bpe(model: dict, where: str) -> tuple[dict[int, bytes], list[tuple[bytes,
     vocab, merges = {}, []
     for token, i in model["vocab"].items():
         if not (is_int(i) and 0 <= i < MAX_VOCAB_SIZE and set(token) <= unspell.keys()):
-            raise ValueError(f"{where}: token {token[:30]!r} with id {shown(i)} is not byte-level "
-                             f"BPE's")
+            raise ValueError(f"{where}: token {token[:30]!r}, id {shown(i)}, is not byte-level")
         vocab[i] = bytes(unspell[c] for c in token)
-    for merge_ in model["merges"]:
-        parts = merge_.split(" ") if isinstance(merge_, str) else merge_
-        if len(parts) != 2 or not all(set(part) <= unspell.keys() for part in parts):
-            raise ValueError(f"{where}: merge {shown(merge_)} is not two byte-level tokens")
+    for pair in model["merges"]:
+        parts = pair.split(" ") if isinstance(pair, str) else pair
+        if len(parts) != 2 or not set("".join(parts)) <= unspell.keys():
+            raise ValueError(f"{where}: merge {shown(pair)} is not two byte-level tokens")
         merges.append(tuple(bytes(unspell[c] for c in part) for part in parts))
     return vocab, merges
 
 
 def hf_added_tokens(added: list, vocab: dict[int, bytes], normalizer: bool,
                     where: str) -> list[str]:
-    """Place tokenizer.json's added_tokens in vocab at their ids, and return their contents in
-    the order of their ids: §1's special tokens, which `tokenizers` splits out whole (special or
-    not, like Qwen3's <think>) before normalizing the text between them (a token matched in
-    normalized text is refused, as are those that take spaces around them)."""
+    """Put tokenizer.json's added_tokens in vocab at their ids; their contents, in the order of
+    their ids, are §1's special tokens: `tokenizers` splits each out whole (special or not, like
+    Qwen3's <think>) before it normalizes the text between them."""
     id_of = {token: i for i, token in vocab.items()}
-    contents = []
     for token in sorted(added, key=lambda t: t["id"]):
         content, i = token["content"], token["id"]
         data = content.encode("utf-8")
         for flag in ("lstrip", "rstrip", "single_word", "normalized")[:3 + normalizer]:
             if token.get(flag):
-                raise ValueError(f"{where}: added token {content!r} has {flag} set, which is not "
-                                 f"supported")
+                raise ValueError(f"{where}: added token {content!r} with {flag} is not supported")
         if not is_int(i) or vocab.get(i, data) != data or id_of.get(data, i) != i:
-            raise ValueError(f"{where}: added token {content!r} (id {shown(i)}) has another "
-                             f"token's id or spelling")
+            raise ValueError(f"{where}: added token {content!r} has another token's id or bytes")
         vocab[i] = data
-        contents.append(content)
-    return contents
+    return [token["content"] for token in sorted(added, key=lambda t: t["id"])]
 
 
 def hf_bos_ids(post, where: str) -> list[int]:
     """The ids tokenizer.json's post_processor puts before every text: Llama 3's
     TemplateProcessing, <|begin_of_text|>; ByteLevel (SmolLM2's, Qwen's) none."""
-    steps = [post] if post else []
-    if post and post.get("type") == "Sequence":
-        steps = post["processors"]
     bos = []
+    steps = post["processors"] if post and post["type"] == "Sequence" else [post] if post else []
     for step in steps:
-        items = [next(iter(item)) for item in step.get("single", [])]  # SpecialToken, Sequence
-        text_last = items.count("Sequence") == 1 and items[-1:] == ["Sequence"]
-        if step["type"] == "TemplateProcessing" and text_last:
+        # "single" lists what one text becomes: "SpecialToken"s and the text ("Sequence").
+        items = [next(iter(item)) for item in step.get("single", [])]
+        if step["type"] == "TemplateProcessing" and items == ["SpecialToken"] * (
+                len(items) - 1) + ["Sequence"]:
             bos += [i for item in step["single"][:-1]
                     for i in step["special_tokens"][item["SpecialToken"]["id"]]["ids"]]
         elif step["type"] != "ByteLevel":
             raise ValueError(f"{where}: its post-processor {step['type']} is not supported: "
-                             f"gpt.py reads ByteLevel, and TemplateProcessing that only puts "
-                             f"tokens before the text")
+                             f"gpt.py reads ByteLevel, and TemplateProcessing that puts tokens "
+                             f"only before the text")
     return bos
 
 
@@ -4985,45 +4965,40 @@ def read_hf_tokenizer(hf_dir: str) -> tuple[Tokenizer, dict]:
     `import` keeps in the checkpoint under "generation"."""
     path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.isfile(path):
-        raise ValueError(f"{hf_dir} holds no tokenizer.json, the only tokenizer format gpt.py "
-                         f"reads")
+        raise ValueError(f"{hf_dir} holds no tokenizer.json, the tokenizer format gpt.py reads")
     spec = read_json(path)
     try:
         normalizer = (spec["normalizer"] or {"type": None})["type"]
         for what, kind, ok in (("normalizer", normalizer, (None, "NFC")),
                                ("decoder", spec["decoder"]["type"], ("ByteLevel",))):
             if kind not in ok:
-                raise ValueError(f"{path}: its {what} {kind} is not supported (only NFC and "
-                                 f"ByteLevel)")
+                raise ValueError(f"{path}: its {what} {kind} is not supported (NFC, ByteLevel)")
         vocab, merges = hf_bpe(spec["model"], path)
         split_patterns = hf_split_patterns(spec["pre_tokenizer"], path)
         special_tokens = hf_added_tokens(spec["added_tokens"], vocab, bool(normalizer), path)
         bos_ids = hf_bos_ids(spec["post_processor"], path)
     except (AttributeError, KeyError, TypeError, StopIteration) as e:
-        raise ValueError(f"{path} is not laid out as tokenizer.json files are "
-                         f"({first_line(e)})") from None
+        raise ValueError(f"{path} is not laid out as tokenizer.json is ({first_line(e)})") from None
     try:
         tokenizer = Tokenizer(vocab, merges, special_tokens, split_patterns, normalizer,
                               spec["model"].get("ignore_merges") is True)
-    except ValueError as e:  # a merge of tokens not in the vocabulary, a missing byte
+    except ValueError as e:  # a merge of tokens not in the vocabulary, a byte missing from it
         raise ValueError(f"{path}: {e}") from None
     return tokenizer, hf_generation(hf_dir, tokenizer, bos_ids)
 
 
-def chat_format(template, tokenizer: Tokenizer) -> dict | None:
+def chat_format(template: str | None, tokenizer: Tokenizer) -> dict | None:
     """A chat_template read without a template engine, where it is ChatML, SmolLM2-Instruct's
-    and Qwen's format: each turn <|im_start|>{role}\\n{text}<|im_end|>\\n. Gives the text
-    before and after a user's question, up to the assistant's turn, and the token that ends
-    it. Other templates are kept, for export, with None for those three.
+    and Qwen's format (each turn <|im_start|>{role}\\n{text}<|im_end|>\\n): the text before
+    and after a user's question, up to the assistant's turn, and the token that ends it
+    (qa_template, §18, uses them). Other templates are kept, for export, with None for those.
     Example (SmolLM2-Instruct): {"before": "<|im_start|>system\\nYou are a helpful AI ...
     <|im_end|>\\n<|im_start|>user\\n", "after": "<|im_end|>\\n<|im_start|>assistant\\n",
     "end": "<|im_end|>", "template": template}."""
-    if template is None:
-        return None
     chat = {"before": None, "after": None, "end": None, "template": template}
-    if not ({"<|im_start|>", "<|im_end|>"} <= tokenizer.special_ids.keys()
-            and "<|im_start|>" in template and "bos_token" not in template):
-        return chat
+    if template is None or not ({"<|im_start|>", "<|im_end|>"} <= tokenizer.special_ids.keys()
+                                and "<|im_start|>" in template and "bos_token" not in template):
+        return chat if template is not None else None
     # A system turn written out in the template is put first when none is given (SmolLM2's).
     found = regex.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}\\]*)<\|im_end\|>", template)
     system = f"<|im_start|>system\n{found[1]}<|im_end|>\n" if found else ""
@@ -5037,9 +5012,9 @@ def chat_format(template, tokenizer: Tokenizer) -> dict | None:
 
 def hf_generation(hf_dir: str, tokenizer: Tokenizer, bos_ids: list[int]) -> dict:
     """How a model directory's prompts start and generations end: {"bos_ids": the ids before
-    every prompt (tokenizer.json's post-processor), "eos_ids": the ids that end a generation
-    (generation_config.json's, else config.json's, else tokenizer_config.json's eos_token),
-    "chat": its chat format, chat_format of chat_template.jinja or tokenizer_config.json's}."""
+    every prompt (from tokenizer.json), "eos_ids": the ids that end a generation (those of
+    generation_config.json, else config.json, else tokenizer_config.json's eos_token), "chat":
+    chat_format of chat_template.jinja or of tokenizer_config.json's chat_template}."""
     files = {}
     for name in ("generation_config.json", "config.json", "tokenizer_config.json"):
         path = os.path.join(hf_dir, name)
@@ -6163,6 +6138,7 @@ def fast_filter_logits(logits: torch.Tensor, temperature: float, top_k: int | No
 # plain name in §1-§7 -> its fast twin in the machinery
 FAST_TWINS: dict[str, object] = {
     "train_bpe_incremental": fast_train_bpe_incremental,
+    "split_isolated": fast_split_isolated,
     "Tokenizer": FastTokenizer,
     "cross_entropy": fast_cross_entropy,
     "AdamW": FastAdamW,

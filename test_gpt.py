@@ -700,6 +700,141 @@ def test_gpt2_exact_ids(gpt2_tokenizer, text, expected):
     assert gpt2_tokenizer.decode(expected) == text
 
 
+# --- Other byte-level BPE tokenizers: Llama 3's, Qwen's and SmolLM's settings -------------------
+# The published pre-tokenizer patterns of Llama 3 (meta-llama/Meta-Llama-3-8B's tokenizer.json)
+# and Qwen2 (transformers' tokenization_qwen2.py, PRETOKENIZE_REGEX), which Qwen3 keeps.
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                  r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                 r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Each layout's Tokenizer settings, as read_hf_tokenizer gives them.
+LAYOUTS = {"gpt2": {},
+           "smollm": {"split_patterns": [r"\p{N}", gpt.GPT2_PATTERN]},
+           "llama3": {"split_patterns": [LLAMA3_PATTERN], "ignore_merges": True},
+           "qwen": {"split_patterns": [QWEN2_PATTERN], "normalizer": "NFC"}}
+HARD_TEXTS = TRICKY_TEXTS + [
+    "def f(x):\n    return {'a': [1, 2]}  # note\r\n\r\n\tif x >= 1234567:\n        pass\n",
+    '<div class="a"><p>Hi &amp; bye</p></div>\n<br/>\n\n',
+    "1234567890 3.14159 -42 1,000,000 ½ ² Ⅻ ٣٤٥ 𝟘𝟙",
+    "e\u0301 cafe\u0301 A\u030a \u212b \u037e ﬁ Ǆ ſ K",  # NFC composes and replaces these
+    "I'M SHE'LL we'VE 'S ’s",
+    "trailing spaces   \n  \n",
+]
+
+
+def with_layout(tokenizer: gpt.Tokenizer, layout: str, cls=None) -> gpt.Tokenizer:
+    """The same vocabulary, merges and special tokens with a layout's settings."""
+    return (cls or gpt.Tokenizer)(tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens,
+                                  **LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("text, pattern, expected", [
+    ("ab12", r"\p{N}", ["ab", "1", "2"]),
+    ("12ab", r"\p{N}+", ["12", "ab"]),
+    ("", r"\p{N}", []),
+    ("a b", r"x", ["a b"]),
+])
+def test_split_isolated_hand_examples(text, pattern, expected):
+    """Matches and the text between them both become pieces, none of them empty."""
+    assert gpt.split_isolated(text, regex.compile(pattern)) == expected
+    assert gpt.READABLE_FORMS["split_isolated"](text, regex.compile(pattern)) == expected
+
+
+@pytest.mark.parametrize("layout, text, expected", [
+    ("gpt2", "x 1234 y's", ["x", " 1234", " y", "'s"]),
+    ("smollm", "x 1234 y's", ["x", " ", "1", "2", "3", "4", " y", "'s"]),
+    ("llama3", "x 1234567 Y'S\n\n", ["x", " ", "123", "456", "7", " Y", "'S", "\n\n"]),
+    ("qwen", "x 123 (y)\n", ["x", " ", "1", "2", "3", " (", "y", ")\n"]),
+])
+def test_pretokenize_with_each_layouts_patterns(layout, text, expected):
+    """Each pattern cuts the pieces of the one before (worked out by hand): SmolLM's digits one
+    by one, then GPT-2's pattern; Llama 3's runs of three digits; Qwen's single digits."""
+    patterns = [regex.compile(p) for p in LAYOUTS[layout].get("split_patterns",
+                                                              [gpt.GPT2_PATTERN])]
+    assert gpt.pretokenize(text, patterns) == expected
+
+
+def test_fast_split_isolated_equals_the_readable_one():
+    """The findall shortcut gives split_isolated's pieces, for patterns whose matches cover
+    every text and for those that leave gaps (or match nothing but the empty string)."""
+    rng = random.Random(0)
+    chars = "ab Z1 2\n\t.,'é日🙂\u0301"
+    for pattern in [gpt.GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, r"\p{N}", r"x*", r"(a)b"]:
+        compiled = regex.compile(pattern)
+        for _ in range(300):
+            text = "".join(rng.choice(chars) for _ in range(rng.randint(0, 12)))
+            assert gpt.fast_split_isolated(text, compiled) == gpt.READABLE_FORMS["split_isolated"](
+                text, compiled), (pattern, text)
+
+
+@pytest.mark.parametrize("form", ["readable", "fast"])
+def test_encode_merges_the_leftmost_occurrence_first(form):
+    """A merge list may use a token before the merge that makes it (Llama 3's, converted from
+    tiktoken's ranks, does): "abab" with merges (ab, a), then (a, b) merges the first "ab",
+    then "aba" at once, as `tokenizers` does; merging both "ab"s first would give [ab, ab]."""
+    vocab = {**BYTES_VOCAB, 256: b"ab", 257: b"aba"}
+    cls = PlainTokenizer if form == "readable" else gpt.FastTokenizer
+    tokenizer = cls(vocab, [(b"ab", b"a"), (b"a", b"b")])
+    assert tokenizer.encode("abab") == [257, ord("b")]
+
+
+@pytest.mark.parametrize("form", ["readable", "fast"])
+def test_ignore_merges_takes_a_pretoken_that_is_a_token_whole(form):
+    """With ignore_merges (Llama 3), a pre-token found in the vocabulary is that one token, even
+    where the merges would build it otherwise; without, the merges decide."""
+    vocab = {**BYTES_VOCAB, 256: b"ab", 257: b"bc", 258: b"abc"}
+    merges = [(b"a", b"b"), (b"b", b"c"), (b"a", b"bc")]
+    cls = PlainTokenizer if form == "readable" else gpt.FastTokenizer
+    assert cls(vocab, merges).encode("abc abc") == [256, 99, 32, 256, 99]
+    assert cls(vocab, merges, ignore_merges=True).encode("abc abc") == [258, 32, 256, 99]
+
+
+@pytest.mark.parametrize("form", ["readable", "fast"])
+def test_nfc_normalizer_composes_the_text_between_special_tokens(form):
+    """With the NFC normalizer (Qwen), "e" + a combining accent encodes as "é" does; special
+    tokens are cut out first and matched as written."""
+    cls = PlainTokenizer if form == "readable" else gpt.FastTokenizer
+    tokenizer = cls(BYTES_VOCAB, [], [EOT], normalizer="NFC")
+    assert tokenizer.encode(f"cafe\u0301{EOT}A\u030a") == tokenizer.encode(f"café{EOT}Å")
+    assert cls(BYTES_VOCAB, []).encode("e\u0301") == list("e\u0301".encode())
+
+
+def test_other_settings_are_saved_and_fingerprinted_ours_unchanged(tmp_path, tokenizer):
+    """A tokenizer with GPT-2's settings (ours) saves the three files it always did; another
+    layout adds tokenizer_settings.json, which its fingerprint covers and load() reads back."""
+    assert tokenizer.settings() == {}
+    assert set(tokenizer.saved_files()) == {"vocab.json", "merges.txt", "special_tokens.json"}
+    fingerprints = {tokenizer.fingerprint()}
+    for layout in ["smollm", "llama3", "qwen"]:
+        other = with_layout(tokenizer, layout)
+        assert other.settings() == LAYOUTS[layout]
+        fingerprints.add(other.fingerprint())
+        other.save(tmp_path / layout)
+        loaded = gpt.Tokenizer.load(tmp_path / layout)
+        assert loaded.settings() == other.settings()
+        assert loaded.fingerprint() == other.fingerprint()
+    assert len(fingerprints) == 4
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"normalizer": "NFKC"}, "NFKC"),
+    ({"split_patterns": "\\p{N}"}, "split_patterns"),
+    ({"lowercase": True}, "lowercase"),
+    ({"ignore_merges": 1}, "ignore_merges"),
+    (["NFC"], "NFC"),
+])
+def test_bad_tokenizer_settings_file_is_refused(tmp_path, tokenizer, settings, named):
+    """A tokenizer_settings.json with another setting, or one of another kind, is one line
+    naming the file and what it holds; a pattern that is no regular expression too."""
+    tokenizer.save(tmp_path)
+    (tmp_path / "tokenizer_settings.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=f"tokenizer_settings.json.*{re.escape(named)}"):
+        gpt.Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer_settings.json").write_text(json.dumps({"split_patterns": ["(x"]}))
+    with pytest.raises(ValueError, match="not a regular expression"):
+        gpt.Tokenizer.load(tmp_path)
+
+
 # ==================================================================================================
 # §2 Data
 # ==================================================================================================
