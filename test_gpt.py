@@ -7,6 +7,7 @@ Everything a test writes goes under pytest's tmp_path, never into the working di
 """
 
 import argparse
+import base64
 import contextlib
 import copy
 import dataclasses
@@ -27,6 +28,7 @@ import string
 import subprocess
 import sys
 import time
+import unicodedata
 import warnings
 from collections import Counter
 from itertools import chain, pairwise, product
@@ -2578,6 +2580,54 @@ def test_encode_iterable_equals_encode_on_file_lines(tokenizer, corpus_path):
     with open(corpus_path, encoding="utf-8", newline="") as f:
         assert list(tokenizer.encode_iterable(f)) == expected
 
+@pytest.mark.parametrize("layout", ["smollm", "llama3", "qwen"])
+def test_fast_encode_equals_the_plain_encode_with_other_layouts(tokenizer, corpus_path, layout):
+    """With another layout's settings, FastTokenizer takes §1's way through its pre-token cache:
+    the plain tokenizer's ids on hard texts, random strings and stories, which decode back (the
+    text NFC-composed, with the NFC normalizer)."""
+    fast, plain = with_layout(tokenizer, layout), with_layout(tokenizer, layout, PlainTokenizer)
+    rng = random.Random(0)
+    chars = list("ab Z1 2\n\r\t.,'é日🙂\u0301\xa0") + ["'S", EOT, "123456"]
+    texts = HARD_TEXTS + ["".join(rng.choices(chars, k=rng.randint(0, 16))) for _ in range(300)]
+    texts.append(open(corpus_path, encoding="utf-8").read()[:20_000])
+    normalize = (lambda t: unicodedata.normalize("NFC", t)) if layout == "qwen" else str
+    for text in texts:
+        ids = fast.encode(text)
+        assert ids == plain.encode(text), text
+        assert fast.decode(ids) == normalize(text)
+
+
+@pytest.mark.parametrize("layout", ["smollm", "llama3", "qwen"])
+@pytest.mark.parametrize("text", [
+    "a  b\n\n c'll 1234567 <|endoftext|>x  ",
+    EOT + EOT + " " + EOT + "end",
+    "e\u0301\ne\u0301<|endoftext|>\u0301\n\n 12",
+])
+def test_encode_iterable_with_other_layouts_cuts_only_at_special_tokens(layout, text):
+    """Other layouts' patterns may join any two characters, and NFC compose them: the stream is
+    cut only before special tokens, and gives encode()'s ids however the text arrives."""
+    tokenizer = with_layout(merging_every_pair_tokenizer(text, [EOT]), layout, gpt.FastTokenizer)
+    expected = tokenizer.encode(text)
+    assert list(tokenizer.encode_iterable(list(text))) == expected
+    for i in range(len(text) + 1):
+        assert list(tokenizer.encode_iterable([text[:i], text[i:]])) == expected, i
+    assert tokenizer._last_safe_cut("ab\ncd" + EOT + "ef", 0, 18, len(EOT)) == 5
+
+
+def test_encode_files_with_another_layout_cuts_at_special_tokens_only(tmp_path, tokenizer):
+    """A text without special tokens is not cut at line ends for another layout's pattern
+    (Llama 3's joins ".\\n" into one pre-token): its token file is encode() of the whole."""
+    text = "The end.\n\nOnce upon a time. 12345\n" * 3000
+    path = tmp_path / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    for specials in ([], [EOT]):
+        llama = gpt.FastTokenizer(tokenizer.vocab, tokenizer.merges, specials,
+                                  **LAYOUTS["llama3"])
+        out = tmp_path / "text.bin"
+        assert list(gpt.encode_files(llama, [(str(path), str(out))], num_workers=2)) == [
+            len(llama.encode(text))]
+        assert np.fromfile(out, dtype=np.uint16).tolist() == llama.encode(text)
+
 
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_encode_file_equals_encode(tmp_path, tokenizer, corpus_path, num_workers):
@@ -2965,6 +3015,130 @@ def test_saved_story_start_is_a_little_whitespace(value, expected):
             gpt.saved_story_start(checkpoint, "ckpt.pt")
     else:
         assert gpt.saved_story_start(checkpoint, "ckpt.pt") == expected
+
+# --- An imported model's checkpoint: another layout's tokenizer, and generation settings ---------
+# The chat templates of HuggingFaceTB/SmolLM2-135M-Instruct and of Qwen3 (Qwen/Qwen3-0.6B), as
+# their tokenizer_config.json holds them: data, to check what chat_format reads from them.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+QWEN3_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' "
+    "%}\n        {{- messages[0].content + '\\n\\n' }}\n    {%- endif %}\n    {{- \"# Tools\\n\\n"
+    "You may call one or more functions to assist with the user query.\\n\\nYou are provided "
+    "with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n    {%- for tool "
+    "in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n    "
+    "{{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": "
+    "<function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
+    "{%- else %}\n    {%- if messages[0].role == 'system' %}\n        {{- '<|im_start|>system\\n'"
+    " + messages[0].content + '<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- set ns = "
+    "namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n{%- for message in"
+    " messages[::-1] %}\n    {%- set index = (messages|length - 1) - loop.index0 %}\n    {%- if "
+    "ns.multi_step_tool and message.role == \"user\" and not(message.content.startswith('<tool_"
+    "response>') and message.content.endswith('</tool_response>')) %}\n        {%- set ns.multi_"
+    "step_tool = false %}\n        {%- set ns.last_query_index = index %}\n    {%- endif %}\n"
+    "{%- endfor %}\n{%- for message in messages %}\n    {%- if (message.role == \"user\") or "
+    "(message.role == \"system\" and not loop.first) %}\n        {{- '<|im_start|>' + "
+    "message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n    {%- elif message.role"
+    " == \"assistant\" %}\n        {%- set content = message.content %}\n        {%- set "
+    "reasoning_content = '' %}\n        {%- if message.reasoning_content is defined and "
+    "message.reasoning_content is not none %}\n            {%- set reasoning_content = "
+    "message.reasoning_content %}\n        {%- else %}\n            {%- if '</think>' in "
+    "message.content %}\n                {%- set content = message.content.split('</think>')[-1]"
+    ".lstrip('\\n') %}\n                {%- set reasoning_content = message.content.split("
+    "'</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}\n            {%- endif "
+    "%}\n        {%- endif %}\n        {%- if loop.index0 > ns.last_query_index %}\n            "
+    "{%- if loop.last or (not loop.last and reasoning_content) %}\n                {{- "
+    "'<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + "
+    "'\\n</think>\\n\\n' + content.lstrip('\\n') }}\n            {%- else %}\n                "
+    "{{- '<|im_start|>' + message.role + '\\n' + content }}\n            {%- endif %}\n        "
+    "{%- else %}\n            {{- '<|im_start|>' + message.role + '\\n' + content }}\n        "
+    "{%- endif %}\n        {%- if message.tool_calls %}\n            {%- for tool_call in "
+    "message.tool_calls %}\n                {%- if (loop.first and content) or (not loop.first) "
+    "%}\n                    {{- '\\n' }}\n                {%- endif %}\n                {%- if "
+    "tool_call.function %}\n                    {%- set tool_call = tool_call.function %}\n"
+    "                {%- endif %}\n                {{- '<tool_call>\\n{\"name\": \"' }}\n"
+    "                {{- tool_call.name }}\n                {{- '\", \"arguments\": ' }}\n"
+    "                {%- if tool_call.arguments is string %}\n                    {{- "
+    "tool_call.arguments }}\n                {%- else %}\n                    {{- "
+    "tool_call.arguments | tojson }}\n                {%- endif %}\n                {{- '}\\n"
+    "</tool_call>' }}\n            {%- endfor %}\n        {%- endif %}\n        {{- "
+    "'<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}\n        {%- if loop.first or "
+    "(messages[loop.index0 - 1].role != \"tool\") %}\n            {{- '<|im_start|>user' }}\n"
+    "        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n        {{- message.content }}"
+    "\n        {{- '\\n</tool_response>' }}\n        {%- if loop.last or (messages[loop.index0 + "
+    "1].role != \"tool\") %}\n            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    "
+    "{%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>"
+    "assistant\\n' }}\n    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n{%- endif %}\n")
+# A Llama 3 Instruct template's start: not ChatML, kept for export and refused for a chat.
+LLAMA3_CHAT_TEMPLATE = ("{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>'"
+                        " + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + "
+                        "'<|eot_id|>' }}{%- endfor %}")
+CHATML_SPECIALS = [EOT, "<|im_start|>", "<|im_end|>", "<|begin_of_text|>"]  # ids 256-259
+
+
+def chat_tokenizer(layout: str = "llama3") -> gpt.Tokenizer:
+    """Bytes as tokens, then ChatML's special tokens and a bos, with a layout's settings."""
+    return gpt.Tokenizer(BYTES_VOCAB, [], CHATML_SPECIALS, **LAYOUTS[layout])
+
+
+def imported_checkpoint(path, template: str | None = SMOLLM2_TEMPLATE, layout: str = "llama3",
+                        **generation) -> tuple:
+    """A random tiny model saved as `import` saves one: a tokenizer of another layout, and the
+    generation settings read_hf_tokenizer gives (bos <|begin_of_text|>, eos <|endoftext|> and
+    <|im_end|>); its 264 rows are more than its 260 tokens, like Qwen's padded vocabulary."""
+    tokenizer = chat_tokenizer(layout)
+    settings = {"bos_ids": [259], "eos_ids": [256, 258],
+                "chat": gpt.chat_format(template, tokenizer), **generation}
+    torch.manual_seed(0)
+    model = gpt.TransformerLM(tiny_config(vocab_size=264, context_length=64))
+    gpt.save_weights_only(model, tokenizer, 0, str(path), generation=settings)
+    return tokenizer, settings
+
+
+def test_checkpoint_keeps_tokenizer_settings_and_generation(tmp_path, tokenizer):
+    """A checkpoint stores a tokenizer's settings and the generation settings when it has them,
+    and reads both back; ours store the three keys they always did, and no generation."""
+    original, generation = imported_checkpoint(tmp_path / "imported.pt")
+    model, loaded, checkpoint = gpt.read_model(str(tmp_path / "imported.pt"))
+    assert loaded.settings() == LAYOUTS["llama3"] and loaded.fingerprint() == original.fingerprint()
+    assert model.config.vocab_size == 264 and max(loaded.vocab) == 259
+    assert gpt.saved_generation(checkpoint["generation"], loaded, "x") == generation
+    ours = gpt.TransformerLM(tiny_config(vocab_size=257))
+    gpt.save_weights_only(ours, gpt.Tokenizer(BYTES_VOCAB, [], [EOT]), 0, str(tmp_path / "o.pt"))
+    checkpoint = gpt.read_checkpoint(str(tmp_path / "o.pt"))
+    assert checkpoint["tokenizer"].keys() == {"vocab", "merges", "special_tokens"}
+    assert "generation" not in checkpoint
+    assert gpt.saved_generation(checkpoint.get("generation"), loaded, "x") is None
+
+
+@pytest.mark.parametrize("part, key, value, named", [
+    ("generation", "eos_ids", [10**6], "generation settings are damaged"),
+    ("generation", "bos_ids", [True], "generation settings are damaged"),
+    ("generation", "chat", {"before": "", "after": "", "end": "<|x|>", "template": ""},
+     "generation settings are damaged"),
+    ("generation", "extra", 1, "generation settings are damaged"),
+    ("tokenizer", "normalizer", "NFKC", "damaged tokenizer settings"),
+    ("tokenizer", "lowercase", True, "damaged tokenizer settings"),
+    ("tokenizer", "split_patterns", ["(x"], "not a regular expression"),
+])
+def test_damaged_generation_or_tokenizer_settings_are_one_line(tmp_path, capsys, part, key,
+                                                               value, named):
+    """A checkpoint whose generation settings or tokenizer settings are damaged is refused with
+    one line and exit code 2."""
+    imported_checkpoint(tmp_path / "imported.pt")
+    checkpoint = torch.load(tmp_path / "imported.pt", weights_only=True)
+    checkpoint[part][key] = value
+    torch.save(checkpoint, tmp_path / "damaged.pt")
+    capsys.readouterr()
+    assert gpt.main(["sample", "--checkpoint", str(tmp_path / "damaged.pt"), "--prompt", "x",
+                     "--max-new-tokens", "2"]) == 2
+    assert named in one_error_line(capsys, "sample")
 
 
 def test_optimizer_state_of_another_shape_is_refused(tmp_path):
@@ -4547,6 +4721,255 @@ def test_transformers_tokenizer_gives_our_ids(tmp_path, request, which):
         ids = original.encode(text)
         assert hf_tokenizer(text)["input_ids"] == ids, text
         assert hf_tokenizer.decode(ids) == text
+
+# --- Reading Hugging Face tokenizers (read_hf_tokenizer, for `import`) --------------------------
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory, corpus_path):
+    """Model directories whose tokenizer.json `tokenizers` itself wrote, one per layout gpt.py
+    reads: GPT-2's own vocabulary and merges (as `tokenizers` saves merges, ["a", "b"], and
+    rewritten in the older form "a b"); Llama 3's, made from GPT-2's ranks as transformers
+    converts tiktoken's (a Split, ignore_merges, merges that use a token before the merge that
+    makes it, <|begin_of_text|> before every text); Qwen's and SmolLM's, trained here on
+    TinyStories with ChatML's special tokens and their chat templates."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers,
+                            processors, trainers)
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    root, dirs = tmp_path_factory.mktemp("hf"), {}
+
+    def save(name, hf, **files):
+        dirs[name] = root / name
+        dirs[name].mkdir()
+        hf.save(str(dirs[name] / "tokenizer.json"))
+        for file, content in files.items():
+            (dirs[name] / f"{file}.json").write_text(json.dumps(content))
+
+    def trained(pre_tokenizer, specials, normalizer=None):
+        hf = Tokenizer(BPE())
+        hf.normalizer, hf.pre_tokenizer = normalizer, pre_tokenizer
+        hf.decoder = decoders.ByteLevel()
+        hf.train_from_iterator(open(corpus_path, encoding="utf-8"), trainers.BpeTrainer(
+            vocab_size=1500, special_tokens=specials, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        hf.post_processor = processors.ByteLevel(trim_offsets=False)
+        return hf
+
+    gpt2_vocab = json.loads(open(os.path.join(GPT2_DIR, "vocab.json"), encoding="utf-8").read())
+    with open(os.path.join(GPT2_DIR, "merges.txt"), encoding="utf-8") as f:
+        gpt2_merges = [tuple(line.split()) for line in f.read().splitlines()[1:] if line]
+    hf = Tokenizer(BPE(gpt2_vocab, gpt2_merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder, hf.post_processor = decoders.ByteLevel(), processors.ByteLevel()
+    hf.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    save("gpt2", hf, config={"eos_token_id": 50256})
+    spec = json.loads((dirs["gpt2"] / "tokenizer.json").read_text(encoding="utf-8"))
+    assert isinstance(spec["model"]["merges"][0], list)
+    spec["model"]["merges"] = [" ".join(pair) for pair in spec["model"]["merges"]]
+    dirs["gpt2-string-merges"] = root / "gpt2-string-merges"
+    dirs["gpt2-string-merges"].mkdir()
+    (dirs["gpt2-string-merges"] / "tokenizer.json").write_text(json.dumps(spec))
+
+    unspell = {c: b for b, c in gpt.bytes_to_unicode().items()}
+    with open(root / "gpt2.tiktoken", "w") as f:
+        for token, rank in gpt2_vocab.items():
+            if token != EOT:
+                f.write(f"{base64.b64encode(bytes(unspell[c] for c in token)).decode()} {rank}\n")
+    hf = TikTokenConverter(str(root / "gpt2.tiktoken"), pattern=LLAMA3_PATTERN,
+                           extra_special_tokens=["<|begin_of_text|>", "<|eot_id|>"]).converted()
+    hf.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False),
+                                             processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+        special_tokens=[("<|begin_of_text|>", 50256)])])
+    save("llama3", hf, generation_config={"bos_token_id": 50256, "eos_token_id": [50257]},
+         tokenizer_config={"chat_template": LLAMA3_CHAT_TEMPLATE})
+
+    chatml = [EOT, "<|im_start|>", "<|im_end|>"]
+    hf = trained(pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), [],
+        normalizers.NFC())
+    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in chatml])
+    hf.add_tokens([AddedToken(s, special=False, normalized=False) for s in ["<think>", "</think>"]])
+    im_end = hf.token_to_id("<|im_end|>")
+    save("qwen", hf, tokenizer_config={"chat_template": QWEN3_TEMPLATE, "eos_token": EOT},
+         generation_config={"eos_token_id": [im_end, hf.token_to_id(EOT)]})
+    hf = trained(pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]), chatml)
+    save("smollm", hf, config={"eos_token_id": 2},
+         tokenizer_config={"chat_template": SMOLLM2_TEMPLATE})
+    return dirs
+
+
+# Each directory's settings, bos and eos ids, and chat (text before a question) as read.
+HF_EXPECTED = {
+    "gpt2": ({}, [], [50256], None),
+    "gpt2-string-merges": ({}, [], [], None),
+    "llama3": (LAYOUTS["llama3"], [50256], [50257], "not ChatML"),
+    "qwen": (LAYOUTS["qwen"], [], ["<|im_end|>", EOT], "<|im_start|>user\n"),
+    "smollm": (LAYOUTS["smollm"], [], [2], "<|im_start|>system\nYou are a helpful AI assistant "
+               "named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"),
+}
+
+
+@pytest.mark.parametrize("name", HF_EXPECTED)
+def test_read_hf_tokenizer_gives_the_ids_of_tokenizers(hf_dirs, corpus_path, name):
+    """Each layout's tokenizer.json reads to a tokenizer that gives `tokenizers`' ids on hard
+    text (code, HTML, digit runs, emoji, CJK, accents NFC composes, \\r\\n, trailing spaces,
+    special tokens and Qwen3's non-special <think> inside text), random strings and stories,
+    in its plain form too; `tokenizers` puts bos_ids first, and both decode alike. The
+    generation settings are read from the directory's configuration files."""
+    from tokenizers import Tokenizer
+    hf = Tokenizer.from_file(str(hf_dirs[name] / "tokenizer.json"))
+    ours, generation = gpt.read_hf_tokenizer(str(hf_dirs[name]))
+    settings, bos_ids, eos, before = HF_EXPECTED[name]
+    assert ours.settings() == settings and generation["bos_ids"] == bos_ids
+    assert generation["eos_ids"] == [ours.special_ids.get(e, e) for e in eos]
+    chat = generation["chat"]
+    assert (chat and (chat["before"] or "not ChatML")) == before
+    plain = PlainTokenizer(ours.vocab, ours.merges, ours.special_tokens, **ours.settings())
+    rng = random.Random(0)
+    chars = list("ab Z1 2\n\r\t.,'é日🙂\u0301\xa0") + ["'S", "123456", *ours.special_tokens[:3]]
+    texts = [*HARD_TEXTS, f"x{EOT}y <|im_start|>user\nHi<|im_end|>\n<think>\n\n</think>",
+             *("".join(rng.choices(chars, k=rng.randint(0, 16))) for _ in range(200))]
+    normalize = (lambda t: unicodedata.normalize("NFC", t)) if ours.normalizer else str
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False).ids == plain.encode(text), text
+        assert hf.encode(text).ids == bos_ids + ids
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False) == normalize(text)
+    stories = open(corpus_path, encoding="utf-8").read()
+    assert ours.encode(stories) == hf.encode(stories, add_special_tokens=False).ids
+
+
+def exported_tokenizer_json(tmp_path, change) -> str:
+    """A directory holding an exported Llama-3-style tokenizer.json, changed by `change`."""
+    spec = gpt.tokenizer_json(chat_tokenizer("llama3"), [259])
+    change(spec)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    return str(tmp_path)
+
+
+def set_in(path: str, value):
+    """A change that sets spec[k1][k2]... = value, for path "k1.k2..." (numbers index lists)."""
+    def change(spec):
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        for key in parents:
+            spec = spec[key]
+        spec[last] = value
+    return change
+
+
+@pytest.mark.parametrize("path, value, named", [
+    ("model.type", "WordPiece", "'WordPiece', not BPE"),
+    ("model.type", "Unigram", "'Unigram', not BPE"),
+    ("model.byte_fallback", True, "byte_fallback"),
+    ("model.continuing_subword_prefix", "##", "continuing_subword_prefix"),
+    ("model.end_of_word_suffix", "</w>", "end_of_word_suffix"),
+    ("model.dropout", 0.1, "dropout"),
+    ("model.vocab.a b", 300, "token 'a b'"),
+    ("model.merges", ["a b c"], "merge 'a b c'"),
+    ("model.merges", [["a", "zz"]], "not in the vocabulary"),
+    ("normalizer", {"type": "NFKC"}, "normalizer NFKC"),
+    ("normalizer", {"type": "Sequence", "normalizers": []}, "normalizer Sequence"),
+    ("pre_tokenizer", {"type": "Metaspace", "replacement": "_"}, "pre-tokenizer Metaspace"),
+    ("pre_tokenizer.pretokenizers.1.add_prefix_space", True, "pre-tokenizer ByteLevel"),
+    ("pre_tokenizer.pretokenizers.0.behavior", "Removed", "pre-tokenizer Split"),
+    ("pre_tokenizer.pretokenizers.0.invert", True, "pre-tokenizer Split"),
+    ("pre_tokenizer.pretokenizers.0.pattern", {"Regex": "(x"}, "not a regular expression"),
+    ("pre_tokenizer", {"type": "Whitespace"}, "pre-tokenizer Whitespace"),
+    ("added_tokens.0.lstrip", True, "with lstrip"),
+    ("added_tokens.0.rstrip", True, "with rstrip"),
+    ("added_tokens.0.single_word", True, "with single_word"),
+    ("added_tokens.0.id", 97, "another token's id"),
+    ("decoder", {"type": "WordPiece"}, "decoder WordPiece"),
+    ("post_processor.single", [{"Sequence": {"id": "A", "type_id": 0}},
+                               {"SpecialToken": {"id": EOT, "type_id": 0}}],
+     "post-processor TemplateProcessing"),
+    ("post_processor", {"type": "RobertaProcessing"}, "post-processor RobertaProcessing"),
+    ("model", {"type": "BPE", "vocab": {}}, "not laid out as tokenizer.json is"),
+])
+def test_read_hf_tokenizer_refuses_what_it_cannot_compute(tmp_path, path, value, named):
+    """Another model than byte-level BPE, BPE with options, other normalizers, pre-tokenizers,
+    decoders and post-processors, added tokens that take spaces or another's id: one line
+    naming what is not supported."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        gpt.read_hf_tokenizer(exported_tokenizer_json(tmp_path, set_in(path, value)))
+
+
+def test_read_hf_tokenizer_refuses_normalized_tokens_files_and_templates(tmp_path):
+    """An added token matched in NFC-normalized text, a directory without tokenizer.json, a
+    chat_template that is a list of named templates and an eos id the tokenizer has not: one
+    line each."""
+    def nfc_normalized(spec):
+        spec["normalizer"] = {"type": "NFC"}
+        spec["added_tokens"][0]["normalized"] = True
+    with pytest.raises(ValueError, match="with normalized"):
+        gpt.read_hf_tokenizer(exported_tokenizer_json(tmp_path, nfc_normalized))
+    with pytest.raises(ValueError, match="holds no tokenizer.json"):
+        gpt.read_hf_tokenizer(str(tmp_path / "nothing"))
+    hf_dir = exported_tokenizer_json(tmp_path, lambda spec: None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "default", "template": SMOLLM2_TEMPLATE}]}))
+    with pytest.raises(ValueError, match="not one template"):
+        gpt.read_hf_tokenizer(hf_dir)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 10**6}))
+    with pytest.raises(ValueError, match="generation settings are damaged"):
+        gpt.read_hf_tokenizer(hf_dir)
+
+
+@pytest.mark.parametrize("template, thinking", [(SMOLLM2_TEMPLATE, False), (QWEN3_TEMPLATE, True)])
+def test_chat_prompt_is_what_the_template_renders(template, thinking):
+    """The prompt `sample --qa` writes for a question is what transformers' apply_chat_template
+    renders from SmolLM2-Instruct's and Qwen3's templates, generation prompt added (Qwen3's
+    without thinking, enable_thinking=False), with the system prompt SmolLM2's puts first."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+    tokenizer = chat_tokenizer()
+    chat = gpt.chat_format(template, tokenizer)
+    qa = gpt.qa_template(tokenizer, {"bos_ids": [259], "eos_ids": [256], "chat": chat}, "x")
+    assert qa.start == [] and qa.end == tokenizer.special_ids["<|im_end|>"]
+    for question in ["Who is Lily?", " Why?\n "]:
+        messages = [[{"role": "user", "content": question.strip()}]]
+        rendered = render_jinja_template(messages, chat_template=template,
+                                         add_generation_prompt=True, enable_thinking=False)
+        assert qa.prompt(question) == rendered[0][0]
+    assert ("<think>" in qa.after) == thinking
+    llama = gpt.chat_format(LLAMA3_CHAT_TEMPLATE, tokenizer)
+    assert llama == {"before": None, "after": None, "end": None, "template": LLAMA3_CHAT_TEMPLATE}
+    with pytest.raises(ValueError, match="not ChatML"):
+        gpt.qa_template(tokenizer, {"bos_ids": [], "eos_ids": [256], "chat": llama}, "x")
+
+
+@pytest.mark.parametrize("layout", ["smollm", "llama3", "qwen"])
+def test_export_of_an_imported_model_reads_back_the_same(tmp_path, layout, capsys):
+    """`export` of a checkpoint with another layout's tokenizer and generation settings writes
+    files that read_hf_tokenizer reads back to the same tokenizer and settings (no library
+    needed); with transformers installed, AutoTokenizer gives our ids, bos first, and its chat
+    template renders our prompt."""
+    tokenizer, generation = imported_checkpoint(tmp_path / "imported.pt", layout=layout)
+    assert gpt.main(["export", "--checkpoint", str(tmp_path / "imported.pt"),
+                     "--out", str(tmp_path / "hf")]) == 0
+    back, back_generation = gpt.read_hf_tokenizer(str(tmp_path / "hf"))
+    assert (back.vocab, back.merges, back.special_tokens, back.settings()) == (
+        tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens, tokenizer.settings())
+    assert back_generation == generation and back.fingerprint() == tokenizer.fingerprint()
+    configs = [json.loads((tmp_path / "hf" / name).read_text())
+               for name in ("config.json", "generation_config.json")]
+    assert all((c["bos_token_id"], c["eos_token_id"]) == (259, [256, 258]) for c in configs)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in HARD_TEXTS:
+        assert hf(text)["input_ids"] == [259] + tokenizer.encode(text), text
+    qa = gpt.qa_template(tokenizer, generation, "x")
+    prompt = hf.apply_chat_template([{"role": "user", "content": "Who is Lily?"}],
+                                    tokenize=False, add_generation_prompt=True)
+    assert prompt == qa.prompt("Who is Lily?")
+    assert hf(prompt, add_special_tokens=False)["input_ids"] == qa.prompt_ids(tokenizer,
+                                                                              "Who is Lily?")
 
 
 # ==================================================================================================
