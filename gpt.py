@@ -31,7 +31,8 @@ speeds up or protects:
     §13 Budgets       time budgets, Ctrl-C and SIGTERM
     §14 The run       the training run: inputs, model, the loop, logs, checkpoints
     §15 tokenize      inputs checked first, outputs published together
-    §16 Export        the Hugging Face format: config, safetensors, tokenizer files
+    §16 Export        the Hugging Face format: config, safetensors, tokenizer files; reading
+                      a Hugging Face tokenizer (Llama 3's, Qwen's, SmolLM's) and chat format
     §17 Look inside   curves, attention maps, next-token tables, weight histograms, norms
     §18 Fine-tuning   question-answer pairs: template, packing, answer-only loss
     §19 Twins         the fast twins switched in for the readable forms, in one place
@@ -1739,7 +1740,8 @@ def decode_stream(tokens: Iterable[int], tokenizer: Tokenizer,
     for token in tokens:
         if token == eos_id:
             break
-        yield decoder.decode(tokenizer.vocab[token])
+        # An id with no token (a padding row of an imported model, as Qwen's) writes nothing.
+        yield decoder.decode(tokenizer.vocab.get(token, b""))
     yield decoder.decode(b"", final=True)  # bytes left over become U+FFFD
 
 
@@ -4697,7 +4699,7 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
 # writes it as `transformers`' LlamaForCausalLM, which AutoModelForCausalLM.from_pretrained and
 # the tools built on it load with no code of ours: config.json, the weights as safetensors (a
 # JSON header, then raw little-endian tensors), the tokenizer files, and a weights-only gpt.pt
-# for `gpt.py sample`.
+# for `gpt.py sample`. The other way, read_hf_tokenizer reads a Hugging Face tokenizer.json.
 # ==================================================================================================
 
 # Our parameter names -> LlamaForCausalLM's; {i} is the layer.
@@ -5849,7 +5851,7 @@ def show_answers(run: Run) -> None:
         prompt = template.prompt_ids(run.tokenizer, question)
         end = template.end
         tokens = list(generate(run.model, prompt, ANSWER_TOKENS, temperature=0, eos_id=end))
-        answer = run.tokenizer.decode([t for t in tokens if t != end]).strip()
+        answer = "".join(decode_stream(tokens, run.tokenizer, end)).strip()
         answer += "" if tokens[-1] == end else " ..."
         run.say(f"  {question} -> {answer!r} (held out: {expected!r})")
     run.model.train()  # generate() left it in eval mode
@@ -6291,8 +6293,8 @@ def sample_prompt(model: TransformerLM, tokenizer: Tokenizer, prompt: str, promp
         if ended.all():
             break
     for i, row in enumerate(torch.stack(columns, dim=1).tolist()):  # (N, steps)
-        text = tokenizer.decode(row[:next((j for j, t in enumerate(row) if t in stop_ids),
-                                          len(row))])
+        end = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
+        text = "".join(decode_stream(row[:end], tokenizer))
         print(f"--- sample {i + 1} ---\n{prompt}{text}")
     return len(columns) * args.num_samples
 
@@ -6935,8 +6937,9 @@ def add_sample_parser(commands) -> None:
                     "interactively. The story goes to stdout, figures to stderr.")
     sa.add_argument("--prompt", help="text to continue (default: ask interactively)")
     sa.add_argument("--qa", action="store_true",
-                    help="the prompts are questions: wrap each in `finetune`'s template and "
-                         "print the answer, which ends at the end-of-text token")
+                    help="the prompts are questions: wrap each in `finetune`'s template (an "
+                         "imported chat model's own) and print the answer, which ends at the "
+                         "end-of-text (end-of-turn) token")
     sa.add_argument("--checkpoint", metavar="PATH",
                     help="checkpoint file (default: the newest in RUN_DIR)")
     sa.add_argument("--run-dir", default="data/run",

@@ -5672,6 +5672,51 @@ def test_sample_qa_needs_an_end_token(tmp_path, qa_run, capsys):
                      "Hi?"]) == 2
     assert "no end-of-text token to end an answer" in one_error_line(capsys, "sample")
 
+def test_qa_sequence_in_a_chat_format_hand_example():
+    """In SmolLM2-Instruct's chat format a pair is its system turn, the user's turn and the
+    assistant's, which ends in <|im_end|>: only the answer and that token are scored, and no
+    bos comes first (the template writes none)."""
+    tokenizer = chat_tokenizer("gpt2")
+    generation = {"bos_ids": [259], "eos_ids": [256],
+                  "chat": gpt.chat_format(SMOLLM2_TEMPLATE, tokenizer)}
+    inputs, targets = gpt.qa_sequence(tokenizer, " Hi? ", "Yo.", gpt.qa_template(
+        tokenizer, generation, "x"))
+    start, end = 257, 258  # <|im_start|>, <|im_end|>
+    system = list(b"system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    prompt = ([start] + system + [end] + list(b"\n") + [start] + list(b"user\nHi?") + [end]
+              + list(b"\n") + [start] + list(b"assistant\n"))
+    assert inputs.tolist() == prompt + list(b"Yo.")
+    assert targets.tolist() == [-100] * (len(prompt) - 1) + list(b"Yo.") + [end]
+
+
+def test_finetune_of_an_imported_chat_model_trains_and_answers_in_its_format(tmp_path, capsys,
+                                                                            monkeypatch):
+    """`finetune` of an imported model with a chat format trains on pairs in that format, in
+    rows of FINETUNE_ROW_TOKENS at most (not its whole context), and keeps its generation
+    settings; `sample --qa` on the result feeds the same prompt and stops at <|im_end|>."""
+    tokenizer, generation = imported_checkpoint(tmp_path / "imported.pt", QWEN3_TEMPLATE)
+    (tmp_path / "qa.json").write_text(json.dumps(
+        [{"question": f"Who is {n}?", "answer": f"{n} is a cat."} for n in "ABCDEFGHIJ"]))
+    monkeypatch.setattr(gpt, "FINETUNE_ROW_TOKENS", 60)  # the model's context is 64
+    rows = []
+    pack = gpt.pack_pairs
+    monkeypatch.setattr(gpt, "pack_pairs", lambda *a: rows.append(a[3]) or pack(*a))
+    assert gpt.main(["finetune", "--checkpoint", str(tmp_path / "imported.pt"), "--data",
+                     str(tmp_path / "qa.json"), "--out-dir", str(tmp_path / "ft"),
+                     "--max-steps", "2", "--eval-interval", "2", "--show-answers", "1"]) == 0
+    assert set(rows) == {60}
+    checkpoint = gpt.read_checkpoint(str(tmp_path / "ft" / "latest.pt"))
+    assert checkpoint["generation"] == generation
+    qa = gpt.qa_template(tokenizer, generation, "x")
+    fed, steps = [], [torch.tensor([ord("Y")]), torch.tensor([258]), torch.tensor([ord("Z")])]
+    monkeypatch.setattr(gpt, "generate_batch", lambda model, prompts, *rest, **kw:
+                        fed.append(prompts[0].tolist()) or iter(steps))
+    capsys.readouterr()
+    assert gpt.main(["sample", "--qa", "--run-dir", str(tmp_path / "ft"), "--prompt",
+                     "Who is A?"]) == 0
+    assert fed == [qa.prompt_ids(tokenizer, "Who is A?")] and qa.end == 258
+    assert capsys.readouterr().out == qa.prompt("Who is A?") + "Y\n"
+
 
 # ==================================================================================================
 # §19 The fast twins, switched in from one place
@@ -5831,6 +5876,25 @@ def test_sample_starts_a_story_as_training_did(trained_run, monkeypatch, capsys)
     assert fed == [[eot] + tokenizer.encode("\nOnce upon"),
                    [eot] + tokenizer.encode(our_template(tokenizer).prompt("Once upon"))]
     assert gpt.inspection_ids(tokenizer, "Once upon", 64, "\n") == fed[0]
+
+def test_sample_of_an_imported_model_starts_with_bos_and_stops_at_any_eos(tmp_path, capsys,
+                                                                          monkeypatch):
+    """An imported model's prompt starts with its bos_ids, not our end-of-text token, and its
+    samples end at any of its eos ids (Llama 3.2 Instruct lists three); with --qa and no chat
+    format, QA_PROMPT follows its bos_ids."""
+    tokenizer, _ = imported_checkpoint(tmp_path / "imported.pt", template=None)
+    fed, rows = [], [[65, 66], [256, 67], [68, 258], [69, 70]]
+    monkeypatch.setattr(gpt, "generate_batch", lambda model, prompts, *rest, **kw:
+                        fed.append(prompts[0].tolist()) or iter(map(torch.tensor, rows)))
+    base = ["sample", "--checkpoint", str(tmp_path / "imported.pt"), "--prompt", "Hi"]
+    capsys.readouterr()
+    assert gpt.main(base + ["--num-samples", "2"]) == 0
+    assert capsys.readouterr().out == "--- sample 1 ---\nHiA\n--- sample 2 ---\nHiBC\n"
+    rows = [[65], [258], [66]]
+    assert gpt.main(base) == 0 and gpt.main(base + ["--qa"]) == 0
+    assert capsys.readouterr().out == "HiA\nQuestion: Hi\nAnswer:A\n"
+    assert fed == [[259] + tokenizer.encode("Hi")] * 2 + [
+        [259] + tokenizer.encode("Question: Hi\nAnswer:")]
 
 
 def test_sample_num_samples(trained_run, capsys):
