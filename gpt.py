@@ -4875,8 +4875,7 @@ def hf_tokenizer_files(tokenizer: Tokenizer, context_length: int,
 # --- Reading a Hugging Face tokenizer, for `import` -----------------------------------------------
 # tokenizer.json describes a pipeline: normalizer, pre-tokenizer, model, post-processor, decoder.
 # Llama 3's, Qwen's and SmolLM's are byte-level BPE, which §1's Tokenizer computes with its
-# settings; anything else is refused, naming it, rather than encoded into other ids than
-# Hugging Face's `tokenizers` give.
+# settings; anything else is refused, naming it, rather than given other ids than `tokenizers`.
 
 def hf_split_patterns(spec, where: str) -> list[str]:
     """tokenizer.json's pre_tokenizer as §1's split_patterns. Examples: ByteLevel(use_regex)
@@ -4901,8 +4900,8 @@ def hf_split_patterns(spec, where: str) -> list[str]:
 
 
 def hf_bpe(model: dict, where: str) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
-    """tokenizer.json's model: byte-level BPE's vocabulary (spelled as GPT-2's files spell bytes,
-    bytes_to_unicode) and its merges, each "a b" or ["a", "b"]."""
+    """tokenizer.json's BPE vocabulary and merges ("a b" or ["a", "b"]), spelled as in GPT-2's
+    files (bytes_to_unicode), as bytes."""
     if model.get("type") != "BPE":
         raise ValueError(f"{where}: its model is {shown(model.get('type'))}, not BPE; WordPiece "
                          f"and Unigram (SentencePiece) models are not supported")
@@ -4962,9 +4961,8 @@ def hf_bos_ids(post, where: str) -> list[int]:
 
 
 def read_hf_tokenizer(hf_dir: str) -> tuple[Tokenizer, dict]:
-    """A Hugging Face model directory's tokenizer, from its tokenizer.json, that encodes every
-    text to the ids `tokenizers` gives; and its generation settings (hf_generation), which
-    `import` keeps in the checkpoint under "generation"."""
+    """A model directory's tokenizer, which gives the ids `tokenizers` gives, and its generation
+    settings (hf_generation), which `import` keeps in the checkpoint under "generation"."""
     path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.isfile(path):
         raise ValueError(f"{hf_dir} holds no tokenizer.json, the tokenizer format gpt.py reads")
