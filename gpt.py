@@ -5623,8 +5623,7 @@ ANSWER_TOKENS = 64             # longest sample answer at an evaluation: the exa
 # tokens holds about 70 of the example's pairs, so 100 steps are some 36 passes over them.
 FINETUNE_LR = 1e-3
 FINETUNE_BATCH_SIZE = 8        # rows of context_length tokens, or of FINETUNE_ROW_TOKENS
-# Rows of an imported model's context (8,192 tokens or more) would hold a hundred pairs each,
-# and their logits alone, 8 x 8,192 x 49,152 floats for SmolLM2, 13 GB: 512 keep 0.8 GB.
+# Rows of an imported model's 8,192-token context would take 13 GB of SmolLM2's logits, not 0.8.
 FINETUNE_ROW_TOKENS = 512
 FINETUNE_STEPS = 100
 FINETUNE_WARMUP = 20           # steps

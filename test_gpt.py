@@ -2589,7 +2589,7 @@ def test_fast_encode_equals_the_plain_encode_with_other_layouts(tokenizer, corpu
     rng = random.Random(0)
     chars = list("ab Z1 2\n\r\t.,'é日🙂\u0301\xa0") + ["'S", EOT, "123456"]
     texts = HARD_TEXTS + ["".join(rng.choices(chars, k=rng.randint(0, 16))) for _ in range(300)]
-    texts.append(open(corpus_path, encoding="utf-8").read()[:20_000])
+    texts.append(pathlib.Path(corpus_path).read_text(encoding="utf-8")[:20_000])
     normalize = (lambda t: unicodedata.normalize("NFC", t)) if layout == "qwen" else str
     for text in texts:
         ids = fast.encode(text)
@@ -4750,13 +4750,14 @@ def hf_dirs(tmp_path_factory, corpus_path):
         hf = Tokenizer(BPE())
         hf.normalizer, hf.pre_tokenizer = normalizer, pre_tokenizer
         hf.decoder = decoders.ByteLevel()
-        hf.train_from_iterator(open(corpus_path, encoding="utf-8"), trainers.BpeTrainer(
+        lines = pathlib.Path(corpus_path).read_text(encoding="utf-8").splitlines(keepends=True)
+        hf.train_from_iterator(lines, trainers.BpeTrainer(
             vocab_size=1500, special_tokens=specials, show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         hf.post_processor = processors.ByteLevel(trim_offsets=False)
         return hf
 
-    gpt2_vocab = json.loads(open(os.path.join(GPT2_DIR, "vocab.json"), encoding="utf-8").read())
+    gpt2_vocab = json.loads(pathlib.Path(GPT2_DIR, "vocab.json").read_text(encoding="utf-8"))
     with open(os.path.join(GPT2_DIR, "merges.txt"), encoding="utf-8") as f:
         gpt2_merges = [tuple(line.split()) for line in f.read().splitlines()[1:] if line]
     hf = Tokenizer(BPE(gpt2_vocab, gpt2_merges))
@@ -4840,7 +4841,7 @@ def test_read_hf_tokenizer_gives_the_ids_of_tokenizers(hf_dirs, corpus_path, nam
         assert ids == hf.encode(text, add_special_tokens=False).ids == plain.encode(text), text
         assert hf.encode(text).ids == bos_ids + ids
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False) == normalize(text)
-    stories = open(corpus_path, encoding="utf-8").read()
+    stories = pathlib.Path(corpus_path).read_text(encoding="utf-8")
     assert ours.encode(stories) == hf.encode(stories, add_special_tokens=False).ids
 
 
