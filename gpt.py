@@ -660,10 +660,22 @@ class ModelConfig:
     context_length: int    # T: the longest sequence the model reads at once
     d_model: int           # C: width of the residual stream
     num_layers: int        # transformer blocks stacked on each other
-    num_heads: int         # H: attention heads; each is D = C / H wide
+    num_heads: int         # H: attention heads, each D wide (query heads, under GQA)
     d_ff: int              # hidden width of a gated feed-forward (non-gated kinds get 1.5x)
     rope_theta: float = 10000.0  # RoPE base: pair i turns by position * theta^(-2i/D)
     norm_eps: float = 1e-5       # added to the mean square in RMSNorm, so 0 never divides
+    # Ideas of the models `import` reads (§16); the defaults give our own models.
+    num_kv_heads: int | None = None  # KV: key/value heads, each shared by H / KV query heads
+    #                                  (grouped-query attention); None: H, one each
+    head_dim: int | None = None      # D; None: C / H. Qwen3 sets it apart (D * H != C)
+    qk_norm: bool = False            # an RMSNorm over each head's query and key (Qwen3, OLMo 2)
+    # Llama 3's RoPE scaling (RotaryEmbedding): slow pairs turn rope_factor times slower.
+    # 1: none. Pairs of wavelength past rope_original_context / rope_low_freq are slow, those
+    # under rope_original_context / rope_high_freq fast and kept, a blend in between.
+    rope_factor: float = 1.0
+    rope_low_freq: float = 1.0
+    rope_high_freq: float = 4.0
+    rope_original_context: int = 8192  # the context the model was first trained at
     # Switches for the classic ablations, whose variants follow TransformerLM. The defaults
     # give the modern model; MODEL_CHOICES lists the values of the string switches.
     tie_embeddings: bool = False  # share one matrix between token embeddings and output logits
@@ -682,10 +694,8 @@ class ModelConfig:
 
     def __post_init__(self):
         check_model_config(self)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+        self.num_kv_heads = self.num_kv_heads or self.num_heads  # computed once, then saved
+        self.head_dim = self.head_dim or self.d_model // self.num_heads
 
     @property
     def ffn_hidden(self) -> int:
@@ -708,22 +718,31 @@ MODEL_CHOICES = {"norm_position": ("pre", "post"),
 
 def check_model_config(c: ModelConfig) -> None:
     """Raise a ValueError naming the bad value if the architecture cannot be built."""
-    for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
+    for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff",
+                 "num_kv_heads", "head_dim", "rope_original_context"):
         value = getattr(c, name)
         if not isinstance(value, int) or value < 1:
+            if value is None and name in ("num_kv_heads", "head_dim"):
+                continue  # derived in __post_init__
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     for name, allowed in MODEL_CHOICES.items():
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
                              f"got {getattr(c, name)!r}")
+    D = c.head_dim or c.d_model // c.num_heads
+    width = f"{D}" if c.head_dim else f"d_model / num_heads = {c.d_model} / {c.num_heads} = {D}"
     rules = [  # (holds, what to say when it does not), checked in this order
-        (c.d_model % c.num_heads == 0,
+        (c.head_dim or c.d_model % c.num_heads == 0,
          f"d_model {c.d_model} is not divisible by num_heads {c.num_heads}"),
-        (c.position_encoding != "rope" or c.head_dim % 2 == 0,
-         f"RoPE rotates pairs of dimensions, so the head width d_model / num_heads = "
-         f"{c.d_model} / {c.num_heads} = {c.head_dim} must be even"),
+        (c.num_heads % (c.num_kv_heads or 1) == 0,
+         f"num_heads {c.num_heads} is not divisible by num_kv_heads {c.num_kv_heads}"),
+        (c.position_encoding != "rope" or D % 2 == 0,
+         f"RoPE rotates pairs of dimensions, so the head width {width} must be even"),
         (c.rope_theta > 0 and c.norm_eps > 0,
          f"rope_theta ({c.rope_theta}) and norm_eps ({c.norm_eps}) must be positive"),
+        (c.rope_factor >= 1 and 0 < c.rope_low_freq < c.rope_high_freq,
+         f"RoPE scaling needs rope_factor >= 1 and 0 < rope_low_freq < rope_high_freq, got "
+         f"{c.rope_factor}, {c.rope_low_freq}, {c.rope_high_freq}"),
         (0 <= c.dropout < 1, f"dropout must be in [0, 1), got {c.dropout!r}"),
         (c.tie_embeddings or c.tie_init == "output",
          f"tie_init {c.tie_init!r} chooses the init of tied embeddings: it needs tie_embeddings"),
@@ -791,8 +810,8 @@ class RotaryEmbedding(nn.Module):
     Dimensions are taken in adjacent pairs (0,1), (2,3), ...; pair i at position p turns by the
     angle p * theta^(-2i/D). A rotation keeps lengths, and the dot product of a query rotated by
     angle a and a key rotated by angle b depends only on a - b: attention scores see relative
-    positions, not absolute ones. The cos and sin tables are computed once for every position
-    (and extended if generation runs past them).
+    positions, not absolute ones. The cos and sin tables grow with the positions met (cover):
+    an imported model's 131,072 positions would take 64 MB that a short prompt never reads.
 
     Adjacent pairs are the layout of the paper, of Meta's Llama code and of the CS336 assignment.
     Hugging Face's Llama, the format export writes (§16), pairs dimension i with i + D/2 instead
@@ -800,11 +819,15 @@ class RotaryEmbedding(nn.Module):
     reorders the rows of the query and key projections.
     """
 
-    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None,
+                 scaling: tuple[float, float, float, int] | None = None):
         # d_k is the head width (ModelConfig.head_dim) and max_seq_len the positions to tabulate
-        # (its context_length): the names of the CS336 assignment's RoPE, kept for its tests.
+        # at first: the names of the CS336 assignment's RoPE, kept for its tests. scaling:
+        # llama3_frequencies' (factor, low_freq, high_freq, original_context), or None.
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device).float() / d_k)  # (D/2,)
+        if scaling is not None:
+            inv_freq = llama3_frequencies(inv_freq, *scaling)
         # Buffers follow the model to its device but are no parameters and are not saved:
         # they are a function of the config.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -832,6 +855,23 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x[..., 0::2], x[..., 1::2]                         # (..., T, D/2)
         swapped = torch.stack((-x2, x1), dim=-1).flatten(-2)        # (..., T, D)
         return x * cos + swapped * sin                              # (..., T, D)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq: float,
+                       high_freq: float, original_context: int) -> torch.Tensor:
+    """Llama 3's RoPE scaling (Meta 2024): RoPE's turning speeds inv_freq (D/2,), adapted so
+    that a model trained on original_context positions reads `factor` times as many.
+
+    Pair i turns once every 2 pi / inv_freq[i] positions, its wavelength. Slow pairs, turning
+    fewer than low_freq times over the original context, never saw larger angles in training:
+    they turn `factor` times slower, so a longer context stays within the angles they learned.
+    Fast pairs, turning more than high_freq times, tell near positions apart: kept as they are.
+    Between the two, a blend, linear in the number of turns.
+    """
+    turns = original_context * inv_freq / (2 * math.pi)  # (D/2,): turns over the old context
+    # keep = 0: slowed by factor; 1: kept as it is
+    keep = ((turns - low_freq) / (high_freq - low_freq)).clamp(0, 1)  # (D/2,)
+    return (1 - keep) * inv_freq / factor + keep * inv_freq            # (D/2,)
 
 
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -880,58 +920,80 @@ class MultiHeadSelfAttention(nn.Module):
     H heads attend independently, each in its own D-wide slice of the C-wide vectors, so one head
     can follow syntax while another follows a character's name. Given a context_length, a
     position sees at most that many tokens ending at itself: the span the model is trained on.
+
+    Grouped-query attention (GQA, Ainslie et al. 2023), in the models `import` reads: KV < H
+    key/value heads, each shared by a group of H / KV query heads, and the KV cache (§7) holds
+    only those. SmolLM2-135M's 3 for 9 query heads keep a third: 30 layers x (k, v) x 3 heads x
+    64 dims x 4 bytes = 46 KB a token in float32, not 138 KB; 377 MB at 8,192 tokens, not 1.1 GB.
     """
 
     def __init__(self, d_model: int, num_heads: int, rope: RotaryEmbedding | None = None,
-                 context_length: int | None = None, dropout_p: float = 0.0):
+                 context_length: int | None = None, dropout_p: float = 0.0,
+                 num_kv_heads: int | None = None, head_dim: int | None = None,
+                 qk_norm_eps: float | None = None):
         super().__init__()
         self.num_heads, self.context_length = num_heads, context_length
+        self.num_kv_heads = KV = num_kv_heads or num_heads
+        self.head_dim = D = head_dim or d_model // num_heads
         self.dropout_p = dropout_p  # of the attention weights, while training
-        self.q_proj = Linear(d_model, d_model)
-        self.k_proj = Linear(d_model, d_model)
-        self.v_proj = Linear(d_model, d_model)
-        self.output_proj = Linear(d_model, d_model)
+        self.q_proj = Linear(d_model, num_heads * D)
+        self.k_proj = Linear(d_model, KV * D)
+        self.v_proj = Linear(d_model, KV * D)
+        self.output_proj = Linear(num_heads * D, d_model)
         self.rope = rope
+        # qk-norm (Dehghani et al. 2023; Qwen3, OLMo 2), with qk_norm_eps: an RMSNorm over each
+        # head's query and key. A score q.k / sqrt(D) is then bounded by the learned gains, not
+        # by how large the projections grow: unbounded scores saturate the softmax into one-hot
+        # rows whose gradients vanish, a cause of loss spikes (Wortsman et al. 2023).
+        self.q_norm = RMSNorm(D, qk_norm_eps) if qk_norm_eps else None
+        self.k_norm = RMSNorm(D, qk_norm_eps) if qk_norm_eps else None
 
     def forward(self, x: torch.Tensor, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, C) holds positions start_pos .. start_pos + T - 1. With a cache (§7), either
         the first call (the prompt) or one new token at a time."""
         B, T, C = x.shape
-        q, k, v = self.queries_keys_values(x, start_pos)  # each (B, H, T, D)
+        q, k, v = self.queries_keys_values(x, start_pos)  # (B, H, T, D); k, v (B, KV, T, D)
         if cache is not None and cache.length > 0:
             # One new token after the prompt: it attends to every cached key and its own. The
             # keys were stored rotated, each carrying its position, so their order is free.
             assert T == 1, "after the prompt, feed one token at a time"
-            k, v = cache.append(k, v)  # (B, H, S, D), S <= context_length
+            k, v = cache.append(k, v)  # (B, KV, S, D), S <= context_length
         elif cache is not None:
             cache.append(k, v)  # the prompt's keys and values, kept for the tokens after it
         # A query sees its own position and the context_length - 1 before it (with no
         # context_length, every earlier one): the span the model was trained on.
         y = self.attend(q, k, v, self.context_length or k.shape[-2])  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, H*D)
-        return self.output_proj(y)              # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # heads side by side again: (B, T, H*D)
+        return self.output_proj(y)               # (B, T, C)
 
     def queries_keys_values(self, x: torch.Tensor,
                             start_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The heads' queries, keys and values for x (B, T, C), each (B, H, T, D), head h being
-        slice h of the C channels; queries and keys rotated to their positions."""
+        """The heads' queries (B, H, T, D), keys and values (B, KV, T, D) for x (B, T, C), head h
+        being slice h of a projection; queries and keys normed (qk-norm) and rotated."""
         B, T, C = x.shape
-        H, D = self.num_heads, C // self.num_heads
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
-        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)   # (B, T, H*D) -> (B, H, T, D)
+        k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # each head's D dims, as RMSNorm norms C
         if self.rope is not None:
             # Queries and keys turn by their positions; values carry content only.
+            self.rope.cover(start_pos + T)
             positions = torch.arange(start_pos, start_pos + T, device=x.device)  # (T,)
-            q, k = self.rope(q, positions), self.rope(k, positions)             # (B, H, T, D)
+            q, k = self.rope(q, positions), self.rope(k, positions)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int) -> torch.Tensor:
-        """q (B, H, T, D), the last T of the S positions of k and v (B, H, S, D): each query
+        """q (B, H, T, D), the last T of the S positions of k and v (B, KV, S, D): each query
         takes from the keys at its own position and the window - 1 before it. -> (B, H, T, D)"""
         T, S = q.shape[-2], k.shape[-2]
+        # GQA: key/value head j serves query heads j*g .. j*g + g - 1, g = H / KV, so each is
+        # repeated g times to line up with its queries (g = 1: every head has its own).
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, H, S, D)
         mask = sliding_causal_mask(T, window, q.device, num_keys=S)  # (T, S)
         p = self.dropout_p if self.training else 0.0
         return scaled_dot_product_attention(q, k, v, mask, p)         # (B, H, T, D)
@@ -977,7 +1039,9 @@ class TransformerBlock(nn.Module):
         self.ln1 = norm_layer(config)  # RMSNorm (or none, an ablation below)
         self.attn = MultiHeadSelfAttention(config.d_model, config.num_heads, rope,
                                            config.context_length,
-                                           config.dropout if config.attention_dropout else 0.0)
+                                           config.dropout if config.attention_dropout else 0.0,
+                                           config.num_kv_heads, config.head_dim,
+                                           config.norm_eps if config.qk_norm else None)
         self.ln2 = norm_layer(config)
         self.ffn = feed_forward(config)  # SwiGLU (or a variant below)
         self.dropout_p = config.dropout  # of each branch's output, before it joins the residual
@@ -997,8 +1061,11 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.config = config
         self.token_embeddings = Embedding(config.vocab_size, config.d_model)
-        # One RoPE table shared by every layer: it depends only on the config.
-        self.rope = (RotaryEmbedding(config.rope_theta, config.head_dim, config.context_length)
+        # One RoPE table shared by every layer: it depends only on the config, and grows with
+        # the positions met (from 0 here).
+        scaling = (config.rope_factor, config.rope_low_freq, config.rope_high_freq,
+                   config.rope_original_context) if config.rope_factor != 1 else None
+        self.rope = (RotaryEmbedding(config.rope_theta, config.head_dim, 0, scaling=scaling)
                      if config.position_encoding == "rope" else None)
         # Learned or sinusoidal position vectors: an ablation, below.
         self.positions = (AbsolutePositions(config.context_length, config.d_model,
@@ -1021,8 +1088,6 @@ class TransformerLM(nn.Module):
         """token_ids (B, T) at positions start_pos, start_pos + 1, ... -> logits (B, T, V).
 
         caches: one KVCache per layer, for generation (§7)."""
-        if self.rope is not None:
-            self.rope.cover(start_pos + token_ids.shape[1])
         x = self.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
         if self.positions is not None:
             x = x + self.positions(start_pos, token_ids.shape[1])  # (B, T, C) + (T, C)
@@ -1558,13 +1623,15 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
 
 
 class KVCache:
-    """One layer's keys and values of the tokens seen so far, for generation (§7).
+    """One layer's keys and values of the tokens seen so far, for generation (§7): of its KV
+    key/value heads, fewer than the query heads under GQA (MultiHeadSelfAttention).
 
-    Holds at most `capacity` (the context length) positions, as a ring: token p goes to slot
-    p % capacity, overwriting the token that has just left the window. The ring never needs
-    shifting because the keys are stored after RoPE has rotated them (§3): each carries its own
-    position, and a score q . k depends on the two positions, not on the slot. Attention then
-    sums over the keys in any order.
+    Holds `capacity` positions: a generation's prompt and new tokens, at most a context length
+    (so a model of 8,192 positions reserves what one story needs, not 8,192). Past the context
+    length, a ring: token p goes to slot p % capacity, overwriting the token that has just left
+    the window. The ring never needs shifting because the keys are stored after RoPE has rotated
+    them (§3): each carries its own position, and a score q . k depends on the two positions,
+    not on the slot. Attention then sums over the keys in any order.
 
     A new token's query may attend to every cached key: all are in its past, or itself. So the
     attention runs with is_causal=False. A causal mask would be wrong here: for 1 query and S
@@ -1573,27 +1640,27 @@ class KVCache:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.k = self.v = None  # (B, H, capacity, D) once the first tokens arrive
+        self.k = self.v = None  # (B, KV, capacity, D) once the first tokens arrive
         self.length = 0         # tokens seen so far
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' keys and values (B, H, n, D); return every cached one."""
+        """Store the new tokens' keys and values (B, KV, n, D); return every cached one."""
         if self.k is None:
-            B, H, _, D = k.shape
-            self.k = k.new_zeros(B, H, self.capacity, D)  # (B, H, capacity, D)
-            self.v = v.new_zeros(B, H, self.capacity, D)
+            B, KV, _, D = k.shape
+            self.k = k.new_zeros(B, KV, self.capacity, D)  # (B, KV, capacity, D)
+            self.v = v.new_zeros(B, KV, self.capacity, D)
         n = k.shape[2]
         if n == 1:  # the common case, one generated token: one slot
-            self.k[:, :, self.length % self.capacity] = k[:, :, 0]  # (B, H, D) into one slot
+            self.k[:, :, self.length % self.capacity] = k[:, :, 0]  # (B, KV, D) into one slot
             self.v[:, :, self.length % self.capacity] = v[:, :, 0]
         else:
             keep = min(n, self.capacity)  # of a long prompt, only the last window stays
             slots = torch.arange(self.length + n - keep, self.length + n, device=k.device)
-            self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]  # (B, H, keep, D)
+            self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]  # (B, KV, keep, D)
             self.v[:, :, slots % self.capacity] = v[:, :, n - keep:]
         self.length += n
         filled = min(self.length, self.capacity)
-        return self.k[:, :, :filled], self.v[:, :, :filled]  # (B, H, S, D)
+        return self.k[:, :, :filled], self.v[:, :, :filled]  # (B, KV, S, D)
 
 
 @torch.no_grad()
@@ -1622,7 +1689,9 @@ def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: 
         # Position vectors end at context_length: such a model re-reads the last window at
         # every step, its first token at position 0 again (as GPT-2 does), so no cache.
         use_cache = False
-    caches = [KVCache(window) for _ in model.layers] if use_cache else None
+    # Slots for every position this generation runs through, at most a window's.
+    capacity = min(window, tokens.shape[1] + max_new_tokens)
+    caches = [KVCache(capacity) for _ in model.layers] if use_cache else None
     crop = window if model.config.absolute_positions else None
     logits = model(tokens[:, -crop:] if crop else tokens, caches=caches)[:, -1]  # (B, V)
     length = tokens.shape[1]
@@ -2893,17 +2962,19 @@ def shown(value) -> str:
     return text if len(text) <= 40 else f"a {type(value).__name__}"
 
 
-# The largest architecture a checkpoint may ask for, beyond anything this file trains. With
-# the weights' own shapes (check_state_fits) it refuses a config that would allocate without
-# bound before a single tensor is made; context_length is in no weight's shape under RoPE.
+# The largest architecture a checkpoint may ask for, beyond anything this file trains and
+# within what real models use (Qwen's vocabulary of 151,936, Llama 3.2's 131,072 positions).
+# With the weights' own shapes (check_state_fits) it refuses a config that would allocate
+# without bound before a single tensor is made; context_length is in no weight's shape under
+# RoPE, and sizes only the tables that grow with the positions met.
 CONFIG_LIMITS = {"vocab_size": MAX_VOCAB_SIZE, "context_length": 1 << 17,  # Llama 3.1's 128k
                  "d_model": 1 << 16, "num_layers": 1 << 10, "num_heads": 1 << 10,
-                 "d_ff": 1 << 18}
+                 "d_ff": 1 << 18, "head_dim": 1 << 12, "rope_original_context": 1 << 17}
 
 
-def saved_config(saved, name: str, state: dict[str, torch.Tensor]) -> ModelConfig:
+def saved_config(saved, name: str, state: dict[str, torch.Tensor] | None = None) -> ModelConfig:
     """The ModelConfig that a checkpoint stores as a dict, checked to be within CONFIG_LIMITS and
-    to fit the checkpoint's weights `state`, or a ValueError saying what is wrong.
+    to fit the checkpoint's weights `state` (if given), or a ValueError saying what is wrong.
 
     Each field must have its annotated type: ModelConfig itself would take tie_embeddings="no"
     (a true value) or a float width, and fail later in a way that names neither.
@@ -2912,7 +2983,7 @@ def saved_config(saved, name: str, state: dict[str, torch.Tensor]) -> ModelConfi
         raise ValueError(f"{name}: its model config is {shown(saved)}, not a dict")
     kinds = {field.name: field.type for field in fields(ModelConfig)}
     checks = {"int": is_int, "float": is_number, "bool": lambda v: isinstance(v, bool),
-              "str": lambda v: isinstance(v, str)}
+              "str": lambda v: isinstance(v, str), "int | None": lambda v: v is None or is_int(v)}
     for key, value in saved.items():
         if key not in kinds:
             raise ValueError(f"{name}: its model config has an unknown field {key!r}")
@@ -2927,6 +2998,8 @@ def saved_config(saved, name: str, state: dict[str, torch.Tensor]) -> ModelConfi
         if getattr(config, key) > limit:
             raise ValueError(f"{name}: its model config asks for {key} {getattr(config, key):,}, "
                              f"more than the {limit:,} gpt.py allows")
+    if state is None:
+        return config
     layers = {key.split(".")[1] for key in state if key.startswith("layers.")}
     if len(layers) != config.num_layers:
         raise ValueError(f"{name}: its model config asks for {config.num_layers:,} layers, but "
@@ -3475,27 +3548,31 @@ class FastMultiHeadSelfAttention(MultiHeadSelfAttention):
     def queries_keys_values(self, x: torch.Tensor,
                             start_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
-        H, D = self.num_heads, C // self.num_heads
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-        qkv = fast_project(x, weights)                           # (B, T, C) -> (B, T, 3C)
-        qkv = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)     # (3, B, H, T, D)
-        if self.rope is None:
-            return qkv.unbind(0)                                 # each (B, H, T, D)
-        positions = torch.arange(start_pos, start_pos + T, device=x.device)  # (T,)
-        # Queries and keys rotate alike, so one call turns both, stacked: (2, B, H, T, D).
-        q, k = self.rope(qkv[:2], positions)
-        return q, k, qkv[2]
+        qkv = fast_project(x, weights)                             # (B, T, (H + 2KV) D)
+        qkv = qkv.view(B, T, H + 2 * KV, D).transpose(1, 2)        # (B, H + 2KV, T, D)
+        qk, v = qkv[:, :H + KV], qkv[:, H + KV:]                   # queries and keys; values
+        if self.q_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
+        if self.rope is not None:
+            # Queries and keys rotate alike, so one call turns both: (B, H + KV, T, D).
+            self.rope.cover(start_pos + T)
+            qk = self.rope(qk, torch.arange(start_pos, start_pos + T, device=x.device))
+        return qk[:, :H], qk[:, H:], v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int) -> torch.Tensor:
         T, S = q.shape[-2], k.shape[-2]
-        p = self.dropout_p if self.training else 0.0
+        # GQA: enable_gqa shares each key/value head with its group of queries, with no copies.
+        fused = partial(F.scaled_dot_product_attention, q, k, v,
+                        dropout_p=self.dropout_p if self.training else 0.0,
+                        enable_gqa=q.shape[1] != k.shape[1])
         if T == S and T <= window:  # plain causal attention: the kernels need no mask
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            return fused(is_causal=True)
         if T == 1 and S <= window:  # one new token, which sees every cached key
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        mask = sliding_causal_mask(T, window, q.device, num_keys=S)  # (T, S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            return fused()
+        return fused(attn_mask=sliding_causal_mask(T, window, q.device, num_keys=S))  # (T, S)
 
 
 # The fast twin of §3's SwiGLU.
@@ -5040,13 +5117,9 @@ def attention_weights(attn: MultiHeadSelfAttention, x: torch.Tensor) -> torch.Te
     identity matrix, softmax(..) @ V is the weights themselves. A test checks that they give the
     layer's output under the fast path."""
     B, T, C = x.shape
-    H, D = attn.num_heads, C // attn.num_heads
-    # Queries and keys as MultiHeadSelfAttention.forward makes them: head h is slice h of C.
-    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
-    k = attn.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-    if attn.rope is not None:
-        positions = torch.arange(T, device=x.device)
-        q, k = attn.rope(q, positions), attn.rope(k, positions)
+    H = attn.num_heads
+    q, k, _ = attn.queries_keys_values(x, 0)  # (B, H, T, D), k (B, KV, T, D), as the layer's
+    k = k.repeat_interleave(H // attn.num_kv_heads, dim=1)  # each key head for its group: GQA
     identity = torch.eye(T, device=x.device, dtype=q.dtype).expand(B, H, T, T)  # V = I
     mask = sliding_causal_mask(T, T, x.device)  # (T, T): query i sees keys 0..i
     return scaled_dot_product_attention(q, k, identity, mask)  # (B, H, T, T) @ I -> (B, H, T, T)
@@ -6388,8 +6461,8 @@ def add_model_flags(tr: argparse.ArgumentParser) -> None:
     model_flags = tr.add_argument_group(
         "model", "each overrides the preset's value; see ModelConfig in gpt.py for their meaning")
     for field in fields(ModelConfig):
-        if field.name == "vocab_size":
-            continue  # always the tokenizer's
+        if field.name not in MODEL_FLAG_HELP:
+            continue  # vocab_size is the tokenizer's; the sizes of imported models have none
         flag, gloss = "--" + field.name.replace("_", "-"), MODEL_FLAG_HELP[field.name]
         if field.type == "bool":
             model_flags.add_argument(flag, action=argparse.BooleanOptionalAction, help=gloss)

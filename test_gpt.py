@@ -1005,16 +1005,23 @@ def test_fast_project_equals_separate_projections(rows):
     torch.testing.assert_close(gpt.fast_project(x, weights), expected)
 
 
+# The attention of the models `import` reads: grouped-query attention (2 key/value heads for 4
+# query heads), qk-norm, and a head width D = 6 of its own (H * D = 24, not C = 32).
+IMPORTED_ATTENTION = dict(num_kv_heads=2, head_dim=6, qk_norm_eps=1e-6)
+
+
+@pytest.mark.parametrize("kind", [{}, IMPORTED_ATTENTION], ids=["ours", "gqa-qknorm-headdim"])
 @pytest.mark.parametrize("context_length", [None, 16, 4], ids=["no-window", "causal", "window"])
 @pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "nope"])
-def test_fast_attention_equals_readable_attention(use_rope, context_length):
+def test_fast_attention_equals_readable_attention(use_rope, context_length, kind):
     """FastMultiHeadSelfAttention (one stacked projection, F.scaled_dot_product_attention)
     equals the readable attention with the same weights, in output and gradients, whether each
-    query sees all its past or a sliding window of it."""
+    query sees all its past or a sliding window of it, and with GQA, qk-norm and a head width
+    of its own."""
     torch.manual_seed(0)
-    rope = gpt.RotaryEmbedding(10000.0, 8, 16) if use_rope else None
-    readable = gpt.READABLE_FORMS["MultiHeadSelfAttention"](32, 4, rope, context_length)
-    fast = gpt.FastMultiHeadSelfAttention(32, 4, rope, context_length)
+    rope = gpt.RotaryEmbedding(10000.0, kind.get("head_dim", 8), 16) if use_rope else None
+    readable = gpt.READABLE_FORMS["MultiHeadSelfAttention"](32, 4, rope, context_length, **kind)
+    fast = gpt.FastMultiHeadSelfAttention(32, 4, rope, context_length, **kind)
     fast.load_state_dict(readable.state_dict())
     x = torch.randn(2, 11, 32, requires_grad=True)
     x_fast = x.detach().clone().requires_grad_()
@@ -1023,6 +1030,81 @@ def test_fast_attention_equals_readable_attention(use_rope, context_length):
     out.square().sum().backward()
     out_fast.square().sum().backward()
     torch.testing.assert_close(x_fast.grad, x.grad)
+
+
+@pytest.mark.parametrize("form", ["readable", "fast"])
+def test_grouped_query_attention_equals_attention_with_repeated_heads(form):
+    """GQA with 2 key/value heads for 4 query heads computes what plain attention computes
+    when each key/value head's rows are copied for both query heads of its group."""
+    torch.manual_seed(0)
+    rope = gpt.RotaryEmbedding(10000.0, 8, 16)
+    attention = gpt.READABLE_FORMS["MultiHeadSelfAttention"] if form == "readable" else \
+        gpt.FastMultiHeadSelfAttention
+    gqa, plain = attention(32, 4, rope, num_kv_heads=2), attention(32, 4, rope)
+    state = gqa.state_dict()
+    for name in ("k_proj.weight", "v_proj.weight"):  # (KV*D, C) -> (H*D, C): heads 0 0 1 1
+        state[name] = state[name].view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32)
+    plain.load_state_dict(state)
+    x = torch.randn(2, 11, 32)
+    torch.testing.assert_close(gqa(x), plain(x))
+    assert gqa.k_proj.weight.shape == (16, 32)  # half the keys and values of plain's
+
+
+def test_qk_norm_is_rms_norm_of_each_heads_query_and_key():
+    """With qk-norm, each head's query and key (before RoPE) is torch's F.rms_norm of its D
+    dimensions, with its own gain, shared by the heads."""
+    torch.manual_seed(0)
+    attn = gpt.READABLE_FORMS["MultiHeadSelfAttention"](32, 4, None, **IMPORTED_ATTENTION)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 32)
+    q, k, _ = attn.queries_keys_values(x, 0)  # (B, H, T, D), (B, KV, T, D)
+    for got, proj, norm, heads in ((q, attn.q_proj, attn.q_norm, 4),
+                                   (k, attn.k_proj, attn.k_norm, 2)):
+        raw = (x @ proj.weight.T).view(2, 5, heads, 6).transpose(1, 2)
+        torch.testing.assert_close(got, F.rms_norm(raw, (6,), norm.weight, eps=1e-6))
+
+
+def test_llama3_frequencies_keep_fast_pairs_slow_down_slow_ones_and_blend_between():
+    """Llama 3's scaling (factor 8, low 1, high 4, 8,192 positions, theta 500,000, D = 128):
+    pairs turning more than 4 times over 8,192 positions keep their speed, those turning less
+    than once turn 8 times slower, those between lie between, ordered as before; factor 1
+    changes nothing."""
+    inv_freq = 500000.0 ** (-torch.arange(0, 128, 2).float() / 128)  # (64,)
+    scaled = gpt.llama3_frequencies(inv_freq, 8.0, 1.0, 4.0, 8192)
+    turns = 8192 * inv_freq / (2 * math.pi)
+    fast, slow = turns > 4, turns < 1
+    assert fast.sum() > 10 and slow.sum() > 10 and (~fast & ~slow).sum() > 2
+    assert torch.equal(scaled[fast], inv_freq[fast])
+    torch.testing.assert_close(scaled[slow], inv_freq[slow] / 8, rtol=1e-6, atol=0)
+    between = ~fast & ~slow
+    assert ((scaled[between] < inv_freq[between]) & (scaled[between] > inv_freq[between] / 8)).all()
+    assert (scaled.diff() < 0).all()  # still slower pair after pair
+    torch.testing.assert_close(gpt.llama3_frequencies(inv_freq, 1.0, 1.0, 4.0, 8192), inv_freq)
+
+
+def test_llama3_frequencies_equal_transformers():
+    """Our Llama 3 RoPE frequencies are transformers' own, for the frequencies of Llama 3.2."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=8192)
+    config = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32,
+                                      rope_parameters=rope, max_position_embeddings=131072)
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    model = gpt.TransformerLM(tiny_config(d_model=2048, num_heads=32, num_layers=1, d_ff=8,
+                                          rope_theta=500000.0, rope_factor=32.0,
+                                          rope_original_context=8192))
+    torch.testing.assert_close(model.rope.inv_freq, theirs, rtol=1e-6, atol=0)
+
+
+def test_rope_tables_grow_with_the_positions_met():
+    """A model of 131,072 positions builds RoPE tables for the positions it has read, not for
+    its whole context (64 MB at D = 64)."""
+    model = gpt.TransformerLM(tiny_config(context_length=131072))
+    model(torch.zeros(1, 10, dtype=torch.long))
+    assert 10 <= len(model.rope.cos) < 100
 
 
 @pytest.mark.parametrize("activation", [gpt.silu, gpt.gelu], ids=["swiglu", "geglu"])
@@ -1180,9 +1262,16 @@ def test_readable_model_runs_no_fused_kernel_and_no_autograd_function(monkeypatc
     (dict(dropout=-0.1), ["dropout", "-0.1"]),
     (dict(tie_init="embedding"), ["tie_init", "embedding", "tie_embeddings"]),
     (dict(use_norm=False, norm_position="post"), ["post", "use_norm"]),
+    (dict(num_kv_heads=3), ["num_heads 4", "num_kv_heads 3"]),
+    (dict(num_kv_heads=0), ["num_kv_heads", "0"]),
+    (dict(head_dim=5), ["head width 5", "even"]),
+    (dict(rope_factor=0.5), ["rope_factor", "0.5"]),
+    (dict(rope_factor=8.0, rope_low_freq=4.0, rope_high_freq=1.0), ["rope_low_freq", "4.0"]),
 ], ids=["not-divisible", "odd-head-width", "vocab_size", "context_length", "d_model",
         "num_layers", "num_heads", "d_ff", "ffn_kind", "norm_position", "position_encoding",
-        "dropout-1", "dropout-negative", "tie-init-untied", "post-norm-without-norm"])
+        "dropout-1", "dropout-negative", "tie-init-untied", "post-norm-without-norm",
+        "kv-heads-uneven", "kv-heads-zero", "odd-head-dim", "rope-factor-below-1",
+        "rope-blend-reversed"])
 def test_model_config_rejects_bad_values(overrides, named):
     """A bad architecture is a ValueError whose message names the bad values."""
     with pytest.raises(ValueError) as error:
@@ -1749,15 +1838,20 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, token_dir):
 # §7 Sampling
 # ==================================================================================================
 
-def sampling_model(context_length: int = 8, seed: int = 0) -> gpt.TransformerLM:
+def sampling_model(context_length: int = 8, seed: int = 0, **overrides) -> gpt.TransformerLM:
     torch.manual_seed(seed)
-    return gpt.TransformerLM(tiny_config(context_length=context_length)).eval()
+    return gpt.TransformerLM(tiny_config(context_length=context_length, **overrides)).eval()
 
 
+# The sizes of the models `import` reads, in a tiny model: GQA, qk-norm, D * H != C.
+IMPORTED_SIZES = dict(num_kv_heads=2, qk_norm=True, head_dim=6)
+
+
+@pytest.mark.parametrize("kind", [{}, IMPORTED_SIZES], ids=["ours", "gqa-qknorm-headdim"])
 @pytest.mark.parametrize("form", ["fast", "readable"])
-def test_kv_cache_equals_recomputing_past_the_context_length(form):
+def test_kv_cache_equals_recomputing_past_the_context_length(form, kind):
     """Cached logits equal full recomputation within 1e-4, for 3x the context length."""
-    model = sampling_model(context_length=8)
+    model = sampling_model(context_length=8, **kind)
     if form == "readable":
         readable = readable_model(model.config).eval()
         readable.load_state_dict(model.state_dict())
@@ -1770,6 +1864,22 @@ def test_kv_cache_equals_recomputing_past_the_context_length(form):
         steps = [model(tokens[:, t:t + 1], start_pos=t, caches=caches) for t in range(5, 24)]
     cached = torch.cat([prompt, *steps], dim=1)
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
+
+
+def test_kv_cache_holds_the_generations_positions_of_the_key_value_heads(monkeypatch):
+    """A model of 8,192 positions caches what the generation runs through (5 prompt tokens
+    and 7 new ones), of its 2 key/value heads, not its 4 query heads."""
+    made = []
+
+    class RecordedCache(gpt.KVCache):
+        def __init__(self, capacity: int):
+            super().__init__(capacity)
+            made.append(self)
+
+    monkeypatch.setattr(gpt, "KVCache", RecordedCache)
+    model = sampling_model(context_length=8192, **IMPORTED_SIZES)
+    list(gpt.generate_batch(model, torch.zeros(1, 5, dtype=torch.long), 7, temperature=0))
+    assert len(made) == 2 and {cache.k.shape for cache in made} == {(1, 2, 12, 6)}
 
 
 def test_sliding_window_is_the_context_length():
@@ -2782,8 +2892,21 @@ BAD_STRUCTURES = {
                            "asks for 2 layers, but its weights hold 1"),
     "config-larger-vocab": ("sample", "config", lambda v: {**v, "vocab_size": 70_000},
                             "different architecture"),
-    "config-wider": ("resume", "config", lambda v: {**v, "d_model": 64, "num_heads": 2},
+    "config-wider": ("resume", "config", lambda v: {**v, "d_model": 64, "num_heads": 2,
+                                                    "num_kv_heads": 2, "head_dim": 32},
                      "different architecture"),
+    "config-kv-heads-text": ("sample", "config", lambda v: {**v, "num_kv_heads": "2"},
+                             "num_kv_heads should be of type int | None"),
+    "config-kv-heads-uneven": ("sample", "config", lambda v: {**v, "num_kv_heads": 3},
+                               "not divisible by num_kv_heads 3"),
+    "config-fewer-kv-heads": ("sample", "config", lambda v: {**v, "num_kv_heads": 2},
+                              "different architecture"),
+    "config-huge-head-dim": ("sample", "config", lambda v: {**v, "head_dim": 10**6},
+                             "head_dim 1,000,000, more than"),
+    "config-qk-norm": ("resume", "config", lambda v: {**v, "qk_norm": True},
+                       "different architecture"),
+    "config-rope-factor": ("sample", "config", lambda v: {**v, "rope_factor": 0.5},
+                           "rope_factor"),
     "sample-config": ("sample", "config", lambda v: {**v, "ffn_kind": 3}, "ffn_kind"),
 }
 
@@ -4431,7 +4554,8 @@ def captured_attention(model: gpt.TransformerLM, token_ids: torch.Tensor) -> lis
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(position_encoding="nope"),
-                                       dict(norm_position="post")], ids=["rope", "nope", "post"])
+                                       dict(norm_position="post"), IMPORTED_SIZES],
+                         ids=["rope", "nope", "post", "gqa-qknorm-headdim"])
 def test_attention_maps_are_causal_distributions(overrides):
     """Every row of every head's weights sums to 1, and nothing is above the diagonal."""
     torch.manual_seed(0)
@@ -4445,7 +4569,8 @@ def test_attention_maps_are_causal_distributions(overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(position_encoding="nope"),
-                                       dict(norm_position="post")], ids=["rope", "nope", "post"])
+                                       dict(norm_position="post"), IMPORTED_SIZES],
+                         ids=["rope", "nope", "post", "gqa-qknorm-headdim"])
 def test_attention_maps_give_the_fast_path_output(overrides):
     """Each layer's weights times its values, through the output projection, are what the
     layer computes in the model's forward with F.scaled_dot_product_attention."""
@@ -4453,12 +4578,14 @@ def test_attention_maps_give_the_fast_path_output(overrides):
     model = gpt.TransformerLM(tiny_config(**overrides))
     token_ids = torch.randint(0, 64, (2, 12))
     maps = gpt.attention_maps(model, token_ids)
+    KV, D = model.config.num_kv_heads, model.config.head_dim
     for weights, (x, output), layer in zip(maps, captured_attention(model, token_ids),
                                            model.layers):
         attn = layer.attn
         assert isinstance(attn, gpt.FastMultiHeadSelfAttention)
-        v = (x @ attn.v_proj.weight.T).view(2, 12, 4, 8).transpose(1, 2)  # (B, H, T, D)
-        mixed = (weights @ v).transpose(1, 2).reshape(2, 12, 32)
+        v = (x @ attn.v_proj.weight.T).view(2, 12, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        v = v.repeat_interleave(4 // KV, dim=1)                            # (B, H, T, D)
+        mixed = (weights @ v).transpose(1, 2).reshape(2, 12, 4 * D)
         torch.testing.assert_close(mixed @ attn.output_proj.weight.T, output)
 
 
