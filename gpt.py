@@ -4656,6 +4656,8 @@ LLAMA_NAMES = {
     "layers.{i}.attn.k_proj.weight": "model.layers.{i}.self_attn.k_proj.weight",
     "layers.{i}.attn.v_proj.weight": "model.layers.{i}.self_attn.v_proj.weight",
     "layers.{i}.attn.output_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.attn.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",  # qk_norm only
+    "layers.{i}.attn.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
     "layers.{i}.ln2.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "layers.{i}.ffn.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",  # silu(w1 x) * w3 x
     "layers.{i}.ffn.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
@@ -4683,9 +4685,9 @@ def check_exportable(config: ModelConfig) -> None:
                              f"Llama model has only {llama}, {name}={needed!r}")
 
 
-def rope_halves(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+def rope_halves(weight: torch.Tensor, num_heads: int, inverse: bool = False) -> torch.Tensor:
     """The rows of a query or key projection (H*D, C), reordered within each head for Llama's
-    rotary embedding.
+    rotary embedding; inverse=True puts Llama's back in our order (`import`).
 
     Ours turns adjacent pairs (2j, 2j+1) by the angle p * theta^(-2j/D) (RotaryEmbedding);
     Llama's `rotate_half` turns dimension j with dimension j + D/2 by that same angle. So our
@@ -4693,49 +4695,70 @@ def rope_halves(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     0, 2, 4, ..., D-2, then 1, 3, ..., D-1. Example, D = 4: rows (0, 1, 2, 3) -> (0, 2, 1, 3),
     and our pairs (0,1), (2,3) become Llama's (0,2), (1,3). Queries and keys are reordered
     alike, and a score q.k sums over the D dimensions in any order, so every attention score is
-    unchanged; values and the output projection keep their order.
+    unchanged; values and the output projection keep their order. qk-norm's gains (D,), one per
+    dimension of a head, move with their dimensions: one head of rows.
     """
-    rows, C = weight.shape
-    D = rows // num_heads
-    pairs = weight.reshape(num_heads, D // 2, 2, C)  # (H, D/2, 2, C): pair j, member 0 or 1
-    return pairs.transpose(1, 2).reshape(rows, C)    # (H, 2, D/2, C): first members, then second
+    D = len(weight) // num_heads
+    if inverse:  # (H, 2, D/2, C): Llama's halves -> (H, D/2, 2, C): our pairs
+        return weight.reshape(num_heads, 2, D // 2, -1).transpose(1, 2).reshape(weight.shape)
+    pairs = weight.reshape(num_heads, D // 2, 2, -1)  # (H, D/2, 2, C): pair j, member 0 or 1
+    return pairs.transpose(1, 2).reshape(weight.shape)  # (H, 2, D/2, C): first members, then second
+
+
+def rope_heads(name: str, config: ModelConfig) -> int | None:
+    """How many heads' rows in RoPE's layout parameter `name` holds (see rope_halves), or None:
+    H for the queries, KV for the keys, one for qk-norm's gains, which every head shares."""
+    kind = name.split(".")[-2]
+    return {"q_proj": config.num_heads, "k_proj": config.num_kv_heads, "q_norm": 1,
+            "k_norm": 1}.get(kind)
+
+
+def llama_names(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """LLAMA_NAMES layer by layer, for the parameters in `state`: ours -> Llama's. A tied model
+    has no lm_head: `tie_word_embeddings` makes Llama share the embedding."""
+    names = {ours.format(i=i): theirs.format(i=i) for ours, theirs in LLAMA_NAMES.items()
+             for i in (range(config.num_layers) if "{i}" in ours else [0])}
+    assert state.keys() <= names.keys(), f"no Llama names for {state.keys() - names.keys()}"
+    return {name: names[name] for name in state
+            if not (config.tie_embeddings and name == "lm_head.weight")}
 
 
 def llama_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
-    """The model's weights under LlamaForCausalLM's names, q and k reordered for its RoPE. With
-    tied embeddings there is no lm_head: `tie_word_embeddings` makes Llama share the matrix."""
-    state = model.state_dict()
-    out, used = {}, set()
-    for ours, theirs in LLAMA_NAMES.items():
-        for i in range(model.config.num_layers) if "{i}" in ours else [0]:
-            name = ours.format(i=i)
-            tensor = state[name]
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                # Our RoPE turns pairs (2j, 2j+1), Llama's (j, j + D/2): see rope_halves.
-                tensor = rope_halves(tensor, model.config.num_heads)
-            out[theirs.format(i=i)] = tensor.detach().cpu().contiguous()
-            used.add(name)
-    assert used == state.keys(), f"parameters with no Llama name: {state.keys() - used}"
-    if model.config.tie_embeddings:
-        del out["lm_head.weight"]
+    """The model's weights under LlamaForCausalLM's names, q and k reordered for its RoPE."""
+    state, out = model.state_dict(), {}
+    for ours, theirs in llama_names(model.config, state).items():
+        tensor = state[ours]
+        if rope_heads(ours, model.config):
+            # Our RoPE turns pairs (2j, 2j+1), Llama's (j, j + D/2): see rope_halves.
+            tensor = rope_halves(tensor, rope_heads(ours, model.config))
+        out[theirs] = tensor.detach().cpu().contiguous()
     return out
 
 
 def llama_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
-    """config.json: our ModelConfig in the words of `transformers`' LlamaConfig."""
+    """config.json: our ModelConfig in the words of `transformers`' LlamaConfig, or of its
+    Qwen3Config for a model with qk-norm (Qwen3 is Llama with it)."""
     eos_id = end_of_text_id(tokenizer)
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": config.vocab_size, "hidden_size": config.d_model,
-            "intermediate_size": config.ffn_hidden, "num_hidden_layers": config.num_layers,
-            "num_attention_heads": config.num_heads,
-            "num_key_value_heads": config.num_heads,  # every head has its own keys (no GQA)
-            "head_dim": config.head_dim, "hidden_act": "silu", "attention_bias": False,
-            "attention_dropout": 0.0, "mlp_bias": False, "rms_norm_eps": config.norm_eps,
-            "rope_theta": config.rope_theta, "max_position_embeddings": config.context_length,
-            "tie_word_embeddings": config.tie_embeddings,
-            # One token both ends a story and starts the next, as in GPT-2's config.
-            "bos_token_id": eos_id, "eos_token_id": eos_id,
-            "torch_dtype": "float32", "use_cache": True}
+    qwen = config.qk_norm
+    hf = {"architectures": ["Qwen3ForCausalLM" if qwen else "LlamaForCausalLM"],
+          "model_type": "qwen3" if qwen else "llama",
+          "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+          "intermediate_size": config.ffn_hidden, "num_hidden_layers": config.num_layers,
+          "num_attention_heads": config.num_heads,
+          "num_key_value_heads": config.num_kv_heads,  # fewer than the heads under GQA
+          "head_dim": config.head_dim, "hidden_act": "silu", "attention_bias": False,
+          "attention_dropout": 0.0, "mlp_bias": False, "rms_norm_eps": config.norm_eps,
+          "rope_theta": config.rope_theta, "max_position_embeddings": config.context_length,
+          "tie_word_embeddings": config.tie_embeddings,
+          # One token both ends a story and starts the next, as in GPT-2's config.
+          "bos_token_id": eos_id, "eos_token_id": eos_id,
+          "torch_dtype": "float32", "use_cache": True}
+    if config.rope_factor != 1:  # the Hub's form, which transformers 4 and 5 both read
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": config.rope_factor,
+                              "low_freq_factor": config.rope_low_freq,
+                              "high_freq_factor": config.rope_high_freq,
+                              "original_max_position_embeddings": config.rope_original_context}
+    return hf
 
 
 def tokenizer_json(tokenizer: Tokenizer) -> dict:

@@ -4310,6 +4310,20 @@ def test_exported_weights_run_as_llama_give_our_logits(tmp_path, tie):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_export_config_of_gqa_qk_norm_and_scaled_rope():
+    """A model with qk-norm is exported as Qwen3, GQA as num_key_value_heads, a head width of
+    its own as head_dim, and Llama 3's RoPE scaling as the Hub's rope_scaling."""
+    config = tiny_config(vocab_size=257, num_kv_heads=2, head_dim=6, qk_norm=True,
+                         rope_factor=8.0, rope_original_context=8)
+    hf = gpt.llama_config(config, gpt.Tokenizer(BYTES_VOCAB, [], [EOT]))
+    assert (hf["architectures"], hf["model_type"]) == (["Qwen3ForCausalLM"], "qwen3")
+    assert (hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]) == (4, 2, 6)
+    assert hf["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    names = gpt.llama_state_dict(gpt.TransformerLM(config)).keys()
+    assert "model.layers.1.self_attn.k_norm.weight" in names
+
+
 def test_export_config_matches_the_model():
     """config.json holds every size of the model under Llama's names, and the end-of-text id."""
     config = tiny_config(vocab_size=257, tie_embeddings=True, rope_theta=500.0, norm_eps=1e-6)
