@@ -31,7 +31,8 @@ speeds up or protects:
     §13 Budgets       time budgets, Ctrl-C and SIGTERM
     §14 The run       the training run: inputs, model, the loop, logs, checkpoints
     §15 tokenize      inputs checked first, outputs published together
-    §16 Export        the Hugging Face format: config, safetensors, tokenizer files
+    §16 Export        the Hugging Face format: config, safetensors, tokenizer files; and
+                      import, of Llama and Qwen3 checkpoints
     §17 Look inside   curves, attention maps, next-token tables, weight histograms, norms
     §18 Fine-tuning   question-answer pairs: template, packing, answer-only loss
     §19 Twins         the fast twins switched in for the readable forms, in one place
@@ -100,7 +101,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from itertools import chain, islice, repeat
+from itertools import chain, islice, pairwise, repeat
 
 
 def interrupted_at_start(signum, frame):
@@ -4638,14 +4639,15 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
 
 
 # ==================================================================================================
-# §16 Machinery: export to the Hugging Face format
+# §16 Machinery: export to and import from the Hugging Face format
 #
 # Makes §3's model usable elsewhere. It is a LLaMA (Touvron et al. 2023) in all but names:
 # pre-norm RMSNorm, rotary position embeddings, a SwiGLU feed-forward, no biases. So `export`
 # writes it as `transformers`' LlamaForCausalLM, which AutoModelForCausalLM.from_pretrained and
 # the tools built on it load with no code of ours: config.json, the weights as safetensors (a
 # JSON header, then raw little-endian tensors), the tokenizer files, and a weights-only gpt.pt
-# for `gpt.py sample`.
+# for `gpt.py sample`. `import` reads such a directory back, ours or a Llama or Qwen3 model
+# trained elsewhere, every header checked before a byte is allocated.
 # ==================================================================================================
 
 # Our parameter names -> LlamaForCausalLM's; {i} is the layer.
@@ -4865,24 +4867,25 @@ def read_for_export(path: str) -> tuple[TransformerLM, Tokenizer, int, str]:
     return model, tokenizer, checkpoint["iteration"], saved_story_start(checkpoint, path)
 
 
-def save_weights_only(model: TransformerLM, tokenizer: Tokenizer, iteration: int,
-                      path: str, story_start: str = "") -> None:
+def save_weights_only(state: dict[str, torch.Tensor], config: ModelConfig, tokenizer: Tokenizer,
+                      iteration: int, path: str, story_start: str = "", **extra) -> None:
     """A checkpoint with what load_for_sampling reads and nothing else: no optimizer state (two
-    thirds of a training checkpoint), nothing that resuming needs."""
+    thirds of a training checkpoint), nothing that resuming needs; `extra` says where it is
+    from (`import`'s)."""
     try:
         with replaced(path) as f:
-            torch.save({"model": model.state_dict(), "iteration": iteration,
-                        "config": asdict(model.config),
+            torch.save({"model": state, "iteration": iteration, "config": asdict(config),
                         "tokenizer": dict(vocab=tokenizer.vocab, merges=tokenizer.merges,
                                           special_tokens=tokenizer.special_tokens),
-                        "story_start": story_start}, f)
+                        "story_start": story_start, **extra}, f)
     except RuntimeError as e:  # torch's zip writer stops so when the disk is full
         raise OSError(f"cannot write {path}: the write stopped partway, is the disk full? "
                       f"({first_line(e)})") from None
 
 
-# An export's own file, listing the files it wrote: a later export recognizes its directory by
-# it, and replaces it only when asked (--overwrite) and only when it holds nothing else.
+# An export's own file (and an import's), listing the files it wrote: a later export recognizes
+# its directory by it, and replaces it only when asked (--overwrite) and only when it holds
+# nothing else.
 EXPORT_MARKER = ".gpt-export.json"
 
 
@@ -4910,11 +4913,12 @@ def remove_export_leftovers(out: str) -> None:
             log(f"removed {path}, left by a run that was killed")
 
 
-def check_export_dir(out: str, overwrite: bool) -> None:
+def check_export_dir(out: str, overwrite: bool, flag: str = "--out") -> None:
     """`export` writes only into a new or empty directory, or, with --overwrite, one that holds
-    an earlier export and nothing else: never into a tokenizer's, data or run directory."""
+    an earlier export and nothing else: never into a tokenizer's, data or run directory. So
+    does `import` (its flag: --out-dir)."""
     if os.path.lexists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file: give a directory")
+        raise ValueError(f"{flag} {out} is a file: give a directory")
     names = set(os.listdir(out)) if os.path.isdir(out) else set()
     if not names:
         return
@@ -4922,15 +4926,15 @@ def check_export_dir(out: str, overwrite: bool) -> None:
         with open(os.path.join(out, EXPORT_MARKER), encoding="utf-8") as f:
             ours = set(json.load(f)["files"]) | {EXPORT_MARKER}
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        raise ValueError(f"--out {out} holds files that no export wrote "
+        raise ValueError(f"{flag} {out} holds files that no export wrote "
                          f"({', '.join(sorted(names)[:3])}{', ...' * (len(names) > 3)}): give "
                          f"a new or empty directory") from None
     if names - ours:
-        raise ValueError(f"--out {out} holds an earlier export and other files "
+        raise ValueError(f"{flag} {out} holds an earlier export and other files "
                          f"({', '.join(sorted(names - ours)[:3])}): give a new or empty "
                          f"directory")
     if not overwrite:
-        raise ValueError(f"--out {out} holds an earlier export: replace it with --overwrite, or "
+        raise ValueError(f"{flag} {out} holds an earlier export: replace it with --overwrite, or "
                          f"give a new or empty directory")
 
 
@@ -4944,6 +4948,189 @@ def publish_export(staging: str, out: str) -> None:
             os.rename(out, old)
         os.rename(staging, out)  # onto a missing or an empty directory
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --- Import: a Hugging Face checkpoint as a gpt.pt ------------------------------------------------
+# `import` reads config.json and the safetensors files (never the network) into a weights-only
+# gpt.pt. Headers and sizes are checked before a tensor is read; then one tensor at a time
+# becomes float32 in our RoPE's layout: memory holds the model and one tensor of the file.
+
+# The architectures `import` runs -> whether they have qk-norm (Qwen3 is Llama with it).
+IMPORTABLE = {"LlamaForCausalLM": False, "Qwen3ForCausalLM": True}
+# config.json's names of ModelConfig's fields (RoPE's: hf_model_config)
+HF_CONFIG_NAMES = {"vocab_size": "vocab_size", "context_length": "max_position_embeddings",
+                   "d_model": "hidden_size", "num_layers": "num_hidden_layers",
+                   "num_heads": "num_attention_heads", "d_ff": "intermediate_size",
+                   "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+                   "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
+# The weights' dtypes `import` reads; each becomes float32.
+IMPORT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+# STAND-IN for the tokenizer half of issue 28 (branch i28-tok), which replaces it whole: only
+# the GPT-2-layout files that `export` writes beside tokenizer.json, and no generation settings.
+def read_hf_tokenizer(hf_dir: str) -> tuple[Tokenizer, dict]:
+    """The checkpoint's tokenizer, and the settings stored under "generation"."""
+    return Tokenizer.load(hf_dir), {}
+
+
+def hf_model_config(path: str) -> tuple[dict, str]:
+    """config.json as ModelConfig's fields (checked by saved_config), and the architecture; a
+    model gpt.py cannot compute is refused, naming what it lacks. RoPE's settings come as the
+    Hub's files have them (rope_theta, rope_scaling) or as transformers 5 writes them
+    (rope_parameters)."""
+    hf = read_json(path)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} is {shown(hf)}, not a JSON object")
+    names, rope = hf.get("architectures"), hf.get("rope_parameters") or hf.get("rope_scaling")
+    arch = names[0] if isinstance(names, list) and len(names) == 1 else names
+    rope = rope if isinstance(rope, dict) else {} if rope is None else {"rope_type": rope}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    lacks = [(arch not in IMPORTABLE, f"architecture {shown(arch)} is not one gpt.py runs: "
+                                      f"{' or '.join(IMPORTABLE)}, dense"),
+             (hf.get("hidden_act", "silu") != "silu",
+              f"activation {shown(hf.get('hidden_act'))}: gpt.py's SwiGLU has silu"),
+             (hf.get("attention_bias") or hf.get("mlp_bias"),
+              "biases (attention_bias or mlp_bias): gpt.py's layers have none"),
+             (hf.get("use_sliding_window") or any(layer != "full_attention" for layer in
+                                                  hf.get("layer_types") or []),
+              "sliding-window attention: gpt.py's attends to the whole context"),
+             (kind not in ("default", "llama3"),
+              f"RoPE scaling {shown(kind)}: gpt.py has Llama 3's only")]
+    for present, what in lacks:
+        if present:
+            raise ValueError(f"{path}: {what}")
+    fields = {ours: hf[theirs] for ours, theirs in HF_CONFIG_NAMES.items()
+              if hf.get(theirs) is not None}
+    # transformers' defaults, for what a config.json may leave out
+    fields.setdefault("norm_eps", 1e-6)
+    fields.update(rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                  qk_norm=IMPORTABLE[arch])
+    if kind == "llama3":
+        fields.update(rope_factor=rope.get("factor"), rope_low_freq=rope.get("low_freq_factor"),
+                      rope_high_freq=rope.get("high_freq_factor"),
+                      rope_original_context=rope.get("original_max_position_embeddings",
+                                                     hf.get("max_position_embeddings")))
+    if arch == "Qwen3ForCausalLM":
+        fields.setdefault("head_dim", 128)  # Qwen3Config's default
+    return fields, arch
+
+
+def safetensors_header(path: str) -> dict[str, tuple[str, torch.dtype, tuple, int, int]]:
+    """The tensors of a safetensors file (see write_safetensors): {name: (path, dtype, shape,
+    start, end)}, start and end counted in the file. The header is checked against the file
+    before anything is allocated: its length, dtypes, byte counts that fit the shapes, and
+    offsets within the file that never overlap."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > min(size - 8, JSON_MAX_BYTES):
+            raise ValueError(f"{path}: its header would be {length:,} bytes in a file of "
+                             f"{size:,}: damaged, or not safetensors")
+        header = parse_json(f.read(length).decode("utf-8", errors="replace"), path)
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: its header is {shown(header)}, not a JSON object")
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        entry = entry if isinstance(entry, dict) else {}
+        dtype, shape = IMPORT_DTYPES.get(entry.get("dtype")), entry.get("shape")
+        start, end = (entry.get("data_offsets") or [None, None])[:2]
+        problems = [  # (holds, what is wrong when it does not), checked in this order
+            (dtype is not None, f"dtype {shown(entry.get('dtype'))}, not F32, BF16 or F16"),
+            (isinstance(shape, list) and all(is_int(n) and n >= 0 for n in shape),
+             f"shape {shown(shape)}"),
+            (is_int(start) and is_int(end) and 0 <= start <= end <= size - 8 - length,
+             f"offsets {shown(entry.get('data_offsets'))} outside the file's data")]
+        for ok, what in problems:
+            if not ok:
+                raise ValueError(f"{path}: tensor {shown(name)} has {what}")
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {shown(name)} has {end - start:,} bytes, where "
+                             f"shape {shape} takes {math.prod(shape) * dtype.itemsize:,}")
+        tensors[name] = (path, dtype, tuple(shape), 8 + length + start, 8 + length + end)
+    spans = sorted((start, end, name) for name, (*_, start, end) in tensors.items())
+    for (_, end, first), (start, _, second) in pairwise(spans):
+        if start < end:
+            raise ValueError(f"{path}: tensors {shown(first)} and {shown(second)} overlap")
+    return tensors
+
+
+def checkpoint_tensors(hf_dir: str) -> dict[str, tuple]:
+    """Every tensor of a checkpoint, by safetensors_header: of model.safetensors, or of the
+    shards that model.safetensors.index.json lists."""
+    index, files = os.path.join(hf_dir, "model.safetensors.index.json"), ["model.safetensors"]
+    if os.path.isfile(index):
+        weight_map = read_json(index)
+        files = sorted({*weight_map["weight_map"].values()}) if isinstance(
+            weight_map, dict) and isinstance(weight_map.get("weight_map"), dict) else [0]
+        if not all(isinstance(n, str) and n == os.path.basename(n)
+                   and n.endswith(".safetensors") for n in files):
+            raise ValueError(f"{index}: its weight_map should name .safetensors files beside it")
+    tensors = {}
+    for path in (os.path.join(hf_dir, file) for file in files):
+        if not os.path.isfile(path):
+            raise ValueError(f"{hf_dir} has no {os.path.basename(path)}: gpt.py reads weights in "
+                             f"the safetensors format only")
+        for name, entry in safetensors_header(path).items():
+            if name in tensors:
+                raise ValueError(f"{path}: tensor {shown(name)} is in {tensors[name][0]} too")
+            tensors[name] = entry
+    return tensors
+
+
+def read_hf_checkpoint(hf_dir: str) -> tuple[ModelConfig, dict[str, str], dict[str, tuple], str]:
+    """A checkpoint's config, checked against its tensors' headers and this machine's memory;
+    our parameter names -> its tensors'; its tensors (checkpoint_tensors); its architecture."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{hf_dir} has no config.json: not a Hugging Face checkpoint")
+    fields, arch = hf_model_config(path)
+    tensors = checkpoint_tensors(hf_dir)
+    if fields.get("tie_embeddings") is True and "lm_head.weight" in tensors:
+        fields["tie_embeddings"] = False  # an output matrix of its own: transformers unties too
+    config = saved_config(fields, path)
+    with torch.device("meta"):  # shapes without memory: the model's, and the headers'
+        expected = TransformerLM(config).state_dict()
+        present = {name: torch.empty(shape) for name, (_, _, shape, _, _) in tensors.items()}
+    names = llama_names(config, expected)
+    count = sum(expected[ours].numel() for ours in names)  # a tied matrix once
+    memory = device_memory(torch.device("cpu"))
+    if memory is not None and 4 * count > memory:
+        raise ValueError(f"{path}: its {count:,} parameters take {4 * count / 2**30:,.1f} GiB "
+                         f"in float32, more than this machine's {memory / 2**30:,.1f} GiB")
+    check_state_fits({theirs: expected[ours] for ours, theirs in names.items()}, present, hf_dir)
+    return config, names, tensors, arch
+
+
+def read_tensor(path: str, dtype: torch.dtype, shape: tuple, start: int,
+                end: int) -> torch.Tensor:
+    """One tensor of a safetensors file, bytes start .. end, as float32."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = bytearray(end - start)
+        if f.readinto(data) != len(data):
+            raise ValueError(f"{path} was cut short while it was read")
+    # Little-endian integers of the element's width, reinterpreted (numpy has no bfloat16):
+    # the inverse of little_endian_bytes.
+    ints = np.frombuffer(data, dtype=f"<i{dtype.itemsize}")
+    ints = ints.astype(ints.dtype.newbyteorder("="), copy=False)
+    return torch.from_numpy(ints).view(dtype).reshape(shape).float()
+
+
+def read_hf_weights(config: ModelConfig, names: dict[str, str],
+                    tensors: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """Our model's state dict from a checkpoint checked by read_hf_checkpoint: one tensor at a
+    time, in float32, q and k (and qk-norm's gains) put back in our RoPE's layout."""
+    state = {}
+    for ours, theirs in names.items():
+        state[ours] = read_tensor(*tensors[theirs])
+        if rope_heads(ours, config):  # Llama's halves back to our pairs: see rope_halves
+            state[ours] = rope_halves(state[ours], rope_heads(ours, config), inverse=True)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["token_embeddings.weight"]  # one tensor, saved once
+    return state
 
 
 # ==================================================================================================
@@ -6079,7 +6266,8 @@ def write_export(staging: str, model: TransformerLM, tokenizer: Tokenizer, itera
         write_atomically(out(name), (json.dumps(value, indent=2) + "\n").encode())
     for name, data in hf_tokenizer_files(tokenizer, model.config.context_length).items():
         write_atomically(out(name), data)
-    save_weights_only(model, tokenizer, iteration, out("gpt.pt"), story_start)
+    save_weights_only(model.state_dict(), model.config, tokenizer, iteration, out("gpt.pt"),
+                      story_start)
     marker = {"files": sorted(os.listdir(staging)), "checkpoint": source, "step": iteration}
     write_atomically(out(EXPORT_MARKER), (json.dumps(marker, indent=2) + "\n").encode())
 
@@ -6105,6 +6293,39 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"config and tokenizer files, gpt.pt ({size('gpt.pt'):.1f} MB, for gpt.py sample)")
     print(f'load it with AutoModelForCausalLM.from_pretrained("{args.out}") and '
           f'AutoTokenizer.from_pretrained("{args.out}")')
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    """`python gpt.py import HF_DIR --out-dir RUN_DIR`: §16's import, staged beside RUN_DIR and
+    renamed into place as export's files are, so that RUN_DIR never holds half an import."""
+    if not os.path.isdir(args.hf_dir):
+        raise ValueError(f"{args.hf_dir} is not a directory: give the directory of a Hugging "
+                         f"Face checkpoint (config.json, model.safetensors, tokenizer.json)")
+    config, names, tensors, arch = read_hf_checkpoint(args.hf_dir)
+    tokenizer, generation = read_hf_tokenizer(args.hf_dir)
+    if max(tokenizer.vocab) + 1 != config.vocab_size:
+        raise ValueError(f"{args.hf_dir}: its tokenizer's ids go up to {max(tokenizer.vocab)}, "
+                         f"but config.json gives a {config.vocab_size}-token vocabulary")
+    out = os.path.realpath(args.out_dir)
+    remove_export_leftovers(out)
+    check_export_dir(out, args.overwrite, "--out-dir")
+    staging = export_sibling(out, "new")
+    check_writable_dir(staging)
+    try:
+        state = read_hf_weights(config, names, tensors)
+        save_weights_only(state, config, tokenizer, 0, os.path.join(staging, "gpt.pt"),
+                          kind="imported", source=os.path.abspath(args.hf_dir),
+                          architecture=arch, generation=generation)
+        marker = {"files": ["gpt.pt"], "imported": os.path.abspath(args.hf_dir)}
+        write_atomically(os.path.join(staging, EXPORT_MARKER), json.dumps(marker).encode())
+        publish_export(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    dtypes = sorted({str(tensors[theirs][1]).removeprefix("torch.") for theirs in names.values()})
+    count = sum(t.numel() for t in {id(t): t for t in state.values()}.values())
+    print(f"model: {args.hf_dir} ({arch}, {count / 1e6:.1f}M parameters, {', '.join(dtypes)})")
+    print(f"wrote {args.out_dir}: gpt.pt, in float32 ({4 * count / 1e6:.1f} MB); sample it with "
+          f"`python gpt.py sample --run-dir {shlex.quote(args.out_dir)}`")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -6316,13 +6537,14 @@ def duration(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample; "
-                                  "finetune, experiment, export; plot, inspect.")
+                                  "finetune, experiment, export, import; plot, inspect.")
     commands = parser.add_subparsers(dest="command", required=True)
     add_tokenize_parser(commands)
     add_train_parser(commands)
     add_sample_parser(commands)
     add_experiment_parser(commands)
     add_export_parser(commands)
+    add_import_parser(commands)
     add_look_inside_parsers(commands)
     add_finetune_parser(commands)
     return parser
@@ -6529,6 +6751,21 @@ def add_export_parser(commands) -> None:
     ex.add_argument("--overwrite", action="store_true",
                     help="replace an earlier export in DIR (one that holds nothing else)")
     ex.set_defaults(run=cmd_export, parser=ex)
+
+
+def add_import_parser(commands) -> None:
+    im = commands.add_parser(
+        "import", help="read a Hugging Face checkpoint (Llama, Qwen3) into a run directory",
+        description="Read a local Hugging Face checkpoint directory of a LlamaForCausalLM or "
+                    "a dense Qwen3ForCausalLM into OUT_DIR/gpt.pt, a weights-only checkpoint "
+                    "that sample, inspect, finetune and export read. Nothing is downloaded.")
+    im.add_argument("hf_dir", metavar="HF_DIR", help="the checkpoint's directory")
+    im.add_argument("--out-dir", required=True,
+                    help="a new or empty directory for gpt.pt (made if missing)")
+    im.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier import or export in OUT_DIR (one that holds nothing "
+                         "else)")
+    im.set_defaults(run=cmd_import, parser=im)
 
 
 def add_look_inside_parsers(commands) -> None:

@@ -4551,6 +4551,286 @@ def test_transformers_tokenizer_gives_our_ids(tmp_path, request, which):
         assert hf_tokenizer.decode(ids) == text
 
 
+# --- import: a Hugging Face checkpoint read back -------------------------------------------------
+def export_for_import(tmp_path, **overrides) -> pathlib.Path:
+    """An export of a tiny model of ours (weights with spread, so that a wrong layout shows):
+    the Hugging Face directory that `import` reads, made without transformers."""
+    torch.manual_seed(0)
+    path = write_export_checkpoint(tmp_path, **overrides)
+    checkpoint = torch.load(path, weights_only=True)
+    for name, tensor in checkpoint["model"].items():  # norm gains too: qk-norm's are reordered
+        tensor.copy_(torch.randn_like(tensor) * 0.3 + (1.0 if tensor.ndim == 1 else 0.0))
+    torch.save(checkpoint, path)
+    assert gpt.main(["export", "--checkpoint", path, "--out", str(tmp_path / "hf")]) == 0
+    return tmp_path / "hf"
+
+
+def logits_of(path: str, ids: torch.Tensor, form: str = "fast") -> torch.Tensor:
+    """The logits of the model of checkpoint `path`, built of the fast twins or the readable
+    forms of §3."""
+    model, _, _ = gpt.read_model(path)
+    if form == "readable":
+        readable = readable_model(model.config).eval()
+        readable.load_state_dict(model.state_dict())
+        model = readable
+    with torch.no_grad():
+        return model(ids)
+
+
+OUR_KINDS = {"ours": {}, "gqa-tied": dict(num_kv_heads=2, tie_embeddings=True),
+             "qwen3-llama3-rope": dict(IMPORTED_SIZES, num_kv_heads=1, rope_factor=8.0,
+                                       rope_original_context=8)}
+
+
+@pytest.mark.parametrize("overrides", OUR_KINDS.values(), ids=OUR_KINDS.keys())
+def test_import_of_an_export_gives_the_same_model_and_exports_the_same_files(tmp_path, capsys,
+                                                                             overrides):
+    """`export` then `import` gives back the config, tokenizer and weights exactly, so the same
+    logits, in the fast and the readable forms; exporting the import writes the same Hugging
+    Face files again. Needs no transformers."""
+    hf = export_for_import(tmp_path, **overrides)
+    capsys.readouterr()
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "float32" in printed and "sample --run-dir" in printed
+    assert sorted(os.listdir(tmp_path / "run")) == [".gpt-export.json", "gpt.pt"]
+    original = gpt.read_checkpoint(str(hf / "gpt.pt"))
+    imported = gpt.read_checkpoint(str(tmp_path / "run" / "gpt.pt"))
+    assert imported["config"] == original["config"] and imported["kind"] == "imported"
+    assert imported["tokenizer"] == original["tokenizer"] and imported["generation"] == {}
+    assert_same_weights(imported["model"], original["model"])
+    ids = torch.randint(0, 257, (2, 16))
+    for form in ("fast", "readable"):
+        assert torch.equal(logits_of(str(tmp_path / "run" / "gpt.pt"), ids, form),
+                           logits_of(str(hf / "gpt.pt"), ids, form))
+    assert gpt.main(["export", "--run-dir", str(tmp_path / "run"), "--out",
+                     str(tmp_path / "again")]) == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (hf / name).read_bytes(), name
+
+
+def test_safetensors_header_reads_the_safetensors_librarys_files(tmp_path):
+    """Tensors that the safetensors library writes, in each dtype import takes, come back
+    bit for bit through safetensors_header and read_tensor, as float32."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).bfloat16(),
+               "c": torch.randn(2, 4).half(), "empty": torch.zeros(0, 3)}
+    safetensors_torch.save_file(tensors, str(tmp_path / "t.safetensors"))
+    header = gpt.safetensors_header(str(tmp_path / "t.safetensors"))
+    assert {name: entry[1:3] for name, entry in header.items()} == {
+        name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    for name, tensor in tensors.items():
+        read = gpt.read_tensor(*header[name])
+        assert read.dtype == torch.float32 and torch.equal(read, tensor.float()), name
+
+
+def hf_reference_dir(tmp_path, kind: str):
+    """A tiny model of `transformers` with weights of some spread, saved by save_pretrained in
+    the dtype and the shards of `kind`, with our byte-level tokenizer's files beside it; and the
+    model loaded back from those files in float32."""
+    transformers = pytest.importorskip("transformers")
+    arch, settings, dtype, shard = HF_KINDS[kind]
+    config = getattr(transformers, arch)(
+        vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6, **settings)
+    torch.manual_seed(0)
+    model = getattr(transformers, arch.replace("Config", "ForCausalLM"))(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
+    hf = tmp_path / "hf"
+    model.to(dtype).save_pretrained(str(hf), **({"max_shard_size": shard} if shard else {}))
+    for name, data in gpt.hf_tokenizer_files(gpt.Tokenizer(BYTES_VOCAB, [], [EOT]), 128).items():
+        (hf / name).write_bytes(data)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+    return hf, reference.eval()
+
+
+# arch, settings, dtype of the saved weights, max_shard_size
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=100.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=64)
+HF_KINDS = {
+    "llama-gqa-fp32": ("LlamaConfig", dict(num_key_value_heads=2), torch.float32, None),
+    "llama-tied-bf16": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True),
+                        torch.bfloat16, None),
+    "llama3-rope-fp16": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
+                         torch.float16, None),
+    "qwen3-qknorm-headdim-bf16": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=12,
+                                                      tie_word_embeddings=True),
+                                  torch.bfloat16, None),
+    "llama-sharded": ("LlamaConfig", dict(num_key_value_heads=2), torch.float32, "20KB"),
+}
+
+
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_imported_model_computes_transformers_logits(tmp_path, kind):
+    """A tiny model saved by transformers' save_pretrained (GQA, tied or not, Llama 3's RoPE
+    scaling, Qwen3's qk-norm and head width, fp32, bf16 and fp16 weights, shards) imports into
+    a model whose logits are transformers' within 1e-4, in the fast and the readable forms;
+    exported again, transformers loads it as the same architecture, with the same logits."""
+    hf, reference = hf_reference_dir(tmp_path, kind)
+    if kind == "llama-sharded":
+        assert (hf / "model.safetensors.index.json").exists()
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "run")]) == 0
+    ids = torch.randint(0, 257, (2, 40))
+    with torch.no_grad():
+        theirs = reference(ids).logits
+    assert theirs.std() > 1  # logits of some spread: a wrong layout would show
+    for form in ("fast", "readable"):
+        ours = logits_of(str(tmp_path / "run" / "gpt.pt"), ids, form)
+        assert (ours - theirs).abs().max().item() < 1e-4, form
+    assert gpt.main(["export", "--run-dir", str(tmp_path / "run"), "--out",
+                     str(tmp_path / "again")]) == 0
+    again = type(reference).from_pretrained(str(tmp_path / "again")).eval()
+    assert type(again) is type(reference)
+    with torch.no_grad():
+        assert (again(ids).logits - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama-tied-bf16", "qwen3-qknorm-headdim-bf16"])
+def test_sample_greedy_continues_as_transformers_generate(tmp_path, capsys, kind):
+    """`sample --temperature 0` on an imported model prints the tokens that transformers'
+    greedy generate() picks after the same prompt, fast and --readable."""
+    hf, reference = hf_reference_dir(tmp_path, kind)
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "run")]) == 0
+    tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], [EOT])
+    prompt = [256] + tokenizer.encode("Once")  # as sample feeds it: the end token first
+    greedy = reference.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
+                                eos_token_id=None, pad_token_id=0,
+                                attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    new = greedy[0, len(prompt):].tolist()
+    expected = "Once" + tokenizer.decode(new[:new.index(256)] if 256 in new else new) + "\n"
+    for readable in ([], ["--readable"]):
+        capsys.readouterr()
+        assert gpt.main(["sample", "--run-dir", str(tmp_path / "run"), "--prompt", "Once",
+                         "--temperature", "0", "--max-new-tokens", "30", *readable]) == 0
+        assert capsys.readouterr().out == expected
+
+
+def test_inspect_and_finetune_take_an_imported_model(tmp_path, capsys):
+    """`inspect` shows an imported GQA and qk-norm model's attention (a row per query head) and
+    `finetune` trains it for a few steps."""
+    hf = export_for_import(tmp_path, context_length=128, **IMPORTED_SIZES)
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert gpt.main(["inspect", "--run-dir", str(tmp_path / "run"), "--prompt", "Once upon",
+                     "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"^ +[01] +[0-3] +(\d\.\d\d +){4} '", printed, re.M)) == 2 * 4
+    assert re.search(r"^layers.0.attn.k_proj.weight +12x32 ", printed, re.M)
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps(QA_PAIRS[:10]), encoding="utf-8")
+    assert gpt.main(finetune_args(data, tmp_path / "ft", "--checkpoint",
+                                  str(tmp_path / "run" / "gpt.pt"), "--max-steps", "2")) == 0
+    assert os.path.isfile(tmp_path / "ft" / "latest.pt")
+
+
+def rewrite_safetensors(path: pathlib.Path, change) -> None:
+    """Replace a safetensors file's header by change(header), keeping its data."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    text = json.dumps(change(json.loads(data[8:8 + length]))).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+
+
+def edit_json(path: pathlib.Path, change) -> None:
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+NORM = "model.norm.weight"
+LN = "model.layers.0.input_layernorm.weight"
+HUGE = dict(hidden_size=65536, num_attention_heads=1024, num_key_value_heads=1024, head_dim=64,
+            intermediate_size=1 << 18, num_hidden_layers=64, vocab_size=1 << 20)
+# what to damage -> how, and the words the one-line refusal must hold
+BAD_IMPORTS = {
+    "gpt2": ("config.json", lambda c: {**c, "architectures": ["GPT2LMHeadModel"]},
+             "GPT2LMHeadModel"),
+    "mixture-of-experts": ("config.json", lambda c: {**c, "architectures": ["Qwen3MoeForCausalLM"]},
+                           "Qwen3MoeForCausalLM"),
+    "sliding-window": ("config.json", lambda c: {**c, "architectures": ["Qwen3ForCausalLM"],
+                                                 "use_sliding_window": True}, "sliding-window"),
+    "sliding-layers": ("config.json", lambda c: {**c, "layer_types": ["sliding_attention"] * 2},
+                       "sliding-window"),
+    "attention-bias": ("config.json", lambda c: {**c, "attention_bias": True}, "biases"),
+    "mlp-bias": ("config.json", lambda c: {**c, "mlp_bias": True}, "biases"),
+    "gelu": ("config.json", lambda c: {**c, "hidden_act": "gelu"}, "activation 'gelu'"),
+    "yarn": ("config.json", lambda c: {**c, "rope_scaling": {"rope_type": "yarn", "factor": 4}},
+             "RoPE scaling 'yarn'"),
+    "kv-heads-uneven": ("config.json", lambda c: {**c, "num_key_value_heads": 3},
+                        "not divisible by num_kv_heads 3"),
+    "width-as-text": ("config.json", lambda c: {**c, "hidden_size": "32"}, "d_model"),
+    "too-large-for-memory": ("config.json", lambda c: {**c, **HUGE}, "GiB in float32, more than"),
+    "header-length-10^15": ("model.safetensors", "length", "header would be "
+                            "1,000,000,000,000,000 bytes"),
+    "offsets-past-the-end": ("model.safetensors", lambda h: {
+        **h, NORM: {**h[NORM], "data_offsets": [h[NORM]["data_offsets"][0], 10**9]}},
+        "outside the file's data"),
+    "overlapping": ("model.safetensors", lambda h: {
+        **h, NORM: {**h[NORM], "data_offsets": h[LN]["data_offsets"]}}, "overlap"),
+    "int-dtype": ("model.safetensors", lambda h: {**h, NORM: {**h[NORM], "dtype": "I32"}},
+                  "dtype 'I32'"),
+    "bytes-not-shape": ("model.safetensors", lambda h: {**h, NORM: {**h[NORM], "shape": [33]}},
+                        "has 128 bytes, where shape [33] takes 132"),
+    "misshapen": ("model.safetensors", lambda h: {**h, NORM: {**h[NORM], "shape": [4, 8]}},
+                  f"{NORM} has shape (4, 8) there, (32,) here"),
+    "missing": ("model.safetensors", lambda h: {k: v for k, v in h.items() if k != NORM},
+                f"missing ['{NORM}']"),
+    "extra": ("model.safetensors", lambda h: {**h, "model.layers.0.self_attn.q_proj.bias": {
+        "dtype": "F32", "shape": [0], "data_offsets": [0, 0]}},
+        "unexpected ['model.layers.0.self_attn.q_proj.bias']"),
+    "shard-outside": ("model.safetensors.index.json", lambda _: {
+        "weight_map": {NORM: "../model.safetensors"}}, "weight_map"),
+    "no-weights": ("model.safetensors", None, "has no model.safetensors"),
+    "no-config": ("config.json", None, "no config.json"),
+    "not-a-directory": ("", None, "is not a directory"),
+}
+
+
+@pytest.mark.parametrize("what, change, named", BAD_IMPORTS.values(), ids=BAD_IMPORTS.keys())
+def test_import_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys, what, change,
+                                                                 named):
+    """A model gpt.py cannot run, sizes beyond memory, a safetensors header that lies, missing,
+    extra or misshapen tensors, a missing file: one line naming the problem, exit code 2, and
+    no out-dir or staging directory left."""
+    (tmp_path / "made").mkdir()
+    hf = export_for_import(tmp_path / "made")
+    path = hf / what
+    if change is None:
+        path.unlink() if path.is_file() else None
+        if what == "":
+            hf = tmp_path / "made" / "model.pt"  # a file
+    elif change == "length":
+        path.write_bytes((10**15).to_bytes(8, "little") + path.read_bytes()[8:])
+    elif what.endswith(".json"):
+        edit_json(path, change) if path.exists() else path.write_text(json.dumps(change(None)))
+    else:
+        rewrite_safetensors(path, change)
+    capsys.readouterr()
+    assert exit_code(["import", str(hf), "--out-dir", str(tmp_path / "run")]) == 2
+    assert named in one_error_line(capsys, "import")
+    assert sorted(os.listdir(tmp_path)) == ["made"]
+
+
+def test_import_writes_only_into_a_new_empty_or_earlier_import_directory(tmp_path, capsys):
+    """import refuses an out-dir that holds a run (a latest.pt), leaving it as it was, and an
+    earlier import unless --overwrite, which replaces it."""
+    hf = export_for_import(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest.pt").write_bytes(b"a run")
+    capsys.readouterr()
+    assert exit_code(["import", str(hf), "--out-dir", str(run)]) == 2
+    assert "--out-dir" in one_error_line(capsys, "import")
+    assert files_under(run) == {"latest.pt": b"a run"}
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "new")]) == 0
+    capsys.readouterr()
+    assert exit_code(["import", str(hf), "--out-dir", str(tmp_path / "new")]) == 2
+    assert "--overwrite" in one_error_line(capsys, "import")
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "new"), "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["hf", "model.pt", "new", "run"]
+
+
 # ==================================================================================================
 # §17 Looking inside: curves, attention and weights
 # ==================================================================================================
