@@ -670,9 +670,9 @@ class ModelConfig:
     #                                  (grouped-query attention); None: H, one each
     head_dim: int | None = None      # D; None: C / H. Qwen3 sets it apart (D * H != C)
     qk_norm: bool = False            # an RMSNorm over each head's query and key (Qwen3, OLMo 2)
-    # Llama 3's RoPE scaling (RotaryEmbedding): slow pairs turn rope_factor times slower.
-    # 1: none. Pairs of wavelength past rope_original_context / rope_low_freq are slow, those
-    # under rope_original_context / rope_high_freq fast and kept, a blend in between.
+    # Llama 3's RoPE scaling (llama3_frequencies; rope_factor 1: none): pairs turning fewer than
+    # rope_low_freq times over rope_original_context positions turn rope_factor times slower,
+    # those turning more than rope_high_freq times keep their speed, a blend in between.
     rope_factor: float = 1.0
     rope_low_freq: float = 1.0
     rope_high_freq: float = 4.0
@@ -817,14 +817,14 @@ class RotaryEmbedding(nn.Module):
     Adjacent pairs are the layout of the paper, of Meta's Llama code and of the CS336 assignment.
     Hugging Face's Llama, the format export writes (§16), pairs dimension i with i + D/2 instead
     ("rotate half"): the same rotations of the dimensions listed in another order, so export
-    reorders the rows of the query and key projections.
+    reorders the rows of the query and key projections, and import puts them back.
     """
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None,
                  scaling: tuple[float, float, float, int] | None = None):
         # d_k is the head width (ModelConfig.head_dim) and max_seq_len the positions to tabulate
         # at first: the names of the CS336 assignment's RoPE, kept for its tests. scaling:
-        # llama3_frequencies' (factor, low_freq, high_freq, original_context), or None.
+        # llama3_frequencies' (below) factor, low_freq, high_freq, original_context, or None.
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device).float() / d_k)  # (D/2,)
         if scaling is not None:
