@@ -31,8 +31,8 @@ speeds up or protects:
     §13 Budgets       time budgets, Ctrl-C and SIGTERM
     §14 The run       the training run: inputs, model, the loop, logs, checkpoints
     §15 tokenize      inputs checked first, outputs published together
-    §16 Export        the Hugging Face format: config, safetensors, tokenizer files; reading
-                      a Hugging Face tokenizer (Llama 3's, Qwen's, SmolLM's) and chat format
+    §16 Export        the Hugging Face format both ways: config, safetensors, tokenizer
+                      files; import of Llama and Qwen3 checkpoints, their tokenizers and chat
     §17 Look inside   curves, attention maps, next-token tables, weight histograms, norms
     §18 Fine-tuning   question-answer pairs: template, packing, answer-only loss
     §19 Twins         the fast twins switched in for the readable forms, in one place
@@ -102,7 +102,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from itertools import chain, islice, repeat
+from itertools import chain, islice, pairwise, repeat
 
 
 def interrupted_at_start(signum, frame):
@@ -725,10 +725,22 @@ class ModelConfig:
     context_length: int    # T: the longest sequence the model reads at once
     d_model: int           # C: width of the residual stream
     num_layers: int        # transformer blocks stacked on each other
-    num_heads: int         # H: attention heads; each is D = C / H wide
+    num_heads: int         # H: attention heads, each D wide (query heads, under GQA)
     d_ff: int              # hidden width of a gated feed-forward (non-gated kinds get 1.5x)
     rope_theta: float = 10000.0  # RoPE base: pair i turns by position * theta^(-2i/D)
     norm_eps: float = 1e-5       # added to the mean square in RMSNorm, so 0 never divides
+    # Ideas of the models `import` reads (§16); the defaults give our own models.
+    num_kv_heads: int | None = None  # KV: key/value heads, each shared by H / KV query heads
+    #                                  (grouped-query attention); None: H, one each
+    head_dim: int | None = None      # D; None: C / H. Qwen3 sets it apart (D * H != C)
+    qk_norm: bool = False            # an RMSNorm over each head's query and key (Qwen3, OLMo 2)
+    # Llama 3's RoPE scaling (llama3_frequencies; rope_factor 1: none): pairs turning fewer than
+    # rope_low_freq times over rope_original_context positions turn rope_factor times slower,
+    # those turning more than rope_high_freq times keep their speed, a blend in between.
+    rope_factor: float = 1.0
+    rope_low_freq: float = 1.0
+    rope_high_freq: float = 4.0
+    rope_original_context: int = 8192  # the context the model was first trained at
     # Switches for the classic ablations, whose variants follow TransformerLM. The defaults
     # give the modern model; MODEL_CHOICES lists the values of the string switches.
     tie_embeddings: bool = False  # share one matrix between token embeddings and output logits
@@ -747,10 +759,8 @@ class ModelConfig:
 
     def __post_init__(self):
         check_model_config(self)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+        self.num_kv_heads = self.num_kv_heads or self.num_heads  # computed once, then saved
+        self.head_dim = self.head_dim or self.d_model // self.num_heads
 
     @property
     def ffn_hidden(self) -> int:
@@ -773,22 +783,31 @@ MODEL_CHOICES = {"norm_position": ("pre", "post"),
 
 def check_model_config(c: ModelConfig) -> None:
     """Raise a ValueError naming the bad value if the architecture cannot be built."""
-    for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
+    for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff",
+                 "num_kv_heads", "head_dim", "rope_original_context"):
         value = getattr(c, name)
         if not isinstance(value, int) or value < 1:
+            if value is None and name in ("num_kv_heads", "head_dim"):
+                continue  # derived in __post_init__
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     for name, allowed in MODEL_CHOICES.items():
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
                              f"got {getattr(c, name)!r}")
+    D = c.head_dim or c.d_model // c.num_heads
+    width = f"{D}" if c.head_dim else f"d_model / num_heads = {c.d_model} / {c.num_heads} = {D}"
     rules = [  # (holds, what to say when it does not), checked in this order
-        (c.d_model % c.num_heads == 0,
+        (c.head_dim or c.d_model % c.num_heads == 0,
          f"d_model {c.d_model} is not divisible by num_heads {c.num_heads}"),
-        (c.position_encoding != "rope" or c.head_dim % 2 == 0,
-         f"RoPE rotates pairs of dimensions, so the head width d_model / num_heads = "
-         f"{c.d_model} / {c.num_heads} = {c.head_dim} must be even"),
+        (c.num_heads % (c.num_kv_heads or 1) == 0,
+         f"num_heads {c.num_heads} is not divisible by num_kv_heads {c.num_kv_heads}"),
+        (c.position_encoding != "rope" or D % 2 == 0,
+         f"RoPE rotates pairs of dimensions, so the head width {width} must be even"),
         (c.rope_theta > 0 and c.norm_eps > 0,
          f"rope_theta ({c.rope_theta}) and norm_eps ({c.norm_eps}) must be positive"),
+        (c.rope_factor >= 1 and 0 < c.rope_low_freq < c.rope_high_freq,
+         f"RoPE scaling needs rope_factor >= 1 and 0 < rope_low_freq < rope_high_freq, got "
+         f"{c.rope_factor}, {c.rope_low_freq}, {c.rope_high_freq}"),
         (0 <= c.dropout < 1, f"dropout must be in [0, 1), got {c.dropout!r}"),
         (c.tie_embeddings or c.tie_init == "output",
          f"tie_init {c.tie_init!r} chooses the init of tied embeddings: it needs tie_embeddings"),
@@ -856,20 +875,24 @@ class RotaryEmbedding(nn.Module):
     Dimensions are taken in adjacent pairs (0,1), (2,3), ...; pair i at position p turns by the
     angle p * theta^(-2i/D). A rotation keeps lengths, and the dot product of a query rotated by
     angle a and a key rotated by angle b depends only on a - b: attention scores see relative
-    positions, not absolute ones. The cos and sin tables are computed once for every position
-    (and extended if generation runs past them).
+    positions, not absolute ones. The cos and sin tables grow with the positions met (cover):
+    an imported model's 131,072 positions would take 64 MB that a short prompt never reads.
 
     Adjacent pairs are the layout of the paper, of Meta's Llama code and of the CS336 assignment.
     Hugging Face's Llama, the format export writes (§16), pairs dimension i with i + D/2 instead
     ("rotate half"): the same rotations of the dimensions listed in another order, so export
-    reorders the rows of the query and key projections.
+    reorders the rows of the query and key projections, and import puts them back.
     """
 
-    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None,
+                 scaling: tuple[float, float, float, int] | None = None):
         # d_k is the head width (ModelConfig.head_dim) and max_seq_len the positions to tabulate
-        # (its context_length): the names of the CS336 assignment's RoPE, kept for its tests.
+        # at first: the names of the CS336 assignment's RoPE, kept for its tests. scaling:
+        # llama3_frequencies' (below) factor, low_freq, high_freq, original_context, or None.
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device).float() / d_k)  # (D/2,)
+        if scaling is not None:
+            inv_freq = llama3_frequencies(inv_freq, *scaling)
         # Buffers follow the model to its device but are no parameters and are not saved:
         # they are a function of the config.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -897,6 +920,23 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x[..., 0::2], x[..., 1::2]                         # (..., T, D/2)
         swapped = torch.stack((-x2, x1), dim=-1).flatten(-2)        # (..., T, D)
         return x * cos + swapped * sin                              # (..., T, D)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq: float,
+                       high_freq: float, original_context: int) -> torch.Tensor:
+    """Llama 3's RoPE scaling (Meta 2024): RoPE's turning speeds inv_freq (D/2,), adapted so
+    that a model trained on original_context positions reads `factor` times as many.
+
+    Pair i turns once every 2 pi / inv_freq[i] positions, its wavelength. Slow pairs, turning
+    fewer than low_freq times over the original context, never saw larger angles in training:
+    they turn `factor` times slower, so a longer context stays within the angles they learned.
+    Fast pairs, turning more than high_freq times, tell near positions apart: kept as they are.
+    Between the two, a blend, linear in the number of turns.
+    """
+    turns = original_context * inv_freq / (2 * math.pi)  # (D/2,): turns over the old context
+    # keep = 0: slowed by factor; 1: kept as it is
+    keep = ((turns - low_freq) / (high_freq - low_freq)).clamp(0, 1)  # (D/2,)
+    return (1 - keep) * inv_freq / factor + keep * inv_freq            # (D/2,)
 
 
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -945,58 +985,80 @@ class MultiHeadSelfAttention(nn.Module):
     H heads attend independently, each in its own D-wide slice of the C-wide vectors, so one head
     can follow syntax while another follows a character's name. Given a context_length, a
     position sees at most that many tokens ending at itself: the span the model is trained on.
+
+    Grouped-query attention (GQA, Ainslie et al. 2023), in the models `import` reads: KV < H
+    key/value heads, each shared by a group of H / KV query heads, and the KV cache (§7) holds
+    only those. SmolLM2-135M's 3 for 9 query heads keep a third: 30 layers x (k, v) x 3 heads x
+    64 dims x 4 bytes = 46 KB a token in float32, not 138 KB; 377 MB at 8,192 tokens, not 1.1 GB.
     """
 
     def __init__(self, d_model: int, num_heads: int, rope: RotaryEmbedding | None = None,
-                 context_length: int | None = None, dropout_p: float = 0.0):
+                 context_length: int | None = None, dropout_p: float = 0.0,
+                 num_kv_heads: int | None = None, head_dim: int | None = None,
+                 qk_norm_eps: float | None = None):
         super().__init__()
         self.num_heads, self.context_length = num_heads, context_length
+        self.num_kv_heads = KV = num_kv_heads or num_heads
+        self.head_dim = D = head_dim or d_model // num_heads
         self.dropout_p = dropout_p  # of the attention weights, while training
-        self.q_proj = Linear(d_model, d_model)
-        self.k_proj = Linear(d_model, d_model)
-        self.v_proj = Linear(d_model, d_model)
-        self.output_proj = Linear(d_model, d_model)
+        self.q_proj = Linear(d_model, num_heads * D)
+        self.k_proj = Linear(d_model, KV * D)
+        self.v_proj = Linear(d_model, KV * D)
+        self.output_proj = Linear(num_heads * D, d_model)
         self.rope = rope
+        # qk-norm (Dehghani et al. 2023; Qwen3, OLMo 2), with qk_norm_eps: an RMSNorm over each
+        # head's query and key. A score q.k / sqrt(D) is then bounded by the learned gains, not
+        # by how large the projections grow: unbounded scores saturate the softmax into one-hot
+        # rows whose gradients vanish, a cause of loss spikes (Wortsman et al. 2023).
+        self.q_norm = RMSNorm(D, qk_norm_eps) if qk_norm_eps else None
+        self.k_norm = RMSNorm(D, qk_norm_eps) if qk_norm_eps else None
 
     def forward(self, x: torch.Tensor, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, C) holds positions start_pos .. start_pos + T - 1. With a cache (§7), either
         the first call (the prompt) or one new token at a time."""
         B, T, C = x.shape
-        q, k, v = self.queries_keys_values(x, start_pos)  # each (B, H, T, D)
+        q, k, v = self.queries_keys_values(x, start_pos)  # (B, H, T, D); k, v (B, KV, T, D)
         if cache is not None and cache.length > 0:
             # One new token after the prompt: it attends to every cached key and its own. The
             # keys were stored rotated, each carrying its position, so their order is free.
             assert T == 1, "after the prompt, feed one token at a time"
-            k, v = cache.append(k, v)  # (B, H, S, D), S <= context_length
+            k, v = cache.append(k, v)  # (B, KV, S, D), S <= context_length
         elif cache is not None:
             cache.append(k, v)  # the prompt's keys and values, kept for the tokens after it
         # A query sees its own position and the context_length - 1 before it (with no
         # context_length, every earlier one): the span the model was trained on.
         y = self.attend(q, k, v, self.context_length or k.shape[-2])  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, H*D)
-        return self.output_proj(y)              # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # heads side by side again: (B, T, H*D)
+        return self.output_proj(y)               # (B, T, C)
 
     def queries_keys_values(self, x: torch.Tensor,
                             start_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The heads' queries, keys and values for x (B, T, C), each (B, H, T, D), head h being
-        slice h of the C channels; queries and keys rotated to their positions."""
+        """The heads' queries (B, H, T, D), keys and values (B, KV, T, D) for x (B, T, C), head h
+        being slice h of a projection; queries and keys normed (qk-norm) and rotated."""
         B, T, C = x.shape
-        H, D = self.num_heads, C // self.num_heads
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
-        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)   # (B, T, H*D) -> (B, H, T, D)
+        k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # each head's D dims, as RMSNorm norms C
         if self.rope is not None:
             # Queries and keys turn by their positions; values carry content only.
+            self.rope.cover(start_pos + T)
             positions = torch.arange(start_pos, start_pos + T, device=x.device)  # (T,)
-            q, k = self.rope(q, positions), self.rope(k, positions)             # (B, H, T, D)
+            q, k = self.rope(q, positions), self.rope(k, positions)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int) -> torch.Tensor:
-        """q (B, H, T, D), the last T of the S positions of k and v (B, H, S, D): each query
+        """q (B, H, T, D), the last T of the S positions of k and v (B, KV, S, D): each query
         takes from the keys at its own position and the window - 1 before it. -> (B, H, T, D)"""
         T, S = q.shape[-2], k.shape[-2]
+        # GQA: key/value head j serves query heads j*g .. j*g + g - 1, g = H / KV, so each is
+        # repeated g times to line up with its queries (g = 1: every head has its own).
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, H, S, D)
         mask = sliding_causal_mask(T, window, q.device, num_keys=S)  # (T, S)
         p = self.dropout_p if self.training else 0.0
         return scaled_dot_product_attention(q, k, v, mask, p)         # (B, H, T, D)
@@ -1042,7 +1104,9 @@ class TransformerBlock(nn.Module):
         self.ln1 = norm_layer(config)  # RMSNorm (or none, an ablation below)
         self.attn = MultiHeadSelfAttention(config.d_model, config.num_heads, rope,
                                            config.context_length,
-                                           config.dropout if config.attention_dropout else 0.0)
+                                           config.dropout if config.attention_dropout else 0.0,
+                                           config.num_kv_heads, config.head_dim,
+                                           config.norm_eps if config.qk_norm else None)
         self.ln2 = norm_layer(config)
         self.ffn = feed_forward(config)  # SwiGLU (or a variant below)
         self.dropout_p = config.dropout  # of each branch's output, before it joins the residual
@@ -1062,8 +1126,11 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.config = config
         self.token_embeddings = Embedding(config.vocab_size, config.d_model)
-        # One RoPE table shared by every layer: it depends only on the config.
-        self.rope = (RotaryEmbedding(config.rope_theta, config.head_dim, config.context_length)
+        # One RoPE table shared by every layer: it depends only on the config, and grows with
+        # the positions met (from 0 here).
+        scaling = (config.rope_factor, config.rope_low_freq, config.rope_high_freq,
+                   config.rope_original_context) if config.rope_factor != 1 else None
+        self.rope = (RotaryEmbedding(config.rope_theta, config.head_dim, 0, scaling=scaling)
                      if config.position_encoding == "rope" else None)
         # Learned or sinusoidal position vectors: an ablation, below.
         self.positions = (AbsolutePositions(config.context_length, config.d_model,
@@ -1086,8 +1153,6 @@ class TransformerLM(nn.Module):
         """token_ids (B, T) at positions start_pos, start_pos + 1, ... -> logits (B, T, V).
 
         caches: one KVCache per layer, for generation (§7)."""
-        if self.rope is not None:
-            self.rope.cover(start_pos + token_ids.shape[1])
         x = self.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
         if self.positions is not None:
             x = x + self.positions(start_pos, token_ids.shape[1])  # (B, T, C) + (T, C)
@@ -1623,13 +1688,15 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
 
 
 class KVCache:
-    """One layer's keys and values of the tokens seen so far, for generation (§7).
+    """One layer's keys and values of the tokens seen so far, for generation (§7): of its KV
+    key/value heads, fewer than the query heads under GQA (MultiHeadSelfAttention).
 
-    Holds at most `capacity` (the context length) positions, as a ring: token p goes to slot
-    p % capacity, overwriting the token that has just left the window. The ring never needs
-    shifting because the keys are stored after RoPE has rotated them (§3): each carries its own
-    position, and a score q . k depends on the two positions, not on the slot. Attention then
-    sums over the keys in any order.
+    Holds `capacity` positions: a generation's prompt and new tokens, at most a context length
+    (so a model of 8,192 positions reserves what one story needs, not 8,192). Past the context
+    length, a ring: token p goes to slot p % capacity, overwriting the token that has just left
+    the window. The ring never needs shifting because the keys are stored after RoPE has rotated
+    them (§3): each carries its own position, and a score q . k depends on the two positions,
+    not on the slot. Attention then sums over the keys in any order.
 
     A new token's query may attend to every cached key: all are in its past, or itself. So the
     attention runs with is_causal=False. A causal mask would be wrong here: for 1 query and S
@@ -1638,27 +1705,27 @@ class KVCache:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.k = self.v = None  # (B, H, capacity, D) once the first tokens arrive
+        self.k = self.v = None  # (B, KV, capacity, D) once the first tokens arrive
         self.length = 0         # tokens seen so far
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' keys and values (B, H, n, D); return every cached one."""
+        """Store the new tokens' keys and values (B, KV, n, D); return every cached one."""
         if self.k is None:
-            B, H, _, D = k.shape
-            self.k = k.new_zeros(B, H, self.capacity, D)  # (B, H, capacity, D)
-            self.v = v.new_zeros(B, H, self.capacity, D)
+            B, KV, _, D = k.shape
+            self.k = k.new_zeros(B, KV, self.capacity, D)  # (B, KV, capacity, D)
+            self.v = v.new_zeros(B, KV, self.capacity, D)
         n = k.shape[2]
         if n == 1:  # the common case, one generated token: one slot
-            self.k[:, :, self.length % self.capacity] = k[:, :, 0]  # (B, H, D) into one slot
+            self.k[:, :, self.length % self.capacity] = k[:, :, 0]  # (B, KV, D) into one slot
             self.v[:, :, self.length % self.capacity] = v[:, :, 0]
         else:
             keep = min(n, self.capacity)  # of a long prompt, only the last window stays
             slots = torch.arange(self.length + n - keep, self.length + n, device=k.device)
-            self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]  # (B, H, keep, D)
+            self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]  # (B, KV, keep, D)
             self.v[:, :, slots % self.capacity] = v[:, :, n - keep:]
         self.length += n
         filled = min(self.length, self.capacity)
-        return self.k[:, :, :filled], self.v[:, :, :filled]  # (B, H, S, D)
+        return self.k[:, :, :filled], self.v[:, :, :filled]  # (B, KV, S, D)
 
 
 @torch.no_grad()
@@ -1687,7 +1754,9 @@ def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: 
         # Position vectors end at context_length: such a model re-reads the last window at
         # every step, its first token at position 0 again (as GPT-2 does), so no cache.
         use_cache = False
-    caches = [KVCache(window) for _ in model.layers] if use_cache else None
+    # Slots for every position this generation runs through, at most a window's.
+    capacity = min(window, tokens.shape[1] + max_new_tokens)
+    caches = [KVCache(capacity) for _ in model.layers] if use_cache else None
     crop = window if model.config.absolute_positions else None
     logits = model(tokens[:, -crop:] if crop else tokens, caches=caches)[:, -1]  # (B, V)
     length = tokens.shape[1]
@@ -2989,17 +3058,19 @@ def shown(value) -> str:
     return text if len(text) <= 40 else f"a {type(value).__name__}"
 
 
-# The largest architecture a checkpoint may ask for, beyond anything this file trains. With
-# the weights' own shapes (check_state_fits) it refuses a config that would allocate without
-# bound before a single tensor is made; context_length is in no weight's shape under RoPE.
+# The largest architecture a checkpoint may ask for, beyond anything this file trains and
+# within what real models use (Qwen's vocabulary of 151,936, Llama 3.2's 131,072 positions).
+# With the weights' own shapes (check_state_fits) it refuses a config that would allocate
+# without bound before a single tensor is made; context_length is in no weight's shape under
+# RoPE, and sizes only the tables that grow with the positions met.
 CONFIG_LIMITS = {"vocab_size": MAX_VOCAB_SIZE, "context_length": 1 << 17,  # Llama 3.1's 128k
                  "d_model": 1 << 16, "num_layers": 1 << 10, "num_heads": 1 << 10,
-                 "d_ff": 1 << 18}
+                 "d_ff": 1 << 18, "head_dim": 1 << 12, "rope_original_context": 1 << 17}
 
 
-def saved_config(saved, name: str, state: dict[str, torch.Tensor]) -> ModelConfig:
+def saved_config(saved, name: str, state: dict[str, torch.Tensor] | None = None) -> ModelConfig:
     """The ModelConfig that a checkpoint stores as a dict, checked to be within CONFIG_LIMITS and
-    to fit the checkpoint's weights `state`, or a ValueError saying what is wrong.
+    to fit the checkpoint's weights `state` (if given), or a ValueError saying what is wrong.
 
     Each field must have its annotated type: ModelConfig itself would take tie_embeddings="no"
     (a true value) or a float width, and fail later in a way that names neither.
@@ -3008,7 +3079,7 @@ def saved_config(saved, name: str, state: dict[str, torch.Tensor]) -> ModelConfi
         raise ValueError(f"{name}: its model config is {shown(saved)}, not a dict")
     kinds = {field.name: field.type for field in fields(ModelConfig)}
     checks = {"int": is_int, "float": is_number, "bool": lambda v: isinstance(v, bool),
-              "str": lambda v: isinstance(v, str)}
+              "str": lambda v: isinstance(v, str), "int | None": lambda v: v is None or is_int(v)}
     for key, value in saved.items():
         if key not in kinds:
             raise ValueError(f"{name}: its model config has an unknown field {key!r}")
@@ -3023,6 +3094,8 @@ def saved_config(saved, name: str, state: dict[str, torch.Tensor]) -> ModelConfi
         if getattr(config, key) > limit:
             raise ValueError(f"{name}: its model config asks for {key} {getattr(config, key):,}, "
                              f"more than the {limit:,} gpt.py allows")
+    if state is None:
+        return config
     layers = {key.split(".")[1] for key in state if key.startswith("layers.")}
     if len(layers) != config.num_layers:
         raise ValueError(f"{name}: its model config asks for {config.num_layers:,} layers, but "
@@ -3601,27 +3674,31 @@ class FastMultiHeadSelfAttention(MultiHeadSelfAttention):
     def queries_keys_values(self, x: torch.Tensor,
                             start_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
-        H, D = self.num_heads, C // self.num_heads
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-        qkv = fast_project(x, weights)                           # (B, T, C) -> (B, T, 3C)
-        qkv = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)     # (3, B, H, T, D)
-        if self.rope is None:
-            return qkv.unbind(0)                                 # each (B, H, T, D)
-        positions = torch.arange(start_pos, start_pos + T, device=x.device)  # (T,)
-        # Queries and keys rotate alike, so one call turns both, stacked: (2, B, H, T, D).
-        q, k = self.rope(qkv[:2], positions)
-        return q, k, qkv[2]
+        qkv = fast_project(x, weights)                             # (B, T, (H + 2KV) D)
+        qkv = qkv.view(B, T, H + 2 * KV, D).transpose(1, 2)        # (B, H + 2KV, T, D)
+        qk, v = qkv[:, :H + KV], qkv[:, H + KV:]                   # queries and keys; values
+        if self.q_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
+        if self.rope is not None:
+            # Queries and keys rotate alike, so one call turns both: (B, H + KV, T, D).
+            self.rope.cover(start_pos + T)
+            qk = self.rope(qk, torch.arange(start_pos, start_pos + T, device=x.device))
+        return qk[:, :H], qk[:, H:], v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int) -> torch.Tensor:
         T, S = q.shape[-2], k.shape[-2]
-        p = self.dropout_p if self.training else 0.0
+        # GQA: enable_gqa shares each key/value head with its group of queries, with no copies.
+        fused = partial(F.scaled_dot_product_attention, q, k, v,
+                        dropout_p=self.dropout_p if self.training else 0.0,
+                        enable_gqa=q.shape[1] != k.shape[1])
         if T == S and T <= window:  # plain causal attention: the kernels need no mask
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            return fused(is_causal=True)
         if T == 1 and S <= window:  # one new token, which sees every cached key
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        mask = sliding_causal_mask(T, window, q.device, num_keys=S)  # (T, S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            return fused()
+        return fused(attn_mask=sliding_causal_mask(T, window, q.device, num_keys=S))  # (T, S)
 
 
 # The fast twin of §3's SwiGLU.
@@ -4692,14 +4769,16 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
 
 
 # ==================================================================================================
-# §16 Machinery: export to the Hugging Face format
+# §16 Machinery: export to and import from the Hugging Face format
 #
 # Makes §3's model usable elsewhere. It is a LLaMA (Touvron et al. 2023) in all but names:
 # pre-norm RMSNorm, rotary position embeddings, a SwiGLU feed-forward, no biases. So `export`
 # writes it as `transformers`' LlamaForCausalLM, which AutoModelForCausalLM.from_pretrained and
 # the tools built on it load with no code of ours: config.json, the weights as safetensors (a
 # JSON header, then raw little-endian tensors), the tokenizer files, and a weights-only gpt.pt
-# for `gpt.py sample`. The other way, read_hf_tokenizer reads a Hugging Face tokenizer.json.
+# for `gpt.py sample`. `import` reads such a directory back, ours or a Llama or Qwen3 model
+# trained elsewhere (read_hf_tokenizer its tokenizer.json), every header checked before a byte
+# is allocated.
 # ==================================================================================================
 
 # Our parameter names -> LlamaForCausalLM's; {i} is the layer.
@@ -4710,6 +4789,8 @@ LLAMA_NAMES = {
     "layers.{i}.attn.k_proj.weight": "model.layers.{i}.self_attn.k_proj.weight",
     "layers.{i}.attn.v_proj.weight": "model.layers.{i}.self_attn.v_proj.weight",
     "layers.{i}.attn.output_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.attn.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",  # qk_norm only
+    "layers.{i}.attn.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
     "layers.{i}.ln2.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "layers.{i}.ffn.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",  # silu(w1 x) * w3 x
     "layers.{i}.ffn.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
@@ -4737,9 +4818,9 @@ def check_exportable(config: ModelConfig) -> None:
                              f"Llama model has only {llama}, {name}={needed!r}")
 
 
-def rope_halves(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+def rope_halves(weight: torch.Tensor, num_heads: int, inverse: bool = False) -> torch.Tensor:
     """The rows of a query or key projection (H*D, C), reordered within each head for Llama's
-    rotary embedding.
+    rotary embedding; inverse=True puts Llama's back in our order (`import`).
 
     Ours turns adjacent pairs (2j, 2j+1) by the angle p * theta^(-2j/D) (RotaryEmbedding);
     Llama's `rotate_half` turns dimension j with dimension j + D/2 by that same angle. So our
@@ -4747,49 +4828,70 @@ def rope_halves(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     0, 2, 4, ..., D-2, then 1, 3, ..., D-1. Example, D = 4: rows (0, 1, 2, 3) -> (0, 2, 1, 3),
     and our pairs (0,1), (2,3) become Llama's (0,2), (1,3). Queries and keys are reordered
     alike, and a score q.k sums over the D dimensions in any order, so every attention score is
-    unchanged; values and the output projection keep their order.
+    unchanged; values and the output projection keep their order. qk-norm's gains (D,), one per
+    dimension of a head, move with their dimensions: one head of rows.
     """
-    rows, C = weight.shape
-    D = rows // num_heads
-    pairs = weight.reshape(num_heads, D // 2, 2, C)  # (H, D/2, 2, C): pair j, member 0 or 1
-    return pairs.transpose(1, 2).reshape(rows, C)    # (H, 2, D/2, C): first members, then second
+    D = len(weight) // num_heads
+    if inverse:  # (H, 2, D/2, C): Llama's halves -> (H, D/2, 2, C): our pairs
+        return weight.reshape(num_heads, 2, D // 2, -1).transpose(1, 2).reshape(weight.shape)
+    pairs = weight.reshape(num_heads, D // 2, 2, -1)  # (H, D/2, 2, C): pair j, member 0 or 1
+    return pairs.transpose(1, 2).reshape(weight.shape)  # (H, 2, D/2, C): first members, then second
+
+
+def rope_heads(name: str, config: ModelConfig) -> int | None:
+    """How many heads' rows in RoPE's layout parameter `name` holds (see rope_halves), or None:
+    H for the queries, KV for the keys, one for qk-norm's gains, which every head shares."""
+    kind = name.split(".")[-2]
+    return {"q_proj": config.num_heads, "k_proj": config.num_kv_heads, "q_norm": 1,
+            "k_norm": 1}.get(kind)
+
+
+def llama_names(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """LLAMA_NAMES layer by layer, for the parameters in `state`: ours -> Llama's. A tied model
+    has no lm_head: `tie_word_embeddings` makes Llama share the embedding."""
+    names = {ours.format(i=i): theirs.format(i=i) for ours, theirs in LLAMA_NAMES.items()
+             for i in (range(config.num_layers) if "{i}" in ours else [0])}
+    assert state.keys() <= names.keys(), f"no Llama names for {state.keys() - names.keys()}"
+    return {name: names[name] for name in state
+            if not (config.tie_embeddings and name == "lm_head.weight")}
 
 
 def llama_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
-    """The model's weights under LlamaForCausalLM's names, q and k reordered for its RoPE. With
-    tied embeddings there is no lm_head: `tie_word_embeddings` makes Llama share the matrix."""
-    state = model.state_dict()
-    out, used = {}, set()
-    for ours, theirs in LLAMA_NAMES.items():
-        for i in range(model.config.num_layers) if "{i}" in ours else [0]:
-            name = ours.format(i=i)
-            tensor = state[name]
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                # Our RoPE turns pairs (2j, 2j+1), Llama's (j, j + D/2): see rope_halves.
-                tensor = rope_halves(tensor, model.config.num_heads)
-            out[theirs.format(i=i)] = tensor.detach().cpu().contiguous()
-            used.add(name)
-    assert used == state.keys(), f"parameters with no Llama name: {state.keys() - used}"
-    if model.config.tie_embeddings:
-        del out["lm_head.weight"]
+    """The model's weights under LlamaForCausalLM's names, q and k reordered for its RoPE."""
+    state, out = model.state_dict(), {}
+    for ours, theirs in llama_names(model.config, state).items():
+        tensor = state[ours]
+        if rope_heads(ours, model.config):
+            # Our RoPE turns pairs (2j, 2j+1), Llama's (j, j + D/2): see rope_halves.
+            tensor = rope_halves(tensor, rope_heads(ours, model.config))
+        out[theirs] = tensor.detach().cpu().contiguous()
     return out
 
 
 def llama_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
-    """config.json: our ModelConfig in the words of `transformers`' LlamaConfig."""
+    """config.json: our ModelConfig in the words of `transformers`' LlamaConfig, or of its
+    Qwen3Config for a model with qk-norm (Qwen3 is Llama with it)."""
     eos_id = end_of_text_id(tokenizer)
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": config.vocab_size, "hidden_size": config.d_model,
-            "intermediate_size": config.ffn_hidden, "num_hidden_layers": config.num_layers,
-            "num_attention_heads": config.num_heads,
-            "num_key_value_heads": config.num_heads,  # every head has its own keys (no GQA)
-            "head_dim": config.head_dim, "hidden_act": "silu", "attention_bias": False,
-            "attention_dropout": 0.0, "mlp_bias": False, "rms_norm_eps": config.norm_eps,
-            "rope_theta": config.rope_theta, "max_position_embeddings": config.context_length,
-            "tie_word_embeddings": config.tie_embeddings,
-            # One token both ends a story and starts the next, as in GPT-2's config.
-            "bos_token_id": eos_id, "eos_token_id": eos_id,
-            "torch_dtype": "float32", "use_cache": True}
+    qwen = config.qk_norm
+    hf = {"architectures": ["Qwen3ForCausalLM" if qwen else "LlamaForCausalLM"],
+          "model_type": "qwen3" if qwen else "llama",
+          "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+          "intermediate_size": config.ffn_hidden, "num_hidden_layers": config.num_layers,
+          "num_attention_heads": config.num_heads,
+          "num_key_value_heads": config.num_kv_heads,  # fewer than the heads under GQA
+          "head_dim": config.head_dim, "hidden_act": "silu", "attention_bias": False,
+          "attention_dropout": 0.0, "mlp_bias": False, "rms_norm_eps": config.norm_eps,
+          "rope_theta": config.rope_theta, "max_position_embeddings": config.context_length,
+          "tie_word_embeddings": config.tie_embeddings,
+          # One token both ends a story and starts the next, as in GPT-2's config.
+          "bos_token_id": eos_id, "eos_token_id": eos_id,
+          "torch_dtype": "float32", "use_cache": True}
+    if config.rope_factor != 1:  # the Hub's form, which transformers 4 and 5 both read
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": config.rope_factor,
+                              "low_freq_factor": config.rope_low_freq,
+                              "high_freq_factor": config.rope_high_freq,
+                              "original_max_position_embeddings": config.rope_original_context}
+    return hf
 
 
 def tokenizer_json(tokenizer: Tokenizer, bos_ids: list[int] = ()) -> dict:
@@ -5092,24 +5194,24 @@ def read_for_export(path: str) -> tuple[TransformerLM, Tokenizer, int, str, dict
             saved_generation(checkpoint.get("generation"), tokenizer, path))
 
 
-def save_weights_only(model: TransformerLM, tokenizer: Tokenizer, iteration: int,
-                      path: str, story_start: str = "", generation: dict | None = None) -> None:
+def save_weights_only(state: dict[str, torch.Tensor], config: ModelConfig, tokenizer: Tokenizer,
+                      iteration: int, path: str, story_start: str = "", **extra) -> None:
     """A checkpoint with what load_for_sampling reads and nothing else: no optimizer state (two
-    thirds of a training checkpoint), nothing that resuming needs; an imported model's
-    generation settings (read_hf_tokenizer's) if given."""
+    thirds of a training checkpoint), nothing that resuming needs; `extra` says where it is
+    from (`import`'s)."""
     try:
         with replaced(path) as f:
-            torch.save({"model": model.state_dict(), "iteration": iteration,
-                        "config": asdict(model.config), "tokenizer": tokenizer_state(tokenizer),
-                        "story_start": story_start,
-                        **({"generation": generation} if generation else {})}, f)
+            torch.save({"model": state, "iteration": iteration, "config": asdict(config),
+                        "tokenizer": tokenizer_state(tokenizer),
+                        "story_start": story_start, **extra}, f)
     except RuntimeError as e:  # torch's zip writer stops so when the disk is full
         raise OSError(f"cannot write {path}: the write stopped partway, is the disk full? "
                       f"({first_line(e)})") from None
 
 
-# An export's own file, listing the files it wrote: a later export recognizes its directory by
-# it, and replaces it only when asked (--overwrite) and only when it holds nothing else.
+# An export's own file (and an import's), listing the files it wrote: a later export recognizes
+# its directory by it, and replaces it only when asked (--overwrite) and only when it holds
+# nothing else.
 EXPORT_MARKER = ".gpt-export.json"
 
 
@@ -5137,11 +5239,12 @@ def remove_export_leftovers(out: str) -> None:
             log(f"removed {path}, left by a run that was killed")
 
 
-def check_export_dir(out: str, overwrite: bool) -> None:
+def check_export_dir(out: str, overwrite: bool, flag: str = "--out") -> None:
     """`export` writes only into a new or empty directory, or, with --overwrite, one that holds
-    an earlier export and nothing else: never into a tokenizer's, data or run directory."""
+    an earlier export and nothing else: never into a tokenizer's, data or run directory. So
+    does `import` (its flag: --out-dir)."""
     if os.path.lexists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file: give a directory")
+        raise ValueError(f"{flag} {out} is a file: give a directory")
     names = set(os.listdir(out)) if os.path.isdir(out) else set()
     if not names:
         return
@@ -5149,15 +5252,15 @@ def check_export_dir(out: str, overwrite: bool) -> None:
         with open(os.path.join(out, EXPORT_MARKER), encoding="utf-8") as f:
             ours = set(json.load(f)["files"]) | {EXPORT_MARKER}
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        raise ValueError(f"--out {out} holds files that no export wrote "
+        raise ValueError(f"{flag} {out} holds files that no export wrote "
                          f"({', '.join(sorted(names)[:3])}{', ...' * (len(names) > 3)}): give "
                          f"a new or empty directory") from None
     if names - ours:
-        raise ValueError(f"--out {out} holds an earlier export and other files "
+        raise ValueError(f"{flag} {out} holds an earlier export and other files "
                          f"({', '.join(sorted(names - ours)[:3])}): give a new or empty "
                          f"directory")
     if not overwrite:
-        raise ValueError(f"--out {out} holds an earlier export: replace it with --overwrite, or "
+        raise ValueError(f"{flag} {out} holds an earlier export: replace it with --overwrite, or "
                          f"give a new or empty directory")
 
 
@@ -5171,6 +5274,182 @@ def publish_export(staging: str, out: str) -> None:
             os.rename(out, old)
         os.rename(staging, out)  # onto a missing or an empty directory
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --- Import: a Hugging Face checkpoint as a gpt.pt ------------------------------------------------
+# `import` reads config.json and the safetensors files (never the network) into a weights-only
+# gpt.pt. Headers and sizes are checked before a tensor is read; then one tensor at a time
+# becomes float32 in our RoPE's layout: memory holds the model and one tensor of the file.
+
+# The architectures `import` runs -> whether they have qk-norm (Qwen3 is Llama with it).
+IMPORTABLE = {"LlamaForCausalLM": False, "Qwen3ForCausalLM": True}
+# config.json's names of ModelConfig's fields (RoPE's: hf_model_config)
+HF_CONFIG_NAMES = {"vocab_size": "vocab_size", "context_length": "max_position_embeddings",
+                   "d_model": "hidden_size", "num_layers": "num_hidden_layers",
+                   "num_heads": "num_attention_heads", "d_ff": "intermediate_size",
+                   "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+                   "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
+# The weights' dtypes `import` reads; each becomes float32.
+IMPORT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def hf_model_config(path: str) -> tuple[dict, str]:
+    """config.json as ModelConfig's fields (checked by saved_config), and the architecture; a
+    model gpt.py cannot compute is refused, naming what it lacks. RoPE's settings come as the
+    Hub's files have them (rope_theta, rope_scaling) or as transformers 5 writes them
+    (rope_parameters)."""
+    hf = read_json(path)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} is {shown(hf)}, not a JSON object")
+    names, rope = hf.get("architectures"), hf.get("rope_parameters") or hf.get("rope_scaling")
+    arch = names[0] if isinstance(names, list) and len(names) == 1 else names
+    rope = rope if isinstance(rope, dict) else {} if rope is None else {"rope_type": rope}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    lacks = [(arch not in IMPORTABLE, f"architecture {shown(arch)} is not one gpt.py runs: "
+                                      f"{' or '.join(IMPORTABLE)}, dense"),
+             (hf.get("hidden_act", "silu") != "silu",
+              f"activation {shown(hf.get('hidden_act'))}: gpt.py's SwiGLU has silu"),
+             (hf.get("attention_bias") or hf.get("mlp_bias"),
+              "biases (attention_bias or mlp_bias): gpt.py's layers have none"),
+             (hf.get("use_sliding_window") or any(layer != "full_attention" for layer in
+                                                  hf.get("layer_types") or []),
+              "sliding-window attention: gpt.py's attends to the whole context"),
+             (kind not in ("default", "llama3"),
+              f"RoPE scaling {shown(kind)}: gpt.py has Llama 3's only")]
+    for present, what in lacks:
+        if present:
+            raise ValueError(f"{path}: {what}")
+    fields = {ours: hf[theirs] for ours, theirs in HF_CONFIG_NAMES.items()
+              if hf.get(theirs) is not None}
+    # transformers' defaults, for what a config.json may leave out
+    fields.setdefault("norm_eps", 1e-6)
+    fields.update(rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                  qk_norm=IMPORTABLE[arch])
+    if kind == "llama3":
+        fields.update(rope_factor=rope.get("factor"), rope_low_freq=rope.get("low_freq_factor"),
+                      rope_high_freq=rope.get("high_freq_factor"),
+                      rope_original_context=rope.get("original_max_position_embeddings",
+                                                     hf.get("max_position_embeddings")))
+    if arch == "Qwen3ForCausalLM":
+        fields.setdefault("head_dim", 128)  # Qwen3Config's default
+    return fields, arch
+
+
+def safetensors_header(path: str) -> dict[str, tuple[str, torch.dtype, tuple, int, int]]:
+    """The tensors of a safetensors file (see write_safetensors): {name: (path, dtype, shape,
+    start, end)}, start and end counted in the file. The header is checked against the file
+    before anything is allocated: its length, dtypes, byte counts that fit the shapes, and
+    offsets within the file that never overlap."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > min(size - 8, JSON_MAX_BYTES):
+            raise ValueError(f"{path}: its header would be {length:,} bytes in a file of "
+                             f"{size:,}: damaged, or not safetensors")
+        header = parse_json(f.read(length).decode("utf-8", errors="replace"), path)
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: its header is {shown(header)}, not a JSON object")
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        entry = entry if isinstance(entry, dict) else {}
+        dtype, shape = IMPORT_DTYPES.get(entry.get("dtype")), entry.get("shape")
+        start, end = (entry.get("data_offsets") or [None, None])[:2]
+        problems = [  # (holds, what is wrong when it does not), checked in this order
+            (dtype is not None, f"dtype {shown(entry.get('dtype'))}, not F32, BF16 or F16"),
+            (isinstance(shape, list) and all(is_int(n) and n >= 0 for n in shape),
+             f"shape {shown(shape)}"),
+            (is_int(start) and is_int(end) and 0 <= start <= end <= size - 8 - length,
+             f"offsets {shown(entry.get('data_offsets'))} outside the file's data")]
+        for ok, what in problems:
+            if not ok:
+                raise ValueError(f"{path}: tensor {shown(name)} has {what}")
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {shown(name)} has {end - start:,} bytes, where "
+                             f"shape {shape} takes {math.prod(shape) * dtype.itemsize:,}")
+        tensors[name] = (path, dtype, tuple(shape), 8 + length + start, 8 + length + end)
+    spans = sorted((start, end, name) for name, (*_, start, end) in tensors.items())
+    for (_, end, first), (start, _, second) in pairwise(spans):
+        if start < end:
+            raise ValueError(f"{path}: tensors {shown(first)} and {shown(second)} overlap")
+    return tensors
+
+
+def checkpoint_tensors(hf_dir: str) -> dict[str, tuple]:
+    """Every tensor of a checkpoint, by safetensors_header: of model.safetensors, or of the
+    shards that model.safetensors.index.json lists."""
+    index, files = os.path.join(hf_dir, "model.safetensors.index.json"), ["model.safetensors"]
+    if os.path.isfile(index):
+        weight_map = read_json(index)
+        files = sorted({*weight_map["weight_map"].values()}) if isinstance(
+            weight_map, dict) and isinstance(weight_map.get("weight_map"), dict) else [0]
+        if not all(isinstance(n, str) and n == os.path.basename(n)
+                   and n.endswith(".safetensors") for n in files):
+            raise ValueError(f"{index}: its weight_map should name .safetensors files beside it")
+    tensors = {}
+    for path in (os.path.join(hf_dir, file) for file in files):
+        if not os.path.isfile(path):
+            raise ValueError(f"{hf_dir} has no {os.path.basename(path)}: gpt.py reads weights in "
+                             f"the safetensors format only")
+        for name, entry in safetensors_header(path).items():
+            if name in tensors:
+                raise ValueError(f"{path}: tensor {shown(name)} is in {tensors[name][0]} too")
+            tensors[name] = entry
+    return tensors
+
+
+def read_hf_checkpoint(hf_dir: str) -> tuple[ModelConfig, dict[str, str], dict[str, tuple], str]:
+    """A checkpoint's config, checked against its tensors' headers and this machine's memory;
+    our parameter names -> its tensors'; its tensors (checkpoint_tensors); its architecture."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{hf_dir} has no config.json: not a Hugging Face checkpoint")
+    fields, arch = hf_model_config(path)
+    tensors = checkpoint_tensors(hf_dir)
+    if fields.get("tie_embeddings") is True and "lm_head.weight" in tensors:
+        fields["tie_embeddings"] = False  # an output matrix of its own: transformers unties too
+    config = saved_config(fields, path)
+    with torch.device("meta"):  # shapes without memory: the model's, and the headers'
+        expected = TransformerLM(config).state_dict()
+        present = {name: torch.empty(shape) for name, (_, _, shape, _, _) in tensors.items()}
+    names = llama_names(config, expected)
+    count = sum(expected[ours].numel() for ours in names)  # a tied matrix once
+    memory = device_memory(torch.device("cpu"))
+    if memory is not None and 4 * count > memory:
+        raise ValueError(f"{path}: its {count:,} parameters take {4 * count / 2**30:,.1f} GiB "
+                         f"in float32, more than this machine's {memory / 2**30:,.1f} GiB")
+    check_state_fits({theirs: expected[ours] for ours, theirs in names.items()}, present, hf_dir)
+    return config, names, tensors, arch
+
+
+def read_tensor(path: str, dtype: torch.dtype, shape: tuple, start: int,
+                end: int) -> torch.Tensor:
+    """One tensor of a safetensors file, bytes start .. end, as float32."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = bytearray(end - start)
+        if f.readinto(data) != len(data):
+            raise ValueError(f"{path} was cut short while it was read")
+    # Little-endian integers of the element's width, reinterpreted (numpy has no bfloat16):
+    # the inverse of little_endian_bytes.
+    ints = np.frombuffer(data, dtype=f"<i{dtype.itemsize}")
+    ints = ints.astype(ints.dtype.newbyteorder("="), copy=False)
+    return torch.from_numpy(ints).view(dtype).reshape(shape).float()
+
+
+def read_hf_weights(config: ModelConfig, names: dict[str, str],
+                    tensors: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """Our model's state dict from a checkpoint checked by read_hf_checkpoint: one tensor at a
+    time, in float32, q and k (and qk-norm's gains) put back in our RoPE's layout."""
+    state = {}
+    for ours, theirs in names.items():
+        state[ours] = read_tensor(*tensors[theirs])
+        if rope_heads(ours, config):  # Llama's halves back to our pairs: see rope_halves
+            state[ours] = rope_halves(state[ours], rope_heads(ours, config), inverse=True)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["token_embeddings.weight"]  # one tensor, saved once
+    return state
 
 
 # ==================================================================================================
@@ -5367,13 +5646,9 @@ def attention_weights(attn: MultiHeadSelfAttention, x: torch.Tensor) -> torch.Te
     identity matrix, softmax(..) @ V is the weights themselves. A test checks that they give the
     layer's output under the fast path."""
     B, T, C = x.shape
-    H, D = attn.num_heads, C // attn.num_heads
-    # Queries and keys as MultiHeadSelfAttention.forward makes them: head h is slice h of C.
-    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
-    k = attn.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-    if attn.rope is not None:
-        positions = torch.arange(T, device=x.device)
-        q, k = attn.rope(q, positions), attn.rope(k, positions)
+    H = attn.num_heads
+    q, k, _ = attn.queries_keys_values(x, 0)  # (B, H, T, D), k (B, KV, T, D), as the layer's
+    k = k.repeat_interleave(H // attn.num_kv_heads, dim=1)  # each key head for its group: GQA
     identity = torch.eye(T, device=x.device, dtype=q.dtype).expand(B, H, T, T)  # V = I
     mask = sliding_causal_mask(T, T, x.device)  # (T, T): query i sees keys 0..i
     return scaled_dot_product_attention(q, k, identity, mask)  # (B, H, T, T) @ I -> (B, H, T, T)
@@ -6358,7 +6633,8 @@ def write_export(staging: str, model: TransformerLM, tokenizer: Tokenizer, itera
         files["generation_config.json"] = {"bos_token_id": eos_id, "eos_token_id": eos_id}
     if generation:  # an imported model's own, as it came
         bos, eos = generation["bos_ids"], generation["eos_ids"]
-        ids = {"bos_token_id": bos[0] if bos else None,
+        # With no bos before a prompt, the first end token stands in, as in GPT-2's config.
+        ids = {"bos_token_id": bos[0] if bos else eos[0] if eos else None,
                "eos_token_id": eos if len(eos) > 1 else eos[0] if eos else None}
         files["config.json"].update(ids)
         files["generation_config.json"] = ids
@@ -6367,7 +6643,8 @@ def write_export(staging: str, model: TransformerLM, tokenizer: Tokenizer, itera
     for name, data in hf_tokenizer_files(tokenizer, model.config.context_length,
                                          generation).items():
         write_atomically(out(name), data)
-    save_weights_only(model, tokenizer, iteration, out("gpt.pt"), story_start, generation)
+    save_weights_only(model.state_dict(), model.config, tokenizer, iteration, out("gpt.pt"),
+                      story_start, **({"generation": generation} if generation else {}))
     marker = {"files": sorted(os.listdir(staging)), "checkpoint": source, "step": iteration}
     write_atomically(out(EXPORT_MARKER), (json.dumps(marker, indent=2) + "\n").encode())
 
@@ -6393,6 +6670,39 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"config and tokenizer files, gpt.pt ({size('gpt.pt'):.1f} MB, for gpt.py sample)")
     print(f'load it with AutoModelForCausalLM.from_pretrained("{args.out}") and '
           f'AutoTokenizer.from_pretrained("{args.out}")')
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    """`python gpt.py import HF_DIR --out-dir RUN_DIR`: §16's import, staged beside RUN_DIR and
+    renamed into place as export's files are, so that RUN_DIR never holds half an import."""
+    if not os.path.isdir(args.hf_dir):
+        raise ValueError(f"{args.hf_dir} is not a directory: give the directory of a Hugging "
+                         f"Face checkpoint (config.json, model.safetensors, tokenizer.json)")
+    config, names, tensors, arch = read_hf_checkpoint(args.hf_dir)
+    tokenizer, generation = read_hf_tokenizer(args.hf_dir)
+    if max(tokenizer.vocab) >= config.vocab_size:  # fewer is padding, as Qwen's
+        raise ValueError(f"{args.hf_dir}: its tokenizer's ids go up to {max(tokenizer.vocab)}, "
+                         f"but config.json gives a {config.vocab_size}-token vocabulary")
+    out = os.path.realpath(args.out_dir)
+    remove_export_leftovers(out)
+    check_export_dir(out, args.overwrite, "--out-dir")
+    staging = export_sibling(out, "new")
+    check_writable_dir(staging)
+    try:
+        state = read_hf_weights(config, names, tensors)
+        save_weights_only(state, config, tokenizer, 0, os.path.join(staging, "gpt.pt"),
+                          kind="imported", source=os.path.abspath(args.hf_dir),
+                          architecture=arch, generation=generation)
+        marker = {"files": ["gpt.pt"], "imported": os.path.abspath(args.hf_dir)}
+        write_atomically(os.path.join(staging, EXPORT_MARKER), json.dumps(marker).encode())
+        publish_export(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    dtypes = sorted({str(tensors[theirs][1]).removeprefix("torch.") for theirs in names.values()})
+    count = sum(t.numel() for t in {id(t): t for t in state.values()}.values())
+    print(f"model: {args.hf_dir} ({arch}, {count / 1e6:.1f}M parameters, {', '.join(dtypes)})")
+    print(f"wrote {args.out_dir}: gpt.pt, in float32 ({4 * count / 1e6:.1f} MB); sample it with "
+          f"`python gpt.py sample --run-dir {shlex.quote(args.out_dir)}`")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -6605,13 +6915,14 @@ def duration(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="gpt.py", description="Train a small GPT from scratch: tokenize, train, sample; "
-                                  "finetune, experiment, export; plot, inspect.")
+                                  "finetune, experiment, export, import; plot, inspect.")
     commands = parser.add_subparsers(dest="command", required=True)
     add_tokenize_parser(commands)
     add_train_parser(commands)
     add_sample_parser(commands)
     add_experiment_parser(commands)
     add_export_parser(commands)
+    add_import_parser(commands)
     add_look_inside_parsers(commands)
     add_finetune_parser(commands)
     return parser
@@ -6773,8 +7084,8 @@ def add_model_flags(tr: argparse.ArgumentParser) -> None:
     model_flags = tr.add_argument_group(
         "model", "each overrides the preset's value; see ModelConfig in gpt.py for their meaning")
     for field in fields(ModelConfig):
-        if field.name == "vocab_size":
-            continue  # always the tokenizer's
+        if field.name not in MODEL_FLAG_HELP:
+            continue  # vocab_size is the tokenizer's; the sizes of imported models have none
         flag, gloss = "--" + field.name.replace("_", "-"), MODEL_FLAG_HELP[field.name]
         if field.type == "bool":
             model_flags.add_argument(flag, action=argparse.BooleanOptionalAction, help=gloss)
@@ -6818,6 +7129,21 @@ def add_export_parser(commands) -> None:
     ex.add_argument("--overwrite", action="store_true",
                     help="replace an earlier export in DIR (one that holds nothing else)")
     ex.set_defaults(run=cmd_export, parser=ex)
+
+
+def add_import_parser(commands) -> None:
+    im = commands.add_parser(
+        "import", help="read a Hugging Face checkpoint (Llama, Qwen3) into a run directory",
+        description="Read a local Hugging Face checkpoint directory of a LlamaForCausalLM or "
+                    "a dense Qwen3ForCausalLM into OUT_DIR/gpt.pt, a weights-only checkpoint "
+                    "that sample, inspect, finetune and export read. Nothing is downloaded.")
+    im.add_argument("hf_dir", metavar="HF_DIR", help="the checkpoint's directory")
+    im.add_argument("--out-dir", required=True,
+                    help="a new or empty directory for gpt.pt (made if missing)")
+    im.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier import or export in OUT_DIR (one that holds nothing "
+                         "else)")
+    im.set_defaults(run=cmd_import, parser=im)
 
 
 def add_look_inside_parsers(commands) -> None:

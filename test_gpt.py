@@ -1142,16 +1142,23 @@ def test_fast_project_equals_separate_projections(rows):
     torch.testing.assert_close(gpt.fast_project(x, weights), expected)
 
 
+# The attention of the models `import` reads: grouped-query attention (2 key/value heads for 4
+# query heads), qk-norm, and a head width D = 6 of its own (H * D = 24, not C = 32).
+IMPORTED_ATTENTION = dict(num_kv_heads=2, head_dim=6, qk_norm_eps=1e-6)
+
+
+@pytest.mark.parametrize("kind", [{}, IMPORTED_ATTENTION], ids=["ours", "gqa-qknorm-headdim"])
 @pytest.mark.parametrize("context_length", [None, 16, 4], ids=["no-window", "causal", "window"])
 @pytest.mark.parametrize("use_rope", [True, False], ids=["rope", "nope"])
-def test_fast_attention_equals_readable_attention(use_rope, context_length):
+def test_fast_attention_equals_readable_attention(use_rope, context_length, kind):
     """FastMultiHeadSelfAttention (one stacked projection, F.scaled_dot_product_attention)
     equals the readable attention with the same weights, in output and gradients, whether each
-    query sees all its past or a sliding window of it."""
+    query sees all its past or a sliding window of it, and with GQA, qk-norm and a head width
+    of its own."""
     torch.manual_seed(0)
-    rope = gpt.RotaryEmbedding(10000.0, 8, 16) if use_rope else None
-    readable = gpt.READABLE_FORMS["MultiHeadSelfAttention"](32, 4, rope, context_length)
-    fast = gpt.FastMultiHeadSelfAttention(32, 4, rope, context_length)
+    rope = gpt.RotaryEmbedding(10000.0, kind.get("head_dim", 8), 16) if use_rope else None
+    readable = gpt.READABLE_FORMS["MultiHeadSelfAttention"](32, 4, rope, context_length, **kind)
+    fast = gpt.FastMultiHeadSelfAttention(32, 4, rope, context_length, **kind)
     fast.load_state_dict(readable.state_dict())
     x = torch.randn(2, 11, 32, requires_grad=True)
     x_fast = x.detach().clone().requires_grad_()
@@ -1160,6 +1167,81 @@ def test_fast_attention_equals_readable_attention(use_rope, context_length):
     out.square().sum().backward()
     out_fast.square().sum().backward()
     torch.testing.assert_close(x_fast.grad, x.grad)
+
+
+@pytest.mark.parametrize("form", ["readable", "fast"])
+def test_grouped_query_attention_equals_attention_with_repeated_heads(form):
+    """GQA with 2 key/value heads for 4 query heads computes what plain attention computes
+    when each key/value head's rows are copied for both query heads of its group."""
+    torch.manual_seed(0)
+    rope = gpt.RotaryEmbedding(10000.0, 8, 16)
+    attention = gpt.READABLE_FORMS["MultiHeadSelfAttention"] if form == "readable" else \
+        gpt.FastMultiHeadSelfAttention
+    gqa, plain = attention(32, 4, rope, num_kv_heads=2), attention(32, 4, rope)
+    state = gqa.state_dict()
+    for name in ("k_proj.weight", "v_proj.weight"):  # (KV*D, C) -> (H*D, C): heads 0 0 1 1
+        state[name] = state[name].view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32)
+    plain.load_state_dict(state)
+    x = torch.randn(2, 11, 32)
+    torch.testing.assert_close(gqa(x), plain(x))
+    assert gqa.k_proj.weight.shape == (16, 32)  # half the keys and values of plain's
+
+
+def test_qk_norm_is_rms_norm_of_each_heads_query_and_key():
+    """With qk-norm, each head's query and key (before RoPE) is torch's F.rms_norm of its D
+    dimensions, with its own gain, shared by the heads."""
+    torch.manual_seed(0)
+    attn = gpt.READABLE_FORMS["MultiHeadSelfAttention"](32, 4, None, **IMPORTED_ATTENTION)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 32)
+    q, k, _ = attn.queries_keys_values(x, 0)  # (B, H, T, D), (B, KV, T, D)
+    for got, proj, norm, heads in ((q, attn.q_proj, attn.q_norm, 4),
+                                   (k, attn.k_proj, attn.k_norm, 2)):
+        raw = (x @ proj.weight.T).view(2, 5, heads, 6).transpose(1, 2)
+        torch.testing.assert_close(got, F.rms_norm(raw, (6,), norm.weight, eps=1e-6))
+
+
+def test_llama3_frequencies_keep_fast_pairs_slow_down_slow_ones_and_blend_between():
+    """Llama 3's scaling (factor 8, low 1, high 4, 8,192 positions, theta 500,000, D = 128):
+    pairs turning more than 4 times over 8,192 positions keep their speed, those turning less
+    than once turn 8 times slower, those between lie between, ordered as before; factor 1
+    changes nothing."""
+    inv_freq = 500000.0 ** (-torch.arange(0, 128, 2).float() / 128)  # (64,)
+    scaled = gpt.llama3_frequencies(inv_freq, 8.0, 1.0, 4.0, 8192)
+    turns = 8192 * inv_freq / (2 * math.pi)
+    fast, slow = turns > 4, turns < 1
+    assert fast.sum() > 10 and slow.sum() > 10 and (~fast & ~slow).sum() > 2
+    assert torch.equal(scaled[fast], inv_freq[fast])
+    torch.testing.assert_close(scaled[slow], inv_freq[slow] / 8, rtol=1e-6, atol=0)
+    between = ~fast & ~slow
+    assert ((scaled[between] < inv_freq[between]) & (scaled[between] > inv_freq[between] / 8)).all()
+    assert (scaled.diff() < 0).all()  # still slower pair after pair
+    torch.testing.assert_close(gpt.llama3_frequencies(inv_freq, 1.0, 1.0, 4.0, 8192), inv_freq)
+
+
+def test_llama3_frequencies_equal_transformers():
+    """Our Llama 3 RoPE frequencies are transformers' own, for the frequencies of Llama 3.2."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=8192)
+    config = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32,
+                                      rope_parameters=rope, max_position_embeddings=131072)
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    model = gpt.TransformerLM(tiny_config(d_model=2048, num_heads=32, num_layers=1, d_ff=8,
+                                          rope_theta=500000.0, rope_factor=32.0,
+                                          rope_original_context=8192))
+    torch.testing.assert_close(model.rope.inv_freq, theirs, rtol=1e-6, atol=0)
+
+
+def test_rope_tables_grow_with_the_positions_met():
+    """A model of 131,072 positions builds RoPE tables for the positions it has read, not for
+    its whole context (64 MB at D = 64)."""
+    model = gpt.TransformerLM(tiny_config(context_length=131072))
+    model(torch.zeros(1, 10, dtype=torch.long))
+    assert 10 <= len(model.rope.cos) < 100
 
 
 @pytest.mark.parametrize("activation", [gpt.silu, gpt.gelu], ids=["swiglu", "geglu"])
@@ -1317,9 +1399,16 @@ def test_readable_model_runs_no_fused_kernel_and_no_autograd_function(monkeypatc
     (dict(dropout=-0.1), ["dropout", "-0.1"]),
     (dict(tie_init="embedding"), ["tie_init", "embedding", "tie_embeddings"]),
     (dict(use_norm=False, norm_position="post"), ["post", "use_norm"]),
+    (dict(num_kv_heads=3), ["num_heads 4", "num_kv_heads 3"]),
+    (dict(num_kv_heads=0), ["num_kv_heads", "0"]),
+    (dict(head_dim=5), ["head width 5", "even"]),
+    (dict(rope_factor=0.5), ["rope_factor", "0.5"]),
+    (dict(rope_factor=8.0, rope_low_freq=4.0, rope_high_freq=1.0), ["rope_low_freq", "4.0"]),
 ], ids=["not-divisible", "odd-head-width", "vocab_size", "context_length", "d_model",
         "num_layers", "num_heads", "d_ff", "ffn_kind", "norm_position", "position_encoding",
-        "dropout-1", "dropout-negative", "tie-init-untied", "post-norm-without-norm"])
+        "dropout-1", "dropout-negative", "tie-init-untied", "post-norm-without-norm",
+        "kv-heads-uneven", "kv-heads-zero", "odd-head-dim", "rope-factor-below-1",
+        "rope-blend-reversed"])
 def test_model_config_rejects_bad_values(overrides, named):
     """A bad architecture is a ValueError whose message names the bad values."""
     with pytest.raises(ValueError) as error:
@@ -1886,15 +1975,20 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, token_dir):
 # §7 Sampling
 # ==================================================================================================
 
-def sampling_model(context_length: int = 8, seed: int = 0) -> gpt.TransformerLM:
+def sampling_model(context_length: int = 8, seed: int = 0, **overrides) -> gpt.TransformerLM:
     torch.manual_seed(seed)
-    return gpt.TransformerLM(tiny_config(context_length=context_length)).eval()
+    return gpt.TransformerLM(tiny_config(context_length=context_length, **overrides)).eval()
 
 
+# The sizes of the models `import` reads, in a tiny model: GQA, qk-norm, D * H != C.
+IMPORTED_SIZES = dict(num_kv_heads=2, qk_norm=True, head_dim=6)
+
+
+@pytest.mark.parametrize("kind", [{}, IMPORTED_SIZES], ids=["ours", "gqa-qknorm-headdim"])
 @pytest.mark.parametrize("form", ["fast", "readable"])
-def test_kv_cache_equals_recomputing_past_the_context_length(form):
+def test_kv_cache_equals_recomputing_past_the_context_length(form, kind):
     """Cached logits equal full recomputation within 1e-4, for 3x the context length."""
-    model = sampling_model(context_length=8)
+    model = sampling_model(context_length=8, **kind)
     if form == "readable":
         readable = readable_model(model.config).eval()
         readable.load_state_dict(model.state_dict())
@@ -1907,6 +2001,22 @@ def test_kv_cache_equals_recomputing_past_the_context_length(form):
         steps = [model(tokens[:, t:t + 1], start_pos=t, caches=caches) for t in range(5, 24)]
     cached = torch.cat([prompt, *steps], dim=1)
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
+
+
+def test_kv_cache_holds_the_generations_positions_of_the_key_value_heads(monkeypatch):
+    """A model of 8,192 positions caches what the generation runs through (5 prompt tokens
+    and 7 new ones), of its 2 key/value heads, not its 4 query heads."""
+    made = []
+
+    class RecordedCache(gpt.KVCache):
+        def __init__(self, capacity: int):
+            super().__init__(capacity)
+            made.append(self)
+
+    monkeypatch.setattr(gpt, "KVCache", RecordedCache)
+    model = sampling_model(context_length=8192, **IMPORTED_SIZES)
+    list(gpt.generate_batch(model, torch.zeros(1, 5, dtype=torch.long), 7, temperature=0))
+    assert len(made) == 2 and {cache.k.shape for cache in made} == {(1, 2, 12, 6)}
 
 
 def test_sliding_window_is_the_context_length():
@@ -2967,8 +3077,21 @@ BAD_STRUCTURES = {
                            "asks for 2 layers, but its weights hold 1"),
     "config-larger-vocab": ("sample", "config", lambda v: {**v, "vocab_size": 70_000},
                             "different architecture"),
-    "config-wider": ("resume", "config", lambda v: {**v, "d_model": 64, "num_heads": 2},
+    "config-wider": ("resume", "config", lambda v: {**v, "d_model": 64, "num_heads": 2,
+                                                    "num_kv_heads": 2, "head_dim": 32},
                      "different architecture"),
+    "config-kv-heads-text": ("sample", "config", lambda v: {**v, "num_kv_heads": "2"},
+                             "num_kv_heads should be of type int | None"),
+    "config-kv-heads-uneven": ("sample", "config", lambda v: {**v, "num_kv_heads": 3},
+                               "not divisible by num_kv_heads 3"),
+    "config-fewer-kv-heads": ("sample", "config", lambda v: {**v, "num_kv_heads": 2},
+                              "different architecture"),
+    "config-huge-head-dim": ("sample", "config", lambda v: {**v, "head_dim": 10**6},
+                             "head_dim 1,000,000, more than"),
+    "config-qk-norm": ("resume", "config", lambda v: {**v, "qk_norm": True},
+                       "different architecture"),
+    "config-rope-factor": ("sample", "config", lambda v: {**v, "rope_factor": 0.5},
+                           "rope_factor"),
     "sample-config": ("sample", "config", lambda v: {**v, "ffn_kind": 3}, "ffn_kind"),
 }
 
@@ -3097,7 +3220,8 @@ def imported_checkpoint(path, template: str | None = SMOLLM2_TEMPLATE, layout: s
                 "chat": gpt.chat_format(template, tokenizer), **generation}
     torch.manual_seed(0)
     model = gpt.TransformerLM(tiny_config(vocab_size=264, context_length=64))
-    gpt.save_weights_only(model, tokenizer, 0, str(path), generation=settings)
+    gpt.save_weights_only(model.state_dict(), model.config, tokenizer, 0, str(path),
+                          generation=settings)
     return tokenizer, settings
 
 
@@ -3110,7 +3234,8 @@ def test_checkpoint_keeps_tokenizer_settings_and_generation(tmp_path, tokenizer)
     assert model.config.vocab_size == 264 and max(loaded.vocab) == 259
     assert gpt.saved_generation(checkpoint["generation"], loaded, "x") == generation
     ours = gpt.TransformerLM(tiny_config(vocab_size=257))
-    gpt.save_weights_only(ours, gpt.Tokenizer(BYTES_VOCAB, [], [EOT]), 0, str(tmp_path / "o.pt"))
+    gpt.save_weights_only(ours.state_dict(), ours.config, gpt.Tokenizer(BYTES_VOCAB, [], [EOT]), 0,
+                          str(tmp_path / "o.pt"))
     checkpoint = gpt.read_checkpoint(str(tmp_path / "o.pt"))
     assert checkpoint["tokenizer"].keys() == {"vocab", "merges", "special_tokens"}
     assert "generation" not in checkpoint
@@ -4496,6 +4621,20 @@ def test_exported_weights_run_as_llama_give_our_logits(tmp_path, tie):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_export_config_of_gqa_qk_norm_and_scaled_rope():
+    """A model with qk-norm is exported as Qwen3, GQA as num_key_value_heads, a head width of
+    its own as head_dim, and Llama 3's RoPE scaling as the Hub's rope_scaling."""
+    config = tiny_config(vocab_size=257, num_kv_heads=2, head_dim=6, qk_norm=True,
+                         rope_factor=8.0, rope_original_context=8)
+    hf = gpt.llama_config(config, gpt.Tokenizer(BYTES_VOCAB, [], [EOT]))
+    assert (hf["architectures"], hf["model_type"]) == (["Qwen3ForCausalLM"], "qwen3")
+    assert (hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]) == (4, 2, 6)
+    assert hf["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    names = gpt.llama_state_dict(gpt.TransformerLM(config)).keys()
+    assert "model.layers.1.self_attn.k_norm.weight" in names
+
+
 def test_export_config_matches_the_model():
     """config.json holds every size of the model under Llama's names, and the end-of-text id."""
     config = tiny_config(vocab_size=257, tie_embeddings=True, rope_theta=500.0, norm_eps=1e-6)
@@ -4973,6 +5112,289 @@ def test_export_of_an_imported_model_reads_back_the_same(tmp_path, layout, capsy
                                                                               "Who is Lily?")
 
 
+# --- import: a Hugging Face checkpoint read back -------------------------------------------------
+def export_for_import(tmp_path, **overrides) -> pathlib.Path:
+    """An export of a tiny model of ours (weights with spread, so that a wrong layout shows):
+    the Hugging Face directory that `import` reads, made without transformers."""
+    torch.manual_seed(0)
+    path = write_export_checkpoint(tmp_path, **overrides)
+    checkpoint = torch.load(path, weights_only=True)
+    for name, tensor in checkpoint["model"].items():  # norm gains too: qk-norm's are reordered
+        tensor.copy_(torch.randn_like(tensor) * 0.3 + (1.0 if tensor.ndim == 1 else 0.0))
+    torch.save(checkpoint, path)
+    assert gpt.main(["export", "--checkpoint", path, "--out", str(tmp_path / "hf")]) == 0
+    return tmp_path / "hf"
+
+
+def logits_of(path: str, ids: torch.Tensor, form: str = "fast") -> torch.Tensor:
+    """The logits of the model of checkpoint `path`, built of the fast twins or the readable
+    forms of §3."""
+    model, _, _ = gpt.read_model(path)
+    if form == "readable":
+        readable = readable_model(model.config).eval()
+        readable.load_state_dict(model.state_dict())
+        model = readable
+    with torch.no_grad():
+        return model(ids)
+
+
+OUR_KINDS = {"ours": {}, "gqa-tied": dict(num_kv_heads=2, tie_embeddings=True),
+             "qwen3-llama3-rope": dict(IMPORTED_SIZES, num_kv_heads=1, rope_factor=8.0,
+                                       rope_original_context=8)}
+
+
+@pytest.mark.parametrize("overrides", OUR_KINDS.values(), ids=OUR_KINDS.keys())
+def test_import_of_an_export_gives_the_same_model_and_exports_the_same_files(tmp_path, capsys,
+                                                                             overrides):
+    """`export` then `import` gives back the config, tokenizer and weights exactly, so the same
+    logits, in the fast and the readable forms; exporting the import writes the same Hugging
+    Face files again. Needs no transformers."""
+    hf = export_for_import(tmp_path, **overrides)
+    capsys.readouterr()
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "float32" in printed and "sample --run-dir" in printed
+    assert sorted(os.listdir(tmp_path / "run")) == [".gpt-export.json", "gpt.pt"]
+    original = gpt.read_checkpoint(str(hf / "gpt.pt"))
+    imported = gpt.read_checkpoint(str(tmp_path / "run" / "gpt.pt"))
+    assert imported["config"] == original["config"] and imported["kind"] == "imported"
+    assert imported["tokenizer"] == original["tokenizer"]
+    # Our export puts no token before a text (ByteLevel post-processing) and ends with <eot>.
+    assert imported["generation"] == {"bos_ids": [], "eos_ids": [256], "chat": None}
+    assert_same_weights(imported["model"], original["model"])
+    ids = torch.randint(0, 257, (2, 16))
+    for form in ("fast", "readable"):
+        assert torch.equal(logits_of(str(tmp_path / "run" / "gpt.pt"), ids, form),
+                           logits_of(str(hf / "gpt.pt"), ids, form))
+    assert gpt.main(["export", "--run-dir", str(tmp_path / "run"), "--out",
+                     str(tmp_path / "again")]) == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (hf / name).read_bytes(), name
+
+
+def test_safetensors_header_reads_the_safetensors_librarys_files(tmp_path):
+    """Tensors that the safetensors library writes, in each dtype import takes, come back
+    bit for bit through safetensors_header and read_tensor, as float32."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).bfloat16(),
+               "c": torch.randn(2, 4).half(), "empty": torch.zeros(0, 3)}
+    safetensors_torch.save_file(tensors, str(tmp_path / "t.safetensors"))
+    header = gpt.safetensors_header(str(tmp_path / "t.safetensors"))
+    assert {name: entry[1:3] for name, entry in header.items()} == {
+        name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    for name, tensor in tensors.items():
+        read = gpt.read_tensor(*header[name])
+        assert read.dtype == torch.float32 and torch.equal(read, tensor.float()), name
+
+
+def hf_reference_dir(tmp_path, kind: str):
+    """A tiny model of `transformers` with weights of some spread, saved by save_pretrained in
+    the dtype and the shards of `kind`, with our byte-level tokenizer's files beside it; and the
+    model loaded back from those files in float32."""
+    transformers = pytest.importorskip("transformers")
+    arch, settings, dtype, shard = HF_KINDS[kind]
+    config = getattr(transformers, arch)(
+        vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6, **settings)
+    torch.manual_seed(0)
+    model = getattr(transformers, arch.replace("Config", "ForCausalLM"))(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
+    hf = tmp_path / "hf"
+    model.to(dtype).save_pretrained(str(hf), **({"max_shard_size": shard} if shard else {}))
+    for name, data in gpt.hf_tokenizer_files(gpt.Tokenizer(BYTES_VOCAB, [], [EOT]), 128).items():
+        (hf / name).write_bytes(data)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+    return hf, reference.eval()
+
+
+# arch, settings, dtype of the saved weights, max_shard_size
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=100.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=64)
+HF_KINDS = {
+    "llama-gqa-fp32": ("LlamaConfig", dict(num_key_value_heads=2), torch.float32, None),
+    "llama-tied-bf16": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True),
+                        torch.bfloat16, None),
+    "llama3-rope-fp16": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
+                         torch.float16, None),
+    "qwen3-qknorm-headdim-bf16": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=12,
+                                                      tie_word_embeddings=True),
+                                  torch.bfloat16, None),
+    "llama-sharded": ("LlamaConfig", dict(num_key_value_heads=2), torch.float32, "20KB"),
+}
+
+
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_imported_model_computes_transformers_logits(tmp_path, kind):
+    """A tiny model saved by transformers' save_pretrained (GQA, tied or not, Llama 3's RoPE
+    scaling, Qwen3's qk-norm and head width, fp32, bf16 and fp16 weights, shards) imports into
+    a model whose logits are transformers' within 1e-4, in the fast and the readable forms;
+    exported again, transformers loads it as the same architecture, with the same logits."""
+    hf, reference = hf_reference_dir(tmp_path, kind)
+    if kind == "llama-sharded":
+        assert (hf / "model.safetensors.index.json").exists()
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "run")]) == 0
+    ids = torch.randint(0, 257, (2, 40))
+    with torch.no_grad():
+        theirs = reference(ids).logits
+    assert theirs.std() > 1  # logits of some spread: a wrong layout would show
+    for form in ("fast", "readable"):
+        ours = logits_of(str(tmp_path / "run" / "gpt.pt"), ids, form)
+        assert (ours - theirs).abs().max().item() < 1e-4, form
+    assert gpt.main(["export", "--run-dir", str(tmp_path / "run"), "--out",
+                     str(tmp_path / "again")]) == 0
+    again = type(reference).from_pretrained(str(tmp_path / "again")).eval()
+    assert type(again) is type(reference)
+    with torch.no_grad():
+        assert (again(ids).logits - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama-tied-bf16", "qwen3-qknorm-headdim-bf16"])
+def test_sample_greedy_continues_as_transformers_generate(tmp_path, capsys, kind):
+    """`sample --temperature 0` on an imported model prints the tokens that transformers'
+    greedy generate() picks after the same prompt, fast and --readable."""
+    hf, reference = hf_reference_dir(tmp_path, kind)
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "run")]) == 0
+    tokenizer = gpt.Tokenizer(BYTES_VOCAB, [], [EOT])
+    prompt = tokenizer.encode("Once")  # as sample feeds it: after no bos, as tokenizer.json says
+    greedy = reference.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
+                                eos_token_id=None, pad_token_id=0,
+                                attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    new = greedy[0, len(prompt):].tolist()
+    eos = reference.config.eos_token_id  # config.json's, which import keeps as the end token
+    expected = "Once" + tokenizer.decode(new[:new.index(eos)] if eos in new else new) + "\n"
+    for readable in ([], ["--readable"]):
+        capsys.readouterr()
+        assert gpt.main(["sample", "--run-dir", str(tmp_path / "run"), "--prompt", "Once",
+                         "--temperature", "0", "--max-new-tokens", "30", *readable]) == 0
+        assert capsys.readouterr().out == expected
+
+
+def test_inspect_and_finetune_take_an_imported_model(tmp_path, capsys):
+    """`inspect` shows an imported GQA and qk-norm model's attention (a row per query head) and
+    `finetune` trains it for a few steps."""
+    hf = export_for_import(tmp_path, context_length=128, **IMPORTED_SIZES)
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert gpt.main(["inspect", "--run-dir", str(tmp_path / "run"), "--prompt", "Once upon",
+                     "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"^ +[01] +[0-3] +(\d\.\d\d +){4} '", printed, re.M)) == 2 * 4
+    assert re.search(r"^layers.0.attn.k_proj.weight +12x32 ", printed, re.M)
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps(QA_PAIRS[:10]), encoding="utf-8")
+    assert gpt.main(finetune_args(data, tmp_path / "ft", "--checkpoint",
+                                  str(tmp_path / "run" / "gpt.pt"), "--max-steps", "2")) == 0
+    assert os.path.isfile(tmp_path / "ft" / "latest.pt")
+
+
+def rewrite_safetensors(path: pathlib.Path, change) -> None:
+    """Replace a safetensors file's header by change(header), keeping its data."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    text = json.dumps(change(json.loads(data[8:8 + length]))).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+
+
+def edit_json(path: pathlib.Path, change) -> None:
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+NORM = "model.norm.weight"
+LN = "model.layers.0.input_layernorm.weight"
+HUGE = dict(hidden_size=65536, num_attention_heads=1024, num_key_value_heads=1024, head_dim=64,
+            intermediate_size=1 << 18, num_hidden_layers=64, vocab_size=1 << 20)
+# what to damage -> how, and the words the one-line refusal must hold
+BAD_IMPORTS = {
+    "gpt2": ("config.json", lambda c: {**c, "architectures": ["GPT2LMHeadModel"]},
+             "GPT2LMHeadModel"),
+    "mixture-of-experts": ("config.json", lambda c: {**c, "architectures": ["Qwen3MoeForCausalLM"]},
+                           "Qwen3MoeForCausalLM"),
+    "sliding-window": ("config.json", lambda c: {**c, "architectures": ["Qwen3ForCausalLM"],
+                                                 "use_sliding_window": True}, "sliding-window"),
+    "sliding-layers": ("config.json", lambda c: {**c, "layer_types": ["sliding_attention"] * 2},
+                       "sliding-window"),
+    "attention-bias": ("config.json", lambda c: {**c, "attention_bias": True}, "biases"),
+    "mlp-bias": ("config.json", lambda c: {**c, "mlp_bias": True}, "biases"),
+    "gelu": ("config.json", lambda c: {**c, "hidden_act": "gelu"}, "activation 'gelu'"),
+    "yarn": ("config.json", lambda c: {**c, "rope_scaling": {"rope_type": "yarn", "factor": 4}},
+             "RoPE scaling 'yarn'"),
+    "kv-heads-uneven": ("config.json", lambda c: {**c, "num_key_value_heads": 3},
+                        "not divisible by num_kv_heads 3"),
+    "width-as-text": ("config.json", lambda c: {**c, "hidden_size": "32"}, "d_model"),
+    "too-large-for-memory": ("config.json", lambda c: {**c, **HUGE}, "GiB in float32, more than"),
+    "header-length-10^15": ("model.safetensors", "length", "header would be "
+                            "1,000,000,000,000,000 bytes"),
+    "offsets-past-the-end": ("model.safetensors", lambda h: {
+        **h, NORM: {**h[NORM], "data_offsets": [h[NORM]["data_offsets"][0], 10**9]}},
+        "outside the file's data"),
+    "overlapping": ("model.safetensors", lambda h: {
+        **h, NORM: {**h[NORM], "data_offsets": h[LN]["data_offsets"]}}, "overlap"),
+    "int-dtype": ("model.safetensors", lambda h: {**h, NORM: {**h[NORM], "dtype": "I32"}},
+                  "dtype 'I32'"),
+    "bytes-not-shape": ("model.safetensors", lambda h: {**h, NORM: {**h[NORM], "shape": [33]}},
+                        "has 128 bytes, where shape [33] takes 132"),
+    "misshapen": ("model.safetensors", lambda h: {**h, NORM: {**h[NORM], "shape": [4, 8]}},
+                  f"{NORM} has shape (4, 8) there, (32,) here"),
+    "missing": ("model.safetensors", lambda h: {k: v for k, v in h.items() if k != NORM},
+                f"missing ['{NORM}']"),
+    "extra": ("model.safetensors", lambda h: {**h, "model.layers.0.self_attn.q_proj.bias": {
+        "dtype": "F32", "shape": [0], "data_offsets": [0, 0]}},
+        "unexpected ['model.layers.0.self_attn.q_proj.bias']"),
+    "shard-outside": ("model.safetensors.index.json", lambda _: {
+        "weight_map": {NORM: "../model.safetensors"}}, "weight_map"),
+    "no-weights": ("model.safetensors", None, "has no model.safetensors"),
+    "no-config": ("config.json", None, "no config.json"),
+    "not-a-directory": ("", None, "is not a directory"),
+}
+
+
+@pytest.mark.parametrize("what, change, named", BAD_IMPORTS.values(), ids=BAD_IMPORTS.keys())
+def test_import_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys, what, change,
+                                                                 named):
+    """A model gpt.py cannot run, sizes beyond memory, a safetensors header that lies, missing,
+    extra or misshapen tensors, a missing file: one line naming the problem, exit code 2, and
+    no out-dir or staging directory left."""
+    (tmp_path / "made").mkdir()
+    hf = export_for_import(tmp_path / "made")
+    path = hf / what
+    if change is None:
+        path.unlink() if path.is_file() else None
+        if what == "":
+            hf = tmp_path / "made" / "model.pt"  # a file
+    elif change == "length":
+        path.write_bytes((10**15).to_bytes(8, "little") + path.read_bytes()[8:])
+    elif what.endswith(".json"):
+        edit_json(path, change) if path.exists() else path.write_text(json.dumps(change(None)))
+    else:
+        rewrite_safetensors(path, change)
+    capsys.readouterr()
+    assert exit_code(["import", str(hf), "--out-dir", str(tmp_path / "run")]) == 2
+    assert named in one_error_line(capsys, "import")
+    assert sorted(os.listdir(tmp_path)) == ["made"]
+
+
+def test_import_writes_only_into_a_new_empty_or_earlier_import_directory(tmp_path, capsys):
+    """import refuses an out-dir that holds a run (a latest.pt), leaving it as it was, and an
+    earlier import unless --overwrite, which replaces it."""
+    hf = export_for_import(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest.pt").write_bytes(b"a run")
+    capsys.readouterr()
+    assert exit_code(["import", str(hf), "--out-dir", str(run)]) == 2
+    assert "--out-dir" in one_error_line(capsys, "import")
+    assert files_under(run) == {"latest.pt": b"a run"}
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "new")]) == 0
+    capsys.readouterr()
+    assert exit_code(["import", str(hf), "--out-dir", str(tmp_path / "new")]) == 2
+    assert "--overwrite" in one_error_line(capsys, "import")
+    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "new"), "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["hf", "model.pt", "new", "run"]
+
+
 # ==================================================================================================
 # §17 Looking inside: curves, attention and weights
 # ==================================================================================================
@@ -4990,7 +5412,8 @@ def captured_attention(model: gpt.TransformerLM, token_ids: torch.Tensor) -> lis
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(position_encoding="nope"),
-                                       dict(norm_position="post")], ids=["rope", "nope", "post"])
+                                       dict(norm_position="post"), IMPORTED_SIZES],
+                         ids=["rope", "nope", "post", "gqa-qknorm-headdim"])
 def test_attention_maps_are_causal_distributions(overrides):
     """Every row of every head's weights sums to 1, and nothing is above the diagonal."""
     torch.manual_seed(0)
@@ -5004,7 +5427,8 @@ def test_attention_maps_are_causal_distributions(overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(position_encoding="nope"),
-                                       dict(norm_position="post")], ids=["rope", "nope", "post"])
+                                       dict(norm_position="post"), IMPORTED_SIZES],
+                         ids=["rope", "nope", "post", "gqa-qknorm-headdim"])
 def test_attention_maps_give_the_fast_path_output(overrides):
     """Each layer's weights times its values, through the output projection, are what the
     layer computes in the model's forward with F.scaled_dot_product_attention."""
@@ -5012,12 +5436,14 @@ def test_attention_maps_give_the_fast_path_output(overrides):
     model = gpt.TransformerLM(tiny_config(**overrides))
     token_ids = torch.randint(0, 64, (2, 12))
     maps = gpt.attention_maps(model, token_ids)
+    KV, D = model.config.num_kv_heads, model.config.head_dim
     for weights, (x, output), layer in zip(maps, captured_attention(model, token_ids),
                                            model.layers):
         attn = layer.attn
         assert isinstance(attn, gpt.FastMultiHeadSelfAttention)
-        v = (x @ attn.v_proj.weight.T).view(2, 12, 4, 8).transpose(1, 2)  # (B, H, T, D)
-        mixed = (weights @ v).transpose(1, 2).reshape(2, 12, 32)
+        v = (x @ attn.v_proj.weight.T).view(2, 12, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        v = v.repeat_interleave(4 // KV, dim=1)                            # (B, H, T, D)
+        mixed = (weights @ v).transpose(1, 2).reshape(2, 12, 4 * D)
         torch.testing.assert_close(mixed @ attn.output_proj.weight.T, output)
 
 
