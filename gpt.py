@@ -95,6 +95,8 @@ import stat
 import string
 import sys
 import time
+from array import array
+from bisect import bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager, nullcontext, suppress
@@ -2217,34 +2219,53 @@ def reverse_key(token: bytes) -> str:
 LONG_PRETOKEN_BYTES = 64
 
 
+def sorted_in_place(positions: array) -> array:
+    """Sort an array of ints where it lies, with numpy: sorted() would first make a list of
+    Python ints, 36 bytes each, where the array holds 4 or 8."""
+    np.frombuffer(positions, dtype=positions.typecode).sort()
+    return positions
+
+
 class _LinkedWords:
     """train_bpe's long pre-tokens, where a merge costs the occurrences of its pair, not the
-    length of the words. The words' symbols (one character per token) sit in
-    one doubly linked list, a gap ("") before and after each word; for each pair, `where` lists
+    length of the words. The words' symbols (token ids) sit in one doubly linked list, a gap
+    (-1) before and after each word; for each pair (spelled as two characters), `where` lists
     the positions of its left symbols.
-    Example: "abab" is ids ["", a, b, a, b, ""], where["ab"] = [1, 3], where["ba"] = [2];
-    merging "ab" into X leaves the list "" X X "", where["XX"] = [1].
+    Example: "abab" is ids [-1, a, b, a, b, -1], where["ab"] = [1, 3], where["ba"] = [2];
+    merging "ab" into X leaves the list -1 X X -1, where["XX"] = [1].
+
+    What a position needs sits in typed arrays of 4-byte ints, 16 bytes a letter: in lists of
+    Python ints (36 bytes each) an 8 MB line of letters took 1.2 GB. (Its distinct pairs, with
+    their counts, cost as they do in any text.)
     """
 
     def __init__(self, words: list[str], freqs: list[int]):
-        self.ids: list[str] = [""]  # the symbol at each position; "" once merged away
-        self.freq = [0]             # the count of the word that holds each position
-        for word, freq in zip(words, freqs):
-            self.ids += [*word, ""]
-            self.freq += [freq] * (len(word) + 1)
-        self.next = list(range(1, len(self.ids) + 1))  # the position of the next symbol
-        self.prev = list(range(-1, len(self.ids) - 1))
+        size = sum(map(len, words)) + len(words) + 1  # the symbols and the gaps
+        kind = "i" if size < 1 << 31 else "q"  # C ints hold the positions of a text below 2 GB
+        self.ids = array("i", [-1])  # the token at each position; -1 once merged away
+        self.starts = array(kind)    # the position of each word's first symbol
+        for word in words:
+            self.starts.append(len(self.ids))
+            self.ids.extend(word.encode("latin-1"))
+            self.ids.append(-1)
+        self.freqs = list(freqs)     # the count of each word
+        self.next = array(kind, range(1, size + 1))  # the position of the next symbol
+        self.prev = array(kind, range(-1, size - 1))
         # Positions are never taken out of `where`: one whose pair has changed since is stale,
         # and skipped when that pair is merged. Each merged occurrence removes a symbol and adds
         # two entries at most, so the lists hold at most three entries per symbol in all.
-        self.where: dict[str, list[int]] = defaultdict(list)
-        for i, pair in enumerate(spelled_pairs(self.ids)):
-            if len(pair) == 2:  # not across a gap
+        self.where: dict[str, array] = defaultdict(partial(array, kind))
+        for word, start in zip(words, self.starts):
+            for i, pair in enumerate(spelled_pairs(word), start):
                 self.where[pair].append(i)
+
+    def freq(self, i: int) -> int:
+        """The count of the word that holds position i."""
+        return self.freqs[bisect_right(self.starts, i) - 1]
 
     def pair_counts(self) -> dict[str, int]:
         """Example: words "abab" x1 and "ab" x3 -> {"ab": 5, "ba": 1}."""
-        return {pair: sum(self.freq[i] for i in at) for pair, at in self.where.items()}
+        return {pair: sum(map(self.freq, at)) for pair, at in self.where.items()}
 
     def fast_merge(self, pair: str, new: str, pair_count: dict[str, int]) -> set[str]:
         """§1's merge, only where the pair occurs: merge its occurrences left to right in each
@@ -2253,21 +2274,24 @@ class _LinkedWords:
         Example: merging "aa" into X in "aaaa" gives "XX" and returns {"XX"}."""
         ids, after, before = self.ids, self.next, self.prev
         a, b = pair
+        a_id, b_id = ord(a), ord(b)
         created = set()
-        for i in sorted(self.where.pop(pair, ())):
+        for i in sorted_in_place(self.where.pop(pair, array("i"))):
             j = after[i]
-            if ids[i] + ids[j] != pair:
+            if ids[i] != a_id or ids[j] != b_id:
                 continue  # stale: changed by an earlier merge, or just now ("aaa" is aa a)
-            freq, h, k = self.freq[i], before[i], after[j]
-            ids[i], ids[j] = new, ""  # i takes the new token, j leaves the list
+            freq, h, k = self.freq(i), before[i], after[j]
+            ids[i], ids[j] = ord(new), -1  # i takes the new token, j leaves the list
             after[i], before[k] = k, i
             pair_count[pair] -= freq
             # The pairs with the neighbours change: (h, a) at h becomes (h, new) at h, and
             # (b, k) at j becomes (new, k) at i.
-            if ids[h]:
-                created.add(self._replace(h, ids[h] + a, ids[h] + new, freq, pair_count))
-            if ids[k]:
-                created.add(self._replace(i, b + ids[k], new + ids[k], freq, pair_count))
+            if ids[h] >= 0:
+                left = chr(ids[h])
+                created.add(self._replace(h, left + a, left + new, freq, pair_count))
+            if ids[k] >= 0:
+                right = chr(ids[k])
+                created.add(self._replace(i, b + right, new + right, freq, pair_count))
         return {p for p in created if pair_count[p] > 0}  # "aaaa": (aa, a) came and went
 
     def _replace(self, at: int, old: str, new: str, freq: int,
@@ -2485,10 +2509,10 @@ class FastTokenizer(Tokenizer):
 
     def encode_word(self, pretoken: str) -> list[int]:
         """§1's encode_word, the same ids: fast_merge's loop, or for a long pre-token a heap."""
-        ids = [self.byte_ids[b] for b in pretoken.encode("utf-8")]
-        if len(ids) > LONG_PRETOKEN_BYTES:
-            return self.fast_merge_with_heap(ids)
-        return self.fast_merge(ids)
+        data = pretoken.encode("utf-8")
+        if len(data) > LONG_PRETOKEN_BYTES:  # ids in an array: 4 bytes each, not a list's 8
+            return self.fast_merge_with_heap(array("i", map(self.byte_ids.__getitem__, data)))
+        return self.fast_merge([self.byte_ids[b] for b in data])
 
     def fast_merge(self, ids: list[int]) -> list[int]:
         """§1's merge loop in encode_word, on the ids of a pre-token's bytes: the leftmost
@@ -2510,39 +2534,50 @@ class FastTokenizer(Tokenizer):
                 ranks[i] = rank((ids[i], ids[i + 1]), _NOT_A_MERGE)
         return ids
 
-    def fast_merge_with_heap(self, ids: list[int]) -> list[int]:
-        """fast_merge for a long pre-token, in O(n log n): the same pair is merged at
-        each step (the earliest learned, leftmost first), but a heap finds it instead of a scan,
-        and a linked list of symbols merges it without moving the rest.
+    def fast_merge_with_heap(self, ids: array) -> list[int]:
+        """fast_merge for a long pre-token, in O(n log n): the same pair is merged at each step
+        (the earliest learned, leftmost first), but a heap finds it instead of a scan, and a
+        linked list of symbols merges it without moving the rest.
         Example (a merge (a, a) only): ids of "aaaaa" -> [aa, aa, a], as encode_word gives.
+
+        Memory: a heap of (rank, position) tuples and lists of Python ints took 190 bytes a
+        byte of an 8 MB line of letters (1.6 GB), typed arrays take 16. So the heap holds ranks
+        only, and each rank's positions wait in an array of 4-byte ints. That gives the same
+        order: merging a pair of rank r makes only pairs that hold the new token, learned
+        after r, so each rank is taken once, its positions sorted: the leftmost goes first.
         """
         rank = self.merge_rank.get
         n = len(ids)
-        after = list(range(1, n + 1))    # after[i]: the position of the symbol after i; n: none
-        before = list(range(-1, n - 1))  # before[i]: the symbol before i; -1: none
-        # (rank, position) of every pair that is a merge, position being that of its left
-        # symbol: positions keep their left-to-right order, so ties go to the leftmost pair.
-        heap = [(r, i) for i, pair in enumerate(zip(ids, ids[1:]))
-                if (r := rank(pair)) is not None]
-        heapq.heapify(heap)
-        while heap:
-            r, i = heapq.heappop(heap)
-            j = after[i]
-            # Entries go stale when a neighbour merges: use one only if its pair is still there.
-            if ids[i] is None or j == n or rank((ids[i], ids[j])) != r:
-                continue
-            # Merge: i takes the new token, j leaves the list.
-            ids[i], ids[j] = self.merged_id[r], None
-            k = after[i] = after[j]
-            if k < n:
-                before[k] = i
-            # The new token forms new pairs with its neighbours.
-            h = before[i]
-            if h >= 0 and (left := rank((ids[h], ids[i]))) is not None:
-                heapq.heappush(heap, (left, h))
-            if k < n and (right := rank((ids[i], ids[k]))) is not None:
-                heapq.heappush(heap, (right, i))
-        return [token for token in ids if token is not None]
+        kind = "i" if n < 1 << 31 else "q"
+        after = array(kind, range(1, n + 1))    # after[i]: the symbol after i; n: none
+        before = array(kind, range(-1, n - 1))  # before[i]: the symbol before i; -1: none
+        waiting = defaultdict(partial(array, kind))  # rank -> positions of its pairs' left symbols
+        for i, pair in enumerate(zip(ids, islice(ids, 1, None))):
+            if (r := rank(pair)) is not None:
+                waiting[r].append(i)
+        ranks = list(waiting)  # the heap of the ranks waiting
+        heapq.heapify(ranks)
+        while ranks:
+            r = heapq.heappop(ranks)
+            for i in sorted_in_place(waiting.pop(r)):
+                j = after[i]
+                # Entries go stale when a neighbour merges: use one only if its pair is there.
+                if ids[i] < 0 or j == n or rank((ids[i], ids[j])) != r:
+                    continue
+                # Merge: i takes the new token, j leaves the list.
+                ids[i], ids[j] = self.merged_id[r], -1
+                k = after[i] = after[j]
+                if k < n:
+                    before[k] = i
+                # The new token forms new pairs with its neighbours h and k, to wait their turn.
+                for at, right in ((before[i], i), (i, k)):
+                    if at >= 0 and right < n and (later := rank((ids[at], ids[right]))) is not None:
+                        if later not in waiting:
+                            heapq.heappush(ranks, later)
+                        waiting[later].append(at)
+        # One int object per distinct id: an int read from an array is a new one each time.
+        shared: dict[int, int] = {}
+        return [shared.setdefault(token, token) for token in ids if token >= 0]
 
     def encode_piece(self, text: str) -> list[int]:
         """Encode text that holds no special token and pre-tokenizes on its own (a pre-token,

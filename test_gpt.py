@@ -2362,6 +2362,26 @@ def test_encode_a_huge_pretoken(text):
     assert len(ids) < 0.8 * len(text.encode("utf-8")) and tokenizer.decode(ids) == text
 
 
+def test_a_huge_pretoken_costs_a_bounded_memory_per_byte():
+    """A 50 KB line of letters (one pre-token) is trained on and encoded in memory of a few
+    tens of bytes a byte: positions in typed arrays, where lists of Python ints and a heap of
+    tuples took 130-140 (over 1.8 GB for an 8 MB line). Allocations, not time, are measured."""
+    import tracemalloc
+    text = "".join(random.Random(0).choices(["once", "upon", "a", "time", "there"], k=15_000))
+    tracemalloc.start()
+    try:
+        vocab, merges = gpt.fast_train_bpe_incremental({text: 1}, 256 + 100, [])
+        train_peak = tracemalloc.get_traced_memory()[1]
+        tokenizer = gpt.Tokenizer(vocab, merges)
+        tracemalloc.reset_peak()
+        ids = tokenizer.encode_word(text)
+        encode_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert train_peak < 70 * len(text) and encode_peak < 40 * len(text)
+    assert tokenizer.decode(ids) == text and len(ids) < len(text) / 4
+
+
 # "<| x y |>" holds spaces, so a stream must not cut inside it before it has fully arrived.
 @pytest.mark.parametrize("specials", [[EOT], [EOT, EOT * 2], [EOT, "<| x y |>"]],
                          ids=["eot", "eot+double", "eot+spaced"])
