@@ -145,14 +145,16 @@ def test_read_json_refuses_special_and_large_files(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_while_parsing_arguments_is_one_line(monkeypatch, capsys):
-    """Ctrl-C before a command starts (here, in argument parsing) is one line and exit code 2."""
+    """Ctrl-C before a command starts (here, in argument parsing) is one line and exit code 2,
+    and the handler in force before (SIG_IGN when pytest runs in the background) is put back."""
     def interrupted():
         raise KeyboardInterrupt
     monkeypatch.setattr(gpt, "build_parser", interrupted)
+    before = signal.getsignal(signal.SIGINT)
     assert gpt.main(["sample"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "gpt.py: interrupted while starting; nothing was done"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="watches /proc/PID/maps")
