@@ -80,6 +80,7 @@ import errno
 import gc
 import hashlib
 import heapq
+import io
 import json
 import math
 import mmap
@@ -1716,9 +1717,13 @@ def open_for_writing(path: str, mode: str = "wb"):
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise
-        raise OSError(f"{path} is a symbolic link: gpt.py writes only files of its own, never "
-                      f"through a link; remove it or give another directory") from None
+        raise link_refused(path) from None
     return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+def link_refused(path: str) -> OSError:
+    return OSError(f"{path} is a symbolic link: gpt.py writes only files of its own, never "
+                   f"through a link; remove it or give another directory")
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -5016,9 +5021,14 @@ def pyplot():
 
 
 def save_figure(fig, path: str, plt) -> str:
-    with open_for_writing(path) as f:  # never through a link planted at the picture's name
-        fig.savefig(f, format="png", dpi=80)  # 80 dots per inch: sharp on a screen, tens of KB
+    """Draw into memory, then write the file as checkpoints are written: a full disk leaves the
+    earlier picture whole, and the error names the file."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)  # 80 dots per inch: sharp on a screen, tens of KB
     plt.close(fig)
+    if os.path.islink(path):  # never replace, or draw through, a link planted at the name
+        raise link_refused(path)
+    write_atomically(path, png.getvalue())
     return path
 
 

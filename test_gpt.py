@@ -4615,6 +4615,30 @@ def test_plot_never_draws_through_a_planted_link(tmp_path, trained_run, capsys):
     assert mine.read_text() == "my file"
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
+def test_plot_on_a_full_disk_names_the_picture_and_keeps_the_earlier_one(tmp_path, trained_run):
+    """A picture that cannot be written whole (here a 10 kB file-size limit, so writes fail with
+    EFBIG as on a full disk) is one line naming it, and the earlier pictures stay whole: each
+    is written to a temporary file and renamed into place."""
+    pytest.importorskip("matplotlib")
+    import resource
+    out = tmp_path / "figures"
+    assert gpt.main(["plot", str(trained_run), "--out-dir", str(out)]) == 0
+    before = files_under(out)
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing us
+    result = subprocess.run([sys.executable, "-B", os.path.join(HERE, "gpt.py"), "plot",
+                             str(trained_run), "--out-dir", str(out)], cwd=tmp_path,
+                            capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"gpt.py plot: error: cannot write {out / 'curves.png'}: the file is larger than the "
+        f"file system or a limit allows (File too large)")
+    assert files_under(out) == before
+
+
 def test_read_metrics_skips_infinite_and_huge_numbers(tmp_path, capsys):
     """Lines holding Infinity, NaN, a loss whose perplexity overflows or a number too large for
     a float are skipped with a note, and the table of the rest prints."""
