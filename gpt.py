@@ -1794,10 +1794,32 @@ def take_lock(path: str) -> None:
             with suppress(FileNotFoundError):
                 os.remove(path)  # left by a process that was killed (kill -9, a power cut)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as f:  # unbuffered: a full disk fails here
+                write_all(f, f"{os.getpid()}\n".encode(), path)
+        except OSError:
+            os.remove(path)  # an empty lock would read as a run starting now
+            raise
         return
     raise ValueError(f"could not take the lock {path}: other runs keep taking it")
+
+
+@contextmanager
+def made_if_missing(directory: str) -> Iterator[None]:
+    """Make `directory` and its missing parents; when the block ends, remove again those of them,
+    and the folders made in them, that are still empty: a refused command leaves nothing."""
+    made = None  # the outermost folder made
+    if not os.path.isdir(directory):
+        made = os.path.abspath(directory)
+        while not os.path.isdir(os.path.dirname(made)):
+            made = os.path.dirname(made)
+    os.makedirs(directory, exist_ok=True)
+    try:
+        yield
+    finally:
+        for folder, _, _ in os.walk(made, topdown=False) if made else ():
+            with suppress(OSError):  # a folder that holds files stays
+                os.rmdir(folder)
 
 
 @contextmanager
@@ -1805,21 +1827,18 @@ def directory_lock(directory: str, taken: bool = True) -> Iterator[None]:
     """One writer at a time in `directory`, a run's --out-dir: its lock file is held while the
     block runs and removed when it ends, by an error or Ctrl-C too. `taken` False (the other
     ranks under torchrun, which write nothing there) takes none. A directory made for the lock
-    and left empty is removed again, so a refused command leaves nothing behind."""
+    and left empty is removed again."""
     if not taken:
         yield
         return
-    made = not os.path.isdir(directory)
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, LOCK_NAME)
-    take_lock(path)
-    try:
-        yield
-    finally:
-        with suppress(FileNotFoundError):
-            os.remove(path)
-        if made and not os.listdir(directory):
-            os.rmdir(directory)
+    with made_if_missing(directory):
+        take_lock(path)
+        try:
+            yield
+        finally:
+            with suppress(FileNotFoundError):
+                os.remove(path)
 
 
 # Text to read is a whole file (its path, a str or a pathlib.Path), or a byte range (path, start,
@@ -4571,7 +4590,7 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
     previous files in out_dir untouched, never a mix of old and new."""
     dtype = token_dtype(max(tokenizer.vocab) + 1)
     fingerprint = tokenizer.fingerprint()
-    with staging_dir(out_dir) as staging:
+    with made_if_missing(out_dir), staging_dir(out_dir) as staging:
         names = []  # of the files to publish, relative to staging and out_dir
         files = [(source, os.path.join(staging, f"{split}.bin"))
                  for split, source in sources.items()]
@@ -5859,7 +5878,8 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
         check_special_tokens(special_tokens)
         check_vocab_size(args.vocab_size, special_tokens)
     sources = tokenize_inputs(args, special_tokens)
-    check_writable_dir(args.out_dir)
+    with made_if_missing(args.out_dir):  # a probe: write_outputs makes it for good
+        check_writable_dir(args.out_dir)
     remove_leftovers(args.out_dir)
     tokenizer_dir = os.path.join(args.out_dir, "tokenizer")
 

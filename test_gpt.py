@@ -1984,6 +1984,21 @@ def test_directory_lock_one_holder_released_on_errors(tmp_path):
         assert not run.exists()
 
 
+def test_a_lock_on_a_full_disk_names_it_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """`train` into a new directory on a full disk says which file could not be written, and
+    leaves no empty lock (which the next run would take for a run starting now) and no
+    directory behind."""
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: FullDisk(fd, "w"))
+    run = tmp_path / "new" / "run"
+    assert exit_code(["train", "--out-dir", str(run), "--data-dir", str(tmp_path)]) == 2
+    assert one_error_line(capsys, "train").endswith(
+        f"cannot write {run / 'gpt.lock'}: the disk is full (No space left on device)")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("content, age, busy", [
     ("dead", 0, False), ("", 0, True), ("", 60, False), ("garbage", 60, False),
     ("99999999999", 0, False)], ids=["dead-pid", "being-written", "empty-and-old", "garbage",
@@ -3743,6 +3758,20 @@ def small_texts(tmp_path, corpus_path):
     train.write_text("".join(lines[:150]), encoding="utf-8", newline="")
     valid.write_text("".join(lines[150:200]), encoding="utf-8", newline="")
     return train, valid
+
+
+def test_a_refused_tokenize_leaves_no_new_out_dir(tmp_path, small_texts, monkeypatch, capsys):
+    """A tokenize into a new out-dir that fails on the way (here a full disk as the sidecar is
+    written) leaves nothing behind: no out-dir, no empty tokenizer/, no parent made for it."""
+    def disk_full(path, *args):
+        raise OSError(f"cannot write {path}.json: the disk is full")
+    monkeypatch.setattr(gpt, "write_token_info", disk_full)
+    train, valid = small_texts
+    out = tmp_path / "new" / "out"
+    assert exit_code(["tokenize", "--train", str(train), "--valid", str(valid), "--workers", "1",
+                      "--vocab-size", "300", "--out-dir", str(out)]) == 2
+    assert "train.bin.json: the disk is full" in capsys.readouterr().err.splitlines()[-1]
+    assert sorted(os.listdir(tmp_path)) == ["train.txt", "valid.txt"]
 
 
 def test_tokenize_command_end_to_end(tmp_path, small_texts):
