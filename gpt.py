@@ -3938,6 +3938,23 @@ def fill_optimizer_flags(args: argparse.Namespace) -> None:
         args.muon_lr = PRESETS[args.preset].get("muon_lr", MUON_LR) if args.preset else MUON_LR
 
 
+def settle_recipe(args: argparse.Namespace, device: torch.device, vocab_size: int,
+                  saved: dict | None = None) -> tuple[str | None, ModelConfig, float, float]:
+    """The flags left open filled in (by the device, the preset or a resumed run's config
+    `saved`), and flags that contradict each other refused: returns the line saying why the
+    device chose the recipe (or None), the model's config, and the peak and final lr."""
+    if args.max_steps is None and args.max_time is None:
+        args.max_time = 600.0  # the default budget: 10 minutes
+    recipe = pick_recipe(args, device)
+    config = resolve_config(args, vocab_size, saved)
+    max_lr = PRESETS[args.preset]["lr"] if args.lr is None else args.lr
+    fill_optimizer_flags(args)
+    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
+    if not min_lr <= max_lr:
+        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
+    return recipe, config, max_lr, min_lr
+
+
 def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     """Check every input before any work (a mistake should cost seconds, not an hour) and
     settle the recipe; returns the run, the checkpoint to resume and the budget already used."""
@@ -3954,16 +3971,9 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     if checkpoint:
         check_same_tokenizer(checkpoint, os.path.join(args.out_dir, "latest.pt"), tokenizer,
                              tokenizer_dir)
-    if args.max_steps is None and args.max_time is None:
-        args.max_time = 600.0  # the default budget: 10 minutes
-    recipe = pick_recipe(args, device)
-    config = resolve_config(args, vocab_size, checkpoint and checkpoint["config"])
+    recipe, config, max_lr, min_lr = settle_recipe(args, device, vocab_size,
+                                                   checkpoint and checkpoint["config"])
     preset = PRESETS[args.preset]
-    max_lr = preset["lr"] if args.lr is None else args.lr
-    fill_optimizer_flags(args)
-    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
-    if not min_lr <= max_lr:
-        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
     run = Run(args, device, rank, world_size, autocast_dtype(device, args.dtype), tokenizer,
               train_data, valid_data, config, args.batch_size or preset["batch_size"], max_lr,
               min_lr, total_steps=total_steps,
@@ -6191,7 +6201,15 @@ def cmd_experiment(args: argparse.Namespace) -> None:
             # The arm's flags, as recorded: --overwrite says what to do, not what to train.
             argv = [a for a in ["train", *args.train_flags, *flags, "--out-dir", directory]
                     if a != "--overwrite"]
-            runs[directory] = argv, build_parser().parse_args(argv), arm_state(directory, argv)
+            train_args = build_parser().parse_args(argv)
+            try:  # on a copy, with any vocabulary: no check depends on its size
+                settle_recipe(argparse.Namespace(**vars(train_args)),
+                              pick_device(train_args.device), MAX_VOCAB_SIZE)
+            except ValueError as e:
+                given = " ".join(flags) or "the default"
+                raise ValueError(f"arm {arm!r} of experiment {name} ({given}, with the flags "
+                                 f"given): {e}") from None
+            runs[directory] = argv, train_args, arm_state(directory, argv)
     again = shlex.join(["python", "gpt.py", "experiment", "--out-dir", args.out_dir, args.name,
                         *args.train_flags])
     with directory_lock(args.out_dir):

@@ -3672,6 +3672,26 @@ def test_interrupted_experiment_goes_on_with_the_same_command(tmp_path, token_di
     assert [row.split(" | ")[4] for row in table[2:]] == [f"{6 * 4 * 16:,}", f"{6 * 16 * 16:,}"]
 
 
+@pytest.mark.parametrize("name, flags, arm, said", [
+    ("norm", ["--no-use-norm"], "'post-norm' of experiment norm (--norm-position post",
+     "use_norm False removes"),
+    ("optimizer", ["--muon-lr", "0.05"], "'adamw' of experiment optimizer (--optimizer adamw",
+     "--muon-lr 0.05 is Muon's learning rate"),
+    ("lr", ["--min-lr", "5e-4"], "'lr 1e-4' of experiment lr (--lr 1e-4",
+     "--min-lr 0.0005 is above the peak learning rate --lr 0.0001"),
+], ids=["norm", "optimizer", "lr"])
+def test_experiment_checks_every_arm_before_the_first_trains(tmp_path, capsys, name, flags, arm,
+                                                             said):
+    """Flags that conflict with a later arm's are refused before any arm trains (here before
+    the data is even looked for), naming the arm."""
+    command = ["experiment", "--out-dir", str(tmp_path / "x"), name, *flags,
+               "--data-dir", str(tmp_path / "no-data")]
+    assert exit_code(command) == 2
+    line = one_error_line(capsys, "experiment")
+    assert f"arm {arm}" in line and said in line, line
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("seconds, expected", [(0, 9.0), (10, 4.0), (25, 3.25), (30, 3.0),
                                                (99, 3.0)])
 def test_loss_at_reads_between_evaluations(seconds, expected):
