@@ -725,8 +725,8 @@ def check_model_config(c: ModelConfig) -> None:
         (c.position_encoding != "rope" or c.head_dim % 2 == 0,
          f"RoPE rotates pairs of dimensions, so the head width d_model / num_heads = "
          f"{c.d_model} / {c.num_heads} = {c.head_dim} must be even"),
-        (c.rope_theta > 0 and c.norm_eps > 0,
-         f"rope_theta ({c.rope_theta}) and norm_eps ({c.norm_eps}) must be positive"),
+        (0 < c.rope_theta < math.inf and 0 < c.norm_eps < math.inf,
+         f"rope_theta ({c.rope_theta}) and norm_eps ({c.norm_eps}) must be positive and finite"),
         (0 <= c.dropout < 1, f"dropout must be in [0, 1), got {c.dropout!r}"),
         (c.tie_embeddings or c.tie_init == "output",
          f"tie_init {c.tie_init!r} chooses the init of tied embeddings: it needs tie_embeddings"),
@@ -3054,6 +3054,11 @@ def read_checkpoint(src) -> dict:
         if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
             raise ValueError(f"{name}: its model state holds {shown(value)} under {shown(key)}, "
                              f"where a tensor under a parameter's name belongs")
+        # One tensor at a time (a mask of a byte an element): no copy of all the weights.
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            what = "NaN" if value.isnan().any() else "infinite values"
+            raise ValueError(f"{name}: its weights {key} hold {what}, as those of a diverged "
+                             f"run do: refused")
     if not (is_int(iteration) and iteration >= 0):
         raise ValueError(f"{name}: its iteration is {shown(iteration)}, not a step count")
     return checkpoint

@@ -2822,6 +2822,14 @@ BAD_STRUCTURES = {
     "config-wider": ("resume", "config", lambda v: {**v, "d_model": 64, "num_heads": 2},
                      "different architecture"),
     "sample-config": ("sample", "config", lambda v: {**v, "ffn_kind": 3}, "ffn_kind"),
+    "model-nan": ("read", "model", lambda v: {**v, "layers.0.ln1.weight": math.nan * v[
+        "layers.0.ln1.weight"]}, "its weights layers.0.ln1.weight hold NaN"),
+    "model-inf": ("resume", "model", lambda v: {**v, "layers.0.ln2.weight": math.inf * v[
+        "layers.0.ln2.weight"]}, "its weights layers.0.ln2.weight hold infinite values"),
+    "config-inf-theta": ("sample", "config", lambda v: {**v, "rope_theta": math.inf},
+                         "rope_theta (inf) and norm_eps (1e-05) must be positive and finite"),
+    "config-inf-eps": ("resume", "config", lambda v: {**v, "norm_eps": math.inf},
+                       "norm_eps (inf) must be positive and finite"),
 }
 
 
@@ -2838,6 +2846,26 @@ def test_checkpoint_of_wrong_structure_is_refused(tmp_path, use, key, change, na
         load_as(use, path)
     message = str(error.value)
     assert path in message and named in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("command", [["sample", "--prompt", "Once"],
+                                     ["inspect", "--prompt", "Once upon", "--out-dir", "."],
+                                     ["export", "--out", "hf"],
+                                     ["finetune", "--data", "qa.json", "--out-dir", "ft"]],
+                         ids=["sample", "inspect", "export", "finetune"])
+def test_commands_refuse_a_checkpoint_with_nan_weights(tmp_path, monkeypatch, capsys, command):
+    """A checkpoint whose weights hold a NaN is sampled from, inspected, exported and fine-tuned
+    by none: one line naming the tensor, and nothing written."""
+    checkpoint = full_checkpoint()
+    checkpoint["model"]["layers.0.attn.q_proj.weight"][3, 5] = math.nan
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    (tmp_path / "qa.json").write_text(json.dumps([{"question": "Who?", "answer": "Max."}] * 4))
+    monkeypatch.chdir(tmp_path)
+    assert exit_code([*command, "--checkpoint", "ckpt.pt"]) == 2
+    assert one_error_line(capsys, command[0]).endswith(
+        "ckpt.pt: its weights layers.0.attn.q_proj.weight hold NaN, as those of a diverged run "
+        "do: refused")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "qa.json"]
 
 
 def test_config_is_checked_against_the_weights_before_allocating(tmp_path, monkeypatch):
