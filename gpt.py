@@ -483,6 +483,7 @@ class Tokenizer:
         """Text -> ids: cut out the special tokens, pre-tokenize the rest, merge each pre-token.
         Example (TinyStories tokenizer): "Once upon a time<|endoftext|>" ->
         [ids of 'Once', ' upon', ' a', ' time', '<|endoftext|>']."""
+        check_text(text)  # a str that has UTF-8 bytes (§8)
         ids: list[int] = []
         for i, piece in enumerate(split_on_special_tokens(text, self.special_re)):
             if i % 2:
@@ -497,12 +498,15 @@ class Tokenizer:
         the middle) become U+FFFD instead of raising. `ids`: a list of ints, a 1-D tensor or
         numpy array of integers (what the model gives), or one id.
         Example: [72, 105] -> "Hi" with the 256 byte tokens as ids 0-255."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int] | torch.Tensor | np.ndarray | int) -> bytes:
+        """The bytes that ids stand for, which decode() turns into text."""
         try:
-            data = b"".join(map(self.vocab.__getitem__, self._id_list(ids)))
+            return b"".join(map(self.vocab.__getitem__, self._id_list(ids)))
         except KeyError as e:
             raise ValueError(f"token id {e.args[0]} is not in the vocabulary "
                              f"({len(self.vocab)} tokens)") from None
-        return data.decode("utf-8", errors="replace")
 
     @staticmethod
     def _id_list(ids) -> list[int]:
@@ -1551,7 +1555,18 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return ids.clamp(max=probs.shape[-1] - 1)  # u below the total by rounding only
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling_args(prompts: torch.Tensor, vocab_size: int, max_new_tokens: int,
+                        temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse, naming it, what generation cannot use: ids the embedding has no row for, a
+    negative count of tokens, filters out of range."""
+    if prompts.is_floating_point() or prompts.is_complex():
+        raise TypeError(f"token ids must be integers, got a tensor of {prompts.dtype}")
+    bad = prompts[(prompts < 0) | (prompts >= vocab_size)]
+    if len(bad):
+        raise ValueError(f"token id {bad[0]} is not in the model's vocabulary (0 to "
+                         f"{vocab_size - 1})")
+    if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -1611,7 +1626,8 @@ def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: 
     the whole sequence again: the readable reference, slow but obviously right. Both see the
     same thing: each token attends to itself and the context_length - 1 tokens before it.
     """
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(prompts, model.config.vocab_size, max_new_tokens, temperature, top_k,
+                        top_p)
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
@@ -1678,7 +1694,7 @@ def decode_stream(tokens: Iterable[int], tokenizer: Tokenizer,
     for token in tokens:
         if token == eos_id:
             break
-        yield decoder.decode(tokenizer.vocab[token])
+        yield decoder.decode(tokenizer.decode_bytes(token))
     yield decoder.decode(b"", final=True)  # bytes left over become U+FFFD
 
 
@@ -1891,12 +1907,31 @@ def read_text(path: str, start: int = 0, end: int | None = None) -> str:
                          ) from None
 
 
+def check_text(text, where: str = "the text") -> None:
+    """Refuse what cannot be encoded, naming it: a value that is not a str, or a str holding a
+    lone surrogate ("\\ud800", from a JSON escape, say), which has no UTF-8 bytes."""
+    if not isinstance(text, str):
+        raise TypeError(f"{where} must be a str, got {type(text).__name__} {repr(text)[:30]}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} holds {text[e.start]!r} at position {e.start:,}, a lone "
+                         f"surrogate, which is no character and has no UTF-8 encoding") from None
+
+
+def not_a_file(path: str) -> str:
+    """Why `path` is not a file to read, for a message that names it first."""
+    if os.path.isdir(path):
+        return "is a directory"
+    return "is not a regular file (a device? a pipe?)" if os.path.exists(path) else "not found"
+
+
 def check_text_file(path: str, block_bytes: int = 1 << 16) -> int:
     """The size of a text file we are about to read, refusing a missing or empty file, or one
     with a byte anywhere that is not UTF-8: better now than after an hour of work. Decoding in
     blocks of 64 KB (which stay in the CPU's cache) checks over 2 GB/s in constant memory."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{path} {not_a_file(path)}")
     size = os.path.getsize(path)
     if size == 0:
         raise ValueError(f"{path} is empty")
@@ -2644,6 +2679,7 @@ class FastTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         """The ids §1's Tokenizer.encode gives, from the caches: split the text into words at
         spaces, or into pre-tokens, and look each one up."""
+        check_text(text)
         ids: list[int] = []
         with cycle_collector_paused():
             for i, piece in enumerate(split_on_special_tokens(text, self.special_re)):
@@ -2678,7 +2714,8 @@ class FastTokenizer(Tokenizer):
         searched = 0               # buffer[:searched] holds no safe cut
         pending: list[str] = []    # pieces not yet added to the buffer
         pending_size = 0
-        for text in texts:
+        for n, text in enumerate(texts):
+            check_text(text, f"text {n} of the texts")
             pending.append(text)
             pending_size += len(text)
             # Join pieces once they are as long as the buffer: a pre-token that arrives in a
@@ -2825,8 +2862,8 @@ def open_tokens(path: str | os.PathLike, vocab_size: int, tokenizer: Tokenizer |
     """Memory-map a token file written by `tokenize`, checking that it fits the tokenizer: by its
     sidecar (see check_token_info), and by its largest id."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ValueError(f"{path} not found: run `python gpt.py tokenize` first")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} {not_a_file(path)}: run `python gpt.py tokenize` first")
     dtype = token_dtype(vocab_size)
     size = os.path.getsize(path)
     if size == 0 or size % dtype.itemsize:
@@ -4312,8 +4349,9 @@ def train(args: argparse.Namespace, start=start_run) -> None:
             run.meter.clear()
     if run.world_size > 1:
         finish_ranks(run)
+    written = [name for name in ("latest.pt", "best.pt") if os.path.exists(run.path(name))]
     run.say(f"done: {run.step} steps in {format_duration(run.budget.elapsed())}, best val loss "
-            f"{run.best_val_loss:.4f}; checkpoints in {args.out_dir} (latest.pt, best.pt)")
+            f"{run.best_val_loss:.4f}; checkpoints in {args.out_dir} ({', '.join(written)})")
     run.say(f"curves: python gpt.py plot {args.out_dir}")
 
 
@@ -5421,6 +5459,7 @@ def check_qa_item(item, where: str) -> tuple[str, str]:
         if not isinstance(item[key], str):
             raise ValueError(f'{where}: its "{key}" is {shown(item[key])}, a JSON '
                              f'{json_kind(item[key])}, not a string')
+        check_text(item[key], f'{where}: its "{key}"')
         if not item[key].strip():
             raise ValueError(f'{where}: its "{key}" is empty')
     return item["question"].strip(), item["answer"].strip()
@@ -6265,6 +6304,12 @@ def write_experiments(args: argparse.Namespace, names: list[str]) -> None:
 class Parser(argparse.ArgumentParser):
     """argparse, but a mistake on the command line is one line (not the usage, then the error)
     and exit code 2, like every other bad input."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A minus then a digit is a value, not a flag, as from Python 3.13 on: `--max-time -5m`
+        # is then refused as negative, not as "expected one argument".
+        self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")

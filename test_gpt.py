@@ -543,6 +543,33 @@ def test_decode_unknown_id_raises(tokenizer, bad_id):
 
 
 
+@pytest.mark.parametrize("call, error, named", [
+    (lambda t: t.encode(None), TypeError, "the text must be a str, got NoneType None"),
+    (lambda t: t.encode(b"Hi"), TypeError, "the text must be a str, got bytes b'Hi'"),
+    (lambda t: t.encode("Once\ud800 upon"), ValueError,
+     "the text holds '\\ud800' at position 4, a lone surrogate"),
+    (lambda t: list(t.encode_iterable(["Once", " upon", 7])), TypeError,
+     "text 2 of the texts must be a str, got int 7"),
+    (lambda t: list(t.encode_iterable(["Once", "\udcff"])), ValueError,
+     "text 1 of the texts holds '\\udcff' at position 0"),
+    (lambda t: list(gpt.decode_stream([72, 500], t)), ValueError,
+     "token id 500 is not in the vocabulary"),
+], ids=["none", "bytes", "surrogate", "iterable-int", "iterable-surrogate", "stream-unknown-id"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "readable"])
+def test_encode_and_decode_stream_refuse_what_they_cannot_take(tokenizer, fast, call, error,
+                                                                named):
+    """What is not text, or holds a lone surrogate (no UTF-8 bytes), is a TypeError or a
+    ValueError naming it, from the readable encoder and the fast one alike, not an error from
+    deep inside them; decode_stream refuses an unknown id as decode does."""
+    if not fast:
+        if "encode_iterable" in inspect.getsource(call):
+            pytest.skip("encode_iterable is the fast tokenizer's")
+        tokenizer = PlainTokenizer(tokenizer.vocab, tokenizer.merges, [EOT])
+    with pytest.raises(error) as raised:
+        call(tokenizer)
+    assert str(raised.value).startswith(named), raised.value
+
+
 @pytest.mark.parametrize("ids", [
     [72, 105], (72, 105), iter([72, 105]), torch.tensor([72, 105]),
     torch.tensor([72, 105], dtype=torch.uint8), np.array([72, 105]),
@@ -1911,6 +1938,22 @@ def test_bad_sampling_settings_raise(kwargs, named):
     """A negative temperature, top-k < 1 or top-p outside (0, 1] is refused, naming the value."""
     with pytest.raises(ValueError, match=re.escape(named)):
         list(gpt.generate(sampling_model(), [1, 2], 3, **kwargs))
+
+
+@pytest.mark.parametrize("prompt, max_new_tokens, error, named", [
+    ([1, 64], 3, ValueError, "token id 64 is not in the model's vocabulary (0 to 63)"),
+    ([1, -2], 3, ValueError, "token id -2 is not in the model's vocabulary (0 to 63)"),
+    ([1.0, 2.0], 3, TypeError, "token ids must be integers, got a tensor of torch.float32"),
+    ([1, 2], -1, ValueError, "max_new_tokens must be an integer >= 0, got -1"),
+], ids=["id-too-large", "id-negative", "float-ids", "negative-count"])
+def test_generate_refuses_ids_outside_the_vocabulary(prompt, max_new_tokens, error, named):
+    """A prompt id the embedding has no row for, or a negative number of tokens to generate, is
+    refused naming it: not an IndexError from the embedding, nor silently nothing."""
+    model = sampling_model()
+    assert model.config.vocab_size == 64
+    with pytest.raises(error, match=re.escape(named)):
+        list(gpt.generate(model, prompt, max_new_tokens))
+    assert list(gpt.generate(model, [1, 2], 0)) == []
 
 
 def test_stream_never_splits_a_character():
@@ -3456,12 +3499,26 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, token_di
     assert [m["step"] for m in metrics(tmp_path) if "train_loss" in m] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("losses, written", [([3.0, 2.0, 1.0], "latest.pt, best.pt"),
+                                             ([1.0, 2.0, 3.0], "latest.pt")],
+                         ids=["improving", "best-at-step-0"])
+def test_train_lists_the_checkpoints_it_wrote(tmp_path, token_dir, monkeypatch, capsys, losses,
+                                              written):
+    """The last line names the checkpoints written: no best.pt when no evaluation after step 0
+    (which saves nothing) beat the first."""
+    evaluations = iter(losses)
+    monkeypatch.setattr(gpt, "evaluate", lambda *args: next(evaluations))
+    assert gpt.main(train_args(token_dir, tmp_path)) == 0
+    assert f"checkpoints in {tmp_path} ({written})" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "best.pt") == ("best" in written)
+
+
 @pytest.fixture
 def bad_token_dirs(tmp_path, token_dir):
     """Token directories that are wrong in one way each."""
     import shutil
     dirs = {}
-    for name in ("big-ids", "odd-bytes", "short", "no-valid"):
+    for name in ("big-ids", "odd-bytes", "short", "no-valid", "bin-is-dir"):
         dirs[name] = tmp_path / name
         shutil.copytree(token_dir, dirs[name])
 
@@ -3474,6 +3531,8 @@ def bad_token_dirs(tmp_path, token_dir):
     write_tokens(dirs["odd-bytes"] / "valid.bin", b"\x01\x00\x02")
     write_tokens(dirs["short"] / "valid.bin", np.arange(10, dtype="<u2").tobytes())
     os.remove(dirs["no-valid"] / "valid.bin")
+    os.remove(dirs["bin-is-dir"] / "train.bin")
+    (dirs["bin-is-dir"] / "train.bin").mkdir()
     return dirs
 
 
@@ -3511,12 +3570,16 @@ def bad_token_dirs(tmp_path, token_dir):
     (["--optimizer", "adamw", "--muon-lr", "0.01"], "--muon-lr 0.01"),
     (["--optimizer", "sgd"], "--optimizer"),
     (["--optimizer", "muon", "--muon-lr", "0"], "--muon-lr"),
+    (["--data-dir", "{tmp}/bin-is-dir"], "bin-is-dir/train.bin is a directory"),
+    (["--max-time", "-5m"], "--max-time: expected a positive, finite duration, got '-5m'"),
+    (["--lr", "-1e-3"], "--lr: expected a number > 0.0, got '-1e-3'"),
 ], ids=["no-data", "ids-too-big", "odd-bytes", "too-short", "no-valid", "d-model", "heads",
         "batch", "steps", "time", "clip", "unwritable", "device", "nothing-to-resume",
         "time-inf", "time-overflow", "time-empty", "time-zero", "lr-inf", "lr-nan",
         "min-lr-above-lr", "beta2", "seed-too-big", "seed-negative", "d-model-float",
         "rope-theta-inf", "out-of-memory", "unknown-preset", "unknown-flag",
-        "muon-lr-without-muon", "unknown-optimizer", "muon-lr-zero"])
+        "muon-lr-without-muon", "unknown-optimizer", "muon-lr-zero", "train-bin-a-directory",
+        "time-negative", "lr-negative"])
 def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_dirs, capsys,
                                                 extra, named):
     """A user mistake gives exit code 2 and one stderr line naming it, before any training."""
@@ -3893,10 +3956,13 @@ def test_tokenize_holds_out_the_end_of_a_train_text(tmp_path, corpus_path, capsy
     ({"--valid-fraction": "0.2"}, "--valid-fraction applies only to a --train text without"),
     ({"--train": "{tmp}/one_line.txt", "--valid": None},
      "{tmp}/one_line.txt has no special token and no line break"),
+    ({"--train": "{tmp}/corrupt"}, "{tmp}/corrupt is a directory"),
+    ({"--valid": "/dev/zero"}, "/dev/zero is not a regular file"),
 ], ids=["missing-train", "missing-valid", "empty-train", "not-utf8", "not-utf8-valid",
         "small-vocab", "no-workers", "unwritable-out", "corrupt-tokenizer", "missing-tokenizer",
         "empty-special", "special-twice", "fraction-0", "fraction-1", "fraction-negative",
-        "fraction-nan", "fraction-with-valid", "nowhere-to-hold-out"])
+        "fraction-nan", "fraction-with-valid", "nowhere-to-hold-out", "train-a-directory",
+        "valid-a-device"])
 def test_tokenize_bad_input_is_one_line_and_exit_2(tmp_path, small_texts, capsys, changes,
                                                    named):
     """A user mistake gives exit code 2 and one stderr line naming the bad value, and leaves the
@@ -5167,9 +5233,12 @@ def test_finetune_valid_file_long_pairs_and_repeated_ids(tmp_path, qa_run, capsy
     (b'[{"question": "a", "answer": "b"}, {"question": "c", "answer": "d<|endoftext|>"}]',
      '{data}[1]: its "answer" holds the special token'),
     (b'[{"question": "a", "answer": "b"}]', "{data} has 1 pair(s): too few to hold out"),
+    (b'[{"question": "a", "answer": "b"}, {"question": "c", "answer": "d\\ud800e"}]',
+     "{data}[1]: its \"answer\" holds '\\ud800' at position 1, a lone surrogate"),
 ], ids=["empty-file", "not-json", "not-a-list", "empty-list", "item-not-object",
         "no-question", "no-answer", "empty-question", "empty-answer", "question-number",
-        "answer-null", "not-utf8", "deep", "huge-number", "special-token", "too-few"])
+        "answer-null", "not-utf8", "deep", "huge-number", "special-token", "too-few",
+        "lone-surrogate"])
 def test_finetune_bad_pairs_are_one_line_and_exit_2(tmp_path, qa_run, capsys, content, named):
     """Each mistake in the pairs gives exit code 2 and one line naming the file and the item's
     index, before a checkpoint is written."""
