@@ -1559,8 +1559,6 @@ def check_sampling_args(prompts: torch.Tensor, vocab_size: int, max_new_tokens: 
                         temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Refuse, naming it, what generation cannot use: ids the embedding has no row for, a
     negative count of tokens, filters out of range."""
-    if prompts.is_floating_point() or prompts.is_complex():
-        raise TypeError(f"token ids must be integers, got a tensor of {prompts.dtype}")
     bad = prompts[(prompts < 0) | (prompts >= vocab_size)]
     if len(bad):
         raise ValueError(f"token id {bad[0]} is not in the model's vocabulary (0 to "
@@ -1921,9 +1919,8 @@ def check_text(text, where: str = "the text") -> None:
 
 def not_a_file(path: str) -> str:
     """Why `path` is not a file to read, for a message that names it first."""
-    if os.path.isdir(path):
-        return "is a directory"
-    return "is not a regular file (a device? a pipe?)" if os.path.exists(path) else "not found"
+    kind = "a directory" if os.path.isdir(path) else "not a regular file (a device? a pipe?)"
+    return f"is {kind}" if os.path.exists(path) else "not found"
 
 
 def check_text_file(path: str, block_bytes: int = 1 << 16) -> int:
@@ -2279,8 +2276,7 @@ LONG_PRETOKEN_BYTES = 64
 
 
 def sorted_in_place(positions: array) -> array:
-    """Sort an array of ints where it lies, with numpy: sorted() would first make a list of
-    Python ints, 36 bytes each, where the array holds 4 or 8."""
+    """Sort in place, with numpy: sorted() would make a list of Python ints, 36 bytes each."""
     np.frombuffer(positions, dtype=positions.typecode).sort()
     return positions
 
@@ -2292,10 +2288,8 @@ class _LinkedWords:
     the positions of its left symbols.
     Example: "abab" is ids [-1, a, b, a, b, -1], where["ab"] = [1, 3], where["ba"] = [2];
     merging "ab" into X leaves the list -1 X X -1, where["XX"] = [1].
-
-    What a position needs sits in typed arrays of 4-byte ints, 16 bytes a letter: in lists of
-    Python ints (36 bytes each) an 8 MB line of letters took 1.2 GB. (Its distinct pairs, with
-    their counts, cost as they do in any text.)
+    Positions sit in arrays of 4-byte ints, 16 bytes a letter in all: in lists of Python ints
+    (36 bytes each) an 8 MB line of letters took 1.2 GB. (Its distinct pairs cost as in any text.)
     """
 
     def __init__(self, words: list[str], freqs: list[int]):
@@ -2600,10 +2594,9 @@ class FastTokenizer(Tokenizer):
         Example (a merge (a, a) only): ids of "aaaaa" -> [aa, aa, a], as encode_word gives.
 
         Memory: a heap of (rank, position) tuples and lists of Python ints took 190 bytes a
-        byte of an 8 MB line of letters (1.6 GB), typed arrays take 16. So the heap holds ranks
-        only, and each rank's positions wait in an array of 4-byte ints. That gives the same
-        order: merging a pair of rank r makes only pairs that hold the new token, learned
-        after r, so each rank is taken once, its positions sorted: the leftmost goes first.
+        byte of an 8 MB line of letters; here the heap holds ranks, and each rank's positions
+        wait in an array of 4-byte ints, 16 bytes a byte in all. The order is the same: merging
+        rank r makes only pairs learned after r, so each rank is taken once, leftmost first.
         """
         rank = self.merge_rank.get
         n = len(ids)
@@ -3982,9 +3975,8 @@ def fill_optimizer_flags(args: argparse.Namespace) -> None:
 
 def settle_recipe(args: argparse.Namespace, device: torch.device, vocab_size: int,
                   saved: dict | None = None) -> tuple[str | None, ModelConfig, float, float]:
-    """The flags left open filled in (by the device, the preset or a resumed run's config
-    `saved`), and flags that contradict each other refused: returns the line saying why the
-    device chose the recipe (or None), the model's config, and the peak and final lr."""
+    """Fill in the flags left open (by the device, the preset, or the config `saved` of a run
+    resumed), refusing any that conflict: returns start_run's recipe line, config and lrs."""
     if args.max_steps is None and args.max_time is None:
         args.max_time = 600.0  # the default budget: 10 minutes
     recipe = pick_recipe(args, device)
