@@ -81,6 +81,7 @@ import errno
 import gc
 import hashlib
 import heapq
+import io
 import json
 import math
 import mmap
@@ -96,11 +97,13 @@ import stat
 import string
 import sys
 import time
+from array import array
+from bisect import bisect_right
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from itertools import chain, islice, pairwise, repeat
 
@@ -530,6 +533,7 @@ class Tokenizer:
         """Text -> ids: cut out the special tokens, pre-tokenize the rest, merge each pre-token.
         Example (TinyStories tokenizer): "Once upon a time<|endoftext|>" ->
         [ids of 'Once', ' upon', ' a', ' time', '<|endoftext|>']."""
+        check_text(text)  # a str that has UTF-8 bytes (§8)
         ids: list[int] = []
         for i, piece in enumerate(split_on_special_tokens(text, self.special_re)):
             if i % 2:
@@ -546,12 +550,15 @@ class Tokenizer:
         the middle) become U+FFFD instead of raising. `ids`: a list of ints, a 1-D tensor or
         numpy array of integers (what the model gives), or one id.
         Example: [72, 105] -> "Hi" with the 256 byte tokens as ids 0-255."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int] | torch.Tensor | np.ndarray | int) -> bytes:
+        """The bytes that ids stand for, which decode() turns into text."""
         try:
-            data = b"".join(map(self.vocab.__getitem__, self._id_list(ids)))
+            return b"".join(map(self.vocab.__getitem__, self._id_list(ids)))
         except KeyError as e:
             raise ValueError(f"token id {e.args[0]} is not in the vocabulary "
                              f"({len(self.vocab)} tokens)") from None
-        return data.decode("utf-8", errors="replace")
 
     @staticmethod
     def _id_list(ids) -> list[int]:
@@ -803,11 +810,11 @@ def check_model_config(c: ModelConfig) -> None:
          f"num_heads {c.num_heads} is not divisible by num_kv_heads {c.num_kv_heads}"),
         (c.position_encoding != "rope" or D % 2 == 0,
          f"RoPE rotates pairs of dimensions, so the head width {width} must be even"),
-        (c.rope_theta > 0 and c.norm_eps > 0,
-         f"rope_theta ({c.rope_theta}) and norm_eps ({c.norm_eps}) must be positive"),
-        (c.rope_factor >= 1 and 0 < c.rope_low_freq < c.rope_high_freq,
-         f"RoPE scaling needs rope_factor >= 1 and 0 < rope_low_freq < rope_high_freq, got "
-         f"{c.rope_factor}, {c.rope_low_freq}, {c.rope_high_freq}"),
+        (0 < c.rope_theta < math.inf and 0 < c.norm_eps < math.inf,
+         f"rope_theta ({c.rope_theta}) and norm_eps ({c.norm_eps}) must be positive and finite"),
+        (1 <= c.rope_factor < math.inf and 0 < c.rope_low_freq < c.rope_high_freq < math.inf,
+         f"RoPE scaling needs 1 <= rope_factor and 0 < rope_low_freq < rope_high_freq, all "
+         f"finite; got {c.rope_factor}, {c.rope_low_freq}, {c.rope_high_freq}"),
         (0 <= c.dropout < 1, f"dropout must be in [0, 1), got {c.dropout!r}"),
         (c.tie_embeddings or c.tie_init == "output",
          f"tie_init {c.tie_init!r} chooses the init of tied embeddings: it needs tie_embeddings"),
@@ -1678,7 +1685,16 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return ids.clamp(max=probs.shape[-1] - 1)  # u below the total by rounding only
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling_args(prompts: torch.Tensor, vocab_size: int, max_new_tokens: int,
+                        temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse, naming it, what generation cannot use: ids the embedding has no row for, a
+    negative count of tokens, filters out of range."""
+    bad = prompts[(prompts < 0) | (prompts >= vocab_size)]
+    if len(bad):
+        raise ValueError(f"token id {bad[0]} is not in the model's vocabulary (0 to "
+                         f"{vocab_size - 1})")
+    if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -1740,7 +1756,8 @@ def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: 
     the whole sequence again: the readable reference, slow but obviously right. Both see the
     same thing: each token attends to itself and the context_length - 1 tokens before it.
     """
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(prompts, model.config.vocab_size, max_new_tokens, temperature, top_k,
+                        top_p)
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
@@ -1809,8 +1826,7 @@ def decode_stream(tokens: Iterable[int], tokenizer: Tokenizer,
     for token in tokens:
         if token == eos_id:
             break
-        # An id with no token (a padding row of an imported model, as Qwen's) writes nothing.
-        yield decoder.decode(tokenizer.vocab.get(token, b""))
+        yield decoder.decode(tokenizer.decode_bytes(token))
     yield decoder.decode(b"", final=True)  # bytes left over become U+FFFD
 
 
@@ -1849,9 +1865,13 @@ def open_for_writing(path: str, mode: str = "wb"):
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise
-        raise OSError(f"{path} is a symbolic link: gpt.py writes only files of its own, never "
-                      f"through a link; remove it or give another directory") from None
+        raise link_refused(path) from None
     return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+def link_refused(path: str) -> OSError:
+    return OSError(f"{path} is a symbolic link: gpt.py writes only files of its own, never "
+                   f"through a link; remove it or give another directory")
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -1922,10 +1942,32 @@ def take_lock(path: str) -> None:
             with suppress(FileNotFoundError):
                 os.remove(path)  # left by a process that was killed (kill -9, a power cut)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as f:  # unbuffered: a full disk fails here
+                write_all(f, f"{os.getpid()}\n".encode(), path)
+        except OSError:
+            os.remove(path)  # an empty lock would read as a run starting now
+            raise
         return
     raise ValueError(f"could not take the lock {path}: other runs keep taking it")
+
+
+@contextmanager
+def made_if_missing(directory: str) -> Iterator[None]:
+    """Make `directory` and its missing parents; when the block ends, remove again those of them,
+    and the folders made in them, that are still empty: a refused command leaves nothing."""
+    made = None  # the outermost folder made
+    if not os.path.isdir(directory):
+        made = os.path.abspath(directory)
+        while not os.path.isdir(os.path.dirname(made)):
+            made = os.path.dirname(made)
+    os.makedirs(directory, exist_ok=True)
+    try:
+        yield
+    finally:
+        for folder, _, _ in os.walk(made, topdown=False) if made else ():
+            with suppress(OSError):  # a folder that holds files stays
+                os.rmdir(folder)
 
 
 @contextmanager
@@ -1933,21 +1975,18 @@ def directory_lock(directory: str, taken: bool = True) -> Iterator[None]:
     """One writer at a time in `directory`, a run's --out-dir: its lock file is held while the
     block runs and removed when it ends, by an error or Ctrl-C too. `taken` False (the other
     ranks under torchrun, which write nothing there) takes none. A directory made for the lock
-    and left empty is removed again, so a refused command leaves nothing behind."""
+    and left empty is removed again."""
     if not taken:
         yield
         return
-    made = not os.path.isdir(directory)
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, LOCK_NAME)
-    take_lock(path)
-    try:
-        yield
-    finally:
-        with suppress(FileNotFoundError):
-            os.remove(path)
-        if made and not os.listdir(directory):
-            os.rmdir(directory)
+    with made_if_missing(directory):
+        take_lock(path)
+        try:
+            yield
+        finally:
+            with suppress(FileNotFoundError):
+                os.remove(path)
 
 
 # Text to read is a whole file (its path, a str or a pathlib.Path), or a byte range (path, start,
@@ -2000,12 +2039,30 @@ def read_text(path: str, start: int = 0, end: int | None = None) -> str:
                          ) from None
 
 
+def check_text(text, where: str = "the text") -> None:
+    """Refuse what cannot be encoded, naming it: a value that is not a str, or a str holding a
+    lone surrogate ("\\ud800", from a JSON escape, say), which has no UTF-8 bytes."""
+    if not isinstance(text, str):
+        raise TypeError(f"{where} must be a str, got {type(text).__name__} {repr(text)[:30]}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} holds {text[e.start]!r} at position {e.start:,}, a lone "
+                         f"surrogate, which is no character and has no UTF-8 encoding") from None
+
+
+def not_a_file(path: str) -> str:
+    """Why `path` is not a file to read, for a message that names it first."""
+    kind = "a directory" if os.path.isdir(path) else "not a regular file (a device? a pipe?)"
+    return f"is {kind}" if os.path.exists(path) else "not found"
+
+
 def check_text_file(path: str, block_bytes: int = 1 << 16) -> int:
     """The size of a text file we are about to read, refusing a missing or empty file, or one
     with a byte anywhere that is not UTF-8: better now than after an hour of work. Decoding in
     blocks of 64 KB (which stay in the CPU's cache) checks over 2 GB/s in constant memory."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{path} {not_a_file(path)}")
     size = os.path.getsize(path)
     if size == 0:
         raise ValueError(f"{path} is empty")
@@ -2352,34 +2409,50 @@ def reverse_key(token: bytes) -> str:
 LONG_PRETOKEN_BYTES = 64
 
 
+def sorted_in_place(positions: array) -> array:
+    """Sort in place, with numpy: sorted() would make a list of Python ints, 36 bytes each."""
+    np.frombuffer(positions, dtype=positions.typecode).sort()
+    return positions
+
+
 class _LinkedWords:
     """train_bpe's long pre-tokens, where a merge costs the occurrences of its pair, not the
-    length of the words. The words' symbols (one character per token) sit in
-    one doubly linked list, a gap ("") before and after each word; for each pair, `where` lists
+    length of the words. The words' symbols (token ids) sit in one doubly linked list, a gap
+    (-1) before and after each word; for each pair (spelled as two characters), `where` lists
     the positions of its left symbols.
-    Example: "abab" is ids ["", a, b, a, b, ""], where["ab"] = [1, 3], where["ba"] = [2];
-    merging "ab" into X leaves the list "" X X "", where["XX"] = [1].
+    Example: "abab" is ids [-1, a, b, a, b, -1], where["ab"] = [1, 3], where["ba"] = [2];
+    merging "ab" into X leaves the list -1 X X -1, where["XX"] = [1].
+    Positions sit in arrays of 4-byte ints, 16 bytes a letter in all: in lists of Python ints
+    (36 bytes each) an 8 MB line of letters took 1.2 GB. (Its distinct pairs cost as in any text.)
     """
 
     def __init__(self, words: list[str], freqs: list[int]):
-        self.ids: list[str] = [""]  # the symbol at each position; "" once merged away
-        self.freq = [0]             # the count of the word that holds each position
-        for word, freq in zip(words, freqs):
-            self.ids += [*word, ""]
-            self.freq += [freq] * (len(word) + 1)
-        self.next = list(range(1, len(self.ids) + 1))  # the position of the next symbol
-        self.prev = list(range(-1, len(self.ids) - 1))
+        size = sum(map(len, words)) + len(words) + 1  # the symbols and the gaps
+        kind = "i" if size < 1 << 31 else "q"  # C ints hold the positions of a text below 2 GB
+        self.ids = array("i", [-1])  # the token at each position; -1 once merged away
+        self.starts = array(kind)    # the position of each word's first symbol
+        for word in words:
+            self.starts.append(len(self.ids))
+            self.ids.extend(word.encode("latin-1"))
+            self.ids.append(-1)
+        self.freqs = list(freqs)     # the count of each word
+        self.next = array(kind, range(1, size + 1))  # the position of the next symbol
+        self.prev = array(kind, range(-1, size - 1))
         # Positions are never taken out of `where`: one whose pair has changed since is stale,
         # and skipped when that pair is merged. Each merged occurrence removes a symbol and adds
         # two entries at most, so the lists hold at most three entries per symbol in all.
-        self.where: dict[str, list[int]] = defaultdict(list)
-        for i, pair in enumerate(spelled_pairs(self.ids)):
-            if len(pair) == 2:  # not across a gap
+        self.where: dict[str, array] = defaultdict(partial(array, kind))
+        for word, start in zip(words, self.starts):
+            for i, pair in enumerate(spelled_pairs(word), start):
                 self.where[pair].append(i)
+
+    def freq(self, i: int) -> int:
+        """The count of the word that holds position i."""
+        return self.freqs[bisect_right(self.starts, i) - 1]
 
     def pair_counts(self) -> dict[str, int]:
         """Example: words "abab" x1 and "ab" x3 -> {"ab": 5, "ba": 1}."""
-        return {pair: sum(self.freq[i] for i in at) for pair, at in self.where.items()}
+        return {pair: sum(map(self.freq, at)) for pair, at in self.where.items()}
 
     def fast_merge(self, pair: str, new: str, pair_count: dict[str, int]) -> set[str]:
         """§1's merge, only where the pair occurs: merge its occurrences left to right in each
@@ -2388,21 +2461,24 @@ class _LinkedWords:
         Example: merging "aa" into X in "aaaa" gives "XX" and returns {"XX"}."""
         ids, after, before = self.ids, self.next, self.prev
         a, b = pair
+        a_id, b_id = ord(a), ord(b)
         created = set()
-        for i in sorted(self.where.pop(pair, ())):
+        for i in sorted_in_place(self.where.pop(pair, array("i"))):
             j = after[i]
-            if ids[i] + ids[j] != pair:
+            if ids[i] != a_id or ids[j] != b_id:
                 continue  # stale: changed by an earlier merge, or just now ("aaa" is aa a)
-            freq, h, k = self.freq[i], before[i], after[j]
-            ids[i], ids[j] = new, ""  # i takes the new token, j leaves the list
+            freq, h, k = self.freq(i), before[i], after[j]
+            ids[i], ids[j] = ord(new), -1  # i takes the new token, j leaves the list
             after[i], before[k] = k, i
             pair_count[pair] -= freq
             # The pairs with the neighbours change: (h, a) at h becomes (h, new) at h, and
             # (b, k) at j becomes (new, k) at i.
-            if ids[h]:
-                created.add(self._replace(h, ids[h] + a, ids[h] + new, freq, pair_count))
-            if ids[k]:
-                created.add(self._replace(i, b + ids[k], new + ids[k], freq, pair_count))
+            if ids[h] >= 0:
+                left = chr(ids[h])
+                created.add(self._replace(h, left + a, left + new, freq, pair_count))
+            if ids[k] >= 0:
+                right = chr(ids[k])
+                created.add(self._replace(i, b + right, new + right, freq, pair_count))
         return {p for p in created if pair_count[p] > 0}  # "aaaa": (aa, a) came and went
 
     def _replace(self, at: int, old: str, new: str, freq: int,
@@ -2634,13 +2710,12 @@ class FastTokenizer(Tokenizer):
 
     def encode_word(self, pretoken: str) -> list[int]:
         """§1's encode_word, the same ids: fast_merge's loop, or for a long pre-token a heap."""
-        word = pretoken.encode("utf-8")
-        if self.ignore_merges and word in self.id_of:
-            return [self.id_of[word]]
-        ids = [self.byte_ids[b] for b in word]
-        if len(ids) > LONG_PRETOKEN_BYTES:
-            return self.fast_merge_with_heap(ids)
-        return self.fast_merge(ids)
+        data = pretoken.encode("utf-8")
+        if self.ignore_merges and data in self.id_of:
+            return [self.id_of[data]]
+        if len(data) > LONG_PRETOKEN_BYTES:  # ids in an array: 4 bytes each, not a list's 8
+            return self.fast_merge_with_heap(array("i", map(self.byte_ids.__getitem__, data)))
+        return self.fast_merge([self.byte_ids[b] for b in data])
 
     def fast_merge(self, ids: list[int]) -> list[int]:
         """§1's merge loop in encode_word, on the ids of a pre-token's bytes: the leftmost
@@ -2662,39 +2737,49 @@ class FastTokenizer(Tokenizer):
                 ranks[i] = rank((ids[i], ids[i + 1]), _NOT_A_MERGE)
         return ids
 
-    def fast_merge_with_heap(self, ids: list[int]) -> list[int]:
-        """fast_merge for a long pre-token, in O(n log n): the same pair is merged at
-        each step (the earliest learned, leftmost first), but a heap finds it instead of a scan,
-        and a linked list of symbols merges it without moving the rest.
+    def fast_merge_with_heap(self, ids: array) -> list[int]:
+        """fast_merge for a long pre-token, in O(n log n): the same pair is merged at each step
+        (the earliest learned, leftmost first), but a heap finds it instead of a scan, and a
+        linked list of symbols merges it without moving the rest.
         Example (a merge (a, a) only): ids of "aaaaa" -> [aa, aa, a], as encode_word gives.
+
+        Memory: a heap of (rank, position) tuples and lists of Python ints took 190 bytes a
+        byte of an 8 MB line of letters; here the heap holds ranks, and each rank's positions
+        wait in an array of 4-byte ints, 16 bytes a byte in all. The order is the same: merging
+        rank r makes only pairs learned after r, so each rank is taken once, leftmost first.
         """
         rank = self.merge_rank.get
         n = len(ids)
-        after = list(range(1, n + 1))    # after[i]: the position of the symbol after i; n: none
-        before = list(range(-1, n - 1))  # before[i]: the symbol before i; -1: none
-        # (rank, position) of every pair that is a merge, position being that of its left
-        # symbol: positions keep their left-to-right order, so ties go to the leftmost pair.
-        heap = [(r, i) for i, pair in enumerate(zip(ids, ids[1:]))
-                if (r := rank(pair)) is not None]
-        heapq.heapify(heap)
-        while heap:
-            r, i = heapq.heappop(heap)
-            j = after[i]
-            # Entries go stale when a neighbour merges: use one only if its pair is still there.
-            if ids[i] is None or j == n or rank((ids[i], ids[j])) != r:
-                continue
-            # Merge: i takes the new token, j leaves the list.
-            ids[i], ids[j] = self.merged_id[r], None
-            k = after[i] = after[j]
-            if k < n:
-                before[k] = i
-            # The new token forms new pairs with its neighbours.
-            h = before[i]
-            if h >= 0 and (left := rank((ids[h], ids[i]))) is not None:
-                heapq.heappush(heap, (left, h))
-            if k < n and (right := rank((ids[i], ids[k]))) is not None:
-                heapq.heappush(heap, (right, i))
-        return [token for token in ids if token is not None]
+        kind = "i" if n < 1 << 31 else "q"
+        after = array(kind, range(1, n + 1))    # after[i]: the symbol after i; n: none
+        before = array(kind, range(-1, n - 1))  # before[i]: the symbol before i; -1: none
+        waiting = defaultdict(partial(array, kind))  # rank -> positions of its pairs' left symbols
+        for i, pair in enumerate(zip(ids, islice(ids, 1, None))):
+            if (r := rank(pair)) is not None:
+                waiting[r].append(i)
+        ranks = list(waiting)  # the heap of the ranks waiting
+        heapq.heapify(ranks)
+        while ranks:
+            r = heapq.heappop(ranks)
+            for i in sorted_in_place(waiting.pop(r)):
+                j = after[i]
+                # Entries go stale when a neighbour merges: use one only if its pair is there.
+                if ids[i] < 0 or j == n or rank((ids[i], ids[j])) != r:
+                    continue
+                # Merge: i takes the new token, j leaves the list.
+                ids[i], ids[j] = self.merged_id[r], -1
+                k = after[i] = after[j]
+                if k < n:
+                    before[k] = i
+                # The new token forms new pairs with its neighbours h and k, to wait their turn.
+                for at, right in ((before[i], i), (i, k)):
+                    if at >= 0 and right < n and (later := rank((ids[at], ids[right]))) is not None:
+                        if later not in waiting:
+                            heapq.heappush(ranks, later)
+                        waiting[later].append(at)
+        # One int object per distinct id: an int read from an array is a new one each time.
+        shared: dict[int, int] = {}
+        return [shared.setdefault(token, token) for token in ids if token >= 0]
 
     def encode_piece(self, text: str) -> list[int]:
         """Encode text that holds no special token and pre-tokenizes on its own (a pre-token,
@@ -2737,6 +2822,7 @@ class FastTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         """The ids §1's Tokenizer.encode gives, from the caches: split the text into words at
         spaces, or into pre-tokens, and look each one up."""
+        check_text(text)
         ids: list[int] = []
         with cycle_collector_paused():
             for i, piece in enumerate(split_on_special_tokens(text, self.special_re)):
@@ -2777,7 +2863,8 @@ class FastTokenizer(Tokenizer):
         searched = 0               # buffer[:searched] holds no safe cut
         pending: list[str] = []    # pieces not yet added to the buffer
         pending_size = 0
-        for text in texts:
+        for n, text in enumerate(texts):
+            check_text(text, f"text {n} of the texts")
             pending.append(text)
             pending_size += len(text)
             # Join pieces once they are as long as the buffer: a pre-token that arrives in a
@@ -2931,8 +3018,8 @@ def open_tokens(path: str | os.PathLike, vocab_size: int, tokenizer: Tokenizer |
     """Memory-map a token file written by `tokenize`, checking that it fits the tokenizer: by its
     sidecar (see check_token_info), and by its largest id."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ValueError(f"{path} not found: run `python gpt.py tokenize` first")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} {not_a_file(path)}: run `python gpt.py tokenize` first")
     dtype = token_dtype(vocab_size)
     size = os.path.getsize(path)
     if size == 0 or size % dtype.itemsize:
@@ -3164,6 +3251,11 @@ def read_checkpoint(src) -> dict:
         if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
             raise ValueError(f"{name}: its model state holds {shown(value)} under {shown(key)}, "
                              f"where a tensor under a parameter's name belongs")
+        # One tensor at a time (a mask of a byte an element): no copy of all the weights.
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            what = "NaN" if value.isnan().any() else "infinite values"
+            raise ValueError(f"{name}: its weights {key} hold {what}, as those of a diverged "
+                             f"run do: refused")
     if not (is_int(iteration) and iteration >= 0):
         raise ValueError(f"{name}: its iteration is {shown(iteration)}, not a step count")
     return checkpoint
@@ -3272,8 +3364,7 @@ def tokenizer_state(tokenizer: Tokenizer) -> dict:
 def saved_tokenizer(saved, name: str, vocab_size: int) -> Tokenizer:
     """The tokenizer stored in a checkpoint: {"vocab": {id: bytes}, "merges": [(bytes, bytes),
     ...], "special_tokens": [str, ...]} and any TOKENIZER_SETTINGS, checked before it is
-    rebuilt, and checked to give only ids 0 .. vocab_size - 1, those the model scores (all of
-    them, but for an imported model's padding, like Qwen's)."""
+    rebuilt, and checked to cover exactly the ids 0 .. vocab_size - 1 that the model gives."""
     vocab, merges, specials = (saved.get(key) if isinstance(saved, dict) else None
                                for key in ("vocab", "merges", "special_tokens"))
     if not (isinstance(vocab, dict) and vocab
@@ -3290,7 +3381,7 @@ def saved_tokenizer(saved, name: str, vocab_size: int) -> Tokenizer:
         tokenizer = Tokenizer(vocab, merges, specials, **settings)
     except ValueError as e:  # a merge of unknown tokens, a missing byte, a non-UTF-8 special
         raise ValueError(f"{name}: its tokenizer is inconsistent ({e})") from None
-    if max(tokenizer.vocab) >= vocab_size:
+    if max(tokenizer.vocab) + 1 != vocab_size:
         raise ValueError(f"{name}: its tokenizer's ids go up to {max(tokenizer.vocab)}, but its "
                          f"model has a {vocab_size}-token vocabulary")
     return tokenizer
@@ -4087,6 +4178,22 @@ def fill_optimizer_flags(args: argparse.Namespace) -> None:
         args.muon_lr = PRESETS[args.preset].get("muon_lr", MUON_LR) if args.preset else MUON_LR
 
 
+def settle_recipe(args: argparse.Namespace, device: torch.device, vocab_size: int,
+                  saved: dict | None = None) -> tuple[str | None, ModelConfig, float, float]:
+    """Fill in the flags left open (by the device, the preset, or the config `saved` of a run
+    resumed), refusing any that conflict: returns start_run's recipe line, config and lrs."""
+    if args.max_steps is None and args.max_time is None:
+        args.max_time = 600.0  # the default budget: 10 minutes
+    recipe = pick_recipe(args, device)
+    config = resolve_config(args, vocab_size, saved)
+    max_lr = PRESETS[args.preset]["lr"] if args.lr is None else args.lr
+    fill_optimizer_flags(args)
+    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
+    if not min_lr <= max_lr:
+        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
+    return recipe, config, max_lr, min_lr
+
+
 def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     """Check every input before any work (a mistake should cost seconds, not an hour) and
     settle the recipe; returns the run, the checkpoint to resume and the budget already used."""
@@ -4103,16 +4210,9 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
     if checkpoint:
         check_same_tokenizer(checkpoint, os.path.join(args.out_dir, "latest.pt"), tokenizer,
                              tokenizer_dir)
-    if args.max_steps is None and args.max_time is None:
-        args.max_time = 600.0  # the default budget: 10 minutes
-    recipe = pick_recipe(args, device)
-    config = resolve_config(args, vocab_size, checkpoint and checkpoint["config"])
+    recipe, config, max_lr, min_lr = settle_recipe(args, device, vocab_size,
+                                                   checkpoint and checkpoint["config"])
     preset = PRESETS[args.preset]
-    max_lr = preset["lr"] if args.lr is None else args.lr
-    fill_optimizer_flags(args)
-    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
-    if not min_lr <= max_lr:
-        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
     run = Run(args, device, rank, world_size, autocast_dtype(device, args.dtype), tokenizer,
               train_data, valid_data, config, args.batch_size or preset["batch_size"], max_lr,
               min_lr, total_steps=total_steps,
@@ -4446,8 +4546,9 @@ def train(args: argparse.Namespace, start=start_run) -> None:
             run.meter.clear()
     if run.world_size > 1:
         finish_ranks(run)
+    written = [name for name in ("latest.pt", "best.pt") if os.path.exists(run.path(name))]
     run.say(f"done: {run.step} steps in {format_duration(run.budget.elapsed())}, best val loss "
-            f"{run.best_val_loss:.4f}; checkpoints in {args.out_dir} (latest.pt, best.pt)")
+            f"{run.best_val_loss:.4f}; checkpoints in {args.out_dir} ({', '.join(written)})")
     run.say(f"curves: python gpt.py plot {args.out_dir}")
 
 
@@ -4739,7 +4840,7 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
     previous files in out_dir untouched, never a mix of old and new."""
     dtype = token_dtype(max(tokenizer.vocab) + 1)
     fingerprint = tokenizer.fingerprint()
-    with staging_dir(out_dir) as staging:
+    with made_if_missing(out_dir), staging_dir(out_dir) as staging:
         names = []  # of the files to publish, relative to staging and out_dir
         files = [(source, os.path.join(staging, f"{split}.bin"))
                  for split, source in sources.items()]
@@ -5587,9 +5688,14 @@ def pyplot():
 
 
 def save_figure(fig, path: str, plt) -> str:
-    with open_for_writing(path) as f:  # never through a link planted at the picture's name
-        fig.savefig(f, format="png", dpi=80)  # 80 dots per inch: sharp on a screen, tens of KB
+    """Draw into memory, then write the file as checkpoints are written: a full disk leaves the
+    earlier picture whole, and the error names the file."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)  # 80 dots per inch: sharp on a screen, tens of KB
     plt.close(fig)
+    if os.path.islink(path):  # never replace, or draw through, a link planted at the name
+        raise link_refused(path)
+    write_atomically(path, png.getvalue())
     return path
 
 
@@ -5980,6 +6086,7 @@ def check_qa_item(item, where: str) -> tuple[str, str]:
         if not isinstance(item[key], str):
             raise ValueError(f'{where}: its "{key}" is {shown(item[key])}, a JSON '
                              f'{json_kind(item[key])}, not a string')
+        check_text(item[key], f'{where}: its "{key}"')
         if not item[key].strip():
             raise ValueError(f'{where}: its "{key}" is empty')
     return item["question"].strip(), item["answer"].strip()
@@ -6457,7 +6564,8 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
         check_special_tokens(special_tokens)
         check_vocab_size(args.vocab_size, special_tokens)
     sources = tokenize_inputs(args, special_tokens)
-    check_writable_dir(args.out_dir)
+    with made_if_missing(args.out_dir):  # a probe: write_outputs makes it for good
+        check_writable_dir(args.out_dir)
     remove_leftovers(args.out_dir)
     tokenizer_dir = os.path.join(args.out_dir, "tokenizer")
 
@@ -6680,9 +6788,10 @@ def cmd_import(args: argparse.Namespace) -> None:
                          f"Face checkpoint (config.json, model.safetensors, tokenizer.json)")
     config, names, tensors, arch = read_hf_checkpoint(args.hf_dir)
     tokenizer, generation = read_hf_tokenizer(args.hf_dir)
-    if max(tokenizer.vocab) >= config.vocab_size:  # fewer is padding, as Qwen's
-        raise ValueError(f"{args.hf_dir}: its tokenizer's ids go up to {max(tokenizer.vocab)}, "
-                         f"but config.json gives a {config.vocab_size}-token vocabulary")
+    rows = max(tokenizer.vocab) + 1  # the rows of the embedding and output that a token reaches
+    if rows > config.vocab_size:
+        raise ValueError(f"{args.hf_dir}: its tokenizer's ids go up to {rows - 1}, but "
+                         f"config.json gives a {config.vocab_size}-token vocabulary")
     out = os.path.realpath(args.out_dir)
     remove_export_leftovers(out)
     check_export_dir(out, args.overwrite, "--out-dir")
@@ -6690,6 +6799,14 @@ def cmd_import(args: argparse.Namespace) -> None:
     check_writable_dir(staging)
     try:
         state = read_hf_weights(config, names, tensors)
+        if rows < config.vocab_size:
+            # Qwen pads its 151,669 tokens to 151,936 rows, a multiple that suits GPUs: rows no
+            # token reaches are dropped (a sampler could draw them, and nothing decodes them).
+            config = replace(config, vocab_size=rows)
+            embedding = state["token_embeddings.weight"][:rows].clone()
+            state["lm_head.weight"] = (embedding if config.tie_embeddings
+                                       else state["lm_head.weight"][:rows].clone())
+            state["token_embeddings.weight"] = embedding
         save_weights_only(state, config, tokenizer, 0, os.path.join(staging, "gpt.pt"),
                           kind="imported", source=os.path.abspath(args.hf_dir),
                           architecture=arch, generation=generation)
@@ -6821,7 +6938,15 @@ def cmd_experiment(args: argparse.Namespace) -> None:
             # The arm's flags, as recorded: --overwrite says what to do, not what to train.
             argv = [a for a in ["train", *args.train_flags, *flags, "--out-dir", directory]
                     if a != "--overwrite"]
-            runs[directory] = argv, build_parser().parse_args(argv), arm_state(directory, argv)
+            train_args = build_parser().parse_args(argv)
+            try:  # on a copy, with any vocabulary: no check depends on its size
+                settle_recipe(argparse.Namespace(**vars(train_args)),
+                              pick_device(train_args.device), MAX_VOCAB_SIZE)
+            except ValueError as e:
+                given = " ".join(flags) or "the default"
+                raise ValueError(f"arm {arm!r} of experiment {name} ({given}, with the flags "
+                                 f"given): {e}") from None
+            runs[directory] = argv, train_args, arm_state(directory, argv)
     again = shlex.join(["python", "gpt.py", "experiment", "--out-dir", args.out_dir, args.name,
                         *args.train_flags])
     with directory_lock(args.out_dir):
@@ -6872,6 +6997,12 @@ def write_experiments(args: argparse.Namespace, names: list[str]) -> None:
 class Parser(argparse.ArgumentParser):
     """argparse, but a mistake on the command line is one line (not the usage, then the error)
     and exit code 2, like every other bad input."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A minus then a digit is a value, not a flag, as from Python 3.13 on: `--max-time -5m`
+        # is then refused as negative, not as "expected one argument".
+        self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")

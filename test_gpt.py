@@ -147,14 +147,16 @@ def test_read_json_refuses_special_and_large_files(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_while_parsing_arguments_is_one_line(monkeypatch, capsys):
-    """Ctrl-C before a command starts (here, in argument parsing) is one line and exit code 2."""
+    """Ctrl-C before a command starts (here, in argument parsing) is one line and exit code 2,
+    and the handler in force before (SIG_IGN when pytest runs in the background) is put back."""
     def interrupted():
         raise KeyboardInterrupt
     monkeypatch.setattr(gpt, "build_parser", interrupted)
+    before = signal.getsignal(signal.SIGINT)
     assert gpt.main(["sample"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "gpt.py: interrupted while starting; nothing was done"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="watches /proc/PID/maps")
@@ -541,6 +543,33 @@ def test_decode_unknown_id_raises(tokenizer, bad_id):
     with pytest.raises(ValueError, match=str(bad_id)):
         tokenizer.decode([ord("a"), bad_id])
 
+
+
+@pytest.mark.parametrize("call, error, named", [
+    (lambda t: t.encode(None), TypeError, "the text must be a str, got NoneType None"),
+    (lambda t: t.encode(b"Hi"), TypeError, "the text must be a str, got bytes b'Hi'"),
+    (lambda t: t.encode("Once\ud800 upon"), ValueError,
+     "the text holds '\\ud800' at position 4, a lone surrogate"),
+    (lambda t: list(t.encode_iterable(["Once", " upon", 7])), TypeError,
+     "text 2 of the texts must be a str, got int 7"),
+    (lambda t: list(t.encode_iterable(["Once", "\udcff"])), ValueError,
+     "text 1 of the texts holds '\\udcff' at position 0"),
+    (lambda t: list(gpt.decode_stream([72, 500], t)), ValueError,
+     "token id 500 is not in the vocabulary"),
+], ids=["none", "bytes", "surrogate", "iterable-int", "iterable-surrogate", "stream-unknown-id"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "readable"])
+def test_encode_and_decode_stream_refuse_what_they_cannot_take(tokenizer, fast, call, error,
+                                                                named):
+    """What is not text, or holds a lone surrogate (no UTF-8 bytes), is a TypeError or a
+    ValueError naming it, from the readable encoder and the fast one alike, not an error from
+    deep inside them; decode_stream refuses an unknown id as decode does."""
+    if not fast:
+        if "encode_iterable" in inspect.getsource(call):
+            pytest.skip("encode_iterable is the fast tokenizer's")
+        tokenizer = PlainTokenizer(tokenizer.vocab, tokenizer.merges, [EOT])
+    with pytest.raises(error) as raised:
+        call(tokenizer)
+    assert str(raised.value).startswith(named), raised.value
 
 
 @pytest.mark.parametrize("ids", [
@@ -2158,6 +2187,21 @@ def test_bad_sampling_settings_raise(kwargs, named):
         list(gpt.generate(sampling_model(), [1, 2], 3, **kwargs))
 
 
+@pytest.mark.parametrize("prompt, max_new_tokens, error, named", [
+    ([1, 64], 3, ValueError, "token id 64 is not in the model's vocabulary (0 to 63)"),
+    ([1, -2], 3, ValueError, "token id -2 is not in the model's vocabulary (0 to 63)"),
+    ([1, 2], -1, ValueError, "max_new_tokens must be an integer >= 0, got -1"),
+], ids=["id-too-large", "id-negative", "negative-count"])
+def test_generate_refuses_ids_outside_the_vocabulary(prompt, max_new_tokens, error, named):
+    """A prompt id the embedding has no row for, or a negative number of tokens to generate, is
+    refused naming it: not an IndexError from the embedding, nor silently nothing."""
+    model = sampling_model()
+    assert model.config.vocab_size == 64
+    with pytest.raises(error, match=re.escape(named)):
+        list(gpt.generate(model, prompt, max_new_tokens))
+    assert list(gpt.generate(model, [1, 2], 0)) == []
+
+
 def test_stream_never_splits_a_character():
     """A character whose bytes come in separate tokens is printed whole, once complete."""
     tokenizer = gpt.Tokenizer(dict(BYTES_VOCAB), [])
@@ -2227,6 +2271,21 @@ def test_directory_lock_one_holder_released_on_errors(tmp_path):
         assert not (tmp_path / "gpt.lock").exists() and tmp_path.exists()
     with gpt.directory_lock(str(run), taken=False):
         assert not run.exists()
+
+
+def test_a_lock_on_a_full_disk_names_it_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """`train` into a new directory on a full disk says which file could not be written, and
+    leaves no empty lock (which the next run would take for a run starting now) and no
+    directory behind."""
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: FullDisk(fd, "w"))
+    run = tmp_path / "new" / "run"
+    assert exit_code(["train", "--out-dir", str(run), "--data-dir", str(tmp_path)]) == 2
+    assert one_error_line(capsys, "train").endswith(
+        f"cannot write {run / 'gpt.lock'}: the disk is full (No space left on device)")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("content, age, busy", [
@@ -2607,6 +2666,26 @@ def test_encode_a_huge_pretoken(text):
     assert len(gpt.pretokenize(text)) == 1
     ids = tokenizer.encode(text)
     assert len(ids) < 0.8 * len(text.encode("utf-8")) and tokenizer.decode(ids) == text
+
+
+def test_a_huge_pretoken_costs_a_bounded_memory_per_byte():
+    """A 50 KB line of letters (one pre-token) is trained on and encoded in memory of a few
+    tens of bytes a byte: positions in typed arrays, where lists of Python ints and a heap of
+    tuples took 130-140 (over 1.8 GB for an 8 MB line). Allocations, not time, are measured."""
+    import tracemalloc
+    text = "".join(random.Random(0).choices(["once", "upon", "a", "time", "there"], k=15_000))
+    tracemalloc.start()
+    try:
+        vocab, merges = gpt.fast_train_bpe_incremental({text: 1}, 256 + 100, [])
+        train_peak = tracemalloc.get_traced_memory()[1]
+        tokenizer = gpt.Tokenizer(vocab, merges)
+        tracemalloc.reset_peak()
+        ids = tokenizer.encode_word(text)
+        encode_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert train_peak < 70 * len(text) and encode_peak < 40 * len(text)
+    assert tokenizer.decode(ids) == text and len(ids) < len(text) / 4
 
 
 # "<| x y |>" holds spaces, so a stream must not cut inside it before it has fully arrived.
@@ -3093,6 +3172,14 @@ BAD_STRUCTURES = {
     "config-rope-factor": ("sample", "config", lambda v: {**v, "rope_factor": 0.5},
                            "rope_factor"),
     "sample-config": ("sample", "config", lambda v: {**v, "ffn_kind": 3}, "ffn_kind"),
+    "model-nan": ("read", "model", lambda v: {**v, "layers.0.ln1.weight": math.nan * v[
+        "layers.0.ln1.weight"]}, "its weights layers.0.ln1.weight hold NaN"),
+    "model-inf": ("resume", "model", lambda v: {**v, "layers.0.ln2.weight": math.inf * v[
+        "layers.0.ln2.weight"]}, "its weights layers.0.ln2.weight hold infinite values"),
+    "config-inf-theta": ("sample", "config", lambda v: {**v, "rope_theta": math.inf},
+                         "rope_theta (inf) and norm_eps (1e-05) must be positive and finite"),
+    "config-inf-eps": ("resume", "config", lambda v: {**v, "norm_eps": math.inf},
+                       "norm_eps (inf) must be positive and finite"),
 }
 
 
@@ -3109,6 +3196,26 @@ def test_checkpoint_of_wrong_structure_is_refused(tmp_path, use, key, change, na
         load_as(use, path)
     message = str(error.value)
     assert path in message and named in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("command", [["sample", "--prompt", "Once"],
+                                     ["inspect", "--prompt", "Once upon", "--out-dir", "."],
+                                     ["export", "--out", "hf"],
+                                     ["finetune", "--data", "qa.json", "--out-dir", "ft"]],
+                         ids=["sample", "inspect", "export", "finetune"])
+def test_commands_refuse_a_checkpoint_with_nan_weights(tmp_path, monkeypatch, capsys, command):
+    """A checkpoint whose weights hold a NaN is sampled from, inspected, exported and fine-tuned
+    by none: one line naming the tensor, and nothing written."""
+    checkpoint = full_checkpoint()
+    checkpoint["model"]["layers.0.attn.q_proj.weight"][3, 5] = math.nan
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    (tmp_path / "qa.json").write_text(json.dumps([{"question": "Who?", "answer": "Max."}] * 4))
+    monkeypatch.chdir(tmp_path)
+    assert exit_code([*command, "--checkpoint", "ckpt.pt"]) == 2
+    assert one_error_line(capsys, command[0]).endswith(
+        "ckpt.pt: its weights layers.0.attn.q_proj.weight hold NaN, as those of a diverged run "
+        "do: refused")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "qa.json"]
 
 
 def test_config_is_checked_against_the_weights_before_allocating(tmp_path, monkeypatch):
@@ -3214,12 +3321,12 @@ def imported_checkpoint(path, template: str | None = SMOLLM2_TEMPLATE, layout: s
                         **generation) -> tuple:
     """A random tiny model saved as `import` saves one: a tokenizer of another layout, and the
     generation settings read_hf_tokenizer gives (bos <|begin_of_text|>, eos <|endoftext|> and
-    <|im_end|>); its 264 rows are more than its 260 tokens, like Qwen's padded vocabulary."""
+    <|im_end|>)."""
     tokenizer = chat_tokenizer(layout)
     settings = {"bos_ids": [259], "eos_ids": [256, 258],
                 "chat": gpt.chat_format(template, tokenizer), **generation}
     torch.manual_seed(0)
-    model = gpt.TransformerLM(tiny_config(vocab_size=264, context_length=64))
+    model = gpt.TransformerLM(tiny_config(vocab_size=260, context_length=64))
     gpt.save_weights_only(model.state_dict(), model.config, tokenizer, 0, str(path),
                           generation=settings)
     return tokenizer, settings
@@ -3231,7 +3338,7 @@ def test_checkpoint_keeps_tokenizer_settings_and_generation(tmp_path, tokenizer)
     original, generation = imported_checkpoint(tmp_path / "imported.pt")
     model, loaded, checkpoint = gpt.read_model(str(tmp_path / "imported.pt"))
     assert loaded.settings() == LAYOUTS["llama3"] and loaded.fingerprint() == original.fingerprint()
-    assert model.config.vocab_size == 264 and max(loaded.vocab) == 259
+    assert model.config.vocab_size == 260 and max(loaded.vocab) == 259
     assert gpt.saved_generation(checkpoint["generation"], loaded, "x") == generation
     ours = gpt.TransformerLM(tiny_config(vocab_size=257))
     gpt.save_weights_only(ours.state_dict(), ours.config, gpt.Tokenizer(BYTES_VOCAB, [], [EOT]), 0,
@@ -3698,9 +3805,10 @@ def test_second_ctrl_c_while_reporting_still_exits_2(tmp_path, token_dir, monkey
 
     monkeypatch.setattr(gpt, "log", log_and_interrupt)
     press_ctrl_c_at_call(monkeypatch, "get_batch", 1)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs in the background
     assert gpt.main(train_args(token_dir, tmp_path)) == 2
     assert "interrupted at step 1" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after main
+    assert signal.getsignal(signal.SIGINT) is before  # restored after main
 
 
 # ==================================================================================================
@@ -3825,12 +3933,26 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, token_di
     assert [m["step"] for m in metrics(tmp_path) if "train_loss" in m] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("losses, written", [([3.0, 2.0, 1.0], "latest.pt, best.pt"),
+                                             ([1.0, 2.0, 3.0], "latest.pt")],
+                         ids=["improving", "best-at-step-0"])
+def test_train_lists_the_checkpoints_it_wrote(tmp_path, token_dir, monkeypatch, capsys, losses,
+                                              written):
+    """The last line names the checkpoints written: no best.pt when no evaluation after step 0
+    (which saves nothing) beat the first."""
+    evaluations = iter(losses)
+    monkeypatch.setattr(gpt, "evaluate", lambda *args: next(evaluations))
+    assert gpt.main(train_args(token_dir, tmp_path)) == 0
+    assert f"checkpoints in {tmp_path} ({written})" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "best.pt") == ("best" in written)
+
+
 @pytest.fixture
 def bad_token_dirs(tmp_path, token_dir):
     """Token directories that are wrong in one way each."""
     import shutil
     dirs = {}
-    for name in ("big-ids", "odd-bytes", "short", "no-valid"):
+    for name in ("big-ids", "odd-bytes", "short", "no-valid", "bin-is-dir"):
         dirs[name] = tmp_path / name
         shutil.copytree(token_dir, dirs[name])
 
@@ -3843,6 +3965,8 @@ def bad_token_dirs(tmp_path, token_dir):
     write_tokens(dirs["odd-bytes"] / "valid.bin", b"\x01\x00\x02")
     write_tokens(dirs["short"] / "valid.bin", np.arange(10, dtype="<u2").tobytes())
     os.remove(dirs["no-valid"] / "valid.bin")
+    os.remove(dirs["bin-is-dir"] / "train.bin")
+    (dirs["bin-is-dir"] / "train.bin").mkdir()
     return dirs
 
 
@@ -3880,12 +4004,16 @@ def bad_token_dirs(tmp_path, token_dir):
     (["--optimizer", "adamw", "--muon-lr", "0.01"], "--muon-lr 0.01"),
     (["--optimizer", "sgd"], "--optimizer"),
     (["--optimizer", "muon", "--muon-lr", "0"], "--muon-lr"),
+    (["--data-dir", "{tmp}/bin-is-dir"], "bin-is-dir/train.bin is a directory"),
+    (["--max-time", "-5m"], "--max-time: expected a positive, finite duration, got '-5m'"),
+    (["--lr", "-1e-3"], "--lr: expected a number > 0.0, got '-1e-3'"),
 ], ids=["no-data", "ids-too-big", "odd-bytes", "too-short", "no-valid", "d-model", "heads",
         "batch", "steps", "time", "clip", "unwritable", "device", "nothing-to-resume",
         "time-inf", "time-overflow", "time-empty", "time-zero", "lr-inf", "lr-nan",
         "min-lr-above-lr", "beta2", "seed-too-big", "seed-negative", "d-model-float",
         "rope-theta-inf", "out-of-memory", "unknown-preset", "unknown-flag",
-        "muon-lr-without-muon", "unknown-optimizer", "muon-lr-zero"])
+        "muon-lr-without-muon", "unknown-optimizer", "muon-lr-zero", "train-bin-a-directory",
+        "time-negative", "lr-negative"])
 def test_train_bad_input_is_one_line_and_exit_2(tmp_path, token_dir, bad_token_dirs, capsys,
                                                 extra, named):
     """A user mistake gives exit code 2 and one stderr line naming it, before any training."""
@@ -4069,6 +4197,26 @@ def test_interrupted_experiment_goes_on_with_the_same_command(tmp_path, token_di
     assert [row.split(" | ")[4] for row in table[2:]] == [f"{6 * 4 * 16:,}", f"{6 * 16 * 16:,}"]
 
 
+@pytest.mark.parametrize("name, flags, arm, said", [
+    ("norm", ["--no-use-norm"], "'post-norm' of experiment norm (--norm-position post",
+     "use_norm False removes"),
+    ("optimizer", ["--muon-lr", "0.05"], "'adamw' of experiment optimizer (--optimizer adamw",
+     "--muon-lr 0.05 is Muon's learning rate"),
+    ("lr", ["--min-lr", "5e-4"], "'lr 1e-4' of experiment lr (--lr 1e-4",
+     "--min-lr 0.0005 is above the peak learning rate --lr 0.0001"),
+], ids=["norm", "optimizer", "lr"])
+def test_experiment_checks_every_arm_before_the_first_trains(tmp_path, capsys, name, flags, arm,
+                                                             said):
+    """Flags that conflict with a later arm's are refused before any arm trains (here before
+    the data is even looked for), naming the arm."""
+    command = ["experiment", "--out-dir", str(tmp_path / "x"), name, *flags,
+               "--data-dir", str(tmp_path / "no-data")]
+    assert exit_code(command) == 2
+    line = one_error_line(capsys, "experiment")
+    assert f"arm {arm}" in line and said in line, line
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("seconds, expected", [(0, 9.0), (10, 4.0), (25, 3.25), (30, 3.0),
                                                (99, 3.0)])
 def test_loss_at_reads_between_evaluations(seconds, expected):
@@ -4157,6 +4305,20 @@ def small_texts(tmp_path, corpus_path):
     return train, valid
 
 
+def test_a_refused_tokenize_leaves_no_new_out_dir(tmp_path, small_texts, monkeypatch, capsys):
+    """A tokenize into a new out-dir that fails on the way (here a full disk as the sidecar is
+    written) leaves nothing behind: no out-dir, no empty tokenizer/, no parent made for it."""
+    def disk_full(path, *args):
+        raise OSError(f"cannot write {path}.json: the disk is full")
+    monkeypatch.setattr(gpt, "write_token_info", disk_full)
+    train, valid = small_texts
+    out = tmp_path / "new" / "out"
+    assert exit_code(["tokenize", "--train", str(train), "--valid", str(valid), "--workers", "1",
+                      "--vocab-size", "300", "--out-dir", str(out)]) == 2
+    assert "train.bin.json: the disk is full" in capsys.readouterr().err.splitlines()[-1]
+    assert sorted(os.listdir(tmp_path)) == ["train.txt", "valid.txt"]
+
+
 def test_tokenize_command_end_to_end(tmp_path, small_texts):
     """`tokenize` trains, saves the tokenizer and writes token files that decode to the texts;
     encoding again with the saved tokenizer writes the same files."""
@@ -4228,10 +4390,13 @@ def test_tokenize_holds_out_the_end_of_a_train_text(tmp_path, corpus_path, capsy
     ({"--valid-fraction": "0.2"}, "--valid-fraction applies only to a --train text without"),
     ({"--train": "{tmp}/one_line.txt", "--valid": None},
      "{tmp}/one_line.txt has no special token and no line break"),
+    ({"--train": "{tmp}/corrupt"}, "{tmp}/corrupt is a directory"),
+    ({"--valid": "/dev/zero"}, "/dev/zero is not a regular file"),
 ], ids=["missing-train", "missing-valid", "empty-train", "not-utf8", "not-utf8-valid",
         "small-vocab", "no-workers", "unwritable-out", "corrupt-tokenizer", "missing-tokenizer",
         "empty-special", "special-twice", "fraction-0", "fraction-1", "fraction-negative",
-        "fraction-nan", "fraction-with-valid", "nowhere-to-hold-out"])
+        "fraction-nan", "fraction-with-valid", "nowhere-to-hold-out", "train-a-directory",
+        "valid-a-device"])
 def test_tokenize_bad_input_is_one_line_and_exit_2(tmp_path, small_texts, capsys, changes,
                                                    named):
     """A user mistake gives exit code 2 and one stderr line naming the bad value, and leaves the
@@ -5194,9 +5359,10 @@ def hf_reference_dir(tmp_path, kind: str):
     model loaded back from those files in float32."""
     transformers = pytest.importorskip("transformers")
     arch, settings, dtype, shard = HF_KINDS[kind]
-    config = getattr(transformers, arch)(
-        vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6, **settings)
+    config = getattr(transformers, arch)(**{
+        "vocab_size": 257, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+        **settings})
     torch.manual_seed(0)
     model = getattr(transformers, arch.replace("Config", "ForCausalLM"))(config)
     with torch.no_grad():
@@ -5223,22 +5389,26 @@ HF_KINDS = {
                                                       tie_word_embeddings=True),
                                   torch.bfloat16, None),
     "llama-sharded": ("LlamaConfig", dict(num_key_value_heads=2), torch.float32, "20KB"),
+    # rows past the tokenizer's 257 tokens, as Qwen pads its vocabulary
+    "qwen3-padded-rows": ("Qwen3Config", dict(num_key_value_heads=2, vocab_size=264),
+                          torch.float32, None),
 }
 
 
 @pytest.mark.parametrize("kind", HF_KINDS)
 def test_imported_model_computes_transformers_logits(tmp_path, kind):
     """A tiny model saved by transformers' save_pretrained (GQA, tied or not, Llama 3's RoPE
-    scaling, Qwen3's qk-norm and head width, fp32, bf16 and fp16 weights, shards) imports into
-    a model whose logits are transformers' within 1e-4, in the fast and the readable forms;
-    exported again, transformers loads it as the same architecture, with the same logits."""
+    scaling, Qwen3's qk-norm and head width, fp32, bf16 and fp16 weights, shards, rows past the
+    tokenizer's tokens, which import drops) imports into a model whose logits are transformers'
+    within 1e-4, in the fast and the readable forms; exported again, transformers loads it as
+    the same architecture, with the same logits."""
     hf, reference = hf_reference_dir(tmp_path, kind)
     if kind == "llama-sharded":
         assert (hf / "model.safetensors.index.json").exists()
     assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "run")]) == 0
     ids = torch.randint(0, 257, (2, 40))
     with torch.no_grad():
-        theirs = reference(ids).logits
+        theirs = reference(ids).logits[..., :257]  # the tokens' rows
     assert theirs.std() > 1  # logits of some spread: a wrong layout would show
     for form in ("fast", "readable"):
         ours = logits_of(str(tmp_path / "run" / "gpt.pt"), ids, form)
@@ -5249,6 +5419,7 @@ def test_imported_model_computes_transformers_logits(tmp_path, kind):
     assert type(again) is type(reference)
     with torch.no_grad():
         assert (again(ids).logits - theirs).abs().max().item() < 1e-4
+    assert again.config.vocab_size == 257
 
 
 @pytest.mark.parametrize("kind", ["llama-tied-bf16", "qwen3-qknorm-headdim-bf16"])
@@ -5576,6 +5747,30 @@ def test_plot_never_draws_through_a_planted_link(tmp_path, trained_run, capsys):
     assert exit_code(["plot", str(trained_run), "--out-dir", str(tmp_path / "figures")]) == 2
     assert "curves.png is a symbolic link" in capsys.readouterr().err.strip().splitlines()[-1]
     assert mine.read_text() == "my file"
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
+def test_plot_on_a_full_disk_names_the_picture_and_keeps_the_earlier_one(tmp_path, trained_run):
+    """A picture that cannot be written whole (here a 10 kB file-size limit, so writes fail with
+    EFBIG as on a full disk) is one line naming it, and the earlier pictures stay whole: each
+    is written to a temporary file and renamed into place."""
+    pytest.importorskip("matplotlib")
+    import resource
+    out = tmp_path / "figures"
+    assert gpt.main(["plot", str(trained_run), "--out-dir", str(out)]) == 0
+    before = files_under(out)
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing us
+    result = subprocess.run([sys.executable, "-B", os.path.join(HERE, "gpt.py"), "plot",
+                             str(trained_run), "--out-dir", str(out)], cwd=tmp_path,
+                            capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"gpt.py plot: error: cannot write {out / 'curves.png'}: the file is larger than the "
+        f"file system or a limit allows (File too large)")
+    assert files_under(out) == before
 
 
 def test_read_metrics_skips_infinite_and_huge_numbers(tmp_path, capsys):
@@ -6038,9 +6233,12 @@ def test_finetune_valid_file_long_pairs_and_repeated_ids(tmp_path, qa_run, capsy
     (b'[{"question": "a", "answer": "b"}, {"question": "c", "answer": "d<|endoftext|>"}]',
      '{data}[1]: its "answer" holds the special token'),
     (b'[{"question": "a", "answer": "b"}]', "{data} has 1 pair(s): too few to hold out"),
+    (b'[{"question": "a", "answer": "b"}, {"question": "c", "answer": "d\\ud800e"}]',
+     "{data}[1]: its \"answer\" holds '\\ud800' at position 1, a lone surrogate"),
 ], ids=["empty-file", "not-json", "not-a-list", "empty-list", "item-not-object",
         "no-question", "no-answer", "empty-question", "empty-answer", "question-number",
-        "answer-null", "not-utf8", "deep", "huge-number", "special-token", "too-few"])
+        "answer-null", "not-utf8", "deep", "huge-number", "special-token", "too-few",
+        "lone-surrogate"])
 def test_finetune_bad_pairs_are_one_line_and_exit_2(tmp_path, qa_run, capsys, content, named):
     """Each mistake in the pairs gives exit code 2 and one line naming the file and the item's
     index, before a checkpoint is written."""
