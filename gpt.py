@@ -109,13 +109,12 @@ from itertools import chain, islice, pairwise, repeat
 
 
 def interrupted_at_start(signum, frame):
-    """Ctrl-C before main() takes over (while torch loads, a second or more) ends the command
-    with one line and exit code 2, as at any later moment; nothing has been written yet."""
+    """Machinery, set here so that it holds while torch loads (a second or more): Ctrl-C before
+    main() takes over is one line and exit code 2, as later on (§20); nothing is written yet."""
     print("\ngpt.py: interrupted while starting; nothing was done", file=sys.stderr, flush=True)
     os._exit(2)
 
 
-# Set before the slow imports below, so that Ctrl-C during them is one line too.
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, interrupted_at_start)
 
@@ -133,80 +132,6 @@ def log(message: str, end: str = "\n") -> None:
     print(message, end=end, file=sys.stderr, flush=True)
 
 
-# Every JSON file gpt.py reads (tokenizer files, token-file sidecars, metrics lines, Q&A data)
-# goes through read_json or parse_json, so that a broken or hostile file is one line naming it
-# and the problem, never a RecursionError, an OverflowError or all memory used. Our own files
-# nest three deep at most and the largest, a vocabulary of 10^6 tokens, holds some 30 MB.
-JSON_MAX_DEPTH = 32
-JSON_MAX_BYTES = 1 << 28  # 256 MB
-
-
-def finite_float(text: str) -> float:
-    """parse_float for json: 1e999 would become inf, which no file of ours holds."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text[:20]} is too large")
-    return value
-
-
-def refuse_constant(name: str):
-    """parse_constant for json: Python's json takes NaN and Infinity, which JSON does not."""
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def json_depth(value) -> int:
-    """How deeply arrays and objects nest, counted level by level (no recursion).
-    Example: json_depth([1, {"a": [2]}]) -> 3; json_depth(7) -> 0."""
-    depth, level = 0, [value]
-    while any(isinstance(v, (list, tuple, dict)) for v in level):
-        depth += 1
-        level = [child for v in level if isinstance(v, (list, tuple, dict))
-                 for child in (v.values() if isinstance(v, dict) else v)]
-    return depth
-
-
-def parse_json(text: str, where: str, object_pairs_hook=None):
-    """The value of a JSON text, or a ValueError naming `where`: NaN, Infinity, a number too
-    large for a float, and nesting deeper than JSON_MAX_DEPTH are refused."""
-    too_deep = f"{where}: JSON nested more than {JSON_MAX_DEPTH} levels deep"
-    try:
-        value = json.loads(text, parse_float=finite_float, parse_constant=refuse_constant,
-                           object_pairs_hook=object_pairs_hook)
-    except json.JSONDecodeError as e:
-        what = f"not JSON ({e.msg} at line {e.lineno}, column {e.colno})"
-        raise ValueError(f"{where} is {what if text.strip() else 'empty'}") from None
-    except ValueError as e:  # from the two hooks, or an integer of over 4,300 digits
-        raise ValueError(f"{where} is not JSON we can use ({e})") from None
-    except RecursionError:  # json's parser recurses once a level, so it gives up first
-        raise ValueError(too_deep) from None
-    if json_depth(value) > JSON_MAX_DEPTH:
-        raise ValueError(too_deep)
-    return value
-
-
-def read_json(path: str | os.PathLike, object_pairs_hook=None):
-    """The value of the JSON file `path` (through parse_json), or a ValueError naming it: a file
-    that is missing, not a regular file (/dev/zero, a pipe), over JSON_MAX_BYTES or not UTF-8."""
-    path = os.fspath(path)
-    try:
-        # O_NONBLOCK: opening a pipe would otherwise wait for a writer that may never come.
-        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ValueError(f"{path} is not a regular file")
-            raw = f.read(JSON_MAX_BYTES + 1)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
-    if len(raw) > JSON_MAX_BYTES:
-        raise ValueError(f"{path} is larger than {JSON_MAX_BYTES >> 20} MB, too large to be one "
-                         f"of our JSON files")
-    try:
-        text = raw.decode("utf-8-sig")  # -sig: the byte-order mark some editors add
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
-                         f"{e.start})") from None
-    return parse_json(text, path, object_pairs_hook)
-
-
 # ==================================================================================================
 # §1 Tokenizer: byte-level BPE
 #
@@ -215,8 +140,9 @@ def read_json(path: str | os.PathLike, object_pairs_hook=None):
 # tokens into a new token (Sennrich et al. 2016). As in GPT-2, text is first cut into pre-tokens
 # (words with their leading space, numbers, punctuation runs) and merges never cross them.
 # One representation throughout, as in minbpe: a word is a list of token ids. Here: pre-tokenize,
-# count pre-tokens, count pairs, merge one pair, the naive trainer, the incremental one, encode,
-# decode, GPT-2's file format. The fast versions are in §9 (training) and §10 (encoding).
+# count pairs, merge, the naive trainer, the incremental one; then the Tokenizer: special tokens
+# cut out, pre-tokenize, merge by rank, bytes back to text, GPT-2's file format. The fast
+# versions are in §9 (training) and §10 (encoding), the checks and file reading in §8.
 # ==================================================================================================
 
 # GPT-2's pre-tokenizer: contractions, optionally-space-prefixed letter runs / number runs /
@@ -228,7 +154,8 @@ PRETOKEN_RE = regex.compile(GPT2_PATTERN)
 
 def split_isolated(text: str, pattern: regex.Pattern) -> list[str]:
     """Cut text around every match of pattern, keeping the matches and the text between them
-    (an "Isolated" split, in the words of Hugging Face's tokenizers).
+    (an "Isolated" split, in the words of Hugging Face's tokenizers). Its fast twin,
+    fast_split_isolated (§10), runs in its place by default (§19).
     Example: split_isolated("ab12", regex.compile(r"\\p{N}")) -> ['ab', '1', '2']."""
     pieces, done = [], 0
     for match in pattern.finditer(text):
@@ -256,58 +183,10 @@ def special_tokens_regex(special_tokens: Iterable[str]) -> regex.Pattern | None:
     return regex.compile("(" + "|".join(map(regex.escape, ordered)) + ")") if ordered else None
 
 
-def check_special_tokens(special_tokens: list[str]) -> None:
-    """Refuse an empty special token, which would match between every two characters, and one
-    given twice, which would take two ids."""
-    for i, token in enumerate(special_tokens):
-        if not token:
-            raise ValueError("a special token is empty: it would match between every two "
-                             "characters")
-        if token in special_tokens[:i]:
-            raise ValueError(f"special token {token!r} is given twice")
-
-
 def split_on_special_tokens(text: str, special_re: regex.Pattern | None) -> list[str]:
     """Example: split("a<|endoftext|>b", ...) -> ['a', '<|endoftext|>', 'b']: the odd positions
     are special tokens, the even positions the (possibly empty) text between them."""
     return special_re.split(text) if special_re else [text]
-
-
-# The largest vocabulary a tokenizer file or a checkpoint may hold: four times the largest in
-# use today (Gemma's 262,144), and small enough to refuse before memory is allocated for it.
-MAX_VOCAB_SIZE = 1 << 20
-
-
-def check_vocab_size(vocab_size: int, special_tokens: list[str]) -> None:
-    if vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"vocab size {vocab_size} is too small: it must hold the 256 bytes and "
-                         f"{len(special_tokens)} special token(s), at least "
-                         f"{256 + len(special_tokens)}")
-
-
-def check_tokenizer_files(pairs, special_tokens, paths: dict[str, str]) -> None:
-    """Refuse what a vocab.json (read as [(token, id), ...]) or special_tokens.json must not
-    hold: ids that are not integers from 0 to MAX_VOCAB_SIZE - 1, tokens or special tokens that
-    are not strings."""
-    if not (isinstance(pairs, list) and all(isinstance(p, tuple) for p in pairs)):
-        raise ValueError(f"{paths['vocab.json']} is not a JSON object of tokens and their ids")
-    for token, i in pairs:
-        if not (type(i) is int and 0 <= i < MAX_VOCAB_SIZE and isinstance(token, str)):
-            raise ValueError(f"{paths['vocab.json']}: {str(token)[:30]!r}: {str(i)[:30]} is not "
-                             f"an id from 0 to {MAX_VOCAB_SIZE - 1:,}")
-    if not (isinstance(special_tokens, list) and all(isinstance(s, str) for s in special_tokens)):
-        raise ValueError(f"{paths['special_tokens.json']} is not a JSON list of strings")
-
-
-def check_tokenizer_settings(settings, where: str) -> dict:
-    """Refuse what a tokenizer_settings.json or a checkpoint must not hold: Tokenizer's other
-    settings (below) of other kinds, or any other key."""
-    ok = {"split_patterns": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
-          "normalizer": lambda v: v in (None, "NFC"),
-          "ignore_merges": lambda v: isinstance(v, bool)}
-    if not (isinstance(settings, dict) and all(k in ok and ok[k](v) for k, v in settings.items())):
-        raise ValueError(f"{where}: damaged tokenizer settings {str(settings)[:60]}")
-    return settings
 
 
 # How text becomes what the trainers take. A merge never crosses a pre-token, so a pre-token is
@@ -343,8 +222,8 @@ def count_pairs(words: list[list[int]], freqs: list[int]) -> Counter[tuple[int, 
 
 
 def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace every occurrence of `pair` by new_id, left to right, without overlaps: the one
-    step that training and encoding both repeat.
+    """Replace every occurrence of `pair` by new_id, left to right, without overlaps: the step
+    training repeats (Tokenizer.encode_word comes to the same, one occurrence at a time).
     Example: merge([1, 2, 2, 2], (2, 2), 9) -> [1, 9, 2]."""
     out, i = [], 0
     while i < len(ids):
@@ -374,7 +253,7 @@ def train_bpe_naive(text: str, vocab_size: int, special_tokens: list[str]
     Returns vocab {id: bytes} (ids 0-255 the bytes, then the special tokens, then one per merge)
     and the merges [(left, right), ...] in the order they were learned.
     """
-    check_vocab_size(vocab_size, special_tokens)
+    check_vocab_size(vocab_size, special_tokens)  # room for the bytes and special tokens (§8)
     counts = pretoken_counts(text, special_tokens)
     # Each distinct pre-token as the ids of its bytes (id b is the byte b), and its count.
     words, freqs = [list(pretoken.encode("utf-8")) for pretoken in counts], list(counts.values())
@@ -400,12 +279,13 @@ def train_bpe_incremental(counts: dict[str, int], vocab_size: int, special_token
 
     Merging (a, b) changes only the words that hold (a, b). So we keep, for each pair, the words
     that hold it, and after a merge update the pair counts from those words alone: take away
-    each word's pairs before the merge, add its pairs after it. (§9's twin also finds the most
-    frequent pair with a heap, instead of scanning them all.)
+    each word's pairs before the merge, add its pairs after it. Its fast twin,
+    fast_train_bpe_incremental (§9), runs in its place by default (§19); it also finds the most
+    frequent pair with a heap, instead of scanning them all.
     Example: counts {"aaab": 1}, vocab_size 259 -> merges [(b"a", b"a"), (b"aa", b"a"),
     (b"aaa", b"b")]: first the commonest pair, then ties go to the greatest pair.
     """
-    check_vocab_size(vocab_size, special_tokens)
+    check_vocab_size(vocab_size, special_tokens)  # (§8)
     words, freqs = [list(pretoken.encode("utf-8")) for pretoken in counts], list(counts.values())
     pair_counts = count_pairs(words, freqs)
     # pair -> the words that hold it, by index (after a merge, some no longer do)
@@ -453,8 +333,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 class Tokenizer:
     """Encodes text to token ids and back, given a BPE vocabulary and its merges: the readable
-    version, which `--readable` runs. FastTokenizer (§10) gives the same ids many times faster;
-    it is what the name Tokenizer stands for after `import gpt` (§19).
+    version, which `--readable` runs. Its fast twin, FastTokenizer (§10), gives the same ids
+    many times faster; §19 switches it in under this name.
 
     vocab: {id: bytes}; merges: [(left, right), ...] in the order learned; special_tokens:
     strings that always become one token of their own (added to vocab if missing). The other
@@ -468,16 +348,13 @@ class Tokenizer:
                  special_tokens: list[str] | None = None,
                  split_patterns: Iterable[str] = (GPT2_PATTERN,), normalizer: str | None = None,
                  ignore_merges: bool = False):
-        self.vocab = dict(vocab)
-        self.merges = list(merges)
+        self.vocab, self.merges = dict(vocab), list(merges)
         self.special_tokens = list(special_tokens or [])
-        check_special_tokens(self.special_tokens)
         self.split_patterns, self.normalizer = list(split_patterns), normalizer
         self.ignore_merges = ignore_merges
-        try:
-            self.split_res = [regex.compile(p) for p in self.split_patterns]
-        except regex.error as e:
-            raise ValueError(f"a split pattern is not a regular expression ({e})") from None
+        # Refuse, naming it, what could not encode: a merge of unknown tokens, say (§8).
+        check_tokenizer(self.vocab, self.merges, self.special_tokens, self.split_patterns)
+        self.split_res = [regex.compile(p) for p in self.split_patterns]
         known = set(self.vocab.values())
         for s in self.special_tokens:
             if s.encode("utf-8") not in known:
@@ -487,20 +364,13 @@ class Tokenizer:
         self.id_of: dict[bytes, int] = {}
         for i in sorted(self.vocab):
             self.id_of.setdefault(self.vocab[i], i)
-        missing = [bytes([b]) for b in range(256) if bytes([b]) not in self.id_of]
-        if missing:
-            raise ValueError(f"the vocabulary lacks single-byte tokens such as {missing[0]!r}")
         self.byte_ids = [self.id_of[bytes([b])] for b in range(256)]
         # (left id, right id) -> rank, a lower rank learned earlier; merge rank r makes token
         # merged_id[r].
         self.merge_rank: dict[tuple[int, int], int] = {}
         self.merged_id: list[int] = []
         for rank, (left, right) in enumerate(self.merges):
-            if left not in self.id_of or right not in self.id_of or left + right not in self.id_of:
-                raise ValueError(f"merge {rank} ({left!r}, {right!r}) uses a token that is not "
-                                 "in the vocabulary")
-            pair = (self.id_of[left], self.id_of[right])
-            self.merge_rank.setdefault(pair, rank)
+            self.merge_rank.setdefault((self.id_of[left], self.id_of[right]), rank)
             self.merged_id.append(self.id_of[left + right])
         self.special_ids = {s: self.id_of[s.encode("utf-8")] for s in self.special_tokens}
         self.special_re = special_tokens_regex(self.special_tokens)
@@ -510,11 +380,12 @@ class Tokenizer:
         Example (TinyStories merges): " there" -> [b' ', b't', b'h', b'e', b'r', b'e'] ->
         ... -> [b' there'] -> [id of ' there'].
 
-        Taking the earliest-learned pair present at each step replays the merges in the order
-        they were learned: a pair that holds a token made by this merge was learned later. Only
-        its leftmost occurrence is merged, as in Hugging Face's tokenizers: the others follow
-        unless an earlier merge takes one of their tokens first, which lists converted from
-        tiktoken's ranks (Llama 3's) allow.
+        Each step merges the leftmost occurrence of the earliest-learned pair, as Hugging Face's
+        tokenizers do. For merges we trained this is `merge`, pair after pair, as training
+        applied them: the new token's pairs were learned after it, so the same pair stays the
+        earliest and its next occurrence, further right, goes next. Merges converted from
+        tiktoken's ranks (Llama 3's) differ: there an earlier-ranked pair may form with the new
+        token and take a token of the next occurrence first.
         """
         word = pretoken.encode("utf-8")
         if self.ignore_merges and word in self.id_of:
@@ -547,35 +418,14 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray | int) -> str:
         """Token ids back to text; bytes that are not valid UTF-8 (a multi-byte character cut in
-        the middle) become U+FFFD instead of raising. `ids`: a list of ints, a 1-D tensor or
-        numpy array of integers (what the model gives), or one id.
-        Example: [72, 105] -> "Hi" with the 256 byte tokens as ids 0-255."""
+        the middle) become U+FFFD instead of raising. Example: [72, 105] -> "Hi" with the 256
+        byte tokens as ids 0-255."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Iterable[int] | torch.Tensor | np.ndarray | int) -> bytes:
         """The bytes that ids stand for, which decode() turns into text."""
-        try:
-            return b"".join(map(self.vocab.__getitem__, self._id_list(ids)))
-        except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is not in the vocabulary "
-                             f"({len(self.vocab)} tokens)") from None
-
-    @staticmethod
-    def _id_list(ids) -> list[int]:
-        # Tensors and arrays become lists of ints first: a tensor's elements are tensors, which
-        # hash by identity, so not one of them would be found in the vocabulary.
-        if isinstance(ids, (torch.Tensor, np.ndarray, np.generic)):
-            if ids.ndim > 1:
-                raise ValueError(f"decode takes a 1-D sequence of token ids, got shape "
-                                 f"{tuple(ids.shape)}: decode each row on its own")
-            ids = ids.reshape(-1).tolist()
-        elif not isinstance(ids, Iterable):
-            ids = [ids]  # one id
-        try:
-            # operator.index takes ints of every kind (numpy's, 0-D integer tensors), not floats.
-            return list(map(operator.index, ids))
-        except TypeError as e:
-            raise ValueError(f"token ids must be integers ({e})") from None
+        # A list, a 1-D tensor or array (what the model gives), or one id, as ints, checked (§8).
+        return b"".join([self.vocab[i] for i in token_id_list(ids, self.vocab)])
 
     def saved_files(self) -> dict[str, bytes]:
         """The files save() writes, by name: vocab.json and merges.txt in GPT-2's format (bytes
@@ -620,48 +470,10 @@ class Tokenizer:
                 f.write(data)
 
     @classmethod
-    def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
-                   special_tokens: list[str] | None = None, **settings) -> Tokenizer:
-        """A tokenizer from a vocab.json and a merges.txt in GPT-2's format (ours or OpenAI's)."""
-        unspell = {c: b for b, c in bytes_to_unicode().items()}
-        # Pairs, not a dict: GPT-2's format may spell one string twice, under two ids.
-        entries = read_json(vocab_path, object_pairs_hook=list)
-        check_tokenizer_files(entries, special_tokens or [],
-                              {"vocab.json": os.fspath(vocab_path),
-                               "special_tokens.json": "the special tokens"})
-        try:
-            vocab = {i: bytes(unspell[c] for c in token) for token, i in entries}
-            with open(merges_path, encoding="utf-8") as f:
-                lines = [line.rstrip("\n") for line in f]
-            merges = [tuple(bytes(unspell[c] for c in part) for part in line.split(" "))
-                      for line in lines if line and not line.startswith("#version")]
-        except FileNotFoundError as e:
-            raise ValueError(f"{e.filename}: no such file") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{os.fspath(vocab_path)}, {os.fspath(merges_path)}: corrupt "
-                             f"tokenizer files ({type(e).__name__}: {e})") from None
-        if any(len(m) != 2 for m in merges):
-            raise ValueError(f"{os.fspath(merges_path)}: every line must be two tokens")
-        return cls(vocab, merges, special_tokens, **settings)
-
-    @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
-        """Read a tokenizer written by save(), or GPT-2's own vocab.json and merges.txt."""
-        directory = os.fspath(directory)
-        paths = {name: os.path.join(directory, name)
-                 for name in ("vocab.json", "merges.txt", "special_tokens.json")}
-        for name in ("vocab.json", "merges.txt"):
-            if not os.path.isfile(paths[name]):
-                raise ValueError(f"{directory} holds no tokenizer ({name} is missing); "
-                                 "run `python gpt.py tokenize` first")
-        special_tokens = (read_json(paths["special_tokens.json"])
-                          if os.path.isfile(paths["special_tokens.json"]) else [])
-        check_tokenizer_files([], special_tokens, paths)
-        settings_path = os.path.join(directory, "tokenizer_settings.json")
-        settings = (check_tokenizer_settings(read_json(settings_path), settings_path)
-                    if os.path.isfile(settings_path) else {})
-        return cls.from_files(paths["vocab.json"], paths["merges.txt"], special_tokens,
-                              **settings)
+        """The tokenizer save() wrote into `directory`, or GPT-2's own vocab.json and
+        merges.txt: saved_files() read back and checked by read_tokenizer_files (§8)."""
+        return cls(**read_tokenizer_files(directory))
 
 
 def end_of_text_id(tokenizer: Tokenizer) -> int | None:
@@ -2080,6 +1892,213 @@ def check_text_file(path: str, block_bytes: int = 1 << 16) -> int:
             if not block:
                 return size
             offset += len(block)
+
+
+# Every JSON file gpt.py reads (tokenizer files, token-file sidecars, metrics lines, Q&A data)
+# goes through read_json or parse_json, so that a broken or hostile file is one line naming it
+# and the problem, never a RecursionError, an OverflowError or all memory used. Our own files
+# nest three deep at most and the largest, a vocabulary of 10^6 tokens, holds some 30 MB.
+JSON_MAX_DEPTH = 32
+JSON_MAX_BYTES = 1 << 28  # 256 MB
+
+
+def finite_float(text: str) -> float:
+    """parse_float for json: 1e999 would become inf, which no file of ours holds."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is too large")
+    return value
+
+
+def refuse_constant(name: str):
+    """parse_constant for json: Python's json takes NaN and Infinity, which JSON does not."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_depth(value) -> int:
+    """How deeply arrays and objects nest, counted level by level (no recursion).
+    Example: json_depth([1, {"a": [2]}]) -> 3; json_depth(7) -> 0."""
+    depth, level = 0, [value]
+    while any(isinstance(v, (list, tuple, dict)) for v in level):
+        depth += 1
+        level = [child for v in level if isinstance(v, (list, tuple, dict))
+                 for child in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+def parse_json(text: str, where: str, object_pairs_hook=None):
+    """The value of a JSON text, or a ValueError naming `where`: NaN, Infinity, a number too
+    large for a float, and nesting deeper than JSON_MAX_DEPTH are refused."""
+    too_deep = f"{where}: JSON nested more than {JSON_MAX_DEPTH} levels deep"
+    try:
+        value = json.loads(text, parse_float=finite_float, parse_constant=refuse_constant,
+                           object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as e:
+        what = f"not JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+        raise ValueError(f"{where} is {what if text.strip() else 'empty'}") from None
+    except ValueError as e:  # from the two hooks, or an integer of over 4,300 digits
+        raise ValueError(f"{where} is not JSON we can use ({e})") from None
+    except RecursionError:  # json's parser recurses once a level, so it gives up first
+        raise ValueError(too_deep) from None
+    if json_depth(value) > JSON_MAX_DEPTH:
+        raise ValueError(too_deep)
+    return value
+
+
+def read_json(path: str | os.PathLike, object_pairs_hook=None):
+    """The value of the JSON file `path` (through parse_json), or a ValueError naming it: a file
+    that is missing, not a regular file (/dev/zero, a pipe), over JSON_MAX_BYTES or not UTF-8."""
+    path = os.fspath(path)
+    try:
+        # O_NONBLOCK: opening a pipe would otherwise wait for a writer that may never come.
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError(f"{path} is not a regular file")
+            raw = f.read(JSON_MAX_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    if len(raw) > JSON_MAX_BYTES:
+        raise ValueError(f"{path} is larger than {JSON_MAX_BYTES >> 20} MB, too large to be one "
+                         f"of our JSON files")
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: the byte-order mark some editors add
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start})") from None
+    return parse_json(text, path, object_pairs_hook)
+
+
+# Protects §1's Tokenizer: what it is given, and the files it reads back, are checked here, so
+# that a mistake or a damaged file is one line naming it, never a KeyError deep inside.
+
+# The largest vocabulary a tokenizer file or a checkpoint may hold: four times the largest in
+# use today (Gemma's 262,144), and small enough to refuse before memory is allocated for it.
+MAX_VOCAB_SIZE = 1 << 20
+
+
+def check_special_tokens(special_tokens: list[str]) -> None:
+    """Refuse an empty special token, which would match between every two characters, and one
+    given twice, which would take two ids."""
+    for i, token in enumerate(special_tokens):
+        if not token:
+            raise ValueError("a special token is empty: it would match between every two "
+                             "characters")
+        if token in special_tokens[:i]:
+            raise ValueError(f"special token {token!r} is given twice")
+
+
+def check_vocab_size(vocab_size: int, special_tokens: list[str]) -> None:
+    """Refuse a vocabulary too small for the 256 bytes and the special tokens (§1's trainers)."""
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(f"vocab size {vocab_size} is too small: it must hold the 256 bytes and "
+                         f"{len(special_tokens)} special token(s), at least "
+                         f"{256 + len(special_tokens)}")
+
+
+def check_tokenizer(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
+                    special_tokens: list[str], split_patterns: list[str]) -> None:
+    """Refuse what §1's Tokenizer could not encode with: a bad special token, a split pattern
+    that is no regular expression, a vocabulary without every single byte, a merge of tokens
+    that the vocabulary (with the special tokens) does not hold."""
+    check_special_tokens(special_tokens)
+    for pattern in split_patterns:
+        try:
+            regex.compile(pattern)
+        except regex.error as e:
+            raise ValueError(f"a split pattern is not a regular expression ({e})") from None
+    known = {*vocab.values(), *(s.encode("utf-8") for s in special_tokens)}
+    missing = [bytes([b]) for b in range(256) if bytes([b]) not in known]
+    if missing:
+        raise ValueError(f"the vocabulary lacks single-byte tokens such as {missing[0]!r}")
+    for rank, (left, right) in enumerate(merges):
+        if left not in known or right not in known or left + right not in known:
+            raise ValueError(f"merge {rank} ({left!r}, {right!r}) uses a token that is not "
+                             "in the vocabulary")
+
+
+def token_id_list(ids, vocab: dict[int, bytes]) -> list[int]:
+    """What Tokenizer.decode takes, as a list of ids of `vocab`, or a ValueError naming what is
+    not one: a list of ints, a 1-D tensor or numpy array of integers, or one id."""
+    # Tensors and arrays become lists of ints first: a tensor's elements are tensors, which
+    # hash by identity, so not one of them would be found in the vocabulary.
+    if isinstance(ids, (torch.Tensor, np.ndarray, np.generic)):
+        if ids.ndim > 1:
+            raise ValueError(f"decode takes a 1-D sequence of token ids, got shape "
+                             f"{tuple(ids.shape)}: decode each row on its own")
+        ids = ids.reshape(-1).tolist()
+    elif not isinstance(ids, Iterable):
+        ids = [ids]  # one id
+    try:
+        # operator.index takes ints of every kind (numpy's, 0-D integer tensors), not floats.
+        ids = list(map(operator.index, ids))
+    except TypeError as e:
+        raise ValueError(f"token ids must be integers ({e})") from None
+    unknown = [i for i in ids if i not in vocab]
+    if unknown:
+        raise ValueError(f"token id {unknown[0]} is not in the vocabulary ({len(vocab)} tokens)")
+    return ids
+
+
+def check_tokenizer_settings(settings, where: str) -> dict:
+    """Refuse what a tokenizer_settings.json or a checkpoint must not hold: Tokenizer's other
+    settings (split_patterns, normalizer, ignore_merges) of other kinds, or any other key."""
+    ok = {"split_patterns": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
+          "normalizer": lambda v: v in (None, "NFC"),
+          "ignore_merges": lambda v: isinstance(v, bool)}
+    if not (isinstance(settings, dict) and all(k in ok and ok[k](v) for k, v in settings.items())):
+        raise ValueError(f"{where}: damaged tokenizer settings {str(settings)[:60]}")
+    return settings
+
+
+def read_gpt2_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLike
+                    ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """The vocab and merges of a vocab.json and a merges.txt in GPT-2's format (ours, written
+    by §1's saved_files, or OpenAI's), or a ValueError naming what is wrong with them."""
+    vocab_path, merges_path = os.fspath(vocab_path), os.fspath(merges_path)
+    unspell = {c: b for b, c in bytes_to_unicode().items()}
+    # Pairs, not a dict: GPT-2's format may spell one string twice, under two ids.
+    entries = read_json(vocab_path, object_pairs_hook=list)
+    if not (isinstance(entries, list) and all(isinstance(e, tuple) for e in entries)):
+        raise ValueError(f"{vocab_path} is not a JSON object of tokens and their ids")
+    for token, i in entries:
+        if not (type(i) is int and 0 <= i < MAX_VOCAB_SIZE and isinstance(token, str)):
+            raise ValueError(f"{vocab_path}: {str(token)[:30]!r}: {str(i)[:30]} is not an id "
+                             f"from 0 to {MAX_VOCAB_SIZE - 1:,}")
+    try:
+        vocab = {i: bytes(unspell[c] for c in token) for token, i in entries}
+        with open(merges_path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+        merges = [tuple(bytes(unspell[c] for c in part) for part in line.split(" "))
+                  for line in lines if line and not line.startswith("#version")]
+    except FileNotFoundError as e:
+        raise ValueError(f"{e.filename}: no such file") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{vocab_path}, {merges_path}: corrupt tokenizer files "
+                         f"({type(e).__name__}: {e})") from None
+    if any(len(m) != 2 for m in merges):
+        raise ValueError(f"{merges_path}: every line must be two tokens")
+    return vocab, merges
+
+
+def read_tokenizer_files(directory: str | os.PathLike) -> dict:
+    """Tokenizer's arguments, read from the files its save() wrote into `directory` (or from
+    GPT-2's own vocab.json and merges.txt, which have no special tokens), each checked."""
+    directory = os.fspath(directory)
+    paths = {name: os.path.join(directory, name) for name in
+             ("vocab.json", "merges.txt", "special_tokens.json", "tokenizer_settings.json")}
+    for name in ("vocab.json", "merges.txt"):
+        if not os.path.isfile(paths[name]):
+            raise ValueError(f"{directory} holds no tokenizer ({name} is missing); "
+                             "run `python gpt.py tokenize` first")
+    special_tokens = (read_json(paths["special_tokens.json"])
+                      if os.path.isfile(paths["special_tokens.json"]) else [])
+    if not (isinstance(special_tokens, list) and all(isinstance(s, str) for s in special_tokens)):
+        raise ValueError(f"{paths['special_tokens.json']} is not a JSON list of strings")
+    settings_path = paths["tokenizer_settings.json"]
+    settings = (check_tokenizer_settings(read_json(settings_path), settings_path)
+                if os.path.isfile(settings_path) else {})
+    vocab, merges = read_gpt2_files(paths["vocab.json"], paths["merges.txt"])
+    return dict(vocab=vocab, merges=merges, special_tokens=special_tokens, **settings)
 
 
 # ==================================================================================================

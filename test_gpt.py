@@ -627,17 +627,18 @@ def test_save_load_round_trip(tmp_path, tokenizer, which):
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 def test_tokenizer_files_take_paths(tmp_path, tokenizer, fast):
-    """save, load and from_files take a pathlib.Path as well as a str, and give the class they
-    are called on."""
+    """save, load and read_gpt2_files take a pathlib.Path as well as a str, and load gives the
+    class it is called on."""
     cls = gpt.Tokenizer if fast else PlainTokenizer
     directory = tmp_path / "tok"
     cls(tokenizer.vocab, tokenizer.merges, [EOT]).save(directory)
     loaded = cls.load(directory)
-    from_files = cls.from_files(directory / "vocab.json", directory / "merges.txt", [EOT])
+    from_files = cls(*gpt.read_gpt2_files(directory / "vocab.json", directory / "merges.txt"),
+                     [EOT])
     for t in (loaded, from_files):
         assert type(t) is cls and t.fingerprint() == tokenizer.fingerprint()
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'none.txt'}: no such file")):
-        cls.from_files(directory / "vocab.json", tmp_path / "none.txt")
+        gpt.read_gpt2_files(directory / "vocab.json", tmp_path / "none.txt")
     (directory / "merges.txt").write_text("#version: 0.2\na b c\n", encoding="utf-8")
     with pytest.raises(ValueError, match="merges.txt: every line must be two tokens"):
         cls.load(directory)
