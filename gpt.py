@@ -560,24 +560,22 @@ class ModelConfig:
     rope_low_freq: float = 1.0
     rope_high_freq: float = 4.0
     rope_original_context: int = 8192  # the context the model was first trained at
-    # Switches for the classic ablations, whose variants follow TransformerLM. The defaults
-    # give the modern model; MODEL_CHOICES lists the values of the string switches.
+    # Switches for the classic ablations; the defaults give the modern model, and each variant
+    # is explained where it is built, after TransformerLM (MODEL_CHOICES lists the values).
     tie_embeddings: bool = False  # share one matrix between token embeddings and output logits
     tie_init: str = "output"     # tied: keep lm_head's small init ("output") or the embedding's
     use_norm: bool = True        # False removes every RMSNorm
     norm_position: str = "pre"   # "pre": x + f(norm(x)) (modern); "post": norm(x + f(x)) (2017)
-    # "rope": rotate queries and keys (Su et al. 2021); "nope": no position information at all
-    # (Kazemnejad et al. 2023); "learned": a trained vector per position, added to the token's
-    # (GPT-2); "sinusoidal": fixed sines and cosines, added (Vaswani et al. 2017)
-    position_encoding: str = "rope"
+    position_encoding: str = "rope"  # rope | nope (none) | learned | sinusoidal (added vectors)
     ffn_kind: str = "swiglu"     # swiglu | geglu (gated) | silu | gelu | relu (plain MLP)
-    dropout: float = 0.0         # zeroed share of attention weights and residual branches
-    # False: dropout of the branches only. Dropping attention weights needs the (T, T) matrix
-    # written out, which a fused attention kernel never does (on a CPU a third slower a step)
+    # Regularization, off by default: the zeroed share of attention weights and of residual
+    # branches (dropout, below). attention_dropout False: of the branches only, as dropping
+    # attention weights needs the (T, T) matrix written out, which a fused kernel never does.
+    dropout: float = 0.0
     attention_dropout: bool = True
 
     def __post_init__(self):
-        check_model_config(self)
+        check_model_config(self)  # refuses, naming it, what cannot be built (§11)
         self.num_kv_heads = self.num_kv_heads or self.num_heads  # computed once, then saved
         self.head_dim = self.head_dim or self.d_model // self.num_heads
 
@@ -593,52 +591,9 @@ class ModelConfig:
         return self.position_encoding in ("learned", "sinusoidal")
 
 
-# The values of ModelConfig's string switches (the command line offers the same choices).
-MODEL_CHOICES = {"norm_position": ("pre", "post"),
-                 "position_encoding": ("rope", "nope", "learned", "sinusoidal"),
-                 "ffn_kind": ("swiglu", "geglu", "silu", "gelu", "relu"),
-                 "tie_init": ("output", "embedding")}
-
-
-def check_model_config(c: ModelConfig) -> None:
-    """Raise a ValueError naming the bad value if the architecture cannot be built."""
-    for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff",
-                 "num_kv_heads", "head_dim", "rope_original_context"):
-        value = getattr(c, name)
-        if not isinstance(value, int) or value < 1:
-            if value is None and name in ("num_kv_heads", "head_dim"):
-                continue  # derived in __post_init__
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for name, allowed in MODEL_CHOICES.items():
-        if getattr(c, name) not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
-                             f"got {getattr(c, name)!r}")
-    D = c.head_dim or c.d_model // c.num_heads
-    width = f"{D}" if c.head_dim else f"d_model / num_heads = {c.d_model} / {c.num_heads} = {D}"
-    rules = [  # (holds, what to say when it does not), checked in this order
-        (c.head_dim or c.d_model % c.num_heads == 0,
-         f"d_model {c.d_model} is not divisible by num_heads {c.num_heads}"),
-        (c.num_heads % (c.num_kv_heads or 1) == 0,
-         f"num_heads {c.num_heads} is not divisible by num_kv_heads {c.num_kv_heads}"),
-        (c.position_encoding != "rope" or D % 2 == 0,
-         f"RoPE rotates pairs of dimensions, so the head width {width} must be even"),
-        (0 < c.rope_theta < math.inf and 0 < c.norm_eps < math.inf,
-         f"rope_theta ({c.rope_theta}) and norm_eps ({c.norm_eps}) must be positive and finite"),
-        (1 <= c.rope_factor < math.inf and 0 < c.rope_low_freq < c.rope_high_freq < math.inf,
-         f"RoPE scaling needs 1 <= rope_factor and 0 < rope_low_freq < rope_high_freq, all "
-         f"finite; got {c.rope_factor}, {c.rope_low_freq}, {c.rope_high_freq}"),
-        (0 <= c.dropout < 1, f"dropout must be in [0, 1), got {c.dropout!r}"),
-        (c.tie_embeddings or c.tie_init == "output",
-         f"tie_init {c.tie_init!r} chooses the init of tied embeddings: it needs tie_embeddings"),
-        (c.use_norm or c.norm_position == "pre",
-         "norm_position 'post' places norms that use_norm False removes: give one or the other")]
-    for holds, message in rules:
-        if not holds:
-            raise ValueError(message)
-
-
 class Linear(nn.Module):
-    """y = x W^T, without bias (modern LMs drop it: it costs memory and buys nothing)."""
+    """y = x W^T, without bias: Llama and most LMs since drop it at no loss (Qwen2 keeps one on
+    the query, key and value projections)."""
 
     def __init__(self, d_in: int, d_out: int, device=None, dtype=None):
         super().__init__()
@@ -653,7 +608,8 @@ class Linear(nn.Module):
 
 
 class Embedding(nn.Module):
-    """A lookup table: token id i -> row i of a (num_embeddings, embedding_dim) matrix."""
+    """A lookup table: token id i -> row i of a (num_embeddings, embedding_dim) matrix. Its
+    fast twin, FastEmbedding (§12), runs in its place by default (§19)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
         super().__init__()
@@ -672,6 +628,7 @@ class RMSNorm(nn.Module):
     """Scale each vector to unit root-mean-square, then by a learned gain per channel.
 
     Unlike LayerNorm it neither subtracts the mean nor adds a bias: cheaper, and as good.
+    Its fast twin, FastRMSNorm (§12), runs in its place by default (§19).
     """
 
     def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
@@ -681,11 +638,28 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In float32 (or wider) even when the model runs in bf16 (autocast, §12): a mean of
-        # squares loses too much in bf16's 8 mantissa bits. The result goes back to x's dtype.
+        # squares loses too much in bf16's 7 stored mantissa bits. Then back to x's dtype.
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))          # (..., C)
         # rmsnorm(x) = x / sqrt(mean(x^2) + eps) * g
         r = torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)  # (..., 1)
         return (x32 * r * self.weight).to(x.dtype)                        # (..., C)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq: float,
+                       high_freq: float, original_context: int) -> torch.Tensor:
+    """Llama 3's RoPE scaling (Meta 2024): RoPE's turning speeds inv_freq (D/2,), adapted so
+    that a model trained on original_context positions reads `factor` times as many.
+
+    Pair i turns once every 2 pi / inv_freq[i] positions, its wavelength. Slow pairs, turning
+    fewer than low_freq times over the original context, never saw larger angles in training:
+    they turn `factor` times slower, so a longer context stays within the angles they learned.
+    Fast pairs, turning more than high_freq times, tell near positions apart: kept as they are.
+    Between the two, a blend, linear in the number of turns.
+    """
+    turns = original_context * inv_freq / (2 * math.pi)  # (D/2,): turns over the old context
+    # keep = 0: slowed by factor; 1: kept as it is
+    keep = ((turns - low_freq) / (high_freq - low_freq)).clamp(0, 1)  # (D/2,)
+    return (1 - keep) * inv_freq / factor + keep * inv_freq            # (D/2,)
 
 
 class RotaryEmbedding(nn.Module):
@@ -707,7 +681,7 @@ class RotaryEmbedding(nn.Module):
                  scaling: tuple[float, float, float, int] | None = None):
         # d_k is the head width (ModelConfig.head_dim) and max_seq_len the positions to tabulate
         # at first: the names of the CS336 assignment's RoPE, kept for its tests. scaling:
-        # llama3_frequencies' (below) factor, low_freq, high_freq, original_context, or None.
+        # llama3_frequencies' (above) factor, low_freq, high_freq, original_context, or None.
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device).float() / d_k)  # (D/2,)
         if scaling is not None:
@@ -741,21 +715,14 @@ class RotaryEmbedding(nn.Module):
         return x * cos + swapped * sin                              # (..., T, D)
 
 
-def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq: float,
-                       high_freq: float, original_context: int) -> torch.Tensor:
-    """Llama 3's RoPE scaling (Meta 2024): RoPE's turning speeds inv_freq (D/2,), adapted so
-    that a model trained on original_context positions reads `factor` times as many.
-
-    Pair i turns once every 2 pi / inv_freq[i] positions, its wavelength. Slow pairs, turning
-    fewer than low_freq times over the original context, never saw larger angles in training:
-    they turn `factor` times slower, so a longer context stays within the angles they learned.
-    Fast pairs, turning more than high_freq times, tell near positions apart: kept as they are.
-    Between the two, a blend, linear in the number of turns.
-    """
-    turns = original_context * inv_freq / (2 * math.pi)  # (D/2,): turns over the old context
-    # keep = 0: slowed by factor; 1: kept as it is
-    keep = ((turns - low_freq) / (high_freq - low_freq)).clamp(0, 1)  # (D/2,)
-    return (1 - keep) * inv_freq / factor + keep * inv_freq            # (D/2,)
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Zero each value with probability p and scale the others by 1 / (1 - p), so the expected
+    value is unchanged (Srivastava et al. 2014): units cannot rely on each other, which fights
+    memorising a small corpus. Off by default (p = 0); in evaluation and sampling, the identity."""
+    if not training or p == 0:
+        return x
+    keep = torch.rand(x.shape, device=x.device) >= p  # (same shape as x) True with prob. 1 - p
+    return x * keep / (1 - p)
 
 
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -772,8 +739,9 @@ def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tens
                                  mask: torch.Tensor | None = None,
                                  dropout_p: float = 0.0) -> torch.Tensor:
     """The attention of the transformer: softmax(Q K^T / sqrt(D)) V, where `mask` is True where
-    a query may attend to a key. The fast twin (§12) runs F.scaled_dot_product_attention, which
-    computes the same without ever storing the (T, S) score matrix (tiled_attention shows how).
+    a query may attend to a key. The fast twin of the attention (§12) runs
+    F.scaled_dot_product_attention, whose fused kernels compute the same without storing the
+    (T, S) score matrix (tiled_attention shows how).
     """
     # Dividing by sqrt(D) keeps scores near unit variance, so softmax does not saturate.
     # (.., T, D) @ (.., D, S) -> (.., T, S)
@@ -809,6 +777,7 @@ class MultiHeadSelfAttention(nn.Module):
     key/value heads, each shared by a group of H / KV query heads, and the KV cache (§7) holds
     only those. SmolLM2-135M's 3 for 9 query heads keep a third: 30 layers x (k, v) x 3 heads x
     64 dims x 4 bytes = 46 KB a token in float32, not 138 KB; 377 MB at 8,192 tokens, not 1.1 GB.
+    Its fast twin, FastMultiHeadSelfAttention (§12), runs in its place by default (§19).
     """
 
     def __init__(self, d_model: int, num_heads: int, rope: RotaryEmbedding | None = None,
@@ -834,17 +803,12 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, C) holds positions start_pos .. start_pos + T - 1. With a cache (§7), either
-        the first call (the prompt) or one new token at a time."""
+        """x (B, T, C) holds positions start_pos .. start_pos + T - 1; cache: when generating,
+        this layer's KVCache (§7), which keeps the keys and values of the tokens before."""
         B, T, C = x.shape
         q, k, v = self.queries_keys_values(x, start_pos)  # (B, H, T, D); k, v (B, KV, T, D)
-        if cache is not None and cache.length > 0:
-            # One new token after the prompt: it attends to every cached key and its own. The
-            # keys were stored rotated, each carrying its position, so their order is free.
-            assert T == 1, "after the prompt, feed one token at a time"
-            k, v = cache.append(k, v)  # (B, KV, S, D), S <= context_length
-        elif cache is not None:
-            cache.append(k, v)  # the prompt's keys and values, kept for the tokens after it
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, KV, S, D): the prompt's own, then every cached one
         # A query sees its own position and the context_length - 1 before it (with no
         # context_length, every earlier one): the span the model was trained on.
         y = self.attend(q, k, v, self.context_length or k.shape[-2])  # (B, H, T, D)
@@ -878,7 +842,8 @@ class MultiHeadSelfAttention(nn.Module):
         # repeated g times to line up with its queries (g = 1: every head has its own).
         g = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, H, S, D)
-        mask = sliding_causal_mask(T, window, q.device, num_keys=S)  # (T, S)
+        # (T, S); from a KVCache, T = 1 and S <= window: all True (KVCache says why that holds)
+        mask = sliding_causal_mask(T, window, q.device, num_keys=S)
         p = self.dropout_p if self.training else 0.0
         return scaled_dot_product_attention(q, k, v, mask, p)         # (B, H, T, D)
 
@@ -895,8 +860,10 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 class SwiGLU(nn.Module):
     """The gated feed-forward: w2(silu(w1 x) * w3 x).
 
-    w3 x is a learned gate that scales each hidden unit; with the gate, d_ff = 8/3 C matches the
-    parameters of a plain 4C-wide MLP and works better (Shazeer 2020).
+    silu(w1 x) is the gate (Hugging Face's gate_proj is w1, its up_proj w3): it scales each
+    hidden unit of w3 x. With three matrices, d_ff = 8/3 C matches the parameters of a plain
+    4C-wide MLP, and works better (Shazeer 2020). Its fast twin, FastSwiGLU (§12), runs in its
+    place by default (§19).
     """
 
     def __init__(self, d_model: int, d_ff: int, activation=silu):
@@ -920,20 +887,22 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, rope: RotaryEmbedding | None = None):
         super().__init__()
-        self.ln1 = norm_layer(config)  # RMSNorm (or none, an ablation below)
+        # norm_layer and feed_forward build RMSNorm and SwiGLU, or for a config with the
+        # ablations' switches their variants: both are defined with the variants, below.
+        self.ln1 = norm_layer(config)
         self.attn = MultiHeadSelfAttention(config.d_model, config.num_heads, rope,
                                            config.context_length,
                                            config.dropout if config.attention_dropout else 0.0,
                                            config.num_kv_heads, config.head_dim,
                                            config.norm_eps if config.qk_norm else None)
         self.ln2 = norm_layer(config)
-        self.ffn = feed_forward(config)  # SwiGLU (or a variant below)
+        self.ffn = feed_forward(config)
         self.dropout_p = config.dropout  # of each branch's output, before it joins the residual
 
     def forward(self, x: torch.Tensor, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
-        # dropout (an ablation, below) is the identity at the default p = 0
-        p, training = self.dropout_p, self.training
+        """x (B, T, C) at positions start_pos ..; cache: this layer's KVCache (§7) or None."""
+        p, training = self.dropout_p, self.training  # dropout: the identity at p = 0
         x = x + dropout(self.attn(self.ln1(x), start_pos, cache), p, training)  # (B, T, C)
         return x + dropout(self.ffn(self.ln2(x)), p, training)                 # (B, T, C)
 
@@ -951,21 +920,15 @@ class TransformerLM(nn.Module):
                    config.rope_original_context) if config.rope_factor != 1 else None
         self.rope = (RotaryEmbedding(config.rope_theta, config.head_dim, 0, scaling=scaling)
                      if config.position_encoding == "rope" else None)
-        # Learned or sinusoidal position vectors: an ablation, below.
-        self.positions = (AbsolutePositions(config.context_length, config.d_model,
-                                            learned=config.position_encoding == "learned")
-                          if config.absolute_positions else None)
+        # None here, and the blocks above, unless the ablations' switches ask for their
+        # variants (below), each built in its place so that a seed gives the same weights.
+        self.positions = position_vectors(config)
         block = PostNormBlock if config.norm_position == "post" else TransformerBlock
         self.layers = nn.ModuleList(block(config, self.rope) for _ in range(config.num_layers))
         self.ln_final = norm_layer(config)
         self.lm_head = Linear(config.d_model, config.vocab_size)
-        if config.tie_embeddings and config.tie_init == "output":
-            # One matrix reads tokens in and scores them out. It keeps lm_head's small init:
-            # the embedding's std of 1 would start the logits sqrt(C) times too large...
-            self.token_embeddings.weight = self.lm_head.weight
-        elif config.tie_embeddings:
-            # ... which is the ablation: the shared matrix keeps the embedding's std-1 init.
-            self.lm_head.weight = self.token_embeddings.weight
+        if config.tie_embeddings:
+            tie_weights(self, config.tie_init)
 
     def forward(self, token_ids: torch.Tensor, start_pos: int = 0,
                 caches: list[KVCache] | None = None) -> torch.Tensor:
@@ -982,7 +945,26 @@ class TransformerLM(nn.Module):
 
 # --- Variants for the classic ablations -----------------------------------------------------------
 # Each is switched on by a field of ModelConfig and the model above is built by default. NoPE
-# (position_encoding "nope") needs no code: no RoPE, and nothing added to the embeddings.
+# (position_encoding "nope", Kazemnejad et al. 2023) needs no code: no RoPE, and nothing added
+# to the embeddings.
+
+# The values of ModelConfig's string switches (the command line offers the same choices).
+MODEL_CHOICES = {"norm_position": ("pre", "post"),
+                 "position_encoding": ("rope", "nope", "learned", "sinusoidal"),
+                 "ffn_kind": ("swiglu", "geglu", "silu", "gelu", "relu"),
+                 "tie_init": ("output", "embedding")}
+
+
+
+def tie_weights(model: TransformerLM, init: str) -> None:
+    """One matrix reads tokens in and scores them out (GPT-2; Press & Wolf 2017). init "output"
+    keeps lm_head's small init: the embedding's std of 1 would start the logits sqrt(C) times
+    too large, which is the ablation init "embedding" shows."""
+    if init == "output":
+        model.token_embeddings.weight = model.lm_head.weight
+    else:
+        model.lm_head.weight = model.token_embeddings.weight
+
 
 def norm_layer(config: ModelConfig) -> nn.Module:
     """RMSNorm, or a no-op for the no-normalisation ablation (use_norm False)."""
@@ -1035,6 +1017,14 @@ class AbsolutePositions(nn.Module):
         return self.weight[start_pos:start_pos + T]  # (T, C)
 
 
+def position_vectors(config: ModelConfig) -> AbsolutePositions | None:
+    """Learned or sinusoidal position vectors, added to the embeddings; None for RoPE or NoPE."""
+    if not config.absolute_positions:
+        return None
+    return AbsolutePositions(config.context_length, config.d_model,
+                             learned=config.position_encoding == "learned")
+
+
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """gelu(x) = x * Phi(x), Phi the standard normal CDF (GPT-2's activation), fused like silu."""
     return F.gelu(x)
@@ -1064,16 +1054,6 @@ def feed_forward(config: ModelConfig) -> nn.Module:
     if config.ffn_kind in ("swiglu", "geglu"):
         return SwiGLU(config.d_model, config.ffn_hidden, activation)
     return MLP(config.d_model, config.ffn_hidden, activation)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Zero each value with probability p and scale the others by 1 / (1 - p), so the expected
-    value is unchanged (Srivastava et al. 2014): units cannot rely on each other, which fights
-    memorising a small corpus. In evaluation and sampling, the identity."""
-    if not training or p == 0:
-        return x
-    keep = torch.rand(x.shape, device=x.device) >= p  # (same shape as x) True with prob. 1 - p
-    return x * keep / (1 - p)
 
 
 # ==================================================================================================
@@ -1455,8 +1435,8 @@ def evaluate(model: nn.Module, data: np.ndarray, starts: np.ndarray, batch_size:
 #
 # Run the model on the prompt, turn the last position's logits into probabilities, filter
 # them (temperature, top-k, top-p: Holtzman et al. 2020), draw a token, append, repeat. A KV
-# cache keeps each layer's keys and values so each new token costs one position, not all.
-# This is the last idea: what follows makes the ideas fast, safe and usable.
+# cache, whose one home is here (KVCache), keeps each layer's keys and values so each new token
+# costs one position, not all. The last idea: what follows makes the ideas fast, safe, usable.
 # ==================================================================================================
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
@@ -1464,7 +1444,8 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = 
     """Apply, in this order, temperature, top-k and top-p to next-token logits (B, V).
 
     Removed tokens get -inf, so softmax gives them probability 0. temperature must be > 0
-    (0, greedy decoding, is handled by the caller).
+    (0, greedy decoding, is handled by the caller). Its fast twin, fast_filter_logits (§19),
+    runs in its place by default (§19).
     Example: probabilities [0.5, 0.3, 0.15, 0.05] with top_p 0.7 keep the first two: 0.5 alone
     is short of 0.7, 0.5 + 0.3 reaches it.
     """
@@ -1497,38 +1478,39 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return ids.clamp(max=probs.shape[-1] - 1)  # u below the total by rounding only
 
 
-def check_sampling_args(prompts: torch.Tensor, vocab_size: int, max_new_tokens: int,
-                        temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Refuse, naming it, what generation cannot use: ids the embedding has no row for, a
-    negative count of tokens, filters out of range."""
-    bad = prompts[(prompts < 0) | (prompts >= vocab_size)]
-    if len(bad):
-        raise ValueError(f"token id {bad[0]} is not in the model's vocabulary (0 to "
-                         f"{vocab_size - 1})")
-    if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 0):
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top-k must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
+               top_p: float | None, generator: torch.Generator) -> torch.Tensor:
+    """One token (B,) for each row of next-token logits (B, V): at temperature 0 the likeliest
+    (greedy); else one drawn after the filters, in this order: temperature, top-k, top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = filter_logits(logits.float(), temperature, top_k, top_p)  # (B, V)
+    return sample_from(softmax(logits, dim=-1), generator)             # (B,)
+
+
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """The random numbers of one generation: from `seed`, or from a fresh random seed (None)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 class KVCache:
-    """One layer's keys and values of the tokens seen so far, for generation (§7): of its KV
-    key/value heads, fewer than the query heads under GQA (MultiHeadSelfAttention).
+    """One layer's keys and values of the tokens seen so far, so that each new token costs the
+    model one position, not all: of its KV key/value heads (fewer than the query heads under
+    GQA, §3), given to the layer's attention as MultiHeadSelfAttention.forward's `cache`.
 
     Holds `capacity` positions: a generation's prompt and new tokens, at most a context length
     (so a model of 8,192 positions reserves what one story needs, not 8,192). Past the context
     length, a ring: token p goes to slot p % capacity, overwriting the token that has just left
     the window. The ring never needs shifting because the keys are stored after RoPE has rotated
     them (§3): each carries its own position, and a score q . k depends on the two positions,
-    not on the slot. Attention then sums over the keys in any order.
-
-    A new token's query may attend to every cached key: all are in its past, or itself. So the
-    attention runs with is_causal=False. A causal mask would be wrong here: for 1 query and S
-    keys, PyTorch's is_causal keeps only the first key (its mask is aligned top-left).
+    not on the slot. And the attention's mask is right over slots in any order: after the
+    prompt, one token comes at a time (T = 1), and the S <= capacity <= window keys cached are
+    all its past or itself, so sliding_causal_mask(1, window, num_keys=S) is all True.
     """
 
     def __init__(self, capacity: int):
@@ -1536,13 +1518,16 @@ class KVCache:
         self.k = self.v = None  # (B, KV, capacity, D) once the first tokens arrive
         self.length = 0         # tokens seen so far
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' keys and values (B, KV, n, D); return every cached one."""
-        if self.k is None:
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' keys and values (B, KV, T, D); return those their queries
+        attend to: on the first call the prompt's own, all T of them (a long prompt's early
+        queries need keys the ring will not keep); after it, every cached one."""
+        prompt, n = self.length == 0, k.shape[2]
+        if prompt:
             B, KV, _, D = k.shape
             self.k = k.new_zeros(B, KV, self.capacity, D)  # (B, KV, capacity, D)
             self.v = v.new_zeros(B, KV, self.capacity, D)
-        n = k.shape[2]
+        assert prompt or n == 1, "after the prompt, feed one token at a time"
         if n == 1:  # the common case, one generated token: one slot
             self.k[:, :, self.length % self.capacity] = k[:, :, 0]  # (B, KV, D) into one slot
             self.v[:, :, self.length % self.capacity] = v[:, :, 0]
@@ -1552,8 +1537,20 @@ class KVCache:
             self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]  # (B, KV, keep, D)
             self.v[:, :, slots % self.capacity] = v[:, :, n - keep:]
         self.length += n
+        if prompt:
+            return k, v
         filled = min(self.length, self.capacity)
         return self.k[:, :, :filled], self.v[:, :, :filled]  # (B, KV, S, D)
+
+
+def last_logits(model: TransformerLM, tokens: torch.Tensor,
+                caches: list[KVCache] | None = None) -> torch.Tensor:
+    """The logits (B, V) of the token after tokens (B, T). A model with position vectors (a
+    variant, §3) has none past context_length: it reads the last window, its first token at
+    position 0 again (as GPT-2 does)."""
+    if model.config.absolute_positions:
+        tokens = tokens[:, -model.config.context_length:]
+    return model(tokens, caches=caches)[:, -1]
 
 
 @torch.no_grad()
@@ -1568,41 +1565,28 @@ def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: 
     the whole sequence again: the readable reference, slow but obviously right. Both see the
     same thing: each token attends to itself and the context_length - 1 tokens before it.
     """
+    # Refuse ids the model has no row for, filters out of range (§8).
     check_sampling_args(prompts, model.config.vocab_size, max_new_tokens, temperature, top_k,
                         top_p)
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = seeded_generator(seed, device)
     tokens = prompts.to(device)  # (B, T)
-    window = model.config.context_length
-    if model.config.absolute_positions:
-        # Position vectors end at context_length: such a model re-reads the last window at
-        # every step, its first token at position 0 again (as GPT-2 does), so no cache.
-        use_cache = False
-    # Slots for every position this generation runs through, at most a window's.
-    capacity = min(window, tokens.shape[1] + max_new_tokens)
+    # Slots for every position this generation runs through, at most a window's. Position
+    # vectors re-read the last window at every step (last_logits): no cache.
+    capacity = min(model.config.context_length, tokens.shape[1] + max_new_tokens)
+    use_cache = use_cache and not model.config.absolute_positions
     caches = [KVCache(capacity) for _ in model.layers] if use_cache else None
-    crop = window if model.config.absolute_positions else None
-    logits = model(tokens[:, -crop:] if crop else tokens, caches=caches)[:, -1]  # (B, V)
-    length = tokens.shape[1]
+    logits, length = last_logits(model, tokens, caches), tokens.shape[1]  # (B, V)
     for _ in range(max_new_tokens):
-        if temperature == 0:
-            next_ids = logits.argmax(dim=-1)  # (B,) greedy: always the likeliest token
-        else:
-            logits = filter_logits(logits.float(), temperature, top_k, top_p)  # (B, V)
-            probs = softmax(logits, dim=-1)                                     # (B, V)
-            next_ids = sample_from(probs, generator)  # (B,)
+        next_ids = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         yield next_ids
-        if use_cache:
+        if caches:
             # Only the new token; start_pos gives it its absolute position for RoPE.
             logits = model(next_ids[:, None], start_pos=length, caches=caches)[:, -1]
         else:
             tokens = torch.cat((tokens, next_ids[:, None]), dim=1)  # (B, T+1)
-            logits = model(tokens[:, -crop:] if crop else tokens)[:, -1]
+            logits = last_logits(model, tokens)
         length += 1
 
 
@@ -2037,6 +2021,24 @@ def token_id_list(ids, vocab: dict[int, bytes]) -> list[int]:
     if unknown:
         raise ValueError(f"token id {unknown[0]} is not in the vocabulary ({len(vocab)} tokens)")
     return ids
+
+
+def check_sampling_args(prompts: torch.Tensor, vocab_size: int, max_new_tokens: int,
+                        temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Protects §7's generate_batch: refuse, naming it, what generation cannot use: ids the
+    embedding has no row for, a negative count of tokens, filters out of range."""
+    bad = prompts[(prompts < 0) | (prompts >= vocab_size)]
+    if len(bad):
+        raise ValueError(f"token id {bad[0]} is not in the model's vocabulary (0 to "
+                         f"{vocab_size - 1})")
+    if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top-k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
 
 
 def check_tokenizer_settings(settings, where: str) -> dict:
@@ -3169,6 +3171,44 @@ def shown(value) -> str:
 # With the weights' own shapes (check_state_fits) it refuses a config that would allocate
 # without bound before a single tensor is made; context_length is in no weight's shape under
 # RoPE, and sizes only the tables that grow with the positions met.
+def check_model_config(c: ModelConfig) -> None:
+    """Protects §3's ModelConfig: a ValueError naming the bad value if the architecture cannot
+    be built, from the flags, a checkpoint or an imported model's config."""
+    for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff",
+                 "num_kv_heads", "head_dim", "rope_original_context"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or value < 1:
+            if value is None and name in ("num_kv_heads", "head_dim"):
+                continue  # derived in __post_init__
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, allowed in MODEL_CHOICES.items():
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
+                             f"got {getattr(c, name)!r}")
+    D = c.head_dim or c.d_model // c.num_heads
+    width = f"{D}" if c.head_dim else f"d_model / num_heads = {c.d_model} / {c.num_heads} = {D}"
+    rules = [  # (holds, what to say when it does not), checked in this order
+        (c.head_dim or c.d_model % c.num_heads == 0,
+         f"d_model {c.d_model} is not divisible by num_heads {c.num_heads}"),
+        (c.num_heads % (c.num_kv_heads or 1) == 0,
+         f"num_heads {c.num_heads} is not divisible by num_kv_heads {c.num_kv_heads}"),
+        (c.position_encoding != "rope" or D % 2 == 0,
+         f"RoPE rotates pairs of dimensions, so the head width {width} must be even"),
+        (0 < c.rope_theta < math.inf and 0 < c.norm_eps < math.inf,
+         f"rope_theta ({c.rope_theta}) and norm_eps ({c.norm_eps}) must be positive and finite"),
+        (1 <= c.rope_factor < math.inf and 0 < c.rope_low_freq < c.rope_high_freq < math.inf,
+         f"RoPE scaling needs 1 <= rope_factor and 0 < rope_low_freq < rope_high_freq, all "
+         f"finite; got {c.rope_factor}, {c.rope_low_freq}, {c.rope_high_freq}"),
+        (0 <= c.dropout < 1, f"dropout must be in [0, 1), got {c.dropout!r}"),
+        (c.tie_embeddings or c.tie_init == "output",
+         f"tie_init {c.tie_init!r} chooses the init of tied embeddings: it needs tie_embeddings"),
+        (c.use_norm or c.norm_position == "pre",
+         "norm_position 'post' places norms that use_norm False removes: give one or the other")]
+    for holds, message in rules:
+        if not holds:
+            raise ValueError(message)
+
+
 CONFIG_LIMITS = {"vocab_size": MAX_VOCAB_SIZE, "context_length": 1 << 17,  # Llama 3.1's 128k
                  "d_model": 1 << 16, "num_layers": 1 << 10, "num_heads": 1 << 10,
                  "d_ff": 1 << 18, "head_dim": 1 << 12, "rope_original_context": 1 << 17}
