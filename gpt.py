@@ -506,12 +506,7 @@ def batch_at(data: np.ndarray, starts: np.ndarray, context_length: int,
     windows = data[starts[:, None] + np.arange(context_length + 1)]  # (B, T+1)
     windows = torch.from_numpy(windows.astype(np.int64))
     x, y = windows[:, :-1], windows[:, 1:]  # (B, T) each
-    if torch.device(device).type == "cuda":
-        # Machinery for CUDA (§12): page-locked memory lets the copy to the GPU run while the
-        # GPU is still busy with the last step; on other devices a plain copy.
-        return (x.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return x.to(device), y.to(device)
+    return to_device(x, device), to_device(y, device)  # on CUDA, pinned memory (§12)
 
 
 def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: str | torch.device,
@@ -1172,9 +1167,10 @@ def adamw_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[di
 
 
 # Muon's quintic, from Keller Jordan's 2024 Muon write-up: the coefficients that make the slope at
-# 0 as steep as possible (a = 3.4445: a small singular value grows 3.4x a step) while 5 steps still
-# leave every singular value of (0, 1] in a band around 1 (about 0.7 to 1.2) rather than exactly
-# on it, which trains as well as exactly orthogonal updates do.
+# 0 as steep as possible (a = 3.4445: a small singular value grows 3.4x a step) while 5 steps
+# still leave every singular value from about 2e-3 to 1 in a band around 1 (about 0.7 to 1.2)
+# rather than exactly on it, which trains as well as exactly orthogonal updates do. Smaller
+# ones fall short (1e-3 ends near 0.5): directions the gradient hardly holds stay small.
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -1224,7 +1220,8 @@ class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024): momentum whose update is orthogonalized, for the 2-D weight
     matrices of the hidden layers. A gradient matrix is dominated by a few directions; giving
     each direction the same step lets the rare ones learn too. It takes torch.optim.Muon's
-    arguments, and ns_dtype, the dtype of the Newton-Schulz iteration.
+    arguments, and ns_dtype, the dtype of the Newton-Schulz iteration. The default run (laptop)
+    trains the blocks' matrices with it and the rest with AdamW: why, just below the class.
 
     For each matrix W (A, B) with gradient G, momentum mu, at learning rate lr:
         M = mu * M + (1 - mu) * G             running mean of gradients
@@ -1276,6 +1273,17 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
+# How the default run splits the parameters between Muon and AdamW (make_optimizer, §14, builds
+# the two). Muon takes the weight matrices inside the blocks, which map one hidden space to
+# another: the matrices it is for. AdamW keeps the token embeddings, a lookup table whose rows
+# each see only the gradients of their own token; the output layer, whose rows each score one
+# token; and the norms' gains, which are vectors (Jordan 2024 draws the same line). Muon peaks
+# at its own learning rate (muon_lr, 0.02 against AdamW's 3e-3 for laptop): set_lr (§5) moves
+# both along one schedule, Muon's group scaled by its "lr_scale" = muon_lr / lr. Decoupled decay
+# shrinks W by lr * weight_decay a step, so Muon's weight decay is weight_decay * lr / muon_lr:
+# at the larger rate, the same shrink as AdamW's.
+
+
 # ==================================================================================================
 # §5 Learning-rate schedule and gradient clipping
 #
@@ -1307,7 +1315,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of the next step. An optimizer reads "lr" from each parameter
     group at every step(), so the schedule needs no hook into it: before each step the run
     (§14) writes lr_cosine_schedule(step) there. A group with an "lr_scale" follows the same
-    schedule from its own peak (Muon's, §14)."""
+    schedule from its own peak, lr_scale times higher: Muon's, at muon_lr / lr (§4)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
@@ -1315,8 +1323,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Scale all gradients together so that their global L2 norm is at most max_norm.
 
-    Returns the norm before clipping (worth logging: spikes warn of instability). Scaling every
-    gradient by the same factor keeps the update's direction.
+    Returns the norm before clipping (worth logging: spikes warn of instability). One factor
+    for all keeps the gradient's direction, and so SGD's update; AdamW and Muon, which set
+    their step's size themselves, instead give a clipped batch less weight in their averages.
+    Its fast twin, fast_clip_grad_norm (§19), runs in its place by default (§19).
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
@@ -1342,9 +1352,10 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
 # Named configurations, each a model and the batch size (in sequences) and peak learning rate
 # it trains with; every value has its own flag. Why these values (data/results.md has the runs):
 # - laptop (the default): batch 8 and lr 3e-3 gave the lowest validation loss in a fixed time
-#   on a 2-core CPU. Weight decay 0.3, as 10 minutes are 3.3 passes over the bundled 1.4M
-#   tokens and stronger decay holds back memorising them; beta2 0.99, as batches of 8 give
-#   noisy gradients, whose squares AdamW then averages over about 100 steps instead of 20.
+#   on a 2-core CPU. Weight decay 0.3: a step reads 8 x 256 = 2,048 tokens, so ~700 steps are
+#   a pass over the bundled 1.44M, and a run of a few thousand steps reads each token several
+#   times; stronger decay holds back memorising them. beta2 0.99, as batches of 8 give noisy
+#   gradients, whose squares AdamW then averages over about 100 steps instead of 20.
 #   d_ff 688 is 8/3 x 256 (SwiGLU's width for the parameters of a 4x MLP), rounded up to 16.
 # - base: the 23M TinyStories model of Stanford CS336's assignment 1 (d_ff 1344 = 8/3 x 512,
 #   rounded to 64), lr 1e-3 from that course's sweeps; batch 128 in the GPU recipe (§12).
@@ -1352,8 +1363,9 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
 #   paper's peak learning rates for those sizes (Table 2.1). Not tuned here.
 # - all but laptop: weight decay 0.1 and beta2 0.95, GPT-3's and LLaMA's (Brown et al. 2020).
 # - optimizer: AdamW where a preset names none; "muon" trains the blocks' matrices with Muon
-#   (§4) at the preset's muon_lr, else at MUON_LR. laptop: Muon, as 10-minute runs with two
-#   seeds ended lower than AdamW's (2.9679 -> 2.9675 and 2.9945 -> 2.9313) in fewer, slower steps.
+#   (§4) at the preset's muon_lr, else at MUON_LR. laptop: Muon, as in 10-minute runs it tied
+#   AdamW with one seed (2.9675 against 2.9679) and beat it with the other (2.9313 against
+#   2.9945), in fewer, slower steps.
 PRESETS = {
     "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
                    batch_size=8, lr=3e-3, weight_decay=0.3, beta2=0.99, optimizer="muon",
@@ -1380,18 +1392,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, next_batch, g
                loss_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: forward, loss and backward for each of `grad_accum` micro-batches
     (drawn by next_batch()), then clip and update. The loss is cross_entropy unless loss_fn
-    says otherwise (fine-tuning's). Returns the mean loss, as a tensor on the device (reading
-    it would make the CPU wait for the GPU), and the gradient norm before clipping."""
+    says otherwise (fine-tuning's). Returns the mean loss and the gradient norm before
+    clipping, as tensors on the device: reading one would make the CPU wait for the GPU."""
     loss_fn = loss_fn or cross_entropy
     loss_sum = 0.0
     for micro in range(grad_accum):
         x, y = next_batch()  # (B, T) each
-        # Machinery for several processes (§12): DistributedDataParallel's no_sync holds back
-        # the exchange of gradients until the last micro-batch's backward. Alone: nothing.
-        last = micro == grad_accum - 1
-        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            # Machinery for speed (§12): amp bfloat16 runs the matmuls in bf16; None: float32.
-            with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        # Under torchrun, gradients are exchanged once, after the last micro-batch (§12).
+        with gradients_held(model, last=micro == grad_accum - 1):
+            with autocast(x.device, amp):  # bf16 matmuls where amp says so (§12)
                 logits = model(x)  # (B, T, V)
             # Each micro-batch adds mean_loss / accum: the gradients sum to those of the mean
             # loss over the whole accum x B batch.
@@ -1423,7 +1432,7 @@ def evaluate(model: nn.Module, data: np.ndarray, starts: np.ndarray, batch_size:
     total = torch.zeros((), device=device)
     for i in range(0, len(starts), batch_size):
         x, y = batch_at(data, starts[i:i + batch_size], context_length, device)  # (b, T) each
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):  # as train_step
+        with autocast(device, amp):  # as train_step
             logits = model(x)  # (b, T, V)
         total += cross_entropy(logits, y) * len(x)  # the batch's mean, weighted by its rows
     model.train()
@@ -3658,6 +3667,28 @@ def autocast_dtype(device: torch.device, requested: str) -> torch.dtype | None:
     return None
 
 
+# Machinery for §6's training step and evaluation, and §2's batches: a line there each.
+def autocast(device: torch.device, amp: torch.dtype | None):
+    """Mixed precision for a forward pass: with amp bfloat16 the matmuls run in bf16 (the norms
+    and the loss stay in float32, as §3 and §4 write them); None: plain float32."""
+    return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+
+def gradients_held(model: nn.Module, last: bool):
+    """Under torchrun, DistributedDataParallel's no_sync for every micro-batch but the last:
+    their backward keeps the gradients on this process, and the last one's exchanges them all
+    at once. A model on one process: nothing."""
+    return nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def to_device(x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to CUDA through page-locked memory, so that the copy runs
+    while the GPU is still busy with the last step."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def device_memory(device: torch.device) -> int | None:
     """Bytes of memory on `device` (the machine's RAM for the CPU and MPS), None if unknown."""
     if device.type == "cuda":
@@ -3727,7 +3758,7 @@ def compiled_gradient_error(model: nn.Module, compiled: nn.Module, compiled_loss
     grads = []
     for forward, loss_fn in ((model, cross_entropy), (compiled, compiled_loss_fn)):
         model.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        with autocast(x.device, amp):
             logits = forward(x)  # (B, T, V)
         loss_fn(logits, y).backward()
         grads.append({name: p.grad.float() for name, p in model.named_parameters()})
