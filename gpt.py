@@ -21,7 +21,7 @@ The ideas come first, each in its readable form; a reader can stop after §7 hav
 Then the machinery that makes the ideas fast, safe and usable, each part naming the idea it
 speeds up or protects:
 
-    §8  Files         atomic writes, UTF-8 checks
+    §8  Files         atomic writes, UTF-8 and JSON checks, the tokenizer's checks and files
     §9  Parallel BPE  worker processes, chunks cut at document boundaries, the fast
                       incremental trainer, train_bpe
     §10 Fast encoder  cached encoding (FastTokenizer), parallel encoding to token files
@@ -37,6 +37,11 @@ speeds up or protects:
     §18 Fine-tuning   question-answer pairs: template, packing, answer-only loss
     §19 Twins         the fast twins switched in for the readable forms, in one place
     §20 Command line  the subcommands and main()
+
+What runs by default is not §1-§7 verbatim: §19 switches in the fast twins (the same results,
+tested), and `train` compiles the model with torch.compile (§12 decides when: on CUDA, and on
+a CPU for a time budget of 5 minutes or more, as the default 10-minute run has). `--readable`
+(tokenize, train, sample) runs the book's own code, eagerly, to step through in a debugger.
 
 The three commands, on the bundled TinyStories sample:
 
@@ -7182,6 +7187,9 @@ def add_tokenize_parser(commands) -> None:
                           "--vocab-size and --special-tokens are then ignored)")
     tok.add_argument("--workers", type=int, default=None,
                      help="worker processes (default: every available core)")
+    tok.add_argument("--readable", action="store_true",
+                     help=f"{READABLE_HELP}: §1's incremental trainer and plain encoder, still "
+                          f"fed by the parallel workers of §9 and §10 (the same files)")
     tok.set_defaults(run=cmd_tokenize, parser=tok)
 
 

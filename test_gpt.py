@@ -6450,6 +6450,26 @@ def test_readable_and_fast_training_give_the_same_losses(readable_runs, token_di
         assert [f for f, _ in values] == pytest.approx([p for _, p in values], rel=1e-4)
 
 
+def test_tokenize_readable_writes_the_same_files_with_the_readable_forms(token_dir, tmp_path,
+                                                                       monkeypatch):
+    """`tokenize --readable` trains with §1's incremental trainer and encodes with §1's plain
+    Tokenizer, and writes the same tokenizer and token files as `tokenize` (token_dir's)."""
+    called = []
+    trainer, encode = readable("train_bpe_incremental"), PlainTokenizer.encode
+    monkeypatch.setitem(gpt.READABLE_FORMS, "train_bpe_incremental",
+                        lambda *a, **k: called.append("train") or trainer(*a, **k))
+    monkeypatch.setattr(PlainTokenizer, "encode",
+                        lambda self, text: called.append("encode") or encode(self, text))
+    texts = [os.path.join(token_dir, f"{split}.txt") for split in ("train", "valid")]
+    assert gpt.main(["tokenize", "--train", texts[0], "--valid", texts[1], "--vocab-size", "300",
+                     "--out-dir", str(tmp_path), "--workers", "1", "--readable"]) == 0
+    assert set(called) == {"train", "encode"}
+    names = ["train.bin", "valid.bin", *(f"tokenizer/{name}" for name in
+                                         ("vocab.json", "merges.txt", "special_tokens.json"))]
+    for name in names:
+        assert (tmp_path / name).read_bytes() == open(os.path.join(token_dir, name), "rb").read()
+
+
 def test_readable_and_fast_sampling_give_the_same_text(readable_runs, trained_run, capsys):
     """`sample` with a seed and top-p writes the same text with or without --readable."""
     _, _, readable_text = readable_runs
