@@ -920,9 +920,11 @@ class TransformerLM(nn.Module):
                    config.rope_original_context) if config.rope_factor != 1 else None
         self.rope = (RotaryEmbedding(config.rope_theta, config.head_dim, 0, scaling=scaling)
                      if config.position_encoding == "rope" else None)
-        # None here, and the blocks above, unless the ablations' switches ask for their
-        # variants (below), each built in its place so that a seed gives the same weights.
-        self.positions = position_vectors(config)
+        # Position vectors (None here), the post-norm block, no norms and tying are variants for
+        # the ablations (after the model), each built where the modern part would be.
+        self.positions = (AbsolutePositions(config.context_length, config.d_model,
+                                            config.position_encoding == "learned")
+                          if config.absolute_positions else None)
         block = PostNormBlock if config.norm_position == "post" else TransformerBlock
         self.layers = nn.ModuleList(block(config, self.rope) for _ in range(config.num_layers))
         self.ln_final = norm_layer(config)
@@ -1015,14 +1017,6 @@ class AbsolutePositions(nn.Module):
             raise ValueError(f"position {start_pos + T - 1} is past the last of the "
                              f"{len(self.weight)} absolute position vectors (context_length)")
         return self.weight[start_pos:start_pos + T]  # (T, C)
-
-
-def position_vectors(config: ModelConfig) -> AbsolutePositions | None:
-    """Learned or sinusoidal position vectors, added to the embeddings; None for RoPE or NoPE."""
-    if not config.absolute_positions:
-        return None
-    return AbsolutePositions(config.context_length, config.d_model,
-                             learned=config.position_encoding == "learned")
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -1542,14 +1536,10 @@ class KVCache:
             self.k = k.new_zeros(B, KV, self.capacity, D)  # (B, KV, capacity, D)
             self.v = v.new_zeros(B, KV, self.capacity, D)
         assert prompt or n == 1, "after the prompt, feed one token at a time"
-        if n == 1:  # the common case, one generated token: one slot
-            self.k[:, :, self.length % self.capacity] = k[:, :, 0]  # (B, KV, D) into one slot
-            self.v[:, :, self.length % self.capacity] = v[:, :, 0]
-        else:
-            keep = min(n, self.capacity)  # of a long prompt, only the last window stays
-            slots = torch.arange(self.length + n - keep, self.length + n, device=k.device)
-            self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]  # (B, KV, keep, D)
-            self.v[:, :, slots % self.capacity] = v[:, :, n - keep:]
+        keep = min(n, self.capacity)  # of a long prompt, only the last window stays
+        slots = torch.arange(self.length + n - keep, self.length + n, device=k.device)
+        self.k[:, :, slots % self.capacity] = k[:, :, n - keep:]  # (B, KV, keep, D)
+        self.v[:, :, slots % self.capacity] = v[:, :, n - keep:]
         self.length += n
         if prompt:
             return k, v
