@@ -957,7 +957,6 @@ MODEL_CHOICES = {"norm_position": ("pre", "post"),
                  "tie_init": ("output", "embedding")}
 
 
-
 def tie_weights(model: TransformerLM, init: str) -> None:
     """One matrix reads tokens in and scores them out (GPT-2; Press & Wolf 2017). init "output"
     keeps lm_head's small init: the embedding's std of 1 would start the logits sqrt(C) times
@@ -1508,8 +1507,8 @@ def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 class KVCache:
     """One layer's keys and values of the tokens seen so far, so that each new token costs the
-    model one position, not all: of its KV key/value heads (fewer than the query heads under
-    GQA, §3), given to the layer's attention as MultiHeadSelfAttention.forward's `cache`.
+    model one position, not all. The layer's attention (§3) takes it as `cache`; it holds the
+    KV key/value heads, fewer than the query heads under GQA.
 
     Holds `capacity` positions: a generation's prompt and new tokens, at most a context length
     (so a model of 8,192 positions reserves what one story needs, not 8,192). Past the context
@@ -1585,7 +1584,7 @@ def generate_batch(model: TransformerLM, prompts: torch.Tensor, max_new_tokens: 
     for _ in range(max_new_tokens):
         next_ids = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         yield next_ids
-        if caches:
+        if caches is not None:
             # Only the new token; start_pos gives it its absolute position for RoPE.
             logits = model(next_ids[:, None], start_pos=length, caches=caches)[:, -1]
         else:
@@ -1697,13 +1696,14 @@ def check_writable_dir(directory: str) -> None:
 
 
 def process_is_running(pid: int) -> bool:
-    """Whether a process exists: signal 0 asks without disturbing it."""
+    """Whether a process exists: signal 0 asks without disturbing it. A number too large to be
+    a pid counts as running, so that nothing is removed on its account."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass  # it runs, as another user
+    except (PermissionError, OverflowError):
+        pass  # it runs, as another user; or it cannot be asked about
     return True
 
 
@@ -3141,18 +3141,11 @@ def remove_stale_temp_files(directory: str) -> list[str]:
     removed = []
     for entry in os.scandir(directory):
         match = re.fullmatch(r".+\.tmp-([0-9]+)", entry.name)
-        if not match or not entry.is_file(follow_symlinks=False):
-            continue
-        pid = int(match[1])
-        if pid <= 0 or pid == os.getpid():
-            continue  # pid 0 would ask about our own process group
-        try:
-            os.kill(pid, 0)  # signal 0: no signal, only the question "does it exist?"
-        except ProcessLookupError:
+        pid = int(match[1]) if match else 0  # pid 0 would ask about our own process group
+        if (0 < pid != os.getpid() and entry.is_file(follow_symlinks=False)
+                and not process_is_running(pid)):
             os.remove(entry.path)
             removed.append(entry.path)
-        except (PermissionError, OverflowError):
-            pass  # another user's live process, or a number too large to be a pid
     return sorted(removed)
 
 
@@ -3170,11 +3163,6 @@ def shown(value) -> str:
     return text if len(text) <= 40 else f"a {type(value).__name__}"
 
 
-# The largest architecture a checkpoint may ask for, beyond anything this file trains and
-# within what real models use (Qwen's vocabulary of 151,936, Llama 3.2's 131,072 positions).
-# With the weights' own shapes (check_state_fits) it refuses a config that would allocate
-# without bound before a single tensor is made; context_length is in no weight's shape under
-# RoPE, and sizes only the tables that grow with the positions met.
 def check_model_config(c: ModelConfig) -> None:
     """Protects §3's ModelConfig: a ValueError naming the bad value if the architecture cannot
     be built, from the flags, a checkpoint or an imported model's config."""
@@ -3213,6 +3201,11 @@ def check_model_config(c: ModelConfig) -> None:
             raise ValueError(message)
 
 
+# The largest architecture a checkpoint may ask for, beyond anything this file trains and
+# within what real models use (Qwen's vocabulary of 151,936, Llama 3.2's 131,072 positions).
+# With the weights' own shapes (check_state_fits) it refuses a config that would allocate
+# without bound before a single tensor is made; context_length is in no weight's shape under
+# RoPE, and sizes only the tables that grow with the positions met.
 CONFIG_LIMITS = {"vocab_size": MAX_VOCAB_SIZE, "context_length": 1 << 17,  # Llama 3.1's 128k
                  "d_model": 1 << 16, "num_layers": 1 << 10, "num_heads": 1 << 10,
                  "d_ff": 1 << 18, "head_dim": 1 << 12, "rope_original_context": 1 << 17}
