@@ -468,11 +468,10 @@ class Tokenizer:
         return digest.hexdigest()
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write saved_files() into `directory` (FastTokenizer's save replaces each atomically)."""
+        """Write saved_files() into `directory`, each file replaced whole or not at all (§8)."""
         os.makedirs(directory, exist_ok=True)
         for name, data in self.saved_files().items():
-            with open(os.path.join(directory, name), "wb") as f:
-                f.write(data)
+            write_atomically(os.path.join(directory, name), data)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
@@ -671,10 +670,9 @@ class RotaryEmbedding(nn.Module):
     positions, not absolute ones. The cos and sin tables grow with the positions met (cover):
     an imported model's 131,072 positions would take 64 MB that a short prompt never reads.
 
-    Adjacent pairs are the layout of the paper, of Meta's Llama code and of the CS336 assignment.
-    Hugging Face's Llama, the format export writes (§16), pairs dimension i with i + D/2 instead
-    ("rotate half"): the same rotations of the dimensions listed in another order, so export
-    reorders the rows of the query and key projections, and import puts them back.
+    Adjacent pairs are the layout of the paper, of Meta's Llama code and of the CS336 assignment;
+    Hugging Face's pairs i with i + D/2 ("rotate half"), the same rotations with the dimensions
+    listed in another order: export and import reorder the query and key rows (§16).
     """
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None,
@@ -775,8 +773,8 @@ class MultiHeadSelfAttention(nn.Module):
 
     Grouped-query attention (GQA, Ainslie et al. 2023), in the models `import` reads: KV < H
     key/value heads, each shared by a group of H / KV query heads, and the KV cache (§7) holds
-    only those. SmolLM2-135M's 3 for 9 query heads keep a third: 30 layers x (k, v) x 3 heads x
-    64 dims x 4 bytes = 46 KB a token in float32, not 138 KB; 377 MB at 8,192 tokens, not 1.1 GB.
+    only those: SmolLM2-135M's 3 for 9 query heads cache 30 layers x (k, v) x 3 heads x 64 dims
+    x 4 bytes = 46 KB a token in float32, not 138 KB (377 MB at 8,192 tokens, not 1.1 GB).
     Its fast twin, FastMultiHeadSelfAttention (§12), runs in its place by default (§19).
     """
 
@@ -1064,7 +1062,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
     -log softmax(z)[y] = -log(exp(z_y) / sum_j exp(z_j)) = logsumexp(z) - z_y, and
     logsumexp(z) = m + log(sum_j exp(z_j - m)) with m = max(z), so exp never overflows.
-    A model that guesses uniformly scores ln(V) (9.21 for V = 10,000); lower is better.
+    A model that guesses uniformly scores ln(V) (9.21 for V = 10,000); lower is better. Its
+    fast twin, fast_cross_entropy (§19), runs in its place by default (§19).
     """
     logits = logits.float()  # in float32: bf16 would round the loss to 2-3 significant digits
     m = logits.amax(-1, keepdim=True)                                # (..., 1)
@@ -1110,15 +1109,10 @@ def closure_loss(closure) -> torch.Tensor | None:
 
 
 class AdamW(torch.optim.Optimizer):
-    """adamw_update for every parameter that has a gradient, one after the other.
-
-    For each parameter p with gradient g, at step t (from 1), with learning rate lr:
-        p = p - lr * weight_decay * p            decay the weight, independent of g
-        m = beta1 * m + (1 - beta1) * g          running mean of gradients
-        v = beta2 * v + (1 - beta2) * g^2        running mean of squared gradients
-        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-    torch.optim.Optimizer holds the parameter groups (each may set its own lr, betas, eps,
-    weight_decay) and each parameter's state, and saves both in state_dict().
+    """adamw_update (above, its formulas line by line) for every parameter that has a gradient,
+    one after the other. torch.optim.Optimizer holds the parameter groups (each may set its own
+    lr, betas, eps, weight_decay) and each parameter's state, and saves both in state_dict().
+    Its fast twin, FastAdamW (§19), runs in its place by default (§19).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -2929,13 +2923,6 @@ class FastTokenizer(Tokenizer):
             if not any(m.start() < cut < m.end() for m in nearby):
                 return cut
         return 0
-
-    # Protects §1's save: a crash leaves each file old or new, never half written.
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write saved_files() into `directory`, each replaced atomically."""
-        os.makedirs(directory, exist_ok=True)
-        for name, data in self.saved_files().items():
-            write_atomically(os.path.join(directory, name), data)
 
 
 _worker_tokenizer: FastTokenizer | None = None  # the tokenizer that _encode_chunk_in_worker uses
