@@ -1624,10 +1624,12 @@ def decode_stream(tokens: Iterable[int], tokenizer: Tokenizer,
 
 
 # ==================================================================================================
-# §8 Machinery: files that survive crashes
+# §8 Machinery: files that survive crashes, and checked inputs
 #
 # Protects §1-§2's files and §6's checkpoints: a write either completes or leaves the old file;
-# a failed write says why in words; input text is checked for UTF-8 before any work.
+# a failed write says why in words; input text is checked for UTF-8 before any work, every JSON
+# file is read through one guarded reader, and what §1's Tokenizer and §7's generation are
+# given is checked, so that a mistake is one line naming it.
 # ==================================================================================================
 
 # Why a write usually fails, in words: the system's own "File too large" does not say that a
@@ -2015,9 +2017,10 @@ def token_id_list(ids, vocab: dict[int, bytes]) -> list[int]:
         ids = list(map(operator.index, ids))
     except TypeError as e:
         raise ValueError(f"token ids must be integers ({e})") from None
-    unknown = [i for i in ids if i not in vocab]
+    unknown = set(ids).difference(vocab)  # a set: a million ids are checked in milliseconds
     if unknown:
-        raise ValueError(f"token id {unknown[0]} is not in the vocabulary ({len(vocab)} tokens)")
+        first = next(i for i in ids if i in unknown)
+        raise ValueError(f"token id {first} is not in the vocabulary ({len(vocab)} tokens)")
     return ids
 
 
