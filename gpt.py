@@ -3827,8 +3827,9 @@ def fast_project(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Te
 
 # The fast twin of §3's MultiHeadSelfAttention.
 class FastMultiHeadSelfAttention(MultiHeadSelfAttention):
-    """One product for the three projections, and F.scaled_dot_product_attention's fused
-    kernels, which never store the (T, S) scores (tiled_attention, below, shows how)."""
+    """One product for the three projections, and F.scaled_dot_product_attention, whose fused
+    kernels (flash, memory-efficient) never store the (T, S) scores, as tiled_attention (below)
+    shows; its plain C++ fallback, where they do not apply, does."""
 
     def queries_keys_values(self, x: torch.Tensor,
                             start_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -3855,7 +3856,9 @@ class FastMultiHeadSelfAttention(MultiHeadSelfAttention):
                         enable_gqa=q.shape[1] != k.shape[1])
         if T == S and T <= window:  # plain causal attention: the kernels need no mask
             return fused(is_causal=True)
-        if T == 1 and S <= window:  # one new token, which sees every cached key
+        # One new token, which sees every cached key (KVCache, §7). Not is_causal: for 1 query
+        # and S keys PyTorch aligns that mask top-left, keeping only the first key.
+        if T == 1 and S <= window:
             return fused()
         return fused(attn_mask=sliding_causal_mask(T, window, q.device, num_keys=S))  # (T, S)
 
