@@ -3899,17 +3899,19 @@ class TimeBudget:
         until a checkpoint has been timed, assume it takes as long as an evaluation."""
         return self.eval_seconds + 2 * (self.save_seconds or self.eval_seconds)
 
-    def plan(self, step: int, eval_interval: int) -> int | None:
+    def plan(self, step: int, eval_interval: float, evals_left: int = 0) -> int | None:
         """The step at which the schedule should end, or None while the steps are being timed.
         Example: at step 100 with 60 s left, 0.5 s a step, and 2 s for an evaluation with its
-        checkpoints every 250 steps -> 100 + int((60 - 2) / (0.5 + 2 / 250)) = 214."""
+        checkpoints every 250 steps -> 100 + int((60 - 2) / (0.5 + 2 / 250)) = 214. Evaluations
+        at set times instead (eval_interval inf), evals_left of them before the final one: their
+        time is kept aside too."""
         timed = self.step_seconds[self.WARMUP_STEPS:]
         if len(timed) < self.TIMED_STEPS:
             return None
         recent = timed[-self.RECENT_STEPS:]
         # Each step also owes its share of the evaluation and checkpoints every eval_interval.
         per_step = sum(recent) / len(recent) + self.reserve() / eval_interval
-        left = self.seconds - self.elapsed() - self.reserve()
+        left = self.seconds - self.elapsed() - self.reserve() * (1 + evals_left)
         return step + max(1, int(left / per_step))
 
     def is_over(self) -> bool:
@@ -3947,6 +3949,14 @@ def stop_requests(enabled: bool = True):
 # Drives §6's train_step: check every input, build or restore the model and optimizer, then
 # the loop: learning rate -> maybe evaluate and checkpoint -> step -> log.
 # ==================================================================================================
+
+# When a run evaluates. Under a time budget: at step 0, at the first step past each 1/EVAL_POINTS
+# of the budget, and at the end, a curve of 17 points on any machine (every 250 steps would
+# give 10 minutes on a slow CPU 3 points, on a fast one 13), on as many validation batches as
+# keep all the evaluations within EVAL_SHARE of the budget (size_evaluation). Under --max-steps,
+# or given --eval-interval: every EVAL_INTERVAL steps, on EVAL_BATCHES batches.
+EVAL_POINTS, EVAL_SHARE = 16, 0.05
+EVAL_INTERVAL, EVAL_BATCHES, MIN_EVAL_BATCHES = 250, 20, 2
 
 def resolve_config(args: argparse.Namespace, vocab_size: int,
                    saved: dict | None = None) -> ModelConfig:
@@ -4038,15 +4048,10 @@ class TrainingMeter:
         if now - self.last < 0.2:
             return
         self.last = now
-        budget, recent = run.budget, run.budget.step_seconds[-10:]  # the current speed
-        tokens = run.batch_size * run.args.grad_accum * run.row_length * run.world_size
-        eta = "?"  # until the time budget has planned the steps
-        if run.total_steps:
-            mean_step = sum(budget.step_seconds) / len(budget.step_seconds)
-            left = min(mean_step * (run.total_steps - run.step), budget.seconds - budget.elapsed())
-            eta = format_duration(max(left, 0))
+        recent = run.budget.step_seconds[-10:]  # the current speed
+        speed = run.tokens_per_step * len(recent) / max(sum(recent), 1e-9)
+        eta = format_duration(time_left(run)) if run.total_steps else "?"  # "?" until planned
         # \r goes back to the start of the line; \033[K (ANSI) erases what a longer line left.
-        speed = tokens * len(recent) / max(sum(recent), 1e-9)
         self.stream.write(f"\rstep {run.step}/{run.total_steps or '?'} | loss {loss.item():.4f} | "
                           f"{speed:,.0f} tok/s | ETA {eta}\033[K")
         self.stream.flush()
@@ -4090,6 +4095,9 @@ class Run:
     loss_sum: torch.Tensor = None  # training loss summed on the device since the last log
     steps_since_log: int = 0
     announced: bool = False      # whether the time budget's plan has been printed
+    marks_passed: float = math.inf  # the time cadence's: 1/EVAL_POINTS of the budget, passed
+    evaluations: int = 0         # by this command, and the seconds they took
+    eval_seconds: float = 0.0
     meter: TrainingMeter | None = None  # the live line, on a terminal (rank 0)
     # What fine-tuning (`finetune`) changes; None, for `train`: get_batch, cross_entropy,
     # evaluate() on the valid windows, random weights.
@@ -4113,6 +4121,21 @@ class Run:
 
     def path(self, name: str) -> str:
         return os.path.join(self.args.out_dir, name)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.args.grad_accum * self.row_length * self.world_size
+
+
+def time_left(run: Run) -> float:
+    """Seconds to the end of the run: a time budget's own remainder (the plan ends the run
+    then); under --max-steps, the mean step so far times the steps to go, within any budget."""
+    budget = run.budget
+    left = budget.seconds - budget.elapsed()
+    if run.args.max_steps is not None:
+        mean_step = sum(budget.step_seconds) / len(budget.step_seconds)
+        left = min(left, mean_step * (run.total_steps - run.step))
+    return max(left, 0.0)
 
 
 def start_process(args: argparse.Namespace) -> tuple[torch.device, int, int]:
@@ -4156,8 +4179,8 @@ def read_resume(args: argparse.Namespace,
                          f"--optimizer, or train into another --out-dir")
     args.optimizer = optimizer
     for name, value in checkpoint["args"].items():
-        if (name in ("preset", "batch_size", "lr", "min_lr", "weight_decay", "beta2", "muon_lr")
-                and getattr(args, name) is None):
+        if (name in ("preset", "batch_size", "lr", "min_lr", "weight_decay", "beta2", "muon_lr",
+                     "eval_batches") and getattr(args, name) is None):
             setattr(args, name, value)
     total_steps, time_used = plan_resume(args, checkpoint, path)
     return checkpoint, total_steps, time_used
@@ -4184,6 +4207,9 @@ def settle_recipe(args: argparse.Namespace, device: torch.device, vocab_size: in
     resumed), refusing any that conflict: returns start_run's recipe line, config and lrs."""
     if args.max_steps is None and args.max_time is None:
         args.max_time = 600.0  # the default budget: 10 minutes
+    if args.max_steps is not None or args.eval_interval is not None:  # every N steps
+        args.eval_interval = args.eval_interval or EVAL_INTERVAL
+        args.eval_batches = args.eval_batches or EVAL_BATCHES
     recipe = pick_recipe(args, device)
     config = resolve_config(args, vocab_size, saved)
     max_lr = PRESETS[args.preset]["lr"] if args.lr is None else args.lr
@@ -4332,8 +4358,9 @@ def build_model(run: Run, checkpoint: dict | None) -> None:
     elif run.start_from:  # fine-tuning: a trained model's weights, with a fresh optimizer
         load_checkpoint(run.start_from, run.model)
     if run.eval_starts is None:  # fine-tuning brings its own: the held-out pairs
+        # Left open (the time cadence), EVAL_BATCHES until the first evaluation sizes them.
         run.eval_starts = evaluation_starts(len(run.valid_data), run.config.context_length,
-                                            args.eval_batches * run.batch_size)
+                                            (args.eval_batches or EVAL_BATCHES) * run.batch_size)
     compile_model(run)
     run.fast_model = run.eval_model
     if run.world_size > 1:
@@ -4346,14 +4373,13 @@ def build_model(run: Run, checkpoint: dict | None) -> None:
 def describe(run: Run, num_params: int) -> None:
     """The lines that open a run's log: model, device and precision, data and recipe."""
     args, T = run.args, run.row_length
-    tokens_per_step = run.batch_size * args.grad_accum * T * run.world_size
     precision = "float32" if run.amp is None else f"{str(run.amp).replace('torch.', '')} autocast"
     ranks = f" x {run.world_size} ranks" if run.world_size > 1 else ""
     run.say(f"model: {run.config}")
     run.say(f"parameters: {num_params:,} ({num_params / 1e6:.1f}M) | device {run.device}{ranks} "
             f"| {precision}{' | compiled' if run.eval_model is not run.model else ''}")
     run.say(f"data: {len(run.train_data):,} train and {len(run.valid_data):,} valid tokens | "
-            f"{tokens_per_step:,} tokens per step ({run.batch_size} x {T} x {args.grad_accum} "
+            f"{run.tokens_per_step:,} tokens per step ({run.batch_size} x {T} x {args.grad_accum} "
             f"accum{ranks}) | lr {run.max_lr:g} -> {run.min_lr:g}, warmup {args.warmup_steps} "
             f"steps")
     muon = [p for g in run.optimizer.param_groups if g.get("optimizer") == "muon"
@@ -4367,8 +4393,7 @@ def describe(run: Run, num_params: int) -> None:
 def record(run: Run, **fields) -> None:
     """One line of metrics.jsonl, for plotting."""
     if run.metrics:
-        tokens = run.batch_size * run.args.grad_accum * run.row_length * run.world_size
-        run.metrics.write(json.dumps({**fields, "tokens": run.step * tokens}) + "\n")
+        run.metrics.write(json.dumps({**fields, "tokens": run.step * run.tokens_per_step}) + "\n")
         run.metrics.flush()
 
 
@@ -4399,14 +4424,37 @@ def check_finite(run: Run, loss: float, what: str) -> None:
                          f"lower --lr); the last good checkpoint is kept in {run.args.out_dir}")
 
 
+def size_evaluation(run: Run) -> None:
+    """Set --eval-batches, left open under a time budget, to the most batches (at least
+    MIN_EVAL_BATCHES, at most EVAL_BATCHES) that the run's EVAL_POINTS + 1 evaluations (step
+    0, each mark, the end) run in EVAL_SHARE of the budget, timing one batch twice after a
+    first that may compile. The checkpoints keep the count: --resume uses the same windows."""
+    B, T = run.batch_size, run.config.context_length
+    seconds = []
+    for _ in range(3):
+        started = time.perf_counter()
+        evaluate(run.eval_model, run.valid_data, run.eval_starts[:B], B, T, run.device, run.amp)
+        seconds.append(time.perf_counter() - started)
+    per_batch = max((seconds[1] + seconds[2]) / 2, 1e-9)
+    fit = int(run.budget.seconds * EVAL_SHARE / (EVAL_POINTS + 1) / per_batch)
+    run.args.eval_batches = broadcast(min(max(fit, MIN_EVAL_BATCHES), EVAL_BATCHES),
+                                      run.world_size)
+    run.eval_starts = evaluation_starts(len(run.valid_data), T, run.args.eval_batches * B)
+
+
 def evaluate_and_save(run: Run, finished: bool) -> None:
     """Evaluate on the validation windows, log it, and checkpoint (best.pt when it improved)."""
     started = time.perf_counter()
+    if run.args.eval_batches is None:
+        size_evaluation(run)
+    timed = time.perf_counter()  # the budget plans with the time of an evaluation itself
     val_loss = (run.evaluate(run) if run.evaluate else
                 evaluate(run.eval_model, run.valid_data, run.eval_starts, run.batch_size,
                          run.config.context_length, run.device, run.amp))
     val_loss = broadcast(val_loss, run.world_size)  # the same "best" on every rank
-    run.budget.eval_seconds = time.perf_counter() - started
+    run.budget.eval_seconds = time.perf_counter() - timed
+    run.eval_seconds += time.perf_counter() - started
+    run.evaluations += 1
     check_finite(run, val_loss, "validation loss")
     is_best = val_loss < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, val_loss)
@@ -4426,16 +4474,12 @@ def log_progress(run: Run, lr: float, grad_norm: torch.Tensor) -> None:
     train_loss = rank_mean(run.loss_sum, run.world_size) / run.steps_since_log
     check_finite(run, train_loss, "training loss")
     recent = budget.step_seconds[-run.steps_since_log:]
-    tokens = run.batch_size * args.grad_accum * run.row_length * run.world_size
-    tokens_per_s = tokens * run.steps_since_log / sum(recent)
+    tokens_per_s = run.tokens_per_step * run.steps_since_log / sum(recent)
     elapsed = budget.elapsed()
-    # Time left: the mean step so far times the steps to go, within the budget.
-    mean_step = sum(budget.step_seconds) / len(budget.step_seconds)
-    left = min(mean_step * ((run.total_steps or run.step) - run.step), budget.seconds - elapsed)
     run.say(f"step {run.step:>6}/{run.total_steps or '?'} | loss {train_loss:.4f} | "
             f"lr {lr:.2e} | grad norm {grad_norm.item():.2f} | {tokens_per_s:,.0f} tok/s | "
             f"{format_duration(elapsed)} elapsed"
-            f"{f', {format_duration(left)} left' if run.total_steps else ''}")
+            f"{f', {format_duration(time_left(run))} left' if run.total_steps else ''}")
     record(run, step=run.step, train_loss=round(train_loss, 5), lr=lr,
            grad_norm=round(grad_norm.item(), 5), tokens_per_s=round(tokens_per_s),
            elapsed=round(elapsed, 2))
@@ -4443,13 +4487,20 @@ def log_progress(run: Run, lr: float, grad_norm: torch.Tensor) -> None:
     run.steps_since_log = 0
 
 
-def plan_step(run: Run) -> bool:
-    """Whether the run is done; with a time budget, plan the steps again first. Every rank
-    follows rank 0's clock, so all stop at the same step."""
-    planning = run.args.max_steps is None
-    plan = run.budget.plan(run.step, run.args.eval_interval) if planning else None
-    done = run.step >= (plan or run.total_steps or math.inf) or run.budget.is_over()
-    done, plan = broadcast((done, plan), run.world_size)
+def plan_step(run: Run) -> tuple[bool, bool]:
+    """Whether the run is done, and whether to evaluate (see EVAL_POINTS); with a time budget,
+    plan the steps again first. Every rank follows rank 0's clock, so all act at the same step."""
+    args, budget = run.args, run.budget
+    interval, evals_left = args.eval_interval, 0
+    if interval:
+        due = run.step % interval == 0
+    else:  # the time cadence; a resumed run waits for the next mark
+        passed = int(budget.elapsed() * EVAL_POINTS // budget.seconds)
+        due, run.marks_passed = run.step == 0 or passed > run.marks_passed, passed
+        interval, evals_left = math.inf, max(EVAL_POINTS - 1 - passed, 0)
+    plan = budget.plan(run.step, interval, evals_left) if args.max_steps is None else None
+    done = run.step >= (plan or run.total_steps or math.inf) or budget.is_over()
+    done, due, plan = broadcast((done, due, plan), run.world_size)
     if plan is not None:
         run.total_steps = plan
         if not run.announced:
@@ -4458,7 +4509,7 @@ def plan_step(run: Run) -> bool:
             run.announced = True
     if done:
         run.total_steps = run.step  # the schedule ends here, whatever the plan said
-    return done
+    return done, due or done
 
 
 def train_loop(run: Run) -> None:
@@ -4470,12 +4521,12 @@ def train_loop(run: Run) -> None:
     run.loss_sum = torch.zeros((), device=run.device)
     with stop_requests(enabled=run.world_size == 1) as stop_requested:
         while True:
-            done = plan_step(run)
+            done, due = plan_step(run)
             decay_end = args.decay_steps or run.total_steps or 10 ** 9  # no plan yet: warmup
             lr = lr_cosine_schedule(run.step, run.max_lr, run.min_lr,
                                     min(args.warmup_steps, decay_end), decay_end)
             set_lr(run.optimizer, lr)
-            if run.step % args.eval_interval == 0 or done:
+            if due:
                 evaluate_and_save(run, finished=done)
             if done:
                 return
@@ -4547,8 +4598,11 @@ def train(args: argparse.Namespace, start=start_run) -> None:
     if run.world_size > 1:
         finish_ranks(run)
     written = [name for name in ("latest.pt", "best.pt") if os.path.exists(run.path(name))]
+    share = run.eval_seconds / (time.perf_counter() - command_started)
     run.say(f"done: {run.step} steps in {format_duration(run.budget.elapsed())}, best val loss "
-            f"{run.best_val_loss:.4f}; checkpoints in {args.out_dir} ({', '.join(written)})")
+            f"{run.best_val_loss:.4f}; {run.evaluations} evaluations took "
+            f"{run.eval_seconds:.1f}s ({share:.1%} of the time); checkpoints in {args.out_dir} "
+            f"({', '.join(written)})")
     run.say(f"curves: python gpt.py plot {args.out_dir}")
 
 
@@ -7183,10 +7237,14 @@ def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
                          "for laptop, else 0.95)")
     tr.add_argument("--grad-clip", type=number(float, 0.0, low_open=True), default=1.0,
                     help="largest global gradient norm (default: %(default)s)")
-    tr.add_argument("--eval-interval", type=number(int, 1), default=250,
-                    help="steps between evaluations and checkpoints (default: %(default)s)")
-    tr.add_argument("--eval-batches", type=number(int, 1), default=20,
-                    help="validation batches per evaluation (default: %(default)s)")
+    tr.add_argument("--eval-interval", type=number(int, 1),
+                    help=f"steps between evaluations and checkpoints (default: under a time "
+                         f"budget, {EVAL_POINTS} evaluations spread over it; else "
+                         f"{EVAL_INTERVAL})")
+    tr.add_argument("--eval-batches", type=number(int, 1),
+                    help=f"validation batches per evaluation (default: {EVAL_BATCHES}; with "
+                         f"evaluations spread over a time budget, as many as take "
+                         f"{EVAL_SHARE:.0%} of it, at least {MIN_EVAL_BATCHES})")
     tr.add_argument("--log-interval", type=number(int, 1), default=25,
                     help="steps between log lines (default: %(default)s)")
     tr.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0,
@@ -7351,7 +7409,8 @@ def add_finetune_parser(commands) -> None:
     # Uncompiled: compile_model checks its gradients on pretraining windows, which fine-tuning
     # has not. A step of a short list of pairs is quick anyway.
     ft.set_defaults(run=cmd_finetune, parser=ft, compile=False, warmup_steps=FINETUNE_WARMUP,
-                    eval_interval=FINETUNE_EVAL_INTERVAL, log_interval=10)
+                    eval_interval=FINETUNE_EVAL_INTERVAL, eval_batches=EVAL_BATCHES,
+                    log_interval=10)
 
 
 def add_finetune_data_flags(ft: argparse.ArgumentParser) -> None:

@@ -3830,6 +3830,101 @@ def test_train_command_end_to_end(tmp_path, token_dir, capsys):
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "latest.pt", "metrics.jsonl"]
 
 
+def without_flags(argv: list[str], *flags: str) -> list[str]:
+    """argv without each of `flags` and the value after it."""
+    argv = list(argv)
+    for flag in flags:
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    return argv
+
+
+def test_time_budget_plan_keeps_time_for_the_evaluations_to_come(monkeypatch):
+    """With evaluations at set times (eval_interval inf), the plan keeps the time of those
+    still to come aside: the hand example's 60 s left, 0.5 s a step, 2 s an evaluation with
+    its checkpoints, and 3 evaluations before the final one -> 100 + int((60 - 4 x 2) / 0.5)."""
+    clock = [1000.0]
+    monkeypatch.setattr(gpt.time, "perf_counter", lambda: clock[0])
+    budget = gpt.TimeBudget(100.0)
+    budget.step_seconds = [9.0, 9.0] + [0.5] * 60
+    budget.eval_seconds, budget.save_seconds = 1.0, 0.5
+    clock[0] += 40.0
+    assert budget.plan(100, math.inf, evals_left=3) == 100 + int(52 / 0.5) == 204
+
+
+@pytest.fixture
+def fake_time(monkeypatch):
+    """gpt.py's clock, moved on 0.1 s by each training step and 0.01 s by each validation batch
+    of 4 windows (train_args' batch size); returns the clock and the windows of each evaluate."""
+    clock, windows = FakeClock(), []
+    train_step, evaluate = gpt.train_step, gpt.evaluate
+
+    def timed_step(*args, **kwargs):
+        clock.now += 0.1
+        return train_step(*args, **kwargs)
+
+    def timed_evaluate(model, data, starts, *args):
+        clock.now += 0.01 * math.ceil(len(starts) / 4)
+        windows.append(len(starts))
+        return evaluate(model, data, starts, *args)
+
+    monkeypatch.setattr(gpt, "time", clock)
+    monkeypatch.setattr(gpt, "train_step", timed_step)
+    monkeypatch.setattr(gpt, "evaluate", timed_evaluate)
+    return clock, windows
+
+
+def test_time_budget_evaluates_at_sixteenths_on_sized_batches(tmp_path, token_dir, fake_time,
+                                                               capsys):
+    """Under a time budget with no --eval-interval, a run evaluates at step 0, at the first step
+    past each 1/16 of the budget and at the end, not every 250 steps; with no --eval-batches it
+    times a batch and takes the most (5 here) that its 17 evaluations run in 5% of the budget,
+    says what they cost, and keeps the count on --resume (no evaluation at the resume itself)."""
+    _, windows = fake_time
+    argv = without_flags(train_args(token_dir, tmp_path), "--max-steps", "--eval-interval",
+                         "--eval-batches")
+    assert gpt.main(argv + ["--max-time", "20s"]) == 0
+    evaluations = [m for m in metrics(tmp_path) if "val_loss" in m]
+    assert len(evaluations) == 17 and evaluations[0]["step"] == 0
+    for k, record in enumerate(evaluations[1:16], 1):  # 20 s / 16 = 1.25 s apart
+        assert k * 1.25 <= record["elapsed"] < k * 1.25 + 0.2
+    assert windows[:3] == [4, 4, 4] and set(windows[3:]) == {5 * 4}  # timed, then 5 batches
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["args"]["eval_batches"] == 5
+    # 3 timed batches, then 17 x 5 batches of 0.01 s in a 20 s run
+    assert "; 17 evaluations took 0.9s (4.4% of the time)" in capsys.readouterr().out
+    last_step, windows[:] = evaluations[-1]["step"], []
+    assert gpt.main(argv + ["--resume", "--max-time", "5s"]) == 0
+    assert set(windows) == {5 * 4}
+    resumed = [m["step"] for m in metrics(tmp_path) if "val_loss" in m][17:]
+    assert len(resumed) >= 4 and resumed[0] > last_step
+
+
+@pytest.mark.parametrize("extra, every", [(["--max-time", "20s", "--eval-interval", "50"], 50),
+                                          (["--max-steps", "6"], 250)],
+                         ids=["eval-interval-wins", "step-budget"])
+def test_eval_interval_or_a_step_budget_evaluates_every_n_steps(tmp_path, token_dir, fake_time,
+                                                                extra, every):
+    """Given --eval-interval, or under --max-steps alone, a run evaluates every N steps (250 by
+    default) and at the end, on 20 batches, as it always did."""
+    _, windows = fake_time
+    argv = without_flags(train_args(token_dir, tmp_path), "--max-steps", "--eval-interval",
+                         "--eval-batches")
+    assert gpt.main(argv + extra) == 0
+    steps = [m["step"] for m in metrics(tmp_path) if "val_loss" in m]
+    assert steps[:-1] == list(range(0, steps[-1], every))
+    assert set(windows) == {20 * 4}
+    saved = torch.load(tmp_path / "latest.pt", weights_only=True)["args"]
+    assert (saved["eval_interval"], saved["eval_batches"]) == (every, 20)
+
+
+def test_progress_line_elapsed_plus_left_is_the_budget(tmp_path, token_dir, fake_time, capsys):
+    """Under a time budget, the time a log line says is left is what is left of the budget."""
+    argv = without_flags(train_args(token_dir, tmp_path), "--max-steps")
+    assert gpt.main(argv + ["--max-time", "20s"]) == 0
+    told = re.findall(r"(\d+)s elapsed, (\d+)s left", capsys.readouterr().out)
+    assert len(told) > 100
+    assert all(19 <= int(elapsed) + int(left) <= 20 for elapsed, left in told)
+
+
 def test_two_seeded_runs_are_identical(tmp_path, token_dir):
     """The same seed gives bit-identical weights; another seed gives others."""
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
