@@ -5394,41 +5394,61 @@ def remove_export_leftovers(out: str) -> None:
             log(f"removed {path}, left by a run that was killed")
 
 
-def check_export_dir(out: str, overwrite: bool, flag: str = "--out") -> None:
-    """`export` writes only into a new or empty directory, or, with --overwrite, one that holds
-    an earlier export and nothing else: never into a tokenizer's, data or run directory. So
-    does `import` (its flag: --out-dir)."""
+def check_export_dir(out: str, overwrite: bool, flag: str) -> None:
+    """`export` and `import` write only into a new or empty directory, or, with --overwrite, one
+    that holds an earlier export or import and nothing else (a lock aside): never into a
+    tokenizer's, data or run directory."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ValueError(f"{flag} {out} is a file: give a directory")
-    names = set(os.listdir(out)) if os.path.isdir(out) else set()
+    names = set(os.listdir(out)) - {LOCK_NAME} if os.path.isdir(out) else set()
     if not names:
         return
     try:
         with open(os.path.join(out, EXPORT_MARKER), encoding="utf-8") as f:
-            ours = set(json.load(f)["files"]) | {EXPORT_MARKER}
+            marker = json.load(f)
+        ours = set(marker["files"]) | {EXPORT_MARKER}
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        raise ValueError(f"{flag} {out} holds files that no export wrote "
+        raise ValueError(f"{flag} {out} holds files that no export or import wrote "
                          f"({', '.join(sorted(names)[:3])}{', ...' * (len(names) > 3)}): give "
                          f"a new or empty directory") from None
+    earlier = f"an earlier {'import' if 'imported' in marker else 'export'}"
     if names - ours:
-        raise ValueError(f"{flag} {out} holds an earlier export and other files "
+        raise ValueError(f"{flag} {out} holds {earlier} and other files "
                          f"({', '.join(sorted(names - ours)[:3])}): give a new or empty "
                          f"directory")
     if not overwrite:
-        raise ValueError(f"{flag} {out} holds an earlier export: replace it with --overwrite, or "
-                         f"give a new or empty directory")
+        raise ValueError(f"{flag} {out} holds {earlier}: replace it with --overwrite, or give a "
+                         f"new or empty directory")
 
 
 def publish_export(staging: str, out: str) -> None:
     """Put a complete export in place of `out` by renaming directories, so that a kill leaves
     the previous export or the new one, never a mix. An earlier export is moved aside first
-    (a rename cannot replace a directory that holds files), then removed."""
-    old = export_sibling(out, "old")
+    (a rename cannot replace a directory that holds files), then removed; the lock moves in."""
+    old, lock = export_sibling(out, "old"), os.path.join(out, LOCK_NAME)
     with signals_held():
+        if os.path.lexists(lock):
+            os.replace(lock, os.path.join(staging, LOCK_NAME))
         if os.path.isdir(out) and os.listdir(out):
             os.rename(out, old)
         os.rename(staging, out)  # onto a missing or an empty directory
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def export_staging(out: str, overwrite: bool, flag: str) -> Iterator[str]:
+    """A directory for the files of an export (or an import) beside OUT, on its file system,
+    put in OUT's place when the block completes; meanwhile OUT is locked as a run's is."""
+    remove_export_leftovers(out)
+    check_export_dir(out, overwrite, flag)
+    with directory_lock(out):
+        staging = export_sibling(out, "new")
+        check_writable_dir(staging)
+        try:
+            yield staging
+            publish_export(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- Import: a Hugging Face checkpoint as a gpt.pt ------------------------------------------------
@@ -6815,16 +6835,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     path = args.checkpoint or newest_checkpoint(args.run_dir)
     model, tokenizer, iteration, story_start, generation = read_for_export(path)
     out = os.path.realpath(args.out)  # a link given as --out: the directory it names
-    remove_export_leftovers(out)
-    check_export_dir(out, args.overwrite)
-    # Staged beside OUT, on its file system, then renamed into place.
-    staging = export_sibling(out, "new")
-    check_writable_dir(staging)
-    try:
+    with export_staging(out, args.overwrite, "--out") as staging:
         write_export(staging, model, tokenizer, iteration, path, story_start, generation)
-        publish_export(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     num_params = sum(p.numel() for p in model.parameters())
     size = lambda name: os.path.getsize(os.path.join(out, name)) / 1e6
     print(f"model: {path} (step {iteration:,}, {num_params / 1e6:.1f}M parameters)")
@@ -6846,12 +6858,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     if rows > config.vocab_size:
         raise ValueError(f"{args.hf_dir}: its tokenizer's ids go up to {rows - 1}, but "
                          f"config.json gives a {config.vocab_size}-token vocabulary")
-    out = os.path.realpath(args.out_dir)
-    remove_export_leftovers(out)
-    check_export_dir(out, args.overwrite, "--out-dir")
-    staging = export_sibling(out, "new")
-    check_writable_dir(staging)
-    try:
+    with export_staging(os.path.realpath(args.out_dir), args.overwrite, "--out-dir") as staging:
         state = read_hf_weights(config, names, tensors)
         if rows < config.vocab_size:
             # Qwen pads its 151,669 tokens to 151,936 rows, a multiple that suits GPUs: rows no
@@ -6866,9 +6873,6 @@ def cmd_import(args: argparse.Namespace) -> None:
                           architecture=arch, generation=generation)
         marker = {"files": ["gpt.pt"], "imported": os.path.abspath(args.hf_dir)}
         write_atomically(os.path.join(staging, EXPORT_MARKER), json.dumps(marker).encode())
-        publish_export(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     dtypes = sorted({str(tensors[theirs][1]).removeprefix("torch.") for theirs in names.values()})
     count = sum(t.numel() for t in {id(t): t for t in state.values()}.values())
     print(f"model: {args.hf_dir} ({arch}, {count / 1e6:.1f}M parameters, {', '.join(dtypes)})")

@@ -5011,7 +5011,8 @@ def test_export_writes_only_into_a_new_empty_or_earlier_export_directory(tmp_pat
     (tokenizer_dir / "vocab.json").write_text("{}")
     capsys.readouterr()
     assert export(tokenizer_dir) == 2
-    assert "holds files that no export wrote (vocab.json)" in one_error_line(capsys, "export")
+    assert "holds files that no export or import wrote (vocab.json)" in one_error_line(capsys,
+                                                                                        "export")
     assert os.listdir(tokenizer_dir) == ["vocab.json"]
     assert (tokenizer_dir / "vocab.json").read_text() == "{}"
     hf = tmp_path / "hf"
@@ -5643,21 +5644,31 @@ def test_import_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsy
 
 
 def test_import_writes_only_into_a_new_empty_or_earlier_import_directory(tmp_path, capsys):
-    """import refuses an out-dir that holds a run (a latest.pt), leaving it as it was, and an
-    earlier import unless --overwrite, which replaces it."""
+    """import refuses an out-dir that holds a run (a latest.pt), saying that no export or
+    import wrote it and leaving it as it was; an earlier import unless --overwrite, which
+    replaces it; and an out-dir another process holds the lock of, as train does."""
     hf = export_for_import(tmp_path)
-    run = tmp_path / "run"
+    run, new = tmp_path / "run", tmp_path / "new"
     run.mkdir()
     (run / "latest.pt").write_bytes(b"a run")
     capsys.readouterr()
     assert exit_code(["import", str(hf), "--out-dir", str(run)]) == 2
-    assert "--out-dir" in one_error_line(capsys, "import")
+    assert (f"--out-dir {run} holds files that no export or import wrote (latest.pt)"
+            in one_error_line(capsys, "import"))
     assert files_under(run) == {"latest.pt": b"a run"}
-    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "new")]) == 0
+    assert gpt.main(["import", str(hf), "--out-dir", str(new)]) == 0
     capsys.readouterr()
-    assert exit_code(["import", str(hf), "--out-dir", str(tmp_path / "new")]) == 2
-    assert "--overwrite" in one_error_line(capsys, "import")
-    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "new"), "--overwrite"]) == 0
+    assert exit_code(["import", str(hf), "--out-dir", str(new)]) == 2
+    assert "holds an earlier import: replace it with --overwrite" in one_error_line(capsys,
+                                                                                    "import")
+    before = files_under(new)
+    (new / "gpt.lock").write_text(f"{os.getpid()}\n")  # held by a live process: this one
+    assert exit_code(["import", str(hf), "--out-dir", str(new), "--overwrite"]) == 2
+    assert f"{new} is in use by another run" in one_error_line(capsys, "import")
+    os.remove(new / "gpt.lock")
+    assert files_under(new) == before
+    assert gpt.main(["import", str(hf), "--out-dir", str(new), "--overwrite"]) == 0
+    assert sorted(os.listdir(new)) == [".gpt-export.json", "gpt.pt"]  # the lock released
     assert sorted(os.listdir(tmp_path)) == ["hf", "model.pt", "new", "run"]
 
 
