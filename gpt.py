@@ -4866,7 +4866,8 @@ def signals_held() -> Iterator[None]:
 def publish(staging: str, out_dir: str, names: list[str]) -> None:
     """Move staged files into out_dir, all or none: every destination is checked first, each
     previous file is kept under a second name until all have moved, and a failure on the way
-    puts them back (the caller holds Ctrl-C and SIGTERM back). The tokenizer goes first and
+    puts them back (the caller holds Ctrl-C and SIGTERM back). A name not staged is removed
+    from out_dir (a file the new outputs must not be read with). The tokenizer goes first and
     each token file before its sidecar, so that a kill -9 or a power cut in the middle leaves
     old token files whose sidecars name the old tokenizer, or a new token file with its old
     sidecar: training refuses both rather than mix them."""
@@ -4877,14 +4878,15 @@ def publish(staging: str, out_dir: str, names: list[str]) -> None:
         for name in names:
             path = os.path.join(out_dir, name)
             keep_previous(path, os.path.join(backups, name))
-            os.replace(os.path.join(staging, name), path)
+            staged = os.path.join(staging, name)
+            os.replace(staged, path) if os.path.lexists(staged) else os.remove(path)
             moved.append(name)
     except OSError as e:
         for done in reversed(moved):
             backup, placed = os.path.join(backups, done), os.path.join(out_dir, done)
             os.replace(backup, placed) if os.path.lexists(backup) else os.remove(placed)
-        raise OSError(f"cannot publish {path}: {e.strerror or e}; the previous files in "
-                      f"{out_dir} are put back") from None
+        raise OSError(f"cannot publish {path}: {e.strerror or e}; {out_dir} is put back as it "
+                      f"was") from None
 
 
 def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir: str,
@@ -4894,6 +4896,8 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
     previous files in out_dir untouched, never a mix of old and new."""
     dtype = token_dtype(max(tokenizer.vocab) + 1)
     fingerprint = tokenizer.fingerprint()
+    kept = (f"the previous files in {out_dir} are kept" if os.path.isdir(out_dir)
+            and os.listdir(out_dir) else f"nothing was written to {out_dir}")
     with made_if_missing(out_dir), staging_dir(out_dir) as staging:
         names = []  # of the files to publish, relative to staging and out_dir
         files = [(source, os.path.join(staging, f"{split}.bin"))
@@ -4903,6 +4907,11 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
                 tokenizer.save(os.path.join(staging, "tokenizer"))
                 names += [f"tokenizer/{name}"
                           for name in sorted(os.listdir(os.path.join(staging, "tokenizer")))]
+                # An earlier tokenizer's settings would be read with this one's files: publish
+                # removes them, as a name it is given but not staged.
+                stale = "tokenizer/tokenizer_settings.json"
+                names += [stale] * (os.path.lexists(os.path.join(out_dir, stale))
+                                    and stale not in names)
             started = time.perf_counter()
             with closing(encode_files(tokenizer, files, workers, verbose=True)) as counts:
                 for (split, source), (_, path), num_tokens in zip(sources.items(), files, counts):
@@ -4913,7 +4922,7 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
                           f"{num_tokens:,} tokens ({dtype.name}), "
                           f"{(end - start) / max(num_tokens, 1):.2f} bytes/token")
         except OSError as e:
-            raise OSError(f"{e}; the previous files in {out_dir} are kept") from None
+            raise OSError(f"{e}; {kept}") from None
         os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
         with signals_held():
             publish(staging, out_dir, names)

@@ -4402,7 +4402,8 @@ def small_texts(tmp_path, corpus_path):
 
 def test_a_refused_tokenize_leaves_no_new_out_dir(tmp_path, small_texts, monkeypatch, capsys):
     """A tokenize into a new out-dir that fails on the way (here a full disk as the sidecar is
-    written) leaves nothing behind: no out-dir, no empty tokenizer/, no parent made for it."""
+    written) leaves nothing behind: no out-dir, no empty tokenizer/, no parent made for it; and
+    says so, not that previous files are kept."""
     def disk_full(path, *args):
         raise OSError(f"cannot write {path}.json: the disk is full")
     monkeypatch.setattr(gpt, "write_token_info", disk_full)
@@ -4410,8 +4411,26 @@ def test_a_refused_tokenize_leaves_no_new_out_dir(tmp_path, small_texts, monkeyp
     out = tmp_path / "new" / "out"
     assert exit_code(["tokenize", "--train", str(train), "--valid", str(valid), "--workers", "1",
                       "--vocab-size", "300", "--out-dir", str(out)]) == 2
-    assert "train.bin.json: the disk is full" in capsys.readouterr().err.splitlines()[-1]
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.endswith(f"train.bin.json: the disk is full; nothing was written to {out}")
     assert sorted(os.listdir(tmp_path)) == ["train.txt", "valid.txt"]
+
+
+def test_tokenize_leaves_no_earlier_tokenizers_settings(tmp_path, small_texts, tokenizer):
+    """A tokenizer of GPT-2's settings written where one of other settings was (by tokenize
+    --tokenizer, here of Qwen's layout) leaves no tokenizer_settings.json of the earlier one
+    behind: the directory loads as the tokenizer written."""
+    train, valid = small_texts
+    with_layout(tokenizer, "qwen").save(tmp_path / "qwen")
+    out = tmp_path / "out"
+    args = ["tokenize", "--train", str(train), "--valid", str(valid), "--workers", "1",
+            "--out-dir", str(out)]
+    assert gpt.main(args + ["--tokenizer", str(tmp_path / "qwen")]) == 0
+    assert (out / "tokenizer" / "tokenizer_settings.json").exists()
+    assert gpt.main(args + ["--vocab-size", "300"]) == 0
+    assert sorted(os.listdir(out / "tokenizer")) == ["merges.txt", "special_tokens.json",
+                                                     "vocab.json"]
+    assert gpt.Tokenizer.load(out / "tokenizer").settings() == {}
 
 
 def test_tokenize_command_end_to_end(tmp_path, small_texts):
@@ -4718,7 +4737,7 @@ def test_publish_failing_at_any_step_puts_the_previous_files_back(tmp_path, monk
             return replace(src, dst)
         monkeypatch.setattr(os, "replace", failing_replace)
         with pytest.raises(OSError, match=f"cannot publish {out}/{PUBLISHED[k - 1]}: "
-                                          f"Input/output error; the previous files"):
+                                          f"Input/output error; {out} is put back as it was"):
             gpt.publish(str(staging), str(out), PUBLISHED)
         monkeypatch.setattr(os, "replace", replace)
         assert {n: b for n, b in files_under(out).items()
