@@ -3958,6 +3958,7 @@ def stop_requests(enabled: bool = True):
 EVAL_POINTS, EVAL_SHARE = 16, 0.05
 EVAL_INTERVAL, EVAL_BATCHES, MIN_EVAL_BATCHES = 250, 20, 2
 
+
 def resolve_config(args: argparse.Namespace, vocab_size: int,
                    saved: dict | None = None) -> ModelConfig:
     """The preset (or a resumed checkpoint's config), with every flag the user gave on top."""
@@ -4029,12 +4030,9 @@ def plan_resume(args: argparse.Namespace, checkpoint: dict, path: str) -> tuple[
 
 
 class TrainingMeter:
-    """`train`'s live line on a terminal: step, loss, tokens/s and time left, redrawn in place a
-    few times a second under the log lines (Run.say clears it before each). Only on a terminal:
-    a log file keeps the log lines alone.
-
-    On screen:  step 412/1789 | loss 3.0625 | 6,391 tok/s | ETA 7m30s
-    """
+    """`train`'s live line, redrawn in place under the log lines (Run.say clears it first), on a
+    terminal only: a log file keeps the log lines alone.
+        step 412/1789 | loss 3.0625 | 6,391 tok/s | ETA 7m30s"""
 
     def __init__(self, stream):
         self.stream = stream
@@ -4042,8 +4040,8 @@ class TrainingMeter:
         self.drawn = False     # whether a line is on the screen now
 
     def update(self, run, loss: torch.Tensor) -> None:
-        """After a step of `run` (a Run of §6): redraw, if 0.2 s have passed since the last
-        time (reading the loss makes the CPU wait for a GPU: a few times a second is cheap)."""
+        """Redraw after a step, at most every 0.2 s: reading the loss makes a CPU wait for its
+        GPU, which a few times a second costs little."""
         now = time.perf_counter()
         if now - self.last < 0.2:
             return
@@ -4160,8 +4158,7 @@ def start_process(args: argparse.Namespace) -> tuple[torch.device, int, int]:
 def read_resume(args: argparse.Namespace,
                 kind: str = "pretraining") -> tuple[dict | None, int | None, float]:
     """With --resume: the checkpoint to continue (a run of this kind), where its schedule ends
-    and the seconds of its budget used; what the user does not give again is what the run was
-    started with."""
+    and the seconds of its budget used; flags not given again are those the run started with."""
     if not args.resume:
         return None, args.max_steps, 0.0
     path = os.path.join(args.out_dir, "latest.pt")
@@ -4170,8 +4167,7 @@ def read_resume(args: argparse.Namespace,
     checkpoint = read_checkpoint(path)
     check_resumable(checkpoint, path)
     check_run_kind(checkpoint, path, kind)
-    # The optimizer's state is that of the optimizer the run started with (every run before
-    # Muon came used AdamW).
+    # The checkpoint holds the state of the optimizer the run started with (AdamW before Muon).
     optimizer = checkpoint["args"].get("optimizer") or "adamw"
     if args.optimizer not in (None, optimizer):
         raise ValueError(f"--optimizer {args.optimizer}: the run in {path} trains with "
@@ -4182,13 +4178,17 @@ def read_resume(args: argparse.Namespace,
         if (name in ("preset", "batch_size", "lr", "min_lr", "weight_decay", "beta2", "muon_lr",
                      "eval_batches") and getattr(args, name) is None):
             setattr(args, name, value)
-    total_steps, time_used = plan_resume(args, checkpoint, path)
-    return checkpoint, total_steps, time_used
+    return (checkpoint, *plan_resume(args, checkpoint, path))
 
 
-def fill_optimizer_flags(args: argparse.Namespace) -> None:
-    """--weight-decay, --beta2 and --optimizer left open: the preset's, or without a preset
+def settle_optimizer(args: argparse.Namespace, lr: float) -> tuple[float, float]:
+    """The peak and final learning rates (--lr, else `lr`; --min-lr, else a tenth). Fills in
+    --weight-decay, --beta2 and --optimizer left open: the preset's, or without a preset
     (fine-tuning a trained model) GPT-3's 0.1 and 0.95, and AdamW; with Muon, --muon-lr too."""
+    max_lr = lr if args.lr is None else args.lr
+    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
+    if not min_lr <= max_lr:
+        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
     usual = dict(weight_decay=0.1, beta2=0.95, optimizer="adamw")
     for name in usual:
         if getattr(args, name) is None:
@@ -4199,6 +4199,7 @@ def fill_optimizer_flags(args: argparse.Namespace) -> None:
                          f"is AdamW alone: drop it, or give --optimizer muon")
     if args.optimizer == "muon" and args.muon_lr is None:
         args.muon_lr = PRESETS[args.preset].get("muon_lr", MUON_LR) if args.preset else MUON_LR
+    return max_lr, min_lr
 
 
 def settle_recipe(args: argparse.Namespace, device: torch.device, vocab_size: int,
@@ -4212,12 +4213,7 @@ def settle_recipe(args: argparse.Namespace, device: torch.device, vocab_size: in
         args.eval_batches = args.eval_batches or EVAL_BATCHES
     recipe = pick_recipe(args, device)
     config = resolve_config(args, vocab_size, saved)
-    max_lr = PRESETS[args.preset]["lr"] if args.lr is None else args.lr
-    fill_optimizer_flags(args)
-    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
-    if not min_lr <= max_lr:
-        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
-    return recipe, config, max_lr, min_lr
+    return recipe, config, *settle_optimizer(args, PRESETS[args.preset]["lr"])
 
 
 def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
@@ -4238,10 +4234,9 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
                              tokenizer_dir)
     recipe, config, max_lr, min_lr = settle_recipe(args, device, vocab_size,
                                                    checkpoint and checkpoint["config"])
-    preset = PRESETS[args.preset]
     run = Run(args, device, rank, world_size, autocast_dtype(device, args.dtype), tokenizer,
-              train_data, valid_data, config, args.batch_size or preset["batch_size"], max_lr,
-              min_lr, total_steps=total_steps,
+              train_data, valid_data, config, args.batch_size or PRESETS[args.preset]["batch_size"],
+              max_lr, min_lr, total_steps=total_steps,
               story_start=find_story_start(train_data, tokenizer))
     T = config.context_length
     check_batch_fits(run.batch_size, T, vocab_size, device, "--batch-size")
@@ -4264,10 +4259,9 @@ def compile_model(run: Run) -> None:
     run.eval_model, run.loss_fn = run.model, run.loss or cross_entropy
     if not run.args.compile:
         return
-    # torch.compile turns the model into a few generated kernels, fusing the many elementwise
-    # operations (norms, RoPE, SwiGLU) into single passes over memory, backward included, and
-    # the loss's formula into a few more. The first step pays for the compilation: typically
-    # half a minute to a minute.
+    # torch.compile fuses the many elementwise operations (norms, RoPE, SwiGLU, the loss's
+    # formula) into a few generated kernels, backward included. The first step pays for the
+    # compilation: typically half a minute to a minute.
     compiled, loss_fn = torch.compile(run.model), torch.compile(run.loss_fn)
     # A compiler bug would train a wrong model for hours without a sign (one did, on CUDA:
     # see the README). One batch, eager and compiled, must give the same gradients.
@@ -4276,9 +4270,8 @@ def compile_model(run: Run) -> None:
     try:
         error, name = compiled_gradient_error(run.model, compiled, loss_fn, x, y, run.amp)
     except Exception as e:
-        # No C++ compiler for the CPU, an unsupported platform, a compiler bug: each fails with
-        # its own exception type, and none is a reason to stop a run that trains as well (if
-        # more slowly) without the compiler.
+        # No C++ compiler for the CPU, an unsupported platform, a compiler bug: each has its own
+        # exception type, and none should stop a run that trains as well (if slower) without.
         run.model.zero_grad(set_to_none=True)  # the check's half-made gradients
         run.say(f"torch.compile failed ({first_line(e)}); training without it")
         return
@@ -4292,9 +4285,8 @@ def compile_model(run: Run) -> None:
 class Optimizers(torch.optim.Optimizer):
     """Several optimizers stepping as one, for `train --optimizer muon` (§4's Muon and AdamW):
     one list of param groups, each naming its optimizer under "optimizer", and one state, so the
-    schedule, the checkpoints and --resume see a single optimizer. Each step lends every
-    optimizer its own groups and the shared state, the two attributes any torch optimizer steps
-    from: nothing else of their insides is assumed."""
+    schedule, the checkpoints and --resume see one optimizer. Each step lends every optimizer
+    its groups and the shared state, all that any torch optimizer steps from."""
 
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
         self.optimizers = optimizers
@@ -4405,12 +4397,11 @@ def save_run(run: Run, path: str, finished: bool = False) -> None:
         rng_states = [None] * run.world_size
         dist.all_gather_object(rng_states, run.batch_rng.get_state())
     if run.rank == 0:
-        tokenizer = run.tokenizer
         save_checkpoint(run.model, run.optimizer, run.step, path, config=asdict(run.config),
                         args={k: v for k, v in vars(run.args).items()
                               if isinstance(v, (str, int, float, bool, type(None)))},
-                        tokenizer=tokenizer_state(tokenizer),
-                        tokenizer_fingerprint=tokenizer.fingerprint(), kind=run.kind,
+                        tokenizer=tokenizer_state(run.tokenizer),
+                        tokenizer_fingerprint=run.tokenizer.fingerprint(), kind=run.kind,
                         best_val_loss=run.best_val_loss, total_steps=run.total_steps,
                         finished=finished, elapsed=run.budget.elapsed(), rng=rng_states,
                         story_start=run.story_start,
@@ -4470,7 +4461,7 @@ def evaluate_and_save(run: Run, finished: bool) -> None:
 
 def log_progress(run: Run, lr: float, grad_norm: torch.Tensor) -> None:
     """The log line of the last few steps: loss, lr, gradient norm, speed and time left."""
-    args, budget = run.args, run.budget
+    budget = run.budget
     train_loss = rank_mean(run.loss_sum, run.world_size) / run.steps_since_log
     check_finite(run, train_loss, "training loss")
     recent = budget.step_seconds[-run.steps_since_log:]
@@ -4644,16 +4635,9 @@ EXPERIMENTS = {
 
 
 def arm_result(out_dir: str) -> dict:
-    """What a finished arm reached, from its latest.pt and metrics.jsonl; a line there that is no
-    record, or lacks a field (a killed run's half line), is passed over."""
-    records = []
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
-        for line in f:
-            with suppress(ValueError):
-                records.append(parse_json(line, out_dir))
-    records = [r for r in records if isinstance(r, dict)]
-    evals = [r["val_loss"] for r in records if is_number(r.get("val_loss"))]
-    times = [r["elapsed"] for r in records if is_number(r.get("elapsed"))]
+    """What a finished arm reached, from its latest.pt and its metrics (read_metrics, §17)."""
+    records = read_metrics(out_dir)
+    evals = [(r["elapsed"], r["val_loss"]) for r in metric_series(records, "val")]
     path = os.path.join(out_dir, "latest.pt")
     checkpoint = read_checkpoint(path)
     config, args = saved_config(checkpoint["config"], path, checkpoint["model"]), checkpoint["args"]
@@ -4661,20 +4645,14 @@ def arm_result(out_dir: str) -> dict:
     batch = args["batch_size"] or PRESETS[args["preset"]]["batch_size"]
     return dict(parameters=sum(p.numel() for p in TransformerLM(config).parameters()), steps=step,
                 tokens=step * batch * args["grad_accum"] * config.context_length,
-                seconds=times[-1] if times else checkpoint.get("elapsed", 0.0),
-                best=min(evals, default=checkpoint.get("best_val_loss", math.nan)),
-                final=evals[-1] if evals else math.nan,
-                evals=[(r["elapsed"], r["val_loss"]) for r in records
-                       if is_number(r.get("elapsed")) and is_number(r.get("val_loss"))])
+                seconds=records[-1]["elapsed"], best=min(loss for _, loss in evals),
+                final=evals[-1][1], evals=evals)
 
 
 def loss_at(evals: list[tuple[float, float]], seconds: float) -> float:
-    """The validation loss `seconds` into a run, from its (elapsed, val_loss) evaluations:
-    read on the straight line between the two around it (evaluate often for a close reading);
-    nan for a run without any.
-    Example: evaluations (10 s, 4.0) and (30 s, 3.0): at 25 s, 3.25."""
-    if not evals:
-        return math.nan
+    """The validation loss `seconds` into a run, from its (elapsed, val_loss) evaluations, read
+    on the straight line between the two around it. Example: (10 s, 4.0), (30 s, 3.0): at 25 s,
+    3.25."""
     for (t0, loss0), (t1, loss1) in zip(evals, evals[1:]):
         if t0 <= seconds <= t1:
             return loss0 + (loss1 - loss0) * (seconds - t0) / max(t1 - t0, 1e-9)
@@ -4682,9 +4660,8 @@ def loss_at(evals: list[tuple[float, float]], seconds: float) -> float:
 
 
 def arm_state(directory: str, argv: list[str]) -> str:
-    """What an arm's directory holds of a run of exactly these train flags: "done" (finished),
-    "interrupted" (to resume), or "new" (nothing of theirs). experiment.json, written before
-    the arm trains, records its flags."""
+    """What an arm's directory holds of a run of exactly these train flags (its experiment.json):
+    "done" (finished), "interrupted" (to resume), or "new" (nothing of theirs)."""
     try:
         with open(os.path.join(directory, "experiment.json"), encoding="utf-8") as f:
             same = json.load(f) == argv
@@ -4700,8 +4677,8 @@ def arm_state(directory: str, argv: list[str]) -> str:
 
 
 def arm_dir(args: argparse.Namespace, name: str, flags: list[str], arm: str) -> str:
-    """Where an arm trains: OUT_DIR/NAME/ARM, or OUT_DIR/default for the default recipe, which
-    every experiment shares."""
+    """Where an arm trains: OUT_DIR/NAME/ARM; the default recipe, in every experiment, in
+    OUT_DIR/default."""
     if not flags:
         return os.path.join(args.out_dir, "default")
     return os.path.join(args.out_dir, name, re.sub(r"[^a-z0-9]+", "-", arm.lower()).strip("-"))
@@ -4987,13 +4964,12 @@ def rope_halves(weight: torch.Tensor, num_heads: int, inverse: bool = False) -> 
     rotary embedding; inverse=True puts Llama's back in our order (`import`).
 
     Ours turns adjacent pairs (2j, 2j+1) by the angle p * theta^(-2j/D) (RotaryEmbedding);
-    Llama's `rotate_half` turns dimension j with dimension j + D/2 by that same angle. So our
-    dimension 2j must become Llama's j, and 2j+1 become j + D/2: each head's rows in the order
-    0, 2, 4, ..., D-2, then 1, 3, ..., D-1. Example, D = 4: rows (0, 1, 2, 3) -> (0, 2, 1, 3),
-    and our pairs (0,1), (2,3) become Llama's (0,2), (1,3). Queries and keys are reordered
-    alike, and a score q.k sums over the D dimensions in any order, so every attention score is
-    unchanged; values and the output projection keep their order. qk-norm's gains (D,), one per
-    dimension of a head, move with their dimensions: one head of rows.
+    Llama's `rotate_half` turns dimension j with j + D/2 by that angle. So our 2j becomes
+    Llama's j, and 2j+1 becomes j + D/2: each head's rows in the order 0, 2, ..., D-2, then
+    1, 3, ..., D-1. Example, D = 4: rows (0, 1, 2, 3) -> (0, 2, 1, 3). Queries and keys are
+    reordered alike, and q.k sums over the D dimensions in any order, so every attention score
+    is unchanged; values and the output projection keep their order. qk-norm's gains (D,) move
+    with their dimensions: one head of rows.
     """
     D = len(weight) // num_heads
     if inverse:  # (H, 2, D/2, C): Llama's halves -> (H, D/2, 2, C): our pairs
@@ -5059,17 +5035,14 @@ def llama_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
 
 
 def tokenizer_json(tokenizer: Tokenizer, bos_ids: list[int] = ()) -> dict:
-    """tokenizer.json, the file AutoTokenizer loads as a fast tokenizer (Hugging Face's
-    `tokenizers`): byte-level BPE with GPT-2's pre-tokenizer, which is ours (or the tokenizer's
-    split patterns, each an Isolated Split, and its normalizer), our merges in order, and the
-    special tokens cut out first; bos_ids, if any, put before every text. It gives the ids
-    Tokenizer.encode gives.
-
-    The special tokens are in the vocabulary as they are written, not spelled: `tokenizers`
-    gives a special token the id it has there (one missing there would get a new id past the
-    end). If BPE built one string twice, its first id is the one our encoder produces, and the
-    only one here. `ignore_merges` is off for ours, or a word found whole in the vocabulary
-    would skip the merges that our encoder applies.
+    """tokenizer.json, which AutoTokenizer loads as a fast tokenizer (Hugging Face's
+    `tokenizers`) that gives the ids Tokenizer.encode gives: byte-level BPE with GPT-2's
+    pre-tokenizer (or the tokenizer's split patterns, each an Isolated Split, and its
+    normalizer), our merges in order, the special tokens cut out first, bos_ids before every
+    text. Special tokens are in the vocabulary as written, not spelled (`tokenizers` gives one
+    the id it has there); a string BPE built twice keeps its first id, the one our encoder
+    produces. ignore_merges is off for ours: a word found whole in the vocabulary would skip
+    the merges our encoder applies.
     """
     spell = bytes_to_unicode()
     spelled = lambda token: "".join(spell[b] for b in token)
@@ -5108,10 +5081,9 @@ def tokenizer_json(tokenizer: Tokenizer, bos_ids: list[int] = ()) -> dict:
 
 def hf_tokenizer_files(tokenizer: Tokenizer, context_length: int,
                        generation: dict | None = None) -> dict[str, bytes]:
-    """The tokenizer as files, by name: ours (vocab.json, merges.txt, special_tokens.json, which
-    Tokenizer.load reads), tokenizer.json, and the two configuration files that tell
-    AutoTokenizer which tokens are special (an imported model's bos and eos, and its chat
-    template, are those it came with)."""
+    """The tokenizer as files, by name: ours (which Tokenizer.load reads), tokenizer.json, and
+    the two that tell AutoTokenizer which tokens are special (an imported model's bos and eos,
+    and chat template, are those it came with)."""
     specials, names = {}, tokenizer.special_tokens
     if generation:
         bos, eos = ([tokenizer.vocab[i].decode("utf-8") for i in generation[key][:1]]
@@ -5348,21 +5320,10 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
             write_all(f, little_endian_bytes(tensor), path)
 
 
-def read_for_export(path: str) -> tuple[TransformerLM, Tokenizer, int, str, dict | None]:
-    """The model, the tokenizer, the step count, the story_start and the generation settings
-    (an imported model's) of a checkpoint, each checked as for sampling, on the CPU; a model
-    Llama cannot express is refused."""
-    model, tokenizer, checkpoint = read_model(path)
-    check_exportable(model.config)
-    return (model, tokenizer, checkpoint["iteration"], saved_story_start(checkpoint, path),
-            saved_generation(checkpoint.get("generation"), tokenizer, path))
-
-
 def save_weights_only(state: dict[str, torch.Tensor], config: ModelConfig, tokenizer: Tokenizer,
                       iteration: int, path: str, story_start: str = "", **extra) -> None:
     """A checkpoint with what load_for_sampling reads and nothing else: no optimizer state (two
-    thirds of a training checkpoint), nothing that resuming needs; `extra` says where it is
-    from (`import`'s)."""
+    thirds of a training checkpoint); `extra` says where it is from (`import`'s)."""
     try:
         with replaced(path) as f:
             torch.save({"model": state, "iteration": iteration, "config": asdict(config),
@@ -5373,9 +5334,8 @@ def save_weights_only(state: dict[str, torch.Tensor], config: ModelConfig, token
                       f"({first_line(e)})") from None
 
 
-# An export's own file (and an import's), listing the files it wrote: a later export recognizes
-# its directory by it, and replaces it only when asked (--overwrite) and only when it holds
-# nothing else.
+# An export's (or import's) list of the files it wrote: a later one replaces that directory only
+# when asked (--overwrite), and only while it holds nothing else.
 EXPORT_MARKER = ".gpt-export.json"
 
 
@@ -6434,16 +6394,11 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
                                                     qa_template(tokenizer, generation, source), T)
     if args.max_steps is None and args.max_time is None:
         args.max_steps = total_steps = FINETUNE_STEPS
-    if args.lr is not None:
-        max_lr = args.lr
-    else:  # from scratch, the preset's; a trained model needs smaller steps not to forget
-        max_lr = PRESETS[args.preset]["lr"] if args.preset else FINETUNE_LR
-    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
-    fill_optimizer_flags(args)
+    # From scratch, the preset's learning rate; a trained model needs smaller steps not to forget.
+    max_lr, min_lr = settle_optimizer(args, PRESETS[args.preset]["lr"] if args.preset
+                                      else FINETUNE_LR)
     batch_size = args.batch_size or (PRESETS[args.preset]["batch_size"] if args.preset
                                      else FINETUNE_BATCH_SIZE)
-    if not min_lr <= max_lr:
-        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
     run = Run(args, device, rank, world_size, autocast_dtype(device, args.dtype), tokenizer,
               train_pairs, valid_pairs, config, batch_size, max_lr, min_lr,
               total_steps=total_steps, get_batch=qa_batch, loss=masked_cross_entropy,
@@ -6842,7 +6797,10 @@ def write_export(staging: str, model: TransformerLM, tokenizer: Tokenizer, itera
 
 def cmd_export(args: argparse.Namespace) -> None:
     path = args.checkpoint or newest_checkpoint(args.run_dir)
-    model, tokenizer, iteration, story_start, generation = read_for_export(path)
+    model, tokenizer, checkpoint = read_model(path)  # on the CPU, checked as for sampling
+    check_exportable(model.config)
+    iteration, story_start = checkpoint["iteration"], saved_story_start(checkpoint, path)
+    generation = saved_generation(checkpoint.get("generation"), tokenizer, path)
     out = os.path.realpath(args.out)  # a link given as --out: the directory it names
     with export_staging(out, args.overwrite, "--out") as staging:
         write_export(staging, model, tokenizer, iteration, path, story_start, generation)
