@@ -6073,9 +6073,9 @@ class QATemplate:
 
 
 def qa_template(tokenizer: Tokenizer, generation: dict | None, name: str) -> QATemplate:
-    """Our models' QA_PROMPT between end-of-text tokens; for an imported model (`generation`,
-    see hf_generation) its chat format where it has one, else QA_PROMPT after its bos_ids,
-    ended by its first eos id."""
+    """Our models' QA_PROMPT between end-of-text tokens (the first special token, which ended
+    the stories in pretraining); for an imported model (`generation`, see hf_generation) its
+    chat format where it has one, else QA_PROMPT after its bos_ids, ended by its first eos id."""
     chat = generation and generation["chat"]
     if chat and chat["end"] is None:
         raise ValueError(f"{name}: its chat template is not ChatML (<|im_start|>...<|im_end|>), "
@@ -6083,12 +6083,14 @@ def qa_template(tokenizer: Tokenizer, generation: dict | None, name: str) -> QAT
     if chat:  # no bos_ids: a template writes any itself, and its text is encoded without them
         return QATemplate([], chat["before"], chat["after"], "", tokenizer.special_ids[chat["end"]])
     before, after = QA_PROMPT.split("{question}")
-    if generation is None:
-        return QATemplate([end_token(tokenizer, name)], before, after, " ",
-                          end_token(tokenizer, name))
-    if not generation["eos_ids"]:
-        raise ValueError(f"{name}: the model has no end-of-text token to end an answer with")
-    return QATemplate(generation["bos_ids"], before, after, " ", generation["eos_ids"][0])
+    end = end_of_text_id(tokenizer) if generation is None else next(iter(generation["eos_ids"]),
+                                                                     None)
+    if end is None:
+        raise ValueError(f"{name}: its tokenizer has no end-of-text token to end an answer with"
+                         + " (`tokenize --special-tokens '<|endoftext|>'` makes one)"
+                         * (generation is None))
+    return QATemplate([end] if generation is None else generation["bos_ids"], before, after, " ",
+                      end)
 
 
 def qa_sequence(tokenizer: Tokenizer, question: str, answer: str, template: QATemplate,
@@ -6251,16 +6253,6 @@ def qa_batch(pairs: QAPairs, batch_size: int, context_length: int, device: str |
     order = torch.randperm(len(pairs.items), generator=generator).tolist()
     x, y = pack_pairs(pairs, order, batch_size, context_length)  # (B, T) each
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-
-
-def end_token(tokenizer: Tokenizer, name: str) -> int:
-    """The id that ends each answer: the tokenizer's first special token, the one that ended
-    the stories in pretraining (<|endoftext|>)."""
-    eot = end_of_text_id(tokenizer)
-    if eot is None:
-        raise ValueError(f"{name}: its tokenizer has no end-of-text token to end an answer with "
-                         f"(`tokenize` with --special-tokens '<|endoftext|>' makes one)")
-    return eot
 
 
 def show_answers(run: Run) -> None:
@@ -7124,6 +7116,9 @@ READABLE_HELP = ("run the readable code of §1-§7 instead of the fast twins of 
                  "results, slower): for stepping through the book in a debugger")
 
 
+DEVICE_HELP = "cpu, cuda, cuda:1, mps, or auto: CUDA, then MPS, then CPU (default: %(default)s)"
+
+
 def add_train_parser(commands) -> None:
     tr = commands.add_parser(
         "train", help="train the model on the token files",
@@ -7137,27 +7132,7 @@ def add_train_parser(commands) -> None:
     tr.add_argument("--data-dir", default="data",
                     help="where `tokenize` wrote train.bin, valid.bin and tokenizer/ "
                          "(default: %(default)s)")
-    tr.add_argument("--out-dir", default="data/run",
-                    help="checkpoints latest.pt and best.pt, and metrics.jsonl "
-                         "(default: %(default)s)")
-    tr.add_argument("--resume", action="store_true",
-                    help="continue the run in OUT_DIR from its latest.pt: an interrupted run "
-                         "exactly where it stopped; a finished one for a new --max-steps or "
-                         "--max-time, at --min-lr")
-    tr.add_argument("--overwrite", action="store_true",
-                    help="start a fresh run in an OUT_DIR that holds one, deleting its "
-                         "checkpoints (without it, such an OUT_DIR is refused)")
-    tr.add_argument("--max-steps", type=number(int, 1), help="optimizer steps to train for")
-    tr.add_argument("--max-time", metavar="DURATION", type=duration,
-                    help="time budget such as 90s, 10m or 2h, counted from the start: the "
-                         "schedule is planned, and planned again as the run goes, to end when "
-                         "it runs out (default: 10m unless --max-steps is given)")
-    tr.add_argument("--device", default="auto",
-                    help="cpu, cuda, cuda:1, mps, or auto: CUDA, then MPS, then CPU "
-                         "(default: %(default)s)")
-    tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="bfloat16 autocast or plain float32; auto: bf16 on GPUs and on CPUs "
-                         "with bf16 instructions (default: %(default)s)")
+    add_run_flags(tr, "data/run", "none", "10m unless --max-steps is given")
     tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="torch.compile the model: faster steps after a slow first one "
                          "(default: on on CUDA, and on a CPU for a --max-time of 5m or more)")
@@ -7167,6 +7142,30 @@ def add_train_parser(commands) -> None:
     add_optimization_flags(tr)
     add_model_flags(tr)
     tr.set_defaults(run=cmd_train, parser=tr)
+
+
+def add_run_flags(tr: argparse.ArgumentParser, out_dir: str, steps: str, time: str) -> None:
+    """Where a run of `train` or `finetune` writes, its budget and its device."""
+    tr.add_argument("--out-dir", default=out_dir,
+                    help="checkpoints latest.pt and best.pt, and metrics.jsonl "
+                         "(default: %(default)s)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in OUT_DIR from its latest.pt: an interrupted run "
+                         "exactly where it stopped; a finished one for a new --max-steps or "
+                         "--max-time, at --min-lr")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start a fresh run in an OUT_DIR that holds one, deleting its "
+                         "checkpoints (without it, such an OUT_DIR is refused)")
+    tr.add_argument("--max-steps", type=number(int, 1),
+                    help=f"optimizer steps to train for (default: {steps})")
+    tr.add_argument("--max-time", metavar="DURATION", type=duration,
+                    help=f"time budget such as 90s, 10m or 2h, counted from the start: the "
+                         f"schedule is planned, and planned again as the run goes, to end when "
+                         f"it runs out (default: {time})")
+    tr.add_argument("--device", default="auto", help=DEVICE_HELP)
+    tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="bfloat16 autocast or plain float32; auto: bf16 on GPUs and on CPUs "
+                         "with bf16 instructions (default: %(default)s)")
 
 
 def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
@@ -7215,7 +7214,7 @@ def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--eval-batches", type=number(int, 1),
                     help=f"validation batches per evaluation (default: {EVAL_BATCHES}; with "
                          f"evaluations spread over a time budget, as many as take "
-                         f"{EVAL_SHARE:.0%} of it, at least {MIN_EVAL_BATCHES})")
+                         f"{EVAL_SHARE * 100:.0f}%% of it, at least {MIN_EVAL_BATCHES})")
     tr.add_argument("--log-interval", type=number(int, 1), default=25,
                     help="steps between log lines (default: %(default)s)")
     tr.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0,
@@ -7338,8 +7337,7 @@ def add_look_inside_parsers(commands) -> None:
                      help="histogram bins per weight matrix (default: %(default)s)")
     ins.add_argument("--out-dir",
                      help="where the PNG files go (default: the checkpoint's directory)")
-    ins.add_argument("--device", default="auto",
-                     help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
+    ins.add_argument("--device", default="auto", help=DEVICE_HELP)
     ins.set_defaults(run=cmd_inspect, parser=ins)
 
 
@@ -7352,21 +7350,7 @@ def add_finetune_parser(commands) -> None:
                     "answers; checkpoints and metrics.jsonl go to OUT_DIR, as `train`'s do. "
                     "Then: `python gpt.py sample --qa --run-dir OUT_DIR`.")
     add_finetune_data_flags(ft)
-    ft.add_argument("--out-dir", default="data/finetune",
-                    help="checkpoints latest.pt and best.pt, and metrics.jsonl "
-                         "(default: %(default)s)")
-    ft.add_argument("--resume", action="store_true",
-                    help="continue the fine-tuning run in OUT_DIR from its latest.pt")
-    ft.add_argument("--overwrite", action="store_true",
-                    help="start afresh in an OUT_DIR that holds a run, deleting its checkpoints")
-    ft.add_argument("--max-steps", type=number(int, 1),
-                    help=f"optimizer steps (default: {FINETUNE_STEPS} unless --max-time)")
-    ft.add_argument("--max-time", metavar="DURATION", type=duration,
-                    help="time budget such as 90s or 10m, counted from the start")
-    ft.add_argument("--device", default="auto",
-                    help="cpu, cuda, cuda:1, mps, or auto (default: %(default)s)")
-    ft.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="bfloat16 autocast or float32 (default: %(default)s)")
+    add_run_flags(ft, "data/finetune", f"{FINETUNE_STEPS} unless --max-time", "none")
     ft.add_argument("--preset", choices=list(PRESETS),
                     help="with --from-scratch: the model's size (default: laptop)")
     add_optimization_flags(ft)
@@ -7443,8 +7427,7 @@ def add_sample_parser(commands) -> None:
     sa.add_argument("--seed", type=number(int, 0, 2**63 - 1),
                     help="random seed, 0 to 2**63 - 1: the same seed gives the same text "
                          "(default: random)")
-    sa.add_argument("--device", default="auto",
-                    help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
+    sa.add_argument("--device", default="auto", help=DEVICE_HELP)
     sa.add_argument("--no-kv-cache", action="store_true",
                     help="recompute the whole sequence for every token (slow reference)")
     sa.add_argument("--readable", action="store_true", help=READABLE_HELP)

@@ -6586,6 +6586,14 @@ def test_readable_and_fast_sampling_give_the_same_text(readable_runs, trained_ru
 # §20 Command line: sample
 # ==================================================================================================
 
+@pytest.mark.parametrize("command", ["tokenize", "train", "sample", "experiment", "export",
+                                     "import", "plot", "inspect", "finetune"])
+def test_every_command_prints_its_help(command, capsys):
+    """--help prints every flag's help, with its defaults filled in, and exits 0."""
+    assert exit_code([command, "--help"]) == 0
+    assert "--" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, token_dir):
     """A tiny model trained for a few steps: the checkpoint `sample` reads."""
