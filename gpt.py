@@ -3977,8 +3977,7 @@ def resolve_config(args: argparse.Namespace, vocab_size: int,
                    if saved[name] != value]
         if changed:
             raise ValueError(f"the checkpoint in {args.out_dir} has another configuration "
-                             f"({', '.join(changed)}); resume without those flags, or use "
-                             f"another --out-dir")
+                             f"({', '.join(changed)}); drop them, or use another --out-dir")
     return config
 
 
@@ -4022,8 +4021,7 @@ def plan_resume(args: argparse.Namespace, checkpoint: dict, path: str) -> tuple[
         raise ValueError(f"the run in {path} finished at step {step}; to train it further, "
                          f"give --max-steps beyond {step} or a --max-time")
     if args.max_steps is not None and args.max_steps <= step:
-        raise ValueError(f"--max-steps {args.max_steps}: the run in {path} already has {step} "
-                         f"steps")
+        raise ValueError(f"--max-steps {args.max_steps}: {path} already has {step} steps")
     if args.decay_steps is None:
         args.decay_steps = step  # where the cosine ended: the extra steps run at --min-lr
     return args.max_steps, 0.0
@@ -4372,14 +4370,12 @@ def describe(run: Run, num_params: int) -> None:
             f"| {precision}{' | compiled' if run.eval_model is not run.model else ''}")
     run.say(f"data: {len(run.train_data):,} train and {len(run.valid_data):,} valid tokens | "
             f"{run.tokens_per_step:,} tokens per step ({run.batch_size} x {T} x {args.grad_accum} "
-            f"accum{ranks}) | lr {run.max_lr:g} -> {run.min_lr:g}, warmup {args.warmup_steps} "
-            f"steps")
+            f"accum{ranks}) | lr {run.max_lr:g} -> {run.min_lr:g}, {args.warmup_steps} warmup")
     muon = [p for g in run.optimizer.param_groups if g.get("optimizer") == "muon"
             for p in g["params"]]
     if muon:
         run.say(f"optimizer: Muon for the {len(muon)} weight matrices of the blocks (lr "
-                f"{args.muon_lr:g} -> {run.min_lr * args.muon_lr / run.max_lr:g}), AdamW for "
-                f"the rest")
+                f"{args.muon_lr:g} -> {run.min_lr * args.muon_lr / run.max_lr:g}), AdamW else")
 
 
 def record(run: Run, **fields) -> None:
@@ -4862,8 +4858,7 @@ def publish(staging: str, out_dir: str, names: list[str]) -> None:
         for done in reversed(moved):
             backup, placed = os.path.join(backups, done), os.path.join(out_dir, done)
             os.replace(backup, placed) if os.path.lexists(backup) else os.remove(placed)
-        raise OSError(f"cannot publish {path}: {e.strerror or e}; {out_dir} is put back as it "
-                      f"was") from None
+        raise OSError(f"cannot publish {path}: {e.strerror or e}; {out_dir} is as it was") from None
 
 
 def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir: str,
@@ -5383,8 +5378,7 @@ def check_export_dir(out: str, overwrite: bool, flag: str) -> None:
     earlier = f"an earlier {'import' if 'imported' in marker else 'export'}"
     if names - ours:
         raise ValueError(f"{flag} {out} holds {earlier} and other files "
-                         f"({', '.join(sorted(names - ours)[:3])}): give a new or empty "
-                         f"directory")
+                         f"({', '.join(sorted(names - ours)[:3])}): give a new or empty one")
     if not overwrite:
         raise ValueError(f"{flag} {out} holds {earlier}: replace it with --overwrite, or give a "
                          f"new or empty directory")
@@ -6137,19 +6131,6 @@ def check_qa_item(item, where: str) -> tuple[str, str]:
     return item["question"].strip(), item["answer"].strip()
 
 
-def warn_repeated_ids(items: list, path: str) -> None:
-    """A repeated "id" is often a pair pasted twice, or an id not updated: say so, and go on."""
-    seen = defaultdict(list)
-    for i, item in enumerate(items):
-        if "id" in item:
-            seen[json.dumps(item["id"], sort_keys=True)].append(str(i))
-    repeated = [f"{key} (items {', '.join(where)})" for key, where in seen.items()
-                if len(where) > 1]
-    if repeated:
-        log(f"warning: {path}: repeated ids: {'; '.join(repeated[:5])}"
-            f"{' ...' if len(repeated) > 5 else ''}")
-
-
 def read_qa_file(path: str) -> list[tuple[str, str]]:
     """The (question, answer) pairs of a JSON file that holds a list of objects such as
         {"question": "Who is Max?", "answer": "Max is Lily's dog.", "id": 7, "category": "pets"}
@@ -6164,7 +6145,16 @@ def read_qa_file(path: str) -> list[tuple[str, str]]:
         what = "an empty list" if isinstance(items, list) else f"a JSON {json_kind(items)}"
         raise ValueError(f"{path} holds {what}, not {expected}")
     pairs = [check_qa_item(item, f"{path}[{i}]") for i, item in enumerate(items)]
-    warn_repeated_ids(items, path)
+    # A repeated "id" is often a pair pasted twice, or an id not updated: say so, and go on.
+    seen = defaultdict(list)
+    for i, item in enumerate(items):
+        if "id" in item:
+            seen[json.dumps(item["id"], sort_keys=True)].append(str(i))
+    repeated = [f"{key} (items {', '.join(where)})" for key, where in seen.items()
+                if len(where) > 1]
+    if repeated:
+        log(f"warning: {path}: repeated ids: {'; '.join(repeated[:5])}"
+            f"{' ...' if len(repeated) > 5 else ''}")
     return pairs
 
 
@@ -6671,8 +6661,7 @@ def sample_prompt(model: TransformerLM, tokenizer: Tokenizer, prompt: str, promp
     single sample is streamed to stdout as it is generated; several are generated as one batch
     and printed at the end. Returns the number of tokens generated."""
     if not prompt_ids:
-        raise ValueError("the prompt is empty and the tokenizer has no end-of-text token "
-                         "to start from")
+        raise ValueError("the prompt is empty, and no end-of-text token can start the story")
     # The prompt repeated by torch, not as a Python list of rows: a batch too large for
     # memory then fails at once, in one allocation.
     device = next(model.parameters()).device
@@ -6861,8 +6850,7 @@ def inspection_ids(tokenizer: Tokenizer, prompt: str, context_length: int,
     to give attention two positions."""
     check_prompt(prompt, "--prompt")
     if not prompt:
-        raise ValueError("--prompt is empty: give the text whose attention and next tokens to "
-                         "show")
+        raise ValueError("--prompt is empty: give the text to show attention and predictions for")
     eos_id = end_of_text_id(tokenizer)
     ids = story_ids(tokenizer, prompt, story_start, generation)
     before = " with the end-of-text token before it" if eos_id is not None else ""
@@ -6886,8 +6874,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                          saved_story_start(checkpoint, path),
                          saved_generation(checkpoint.get("generation"), tokenizer, path))
     if args.top_k > model.config.vocab_size:
-        raise ValueError(f"--top-k {args.top_k} is more than the model's {model.config.vocab_size} "
-                         f"tokens")
+        raise ValueError(f"--top-k {args.top_k}: the model has {model.config.vocab_size} tokens")
     log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"device {device}); prompt: {len(ids)} tokens")
     labels = [token_label(tokenizer, i) for i in ids]
@@ -6905,18 +6892,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"wrote {draw_spectral_norms(stats, initial, spectral, plt)}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    """`python gpt.py train`: §14's training run. One run at a time writes into OUT_DIR: the
-    process that writes there (rank 0 under torchrun) holds its lock."""
+def cmd_train(args: argparse.Namespace, start=start_run) -> None:
+    """`python gpt.py train`, and `finetune` (start=start_finetune): §14's training run. One
+    run at a time writes into OUT_DIR: the process that writes (rank 0) holds its lock."""
     with directory_lock(args.out_dir, taken=os.environ.get("RANK", "0") == "0"):
-        train(args)
-
-
-def cmd_finetune(args: argparse.Namespace) -> None:
-    """`python gpt.py finetune`: §14's training run, started by start_finetune, OUT_DIR locked
-    as for train."""
-    with directory_lock(args.out_dir, taken=os.environ.get("RANK", "0") == "0"):
-        train(args, start=start_finetune)
+        train(args, start)
 
 
 def arm_labels(name: str, common: list[str]) -> list[str]:
@@ -7363,7 +7343,7 @@ def add_finetune_parser(commands) -> None:
     add_model_flags(ft)
     # Uncompiled: compile_model checks its gradients on pretraining windows, which fine-tuning
     # has not. A step of a short list of pairs is quick anyway.
-    ft.set_defaults(run=cmd_finetune, parser=ft, compile=False, warmup_steps=FINETUNE_WARMUP,
+    ft.set_defaults(run=partial(cmd_train, start=start_finetune), parser=ft, compile=False, warmup_steps=FINETUNE_WARMUP,
                     eval_interval=FINETUNE_EVAL_INTERVAL, eval_batches=EVAL_BATCHES,
                     log_interval=10)
 

@@ -4737,7 +4737,7 @@ def test_publish_failing_at_any_step_puts_the_previous_files_back(tmp_path, monk
             return replace(src, dst)
         monkeypatch.setattr(os, "replace", failing_replace)
         with pytest.raises(OSError, match=f"cannot publish {out}/{PUBLISHED[k - 1]}: "
-                                          f"Input/output error; {out} is put back as it was"):
+                                          f"Input/output error; {out} is as it was"):
             gpt.publish(str(staging), str(out), PUBLISHED)
         monkeypatch.setattr(os, "replace", replace)
         assert {n: b for n, b in files_under(out).items()
