@@ -4252,8 +4252,7 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
 
 
 def compile_model(run: Run) -> None:
-    """With --compile, torch.compile the model and the loss, once checked to give the eager
-    gradients; else use them as they are."""
+    """With --compile, torch.compile the model and the loss, if that keeps the eager gradients."""
     run.eval_model, run.loss_fn = run.model, run.loss or cross_entropy
     if not run.args.compile:
         return
@@ -4301,8 +4300,7 @@ class Optimizers(torch.optim.Optimizer):
 
 
 def make_optimizer(run: Run) -> torch.optim.Optimizer:
-    """AdamW for every parameter; with --optimizer muon, Muon for the weight matrices inside the
-    blocks and AdamW for the rest (the token embeddings, the output layer, the gains)."""
+    """AdamW; with --optimizer muon, Muon for the weight matrices inside the blocks, AdamW else."""
     args, params = run.args, list(run.model.parameters())
     # Muon is for the matrices that map one hidden space to another (Jordan 2024): an embedding
     # is a lookup table whose rows each see few gradients, and the output layer's rows are one
@@ -4646,9 +4644,8 @@ def arm_result(out_dir: str) -> dict:
 
 
 def loss_at(evals: list[tuple[float, float]], seconds: float) -> float:
-    """The validation loss `seconds` into a run, from its (elapsed, val_loss) evaluations, read
-    on the straight line between the two around it. Example: (10 s, 4.0), (30 s, 3.0): at 25 s,
-    3.25."""
+    """The validation loss `seconds` into a run, on the line between the (elapsed, val_loss)
+    evaluations around it. Example: (10 s, 4.0) and (30 s, 3.0): 3.25 at 25 s."""
     for (t0, loss0), (t1, loss1) in zip(evals, evals[1:]):
         if t0 <= seconds <= t1:
             return loss0 + (loss1 - loss0) * (seconds - t0) / max(t1 - t0, 1e-9)
@@ -4673,8 +4670,7 @@ def arm_state(directory: str, argv: list[str]) -> str:
 
 
 def arm_dir(args: argparse.Namespace, name: str, flags: list[str], arm: str) -> str:
-    """Where an arm trains: OUT_DIR/NAME/ARM; the default recipe, in every experiment, in
-    OUT_DIR/default."""
+    """Where an arm trains: OUT_DIR/NAME/ARM, or for the default recipe, OUT_DIR/default."""
     if not flags:
         return os.path.join(args.out_dir, "default")
     return os.path.join(args.out_dir, name, re.sub(r"[^a-z0-9]+", "-", arm.lower()).strip("-"))
@@ -6795,8 +6791,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    """`python gpt.py import HF_DIR --out-dir RUN_DIR`: §16's import, staged beside RUN_DIR and
-    renamed into place as export's files are, so that RUN_DIR never holds half an import."""
+    """`python gpt.py import HF_DIR --out-dir RUN_DIR`: §16's import, staged as an export is."""
     if not os.path.isdir(args.hf_dir):
         raise ValueError(f"{args.hf_dir} is not a directory: give the directory of a Hugging "
                          f"Face checkpoint (config.json, model.safetensors, tokenizer.json)")
@@ -7343,9 +7338,9 @@ def add_finetune_parser(commands) -> None:
     add_model_flags(ft)
     # Uncompiled: compile_model checks its gradients on pretraining windows, which fine-tuning
     # has not. A step of a short list of pairs is quick anyway.
-    ft.set_defaults(run=partial(cmd_train, start=start_finetune), parser=ft, compile=False, warmup_steps=FINETUNE_WARMUP,
-                    eval_interval=FINETUNE_EVAL_INTERVAL, eval_batches=EVAL_BATCHES,
-                    log_interval=10)
+    ft.set_defaults(run=partial(cmd_train, start=start_finetune), parser=ft, compile=False,
+                    warmup_steps=FINETUNE_WARMUP, eval_interval=FINETUNE_EVAL_INTERVAL,
+                    eval_batches=EVAL_BATCHES, log_interval=10)
 
 
 def add_finetune_data_flags(ft: argparse.ArgumentParser) -> None:
