@@ -3951,8 +3951,8 @@ def stop_requests(enabled: bool = True):
 # ==================================================================================================
 
 # When a run evaluates. Under a time budget: at step 0, at the first step past each 1/EVAL_POINTS
-# of the budget, and at the end, a curve of 17 points on any machine (every 250 steps would
-# give 10 minutes on a slow CPU 3 points, on a fast one 13), on as many validation batches as
+# of the budget, and at the end, a curve of 17 points on any machine (every 250 steps gives a
+# 10-minute run 3 points on a slow CPU, 13 on a fast one), on as many validation batches as
 # keep all the evaluations within EVAL_SHARE of the budget (size_evaluation). Under --max-steps,
 # or given --eval-interval: every EVAL_INTERVAL steps, on EVAL_BATCHES batches.
 EVAL_POINTS, EVAL_SHARE = 16, 0.05
@@ -4091,7 +4091,7 @@ class Run:
     loss_sum: torch.Tensor = None  # training loss summed on the device since the last log
     steps_since_log: int = 0
     announced: bool = False      # whether the time budget's plan has been printed
-    marks_passed: float = math.inf  # the time cadence's: 1/EVAL_POINTS of the budget, passed
+    marks_passed: float = math.inf  # 1/EVAL_POINTS of the budget passed, at the last plan_step
     evaluations: int = 0         # by this command, and the seconds they took
     eval_seconds: float = 0.0
     meter: TrainingMeter | None = None  # the live line, on a terminal (rank 0)
@@ -4368,12 +4368,14 @@ def describe(run: Run, num_params: int) -> None:
             f"| {precision}{' | compiled' if run.eval_model is not run.model else ''}")
     run.say(f"data: {len(run.train_data):,} train and {len(run.valid_data):,} valid tokens | "
             f"{run.tokens_per_step:,} tokens per step ({run.batch_size} x {T} x {args.grad_accum} "
-            f"accum{ranks}) | lr {run.max_lr:g} -> {run.min_lr:g}, {args.warmup_steps} warmup")
+            f"accum{ranks}) | lr {run.max_lr:g} -> {run.min_lr:g}, warmup {args.warmup_steps} "
+            f"steps")
     muon = [p for g in run.optimizer.param_groups if g.get("optimizer") == "muon"
             for p in g["params"]]
     if muon:
         run.say(f"optimizer: Muon for the {len(muon)} weight matrices of the blocks (lr "
-                f"{args.muon_lr:g} -> {run.min_lr * args.muon_lr / run.max_lr:g}), AdamW else")
+                f"{args.muon_lr:g} -> {run.min_lr * args.muon_lr / run.max_lr:g}), AdamW for "
+                f"the rest")
 
 
 def record(run: Run, **fields) -> None:
@@ -6073,14 +6075,13 @@ def qa_template(tokenizer: Tokenizer, generation: dict | None, name: str) -> QAT
     if chat:  # no bos_ids: a template writes any itself, and its text is encoded without them
         return QATemplate([], chat["before"], chat["after"], "", tokenizer.special_ids[chat["end"]])
     before, after = QA_PROMPT.split("{question}")
-    end = end_of_text_id(tokenizer) if generation is None else next(iter(generation["eos_ids"]),
-                                                                     None)
+    ours = generation is None
+    end = end_of_text_id(tokenizer) if ours else next(iter(generation["eos_ids"]), None)
     if end is None:
+        hint = " (`tokenize --special-tokens '<|endoftext|>'` makes one)" if ours else ""
         raise ValueError(f"{name}: its tokenizer has no end-of-text token to end an answer with"
-                         + " (`tokenize --special-tokens '<|endoftext|>'` makes one)"
-                         * (generation is None))
-    return QATemplate([end] if generation is None else generation["bos_ids"], before, after, " ",
-                      end)
+                         f"{hint}")
+    return QATemplate([end] if ours else generation["bos_ids"], before, after, " ", end)
 
 
 def qa_sequence(tokenizer: Tokenizer, question: str, answer: str, template: QATemplate,
@@ -6657,7 +6658,8 @@ def sample_prompt(model: TransformerLM, tokenizer: Tokenizer, prompt: str, promp
     single sample is streamed to stdout as it is generated; several are generated as one batch
     and printed at the end. Returns the number of tokens generated."""
     if not prompt_ids:
-        raise ValueError("the prompt is empty, and no end-of-text token can start the story")
+        raise ValueError("the prompt is empty and the tokenizer has no end-of-text token "
+                         "to start from")
     # The prompt repeated by torch, not as a Python list of rows: a batch too large for
     # memory then fails at once, in one allocation.
     device = next(model.parameters()).device
