@@ -4091,7 +4091,7 @@ class Run:
     loss_sum: torch.Tensor = None  # training loss summed on the device since the last log
     steps_since_log: int = 0
     announced: bool = False      # whether the time budget's plan has been printed
-    marks_passed: float = math.inf  # 1/EVAL_POINTS of the budget passed, at the last plan_step
+    next_eval: float | None = None  # the time cadence's: elapsed seconds when the next is due
     evaluations: int = 0         # by this command, and the seconds they took
     eval_seconds: float = 0.0
     meter: TrainingMeter | None = None  # the live line, on a terminal (rank 0)
@@ -4411,6 +4411,12 @@ def check_finite(run: Run, loss: float, what: str) -> None:
                          f"lower --lr); the last good checkpoint is kept in {run.args.out_dir}")
 
 
+def next_mark(budget: TimeBudget) -> float:
+    """The elapsed seconds at which the next 1/EVAL_POINTS of the budget will have passed."""
+    mark = budget.seconds / EVAL_POINTS
+    return (budget.elapsed() // mark + 1) * mark
+
+
 def size_evaluation(run: Run) -> None:
     """Set --eval-batches, left open under a time budget, to the most batches (at least
     MIN_EVAL_BATCHES, at most EVAL_BATCHES) that the run's EVAL_POINTS + 1 evaluations (step
@@ -4453,6 +4459,9 @@ def evaluate_and_save(run: Run, finished: bool) -> None:
         save_run(run, run.path("latest.pt"), finished)
         if is_best:
             save_run(run, run.path("best.pt"), finished)
+    # The time cadence's next: the first mark after this evaluation ends, not one it outlasted
+    # (on a busy machine, evaluations would otherwise follow each other step after step).
+    run.next_eval = next_mark(run.budget)
 
 
 def log_progress(run: Run, lr: float, grad_norm: torch.Tensor) -> None:
@@ -4482,9 +4491,11 @@ def plan_step(run: Run) -> tuple[bool, bool]:
     if interval:
         due = run.step % interval == 0
     else:  # the time cadence; a resumed run waits for the next mark
+        if run.next_eval is None:
+            run.next_eval = 0.0 if run.step == 0 else next_mark(budget)
+        due, interval = budget.elapsed() >= run.next_eval, math.inf
         passed = int(budget.elapsed() * EVAL_POINTS // budget.seconds)
-        due, run.marks_passed = run.step == 0 or passed > run.marks_passed, passed
-        interval, evals_left = math.inf, max(EVAL_POINTS - 1 - passed, 0)
+        evals_left = max(EVAL_POINTS - 1 - passed, 0)
     plan = budget.plan(run.step, interval, evals_left) if args.max_steps is None else None
     done = run.step >= (plan or run.total_steps or math.inf) or budget.is_over()
     done, due, plan = broadcast((done, due, plan), run.world_size)

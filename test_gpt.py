@@ -3898,6 +3898,27 @@ def test_time_budget_evaluates_at_sixteenths_on_sized_batches(tmp_path, token_di
     assert len(resumed) >= 4 and resumed[0] > last_step
 
 
+def test_an_evaluation_that_outlasts_a_mark_is_not_followed_by_another_at_once(
+        tmp_path, token_dir, fake_time, monkeypatch):
+    """On a busy machine an evaluation may take longer than 1/16 of the budget: the next one
+    waits for the first mark after it ends, rather than coming at the very next step."""
+    clock, windows = fake_time
+    evaluate = gpt.evaluate
+
+    def one_slow_evaluate(*args):
+        if len(windows) == 5:  # the third evaluation, after the three timed batches
+            clock.now += 2.0  # longer than a mark of 20 s / 16 = 1.25 s
+        return evaluate(*args)
+
+    monkeypatch.setattr(gpt, "evaluate", one_slow_evaluate)
+    argv = without_flags(train_args(token_dir, tmp_path), "--max-steps", "--eval-interval",
+                         "--eval-batches")
+    assert gpt.main(argv + ["--max-time", "20s"]) == 0
+    steps = [m["step"] for m in metrics(tmp_path) if "val_loss" in m]
+    assert len(steps) == 16  # one mark passed during the slow evaluation
+    assert all(later - earlier > 1 for earlier, later in pairwise(steps[:-1]))
+
+
 @pytest.mark.parametrize("extra, every", [(["--max-time", "20s", "--eval-interval", "50"], 50),
                                           (["--max-steps", "6"], 250)],
                          ids=["eval-interval-wins", "step-budget"])
