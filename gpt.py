@@ -4302,9 +4302,8 @@ class Optimizers(torch.optim.Optimizer):
 def make_optimizer(run: Run) -> torch.optim.Optimizer:
     """AdamW; with --optimizer muon, Muon for the weight matrices inside the blocks, AdamW else."""
     args, params = run.args, list(run.model.parameters())
-    # Muon is for the matrices that map one hidden space to another (Jordan 2024): an embedding
-    # is a lookup table whose rows each see few gradients, and the output layer's rows are one
-    # token each, so those stay with AdamW.
+    # Muon is for matrices that map one hidden space to another (Jordan 2024): the embedding (a
+    # lookup table whose rows each see few gradients) and the output layer stay with AdamW.
     hidden = ([p for p in run.model.layers.parameters() if p.ndim == 2]
               if args.optimizer == "muon" else [])
     rest = [p for p in params if all(p is not q for q in hidden)]
@@ -4334,8 +4333,7 @@ def build_model(run: Run, checkpoint: dict | None) -> None:
     # Each rank draws its own batches from its own generator, saved in every checkpoint.
     run.batch_rng = torch.Generator().manual_seed(args.seed + run.rank)
     if checkpoint:
-        # The optimizer's state includes its hyperparameters (betas, weight decay): a resumed
-        # run keeps those it started with.
+        # The optimizer's state holds its hyperparameters (betas, weight decay): kept on resume.
         run.step = restore_checkpoint(checkpoint, run.model, run.optimizer, run.path("latest.pt"))
         run.best_val_loss = checkpoint["best_val_loss"]
         run.batch_rng.set_state(checkpoint["rng"][run.rank % len(checkpoint["rng"])])
@@ -4922,8 +4920,7 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
 # the tools built on it load with no code of ours: config.json, the weights as safetensors (a
 # JSON header, then raw little-endian tensors), the tokenizer files, and a weights-only gpt.pt
 # for `gpt.py sample`. `import` reads such a directory back, ours or a Llama or Qwen3 model
-# trained elsewhere (read_hf_tokenizer its tokenizer.json), every header checked before a byte
-# is allocated.
+# trained elsewhere, every header checked before a byte is allocated.
 # ==================================================================================================
 
 # Our parameter names -> LlamaForCausalLM's; {i} is the layer.
@@ -5100,8 +5097,7 @@ def hf_tokenizer_files(tokenizer: Tokenizer, context_length: int,
         names = names[1:]
     if names:
         specials["additional_special_tokens"] = names
-    # model_max_length: longer inputs get a warning. Cleaning up spaces would turn the text
-    # " ." that the model wrote into ".".
+    # model_max_length: longer inputs get a warning; cleaning up spaces would turn " ." into ".".
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
                 "clean_up_tokenization_spaces": False, **specials}
     if generation and generation["chat"]:
@@ -5142,8 +5138,7 @@ def hf_split_patterns(spec, where: str) -> list[str]:
 
 
 def hf_bpe(model: dict, where: str) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
-    """tokenizer.json's BPE vocabulary and merges ("a b" or ["a", "b"]), spelled as in GPT-2's
-    files (bytes_to_unicode), as bytes."""
+    """tokenizer.json's BPE vocabulary and merges ("a b" or ["a", "b"]), unspelled to bytes."""
     if model.get("type") != "BPE":
         raise ValueError(f"{where}: its model is {shown(model.get('type'))}, not BPE; WordPiece "
                          f"and Unigram (SentencePiece) models are not supported")
@@ -5369,8 +5364,7 @@ def remove_export_leftovers(out: str) -> None:
 
 def check_export_dir(out: str, overwrite: bool, flag: str) -> None:
     """`export` and `import` write only into a new or empty directory, or, with --overwrite, one
-    that holds an earlier export or import and nothing else (a lock aside): never into a
-    tokenizer's, data or run directory."""
+    holding an earlier export or import alone: never into a tokenizer's, data or run directory."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ValueError(f"{flag} {out} is a file: give a directory")
     names = set(os.listdir(out)) - {LOCK_NAME} if os.path.isdir(out) else set()
@@ -5442,9 +5436,8 @@ IMPORT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.floa
 
 def hf_model_config(path: str) -> tuple[dict, str]:
     """config.json as ModelConfig's fields (checked by saved_config), and the architecture; a
-    model gpt.py cannot compute is refused, naming what it lacks. RoPE's settings come as the
-    Hub's files have them (rope_theta, rope_scaling) or as transformers 5 writes them
-    (rope_parameters)."""
+    model gpt.py cannot compute is refused, naming what it lacks. RoPE's settings are read as
+    the Hub's files have them (rope_theta, rope_scaling) or transformers 5's (rope_parameters)."""
     hf = read_json(path)
     if not isinstance(hf, dict):
         raise ValueError(f"{path} is {shown(hf)}, not a JSON object")
@@ -5578,8 +5571,7 @@ def read_tensor(path: str, dtype: torch.dtype, shape: tuple, start: int,
         data = bytearray(end - start)
         if f.readinto(data) != len(data):
             raise ValueError(f"{path} was cut short while it was read")
-    # Little-endian integers of the element's width, reinterpreted (numpy has no bfloat16):
-    # the inverse of little_endian_bytes.
+    # Little-endian integers of the element's width, reinterpreted: little_endian_bytes undone.
     ints = np.frombuffer(data, dtype=f"<i{dtype.itemsize}")
     ints = ints.astype(ints.dtype.newbyteorder("="), copy=False)
     return torch.from_numpy(ints).view(dtype).reshape(shape).float()
@@ -5691,8 +5683,7 @@ def tokens_per_step_of(run_dir: str) -> int:
 
 
 def run_curves(run_dir: str, name: str) -> dict:
-    """One run's curves: {"name", "dir", "train": [record], "val": [record]}, every record
-    with the tokens seen at its step."""
+    """One run's curves: {"name", "dir", "train": [record], "val": [record]}, with tokens seen."""
     records = read_metrics(run_dir)
     if not all(is_int(r.get("tokens")) for r in records):
         per_step = tokens_per_step_of(run_dir)
@@ -5795,8 +5786,7 @@ def attention_weights(attn: MultiHeadSelfAttention, x: torch.Tensor) -> torch.Te
     """The weights softmax(Q K^T / sqrt(D)) of one attention layer, for its input x (B, T, C) at
     positions 0..T-1: (B, H, T, T), row i holding how much query i takes from each position
     0..i (it sums to 1). The readable attention of §3 gives them: with the values V set to the
-    identity matrix, softmax(..) @ V is the weights themselves. A test checks that they give the
-    layer's output under the fast path."""
+    identity matrix, softmax(..) @ V is the weights themselves (tested against the fast path)."""
     B, T, C = x.shape
     H = attn.num_heads
     q, k, _ = attn.queries_keys_values(x, 0)  # (B, H, T, D), k (B, KV, T, D), as the layer's
@@ -5917,8 +5907,8 @@ def token_label(tokenizer: Tokenizer, token_id: int) -> str:
 
 
 def print_attention_table(maps: list[torch.Tensor], labels: list[str]) -> None:
-    """attention_summary of every layer's weights (H, T, T), one row per head, and the position
-    the last query looks at most."""
+    """attention_summary of each layer's weights (H, T, T), a row a head, and the last query's
+    strongest key."""
     print("attention per head, averaged over the queries after the first: the weight on the "
           "first position,\non the query itself, on the one before; entropy in bits; the last "
           "query's strongest key")
@@ -6307,10 +6297,9 @@ def check_finetune_args(args: argparse.Namespace) -> None:
 
 def finetune_model(args: argparse.Namespace, resumed: dict | None
                    ) -> tuple[ModelConfig, Tokenizer, str, str, dict | None]:
-    """The config and tokenizer of the model to fine-tune, where they come from (the run
-    being resumed, a trained checkpoint (--checkpoint, or the newest in --run-dir), or with
-    --from-scratch the preset and the tokenizer in --data-dir), its story_start and, for an
-    imported model, its generation settings."""
+    """The config and tokenizer of the model to fine-tune, where they come from (the run resumed,
+    --checkpoint or the newest in --run-dir, or with --from-scratch the preset and --data-dir's
+    tokenizer), its story_start and, for an imported model, its generation settings."""
     if resumed or not args.from_scratch:
         path = (os.path.join(args.out_dir, "latest.pt") if resumed
                 else args.checkpoint or newest_checkpoint(args.run_dir))
@@ -6854,8 +6843,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def inspection_ids(tokenizer: Tokenizer, prompt: str, context_length: int,
                    story_start: str = "", generation: dict | None = None) -> list[int]:
-    """The prompt's token ids as `sample` feeds them (story_ids), checked to fit the context and
-    to give attention two positions."""
+    """The prompt's ids as `sample` feeds them (story_ids): at most the context, at least two."""
     check_prompt(prompt, "--prompt")
     if not prompt:
         raise ValueError("--prompt is empty: give the text to show attention and predictions for")
@@ -7107,6 +7095,14 @@ READABLE_HELP = ("run the readable code of §1-§7 instead of the fast twins of 
 DEVICE_HELP = "cpu, cuda, cuda:1, mps, or auto: CUDA, then MPS, then CPU (default: %(default)s)"
 
 
+def add_checkpoint_flags(parser: argparse.ArgumentParser, what: str = "checkpoint file") -> None:
+    """The model a command reads: --checkpoint, or the newest checkpoint in --run-dir."""
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help=f"{what} (default: the newest in RUN_DIR)")
+    parser.add_argument("--run-dir", default="data/run",
+                        help="where `train` wrote its checkpoints (default: %(default)s)")
+
+
 def add_train_parser(commands) -> None:
     tr = commands.add_parser(
         "train", help="train the model on the token files",
@@ -7267,10 +7263,7 @@ def add_export_parser(commands) -> None:
                     "weights-only gpt.pt that `gpt.py sample --checkpoint` reads. Ablations "
                     "Llama cannot compute (post-norm, no norm, NoPE, a feed-forward other than "
                     "SwiGLU) are refused.")
-    ex.add_argument("--checkpoint", metavar="PATH",
-                    help="checkpoint file (default: the newest in RUN_DIR)")
-    ex.add_argument("--run-dir", default="data/run",
-                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    add_checkpoint_flags(ex)
     ex.add_argument("--out", metavar="DIR", required=True,
                     help="a new or empty directory for the files (made if missing)")
     ex.add_argument("--overwrite", action="store_true",
@@ -7315,10 +7308,7 @@ def add_look_inside_parsers(commands) -> None:
                     "also draw attention.png, weights.png and spectral_norms.png.")
     ins.add_argument("--prompt", required=True,
                      help="the text to run through the model, at most its context long")
-    ins.add_argument("--checkpoint", metavar="PATH",
-                     help="checkpoint file (default: the newest in RUN_DIR)")
-    ins.add_argument("--run-dir", default="data/run",
-                     help="where `train` wrote its checkpoints (default: %(default)s)")
+    add_checkpoint_flags(ins)
     ins.add_argument("--top-k", type=number(int, 1), default=5,
                      help="next-token candidates shown per position (default: %(default)s)")
     ins.add_argument("--bins", type=number(int, 1, 1000), default=60,
@@ -7368,10 +7358,7 @@ def add_finetune_data_flags(ft: argparse.ArgumentParser) -> None:
                     help=f"without --valid: the share of --data's pairs held out, evenly spread "
                          f"(default: {FINETUNE_VALID_FRACTION}, every tenth pair: items 9, "
                          f"19, ...)")
-    ft.add_argument("--checkpoint", metavar="PATH",
-                    help="the trained model to fine-tune (default: the newest in RUN_DIR)")
-    ft.add_argument("--run-dir", default="data/run",
-                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    add_checkpoint_flags(ft, "the trained model to fine-tune")
     ft.add_argument("--from-scratch", action="store_true",
                     help="start from random weights instead: a model of --preset and the model "
                          "flags, with the tokenizer in DATA_DIR")
@@ -7396,10 +7383,7 @@ def add_sample_parser(commands) -> None:
                     help="the prompts are questions: wrap each in `finetune`'s template (an "
                          "imported chat model's own) and print the answer, which ends at the "
                          "end-of-text (end-of-turn) token")
-    sa.add_argument("--checkpoint", metavar="PATH",
-                    help="checkpoint file (default: the newest in RUN_DIR)")
-    sa.add_argument("--run-dir", default="data/run",
-                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    add_checkpoint_flags(sa)
     sa.add_argument("--max-new-tokens", type=number(int, 1), default=256,
                     help="most tokens to generate per sample (default: %(default)s)")
     sa.add_argument("--temperature", type=number(float, 0.0), default=0.8,
@@ -7425,8 +7409,7 @@ def add_sample_parser(commands) -> None:
 def raise_interrupt(signum, frame):
     """SIGTERM (from `kill`, a job scheduler or a cloud preemption) stops a command the way
     Ctrl-C does: unfinished files are removed and complete ones kept."""
-    raise KeyboardInterrupt(f"{signal.Signals(signum).name}: interrupted; complete files are "
-                            f"kept")
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name}: interrupted; complete files are kept")
 
 
 def main(argv: list[str] | None = None) -> int:
