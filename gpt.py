@@ -5774,8 +5774,7 @@ def draw_curves(runs: list[dict], out_dir: str, plt) -> list[str]:
             ax.plot(column(run["train"], "step"), column(run["train"], key), color=f"C{i % 10}",
                     label=run["name"])
     for ax, label in zip(axes, ("learning rate", "gradient norm (before clipping)")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
+        ax.set(xlabel="step", ylabel=label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     paths.append(save_figure(fig, os.path.join(out_dir, "lr_and_grad_norm.png"), plt))
@@ -5960,11 +5959,10 @@ def draw_attention(maps: list[torch.Tensor], labels: list[str], path: str, plt) 
             image = ax.imshow(weights[head].float().cpu().numpy(), vmin=0, vmax=1)
             ax.set_title(f"layer {layer} head {head}", fontsize=7)
             # Token labels on the left column and the bottom row; past 40 they would overlap.
-            ax.set_xticks(range(T) if layer == L - 1 and T <= 40 else [])
-            ax.set_yticks(range(T) if head == 0 and T <= 40 else [])
-            ax.set_xticklabels(labels if layer == L - 1 and T <= 40 else [], rotation=90,
-                               fontsize=6)
-            ax.set_yticklabels(labels if head == 0 and T <= 40 else [], fontsize=6)
+            bottom, left = layer == L - 1 and T <= 40, head == 0 and T <= 40
+            ax.set_xticks(range(T) if bottom else [], labels if bottom else [], rotation=90,
+                          fontsize=6)
+            ax.set_yticks(range(T) if left else [], labels if left else [], fontsize=6)
     fig.colorbar(image, ax=axes, shrink=0.5, label="attention weight")
     fig.suptitle("attention weights: row = query position, column = the position it reads")
     return save_figure(fig, path, plt)
