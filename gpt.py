@@ -3970,17 +3970,19 @@ class TimeBudget:
         until a checkpoint has been timed, assume it takes as long as an evaluation."""
         return self.eval_seconds + 2 * (self.save_seconds or self.eval_seconds)
 
-    def plan(self, step: int, eval_interval: int) -> int | None:
+    def plan(self, step: int, eval_interval: float, evals_left: int = 0) -> int | None:
         """The step at which the schedule should end, or None while the steps are being timed.
         Example: at step 100 with 60 s left, 0.5 s a step, and 2 s for an evaluation with its
-        checkpoints every 250 steps -> 100 + int((60 - 2) / (0.5 + 2 / 250)) = 214."""
+        checkpoints every 250 steps -> 100 + int((60 - 2) / (0.5 + 2 / 250)) = 214. Evaluations
+        at set times instead (eval_interval inf), evals_left of them before the final one: their
+        time is kept aside too."""
         timed = self.step_seconds[self.WARMUP_STEPS:]
         if len(timed) < self.TIMED_STEPS:
             return None
         recent = timed[-self.RECENT_STEPS:]
         # Each step also owes its share of the evaluation and checkpoints every eval_interval.
         per_step = sum(recent) / len(recent) + self.reserve() / eval_interval
-        left = self.seconds - self.elapsed() - self.reserve()
+        left = self.seconds - self.elapsed() - self.reserve() * (1 + evals_left)
         return step + max(1, int(left / per_step))
 
     def is_over(self) -> bool:
@@ -4019,6 +4021,15 @@ def stop_requests(enabled: bool = True):
 # the loop: learning rate -> maybe evaluate and checkpoint -> step -> log.
 # ==================================================================================================
 
+# When a run evaluates. Under a time budget: at step 0, at the first step past each 1/EVAL_POINTS
+# of the budget, and at the end, a curve of 17 points on any machine (every 250 steps gives a
+# 10-minute run 3 points on a slow CPU, 13 on a fast one), on as many validation batches as
+# keep all the evaluations within EVAL_SHARE of the budget (size_evaluation). Under --max-steps,
+# or given --eval-interval: every EVAL_INTERVAL steps, on EVAL_BATCHES batches.
+EVAL_POINTS, EVAL_SHARE = 16, 0.05
+EVAL_INTERVAL, EVAL_BATCHES, MIN_EVAL_BATCHES = 250, 20, 2
+
+
 def resolve_config(args: argparse.Namespace, vocab_size: int,
                    saved: dict | None = None) -> ModelConfig:
     """The preset (or a resumed checkpoint's config), with every flag the user gave on top."""
@@ -4037,8 +4048,7 @@ def resolve_config(args: argparse.Namespace, vocab_size: int,
                    if saved[name] != value]
         if changed:
             raise ValueError(f"the checkpoint in {args.out_dir} has another configuration "
-                             f"({', '.join(changed)}); resume without those flags, or use "
-                             f"another --out-dir")
+                             f"({', '.join(changed)}); drop them, or use another --out-dir")
     return config
 
 
@@ -4082,20 +4092,16 @@ def plan_resume(args: argparse.Namespace, checkpoint: dict, path: str) -> tuple[
         raise ValueError(f"the run in {path} finished at step {step}; to train it further, "
                          f"give --max-steps beyond {step} or a --max-time")
     if args.max_steps is not None and args.max_steps <= step:
-        raise ValueError(f"--max-steps {args.max_steps}: the run in {path} already has {step} "
-                         f"steps")
+        raise ValueError(f"--max-steps {args.max_steps}: {path} already has {step} steps")
     if args.decay_steps is None:
         args.decay_steps = step  # where the cosine ended: the extra steps run at --min-lr
     return args.max_steps, 0.0
 
 
 class TrainingMeter:
-    """`train`'s live line on a terminal: step, loss, tokens/s and time left, redrawn in place a
-    few times a second under the log lines (Run.say clears it before each). Only on a terminal:
-    a log file keeps the log lines alone.
-
-    On screen:  step 412/1789 | loss 3.0625 | 6,391 tok/s | ETA 7m30s
-    """
+    """`train`'s live line, redrawn in place under the log lines (Run.say clears it first), on a
+    terminal only: a log file keeps the log lines alone.
+        step 412/1789 | loss 3.0625 | 6,391 tok/s | ETA 7m30s"""
 
     def __init__(self, stream):
         self.stream = stream
@@ -4103,21 +4109,16 @@ class TrainingMeter:
         self.drawn = False     # whether a line is on the screen now
 
     def update(self, run, loss: torch.Tensor) -> None:
-        """After a step of `run` (a Run of §6): redraw, if 0.2 s have passed since the last
-        time (reading the loss makes the CPU wait for a GPU: a few times a second is cheap)."""
+        """Redraw after a step, at most every 0.2 s: reading the loss makes a CPU wait for its
+        GPU, which a few times a second costs little."""
         now = time.perf_counter()
         if now - self.last < 0.2:
             return
         self.last = now
-        budget, recent = run.budget, run.budget.step_seconds[-10:]  # the current speed
-        tokens = run.batch_size * run.args.grad_accum * run.row_length * run.world_size
-        eta = "?"  # until the time budget has planned the steps
-        if run.total_steps:
-            mean_step = sum(budget.step_seconds) / len(budget.step_seconds)
-            left = min(mean_step * (run.total_steps - run.step), budget.seconds - budget.elapsed())
-            eta = format_duration(max(left, 0))
+        recent = run.budget.step_seconds[-10:]  # the current speed
+        speed = run.tokens_per_step * len(recent) / max(sum(recent), 1e-9)
+        eta = format_duration(time_left(run)) if run.total_steps else "?"  # "?" until planned
         # \r goes back to the start of the line; \033[K (ANSI) erases what a longer line left.
-        speed = tokens * len(recent) / max(sum(recent), 1e-9)
         self.stream.write(f"\rstep {run.step}/{run.total_steps or '?'} | loss {loss.item():.4f} | "
                           f"{speed:,.0f} tok/s | ETA {eta}\033[K")
         self.stream.flush()
@@ -4161,6 +4162,9 @@ class Run:
     loss_sum: torch.Tensor = None  # training loss summed on the device since the last log
     steps_since_log: int = 0
     announced: bool = False      # whether the time budget's plan has been printed
+    next_eval: float | None = None  # the time cadence's: elapsed seconds when the next is due
+    evaluations: int = 0         # by this command, and the seconds they took
+    eval_seconds: float = 0.0
     meter: TrainingMeter | None = None  # the live line, on a terminal (rank 0)
     # What fine-tuning (`finetune`) changes; None, for `train`: get_batch, cross_entropy,
     # evaluate() on the valid windows, random weights.
@@ -4185,6 +4189,21 @@ class Run:
     def path(self, name: str) -> str:
         return os.path.join(self.args.out_dir, name)
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.args.grad_accum * self.row_length * self.world_size
+
+
+def time_left(run: Run) -> float:
+    """Seconds to the end of the run: a time budget's own remainder (the plan ends the run
+    then); under --max-steps, the mean step so far times the steps to go, within any budget."""
+    budget = run.budget
+    left = budget.seconds - budget.elapsed()
+    if run.args.max_steps is not None:
+        mean_step = sum(budget.step_seconds) / len(budget.step_seconds)
+        left = min(left, mean_step * (run.total_steps - run.step))
+    return max(left, 0.0)
+
 
 def start_process(args: argparse.Namespace) -> tuple[torch.device, int, int]:
     """(device, rank, world size): one process, or one of several started by torchrun."""
@@ -4208,8 +4227,7 @@ def start_process(args: argparse.Namespace) -> tuple[torch.device, int, int]:
 def read_resume(args: argparse.Namespace,
                 kind: str = "pretraining") -> tuple[dict | None, int | None, float]:
     """With --resume: the checkpoint to continue (a run of this kind), where its schedule ends
-    and the seconds of its budget used; what the user does not give again is what the run was
-    started with."""
+    and the seconds of its budget used; flags not given again are those the run started with."""
     if not args.resume:
         return None, args.max_steps, 0.0
     path = os.path.join(args.out_dir, "latest.pt")
@@ -4218,8 +4236,7 @@ def read_resume(args: argparse.Namespace,
     checkpoint = read_checkpoint(path)
     check_resumable(checkpoint, path)
     check_run_kind(checkpoint, path, kind)
-    # The optimizer's state is that of the optimizer the run started with (every run before
-    # Muon came used AdamW).
+    # The checkpoint holds the state of the optimizer the run started with (AdamW before Muon).
     optimizer = checkpoint["args"].get("optimizer") or "adamw"
     if args.optimizer not in (None, optimizer):
         raise ValueError(f"--optimizer {args.optimizer}: the run in {path} trains with "
@@ -4227,16 +4244,20 @@ def read_resume(args: argparse.Namespace,
                          f"--optimizer, or train into another --out-dir")
     args.optimizer = optimizer
     for name, value in checkpoint["args"].items():
-        if (name in ("preset", "batch_size", "lr", "min_lr", "weight_decay", "beta2", "muon_lr")
-                and getattr(args, name) is None):
+        if (name in ("preset", "batch_size", "lr", "min_lr", "weight_decay", "beta2", "muon_lr",
+                     "eval_batches") and getattr(args, name) is None):
             setattr(args, name, value)
-    total_steps, time_used = plan_resume(args, checkpoint, path)
-    return checkpoint, total_steps, time_used
+    return (checkpoint, *plan_resume(args, checkpoint, path))
 
 
-def fill_optimizer_flags(args: argparse.Namespace) -> None:
-    """--weight-decay, --beta2 and --optimizer left open: the preset's, or without a preset
+def settle_optimizer(args: argparse.Namespace, lr: float) -> tuple[float, float]:
+    """The peak and final learning rates (--lr, else `lr`; --min-lr, else a tenth). Fills in
+    --weight-decay, --beta2 and --optimizer left open: the preset's, or without a preset
     (fine-tuning a trained model) GPT-3's 0.1 and 0.95, and AdamW; with Muon, --muon-lr too."""
+    max_lr = lr if args.lr is None else args.lr
+    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
+    if not min_lr <= max_lr:
+        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
     usual = dict(weight_decay=0.1, beta2=0.95, optimizer="adamw")
     for name in usual:
         if getattr(args, name) is None:
@@ -4247,6 +4268,7 @@ def fill_optimizer_flags(args: argparse.Namespace) -> None:
                          f"is AdamW alone: drop it, or give --optimizer muon")
     if args.optimizer == "muon" and args.muon_lr is None:
         args.muon_lr = PRESETS[args.preset].get("muon_lr", MUON_LR) if args.preset else MUON_LR
+    return max_lr, min_lr
 
 
 def settle_recipe(args: argparse.Namespace, device: torch.device, vocab_size: int,
@@ -4255,14 +4277,12 @@ def settle_recipe(args: argparse.Namespace, device: torch.device, vocab_size: in
     resumed), refusing any that conflict: returns start_run's recipe line, config and lrs."""
     if args.max_steps is None and args.max_time is None:
         args.max_time = 600.0  # the default budget: 10 minutes
+    if args.max_steps is not None or args.eval_interval is not None:  # every N steps
+        args.eval_interval = args.eval_interval or EVAL_INTERVAL
+        args.eval_batches = args.eval_batches or EVAL_BATCHES
     recipe = pick_recipe(args, device)
     config = resolve_config(args, vocab_size, saved)
-    max_lr = PRESETS[args.preset]["lr"] if args.lr is None else args.lr
-    fill_optimizer_flags(args)
-    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
-    if not min_lr <= max_lr:
-        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
-    return recipe, config, max_lr, min_lr
+    return recipe, config, *settle_optimizer(args, PRESETS[args.preset]["lr"])
 
 
 def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
@@ -4283,10 +4303,9 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
                              tokenizer_dir)
     recipe, config, max_lr, min_lr = settle_recipe(args, device, vocab_size,
                                                    checkpoint and checkpoint["config"])
-    preset = PRESETS[args.preset]
     run = Run(args, device, rank, world_size, autocast_dtype(device, args.dtype), tokenizer,
-              train_data, valid_data, config, args.batch_size or preset["batch_size"], max_lr,
-              min_lr, total_steps=total_steps,
+              train_data, valid_data, config, args.batch_size or PRESETS[args.preset]["batch_size"],
+              max_lr, min_lr, total_steps=total_steps,
               story_start=find_story_start(train_data, tokenizer))
     T = config.context_length
     check_batch_fits(run.batch_size, T, vocab_size, device, "--batch-size")
@@ -4304,15 +4323,13 @@ def start_run(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
 
 
 def compile_model(run: Run) -> None:
-    """With --compile, torch.compile the model and the loss, once checked to give the eager
-    gradients; else use them as they are."""
+    """With --compile, torch.compile the model and the loss, if that keeps the eager gradients."""
     run.eval_model, run.loss_fn = run.model, run.loss or cross_entropy
     if not run.args.compile:
         return
-    # torch.compile turns the model into a few generated kernels, fusing the many elementwise
-    # operations (norms, RoPE, SwiGLU) into single passes over memory, backward included, and
-    # the loss's formula into a few more. The first step pays for the compilation: typically
-    # half a minute to a minute.
+    # torch.compile fuses the many elementwise operations (norms, RoPE, SwiGLU, the loss's
+    # formula) into a few generated kernels, backward included. The first step pays for the
+    # compilation: typically half a minute to a minute.
     compiled, loss_fn = torch.compile(run.model), torch.compile(run.loss_fn)
     # A compiler bug would train a wrong model for hours without a sign (one did, on CUDA:
     # see the README). One batch, eager and compiled, must give the same gradients.
@@ -4321,9 +4338,8 @@ def compile_model(run: Run) -> None:
     try:
         error, name = compiled_gradient_error(run.model, compiled, loss_fn, x, y, run.amp)
     except Exception as e:
-        # No C++ compiler for the CPU, an unsupported platform, a compiler bug: each fails with
-        # its own exception type, and none is a reason to stop a run that trains as well (if
-        # more slowly) without the compiler.
+        # No C++ compiler for the CPU, an unsupported platform, a compiler bug: each has its own
+        # exception type, and none should stop a run that trains as well (if slower) without.
         run.model.zero_grad(set_to_none=True)  # the check's half-made gradients
         run.say(f"torch.compile failed ({first_line(e)}); training without it")
         return
@@ -4337,9 +4353,8 @@ def compile_model(run: Run) -> None:
 class Optimizers(torch.optim.Optimizer):
     """Several optimizers stepping as one, for `train --optimizer muon` (§4's Muon and AdamW):
     one list of param groups, each naming its optimizer under "optimizer", and one state, so the
-    schedule, the checkpoints and --resume see a single optimizer. Each step lends every
-    optimizer its own groups and the shared state, the two attributes any torch optimizer steps
-    from: nothing else of their insides is assumed."""
+    schedule, the checkpoints and --resume see one optimizer. Each step lends every optimizer
+    its groups and the shared state, all that any torch optimizer steps from."""
 
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
         self.optimizers = optimizers
@@ -4356,12 +4371,10 @@ class Optimizers(torch.optim.Optimizer):
 
 
 def make_optimizer(run: Run) -> torch.optim.Optimizer:
-    """AdamW for every parameter; with --optimizer muon, Muon for the weight matrices inside the
-    blocks and AdamW for the rest (the token embeddings, the output layer, the gains)."""
+    """AdamW; with --optimizer muon, Muon for the weight matrices inside the blocks, AdamW else."""
     args, params = run.args, list(run.model.parameters())
-    # Muon is for the matrices that map one hidden space to another (Jordan 2024): an embedding
-    # is a lookup table whose rows each see few gradients, and the output layer's rows are one
-    # token each, so those stay with AdamW.
+    # Muon is for matrices that map one hidden space to another (Jordan 2024): the embedding (a
+    # lookup table whose rows each see few gradients) and the output layer stay with AdamW.
     hidden = ([p for p in run.model.layers.parameters() if p.ndim == 2]
               if args.optimizer == "muon" else [])
     rest = [p for p in params if all(p is not q for q in hidden)]
@@ -4391,8 +4404,7 @@ def build_model(run: Run, checkpoint: dict | None) -> None:
     # Each rank draws its own batches from its own generator, saved in every checkpoint.
     run.batch_rng = torch.Generator().manual_seed(args.seed + run.rank)
     if checkpoint:
-        # The optimizer's state includes its hyperparameters (betas, weight decay): a resumed
-        # run keeps those it started with.
+        # The optimizer's state holds its hyperparameters (betas, weight decay): kept on resume.
         run.step = restore_checkpoint(checkpoint, run.model, run.optimizer, run.path("latest.pt"))
         run.best_val_loss = checkpoint["best_val_loss"]
         run.batch_rng.set_state(checkpoint["rng"][run.rank % len(checkpoint["rng"])])
@@ -4403,8 +4415,9 @@ def build_model(run: Run, checkpoint: dict | None) -> None:
     elif run.start_from:  # fine-tuning: a trained model's weights, with a fresh optimizer
         load_checkpoint(run.start_from, run.model)
     if run.eval_starts is None:  # fine-tuning brings its own: the held-out pairs
+        # Left open (the time cadence), EVAL_BATCHES until the first evaluation sizes them.
         run.eval_starts = evaluation_starts(len(run.valid_data), run.config.context_length,
-                                            args.eval_batches * run.batch_size)
+                                            (args.eval_batches or EVAL_BATCHES) * run.batch_size)
     compile_model(run)
     run.fast_model = run.eval_model
     if run.world_size > 1:
@@ -4417,14 +4430,13 @@ def build_model(run: Run, checkpoint: dict | None) -> None:
 def describe(run: Run, num_params: int) -> None:
     """The lines that open a run's log: model, device and precision, data and recipe."""
     args, T = run.args, run.row_length
-    tokens_per_step = run.batch_size * args.grad_accum * T * run.world_size
     precision = "float32" if run.amp is None else f"{str(run.amp).replace('torch.', '')} autocast"
     ranks = f" x {run.world_size} ranks" if run.world_size > 1 else ""
     run.say(f"model: {run.config}")
     run.say(f"parameters: {num_params:,} ({num_params / 1e6:.1f}M) | device {run.device}{ranks} "
             f"| {precision}{' | compiled' if run.eval_model is not run.model else ''}")
     run.say(f"data: {len(run.train_data):,} train and {len(run.valid_data):,} valid tokens | "
-            f"{tokens_per_step:,} tokens per step ({run.batch_size} x {T} x {args.grad_accum} "
+            f"{run.tokens_per_step:,} tokens per step ({run.batch_size} x {T} x {args.grad_accum} "
             f"accum{ranks}) | lr {run.max_lr:g} -> {run.min_lr:g}, warmup {args.warmup_steps} "
             f"steps")
     muon = [p for g in run.optimizer.param_groups if g.get("optimizer") == "muon"
@@ -4438,8 +4450,7 @@ def describe(run: Run, num_params: int) -> None:
 def record(run: Run, **fields) -> None:
     """One line of metrics.jsonl, for plotting."""
     if run.metrics:
-        tokens = run.batch_size * run.args.grad_accum * run.row_length * run.world_size
-        run.metrics.write(json.dumps({**fields, "tokens": run.step * tokens}) + "\n")
+        run.metrics.write(json.dumps({**fields, "tokens": run.step * run.tokens_per_step}) + "\n")
         run.metrics.flush()
 
 
@@ -4451,12 +4462,11 @@ def save_run(run: Run, path: str, finished: bool = False) -> None:
         rng_states = [None] * run.world_size
         dist.all_gather_object(rng_states, run.batch_rng.get_state())
     if run.rank == 0:
-        tokenizer = run.tokenizer
         save_checkpoint(run.model, run.optimizer, run.step, path, config=asdict(run.config),
                         args={k: v for k, v in vars(run.args).items()
                               if isinstance(v, (str, int, float, bool, type(None)))},
-                        tokenizer=tokenizer_state(tokenizer),
-                        tokenizer_fingerprint=tokenizer.fingerprint(), kind=run.kind,
+                        tokenizer=tokenizer_state(run.tokenizer),
+                        tokenizer_fingerprint=run.tokenizer.fingerprint(), kind=run.kind,
                         best_val_loss=run.best_val_loss, total_steps=run.total_steps,
                         finished=finished, elapsed=run.budget.elapsed(), rng=rng_states,
                         story_start=run.story_start,
@@ -4470,14 +4480,43 @@ def check_finite(run: Run, loss: float, what: str) -> None:
                          f"lower --lr); the last good checkpoint is kept in {run.args.out_dir}")
 
 
+def next_mark(budget: TimeBudget) -> float:
+    """The elapsed seconds at which the next 1/EVAL_POINTS of the budget will have passed."""
+    mark = budget.seconds / EVAL_POINTS
+    return (budget.elapsed() // mark + 1) * mark
+
+
+def size_evaluation(run: Run) -> None:
+    """Set --eval-batches, left open under a time budget, to the most batches (at least
+    MIN_EVAL_BATCHES, at most EVAL_BATCHES) that the run's EVAL_POINTS + 1 evaluations (step
+    0, each mark, the end) run in EVAL_SHARE of the budget, timing one batch twice after a
+    first that may compile. The checkpoints keep the count: --resume uses the same windows."""
+    B, T = run.batch_size, run.config.context_length
+    seconds = []
+    for _ in range(3):
+        started = time.perf_counter()
+        evaluate(run.eval_model, run.valid_data, run.eval_starts[:B], B, T, run.device, run.amp)
+        seconds.append(time.perf_counter() - started)
+    per_batch = max((seconds[1] + seconds[2]) / 2, 1e-9)
+    fit = int(run.budget.seconds * EVAL_SHARE / (EVAL_POINTS + 1) / per_batch)
+    run.args.eval_batches = broadcast(min(max(fit, MIN_EVAL_BATCHES), EVAL_BATCHES),
+                                      run.world_size)
+    run.eval_starts = evaluation_starts(len(run.valid_data), T, run.args.eval_batches * B)
+
+
 def evaluate_and_save(run: Run, finished: bool) -> None:
     """Evaluate on the validation windows, log it, and checkpoint (best.pt when it improved)."""
     started = time.perf_counter()
+    if run.args.eval_batches is None:
+        size_evaluation(run)
+    timed = time.perf_counter()  # the budget plans with the time of an evaluation itself
     val_loss = (run.evaluate(run) if run.evaluate else
                 evaluate(run.eval_model, run.valid_data, run.eval_starts, run.batch_size,
                          run.config.context_length, run.device, run.amp))
     val_loss = broadcast(val_loss, run.world_size)  # the same "best" on every rank
-    run.budget.eval_seconds = time.perf_counter() - started
+    run.budget.eval_seconds = time.perf_counter() - timed
+    run.eval_seconds += time.perf_counter() - started
+    run.evaluations += 1
     check_finite(run, val_loss, "validation loss")
     is_best = val_loss < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, val_loss)
@@ -4489,24 +4528,23 @@ def evaluate_and_save(run: Run, finished: bool) -> None:
         save_run(run, run.path("latest.pt"), finished)
         if is_best:
             save_run(run, run.path("best.pt"), finished)
+    # The time cadence's next: the first mark after this evaluation ends, not one it outlasted
+    # (on a busy machine, evaluations would otherwise follow each other step after step).
+    run.next_eval = next_mark(run.budget)
 
 
 def log_progress(run: Run, lr: float, grad_norm: torch.Tensor) -> None:
     """The log line of the last few steps: loss, lr, gradient norm, speed and time left."""
-    args, budget = run.args, run.budget
+    budget = run.budget
     train_loss = rank_mean(run.loss_sum, run.world_size) / run.steps_since_log
     check_finite(run, train_loss, "training loss")
     recent = budget.step_seconds[-run.steps_since_log:]
-    tokens = run.batch_size * args.grad_accum * run.row_length * run.world_size
-    tokens_per_s = tokens * run.steps_since_log / sum(recent)
+    tokens_per_s = run.tokens_per_step * run.steps_since_log / sum(recent)
     elapsed = budget.elapsed()
-    # Time left: the mean step so far times the steps to go, within the budget.
-    mean_step = sum(budget.step_seconds) / len(budget.step_seconds)
-    left = min(mean_step * ((run.total_steps or run.step) - run.step), budget.seconds - elapsed)
     run.say(f"step {run.step:>6}/{run.total_steps or '?'} | loss {train_loss:.4f} | "
             f"lr {lr:.2e} | grad norm {grad_norm.item():.2f} | {tokens_per_s:,.0f} tok/s | "
             f"{format_duration(elapsed)} elapsed"
-            f"{f', {format_duration(left)} left' if run.total_steps else ''}")
+            f"{f', {format_duration(time_left(run))} left' if run.total_steps else ''}")
     record(run, step=run.step, train_loss=round(train_loss, 5), lr=lr,
            grad_norm=round(grad_norm.item(), 5), tokens_per_s=round(tokens_per_s),
            elapsed=round(elapsed, 2))
@@ -4514,13 +4552,22 @@ def log_progress(run: Run, lr: float, grad_norm: torch.Tensor) -> None:
     run.steps_since_log = 0
 
 
-def plan_step(run: Run) -> bool:
-    """Whether the run is done; with a time budget, plan the steps again first. Every rank
-    follows rank 0's clock, so all stop at the same step."""
-    planning = run.args.max_steps is None
-    plan = run.budget.plan(run.step, run.args.eval_interval) if planning else None
-    done = run.step >= (plan or run.total_steps or math.inf) or run.budget.is_over()
-    done, plan = broadcast((done, plan), run.world_size)
+def plan_step(run: Run) -> tuple[bool, bool]:
+    """Whether the run is done, and whether to evaluate (see EVAL_POINTS); with a time budget,
+    plan the steps again first. Every rank follows rank 0's clock, so all act at the same step."""
+    args, budget = run.args, run.budget
+    interval, evals_left = args.eval_interval, 0
+    if interval:
+        due = run.step % interval == 0
+    else:  # the time cadence; a resumed run waits for the next mark
+        if run.next_eval is None:
+            run.next_eval = 0.0 if run.step == 0 else next_mark(budget)
+        due, interval = budget.elapsed() >= run.next_eval, math.inf
+        passed = int(budget.elapsed() * EVAL_POINTS // budget.seconds)
+        evals_left = max(EVAL_POINTS - 1 - passed, 0)
+    plan = budget.plan(run.step, interval, evals_left) if args.max_steps is None else None
+    done = run.step >= (plan or run.total_steps or math.inf) or budget.is_over()
+    done, due, plan = broadcast((done, due, plan), run.world_size)
     if plan is not None:
         run.total_steps = plan
         if not run.announced:
@@ -4529,7 +4576,7 @@ def plan_step(run: Run) -> bool:
             run.announced = True
     if done:
         run.total_steps = run.step  # the schedule ends here, whatever the plan said
-    return done
+    return done, due or done
 
 
 def train_loop(run: Run) -> None:
@@ -4541,12 +4588,12 @@ def train_loop(run: Run) -> None:
     run.loss_sum = torch.zeros((), device=run.device)
     with stop_requests(enabled=run.world_size == 1) as stop_requested:
         while True:
-            done = plan_step(run)
+            done, due = plan_step(run)
             decay_end = args.decay_steps or run.total_steps or 10 ** 9  # no plan yet: warmup
             lr = lr_cosine_schedule(run.step, run.max_lr, run.min_lr,
                                     min(args.warmup_steps, decay_end), decay_end)
             set_lr(run.optimizer, lr)
-            if run.step % args.eval_interval == 0 or done:
+            if due:
                 evaluate_and_save(run, finished=done)
             if done:
                 return
@@ -4618,8 +4665,11 @@ def train(args: argparse.Namespace, start=start_run) -> None:
     if run.world_size > 1:
         finish_ranks(run)
     written = [name for name in ("latest.pt", "best.pt") if os.path.exists(run.path(name))]
+    share = run.eval_seconds / (time.perf_counter() - command_started)
     run.say(f"done: {run.step} steps in {format_duration(run.budget.elapsed())}, best val loss "
-            f"{run.best_val_loss:.4f}; checkpoints in {args.out_dir} ({', '.join(written)})")
+            f"{run.best_val_loss:.4f}; {run.evaluations} evaluations took "
+            f"{run.eval_seconds:.1f}s ({share:.1%} of the time); checkpoints in {args.out_dir} "
+            f"({', '.join(written)})")
     run.say(f"curves: python gpt.py plot {args.out_dir}")
 
 
@@ -4661,16 +4711,9 @@ EXPERIMENTS = {
 
 
 def arm_result(out_dir: str) -> dict:
-    """What a finished arm reached, from its latest.pt and metrics.jsonl; a line there that is no
-    record, or lacks a field (a killed run's half line), is passed over."""
-    records = []
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
-        for line in f:
-            with suppress(ValueError):
-                records.append(parse_json(line, out_dir))
-    records = [r for r in records if isinstance(r, dict)]
-    evals = [r["val_loss"] for r in records if is_number(r.get("val_loss"))]
-    times = [r["elapsed"] for r in records if is_number(r.get("elapsed"))]
+    """What a finished arm reached, from its latest.pt and its metrics (read_metrics, §17)."""
+    records = read_metrics(out_dir)
+    evals = [(r["elapsed"], r["val_loss"]) for r in metric_series(records, "val")]
     path = os.path.join(out_dir, "latest.pt")
     checkpoint = read_checkpoint(path)
     config, args = saved_config(checkpoint["config"], path, checkpoint["model"]), checkpoint["args"]
@@ -4678,20 +4721,13 @@ def arm_result(out_dir: str) -> dict:
     batch = args["batch_size"] or PRESETS[args["preset"]]["batch_size"]
     return dict(parameters=sum(p.numel() for p in TransformerLM(config).parameters()), steps=step,
                 tokens=step * batch * args["grad_accum"] * config.context_length,
-                seconds=times[-1] if times else checkpoint.get("elapsed", 0.0),
-                best=min(evals, default=checkpoint.get("best_val_loss", math.nan)),
-                final=evals[-1] if evals else math.nan,
-                evals=[(r["elapsed"], r["val_loss"]) for r in records
-                       if is_number(r.get("elapsed")) and is_number(r.get("val_loss"))])
+                seconds=records[-1]["elapsed"], best=min(loss for _, loss in evals),
+                final=evals[-1][1], evals=evals)
 
 
 def loss_at(evals: list[tuple[float, float]], seconds: float) -> float:
-    """The validation loss `seconds` into a run, from its (elapsed, val_loss) evaluations:
-    read on the straight line between the two around it (evaluate often for a close reading);
-    nan for a run without any.
-    Example: evaluations (10 s, 4.0) and (30 s, 3.0): at 25 s, 3.25."""
-    if not evals:
-        return math.nan
+    """The validation loss `seconds` into a run, on the line between the (elapsed, val_loss)
+    evaluations around it. Example: (10 s, 4.0) and (30 s, 3.0): 3.25 at 25 s."""
     for (t0, loss0), (t1, loss1) in zip(evals, evals[1:]):
         if t0 <= seconds <= t1:
             return loss0 + (loss1 - loss0) * (seconds - t0) / max(t1 - t0, 1e-9)
@@ -4699,9 +4735,8 @@ def loss_at(evals: list[tuple[float, float]], seconds: float) -> float:
 
 
 def arm_state(directory: str, argv: list[str]) -> str:
-    """What an arm's directory holds of a run of exactly these train flags: "done" (finished),
-    "interrupted" (to resume), or "new" (nothing of theirs). experiment.json, written before
-    the arm trains, records its flags."""
+    """What an arm's directory holds of a run of exactly these train flags (its experiment.json):
+    "done" (finished), "interrupted" (to resume), or "new" (nothing of theirs)."""
     try:
         with open(os.path.join(directory, "experiment.json"), encoding="utf-8") as f:
             same = json.load(f) == argv
@@ -4717,8 +4752,7 @@ def arm_state(directory: str, argv: list[str]) -> str:
 
 
 def arm_dir(args: argparse.Namespace, name: str, flags: list[str], arm: str) -> str:
-    """Where an arm trains: OUT_DIR/NAME/ARM, or OUT_DIR/default for the default recipe, which
-    every experiment shares."""
+    """Where an arm trains: OUT_DIR/NAME/ARM, or for the default recipe, OUT_DIR/default."""
     if not flags:
         return os.path.join(args.out_dir, "default")
     return os.path.join(args.out_dir, name, re.sub(r"[^a-z0-9]+", "-", arm.lower()).strip("-"))
@@ -4883,7 +4917,8 @@ def signals_held() -> Iterator[None]:
 def publish(staging: str, out_dir: str, names: list[str]) -> None:
     """Move staged files into out_dir, all or none: every destination is checked first, each
     previous file is kept under a second name until all have moved, and a failure on the way
-    puts them back (the caller holds Ctrl-C and SIGTERM back). The tokenizer goes first and
+    puts them back (the caller holds Ctrl-C and SIGTERM back). A name not staged is removed
+    from out_dir (a file the new outputs must not be read with). The tokenizer goes first and
     each token file before its sidecar, so that a kill -9 or a power cut in the middle leaves
     old token files whose sidecars name the old tokenizer, or a new token file with its old
     sidecar: training refuses both rather than mix them."""
@@ -4894,14 +4929,14 @@ def publish(staging: str, out_dir: str, names: list[str]) -> None:
         for name in names:
             path = os.path.join(out_dir, name)
             keep_previous(path, os.path.join(backups, name))
-            os.replace(os.path.join(staging, name), path)
+            staged = os.path.join(staging, name)
+            os.replace(staged, path) if os.path.lexists(staged) else os.remove(path)
             moved.append(name)
     except OSError as e:
         for done in reversed(moved):
             backup, placed = os.path.join(backups, done), os.path.join(out_dir, done)
             os.replace(backup, placed) if os.path.lexists(backup) else os.remove(placed)
-        raise OSError(f"cannot publish {path}: {e.strerror or e}; the previous files in "
-                      f"{out_dir} are put back") from None
+        raise OSError(f"cannot publish {path}: {e.strerror or e}; {out_dir} is as it was") from None
 
 
 def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir: str,
@@ -4911,6 +4946,8 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
     previous files in out_dir untouched, never a mix of old and new."""
     dtype = token_dtype(max(tokenizer.vocab) + 1)
     fingerprint = tokenizer.fingerprint()
+    kept = (f"the previous files in {out_dir} are kept" if os.path.isdir(out_dir)
+            and os.listdir(out_dir) else f"nothing was written to {out_dir}")
     with made_if_missing(out_dir), staging_dir(out_dir) as staging:
         names = []  # of the files to publish, relative to staging and out_dir
         files = [(source, os.path.join(staging, f"{split}.bin"))
@@ -4920,6 +4957,11 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
                 tokenizer.save(os.path.join(staging, "tokenizer"))
                 names += [f"tokenizer/{name}"
                           for name in sorted(os.listdir(os.path.join(staging, "tokenizer")))]
+                # An earlier tokenizer's settings would be read with this one's files: publish
+                # removes them, as a name it is given but not staged.
+                stale = "tokenizer/tokenizer_settings.json"
+                names += [stale] * (os.path.lexists(os.path.join(out_dir, stale))
+                                    and stale not in names)
             started = time.perf_counter()
             with closing(encode_files(tokenizer, files, workers, verbose=True)) as counts:
                 for (split, source), (_, path), num_tokens in zip(sources.items(), files, counts):
@@ -4930,7 +4972,7 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
                           f"{num_tokens:,} tokens ({dtype.name}), "
                           f"{(end - start) / max(num_tokens, 1):.2f} bytes/token")
         except OSError as e:
-            raise OSError(f"{e}; the previous files in {out_dir} are kept") from None
+            raise OSError(f"{e}; {kept}") from None
         os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
         with signals_held():
             publish(staging, out_dir, names)
@@ -4949,8 +4991,7 @@ def write_outputs(tokenizer: Tokenizer, sources: dict[str, TextSource], out_dir:
 # the tools built on it load with no code of ours: config.json, the weights as safetensors (a
 # JSON header, then raw little-endian tensors), the tokenizer files, and a weights-only gpt.pt
 # for `gpt.py sample`. `import` reads such a directory back, ours or a Llama or Qwen3 model
-# trained elsewhere (read_hf_tokenizer its tokenizer.json), every header checked before a byte
-# is allocated.
+# trained elsewhere, every header checked before a byte is allocated.
 # ==================================================================================================
 
 # Our parameter names -> LlamaForCausalLM's; {i} is the layer.
@@ -4995,13 +5036,12 @@ def rope_halves(weight: torch.Tensor, num_heads: int, inverse: bool = False) -> 
     rotary embedding; inverse=True puts Llama's back in our order (`import`).
 
     Ours turns adjacent pairs (2j, 2j+1) by the angle p * theta^(-2j/D) (RotaryEmbedding);
-    Llama's `rotate_half` turns dimension j with dimension j + D/2 by that same angle. So our
-    dimension 2j must become Llama's j, and 2j+1 become j + D/2: each head's rows in the order
-    0, 2, 4, ..., D-2, then 1, 3, ..., D-1. Example, D = 4: rows (0, 1, 2, 3) -> (0, 2, 1, 3),
-    and our pairs (0,1), (2,3) become Llama's (0,2), (1,3). Queries and keys are reordered
-    alike, and a score q.k sums over the D dimensions in any order, so every attention score is
-    unchanged; values and the output projection keep their order. qk-norm's gains (D,), one per
-    dimension of a head, move with their dimensions: one head of rows.
+    Llama's `rotate_half` turns dimension j with j + D/2 by that angle. So our 2j becomes
+    Llama's j, and 2j+1 becomes j + D/2: each head's rows in the order 0, 2, ..., D-2, then
+    1, 3, ..., D-1. Example, D = 4: rows (0, 1, 2, 3) -> (0, 2, 1, 3). Queries and keys are
+    reordered alike, and q.k sums over the D dimensions in any order, so every attention score
+    is unchanged; values and the output projection keep their order. qk-norm's gains (D,) move
+    with their dimensions: one head of rows.
     """
     D = len(weight) // num_heads
     if inverse:  # (H, 2, D/2, C): Llama's halves -> (H, D/2, 2, C): our pairs
@@ -5067,17 +5107,14 @@ def llama_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
 
 
 def tokenizer_json(tokenizer: Tokenizer, bos_ids: list[int] = ()) -> dict:
-    """tokenizer.json, the file AutoTokenizer loads as a fast tokenizer (Hugging Face's
-    `tokenizers`): byte-level BPE with GPT-2's pre-tokenizer, which is ours (or the tokenizer's
-    split patterns, each an Isolated Split, and its normalizer), our merges in order, and the
-    special tokens cut out first; bos_ids, if any, put before every text. It gives the ids
-    Tokenizer.encode gives.
-
-    The special tokens are in the vocabulary as they are written, not spelled: `tokenizers`
-    gives a special token the id it has there (one missing there would get a new id past the
-    end). If BPE built one string twice, its first id is the one our encoder produces, and the
-    only one here. `ignore_merges` is off for ours, or a word found whole in the vocabulary
-    would skip the merges that our encoder applies.
+    """tokenizer.json, which AutoTokenizer loads as a fast tokenizer (Hugging Face's
+    `tokenizers`) that gives the ids Tokenizer.encode gives: byte-level BPE with GPT-2's
+    pre-tokenizer (or the tokenizer's split patterns, each an Isolated Split, and its
+    normalizer), our merges in order, the special tokens cut out first, bos_ids before every
+    text. Special tokens are in the vocabulary as written, not spelled (`tokenizers` gives one
+    the id it has there); a string BPE built twice keeps its first id, the one our encoder
+    produces. ignore_merges is off for ours: a word found whole in the vocabulary would skip
+    the merges our encoder applies.
     """
     spell = bytes_to_unicode()
     spelled = lambda token: "".join(spell[b] for b in token)
@@ -5116,10 +5153,9 @@ def tokenizer_json(tokenizer: Tokenizer, bos_ids: list[int] = ()) -> dict:
 
 def hf_tokenizer_files(tokenizer: Tokenizer, context_length: int,
                        generation: dict | None = None) -> dict[str, bytes]:
-    """The tokenizer as files, by name: ours (vocab.json, merges.txt, special_tokens.json, which
-    Tokenizer.load reads), tokenizer.json, and the two configuration files that tell
-    AutoTokenizer which tokens are special (an imported model's bos and eos, and its chat
-    template, are those it came with)."""
+    """The tokenizer as files, by name: ours (which Tokenizer.load reads), tokenizer.json, and
+    the two that tell AutoTokenizer which tokens are special (an imported model's bos and eos,
+    and chat template, are those it came with)."""
     specials, names = {}, tokenizer.special_tokens
     if generation:
         bos, eos = ([tokenizer.vocab[i].decode("utf-8") for i in generation[key][:1]]
@@ -5132,8 +5168,7 @@ def hf_tokenizer_files(tokenizer: Tokenizer, context_length: int,
         names = names[1:]
     if names:
         specials["additional_special_tokens"] = names
-    # model_max_length: longer inputs get a warning. Cleaning up spaces would turn the text
-    # " ." that the model wrote into ".".
+    # model_max_length: longer inputs get a warning; cleaning up spaces would turn " ." into ".".
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
                 "clean_up_tokenization_spaces": False, **specials}
     if generation and generation["chat"]:
@@ -5174,8 +5209,7 @@ def hf_split_patterns(spec, where: str) -> list[str]:
 
 
 def hf_bpe(model: dict, where: str) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
-    """tokenizer.json's BPE vocabulary and merges ("a b" or ["a", "b"]), spelled as in GPT-2's
-    files (bytes_to_unicode), as bytes."""
+    """tokenizer.json's BPE vocabulary and merges ("a b" or ["a", "b"]), unspelled to bytes."""
     if model.get("type") != "BPE":
         raise ValueError(f"{where}: its model is {shown(model.get('type'))}, not BPE; WordPiece "
                          f"and Unigram (SentencePiece) models are not supported")
@@ -5356,21 +5390,10 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
             write_all(f, little_endian_bytes(tensor), path)
 
 
-def read_for_export(path: str) -> tuple[TransformerLM, Tokenizer, int, str, dict | None]:
-    """The model, the tokenizer, the step count, the story_start and the generation settings
-    (an imported model's) of a checkpoint, each checked as for sampling, on the CPU; a model
-    Llama cannot express is refused."""
-    model, tokenizer, checkpoint = read_model(path)
-    check_exportable(model.config)
-    return (model, tokenizer, checkpoint["iteration"], saved_story_start(checkpoint, path),
-            saved_generation(checkpoint.get("generation"), tokenizer, path))
-
-
 def save_weights_only(state: dict[str, torch.Tensor], config: ModelConfig, tokenizer: Tokenizer,
                       iteration: int, path: str, story_start: str = "", **extra) -> None:
     """A checkpoint with what load_for_sampling reads and nothing else: no optimizer state (two
-    thirds of a training checkpoint), nothing that resuming needs; `extra` says where it is
-    from (`import`'s)."""
+    thirds of a training checkpoint); `extra` says where it is from (`import`'s)."""
     try:
         with replaced(path) as f:
             torch.save({"model": state, "iteration": iteration, "config": asdict(config),
@@ -5381,9 +5404,8 @@ def save_weights_only(state: dict[str, torch.Tensor], config: ModelConfig, token
                       f"({first_line(e)})") from None
 
 
-# An export's own file (and an import's), listing the files it wrote: a later export recognizes
-# its directory by it, and replaces it only when asked (--overwrite) and only when it holds
-# nothing else.
+# An export's (or import's) list of the files it wrote: a later one replaces that directory only
+# when asked (--overwrite), and only while it holds nothing else.
 EXPORT_MARKER = ".gpt-export.json"
 
 
@@ -5411,41 +5433,59 @@ def remove_export_leftovers(out: str) -> None:
             log(f"removed {path}, left by a run that was killed")
 
 
-def check_export_dir(out: str, overwrite: bool, flag: str = "--out") -> None:
-    """`export` writes only into a new or empty directory, or, with --overwrite, one that holds
-    an earlier export and nothing else: never into a tokenizer's, data or run directory. So
-    does `import` (its flag: --out-dir)."""
+def check_export_dir(out: str, overwrite: bool, flag: str) -> None:
+    """`export` and `import` write only into a new or empty directory, or, with --overwrite, one
+    holding an earlier export or import alone: never into a tokenizer's, data or run directory."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ValueError(f"{flag} {out} is a file: give a directory")
-    names = set(os.listdir(out)) if os.path.isdir(out) else set()
+    names = set(os.listdir(out)) - {LOCK_NAME} if os.path.isdir(out) else set()
     if not names:
         return
     try:
         with open(os.path.join(out, EXPORT_MARKER), encoding="utf-8") as f:
-            ours = set(json.load(f)["files"]) | {EXPORT_MARKER}
+            marker = json.load(f)
+        ours = set(marker["files"]) | {EXPORT_MARKER}
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        raise ValueError(f"{flag} {out} holds files that no export wrote "
+        raise ValueError(f"{flag} {out} holds files that no export or import wrote "
                          f"({', '.join(sorted(names)[:3])}{', ...' * (len(names) > 3)}): give "
                          f"a new or empty directory") from None
+    earlier = f"an earlier {'import' if 'imported' in marker else 'export'}"
     if names - ours:
-        raise ValueError(f"{flag} {out} holds an earlier export and other files "
-                         f"({', '.join(sorted(names - ours)[:3])}): give a new or empty "
-                         f"directory")
+        raise ValueError(f"{flag} {out} holds {earlier} and other files "
+                         f"({', '.join(sorted(names - ours)[:3])}): give a new or empty one")
     if not overwrite:
-        raise ValueError(f"{flag} {out} holds an earlier export: replace it with --overwrite, or "
-                         f"give a new or empty directory")
+        raise ValueError(f"{flag} {out} holds {earlier}: replace it with --overwrite, or give a "
+                         f"new or empty directory")
 
 
 def publish_export(staging: str, out: str) -> None:
     """Put a complete export in place of `out` by renaming directories, so that a kill leaves
     the previous export or the new one, never a mix. An earlier export is moved aside first
-    (a rename cannot replace a directory that holds files), then removed."""
-    old = export_sibling(out, "old")
+    (a rename cannot replace a directory that holds files), then removed; the lock moves in."""
+    old, lock = export_sibling(out, "old"), os.path.join(out, LOCK_NAME)
     with signals_held():
+        if os.path.lexists(lock):
+            os.replace(lock, os.path.join(staging, LOCK_NAME))
         if os.path.isdir(out) and os.listdir(out):
             os.rename(out, old)
         os.rename(staging, out)  # onto a missing or an empty directory
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def export_staging(out: str, overwrite: bool, flag: str) -> Iterator[str]:
+    """A directory for the files of an export (or an import) beside OUT, on its file system,
+    put in OUT's place when the block completes; meanwhile OUT is locked as a run's is."""
+    remove_export_leftovers(out)
+    check_export_dir(out, overwrite, flag)
+    with directory_lock(out):
+        staging = export_sibling(out, "new")
+        check_writable_dir(staging)
+        try:
+            yield staging
+            publish_export(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- Import: a Hugging Face checkpoint as a gpt.pt ------------------------------------------------
@@ -5467,9 +5507,8 @@ IMPORT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.floa
 
 def hf_model_config(path: str) -> tuple[dict, str]:
     """config.json as ModelConfig's fields (checked by saved_config), and the architecture; a
-    model gpt.py cannot compute is refused, naming what it lacks. RoPE's settings come as the
-    Hub's files have them (rope_theta, rope_scaling) or as transformers 5 writes them
-    (rope_parameters)."""
+    model gpt.py cannot compute is refused, naming what it lacks. RoPE's settings are read as
+    the Hub's files have them (rope_theta, rope_scaling) or transformers 5's (rope_parameters)."""
     hf = read_json(path)
     if not isinstance(hf, dict):
         raise ValueError(f"{path} is {shown(hf)}, not a JSON object")
@@ -5603,8 +5642,7 @@ def read_tensor(path: str, dtype: torch.dtype, shape: tuple, start: int,
         data = bytearray(end - start)
         if f.readinto(data) != len(data):
             raise ValueError(f"{path} was cut short while it was read")
-    # Little-endian integers of the element's width, reinterpreted (numpy has no bfloat16):
-    # the inverse of little_endian_bytes.
+    # Little-endian integers of the element's width, reinterpreted: little_endian_bytes undone.
     ints = np.frombuffer(data, dtype=f"<i{dtype.itemsize}")
     ints = ints.astype(ints.dtype.newbyteorder("="), copy=False)
     return torch.from_numpy(ints).view(dtype).reshape(shape).float()
@@ -5716,8 +5754,7 @@ def tokens_per_step_of(run_dir: str) -> int:
 
 
 def run_curves(run_dir: str, name: str) -> dict:
-    """One run's curves: {"name", "dir", "train": [record], "val": [record]}, every record
-    with the tokens seen at its step."""
+    """One run's curves: {"name", "dir", "train": [record], "val": [record]}, with tokens seen."""
     records = read_metrics(run_dir)
     if not all(is_int(r.get("tokens")) for r in records):
         per_step = tokens_per_step_of(run_dir)
@@ -5808,8 +5845,7 @@ def draw_curves(runs: list[dict], out_dir: str, plt) -> list[str]:
             ax.plot(column(run["train"], "step"), column(run["train"], key), color=f"C{i % 10}",
                     label=run["name"])
     for ax, label in zip(axes, ("learning rate", "gradient norm (before clipping)")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
+        ax.set(xlabel="step", ylabel=label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     paths.append(save_figure(fig, os.path.join(out_dir, "lr_and_grad_norm.png"), plt))
@@ -5820,8 +5856,7 @@ def attention_weights(attn: MultiHeadSelfAttention, x: torch.Tensor) -> torch.Te
     """The weights softmax(Q K^T / sqrt(D)) of one attention layer, for its input x (B, T, C) at
     positions 0..T-1: (B, H, T, T), row i holding how much query i takes from each position
     0..i (it sums to 1). The readable attention of §3 gives them: with the values V set to the
-    identity matrix, softmax(..) @ V is the weights themselves. A test checks that they give the
-    layer's output under the fast path."""
+    identity matrix, softmax(..) @ V is the weights themselves (tested against the fast path)."""
     B, T, C = x.shape
     H = attn.num_heads
     q, k, _ = attn.queries_keys_values(x, 0)  # (B, H, T, D), k (B, KV, T, D), as the layer's
@@ -5942,8 +5977,8 @@ def token_label(tokenizer: Tokenizer, token_id: int) -> str:
 
 
 def print_attention_table(maps: list[torch.Tensor], labels: list[str]) -> None:
-    """attention_summary of every layer's weights (H, T, T), one row per head, and the position
-    the last query looks at most."""
+    """attention_summary of each layer's weights (H, T, T), a row a head, and the last query's
+    strongest key."""
     print("attention per head, averaged over the queries after the first: the weight on the "
           "first position,\non the query itself, on the one before; entropy in bits; the last "
           "query's strongest key")
@@ -5995,11 +6030,10 @@ def draw_attention(maps: list[torch.Tensor], labels: list[str], path: str, plt) 
             image = ax.imshow(weights[head].float().cpu().numpy(), vmin=0, vmax=1)
             ax.set_title(f"layer {layer} head {head}", fontsize=7)
             # Token labels on the left column and the bottom row; past 40 they would overlap.
-            ax.set_xticks(range(T) if layer == L - 1 and T <= 40 else [])
-            ax.set_yticks(range(T) if head == 0 and T <= 40 else [])
-            ax.set_xticklabels(labels if layer == L - 1 and T <= 40 else [], rotation=90,
-                               fontsize=6)
-            ax.set_yticklabels(labels if head == 0 and T <= 40 else [], fontsize=6)
+            bottom, left = layer == L - 1 and T <= 40, head == 0 and T <= 40
+            ax.set_xticks(range(T) if bottom else [], labels if bottom else [], rotation=90,
+                          fontsize=6)
+            ax.set_yticks(range(T) if left else [], labels if left else [], fontsize=6)
     fig.colorbar(image, ax=axes, shrink=0.5, label="attention weight")
     fig.suptitle("attention weights: row = query position, column = the position it reads")
     return save_figure(fig, path, plt)
@@ -6101,9 +6135,9 @@ class QATemplate:
 
 
 def qa_template(tokenizer: Tokenizer, generation: dict | None, name: str) -> QATemplate:
-    """Our models' QA_PROMPT between end-of-text tokens; for an imported model (`generation`,
-    see hf_generation) its chat format where it has one, else QA_PROMPT after its bos_ids,
-    ended by its first eos id."""
+    """Our models' QA_PROMPT between end-of-text tokens (the first special token, which ended
+    the stories in pretraining); for an imported model (`generation`, see hf_generation) its
+    chat format where it has one, else QA_PROMPT after its bos_ids, ended by its first eos id."""
     chat = generation and generation["chat"]
     if chat and chat["end"] is None:
         raise ValueError(f"{name}: its chat template is not ChatML (<|im_start|>...<|im_end|>), "
@@ -6111,12 +6145,13 @@ def qa_template(tokenizer: Tokenizer, generation: dict | None, name: str) -> QAT
     if chat:  # no bos_ids: a template writes any itself, and its text is encoded without them
         return QATemplate([], chat["before"], chat["after"], "", tokenizer.special_ids[chat["end"]])
     before, after = QA_PROMPT.split("{question}")
-    if generation is None:
-        return QATemplate([end_token(tokenizer, name)], before, after, " ",
-                          end_token(tokenizer, name))
-    if not generation["eos_ids"]:
-        raise ValueError(f"{name}: the model has no end-of-text token to end an answer with")
-    return QATemplate(generation["bos_ids"], before, after, " ", generation["eos_ids"][0])
+    ours = generation is None
+    end = end_of_text_id(tokenizer) if ours else next(iter(generation["eos_ids"]), None)
+    if end is None:
+        hint = " (`tokenize --special-tokens '<|endoftext|>'` makes one)" if ours else ""
+        raise ValueError(f"{name}: its tokenizer has no end-of-text token to end an answer with"
+                         f"{hint}")
+    return QATemplate([end] if ours else generation["bos_ids"], before, after, " ", end)
 
 
 def qa_sequence(tokenizer: Tokenizer, question: str, answer: str, template: QATemplate,
@@ -6163,19 +6198,6 @@ def check_qa_item(item, where: str) -> tuple[str, str]:
     return item["question"].strip(), item["answer"].strip()
 
 
-def warn_repeated_ids(items: list, path: str) -> None:
-    """A repeated "id" is often a pair pasted twice, or an id not updated: say so, and go on."""
-    seen = defaultdict(list)
-    for i, item in enumerate(items):
-        if "id" in item:
-            seen[json.dumps(item["id"], sort_keys=True)].append(str(i))
-    repeated = [f"{key} (items {', '.join(where)})" for key, where in seen.items()
-                if len(where) > 1]
-    if repeated:
-        log(f"warning: {path}: repeated ids: {'; '.join(repeated[:5])}"
-            f"{' ...' if len(repeated) > 5 else ''}")
-
-
 def read_qa_file(path: str) -> list[tuple[str, str]]:
     """The (question, answer) pairs of a JSON file that holds a list of objects such as
         {"question": "Who is Max?", "answer": "Max is Lily's dog.", "id": 7, "category": "pets"}
@@ -6190,7 +6212,16 @@ def read_qa_file(path: str) -> list[tuple[str, str]]:
         what = "an empty list" if isinstance(items, list) else f"a JSON {json_kind(items)}"
         raise ValueError(f"{path} holds {what}, not {expected}")
     pairs = [check_qa_item(item, f"{path}[{i}]") for i, item in enumerate(items)]
-    warn_repeated_ids(items, path)
+    # A repeated "id" is often a pair pasted twice, or an id not updated: say so, and go on.
+    seen = defaultdict(list)
+    for i, item in enumerate(items):
+        if "id" in item:
+            seen[json.dumps(item["id"], sort_keys=True)].append(str(i))
+    repeated = [f"{key} (items {', '.join(where)})" for key, where in seen.items()
+                if len(where) > 1]
+    if repeated:
+        log(f"warning: {path}: repeated ids: {'; '.join(repeated[:5])}"
+            f"{' ...' if len(repeated) > 5 else ''}")
     return pairs
 
 
@@ -6281,16 +6312,6 @@ def qa_batch(pairs: QAPairs, batch_size: int, context_length: int, device: str |
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
 
-def end_token(tokenizer: Tokenizer, name: str) -> int:
-    """The id that ends each answer: the tokenizer's first special token, the one that ended
-    the stories in pretraining (<|endoftext|>)."""
-    eot = end_of_text_id(tokenizer)
-    if eot is None:
-        raise ValueError(f"{name}: its tokenizer has no end-of-text token to end an answer with "
-                         f"(`tokenize` with --special-tokens '<|endoftext|>' makes one)")
-    return eot
-
-
 def show_answers(run: Run) -> None:
     """Answer the first --show-answers held-out questions greedily, and print them. An answer
     that has not ended within ANSWER_TOKENS tokens ends in " ..."."""
@@ -6345,10 +6366,9 @@ def check_finetune_args(args: argparse.Namespace) -> None:
 
 def finetune_model(args: argparse.Namespace, resumed: dict | None
                    ) -> tuple[ModelConfig, Tokenizer, str, str, dict | None]:
-    """The config and tokenizer of the model to fine-tune, where they come from (the run
-    being resumed, a trained checkpoint (--checkpoint, or the newest in --run-dir), or with
-    --from-scratch the preset and the tokenizer in --data-dir), its story_start and, for an
-    imported model, its generation settings."""
+    """The config and tokenizer of the model to fine-tune, where they come from (the run resumed,
+    --checkpoint or the newest in --run-dir, or with --from-scratch the preset and --data-dir's
+    tokenizer), its story_start and, for an imported model, its generation settings."""
     if resumed or not args.from_scratch:
         path = (os.path.join(args.out_dir, "latest.pt") if resumed
                 else args.checkpoint or newest_checkpoint(args.run_dir))
@@ -6422,16 +6442,11 @@ def start_finetune(args: argparse.Namespace) -> tuple[Run, dict | None, float]:
                                                     qa_template(tokenizer, generation, source), T)
     if args.max_steps is None and args.max_time is None:
         args.max_steps = total_steps = FINETUNE_STEPS
-    if args.lr is not None:
-        max_lr = args.lr
-    else:  # from scratch, the preset's; a trained model needs smaller steps not to forget
-        max_lr = PRESETS[args.preset]["lr"] if args.preset else FINETUNE_LR
-    min_lr = max_lr / 10 if args.min_lr is None else args.min_lr
-    fill_optimizer_flags(args)
+    # From scratch, the preset's learning rate; a trained model needs smaller steps not to forget.
+    max_lr, min_lr = settle_optimizer(args, PRESETS[args.preset]["lr"] if args.preset
+                                      else FINETUNE_LR)
     batch_size = args.batch_size or (PRESETS[args.preset]["batch_size"] if args.preset
                                      else FINETUNE_BATCH_SIZE)
-    if not min_lr <= max_lr:
-        raise ValueError(f"--min-lr {min_lr:g} is above the peak learning rate --lr {max_lr:g}")
     run = Run(args, device, rank, world_size, autocast_dtype(device, args.dtype), tokenizer,
               train_pairs, valid_pairs, config, batch_size, max_lr, min_lr,
               total_steps=total_steps, get_batch=qa_batch, loss=masked_cross_entropy,
@@ -6830,18 +6845,13 @@ def write_export(staging: str, model: TransformerLM, tokenizer: Tokenizer, itera
 
 def cmd_export(args: argparse.Namespace) -> None:
     path = args.checkpoint or newest_checkpoint(args.run_dir)
-    model, tokenizer, iteration, story_start, generation = read_for_export(path)
+    model, tokenizer, checkpoint = read_model(path)  # on the CPU, checked as for sampling
+    check_exportable(model.config)
+    iteration, story_start = checkpoint["iteration"], saved_story_start(checkpoint, path)
+    generation = saved_generation(checkpoint.get("generation"), tokenizer, path)
     out = os.path.realpath(args.out)  # a link given as --out: the directory it names
-    remove_export_leftovers(out)
-    check_export_dir(out, args.overwrite)
-    # Staged beside OUT, on its file system, then renamed into place.
-    staging = export_sibling(out, "new")
-    check_writable_dir(staging)
-    try:
+    with export_staging(out, args.overwrite, "--out") as staging:
         write_export(staging, model, tokenizer, iteration, path, story_start, generation)
-        publish_export(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     num_params = sum(p.numel() for p in model.parameters())
     size = lambda name: os.path.getsize(os.path.join(out, name)) / 1e6
     print(f"model: {path} (step {iteration:,}, {num_params / 1e6:.1f}M parameters)")
@@ -6852,8 +6862,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    """`python gpt.py import HF_DIR --out-dir RUN_DIR`: §16's import, staged beside RUN_DIR and
-    renamed into place as export's files are, so that RUN_DIR never holds half an import."""
+    """`python gpt.py import HF_DIR --out-dir RUN_DIR`: §16's import, staged as an export is."""
     if not os.path.isdir(args.hf_dir):
         raise ValueError(f"{args.hf_dir} is not a directory: give the directory of a Hugging "
                          f"Face checkpoint (config.json, model.safetensors, tokenizer.json)")
@@ -6863,12 +6872,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     if rows > config.vocab_size:
         raise ValueError(f"{args.hf_dir}: its tokenizer's ids go up to {rows - 1}, but "
                          f"config.json gives a {config.vocab_size}-token vocabulary")
-    out = os.path.realpath(args.out_dir)
-    remove_export_leftovers(out)
-    check_export_dir(out, args.overwrite, "--out-dir")
-    staging = export_sibling(out, "new")
-    check_writable_dir(staging)
-    try:
+    with export_staging(os.path.realpath(args.out_dir), args.overwrite, "--out-dir") as staging:
         state = read_hf_weights(config, names, tensors)
         if rows < config.vocab_size:
             # Qwen pads its 151,669 tokens to 151,936 rows, a multiple that suits GPUs: rows no
@@ -6883,9 +6887,6 @@ def cmd_import(args: argparse.Namespace) -> None:
                           architecture=arch, generation=generation)
         marker = {"files": ["gpt.pt"], "imported": os.path.abspath(args.hf_dir)}
         write_atomically(os.path.join(staging, EXPORT_MARKER), json.dumps(marker).encode())
-        publish_export(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     dtypes = sorted({str(tensors[theirs][1]).removeprefix("torch.") for theirs in names.values()})
     count = sum(t.numel() for t in {id(t): t for t in state.values()}.values())
     print(f"model: {args.hf_dir} ({arch}, {count / 1e6:.1f}M parameters, {', '.join(dtypes)})")
@@ -6911,12 +6912,10 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def inspection_ids(tokenizer: Tokenizer, prompt: str, context_length: int,
                    story_start: str = "", generation: dict | None = None) -> list[int]:
-    """The prompt's token ids as `sample` feeds them (story_ids), checked to fit the context and
-    to give attention two positions."""
+    """The prompt's ids as `sample` feeds them (story_ids): at most the context, at least two."""
     check_prompt(prompt, "--prompt")
     if not prompt:
-        raise ValueError("--prompt is empty: give the text whose attention and next tokens to "
-                         "show")
+        raise ValueError("--prompt is empty: give the text to show attention and predictions for")
     eos_id = end_of_text_id(tokenizer)
     ids = story_ids(tokenizer, prompt, story_start, generation)
     before = " with the end-of-text token before it" if eos_id is not None else ""
@@ -6940,8 +6939,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                          saved_story_start(checkpoint, path),
                          saved_generation(checkpoint.get("generation"), tokenizer, path))
     if args.top_k > model.config.vocab_size:
-        raise ValueError(f"--top-k {args.top_k} is more than the model's {model.config.vocab_size} "
-                         f"tokens")
+        raise ValueError(f"--top-k {args.top_k}: the model has {model.config.vocab_size} tokens")
     log(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"device {device}); prompt: {len(ids)} tokens")
     labels = [token_label(tokenizer, i) for i in ids]
@@ -6959,18 +6957,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"wrote {draw_spectral_norms(stats, initial, spectral, plt)}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    """`python gpt.py train`: §14's training run. One run at a time writes into OUT_DIR: the
-    process that writes there (rank 0 under torchrun) holds its lock."""
+def cmd_train(args: argparse.Namespace, start=start_run) -> None:
+    """`python gpt.py train`, and `finetune` (start=start_finetune): §14's training run. One
+    run at a time writes into OUT_DIR: the process that writes (rank 0) holds its lock."""
     with directory_lock(args.out_dir, taken=os.environ.get("RANK", "0") == "0"):
-        train(args)
-
-
-def cmd_finetune(args: argparse.Namespace) -> None:
-    """`python gpt.py finetune`: §14's training run, started by start_finetune, OUT_DIR locked
-    as for train."""
-    with directory_lock(args.out_dir, taken=os.environ.get("RANK", "0") == "0"):
-        train(args, start=start_finetune)
+        train(args, start)
 
 
 def arm_labels(name: str, common: list[str]) -> list[str]:
@@ -7173,6 +7164,17 @@ READABLE_HELP = ("run the readable code of §1-§7 instead of the fast twins of 
                  "results, slower): for stepping through the book in a debugger")
 
 
+DEVICE_HELP = "cpu, cuda, cuda:1, mps, or auto: CUDA, then MPS, then CPU (default: %(default)s)"
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser, what: str = "checkpoint file") -> None:
+    """The model a command reads: --checkpoint, or the newest checkpoint in --run-dir."""
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help=f"{what} (default: the newest in RUN_DIR)")
+    parser.add_argument("--run-dir", default="data/run",
+                        help="where `train` wrote its checkpoints (default: %(default)s)")
+
+
 def add_train_parser(commands) -> None:
     tr = commands.add_parser(
         "train", help="train the model on the token files",
@@ -7186,27 +7188,7 @@ def add_train_parser(commands) -> None:
     tr.add_argument("--data-dir", default="data",
                     help="where `tokenize` wrote train.bin, valid.bin and tokenizer/ "
                          "(default: %(default)s)")
-    tr.add_argument("--out-dir", default="data/run",
-                    help="checkpoints latest.pt and best.pt, and metrics.jsonl "
-                         "(default: %(default)s)")
-    tr.add_argument("--resume", action="store_true",
-                    help="continue the run in OUT_DIR from its latest.pt: an interrupted run "
-                         "exactly where it stopped; a finished one for a new --max-steps or "
-                         "--max-time, at --min-lr")
-    tr.add_argument("--overwrite", action="store_true",
-                    help="start a fresh run in an OUT_DIR that holds one, deleting its "
-                         "checkpoints (without it, such an OUT_DIR is refused)")
-    tr.add_argument("--max-steps", type=number(int, 1), help="optimizer steps to train for")
-    tr.add_argument("--max-time", metavar="DURATION", type=duration,
-                    help="time budget such as 90s, 10m or 2h, counted from the start: the "
-                         "schedule is planned, and planned again as the run goes, to end when "
-                         "it runs out (default: 10m unless --max-steps is given)")
-    tr.add_argument("--device", default="auto",
-                    help="cpu, cuda, cuda:1, mps, or auto: CUDA, then MPS, then CPU "
-                         "(default: %(default)s)")
-    tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="bfloat16 autocast or plain float32; auto: bf16 on GPUs and on CPUs "
-                         "with bf16 instructions (default: %(default)s)")
+    add_run_flags(tr, "data/run", "none", "10m unless --max-steps is given")
     tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="torch.compile the model: faster steps after a slow first one "
                          "(default: on on CUDA, and on a CPU for a --max-time of 5m or more)")
@@ -7216,6 +7198,30 @@ def add_train_parser(commands) -> None:
     add_optimization_flags(tr)
     add_model_flags(tr)
     tr.set_defaults(run=cmd_train, parser=tr)
+
+
+def add_run_flags(tr: argparse.ArgumentParser, out_dir: str, steps: str, time: str) -> None:
+    """Where a run of `train` or `finetune` writes, its budget and its device."""
+    tr.add_argument("--out-dir", default=out_dir,
+                    help="checkpoints latest.pt and best.pt, and metrics.jsonl "
+                         "(default: %(default)s)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in OUT_DIR from its latest.pt: an interrupted run "
+                         "exactly where it stopped; a finished one for a new --max-steps or "
+                         "--max-time, at --min-lr")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start a fresh run in an OUT_DIR that holds one, deleting its "
+                         "checkpoints (without it, such an OUT_DIR is refused)")
+    tr.add_argument("--max-steps", type=number(int, 1),
+                    help=f"optimizer steps to train for (default: {steps})")
+    tr.add_argument("--max-time", metavar="DURATION", type=duration,
+                    help=f"time budget such as 90s, 10m or 2h, counted from the start: the "
+                         f"schedule is planned, and planned again as the run goes, to end when "
+                         f"it runs out (default: {time})")
+    tr.add_argument("--device", default="auto", help=DEVICE_HELP)
+    tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="bfloat16 autocast or plain float32; auto: bf16 on GPUs and on CPUs "
+                         "with bf16 instructions (default: %(default)s)")
 
 
 def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
@@ -7257,10 +7263,14 @@ def add_optimization_flags(tr: argparse.ArgumentParser) -> None:
                          "for laptop, else 0.95)")
     tr.add_argument("--grad-clip", type=number(float, 0.0, low_open=True), default=1.0,
                     help="largest global gradient norm (default: %(default)s)")
-    tr.add_argument("--eval-interval", type=number(int, 1), default=250,
-                    help="steps between evaluations and checkpoints (default: %(default)s)")
-    tr.add_argument("--eval-batches", type=number(int, 1), default=20,
-                    help="validation batches per evaluation (default: %(default)s)")
+    tr.add_argument("--eval-interval", type=number(int, 1),
+                    help=f"steps between evaluations and checkpoints (default: under a time "
+                         f"budget, {EVAL_POINTS} evaluations spread over it; else "
+                         f"{EVAL_INTERVAL})")
+    tr.add_argument("--eval-batches", type=number(int, 1),
+                    help=f"validation batches per evaluation (default: {EVAL_BATCHES}; with "
+                         f"evaluations spread over a time budget, as many as take "
+                         f"{EVAL_SHARE * 100:.0f}%% of it, at least {MIN_EVAL_BATCHES})")
     tr.add_argument("--log-interval", type=number(int, 1), default=25,
                     help="steps between log lines (default: %(default)s)")
     tr.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0,
@@ -7325,10 +7335,7 @@ def add_export_parser(commands) -> None:
                     "weights-only gpt.pt that `gpt.py sample --checkpoint` reads. Ablations "
                     "Llama cannot compute (post-norm, no norm, NoPE, a feed-forward other than "
                     "SwiGLU) are refused.")
-    ex.add_argument("--checkpoint", metavar="PATH",
-                    help="checkpoint file (default: the newest in RUN_DIR)")
-    ex.add_argument("--run-dir", default="data/run",
-                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    add_checkpoint_flags(ex)
     ex.add_argument("--out", metavar="DIR", required=True,
                     help="a new or empty directory for the files (made if missing)")
     ex.add_argument("--overwrite", action="store_true",
@@ -7373,18 +7380,14 @@ def add_look_inside_parsers(commands) -> None:
                     "also draw attention.png, weights.png and spectral_norms.png.")
     ins.add_argument("--prompt", required=True,
                      help="the text to run through the model, at most its context long")
-    ins.add_argument("--checkpoint", metavar="PATH",
-                     help="checkpoint file (default: the newest in RUN_DIR)")
-    ins.add_argument("--run-dir", default="data/run",
-                     help="where `train` wrote its checkpoints (default: %(default)s)")
+    add_checkpoint_flags(ins)
     ins.add_argument("--top-k", type=number(int, 1), default=5,
                      help="next-token candidates shown per position (default: %(default)s)")
     ins.add_argument("--bins", type=number(int, 1, 1000), default=60,
                      help="histogram bins per weight matrix (default: %(default)s)")
     ins.add_argument("--out-dir",
                      help="where the PNG files go (default: the checkpoint's directory)")
-    ins.add_argument("--device", default="auto",
-                     help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
+    ins.add_argument("--device", default="auto", help=DEVICE_HELP)
     ins.set_defaults(run=cmd_inspect, parser=ins)
 
 
@@ -7397,21 +7400,7 @@ def add_finetune_parser(commands) -> None:
                     "answers; checkpoints and metrics.jsonl go to OUT_DIR, as `train`'s do. "
                     "Then: `python gpt.py sample --qa --run-dir OUT_DIR`.")
     add_finetune_data_flags(ft)
-    ft.add_argument("--out-dir", default="data/finetune",
-                    help="checkpoints latest.pt and best.pt, and metrics.jsonl "
-                         "(default: %(default)s)")
-    ft.add_argument("--resume", action="store_true",
-                    help="continue the fine-tuning run in OUT_DIR from its latest.pt")
-    ft.add_argument("--overwrite", action="store_true",
-                    help="start afresh in an OUT_DIR that holds a run, deleting its checkpoints")
-    ft.add_argument("--max-steps", type=number(int, 1),
-                    help=f"optimizer steps (default: {FINETUNE_STEPS} unless --max-time)")
-    ft.add_argument("--max-time", metavar="DURATION", type=duration,
-                    help="time budget such as 90s or 10m, counted from the start")
-    ft.add_argument("--device", default="auto",
-                    help="cpu, cuda, cuda:1, mps, or auto (default: %(default)s)")
-    ft.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="bfloat16 autocast or float32 (default: %(default)s)")
+    add_run_flags(ft, "data/finetune", f"{FINETUNE_STEPS} unless --max-time", "none")
     ft.add_argument("--preset", choices=list(PRESETS),
                     help="with --from-scratch: the model's size (default: laptop)")
     add_optimization_flags(ft)
@@ -7424,8 +7413,9 @@ def add_finetune_parser(commands) -> None:
     add_model_flags(ft)
     # Uncompiled: compile_model checks its gradients on pretraining windows, which fine-tuning
     # has not. A step of a short list of pairs is quick anyway.
-    ft.set_defaults(run=cmd_finetune, parser=ft, compile=False, warmup_steps=FINETUNE_WARMUP,
-                    eval_interval=FINETUNE_EVAL_INTERVAL, log_interval=10)
+    ft.set_defaults(run=partial(cmd_train, start=start_finetune), parser=ft, compile=False,
+                    warmup_steps=FINETUNE_WARMUP, eval_interval=FINETUNE_EVAL_INTERVAL,
+                    eval_batches=EVAL_BATCHES, log_interval=10)
 
 
 def add_finetune_data_flags(ft: argparse.ArgumentParser) -> None:
@@ -7440,10 +7430,7 @@ def add_finetune_data_flags(ft: argparse.ArgumentParser) -> None:
                     help=f"without --valid: the share of --data's pairs held out, evenly spread "
                          f"(default: {FINETUNE_VALID_FRACTION}, every tenth pair: items 9, "
                          f"19, ...)")
-    ft.add_argument("--checkpoint", metavar="PATH",
-                    help="the trained model to fine-tune (default: the newest in RUN_DIR)")
-    ft.add_argument("--run-dir", default="data/run",
-                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    add_checkpoint_flags(ft, "the trained model to fine-tune")
     ft.add_argument("--from-scratch", action="store_true",
                     help="start from random weights instead: a model of --preset and the model "
                          "flags, with the tokenizer in DATA_DIR")
@@ -7468,10 +7455,7 @@ def add_sample_parser(commands) -> None:
                     help="the prompts are questions: wrap each in `finetune`'s template (an "
                          "imported chat model's own) and print the answer, which ends at the "
                          "end-of-text (end-of-turn) token")
-    sa.add_argument("--checkpoint", metavar="PATH",
-                    help="checkpoint file (default: the newest in RUN_DIR)")
-    sa.add_argument("--run-dir", default="data/run",
-                    help="where `train` wrote its checkpoints (default: %(default)s)")
+    add_checkpoint_flags(sa)
     sa.add_argument("--max-new-tokens", type=number(int, 1), default=256,
                     help="most tokens to generate per sample (default: %(default)s)")
     sa.add_argument("--temperature", type=number(float, 0.0), default=0.8,
@@ -7487,8 +7471,7 @@ def add_sample_parser(commands) -> None:
     sa.add_argument("--seed", type=number(int, 0, 2**63 - 1),
                     help="random seed, 0 to 2**63 - 1: the same seed gives the same text "
                          "(default: random)")
-    sa.add_argument("--device", default="auto",
-                    help="cpu, cuda, mps, or auto: CUDA, then MPS, then CPU (default: auto)")
+    sa.add_argument("--device", default="auto", help=DEVICE_HELP)
     sa.add_argument("--no-kv-cache", action="store_true",
                     help="recompute the whole sequence for every token (slow reference)")
     sa.add_argument("--readable", action="store_true", help=READABLE_HELP)
@@ -7498,8 +7481,7 @@ def add_sample_parser(commands) -> None:
 def raise_interrupt(signum, frame):
     """SIGTERM (from `kill`, a job scheduler or a cloud preemption) stops a command the way
     Ctrl-C does: unfinished files are removed and complete ones kept."""
-    raise KeyboardInterrupt(f"{signal.Signals(signum).name}: interrupted; complete files are "
-                            f"kept")
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name}: interrupted; complete files are kept")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3831,6 +3831,122 @@ def test_train_command_end_to_end(tmp_path, token_dir, capsys):
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "latest.pt", "metrics.jsonl"]
 
 
+def without_flags(argv: list[str], *flags: str) -> list[str]:
+    """argv without each of `flags` and the value after it."""
+    argv = list(argv)
+    for flag in flags:
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    return argv
+
+
+def test_time_budget_plan_keeps_time_for_the_evaluations_to_come(monkeypatch):
+    """With evaluations at set times (eval_interval inf), the plan keeps the time of those
+    still to come aside: the hand example's 60 s left, 0.5 s a step, 2 s an evaluation with
+    its checkpoints, and 3 evaluations before the final one -> 100 + int((60 - 4 x 2) / 0.5)."""
+    clock = [1000.0]
+    monkeypatch.setattr(gpt.time, "perf_counter", lambda: clock[0])
+    budget = gpt.TimeBudget(100.0)
+    budget.step_seconds = [9.0, 9.0] + [0.5] * 60
+    budget.eval_seconds, budget.save_seconds = 1.0, 0.5
+    clock[0] += 40.0
+    assert budget.plan(100, math.inf, evals_left=3) == 100 + int(52 / 0.5) == 204
+
+
+@pytest.fixture
+def fake_time(monkeypatch):
+    """gpt.py's clock, moved on 0.1 s by each training step and 0.01 s by each validation batch
+    of 4 windows (train_args' batch size); returns the clock and the windows of each evaluate."""
+    clock, windows = FakeClock(), []
+    train_step, evaluate = gpt.train_step, gpt.evaluate
+
+    def timed_step(*args, **kwargs):
+        clock.now += 0.1
+        return train_step(*args, **kwargs)
+
+    def timed_evaluate(model, data, starts, *args):
+        clock.now += 0.01 * math.ceil(len(starts) / 4)
+        windows.append(len(starts))
+        return evaluate(model, data, starts, *args)
+
+    monkeypatch.setattr(gpt, "time", clock)
+    monkeypatch.setattr(gpt, "train_step", timed_step)
+    monkeypatch.setattr(gpt, "evaluate", timed_evaluate)
+    return clock, windows
+
+
+def test_time_budget_evaluates_at_sixteenths_on_sized_batches(tmp_path, token_dir, fake_time,
+                                                               capsys):
+    """Under a time budget with no --eval-interval, a run evaluates at step 0, at the first step
+    past each 1/16 of the budget and at the end, not every 250 steps; with no --eval-batches it
+    times a batch and takes the most (5 here) that its 17 evaluations run in 5% of the budget,
+    says what they cost, and keeps the count on --resume (no evaluation at the resume itself)."""
+    _, windows = fake_time
+    argv = without_flags(train_args(token_dir, tmp_path), "--max-steps", "--eval-interval",
+                         "--eval-batches")
+    assert gpt.main(argv + ["--max-time", "20s"]) == 0
+    evaluations = [m for m in metrics(tmp_path) if "val_loss" in m]
+    assert len(evaluations) == 17 and evaluations[0]["step"] == 0
+    for k, record in enumerate(evaluations[1:16], 1):  # 20 s / 16 = 1.25 s apart
+        assert k * 1.25 <= record["elapsed"] < k * 1.25 + 0.2
+    assert windows[:3] == [4, 4, 4] and set(windows[3:]) == {5 * 4}  # timed, then 5 batches
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["args"]["eval_batches"] == 5
+    # 3 timed batches, then 17 x 5 batches of 0.01 s in a 20 s run
+    assert "; 17 evaluations took 0.9s (4.4% of the time)" in capsys.readouterr().out
+    last_step, windows[:] = evaluations[-1]["step"], []
+    assert gpt.main(argv + ["--resume", "--max-time", "5s"]) == 0
+    assert set(windows) == {5 * 4}
+    resumed = [m["step"] for m in metrics(tmp_path) if "val_loss" in m][17:]
+    assert len(resumed) >= 4 and resumed[0] > last_step
+
+
+def test_an_evaluation_that_outlasts_a_mark_is_not_followed_by_another_at_once(
+        tmp_path, token_dir, fake_time, monkeypatch):
+    """On a busy machine an evaluation may take longer than 1/16 of the budget: the next one
+    waits for the first mark after it ends, rather than coming at the very next step."""
+    clock, windows = fake_time
+    evaluate = gpt.evaluate
+
+    def one_slow_evaluate(*args):
+        if len(windows) == 5:  # the third evaluation, after the three timed batches
+            clock.now += 2.0  # longer than a mark of 20 s / 16 = 1.25 s
+        return evaluate(*args)
+
+    monkeypatch.setattr(gpt, "evaluate", one_slow_evaluate)
+    argv = without_flags(train_args(token_dir, tmp_path), "--max-steps", "--eval-interval",
+                         "--eval-batches")
+    assert gpt.main(argv + ["--max-time", "20s"]) == 0
+    steps = [m["step"] for m in metrics(tmp_path) if "val_loss" in m]
+    assert len(steps) == 16  # one mark passed during the slow evaluation
+    assert all(later - earlier > 1 for earlier, later in pairwise(steps[:-1]))
+
+
+@pytest.mark.parametrize("extra, every", [(["--max-time", "20s", "--eval-interval", "50"], 50),
+                                          (["--max-steps", "6"], 250)],
+                         ids=["eval-interval-wins", "step-budget"])
+def test_eval_interval_or_a_step_budget_evaluates_every_n_steps(tmp_path, token_dir, fake_time,
+                                                                extra, every):
+    """Given --eval-interval, or under --max-steps alone, a run evaluates every N steps (250 by
+    default) and at the end, on 20 batches, as it always did."""
+    _, windows = fake_time
+    argv = without_flags(train_args(token_dir, tmp_path), "--max-steps", "--eval-interval",
+                         "--eval-batches")
+    assert gpt.main(argv + extra) == 0
+    steps = [m["step"] for m in metrics(tmp_path) if "val_loss" in m]
+    assert steps[:-1] == list(range(0, steps[-1], every))
+    assert set(windows) == {20 * 4}
+    saved = torch.load(tmp_path / "latest.pt", weights_only=True)["args"]
+    assert (saved["eval_interval"], saved["eval_batches"]) == (every, 20)
+
+
+def test_progress_line_elapsed_plus_left_is_the_budget(tmp_path, token_dir, fake_time, capsys):
+    """Under a time budget, the time a log line says is left is what is left of the budget."""
+    argv = without_flags(train_args(token_dir, tmp_path), "--max-steps")
+    assert gpt.main(argv + ["--max-time", "20s"]) == 0
+    told = re.findall(r"(\d+)s elapsed, (\d+)s left", capsys.readouterr().out)
+    assert len(told) > 100
+    assert all(19 <= int(elapsed) + int(left) <= 20 for elapsed, left in told)
+
+
 def test_two_seeded_runs_are_identical(tmp_path, token_dir):
     """The same seed gives bit-identical weights; another seed gives others."""
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
@@ -4308,7 +4424,8 @@ def small_texts(tmp_path, corpus_path):
 
 def test_a_refused_tokenize_leaves_no_new_out_dir(tmp_path, small_texts, monkeypatch, capsys):
     """A tokenize into a new out-dir that fails on the way (here a full disk as the sidecar is
-    written) leaves nothing behind: no out-dir, no empty tokenizer/, no parent made for it."""
+    written) leaves nothing behind: no out-dir, no empty tokenizer/, no parent made for it; and
+    says so, not that previous files are kept."""
     def disk_full(path, *args):
         raise OSError(f"cannot write {path}.json: the disk is full")
     monkeypatch.setattr(gpt, "write_token_info", disk_full)
@@ -4316,8 +4433,26 @@ def test_a_refused_tokenize_leaves_no_new_out_dir(tmp_path, small_texts, monkeyp
     out = tmp_path / "new" / "out"
     assert exit_code(["tokenize", "--train", str(train), "--valid", str(valid), "--workers", "1",
                       "--vocab-size", "300", "--out-dir", str(out)]) == 2
-    assert "train.bin.json: the disk is full" in capsys.readouterr().err.splitlines()[-1]
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.endswith(f"train.bin.json: the disk is full; nothing was written to {out}")
     assert sorted(os.listdir(tmp_path)) == ["train.txt", "valid.txt"]
+
+
+def test_tokenize_leaves_no_earlier_tokenizers_settings(tmp_path, small_texts, tokenizer):
+    """A tokenizer of GPT-2's settings written where one of other settings was (by tokenize
+    --tokenizer, here of Qwen's layout) leaves no tokenizer_settings.json of the earlier one
+    behind: the directory loads as the tokenizer written."""
+    train, valid = small_texts
+    with_layout(tokenizer, "qwen").save(tmp_path / "qwen")
+    out = tmp_path / "out"
+    args = ["tokenize", "--train", str(train), "--valid", str(valid), "--workers", "1",
+            "--out-dir", str(out)]
+    assert gpt.main(args + ["--tokenizer", str(tmp_path / "qwen")]) == 0
+    assert (out / "tokenizer" / "tokenizer_settings.json").exists()
+    assert gpt.main(args + ["--vocab-size", "300"]) == 0
+    assert sorted(os.listdir(out / "tokenizer")) == ["merges.txt", "special_tokens.json",
+                                                     "vocab.json"]
+    assert gpt.Tokenizer.load(out / "tokenizer").settings() == {}
 
 
 def test_tokenize_command_end_to_end(tmp_path, small_texts):
@@ -4624,7 +4759,7 @@ def test_publish_failing_at_any_step_puts_the_previous_files_back(tmp_path, monk
             return replace(src, dst)
         monkeypatch.setattr(os, "replace", failing_replace)
         with pytest.raises(OSError, match=f"cannot publish {out}/{PUBLISHED[k - 1]}: "
-                                          f"Input/output error; the previous files"):
+                                          f"Input/output error; {out} is as it was"):
             gpt.publish(str(staging), str(out), PUBLISHED)
         monkeypatch.setattr(os, "replace", replace)
         assert {n: b for n, b in files_under(out).items()
@@ -4917,7 +5052,8 @@ def test_export_writes_only_into_a_new_empty_or_earlier_export_directory(tmp_pat
     (tokenizer_dir / "vocab.json").write_text("{}")
     capsys.readouterr()
     assert export(tokenizer_dir) == 2
-    assert "holds files that no export wrote (vocab.json)" in one_error_line(capsys, "export")
+    assert "holds files that no export or import wrote (vocab.json)" in one_error_line(capsys,
+                                                                                        "export")
     assert os.listdir(tokenizer_dir) == ["vocab.json"]
     assert (tokenizer_dir / "vocab.json").read_text() == "{}"
     hf = tmp_path / "hf"
@@ -5549,21 +5685,31 @@ def test_import_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsy
 
 
 def test_import_writes_only_into_a_new_empty_or_earlier_import_directory(tmp_path, capsys):
-    """import refuses an out-dir that holds a run (a latest.pt), leaving it as it was, and an
-    earlier import unless --overwrite, which replaces it."""
+    """import refuses an out-dir that holds a run (a latest.pt), saying that no export or
+    import wrote it and leaving it as it was; an earlier import unless --overwrite, which
+    replaces it; and an out-dir another process holds the lock of, as train does."""
     hf = export_for_import(tmp_path)
-    run = tmp_path / "run"
+    run, new = tmp_path / "run", tmp_path / "new"
     run.mkdir()
     (run / "latest.pt").write_bytes(b"a run")
     capsys.readouterr()
     assert exit_code(["import", str(hf), "--out-dir", str(run)]) == 2
-    assert "--out-dir" in one_error_line(capsys, "import")
+    assert (f"--out-dir {run} holds files that no export or import wrote (latest.pt)"
+            in one_error_line(capsys, "import"))
     assert files_under(run) == {"latest.pt": b"a run"}
-    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "new")]) == 0
+    assert gpt.main(["import", str(hf), "--out-dir", str(new)]) == 0
     capsys.readouterr()
-    assert exit_code(["import", str(hf), "--out-dir", str(tmp_path / "new")]) == 2
-    assert "--overwrite" in one_error_line(capsys, "import")
-    assert gpt.main(["import", str(hf), "--out-dir", str(tmp_path / "new"), "--overwrite"]) == 0
+    assert exit_code(["import", str(hf), "--out-dir", str(new)]) == 2
+    assert "holds an earlier import: replace it with --overwrite" in one_error_line(capsys,
+                                                                                    "import")
+    before = files_under(new)
+    (new / "gpt.lock").write_text(f"{os.getpid()}\n")  # held by a live process: this one
+    assert exit_code(["import", str(hf), "--out-dir", str(new), "--overwrite"]) == 2
+    assert f"{new} is in use by another run" in one_error_line(capsys, "import")
+    os.remove(new / "gpt.lock")
+    assert files_under(new) == before
+    assert gpt.main(["import", str(hf), "--out-dir", str(new), "--overwrite"]) == 0
+    assert sorted(os.listdir(new)) == [".gpt-export.json", "gpt.pt"]  # the lock released
     assert sorted(os.listdir(tmp_path)) == ["hf", "model.pt", "new", "run"]
 
 
@@ -6481,6 +6627,14 @@ def test_readable_and_fast_sampling_give_the_same_text(readable_runs, trained_ru
 # ==================================================================================================
 # §20 Command line: sample
 # ==================================================================================================
+
+@pytest.mark.parametrize("command", ["tokenize", "train", "sample", "experiment", "export",
+                                     "import", "plot", "inspect", "finetune"])
+def test_every_command_prints_its_help(command, capsys):
+    """--help prints every flag's help, with its defaults filled in, and exits 0."""
+    assert exit_code([command, "--help"]) == 0
+    assert "--" in capsys.readouterr().out
+
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, token_dir):
