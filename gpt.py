@@ -102,9 +102,9 @@ import stat
 import string
 import sys
 import time
+import unicodedata
 from array import array
 from bisect import bisect_right
-import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager, nullcontext, suppress
@@ -1691,6 +1691,20 @@ def check_writable_dir(directory: str) -> None:
     os.remove(probe)
 
 
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back until the block ends (not on Windows), for steps that must
+    not stop halfway: they arrive once it has."""
+    can_hold = hasattr(signal, "pthread_sigmask")
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if can_hold else None
+    try:
+        yield
+    finally:
+        if can_hold:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def process_is_running(pid: int) -> bool:
     """Whether a process exists: signal 0 asks without disturbing it. A number too large to be
     a pid counts as running, so that nothing is removed on its account."""
@@ -2126,6 +2140,8 @@ def _init_worker(parent_pid: int, initializer, initargs) -> None:
     # inherited from the main process (main() makes SIGTERM raise KeyboardInterrupt there).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):  # forked inside worker_pool's signals_held()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if sys.platform == "linux":
         # A main process killed with kill -9 cannot stop its workers, which would run on and
         # die later on a broken pipe, with a traceback: have the kernel kill them with it.
@@ -2144,8 +2160,12 @@ def worker_pool(num_workers: int, initializer=None, initargs=()):
     to fork, so there (and on Windows) Python's default, spawn, is used.
     """
     method = "fork" if sys.platform == "linux" else None
-    return multiprocessing.get_context(method).Pool(
-        num_workers, initializer=_init_worker, initargs=(os.getpid(), initializer, initargs))
+    # Held while the workers are forked: a signal that came mid-fork would run our handler in
+    # Python's at-fork hooks, which swallow the KeyboardInterrupt it raises. The workers let
+    # signals through again (_init_worker), and the main process gets any held one after this.
+    with signals_held():
+        return multiprocessing.get_context(method).Pool(
+            num_workers, initializer=_init_worker, initargs=(os.getpid(), initializer, initargs))
 
 
 def map_jobs(func, jobs: list, num_workers: int, ordered: bool,
@@ -4898,20 +4918,6 @@ def keep_previous(path: str, backup: str) -> None:
         os.link(path, backup, follow_symlinks=False)
     except OSError:  # a file system without hard links
         shutil.copy2(path, backup, follow_symlinks=False)
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back until the block ends (not on Windows), for steps that must
-    not stop halfway: they arrive once it has."""
-    can_hold = hasattr(signal, "pthread_sigmask")
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if can_hold else None
-    try:
-        yield
-    finally:
-        if can_hold:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def publish(staging: str, out_dir: str, names: list[str]) -> None:
