@@ -6996,3 +6996,51 @@ def test_benchmark_model_against_pytorch_modules():
            f"torch.nn modules (F.cross_entropy, torch.optim.AdamW, clip_grad_norm_): "
            f"{rate['modules']:,.0f} tokens/s",
            f"gpt.py / modules: {rate['gpt.py'] / rate['modules']:.2f}")
+
+
+@pytest.mark.benchmark
+def test_benchmark_greedy_sampling_against_transformers(tmp_path):
+    """A SmolLM2-135M-shaped model (random weights, saved by transformers in bf16) imported into
+    gpt.py continues a prompt with transformers' greedy tokens; prints both speeds at batch 1."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=49_152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+        max_position_embeddings=8192, rope_theta=100_000.0, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    # A byte-level tokenizer of 49,152 ids: the 256 bytes, two-byte merges, <|endoftext|> last.
+    vocab, merges = dict(BYTES_VOCAB), []
+    for a, b in product(range(256), repeat=2):
+        if len(vocab) == 49_151:
+            break
+        merges.append((bytes([a]), bytes([b])))
+        vocab[len(vocab)] = bytes([a, b])
+    tokenizer = gpt.Tokenizer(vocab, merges, [EOT])
+    for name, data in gpt.hf_tokenizer_files(tokenizer, 8192).items():
+        (tmp_path / "hf" / name).write_bytes(data)
+    assert gpt.main(["import", str(tmp_path / "hf"), "--out-dir", str(tmp_path / "run")]) == 0
+    ours, _, _ = gpt.read_model(str(tmp_path / "run" / "gpt.pt"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), dtype=torch.float32).eval()
+    prompt = torch.randint(256, 49_151, (1, 16), generator=torch.Generator().manual_seed(0))
+    new = 200
+    runs = {"gpt.py": lambda: [int(t) for t in gpt.generate_batch(ours, prompt, new, 0.0)],
+            "transformers": lambda: theirs.generate(
+                prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                eos_token_id=None, pad_token_id=0,
+                attention_mask=torch.ones_like(prompt))[0, 16:].tolist()}
+    seconds, tokens = {name: [] for name in runs}, {}
+    for i in range(4):  # alternated; the first round warms up both
+        for name, run in runs.items():
+            tokens[name], s = timed(run)
+            if i > 0:
+                seconds[name].append(s)
+    assert tokens["gpt.py"] == tokens["transformers"]
+    rate = {name: new / np.median(s) for name, s in seconds.items()}
+    report(f"greedy sampling, SmolLM2-135M's shape (134.5M parameters, float32), batch 1, "
+           f"16-token prompt, {new} new tokens; the same tokens",
+           f"gpt.py generate_batch (KV cache): {rate['gpt.py']:.1f} tokens/s",
+           f"transformers {transformers.__version__} generate: {rate['transformers']:.1f} "
+           f"tokens/s",
+           f"gpt.py / transformers: {rate['gpt.py'] / rate['transformers']:.2f}")
