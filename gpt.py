@@ -5818,32 +5818,31 @@ def column(records: list[dict], key: str) -> list[float]:
 
 
 def draw_curves(runs: list[dict], out_dir: str, plt) -> list[str]:
-    """curves.png: training and validation loss, and validation perplexity, against steps,
-    tokens seen and wall time; lr_and_grad_norm.png: both against steps. One colour a run."""
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), layout="constrained")
-    x_axes = (("step", "step"), ("tokens", "tokens seen"), ("elapsed", "wall time (seconds)"))
+    """curves.png: training and validation loss against steps, tokens seen and wall time, on a
+    log axis, which shows the first steps' fall and the last steps' creep alike (perplexity,
+    e^loss, is in the table); lr_and_grad_norm.png: both against steps. One colour a run."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), layout="constrained", sharey=True)
+    x_axes = (("step", "step", 1), ("tokens", "tokens seen", 1), ("elapsed", "minutes", 60))
     for i, run in enumerate(runs):
         style = dict(color=f"C{i % 10}", marker="o", markersize=3)
-        for col, (key, label) in enumerate(x_axes):
-            axes[0, col].plot(column(run["train"], key), column(run["train"], "train_loss"),
-                              color=style["color"], alpha=0.4, label=f"{run['name']} train")
-            axes[0, col].plot(column(run["val"], key), column(run["val"], "val_loss"),
-                              **style, label=f"{run['name']} validation")
-            axes[1, col].plot(column(run["val"], key),
-                              [math.exp(r["val_loss"]) for r in run["val"]], **style,
-                              label=run["name"])
-            axes[1, col].set_xlabel(label)
-    axes[0, 0].set_ylabel("loss (nats per token)")
-    axes[1, 0].set_ylabel("validation perplexity")
-    # The first evaluations (perplexity near the vocabulary size) would flatten the rest: the
-    # perplexity axis stops at 3 x the best, where runs differ.
-    best = min((math.exp(r["val_loss"]) for run in runs for r in run["val"]), default=None)
-    for ax in axes[1] if best is not None else []:
-        ax.set_ylim(0, 3 * best)
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    fig.suptitle("loss and validation perplexity against steps, tokens and time")
+        for ax, (key, label, unit) in zip(axes, x_axes):
+            ax.plot([x / unit for x in column(run["train"], key)],
+                    column(run["train"], "train_loss"), color=style["color"], alpha=0.4,
+                    label=f"{run['name']} train")
+            ax.plot([x / unit for x in column(run["val"], key)], column(run["val"], "val_loss"),
+                    **style, label=f"{run['name']} validation")
+            ax.set_xlabel(label)
+    axes[0].set(ylabel="loss (nats per token)", yscale="log")
+    axes[0].yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y:g}"))
+    axes[0].yaxis.set_minor_formatter(plt.FuncFormatter(
+        lambda y, _: f"{y:g}" if y in (2, 3, 4, 6) else ""))
+    # 4800000 tokens reads as 4.8M, not as 4.8 beside a lone "1e6"
+    axes[1].xaxis.set_major_formatter(plt.FuncFormatter(
+        lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x else "0"))
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("training and validation loss")
     paths = [save_figure(fig, os.path.join(out_dir, "curves.png"), plt)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5), layout="constrained")
     for i, run in enumerate(runs):
