@@ -11,8 +11,9 @@ The ideas come first, each in its readable form; a reader can stop after §7 hav
     §1 Tokenizer      byte-level BPE: pre-tokenize, merge, train (naive, then incremental),
                       encode and decode, GPT-2's file format
     §2 Data           token files on disk; random windows as batches
-    §3 Model          config, Linear/Embedding, RMSNorm, RoPE, attention, SwiGLU, the block,
-                      the LM; then the variants of the classic ablations
+    §3 Model          config, Linear/Embedding, RMSNorm, RoPE (and Llama 3's scaling),
+                      attention (grouped-query, qk-norm), SwiGLU, the block, the LM; then the
+                      variants of the classic ablations
     §4 Loss, AdamW    cross-entropy and AdamW as formulas; weight decay for matrices only; Muon
     §5 Schedule       warmup + cosine learning rate, gradient clipping
     §6 Training       the presets, one training step, evaluation
@@ -66,6 +67,8 @@ References:
                  LLM Training"
     cosine       Loshchilov & Hutter 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts"
     top-p        Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration"
+    GQA          Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer
+                 Models from Multi-Head Checkpoints"
     Flash        Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention
                  with IO-Awareness"
     TinyStories  Eldan & Li 2023, "TinyStories: How Small Can Language Models Be and Still Speak
@@ -73,7 +76,8 @@ References:
 
 Tensor shapes in comments use these letters:
     B batch, T time (sequence position), C model width (d_model), H heads,
-    D head width (d_model / H), F feed-forward hidden width, V vocabulary size,
+    KV key/value heads (H, but for grouped-query attention), D head width (d_model / H unless
+    the config sets head_dim), F feed-forward hidden width, V vocabulary size,
     S positions a query attends to (the keys and values).
 """
 
