@@ -1359,9 +1359,9 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
 #   paper's peak learning rates for those sizes (Table 2.1). Not tuned here.
 # - all but laptop: weight decay 0.1 and beta2 0.95, GPT-3's and LLaMA's (Brown et al. 2020).
 # - optimizer: AdamW where a preset names none; "muon" trains the blocks' matrices with Muon
-#   (§4) at the preset's muon_lr, else at MUON_LR. laptop: Muon, as in 10-minute runs it tied
-#   AdamW with one seed (2.9675 against 2.9679) and beat it with the other (2.9313 against
-#   2.9945), in fewer, slower steps.
+#   (§4) at the preset's muon_lr, else at MUON_LR. laptop: Muon, as in 10-minute runs it ended
+#   a little lower than AdamW with both seeds (2.309 against 2.314, 2.291 against 2.323), in
+#   fewer, slower steps.
 PRESETS = {
     "laptop": dict(context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688,
                    batch_size=8, lr=3e-3, weight_decay=0.3, beta2=0.99, optimizer="muon",
@@ -4528,6 +4528,17 @@ def size_evaluation(run: Run) -> None:
     run.eval_starts = evaluation_starts(len(run.valid_data), T, run.args.eval_batches * B)
 
 
+def format_perplexity(loss: float) -> str:
+    """e^loss as the logs show it: two decimals, or a power of ten where it is large (a model
+    whose logits start large, as tied embeddings with the embedding's init, starts near a loss
+    of 181: e^181 ~ 4.6e+78, and past a loss of 709 e^loss overflows a float).
+    Example: 2.3089 -> "10.06", 181.13 -> "4.6e+78"."""
+    if loss < 20:
+        return f"{math.exp(loss):.2f}"
+    exponent = math.floor(loss / math.log(10))
+    return f"{math.exp(loss - exponent * math.log(10)):.1f}e+{exponent}"
+
+
 def evaluate_and_save(run: Run, finished: bool) -> None:
     """Evaluate on the validation windows, log it, and checkpoint (best.pt when it improved)."""
     started = time.perf_counter()
@@ -4544,10 +4555,9 @@ def evaluate_and_save(run: Run, finished: bool) -> None:
     check_finite(run, val_loss, "validation loss")
     is_best = val_loss < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, val_loss)
-    run.say(f"step {run.step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}"
-            f"{' | best so far' if is_best else ''}")
-    record(run, step=run.step, val_loss=round(val_loss, 5), val_ppl=math.exp(val_loss),
-           elapsed=round(run.budget.elapsed(), 2))
+    run.say(f"step {run.step:>6} | val loss {val_loss:.4f} | val ppl "
+            f"{format_perplexity(val_loss)}{' | best so far' if is_best else ''}")
+    record(run, step=run.step, val_loss=round(val_loss, 5), elapsed=round(run.budget.elapsed(), 2))
     if run.step > 0:
         save_run(run, run.path("latest.pt"), finished)
         if is_best:
@@ -5687,9 +5697,9 @@ def read_hf_weights(config: ModelConfig, names: dict[str, str],
 METRIC_KINDS = {"val": ("val_loss",), "train": ("train_loss", "lr", "grad_norm")}
 
 
-# The largest number a record may hold, above any real run's: plot shows perplexity, e^loss,
-# which overflows a float past e^709, and matplotlib turns every number into a float.
-METRIC_LIMITS = {"train_loss": 700, "val_loss": 700}
+# The largest number a record may hold, above any real run's: matplotlib turns every number into
+# a float. val_ppl, e^val_loss, which earlier runs recorded too, may reach e^700.
+METRIC_LIMITS = {"train_loss": 700, "val_loss": 700, "val_ppl": math.exp(700)}
 METRIC_MAX = 1e18
 
 
@@ -5781,7 +5791,7 @@ def print_run_table(run: dict) -> None:
     if run["val"]:
         best = min(run["val"], key=lambda r: r["val_loss"])
         summary += (f"; best val loss {best['val_loss']:.4f} (perplexity "
-                    f"{math.exp(best['val_loss']):.2f}) at step {best['step']}")
+                    f"{format_perplexity(best['val_loss'])}) at step {best['step']}")
     print(f"{run['name']} ({run['dir']}): {summary}")
     train_loss = {r["step"]: r["train_loss"] for r in run["train"]}
     print(f"{'step':>8} {'tokens':>13} {'time':>7} {'train loss':>10} {'val loss':>9} "
@@ -5789,7 +5799,7 @@ def print_run_table(run: dict) -> None:
     for r in run["val"]:
         train = f"{train_loss[r['step']]:.4f}" if r["step"] in train_loss else ""
         print(f"{r['step']:>8} {r['tokens']:>13,} {format_duration(r['elapsed']):>7} "
-              f"{train:>10} {r['val_loss']:>9.4f} {math.exp(r['val_loss']):>10.2f}")
+              f"{train:>10} {r['val_loss']:>9.4f} {format_perplexity(r['val_loss']):>10}")
 
 
 def pyplot():
