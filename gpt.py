@@ -880,6 +880,20 @@ class SwiGLU(nn.Module):
         return self.w2(self.activation(self.w1(x)) * self.w3(x))
 
 
+def norm_layer(config: ModelConfig) -> nn.Module:
+    """RMSNorm, or a no-op for the no-normalisation ablation (use_norm False)."""
+    return RMSNorm(config.d_model, config.norm_eps) if config.use_norm else nn.Identity()
+
+
+def feed_forward(config: ModelConfig) -> nn.Module:
+    """SwiGLU, or the feed-forward of the ablation that ffn_kind names: GeGLU (gated), or a
+    plain MLP of silu, gelu or relu (MLP, gelu and relu are with the variants, below)."""
+    activation = {"geglu": gelu, "gelu": gelu, "relu": relu}.get(config.ffn_kind, silu)
+    if config.ffn_kind in ("swiglu", "geglu"):
+        return SwiGLU(config.d_model, config.ffn_hidden, activation)
+    return MLP(config.d_model, config.ffn_hidden, activation)
+
+
 class TransformerBlock(nn.Module):
     """Attention then feed-forward, each added to the residual stream x: x = x + f(norm(x)).
 
@@ -889,8 +903,6 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, rope: RotaryEmbedding | None = None):
         super().__init__()
-        # norm_layer and feed_forward build RMSNorm and SwiGLU, or for a config with the
-        # ablations' switches their variants: both are defined with the variants, below.
         self.ln1 = norm_layer(config)
         self.attn = MultiHeadSelfAttention(config.d_model, config.num_heads, rope,
                                            config.context_length,
@@ -969,11 +981,6 @@ def tie_weights(model: TransformerLM, init: str) -> None:
         model.lm_head.weight = model.token_embeddings.weight
 
 
-def norm_layer(config: ModelConfig) -> nn.Module:
-    """RMSNorm, or a no-op for the no-normalisation ablation (use_norm False)."""
-    return RMSNorm(config.d_model, config.norm_eps) if config.use_norm else nn.Identity()
-
-
 class PostNormBlock(TransformerBlock):
     """The original transformer's block (Vaswani et al. 2017): x = norm(x + f(x)).
 
@@ -1041,14 +1048,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.activation(self.w1(x)))  # (B, T, C) -> (B, T, F) -> (B, T, C)
-
-
-def feed_forward(config: ModelConfig) -> nn.Module:
-    """The feed-forward that ffn_kind names: SwiGLU or GeGLU (gated), or a plain MLP."""
-    activation = {"geglu": gelu, "gelu": gelu, "relu": relu}.get(config.ffn_kind, silu)
-    if config.ffn_kind in ("swiglu", "geglu"):
-        return SwiGLU(config.d_model, config.ffn_hidden, activation)
-    return MLP(config.d_model, config.ffn_hidden, activation)
 
 
 # ==================================================================================================
