@@ -113,6 +113,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields, replace
+from decimal import Decimal
 from functools import partial
 from itertools import chain, islice, pairwise, repeat
 
@@ -4532,10 +4533,8 @@ def format_perplexity(loss: float) -> str:
     whose logits start large, as tied embeddings with the embedding's init, starts near a loss
     of 181: e^181 ~ 4.6e+78, and past a loss of 709 e^loss overflows a float).
     Example: 2.3089 -> "10.06", 181.13 -> "4.6e+78"."""
-    if loss < 20:
-        return f"{math.exp(loss):.2f}"
-    exponent = math.floor(loss / math.log(10))
-    return f"{math.exp(loss - exponent * math.log(10)):.1f}e+{exponent}"
+    # Decimal's exp has no float's range, and rounds 9.96e+78 up to 1.0e+79.
+    return f"{math.exp(loss):.2f}" if loss < 20 else f"{Decimal(loss).exp():.1e}"
 
 
 def evaluate_and_save(run: Run, finished: bool) -> None:

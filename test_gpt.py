@@ -5940,15 +5940,16 @@ def test_read_metrics_skips_infinite_and_huge_numbers(tmp_path, capsys):
 def test_a_run_that_starts_at_a_huge_loss_keeps_every_record(tmp_path, capsys):
     """Tied embeddings with the embedding's init start near a loss of 181 (e^181 ~ 4.6e+78): its
     evaluations are records that plot reads back, and the logs show their perplexity without
-    overflowing past a loss of 709. An earlier run's record with val_ppl is read too."""
+    overflowing past a loss of 709 or rounding to "10.0e+78". An earlier run's val_ppl is read
+    too."""
     records = [{"step": 0, "val_loss": 181.13324, "elapsed": 4.58, "tokens": 0},
                {"step": 0, "val_loss": 181.13324, "val_ppl": 4.6e78, "elapsed": 4.58, "tokens": 0},
                {"step": 50, "val_loss": 26.91043, "elapsed": 30.63, "tokens": 102400}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert gpt.read_metrics(str(tmp_path)) == records
     assert "skipped" not in capsys.readouterr().err
-    assert [gpt.format_perplexity(loss) for loss in (2.3089, 181.13324, 800.0)] == [
-        "10.06", "4.6e+78", "2.7e+347"]
+    assert [gpt.format_perplexity(loss) for loss in (2.3089, 181.13324, 800.0, 181.9012)] == [
+        "10.06", "4.6e+78", "2.7e+347", "1.0e+79"]
     gpt.print_run_table(gpt.run_curves(str(tmp_path), "run"))
     assert "best val loss 26.9104 (perplexity 4.9e+11) at step 50" in capsys.readouterr().out
 
